@@ -1,0 +1,234 @@
+//! Which paths the layer opens in the target's root and which stay local.
+//!
+//! Order of decision for an absolute path (after lexical normalisation, see
+//! [`normalize`]):
+//!
+//! 1. `--fs local` mode: local.
+//! 2. matches a user `--fs-local` regex: local;
+//! 3. matches a user `--fs-remote` regex: remote;
+//! 4. matches a default local rule ([`DEFAULT_LOCAL`]) or lies under one of the
+//!    local directories (working directory, `$HOME`, the program's own
+//!    directory): local;
+//! 5. otherwise remote.
+//!
+//! Relative paths are always local (they resolve against the local working
+//! directory).
+
+use regex::RegexSet;
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, LayerConfig};
+
+/// How files are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsMode {
+    /// Remote paths are read in the target; writes stay local (default).
+    #[default]
+    Read,
+    /// Remote paths are read and written in the target.
+    Write,
+    /// Files are never remote.
+    Local,
+}
+
+impl std::str::FromStr for FsMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "read" => Ok(FsMode::Read),
+            "write" => Ok(FsMode::Write),
+            "local" => Ok(FsMode::Local),
+            _ => Err(ConfigError::Invalid {
+                what: "fs mode",
+                value: s.to_owned(),
+                reason: "expected read, write or local".into(),
+            }),
+        }
+    }
+}
+
+/// Paths that stay local by default: the program's own world (system binaries and
+/// libraries, kernel interfaces, scratch space) and the few `/etc` files the C
+/// library and dynamic loader read for the local machine.
+pub const DEFAULT_LOCAL: &[&str] = &[
+    r"^/usr(/|$)",
+    r"^/lib[^/]*(/|$)",
+    r"^/s?bin(/|$)",
+    r"^/proc(/|$)",
+    r"^/sys(/|$)",
+    r"^/dev(/|$)",
+    r"^/tmp(/|$)",
+    r"^/var/tmp(/|$)",
+    r"^/etc/(ld\.so\.[^/]*|localtime|nsswitch\.conf|gai\.conf|host\.conf)$",
+];
+
+/// The compiled file rules.
+#[derive(Debug, Clone)]
+pub struct FsRules {
+    mode: FsMode,
+    user_local: RegexSet,
+    user_remote: RegexSet,
+    default_local: RegexSet,
+    local_dirs: Vec<String>,
+}
+
+impl FsRules {
+    /// Compiles the rules of `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the first regex that does not compile.
+    pub fn new(config: &LayerConfig) -> Result<FsRules, ConfigError> {
+        let compile = |what: &'static str, patterns: &[String]| {
+            RegexSet::new(patterns).map_err(|e| ConfigError::Invalid {
+                what,
+                value: patterns.join(" "),
+                reason: e.to_string(),
+            })
+        };
+        Ok(FsRules {
+            mode: config.fs,
+            user_local: compile("--fs-local regex", &config.fs_local)?,
+            user_remote: compile("--fs-remote regex", &config.fs_remote)?,
+            default_local: RegexSet::new(DEFAULT_LOCAL).expect("default rules are valid regexes"),
+            local_dirs: config
+                .local_dirs
+                .iter()
+                .map(|d| d.trim_end_matches('/').to_owned())
+                .filter(|d| !d.is_empty())
+                .collect(),
+        })
+    }
+
+    /// The mode these rules were built with.
+    pub fn mode(&self) -> FsMode {
+        self.mode
+    }
+
+    /// Adds a directory whose contents stay local (the program's own directory).
+    pub fn add_local_dir(&mut self, dir: &str) {
+        let dir = dir.trim_end_matches('/');
+        if !dir.is_empty() && !self.local_dirs.iter().any(|d| d == dir) {
+            self.local_dirs.push(dir.to_owned());
+        }
+    }
+
+    /// Whether `path` is opened in the target's root. `path` should already be
+    /// normalised ([`normalize`]); relative paths are never remote.
+    pub fn is_remote(&self, path: &str) -> bool {
+        if self.mode == FsMode::Local || !path.starts_with('/') {
+            return false;
+        }
+        if self.user_local.is_match(path) {
+            return false;
+        }
+        if self.user_remote.is_match(path) {
+            return true;
+        }
+        if self.default_local.is_match(path) {
+            return false;
+        }
+        !self.local_dirs.iter().any(|dir| {
+            path.strip_prefix(dir.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+}
+
+/// Normalises an absolute path lexically: collapses `//`, removes `.`, resolves `..`
+/// against the preceding component (never above `/`). Symlinks are not followed:
+/// this only classifies the path; the agent confines the real resolution.
+pub fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for p in &parts {
+        out.push('/');
+        out.push_str(p);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(local: &[&str], remote: &[&str], dirs: &[&str]) -> FsRules {
+        FsRules::new(&LayerConfig {
+            fs_local: local.iter().map(|s| s.to_string()).collect(),
+            fs_remote: remote.iter().map(|s| s.to_string()).collect(),
+            local_dirs: dirs.iter().map(|s| s.to_string()).collect(),
+            ..LayerConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_keep_the_programs_world_local() {
+        let r = rules(&[], &[], &["/home/dev", "/work/app"]);
+        for local in [
+            "/usr/lib/python3/os.py",
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib64/ld-linux-x86-64.so.2",
+            "/bin/sh",
+            "/sbin/ip",
+            "/proc/self/maps",
+            "/sys/class",
+            "/dev/null",
+            "/tmp/x",
+            "/etc/ld.so.cache",
+            "/home/dev/.bashrc",
+            "/work/app",
+            "/work/app/src/main.py",
+            "relative/path",
+        ] {
+            assert!(!r.is_remote(local), "{local} should be local");
+        }
+        for remote in [
+            "/etc/hosts",
+            "/etc/resolv.conf",
+            "/app/config.yaml",
+            "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            "/work/application",
+            "/home/devil",
+            "/",
+        ] {
+            assert!(r.is_remote(remote), "{remote} should be remote");
+        }
+    }
+
+    #[test]
+    fn user_rules_override_defaults_local_first() {
+        let r = rules(&["^/etc/ssl/"], &["^/tmp/shared/", "^/etc/ssl/certs/x"], &[]);
+        assert!(!r.is_remote("/etc/ssl/certs/x"));
+        assert!(r.is_remote("/tmp/shared/a"));
+        assert!(!r.is_remote("/tmp/other"));
+    }
+
+    #[test]
+    fn local_mode_is_never_remote() {
+        let r = FsRules::new(&LayerConfig { fs: FsMode::Local, ..LayerConfig::default() }).unwrap();
+        assert!(!r.is_remote("/etc/hosts"));
+    }
+
+    #[test]
+    fn normalize_resolves_dots() {
+        assert_eq!(normalize("/usr/../etc//hosts"), "/etc/hosts");
+        assert_eq!(normalize("/../../etc/./passwd"), "/etc/passwd");
+        assert_eq!(normalize("/"), "/");
+        assert_eq!(normalize("/tmp/.."), "/");
+    }
+}

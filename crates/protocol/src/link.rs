@@ -1,0 +1,190 @@
+//! The link between the local end of a session (CLI + proxy, "the client") and the
+//! agent beside the target.
+//!
+//! # Session
+//!
+//! 1. The client sends [`ClientMessage::Hello`]; the agent answers
+//!    [`AgentMessage::Hello`] with [`HelloReply::Accepted`], or
+//!    [`HelloReply::Rejected`] and closes the link (incompatible version, wrong
+//!    session secret, target gone).
+//! 2. Any number of requests, steals and connections, interleaved.
+//! 3. Either side closes the link; the agent then removes every packet rule it
+//!    installed, closes every connection, and exits.
+//!
+//! # Connections
+//!
+//! A connection (TCP) or flow (UDP) is opened by [`ClientMessage::Connect`]
+//! (outgoing, answered by [`AgentMessage::Connected`] or
+//! [`AgentMessage::ConnectFailed`]) or announced by [`AgentMessage::Incoming`]
+//! (a stolen incoming connection). After that both sides send
+//! [`ClientMessage::Data`] / [`AgentMessage::Data`] (a byte range of the stream, or
+//! one datagram for UDP), then [`ClientMessage::Shutdown`] / [`AgentMessage::Shutdown`]
+//! when their side has no more to send (TCP half-close), and
+//! [`ClientMessage::Close`] / [`AgentMessage::Close`] when the connection is gone
+//! for good (`reset` when it ended with an RST, so the other side resets too).
+//! A side that receives `Close` sends no more about that connection.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ConnectionId, RequestId, Transport,
+    remote::{RemoteRequest, RemoteResponse},
+};
+
+/// First message of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The client's protocol version ([`crate::PROTOCOL_VERSION`]).
+    pub version: String,
+    /// The per-session secret the agent was started with; the agent refuses a
+    /// client that does not present it.
+    pub secret: String,
+    /// Who runs the session (user@host), for messages and session listings.
+    pub client: String,
+}
+
+/// The agent's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// The session is open.
+    Accepted {
+        /// The agent's protocol version.
+        version: String,
+        /// The target process, as the agent sees it.
+        target_pid: u32,
+    },
+    /// The session is refused; the agent closes the link after this message.
+    Rejected {
+        /// Why, and what to do.
+        reason: String,
+    },
+}
+
+/// A message from the client to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Opens the session; must be first.
+    Hello(Hello),
+    /// A remote operation; answered by [`AgentMessage::Response`] with the same id.
+    Request {
+        /// Chosen by the client, unique among its requests in flight.
+        id: RequestId,
+        /// The operation.
+        request: RemoteRequest,
+    },
+    /// Steal incoming TCP connections to `port` of the target (IPv4 and IPv6).
+    /// Answered by [`AgentMessage::StealResult`].
+    Steal {
+        /// The target's port.
+        port: u16,
+    },
+    /// Stop stealing `port`; its packet rules are removed at once.
+    Unsteal {
+        /// The target's port.
+        port: u16,
+    },
+    /// Open a connection from the target's network namespace to `remote`.
+    Connect {
+        /// Chosen by the client, below [`ConnectionId::AGENT_BIT`].
+        conn: ConnectionId,
+        /// The destination.
+        remote: SocketAddr,
+        /// TCP or UDP.
+        transport: Transport,
+    },
+    /// Bytes for the target-side socket of `conn`.
+    Data {
+        /// The connection.
+        conn: ConnectionId,
+        /// At most [`crate::codec::MAX_CHUNK_LEN`] bytes (TCP) or one datagram (UDP).
+        bytes: Vec<u8>,
+    },
+    /// The client's side of `conn` will send no more bytes (TCP `shutdown(SHUT_WR)`).
+    Shutdown {
+        /// The connection.
+        conn: ConnectionId,
+    },
+    /// `conn` is gone; `reset` makes the agent abort its socket with an RST.
+    Close {
+        /// The connection.
+        conn: ConnectionId,
+        /// Abort with an RST rather than a FIN.
+        reset: bool,
+    },
+    /// Liveness check; answered by [`AgentMessage::Pong`] with the same number.
+    Ping(u64),
+}
+
+/// A message from the agent to the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// The answer to [`ClientMessage::Hello`].
+    Hello(HelloReply),
+    /// The answer to [`ClientMessage::Request`].
+    Response {
+        /// The request's id.
+        id: RequestId,
+        /// The answer.
+        response: RemoteResponse,
+    },
+    /// The answer to [`ClientMessage::Steal`].
+    StealResult {
+        /// The port asked for.
+        port: u16,
+        /// `None` on success, else what failed and what to do.
+        error: Option<String>,
+    },
+    /// The answer to a successful [`ClientMessage::Connect`].
+    Connected {
+        /// The connection.
+        conn: ConnectionId,
+        /// The target-side socket's local address.
+        local: SocketAddr,
+    },
+    /// The answer to a failed [`ClientMessage::Connect`].
+    ConnectFailed {
+        /// The connection.
+        conn: ConnectionId,
+        /// The Linux `errno` of the failed `connect`.
+        errno: i32,
+    },
+    /// A stolen incoming connection.
+    Incoming {
+        /// Chosen by the agent, with [`ConnectionId::AGENT_BIT`] set.
+        conn: ConnectionId,
+        /// The stolen port (the client's original destination port).
+        port: u16,
+        /// The client's address.
+        peer: SocketAddr,
+        /// The original destination the client connected to.
+        local: SocketAddr,
+    },
+    /// Bytes that arrived on the target-side socket of `conn`.
+    Data {
+        /// The connection.
+        conn: ConnectionId,
+        /// At most [`crate::codec::MAX_CHUNK_LEN`] bytes (TCP) or one datagram (UDP).
+        bytes: Vec<u8>,
+    },
+    /// The target-side peer of `conn` sent FIN: no more bytes will come.
+    Shutdown {
+        /// The connection.
+        conn: ConnectionId,
+    },
+    /// `conn` is gone; `reset` when the target side saw an RST or an error.
+    Close {
+        /// The connection.
+        conn: ConnectionId,
+        /// It ended with an RST or error rather than an orderly close.
+        reset: bool,
+    },
+    /// The answer to [`ClientMessage::Ping`].
+    Pong(u64),
+    /// A fatal error; the agent closes the link after this message.
+    Fatal {
+        /// What failed, and what to do.
+        message: String,
+    },
+}

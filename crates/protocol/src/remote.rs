@@ -1,0 +1,277 @@
+//! Operations the agent performs in the target's world for the layer: name
+//! resolution, files and the environment.
+//!
+//! The layer sends a [`RemoteRequest`] to the proxy, which forwards it on the link
+//! with a [`crate::RequestId`] and hands the [`RemoteResponse`] back unchanged.
+//!
+//! Errors carry Linux `errno` numbers (`asm-generic/errno-base.h` and `errno.h`), so
+//! the layer can return them to the program as the syscall would have.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a file the agent holds open for a session.
+pub type FileHandle = u64;
+
+/// A request the agent answers with one [`RemoteResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteRequest {
+    /// The target process's environment (`/proc/PID/environ`).
+    /// Answered with [`RemoteResponse::Env`].
+    Env,
+    /// Resolve `host` with the target's `/etc/hosts` and `/etc/resolv.conf`.
+    /// Answered with [`RemoteResponse::Resolved`] or an error
+    /// ([`RemoteError::NoName`], [`RemoteError::TryAgain`], ...).
+    Resolve {
+        /// The name to resolve (never a numeric address: the layer answers those).
+        host: String,
+        /// Which address families the caller wants.
+        family: AddressFamily,
+    },
+    /// Open `path` (absolute, inside the target's root). Answered with
+    /// [`RemoteResponse::Opened`].
+    Open {
+        /// Absolute path as the target sees it.
+        path: String,
+        /// How to open it.
+        flags: OpenFlags,
+        /// Permission bits for a created file (as `open(2)`'s `mode`).
+        mode: u32,
+    },
+    /// Read up to `len` bytes (at most [`crate::codec::MAX_CHUNK_LEN`]) at `offset`.
+    /// Answered with [`RemoteResponse::Data`].
+    Read {
+        /// From an earlier [`RemoteResponse::Opened`].
+        handle: FileHandle,
+        /// Byte offset in the file.
+        offset: u64,
+        /// Most bytes to return.
+        len: u32,
+    },
+    /// Write `data` at `offset`. Answered with [`RemoteResponse::Written`].
+    Write {
+        /// From an earlier [`RemoteResponse::Opened`] opened for writing.
+        handle: FileHandle,
+        /// Byte offset in the file.
+        offset: u64,
+        /// The bytes (at most [`crate::codec::MAX_CHUNK_LEN`]).
+        data: Vec<u8>,
+    },
+    /// Set the file's length in bytes. Answered with [`RemoteResponse::Done`].
+    Truncate {
+        /// From an earlier [`RemoteResponse::Opened`] opened for writing.
+        handle: FileHandle,
+        /// New length in bytes.
+        len: u64,
+    },
+    /// Close a handle. Answered with [`RemoteResponse::Done`].
+    Close {
+        /// The handle to close.
+        handle: FileHandle,
+    },
+    /// `stat` (`follow`) or `lstat` a path. Answered with [`RemoteResponse::Stat`].
+    Stat {
+        /// Absolute path as the target sees it.
+        path: String,
+        /// Follow a symlink in the last component (`stat`) or not (`lstat`).
+        follow: bool,
+    },
+    /// List a directory, without `.` and `..`. Answered with [`RemoteResponse::Dir`].
+    ReadDir {
+        /// Absolute path as the target sees it.
+        path: String,
+    },
+    /// `access(2)` on a path, `mode` being `F_OK` or a mask of `R_OK | W_OK | X_OK`.
+    /// Answered with [`RemoteResponse::Done`] or an error.
+    Access {
+        /// Absolute path as the target sees it.
+        path: String,
+        /// The `access(2)` mode.
+        mode: i32,
+    },
+    /// Create a directory. Answered with [`RemoteResponse::Done`].
+    MkDir {
+        /// Absolute path as the target sees it.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// Remove a file (`unlink`) or an empty directory (`rmdir` when `dir`).
+    /// Answered with [`RemoteResponse::Done`].
+    Remove {
+        /// Absolute path as the target sees it.
+        path: String,
+        /// Remove a directory rather than a file.
+        dir: bool,
+    },
+    /// Rename a file. Answered with [`RemoteResponse::Done`].
+    Rename {
+        /// Absolute source path as the target sees it.
+        from: String,
+        /// Absolute destination path as the target sees it.
+        to: String,
+    },
+    /// Read a symlink's target. Answered with [`RemoteResponse::Link`].
+    ReadLink {
+        /// Absolute path as the target sees it.
+        path: String,
+    },
+}
+
+/// The answer to one [`RemoteRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteResponse {
+    /// The target's environment, in `/proc/PID/environ` order. Names and values that
+    /// are not UTF-8 are converted lossily.
+    Env(Vec<(String, String)>),
+    /// The addresses `host` resolved to, in resolver order.
+    Resolved {
+        /// The addresses; never empty (an empty answer is [`RemoteError::NoName`]).
+        addrs: Vec<IpAddr>,
+        /// The canonical name, when the resolver gave one.
+        canonical: Option<String>,
+    },
+    /// A file opened; its metadata at open time.
+    Opened {
+        /// Handle for later requests.
+        handle: FileHandle,
+        /// Metadata of the opened file.
+        stat: FileStat,
+    },
+    /// Bytes read; fewer than asked (possibly none) only at end of file.
+    Data(Vec<u8>),
+    /// Bytes written.
+    Written(u64),
+    /// The operation succeeded and has nothing to return.
+    Done,
+    /// Metadata of a path.
+    Stat(FileStat),
+    /// The entries of a directory.
+    Dir(Vec<DirEntry>),
+    /// A symlink's target.
+    Link(String),
+    /// The operation failed.
+    Error(RemoteError),
+}
+
+/// Why a remote operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RemoteError {
+    /// A system call failed with this Linux `errno`.
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Os(i32),
+    /// The name does not exist (`EAI_NONAME`).
+    #[error("name not known")]
+    NoName,
+    /// The name server did not answer in time or failed temporarily (`EAI_AGAIN`).
+    #[error("temporary failure in name resolution")]
+    TryAgain,
+    /// The request is not supported by this agent or for this target.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// Anything else, with a message for the log.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Which address families a [`RemoteRequest::Resolve`] wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AddressFamily {
+    /// IPv4 and IPv6 (`AF_UNSPEC`).
+    Any,
+    /// IPv4 only (`AF_INET`).
+    V4,
+    /// IPv6 only (`AF_INET6`).
+    V6,
+}
+
+/// How to open a remote file: the meaningful bits of `open(2)`'s `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct OpenFlags {
+    /// Open for reading.
+    pub read: bool,
+    /// Open for writing.
+    pub write: bool,
+    /// `O_CREAT`.
+    pub create: bool,
+    /// `O_EXCL`.
+    pub exclusive: bool,
+    /// `O_TRUNC`.
+    pub truncate: bool,
+    /// `O_APPEND`.
+    pub append: bool,
+    /// `O_DIRECTORY`.
+    pub directory: bool,
+    /// `O_NOFOLLOW`.
+    pub no_follow: bool,
+}
+
+impl OpenFlags {
+    /// Read-only, the common case.
+    pub const READ: OpenFlags = OpenFlags {
+        read: true,
+        write: false,
+        create: false,
+        exclusive: false,
+        truncate: false,
+        append: false,
+        directory: false,
+        no_follow: false,
+    };
+}
+
+/// File metadata, the fields of `struct stat` (see `stat(2)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FileStat {
+    /// Device id.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// File type and permission bits (`st_mode`).
+    pub mode: u32,
+    /// Hard links.
+    pub nlink: u64,
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Device id of a special file.
+    pub rdev: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Preferred I/O block size in bytes.
+    pub blksize: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    /// Last access: seconds since the epoch.
+    pub atime: i64,
+    /// Last access: nanoseconds.
+    pub atime_nsec: i64,
+    /// Last modification: seconds since the epoch.
+    pub mtime: i64,
+    /// Last modification: nanoseconds.
+    pub mtime_nsec: i64,
+    /// Last status change: seconds since the epoch.
+    pub ctime: i64,
+    /// Last status change: nanoseconds.
+    pub ctime_nsec: i64,
+}
+
+impl FileStat {
+    /// Whether this is a directory (`S_ISDIR`).
+    pub fn is_dir(&self) -> bool {
+        self.mode & 0o170000 == 0o040000
+    }
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// The entry's name (lossy if not UTF-8).
+    pub name: String,
+    /// Inode number.
+    pub ino: u64,
+    /// `d_type` as in `readdir(3)` (`DT_REG` = 8, `DT_DIR` = 4, `DT_LNK` = 10, ...).
+    pub kind: u8,
+}

@@ -1,0 +1,73 @@
+//! The protocol version and the compatibility rule checked at every handshake.
+//!
+//! Versions are [semver](https://semver.org): peers are compatible when their major
+//! versions match and, while the major version is 0, their minor versions match too.
+//! New message variants are appended to the end of their enums (postcard encodes a
+//! variant by its index), and a peer sends a variant only when the other peer's
+//! version is new enough to know it.
+
+use semver::Version;
+
+/// This build's protocol version.
+pub const PROTOCOL_VERSION: &str = "0.1.0";
+
+/// Why a peer's version was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VersionError {
+    /// The peer sent something that is not a semver version.
+    #[error("the peer sent an invalid protocol version {0:?}")]
+    Invalid(String),
+    /// The peer speaks a version this build cannot talk to.
+    #[error(
+        "protocol version mismatch: this side speaks {ours}, the peer speaks {theirs}; \
+         use graft and graft-agent from the same release"
+    )]
+    Incompatible {
+        /// This build's version.
+        ours: String,
+        /// The peer's version.
+        theirs: String,
+    },
+}
+
+/// Checks that a peer speaking `theirs` can talk to this build.
+///
+/// # Errors
+///
+/// [`VersionError::Invalid`] when `theirs` does not parse, [`VersionError::Incompatible`]
+/// when it parses but is not compatible by the rule in the module docs.
+pub fn check_compatible(theirs: &str) -> Result<(), VersionError> {
+    let ours = Version::parse(PROTOCOL_VERSION).expect("PROTOCOL_VERSION is a valid semver literal");
+    let peer = Version::parse(theirs).map_err(|_| VersionError::Invalid(theirs.to_owned()))?;
+    let compatible = ours.major == peer.major && (ours.major != 0 || ours.minor == peer.minor);
+    if compatible {
+        Ok(())
+    } else {
+        Err(VersionError::Incompatible { ours: ours.to_string(), theirs: peer.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_version_is_compatible() {
+        assert_eq!(check_compatible(PROTOCOL_VERSION), Ok(()));
+    }
+
+    #[test]
+    fn patch_difference_is_compatible() {
+        assert_eq!(check_compatible("0.1.7"), Ok(()));
+    }
+
+    #[test]
+    fn other_minor_in_zero_major_is_refused() {
+        assert!(matches!(check_compatible("0.2.0"), Err(VersionError::Incompatible { .. })));
+    }
+
+    #[test]
+    fn garbage_is_invalid() {
+        assert_eq!(check_compatible("banana"), Err(VersionError::Invalid("banana".into())));
+    }
+}
