@@ -1,0 +1,111 @@
+//! This thread's connection to the proxy.
+//!
+//! Each thread opens its own Unix-socket connection on first need, so a thread
+//! blocked on a slow remote call (a `connect` to an unreachable host) never holds
+//! up another. The connection remembers the pid that opened it: after `fork` the
+//! child sees a different pid and opens its own instead of sharing the parent's
+//! byte stream. A broken connection (the program closed our fd, the proxy went
+//! away) is dropped and re-opened once before the call fails.
+//!
+//! Must be called with the re-entrancy guard held (see [`crate::guard`]).
+
+use std::{cell::RefCell, os::unix::net::UnixStream};
+
+use graft_protocol::{
+    PROTOCOL_VERSION,
+    codec::{FrameError, read_frame, write_frame},
+    layer::{LayerRequest, LayerResponse},
+    remote::{RemoteError, RemoteRequest, RemoteResponse},
+};
+
+struct Connection {
+    pid: u32,
+    stream: UnixStream,
+}
+
+thread_local! {
+    static CONNECTION: RefCell<Option<Connection>> = const { RefCell::new(None) };
+}
+
+/// Why a request to the proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The layer is inert.
+    #[error("graft layer is not configured")]
+    Inert,
+    /// The proxy could not be reached or the link broke.
+    #[error("cannot talk to the graft proxy: {0}")]
+    Link(#[from] FrameError),
+    /// The proxy refused the handshake.
+    #[error("the graft proxy refused this layer: {0}")]
+    Refused(String),
+}
+
+impl ClientError {
+    /// The `errno` a hook returns when the proxy cannot be asked.
+    pub fn errno(&self) -> i32 {
+        libc::ECONNABORTED
+    }
+}
+
+fn connect() -> Result<Connection, ClientError> {
+    let state = crate::state().ok_or(ClientError::Inert)?;
+    let mut stream = UnixStream::connect(&state.socket_path).map_err(FrameError::Io)?;
+    let pid = std::process::id();
+    write_frame(&mut stream, &LayerRequest::Hello { version: PROTOCOL_VERSION.into(), pid })?;
+    match read_frame(&mut stream)? {
+        LayerResponse::Hello { .. } => Ok(Connection { pid, stream }),
+        LayerResponse::Error { message, .. } => Err(ClientError::Refused(message)),
+        other => Err(ClientError::Refused(format!("unexpected handshake answer {other:?}"))),
+    }
+}
+
+fn exchange(conn: &mut Connection, request: &LayerRequest) -> Result<LayerResponse, FrameError> {
+    write_frame(&mut conn.stream, request)?;
+    read_frame(&mut conn.stream)
+}
+
+/// Sends `request` and waits for its response.
+///
+/// # Errors
+///
+/// [`ClientError`] when the proxy cannot be reached twice in a row.
+pub fn request(request: &LayerRequest) -> Result<LayerResponse, ClientError> {
+    CONNECTION.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let pid = std::process::id();
+        if slot.as_ref().is_some_and(|c| c.pid != pid) {
+            // Inherited through fork: the parent still uses this stream. Forget it
+            // without a shutdown; dropping our copy of the fd does not affect it.
+            *slot = None;
+        }
+        for attempt in 0..2 {
+            if slot.is_none() {
+                *slot = Some(connect()?);
+            }
+            let conn = slot.as_mut().expect("just connected");
+            match exchange(conn, request) {
+                Ok(response) => return Ok(response),
+                Err(e) => {
+                    *slot = None;
+                    if attempt == 1 {
+                        layer_log!(warn, "proxy request failed: {e}");
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    })
+}
+
+/// Sends a remote operation; link failures become [`RemoteError::Os`]`(ECONNABORTED)`.
+pub fn remote(request: RemoteRequest) -> Result<RemoteResponse, RemoteError> {
+    match self::request(&LayerRequest::Remote(request)) {
+        Ok(LayerResponse::Remote(RemoteResponse::Error(e))) => Err(e),
+        Ok(LayerResponse::Remote(response)) => Ok(response),
+        Ok(LayerResponse::Error { errno, .. }) => Err(RemoteError::Os(errno)),
+        Ok(other) => Err(RemoteError::Other(format!("unexpected proxy answer {other:?}"))),
+        Err(e) => Err(RemoteError::Os(e.errno())),
+    }
+}
