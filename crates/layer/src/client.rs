@@ -20,7 +20,31 @@ use graft_protocol::{
 
 struct Connection {
     pid: u32,
+    /// Inode of our socket: if the program closed our descriptor and the number
+    /// now names one of its own files, we must neither write to it nor close it.
+    ino: u64,
     stream: UnixStream,
+}
+
+impl Connection {
+    fn still_ours(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: stat is plain old data; `st` is a valid out-pointer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on any descriptor number is safe; it only fills `st`.
+        let rc = unsafe {
+            real!(fstat(self.stream.as_raw_fd(), &mut st): fn(std::os::raw::c_int, *mut libc::stat) -> std::os::raw::c_int)
+        };
+        rc == 0 && st.st_ino == self.ino
+    }
+
+    /// Drops the connection without closing a descriptor that is no longer ours.
+    fn abandon(self) {
+        if !self.still_ours() {
+            use std::os::fd::IntoRawFd;
+            let _ = self.stream.into_raw_fd();
+        }
+    }
 }
 
 thread_local! {
@@ -52,11 +76,26 @@ fn connect() -> Result<Connection, ClientError> {
     let state = crate::state().ok_or(ClientError::Inert)?;
     let mut stream = UnixStream::connect(&state.socket_path).map_err(FrameError::Io)?;
     let pid = std::process::id();
-    write_frame(&mut stream, &LayerRequest::Hello { version: PROTOCOL_VERSION.into(), pid })?;
+    write_frame(
+        &mut stream,
+        &LayerRequest::Hello {
+            version: PROTOCOL_VERSION.into(),
+            pid,
+        },
+    )?;
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&stream)
+    ))
+    .map(|m| m.ino())
+    .unwrap_or(0);
     match read_frame(&mut stream)? {
-        LayerResponse::Hello { .. } => Ok(Connection { pid, stream }),
+        LayerResponse::Hello { .. } => Ok(Connection { pid, ino, stream }),
         LayerResponse::Error { message, .. } => Err(ClientError::Refused(message)),
-        other => Err(ClientError::Refused(format!("unexpected handshake answer {other:?}"))),
+        other => Err(ClientError::Refused(format!(
+            "unexpected handshake answer {other:?}"
+        ))),
     }
 }
 
@@ -77,7 +116,14 @@ pub fn request(request: &LayerRequest) -> Result<LayerResponse, ClientError> {
         if slot.as_ref().is_some_and(|c| c.pid != pid) {
             // Inherited through fork: the parent still uses this stream. Forget it
             // without a shutdown; dropping our copy of the fd does not affect it.
-            *slot = None;
+            if let Some(conn) = slot.take() {
+                conn.abandon();
+            }
+        }
+        if slot.as_ref().is_some_and(|c| !c.still_ours()) {
+            if let Some(conn) = slot.take() {
+                conn.abandon();
+            }
         }
         for attempt in 0..2 {
             if slot.is_none() {
@@ -87,7 +133,9 @@ pub fn request(request: &LayerRequest) -> Result<LayerResponse, ClientError> {
             match exchange(conn, request) {
                 Ok(response) => return Ok(response),
                 Err(e) => {
-                    *slot = None;
+                    if let Some(conn) = slot.take() {
+                        conn.abandon();
+                    }
                     if attempt == 1 {
                         layer_log!(warn, "proxy request failed: {e}");
                         return Err(e.into());
@@ -105,7 +153,9 @@ pub fn remote(request: RemoteRequest) -> Result<RemoteResponse, RemoteError> {
         Ok(LayerResponse::Remote(RemoteResponse::Error(e))) => Err(e),
         Ok(LayerResponse::Remote(response)) => Ok(response),
         Ok(LayerResponse::Error { errno, .. }) => Err(RemoteError::Os(errno)),
-        Ok(other) => Err(RemoteError::Other(format!("unexpected proxy answer {other:?}"))),
+        Ok(other) => Err(RemoteError::Other(format!(
+            "unexpected proxy answer {other:?}"
+        ))),
         Err(e) => Err(RemoteError::Os(e.errno())),
     }
 }

@@ -1,1 +1,742 @@
-//! placeholder
+//! Socket hooks: steal (`bind`/`listen`/`accept`), outgoing TCP and UDP
+//! (`connect`, `sendto`/`sendmsg`, `recvfrom`/`recvmsg`), the addresses the program
+//! sees (`getsockname`/`getpeername`), and descriptor bookkeeping (`close`,
+//! `dup*`, `fcntl(F_DUPFD*)`).
+//!
+//! Every socket stays a real kernel socket: an outgoing connection is really
+//! connected to a loopback relay of the proxy, which splices it to a socket the
+//! agent opened in the target's network namespace; a stolen connection is really
+//! accepted from the proxy. The hooks only choose the real address and remember
+//! the one to show (see [`crate::fds`]).
+
+use std::{
+    net::SocketAddr,
+    os::raw::{c_int, c_void},
+};
+
+use graft_config::IncomingMode;
+use graft_protocol::{
+    Transport,
+    layer::{LayerRequest, LayerResponse},
+};
+use libc::{msghdr, sockaddr, socklen_t, ssize_t};
+
+use crate::{
+    addr::{self, RawAddr},
+    client,
+    fds::{self, FdKind},
+    guard::{self, hooked, set_errno},
+    state,
+};
+
+fn sockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    let mut value: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: value/len are valid out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            &mut value as *mut c_int as *mut c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
+fn socket_type(fd: c_int) -> Option<c_int> {
+    sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+}
+
+fn socket_family(fd: c_int) -> c_int {
+    sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(libc::AF_INET)
+}
+
+fn real_sockname(fd: c_int) -> Option<SocketAddr> {
+    // SAFETY: storage is a valid out-buffer of `len` bytes.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+        let rc = real!(getsockname(fd, &mut storage as *mut _ as *mut sockaddr, &mut len)
+            : fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int);
+        if rc != 0 {
+            return None;
+        }
+        addr::from_raw(&storage as *const _ as *const sockaddr, len)
+    }
+}
+
+fn real_peername(fd: c_int) -> Option<SocketAddr> {
+    // SAFETY: as in real_sockname.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+        let rc = real!(getpeername(fd, &mut storage as *mut _ as *mut sockaddr, &mut len)
+            : fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int);
+        if rc != 0 {
+            return None;
+        }
+        addr::from_raw(&storage as *const _ as *const sockaddr, len)
+    }
+}
+
+/// Whether a destination goes through the target.
+fn is_remote_destination(dest: &SocketAddr) -> bool {
+    let Some(state) = state() else { return false };
+    state.config.outgoing
+        && !addr::is_local_only(dest)
+        && !state
+            .config
+            .outgoing_local
+            .iter()
+            .any(|rule| rule.matches(dest))
+}
+
+/// Asks the proxy for a connection or flow to `remote`; `Ok((relay, local))`.
+fn open_remote(
+    remote: SocketAddr,
+    transport: Transport,
+) -> Result<(SocketAddr, SocketAddr), c_int> {
+    let remote = addr::unmap_socket(remote);
+    match client::request(&LayerRequest::Connect { remote, transport }) {
+        Ok(LayerResponse::Connected { relay, local }) => {
+            layer_log!(debug, "{transport:?} to {remote} relayed via {relay}");
+            Ok((relay, local))
+        }
+        Ok(LayerResponse::Error { errno, message }) => {
+            layer_log!(debug, "{transport:?} to {remote} failed: {message}");
+            Err(errno)
+        }
+        Ok(other) => {
+            layer_log!(error, "unexpected proxy answer to Connect: {other:?}");
+            Err(libc::EIO)
+        }
+        Err(e) => Err(e.errno()),
+    }
+}
+
+// ---------------------------------------------------------------- steal
+
+/// `bind(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bind(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real =
+        || unsafe { real!(bind(fd, address, len): fn(c_int, *const sockaddr, socklen_t) -> c_int) };
+    if state().is_none_or(|s| s.config.incoming == IncomingMode::Off) {
+        return real();
+    }
+    // SAFETY: the caller passes `len` readable bytes at `address`, as bind(2) requires.
+    hooked(real, || unsafe { bind_hook(fd, address, len, real) })
+}
+
+unsafe fn bind_hook(
+    fd: c_int,
+    address: *const sockaddr,
+    len: socklen_t,
+    real: impl Fn() -> c_int,
+) -> c_int {
+    // SAFETY: see `bind`.
+    let Some(requested) = (unsafe { addr::from_raw(address, len) }) else {
+        return real();
+    };
+    if requested.port() == 0 || socket_type(fd) != Some(libc::SOCK_STREAM) {
+        return real();
+    }
+    let config = &state().expect("hooked only runs with state").config;
+    let remote_port = config.remote_port(requested.port());
+    let mut fake_local = None;
+    if real() != 0 {
+        if guard::errno() != libc::EADDRINUSE {
+            return -1;
+        }
+        // The port is busy on this machine; listen on another one and show the
+        // program the port it asked for: the target's port is what matters.
+        let other = RawAddr::new(SocketAddr::new(requested.ip(), 0), socket_family(fd));
+        // SAFETY: `other` is a valid socket address of `other.len()` bytes.
+        let rc = unsafe {
+            real!(bind(fd, other.as_ptr(), other.len()): fn(c_int, *const sockaddr, socklen_t) -> c_int)
+        };
+        if rc != 0 {
+            return rc;
+        }
+        fake_local = Some(requested);
+    }
+    fds::insert(
+        fd,
+        FdKind::Bound {
+            remote_port,
+            fake_local,
+        },
+    );
+    0
+}
+
+/// `listen(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe { real!(listen(fd, backlog): fn(c_int, c_int) -> c_int) };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || {
+        let Some(FdKind::Bound {
+            remote_port,
+            fake_local,
+        }) = fds::get(fd)
+        else {
+            return real();
+        };
+        if real() != 0 {
+            return -1;
+        }
+        let Some(deliver_to) = real_sockname(fd) else {
+            return 0;
+        };
+        let request = LayerRequest::Listen {
+            port: remote_port,
+            deliver_to,
+            pid: std::process::id(),
+        };
+        match client::request(&request) {
+            Ok(LayerResponse::Ok) => {
+                layer_log!(info, "stealing target port {remote_port} → {deliver_to}");
+                fds::insert(
+                    fd,
+                    FdKind::Listener {
+                        remote_port,
+                        fake_local,
+                    },
+                );
+                0
+            }
+            Ok(LayerResponse::Error { errno, message }) => {
+                layer_log!(error, "cannot steal port {remote_port}: {message}");
+                set_errno(errno);
+                -1
+            }
+            Ok(other) => {
+                layer_log!(error, "unexpected proxy answer to Listen: {other:?}");
+                set_errno(libc::EIO);
+                -1
+            }
+            Err(e) => {
+                set_errno(e.errno());
+                -1
+            }
+        }
+    })
+}
+
+/// After a successful accept on a stolen listener: find the real client.
+unsafe fn after_accept(
+    listener: c_int,
+    new_fd: c_int,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+) -> c_int {
+    if !matches!(fds::get(listener), Some(FdKind::Listener { .. })) {
+        return new_fd;
+    }
+    let Some(proxy_side) = real_peername(new_fd) else {
+        return new_fd;
+    };
+    if !addr::is_local_only(&proxy_side) {
+        return new_fd;
+    }
+    if let Ok(LayerResponse::Peer(Some(delivered))) = client::request(&LayerRequest::PeerOf {
+        proxy_side: addr::unmap_socket(proxy_side),
+    }) {
+        let relay = real_sockname(new_fd).unwrap_or(proxy_side);
+        fds::insert(
+            new_fd,
+            FdKind::Relayed {
+                peer: delivered.peer,
+                local: delivered.local,
+                relay,
+            },
+        );
+        let raw = RawAddr::new(delivered.peer, socket_family(new_fd));
+        // SAFETY: the caller's buffer obeys accept(2)'s contract (null or valid).
+        unsafe { raw.write_to(address, len) };
+    }
+    new_fd
+}
+
+/// `accept(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(accept(fd, address, len): fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)
+    };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || {
+        let new_fd = real();
+        if new_fd < 0 {
+            return new_fd;
+        }
+        // SAFETY: the caller's buffer obeys accept(2)'s contract.
+        unsafe { after_accept(fd, new_fd, address, len) }
+    })
+}
+
+/// `accept4(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(accept4(fd, address, len, flags): fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int)
+    };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || {
+        let new_fd = real();
+        if new_fd < 0 {
+            return new_fd;
+        }
+        // SAFETY: the caller's buffer obeys accept4(2)'s contract.
+        unsafe { after_accept(fd, new_fd, address, len) }
+    })
+}
+
+// ---------------------------------------------------------------- outgoing
+
+/// `connect(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(connect(fd, address, len): fn(c_int, *const sockaddr, socklen_t) -> c_int)
+    };
+    // SAFETY: the caller passes `len` readable bytes at `address`, as connect(2) requires.
+    let Some(dest) = (unsafe { addr::from_raw(address, len) }) else {
+        return real();
+    };
+    if !is_remote_destination(&dest) {
+        return real();
+    }
+    hooked(real, || connect_hook(fd, dest, real))
+}
+
+fn connect_to(fd: c_int, relay: SocketAddr) -> c_int {
+    let raw = RawAddr::new(relay, socket_family(fd));
+    // SAFETY: `raw` is a valid socket address of `raw.len()` bytes.
+    unsafe {
+        real!(connect(fd, raw.as_ptr(), raw.len()): fn(c_int, *const sockaddr, socklen_t) -> c_int)
+    }
+}
+
+fn connect_hook(fd: c_int, dest: SocketAddr, real: impl Fn() -> c_int) -> c_int {
+    // A repeated connect on a non-blocking socket (to learn whether it finished)
+    // must reach the same relay, not open a second remote connection.
+    if let Some(FdKind::Relayed { peer, relay, .. }) = fds::get(fd) {
+        if addr::unmap_socket(peer) == addr::unmap_socket(dest) {
+            return connect_to(fd, relay);
+        }
+    }
+    let transport = match socket_type(fd) {
+        Some(libc::SOCK_STREAM) => Transport::Tcp,
+        Some(libc::SOCK_DGRAM) => Transport::Udp,
+        _ => return real(),
+    };
+    match open_remote(dest, transport) {
+        Ok((relay, local)) => {
+            fds::insert(
+                fd,
+                FdKind::Relayed {
+                    peer: addr::unmap_socket(dest),
+                    local,
+                    relay,
+                },
+            );
+            connect_to(fd, relay)
+        }
+        Err(errno) => {
+            set_errno(errno);
+            -1
+        }
+    }
+}
+
+/// The relay for datagrams from `fd` to `dest`, opened on first use.
+fn udp_relay(fd: c_int, dest: SocketAddr) -> Result<SocketAddr, c_int> {
+    let dest = addr::unmap_socket(dest);
+    if let Some(FdKind::UdpRelays { relays }) = fds::get(fd) {
+        if let Some((_, relay)) = relays.iter().find(|(remote, _)| *remote == dest) {
+            return Ok(*relay);
+        }
+    }
+    let (relay, _) = open_remote(dest, Transport::Udp)?;
+    match fds::get(fd) {
+        Some(FdKind::UdpRelays { .. }) => fds::update(fd, |kind| {
+            if let FdKind::UdpRelays { relays } = kind {
+                relays.push((dest, relay));
+            }
+        }),
+        _ => fds::insert(
+            fd,
+            FdKind::UdpRelays {
+                relays: vec![(dest, relay)],
+            },
+        ),
+    }
+    Ok(relay)
+}
+
+/// `sendto(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: usize,
+    flags: c_int,
+    address: *const sockaddr,
+    len: socklen_t,
+) -> ssize_t {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(sendto(fd, buf, n, flags, address, len)
+            : fn(c_int, *const c_void, usize, c_int, *const sockaddr, socklen_t) -> ssize_t)
+    };
+    // SAFETY: null or `len` readable bytes, as sendto(2) requires.
+    let Some(dest) = (unsafe { addr::from_raw(address, len) }) else {
+        return real();
+    };
+    if !is_remote_destination(&dest) {
+        return real();
+    }
+    hooked(real, || {
+        if socket_type(fd) != Some(libc::SOCK_DGRAM) {
+            return real();
+        }
+        match udp_relay(fd, dest) {
+            Ok(relay) => {
+                let raw = RawAddr::new(relay, socket_family(fd));
+                // SAFETY: the caller's buffer is forwarded; `raw` is a valid address.
+                unsafe {
+                    real!(sendto(fd, buf, n, flags, raw.as_ptr(), raw.len())
+                        : fn(c_int, *const c_void, usize, c_int, *const sockaddr, socklen_t) -> ssize_t)
+                }
+            }
+            Err(errno) => {
+                set_errno(errno);
+                -1
+            }
+        }
+    })
+}
+
+/// `sendmsg(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real =
+        || unsafe { real!(sendmsg(fd, msg, flags): fn(c_int, *const msghdr, c_int) -> ssize_t) };
+    if msg.is_null() {
+        return real();
+    }
+    // SAFETY: `msg` is a valid msghdr per sendmsg(2); msg_name is null or msg_namelen bytes.
+    let dest = unsafe { addr::from_raw((*msg).msg_name as *const sockaddr, (*msg).msg_namelen) };
+    let Some(dest) = dest else { return real() };
+    if !is_remote_destination(&dest) {
+        return real();
+    }
+    hooked(real, || {
+        if socket_type(fd) != Some(libc::SOCK_DGRAM) {
+            return real();
+        }
+        match udp_relay(fd, dest) {
+            Ok(relay) => {
+                let raw = RawAddr::new(relay, socket_family(fd));
+                // SAFETY: a copy of the caller's msghdr with only the name replaced.
+                unsafe {
+                    let mut copy = *msg;
+                    copy.msg_name = raw.as_ptr() as *mut c_void;
+                    copy.msg_namelen = raw.len();
+                    real!(sendmsg(fd, &copy, flags): fn(c_int, *const msghdr, c_int) -> ssize_t)
+                }
+            }
+            Err(errno) => {
+                set_errno(errno);
+                -1
+            }
+        }
+    })
+}
+
+/// If `fd` has UDP relays and `source` is one, the remote it stands for.
+fn unrelay(fd: c_int, source: SocketAddr) -> Option<SocketAddr> {
+    match fds::get(fd)? {
+        FdKind::UdpRelays { relays } => {
+            let source = addr::unmap_socket(source);
+            relays
+                .iter()
+                .find(|(_, relay)| *relay == source)
+                .map(|(remote, _)| *remote)
+        }
+        FdKind::Relayed { peer, relay, .. } if addr::unmap_socket(source) == relay => Some(peer),
+        _ => None,
+    }
+}
+
+/// `recvfrom(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: usize,
+    flags: c_int,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(recvfrom(fd, buf, n, flags, address, len)
+            : fn(c_int, *mut c_void, usize, c_int, *mut sockaddr, *mut socklen_t) -> ssize_t)
+    };
+    if fds::is_empty() || address.is_null() || len.is_null() {
+        return real();
+    }
+    hooked(real, || {
+        let received = real();
+        if received < 0 {
+            return received;
+        }
+        let saved = guard::errno();
+        // SAFETY: the kernel just filled `*len` bytes of `address`.
+        if let Some(source) = unsafe { addr::from_raw(address, *len) } {
+            if let Some(remote) = unrelay(fd, source) {
+                let raw = RawAddr::new(remote, socket_family(fd));
+                // SAFETY: caller's buffer, as recvfrom(2) requires; we report the full length.
+                unsafe {
+                    let capacity =
+                        std::mem::size_of::<libc::sockaddr_storage>().min(raw.len() as usize);
+                    let mut cap = capacity.max(*len as usize) as socklen_t;
+                    raw.write_to(address, &mut cap);
+                    *len = raw.len();
+                }
+            }
+        }
+        set_errno(saved);
+        received
+    })
+}
+
+/// `recvmsg(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real =
+        || unsafe { real!(recvmsg(fd, msg, flags): fn(c_int, *mut msghdr, c_int) -> ssize_t) };
+    if fds::is_empty() || msg.is_null() {
+        return real();
+    }
+    hooked(real, || {
+        let received = real();
+        if received < 0 {
+            return received;
+        }
+        // SAFETY: `msg` is the caller's valid msghdr; the kernel filled msg_name.
+        unsafe {
+            let name = (*msg).msg_name as *mut sockaddr;
+            if let Some(source) = addr::from_raw(name, (*msg).msg_namelen) {
+                if let Some(remote) = unrelay(fd, source) {
+                    let raw = RawAddr::new(remote, socket_family(fd));
+                    let mut cap = (*msg).msg_namelen.max(raw.len());
+                    raw.write_to(name, &mut cap);
+                    (*msg).msg_namelen = raw.len();
+                }
+            }
+        }
+        received
+    })
+}
+
+// ---------------------------------------------------------------- addresses
+
+/// `getpeername(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getpeername(
+    fd: c_int,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(getpeername(fd, address, len): fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)
+    };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || match fds::get(fd) {
+        Some(FdKind::Relayed { peer, .. }) => {
+            // SAFETY: caller's buffer per getpeername(2).
+            unsafe { RawAddr::new(peer, socket_family(fd)).write_to(address, len) };
+            0
+        }
+        _ => real(),
+    })
+}
+
+/// `getsockname(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockname(
+    fd: c_int,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(getsockname(fd, address, len): fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)
+    };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || {
+        let shown = match fds::get(fd) {
+            Some(FdKind::Relayed { local, .. }) => Some(local),
+            Some(FdKind::Bound { fake_local, .. } | FdKind::Listener { fake_local, .. }) => {
+                fake_local
+            }
+            _ => None,
+        };
+        match shown {
+            Some(shown) => {
+                // SAFETY: caller's buffer per getsockname(2).
+                unsafe { RawAddr::new(shown, socket_family(fd)).write_to(address, len) };
+                0
+            }
+            None => real(),
+        }
+    })
+}
+
+// ---------------------------------------------------------------- descriptors
+
+/// Forgets `fd` before it is closed, ending what it stood for.
+fn forget(fd: c_int) {
+    let duplicated = fds::has_duplicate(fd);
+    let Some(kind) = fds::get(fd) else { return };
+    if !duplicated {
+        match &kind {
+            FdKind::Listener { remote_port, .. } => {
+                let _ = client::request(&LayerRequest::Unlisten {
+                    port: *remote_port,
+                    pid: std::process::id(),
+                });
+            }
+            FdKind::RemoteFile(_) | FdKind::RemoteDir { .. } => {
+                crate::files::before_close(fd, &kind)
+            }
+            _ => {}
+        }
+    }
+    fds::remove(fd);
+}
+
+/// `close(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // SAFETY: forwards the caller's argument unchanged.
+    let real = || unsafe { real!(close(fd): fn(c_int) -> c_int) };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || {
+        forget(fd);
+        real()
+    })
+}
+
+/// `dup(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: forwards the caller's argument unchanged.
+    let real = || unsafe { real!(dup(fd): fn(c_int) -> c_int) };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || {
+        let new = real();
+        if new >= 0 {
+            fds::duplicate(fd, new);
+        }
+        new
+    })
+}
+
+/// `dup2(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe { real!(dup2(old, new): fn(c_int, c_int) -> c_int) };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || {
+        if old != new {
+            forget(new);
+        }
+        let rc = real();
+        if rc >= 0 && old != new {
+            fds::duplicate(old, new);
+        }
+        rc
+    })
+}
+
+/// `dup3(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe { real!(dup3(old, new, flags): fn(c_int, c_int, c_int) -> c_int) };
+    if fds::is_empty() {
+        return real();
+    }
+    hooked(real, || {
+        if old != new {
+            forget(new);
+        }
+        let rc = real();
+        if rc >= 0 {
+            fds::duplicate(old, new);
+        }
+        rc
+    })
+}
+
+/// `fcntl(2)`; the variadic third argument is taken as a machine word, which is
+/// how the SysV ABIs of x86-64 and AArch64 pass it for every command.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe { real!(fcntl(fd, cmd, arg): fn(c_int, c_int, libc::c_ulong) -> c_int) };
+    if fds::is_empty() || (cmd != libc::F_DUPFD && cmd != libc::F_DUPFD_CLOEXEC) {
+        return real();
+    }
+    hooked(real, || {
+        let new = real();
+        if new >= 0 {
+            fds::duplicate(fd, new);
+        }
+        new
+    })
+}
+
+/// `fcntl64`, glibc's large-file alias of [`fcntl`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    // SAFETY: same contract as fcntl.
+    unsafe { fcntl(fd, cmd, arg) }
+}
