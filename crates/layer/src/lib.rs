@@ -27,6 +27,7 @@ mod real;
 pub mod addr;
 pub mod client;
 mod dns;
+mod exec;
 pub mod fds;
 mod files;
 pub mod guard;
@@ -51,14 +52,22 @@ impl State {
     pub fn fs_rules(&self) -> &FsRules {
         self.fs_rules.get_or_init(|| {
             let mut rules = FsRules::new(&self.config).unwrap_or_else(|_| {
-                FsRules::new(&LayerConfig { fs_local: vec![], fs_remote: vec![], ..self.config.clone() })
-                    .expect("rules without user regexes always compile")
+                FsRules::new(&LayerConfig {
+                    fs_local: vec![],
+                    fs_remote: vec![],
+                    ..self.config.clone()
+                })
+                .expect("rules without user regexes always compile")
             });
             // The program's own installation stays local: its directory, or the
             // parent of a `bin` directory (`/opt/app/bin/app` → `/opt/app`).
             if let Ok(exe) = std::fs::read_link("/proc/self/exe") {
                 if let Some(dir) = exe.parent() {
-                    let dir = if dir.ends_with("bin") { dir.parent().unwrap_or(dir) } else { dir };
+                    let dir = if dir.ends_with("bin") {
+                        dir.parent().unwrap_or(dir)
+                    } else {
+                        dir
+                    };
                     rules.add_local_dir(&dir.to_string_lossy());
                 }
             }
@@ -87,13 +96,21 @@ fn init() {
         Ok(json) => match serde_json::from_str::<LayerConfig>(&json) {
             Ok(config) => config,
             Err(e) => {
-                eprintln!("graft layer: ignoring malformed {}: {e}", graft_protocol::layer::CONFIG_ENV);
+                eprintln!(
+                    "graft layer: ignoring malformed {}: {e}",
+                    graft_protocol::layer::CONFIG_ENV
+                );
                 return;
             }
         },
         Err(_) => LayerConfig::default(),
     };
     log::init(&config);
-    let _ = STATE.set(State { socket_path: socket_path.into(), config, fs_rules: OnceLock::new() });
+    exec::init();
+    let _ = STATE.set(State {
+        socket_path: socket_path.into(),
+        config,
+        fs_rules: OnceLock::new(),
+    });
     layer_log!(debug, "layer loaded into pid {}", std::process::id());
 }
