@@ -66,7 +66,9 @@ impl RawAddr {
                 let sin = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*v4.ip()).to_be(),
+                    },
                     sin_zero: [0; 8],
                 };
                 // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
@@ -78,7 +80,9 @@ impl RawAddr {
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
                     sin6_port: v6.port().to_be(),
                     sin6_flowinfo: v6.flowinfo(),
-                    sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
                     sin6_scope_id: v6.scope_id(),
                 };
                 // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
@@ -86,7 +90,10 @@ impl RawAddr {
                 std::mem::size_of::<libc::sockaddr_in6>()
             }
         };
-        RawAddr { storage, len: len as libc::socklen_t }
+        RawAddr {
+            storage,
+            len: len as libc::socklen_t,
+        }
     }
 
     /// Pointer for passing to libc.
@@ -151,7 +158,11 @@ mod tests {
     fn round_trips_both_families() {
         for text in ["198.18.0.2:80", "[2001:2::2]:443"] {
             let a: SocketAddr = text.parse().unwrap();
-            let family = if a.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+            let family = if a.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
             let raw = RawAddr::new(a, family);
             // SAFETY: raw holds a valid address of raw.len() bytes.
             assert_eq!(unsafe { from_raw(raw.as_ptr(), raw.len()) }, Some(a));
@@ -164,7 +175,10 @@ mod tests {
         let raw = RawAddr::new(a, libc::AF_INET6);
         // SAFETY: as above.
         let back = unsafe { from_raw(raw.as_ptr(), raw.len()) }.unwrap();
-        assert_eq!(back, "[::ffff:198.18.0.2]:80".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            back,
+            "[::ffff:198.18.0.2]:80".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(unmap_socket(back), a);
     }
 

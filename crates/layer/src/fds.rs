@@ -90,7 +90,9 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 fn table() -> std::sync::MutexGuard<'static, BTreeMap<c_int, Entry>> {
     // A panic while holding the lock is caught at the hook boundary; the map is
     // still consistent (every mutation is a single insert/remove), so recover it.
-    TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    TABLE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn inode(fd: c_int) -> Option<u64> {
@@ -168,6 +170,8 @@ pub fn duplicate(old: c_int, new: c_int) {
 /// (a duplicate), so closing `fd` does not end it.
 pub fn has_duplicate(fd: c_int) -> bool {
     let t = table();
-    let Some(ino) = t.get(&fd).map(|e| e.ino) else { return false };
+    let Some(ino) = t.get(&fd).map(|e| e.ino) else {
+        return false;
+    };
     t.iter().any(|(other, e)| *other != fd && e.ino == ino)
 }

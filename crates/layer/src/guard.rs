@@ -26,7 +26,13 @@ impl Drop for Guard {
 /// caller must then behave exactly like libc).
 #[inline]
 pub fn enter() -> Option<Guard> {
-    IN_LAYER.with(|g| if g.replace(true) { None } else { Some(Guard(())) })
+    IN_LAYER.with(|g| {
+        if g.replace(true) {
+            None
+        } else {
+            Some(Guard(()))
+        }
+    })
 }
 
 /// Runs `hook` with the guard held and any panic caught; runs `real` instead when

@@ -41,7 +41,11 @@ pub fn init(config: &LayerConfig) {
         "trace" => Level::Trace,
         _ => Level::Info,
     };
-    if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let _ = FILE.set(file);
         LEVEL.store(level as u8, Ordering::Relaxed);
     }
