@@ -76,7 +76,9 @@ pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     let (message, rest) = postcard::take_from_bytes(payload).map_err(FrameError::Malformed)?;
     if !rest.is_empty() {
-        return Err(FrameError::Malformed(postcard::Error::DeserializeBadEncoding));
+        return Err(FrameError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     Ok(message)
 }
@@ -133,7 +135,9 @@ mod async_codec {
 
     impl<In, Out> Default for FrameCodec<In, Out> {
         fn default() -> Self {
-            Self { _marker: PhantomData }
+            Self {
+                _marker: PhantomData,
+            }
         }
     }
 
@@ -225,6 +229,19 @@ mod tests {
             read_frame::<_, LayerResponse>(&mut &frame[..]),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn data_bytes_are_encoded_as_one_length_and_the_raw_bytes() {
+        use crate::{ConnectionId, link::ClientMessage};
+        let frame = encode_frame(&ClientMessage::Data {
+            conn: ConnectionId(1),
+            bytes: vec![7; 300],
+        })
+        .unwrap();
+        // header, variant index, conn id varint, length varint (300 = 0xac 0x02), bytes
+        assert_eq!(frame.len(), HEADER_LEN + 1 + 1 + 2 + 300);
+        assert!(frame[HEADER_LEN + 4..].iter().all(|b| *b == 7));
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub enum ClientMessage {
         /// The connection.
         conn: ConnectionId,
         /// At most [`crate::codec::MAX_CHUNK_LEN`] bytes (TCP) or one datagram (UDP).
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// The client's side of `conn` will send no more bytes (TCP `shutdown(SHUT_WR)`).
@@ -166,6 +167,7 @@ pub enum AgentMessage {
         /// The connection.
         conn: ConnectionId,
         /// At most [`crate::codec::MAX_CHUNK_LEN`] bytes (TCP) or one datagram (UDP).
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// The target-side peer of `conn` sent FIN: no more bytes will come.

@@ -56,6 +56,7 @@ pub enum RemoteRequest {
         /// Byte offset in the file.
         offset: u64,
         /// The bytes (at most [`crate::codec::MAX_CHUNK_LEN`]).
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Set the file's length in bytes. Answered with [`RemoteResponse::Done`].
@@ -140,7 +141,7 @@ pub enum RemoteResponse {
         stat: FileStat,
     },
     /// Bytes read; fewer than asked (possibly none) only at end of file.
-    Data(Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes written.
     Written(u64),
     /// The operation succeeded and has nothing to return.

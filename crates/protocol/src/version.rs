@@ -37,13 +37,17 @@ pub enum VersionError {
 /// [`VersionError::Invalid`] when `theirs` does not parse, [`VersionError::Incompatible`]
 /// when it parses but is not compatible by the rule in the module docs.
 pub fn check_compatible(theirs: &str) -> Result<(), VersionError> {
-    let ours = Version::parse(PROTOCOL_VERSION).expect("PROTOCOL_VERSION is a valid semver literal");
+    let ours =
+        Version::parse(PROTOCOL_VERSION).expect("PROTOCOL_VERSION is a valid semver literal");
     let peer = Version::parse(theirs).map_err(|_| VersionError::Invalid(theirs.to_owned()))?;
     let compatible = ours.major == peer.major && (ours.major != 0 || ours.minor == peer.minor);
     if compatible {
         Ok(())
     } else {
-        Err(VersionError::Incompatible { ours: ours.to_string(), theirs: peer.to_string() })
+        Err(VersionError::Incompatible {
+            ours: ours.to_string(),
+            theirs: peer.to_string(),
+        })
     }
 }
 
@@ -63,11 +67,17 @@ mod tests {
 
     #[test]
     fn other_minor_in_zero_major_is_refused() {
-        assert!(matches!(check_compatible("0.2.0"), Err(VersionError::Incompatible { .. })));
+        assert!(matches!(
+            check_compatible("0.2.0"),
+            Err(VersionError::Incompatible { .. })
+        ));
     }
 
     #[test]
     fn garbage_is_invalid() {
-        assert_eq!(check_compatible("banana"), Err(VersionError::Invalid("banana".into())));
+        assert_eq!(
+            check_compatible("banana"),
+            Err(VersionError::Invalid("banana".into()))
+        );
     }
 }
