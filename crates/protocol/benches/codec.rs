@@ -4,6 +4,9 @@
 //!
 //! Run with `cargo bench -p graft-protocol --features codec`.
 
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
 use bytes::BytesMut;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use graft_protocol::{
