@@ -45,7 +45,10 @@ unsafe fn has_var(envp: *const *const c_char, name: &str) -> bool {
     unsafe {
         while !(*p).is_null() {
             let entry = CStr::from_ptr(*p).to_bytes();
-            if entry.len() > name.len() && entry.starts_with(name.as_bytes()) && entry[name.len()] == b'=' {
+            if entry.len() > name.len()
+                && entry.starts_with(name.as_bytes())
+                && entry[name.len()] == b'='
+            {
                 return true;
             }
             p = p.add(1);
@@ -70,7 +73,9 @@ pub unsafe extern "C" fn execve(
         return real();
     }
     hooked(real, || {
-        let Some(extra) = SESSION_ENV.get() else { return real() };
+        let Some(extra) = SESSION_ENV.get() else {
+            return real();
+        };
         let mut entries: Vec<*const c_char> = Vec::new();
         let mut p = envp;
         // SAFETY: as above; we only copy the pointers.
@@ -81,7 +86,11 @@ pub unsafe extern "C" fn execve(
             }
         }
         for entry in extra {
-            let name = entry.to_bytes().split(|b| *b == b'=').next().unwrap_or_default();
+            let name = entry
+                .to_bytes()
+                .split(|b| *b == b'=')
+                .next()
+                .unwrap_or_default();
             let name = std::str::from_utf8(name).unwrap_or_default();
             // SAFETY: `envp` is valid as above.
             if !unsafe { has_var(envp, name) } {
@@ -89,7 +98,10 @@ pub unsafe extern "C" fn execve(
             }
         }
         entries.push(std::ptr::null());
-        layer_log!(debug, "execve: restoring the session environment for the child");
+        layer_log!(
+            debug,
+            "execve: restoring the session environment for the child"
+        );
         // SAFETY: `entries` is a NULL-terminated array of valid C strings that
         // outlive the call (on success execve does not return).
         unsafe {
