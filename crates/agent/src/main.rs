@@ -1,0 +1,402 @@
+//! `graft-agent`: runs beside the target process, enters its network namespace,
+//! and serves one graft session over one link: it steals the target's incoming
+//! traffic, makes connections and resolves names from the target's network, and
+//! reads and writes files and the environment of the target.
+//!
+//! ```text
+//! GRAFT_AGENT_SECRET=... graft-agent --target-pid PID --listen unix:/run/graft/S/agent.sock
+//! ```
+//!
+//! Startup, in this order (see `docs/architecture.md`): check the target exists;
+//! fork the watchdog while the process has one thread; enter the target's network
+//! namespace on the main thread and open its root; build the async runtime (its
+//! threads inherit the namespace); listen; print `ready <address>` on stdout;
+//! accept one client; serve it. On the way out every packet rule is removed and
+//! every connection reset.
+//!
+//! Exit codes: 0 the session ran and ended; 1 any other failure; 2 bad arguments or
+//! environment; 3 the target does not exist; 4 not allowed to enter the target's
+//! namespaces; 5 no client connected in time; 6 the handshake failed (wrong secret,
+//! incompatible version, not a graft client).
+
+mod dns;
+mod env;
+mod files;
+mod ns;
+mod outgoing;
+mod relay;
+mod rules;
+mod session;
+mod steal;
+mod target;
+mod watchdog;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::session::{SessionConfig, SessionEnd, Stop};
+
+/// Exit code: a failure not covered by a more specific code.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code: bad arguments or environment.
+const EXIT_USAGE: u8 = 2;
+/// Exit code: the target process does not exist.
+const EXIT_NO_TARGET: u8 = 3;
+/// Exit code: not allowed to enter the target's namespaces.
+const EXIT_PERMISSION: u8 = 4;
+/// Exit code: no client connected within `--connect-timeout`.
+const EXIT_NO_CLIENT: u8 = 5;
+/// Exit code: the client's handshake failed.
+const EXIT_REFUSED: u8 = 6;
+
+/// The agent's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "graft-agent",
+    version,
+    about = "graft's agent: serves one graft session beside a target process",
+    after_help = "The session secret is read from the environment variable GRAFT_AGENT_SECRET."
+)]
+struct Args {
+    /// The target process, as this agent sees it.
+    #[arg(long, value_name = "PID")]
+    target_pid: u32,
+    /// Where to accept the client: `unix:/path/agent.sock` or `tcp:127.0.0.1:PORT`
+    /// (loopback only; inside the target's network namespace).
+    #[arg(long, value_name = "ADDRESS", value_parser = parse_listen)]
+    listen: Listen,
+    /// Seconds to wait for the client to connect (and then to send Hello).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    connect_timeout: u64,
+    /// Log filter for stderr (`error`, `warn`, `info`, `debug`, `trace`, or a
+    /// tracing directive).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+/// Where the agent listens for its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Listen {
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+    /// A loopback TCP address.
+    Tcp(SocketAddr),
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a path, e.g. unix:/run/graft/agent.sock".into());
+        }
+        Ok(Listen::Unix(PathBuf::from(path)))
+    } else if let Some(addr) = s.strip_prefix("tcp:") {
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an address like 127.0.0.1:7777"))?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "{addr} is not a loopback address; the agent listens on loopback only \
+                 (127.0.0.1 or [::1])"
+            ));
+        }
+        Ok(Listen::Tcp(addr))
+    } else {
+        Err("expected unix:/path or tcp:127.0.0.1:PORT".into())
+    }
+}
+
+/// A startup failure: what to print and the exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn new(code: u8, error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<ns::NsError> for Failure {
+    fn from(e: ns::NsError) -> Failure {
+        let code = match e {
+            ns::NsError::NoSuchProcess { .. } => EXIT_NO_TARGET,
+            ns::NsError::Permission { .. } => EXIT_PERMISSION,
+            ns::NsError::Other { .. } => EXIT_FAILURE,
+        };
+        Failure::new(code, e)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("{:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<u8, Failure> {
+    let pid = args.target_pid;
+    ns::check_exists(pid)?;
+    let secret = match std::env::var(rules::SECRET_ENV) {
+        Ok(s) if !s.is_empty() => s,
+        _ => {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                anyhow::anyhow!(
+                    "the session secret is missing: set {} in graft-agent's environment",
+                    rules::SECRET_ENV
+                ),
+            ));
+        }
+    };
+    let chain = rules::random_chain_name();
+    let netns = ns::open_netns(pid)?;
+    let pidfd = target::open_pidfd(pid);
+
+    // Still one thread: fork now.
+    let watchdog = watchdog::spawn(&chain, &netns).map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+    tracing::debug!(watchdog = watchdog.pid(), %chain, "watchdog started");
+
+    ns::enter_netns(pid, &netns)?;
+    drop(netns);
+    let root = Arc::new(files::TargetRoot::new(ns::open_root(pid)?));
+
+    // Built after setns: every runtime thread starts in the target's namespace.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("graft-agent")
+        .build()
+        .map_err(|e| {
+            Failure::new(
+                EXIT_FAILURE,
+                anyhow::Error::new(e).context("starting the runtime"),
+            )
+        })?;
+    let rules_touched = Arc::new(AtomicBool::new(false));
+    let config = SessionConfig {
+        target_pid: pid,
+        secret,
+        chain: chain.clone(),
+        root,
+        rules_touched: rules_touched.clone(),
+        hello_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+    };
+    let outcome = runtime.block_on(serve(&args, config, pidfd));
+    // Tasks still running are dropped here; their sockets reset (ResetOnDrop).
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    if rules_touched.load(Ordering::SeqCst) {
+        rules::cleanup_blocking(&chain);
+        tracing::debug!(%chain, "packet rules removed");
+    }
+    drop(watchdog);
+    outcome
+}
+
+/// Resolves when the agent must stop from outside: target exit or a signal.
+async fn stop_signal(pid: u32, pidfd: Option<std::os::fd::OwnedFd>) -> Stop {
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    let (mut term, mut int) = match (term, int) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            target::exited(pid, pidfd).await;
+            return Stop::TargetExited;
+        }
+    };
+    tokio::select! {
+        () = target::exited(pid, pidfd) => Stop::TargetExited,
+        _ = term.recv() => Stop::Signal("SIGTERM"),
+        _ = int.recv() => Stop::Signal("SIGINT"),
+    }
+}
+
+/// A listener for either kind of address.
+enum Listener {
+    Unix(tokio::net::UnixListener, PathBuf),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("could not remove the stale socket {}", path.display()))?;
+        }
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket; choose another --listen path",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    // No one but the owner may connect, even for the instant before the chmod.
+    let old_umask = rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(path);
+    rustix::process::umask(old_umask);
+    let listener = bound.with_context(|| format!("could not listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("could not restrict {} to its owner", path.display()))?;
+    Ok(listener)
+}
+
+async fn serve(
+    args: &Args,
+    config: SessionConfig,
+    pidfd: Option<std::os::fd::OwnedFd>,
+) -> Result<u8, Failure> {
+    let pid = config.target_pid;
+    let (listener, ready) = match &args.listen {
+        Listen::Unix(path) => {
+            let l = bind_unix(path).map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+            (
+                Listener::Unix(l, path.clone()),
+                format!("unix:{}", path.display()),
+            )
+        }
+        Listen::Tcp(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("could not listen on {addr} in the target's network"))
+                .map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+            let local = l.local_addr().map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+            (Listener::Tcp(l), format!("tcp:{local}"))
+        }
+    };
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "ready {ready}")
+            .and_then(|()| stdout.flush())
+            .map_err(|e| {
+                Failure::new(
+                    EXIT_FAILURE,
+                    anyhow::Error::new(e).context("writing the ready line"),
+                )
+            })?;
+    }
+    tracing::info!(target_pid = pid, listen = %ready, "ready");
+
+    let mut stop = std::pin::pin!(stop_signal(pid, pidfd));
+    let timeout = Duration::from_secs(args.connect_timeout);
+    let accept = async {
+        match &listener {
+            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+        }
+    };
+    let accepted = tokio::select! {
+        stopped = &mut stop => {
+            tracing::info!(?stopped, "stopped before a client connected");
+            return Ok(0);
+        }
+        accepted = tokio::time::timeout(timeout, accept) => accepted,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            return Err(Failure::new(
+                EXIT_FAILURE,
+                anyhow::Error::new(e).context("accepting the client"),
+            ));
+        }
+        Err(_) => {
+            return Err(Failure::new(
+                EXIT_NO_CLIENT,
+                anyhow::anyhow!(
+                    "no client connected to {ready} within {} s (--connect-timeout); exiting",
+                    args.connect_timeout
+                ),
+            ));
+        }
+    };
+    // Exactly one client: stop listening (and remove the socket file) now.
+    drop(listener);
+
+    let end = match stream {
+        Accepted::Unix(s) => session::run(s, config, stop).await,
+        Accepted::Tcp(s) => {
+            let _ = s.set_nodelay(true);
+            session::run(s, config, stop).await
+        }
+    };
+    Ok(match end {
+        SessionEnd::Refused(reason) => {
+            eprintln!("graft-agent: session refused: {reason}");
+            EXIT_REFUSED
+        }
+        SessionEnd::LinkClosed | SessionEnd::LinkError(_) | SessionEnd::Stopped(_) => 0,
+    })
+}
+
+/// The one accepted client connection.
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_listen("unix:/run/graft/a.sock"),
+            Ok(Listen::Unix("/run/graft/a.sock".into()))
+        );
+        assert_eq!(
+            parse_listen("tcp:127.0.0.1:7777"),
+            Ok(Listen::Tcp("127.0.0.1:7777".parse().unwrap()))
+        );
+        assert!(parse_listen("tcp:[::1]:0").is_ok());
+        let refused = parse_listen("tcp:0.0.0.0:7777").unwrap_err();
+        assert!(refused.contains("loopback"), "{refused}");
+        assert!(parse_listen("tcp:10.0.0.1:1").is_err());
+        assert!(parse_listen("unix:").is_err());
+        assert!(parse_listen("/tmp/x").is_err());
+    }
+
+    #[test]
+    fn command_line_parses() {
+        let args = Args::try_parse_from([
+            "graft-agent",
+            "--target-pid",
+            "42",
+            "--listen",
+            "unix:/tmp/a.sock",
+        ])
+        .unwrap();
+        assert_eq!(args.target_pid, 42);
+        assert_eq!(args.connect_timeout, 30);
+    }
+}

@@ -1,0 +1,438 @@
+//! One session over the link: the handshake, then the loop that reads
+//! [`ClientMessage`]s and dispatches them, and the writer that owns the link's
+//! sink.
+//!
+//! Data flow:
+//! - the link reader (this module's loop) never waits on anything slow: requests
+//!   run in their own tasks, steals in the steal task, connects and relays in
+//!   per-connection tasks, and connection commands go through unbounded
+//!   per-connection channels ([`ConnTable`]);
+//! - every task sends its [`AgentMessage`]s through the bounded `to_link` channel
+//!   (backpressure from the link to the sockets); the loop's own short answers
+//!   (`Pong`, `ConnectFailed` of a refused id, `Fatal`) use an unbounded control
+//!   channel that the writer serves first, so the loop never blocks on the link.
+//!
+//! The session ends when the link closes or breaks, the target exits (`Fatal` is
+//! sent), or the agent is told to stop. Every connection is then aborted; packet
+//! rules are removed by the caller.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use graft_protocol::codec::FrameCodec;
+use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
+use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
+use graft_protocol::{ConnectionId, PROTOCOL_VERSION, RequestId, version};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+
+use crate::dns::Dns;
+use crate::files::{Files, TargetRoot};
+use crate::relay::{ConnCommand, ConnTable};
+use crate::steal::{self, StealCommand, StealContext};
+
+/// Capacity of the bounded channel from the tasks to the link writer.
+const TO_LINK_CAPACITY: usize = 256;
+/// How long the writer may take to flush the last messages at the end.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+/// What a session needs to know.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The target's PID.
+    pub target_pid: u32,
+    /// The secret a client must present.
+    pub secret: String,
+    /// The agent's chain name.
+    pub chain: String,
+    /// The target's root directory.
+    pub root: Arc<TargetRoot>,
+    /// Set when packet rules may have been installed.
+    pub rules_touched: Arc<AtomicBool>,
+    /// How long the client has to send `Hello`.
+    pub hello_timeout: Duration,
+}
+
+/// Why the agent must stop, from outside the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The target process exited.
+    TargetExited,
+    /// A signal asked the agent to stop.
+    Signal(&'static str),
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The handshake failed: the client was refused or spoke garbage.
+    Refused(String),
+    /// The client closed the link.
+    LinkClosed,
+    /// The link broke or the client broke the protocol.
+    LinkError(String),
+    /// The agent was stopped from outside (target exit, signal).
+    Stopped(Stop),
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+pub fn secrets_match(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// Checks a client's `Hello`; the error is the reason sent in `Rejected`.
+pub fn check_hello(hello: &Hello, secret: &str) -> Result<(), String> {
+    version::check_compatible(&hello.version).map_err(|e| e.to_string())?;
+    if !secrets_match(&hello.secret, secret) {
+        return Err("wrong session secret: this agent belongs to another graft session".into());
+    }
+    Ok(())
+}
+
+/// What the link writer is told.
+enum Outbound {
+    Message(AgentMessage),
+    /// Flush and close the link.
+    Finish,
+}
+
+/// Serves one client on `io` until the session ends.
+pub async fn run<S>(io: S, config: SessionConfig, stop: impl Future<Output = Stop>) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut stop = std::pin::pin!(stop);
+    let mut framed = Framed::new(io, FrameCodec::<ClientMessage, AgentMessage>::new());
+
+    // Handshake.
+    let first = tokio::select! {
+        stopped = &mut stop => return SessionEnd::Stopped(stopped),
+        first = tokio::time::timeout(config.hello_timeout, framed.next()) => first,
+    };
+    let hello = match first {
+        Ok(Some(Ok(ClientMessage::Hello(hello)))) => hello,
+        Ok(Some(Ok(other))) => {
+            let reason = format!("the first message must be Hello, got {other:?}");
+            let fatal = AgentMessage::Fatal {
+                message: reason.clone(),
+            };
+            return refuse(&mut framed, reason, fatal).await;
+        }
+        Ok(Some(Err(e))) => {
+            let reason = e.to_string();
+            let fatal = AgentMessage::Fatal {
+                message: reason.clone(),
+            };
+            return refuse(&mut framed, reason, fatal).await;
+        }
+        Ok(None) => return SessionEnd::Refused("the client closed the link before Hello".into()),
+        Err(_) => {
+            return SessionEnd::Refused(format!(
+                "the client sent no Hello within {} s",
+                config.hello_timeout.as_secs()
+            ));
+        }
+    };
+    if let Err(reason) = check_hello(&hello, &config.secret) {
+        let reply = AgentMessage::Hello(HelloReply::Rejected {
+            reason: reason.clone(),
+        });
+        return refuse(&mut framed, reason, reply).await;
+    }
+    let accepted = AgentMessage::Hello(HelloReply::Accepted {
+        version: PROTOCOL_VERSION.to_owned(),
+        target_pid: config.target_pid,
+    });
+    if let Err(e) = framed.send(accepted).await {
+        return SessionEnd::LinkError(e.to_string());
+    }
+    tracing::info!(client = %hello.client, "session open");
+
+    // The session proper.
+    let (sink, mut from_link) = framed.split();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (to_link, data_rx) = mpsc::channel(TO_LINK_CAPACITY);
+    let mut writer = tokio::spawn(write_link(sink, control_rx, data_rx));
+    let table = Arc::new(ConnTable::default());
+    let services = Arc::new(Services {
+        pid: config.target_pid,
+        files: Arc::new(Files::new(config.root.clone())),
+        dns: Dns::new(config.root.clone()),
+    });
+    let steal_tx = steal::spawn(StealContext {
+        chain: config.chain.clone(),
+        to_link: to_link.clone(),
+        table: table.clone(),
+        rules_touched: config.rules_touched.clone(),
+    });
+    let control = |message: AgentMessage| {
+        let _ = control_tx.send(Outbound::Message(message));
+    };
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            stopped = &mut stop => {
+                if stopped == Stop::TargetExited {
+                    control(AgentMessage::Fatal {
+                        message: format!("target process {} exited", config.target_pid),
+                    });
+                }
+                break SessionEnd::Stopped(stopped);
+            }
+            written = &mut writer => {
+                break SessionEnd::LinkError(match written {
+                    Ok(Ok(())) => "the link writer stopped".into(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("the link writer failed: {e}"),
+                });
+            }
+            message = from_link.next() => match message {
+                None => break SessionEnd::LinkClosed,
+                Some(Err(e)) => {
+                    if !e.is_closed() {
+                        control(AgentMessage::Fatal { message: e.to_string() });
+                    }
+                    break SessionEnd::LinkError(e.to_string());
+                }
+                Some(Ok(message)) => dispatch(message, &services, &table, &to_link, &steal_tx, &control),
+            },
+        }
+    };
+    tracing::info!(?end, "session ending");
+
+    // Abort every connection and stop stealing; the caller removes the rules.
+    if !table.is_empty() {
+        tracing::debug!(connections = table.len(), "aborting connections");
+    }
+    table.clear();
+    drop(steal_tx);
+    let _ = control_tx.send(Outbound::Finish);
+    if !writer.is_finished() {
+        let _ = tokio::time::timeout(FINAL_FLUSH, &mut writer).await;
+    }
+    writer.abort();
+    end
+}
+
+/// Sends the last message of a refused session and closes the link.
+async fn refuse<S>(
+    framed: &mut Framed<S, FrameCodec<ClientMessage, AgentMessage>>,
+    reason: String,
+    reply: AgentMessage,
+) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tracing::warn!("session refused: {reason}");
+    let _ = tokio::time::timeout(FINAL_FLUSH, async {
+        framed.send(reply).await?;
+        framed.close().await
+    })
+    .await;
+    SessionEnd::Refused(reason)
+}
+
+/// What request tasks share.
+struct Services {
+    pid: u32,
+    files: Arc<Files>,
+    dns: Dns,
+}
+
+fn dispatch(
+    message: ClientMessage,
+    services: &Arc<Services>,
+    table: &Arc<ConnTable>,
+    to_link: &mpsc::Sender<AgentMessage>,
+    steal_tx: &mpsc::UnboundedSender<StealCommand>,
+    control: &impl Fn(AgentMessage),
+) {
+    match message {
+        ClientMessage::Hello(_) => tracing::warn!("second Hello ignored"),
+        ClientMessage::Ping(n) => control(AgentMessage::Pong(n)),
+        ClientMessage::Request { id, request } => {
+            tokio::spawn(serve_request(
+                id,
+                request,
+                services.clone(),
+                to_link.clone(),
+            ));
+        }
+        ClientMessage::Steal { port } => {
+            let _ = steal_tx.send(StealCommand::Steal(port));
+        }
+        ClientMessage::Unsteal { port } => {
+            let _ = steal_tx.send(StealCommand::Unsteal(port));
+        }
+        ClientMessage::Connect {
+            conn,
+            remote,
+            transport,
+        } => {
+            let registration = if conn.is_from_agent() {
+                None
+            } else {
+                table.register(conn)
+            };
+            match registration {
+                Some(registration) => {
+                    tracing::debug!(%conn, %remote, ?transport, "connect");
+                    tokio::spawn(crate::outgoing::connect(
+                        registration,
+                        remote,
+                        transport,
+                        to_link.clone(),
+                        table.clone(),
+                    ));
+                }
+                None => {
+                    tracing::warn!(%conn, "connect refused: id in use or reserved for the agent");
+                    control(AgentMessage::ConnectFailed {
+                        conn,
+                        errno: libc::EINVAL,
+                    });
+                }
+            }
+        }
+        ClientMessage::Data { conn, bytes } => deliver(table, conn, ConnCommand::Data(bytes)),
+        ClientMessage::Shutdown { conn } => deliver(table, conn, ConnCommand::Shutdown),
+        ClientMessage::Close { conn, reset } => deliver(table, conn, ConnCommand::Close { reset }),
+    }
+}
+
+fn deliver(table: &ConnTable, conn: ConnectionId, command: ConnCommand) {
+    if !table.deliver(conn, command) {
+        // Normal after the agent sent Close: the client's messages crossed it.
+        tracing::trace!(%conn, "message for a connection that is gone");
+    }
+}
+
+async fn serve_request(
+    id: RequestId,
+    request: RemoteRequest,
+    services: Arc<Services>,
+    to_link: mpsc::Sender<AgentMessage>,
+) {
+    let response = match request {
+        RemoteRequest::Env => {
+            let pid = services.pid;
+            blocking(move || crate::env::target_env(pid)).await
+        }
+        RemoteRequest::Resolve { host, family } => services.dns.resolve(&host, family).await,
+        file_request => {
+            let files = services.files.clone();
+            blocking(move || files.handle(file_request)).await
+        }
+    };
+    let _ = to_link.send(AgentMessage::Response { id, response }).await;
+}
+
+async fn blocking(f: impl FnOnce() -> RemoteResponse + Send + 'static) -> RemoteResponse {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        RemoteResponse::Error(RemoteError::Other(format!(
+            "the agent's worker failed: {e}"
+        )))
+    })
+}
+
+/// Owns the link's sink: writes control messages first, then data, batching what
+/// is ready before each flush.
+async fn write_link<S>(
+    mut sink: futures::stream::SplitSink<
+        Framed<S, FrameCodec<ClientMessage, AgentMessage>>,
+        AgentMessage,
+    >,
+    mut control: mpsc::UnboundedReceiver<Outbound>,
+    mut data: mpsc::Receiver<AgentMessage>,
+) -> Result<(), graft_protocol::FrameError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    const BATCH: usize = 64;
+    loop {
+        let first = tokio::select! {
+            biased;
+            outbound = control.recv() => match outbound {
+                Some(Outbound::Message(m)) => m,
+                Some(Outbound::Finish) | None => break,
+            },
+            message = data.recv() => match message {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        sink.feed(first).await?;
+        let mut finish = false;
+        for _ in 0..BATCH {
+            match control.try_recv() {
+                Ok(Outbound::Message(m)) => {
+                    sink.feed(m).await?;
+                    continue;
+                }
+                Ok(Outbound::Finish) => {
+                    finish = true;
+                    break;
+                }
+                Err(_) => {}
+            }
+            match data.try_recv() {
+                Ok(m) => sink.feed(m).await?,
+                Err(_) => break,
+            }
+        }
+        sink.flush().await?;
+        if finish {
+            break;
+        }
+    }
+    sink.close().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(version: &str, secret: &str) -> Hello {
+        Hello {
+            version: version.into(),
+            secret: secret.into(),
+            client: "test@host".into(),
+        }
+    }
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(secrets_match("s3cret", "s3cret"));
+        assert!(!secrets_match("s3cre", "s3cret"));
+        assert!(!secrets_match("s3cret!", "s3cret"));
+        assert!(!secrets_match("S3cret", "s3cret"));
+        assert!(!secrets_match("", "s3cret"));
+        // A given secret that is a prefix padded with 0xff must not match either.
+        assert!(!secrets_match("ab", "ab\u{7f}"));
+    }
+
+    #[test]
+    fn hello_checks_version_then_secret() {
+        assert!(check_hello(&hello(PROTOCOL_VERSION, "k"), "k").is_ok());
+        let wrong_version = check_hello(&hello("9.0.0", "k"), "k").unwrap_err();
+        assert!(
+            wrong_version.contains("protocol version mismatch"),
+            "{wrong_version}"
+        );
+        let wrong_secret = check_hello(&hello(PROTOCOL_VERSION, "x"), "k").unwrap_err();
+        assert!(
+            wrong_secret.contains("wrong session secret"),
+            "{wrong_secret}"
+        );
+    }
+}
