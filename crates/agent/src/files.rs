@@ -417,14 +417,15 @@ mod tests {
         (tmp, Files::new(Arc::new(TargetRoot::new(dir))))
     }
 
-    fn read_all(files: &Files, path: &str) -> Result<String, RemoteResponse> {
+    /// The file's text, or the response that was not what reading needs.
+    fn read_all(files: &Files, path: &str) -> Result<String, Box<RemoteResponse>> {
         let handle = match files.handle(RemoteRequest::Open {
             path: path.into(),
             flags: OpenFlags::READ,
             mode: 0,
         }) {
             RemoteResponse::Opened { handle, .. } => handle,
-            other => return Err(other),
+            other => return Err(Box::new(other)),
         };
         let data = match files.handle(RemoteRequest::Read {
             handle,
@@ -432,7 +433,7 @@ mod tests {
             len: 1 << 20,
         }) {
             RemoteResponse::Data(d) => d,
-            other => return Err(other),
+            other => return Err(Box::new(other)),
         };
         assert_eq!(
             files.handle(RemoteRequest::Close { handle }),
@@ -462,7 +463,7 @@ mod tests {
         let (_tmp, files) = fake_root();
         // ../../../outside from /a/b stops at the root: /outside does not exist there.
         assert_eq!(
-            read_all(&files, "/a/b/rel-link").unwrap_err(),
+            *read_all(&files, "/a/b/rel-link").unwrap_err(),
             RemoteResponse::Error(RemoteError::Os(libc::ENOENT))
         );
     }
