@@ -61,6 +61,7 @@ pub async fn connect(
             match attempt.and_then(|s| s.local_addr().map(|local| (s, local))) {
                 Ok((stream, local)) => {
                     let _ = stream.set_nodelay(true);
+                    let stream = relay::ResetOnDrop::new(stream);
                     if to_link
                         .send(AgentMessage::Connected { conn, local })
                         .await

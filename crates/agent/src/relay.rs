@@ -169,14 +169,16 @@ fn errno_of(e: &io::Error) -> String {
 }
 
 /// Relays a TCP connection until it ends; forgets it in `table` afterwards.
+///
+/// The stream comes wrapped in [`ResetOnDrop`] so that it is reset even when the
+/// future is dropped before it first runs (the runtime shutting down).
 pub async fn tcp(
-    stream: TcpStream,
+    mut guard: ResetOnDrop,
     mut registration: Registration,
     to_link: mpsc::Sender<AgentMessage>,
     table: Arc<ConnTable>,
 ) {
     let conn = registration.conn;
-    let mut guard = ResetOnDrop::new(stream);
     let end = relay_tcp(&mut guard, conn, &mut registration.commands, &to_link).await;
     tracing::debug!(%conn, ?end, "connection ended");
     match end {
@@ -368,7 +370,7 @@ mod tests {
         let (mut peer, ours) = pair().await;
         let conn = ConnectionId(ConnectionId::AGENT_BIT | 1);
         let reg = table.register(conn).unwrap();
-        let task = tokio::spawn(tcp(ours, reg, to_link, table.clone()));
+        let task = tokio::spawn(tcp(ResetOnDrop::new(ours), reg, to_link, table.clone()));
 
         peer.write_all(b"ping").await.unwrap();
         assert_eq!(
@@ -401,7 +403,7 @@ mod tests {
         let (mut peer, ours) = pair().await;
         let conn = ConnectionId(3);
         let reg = table.register(conn).unwrap();
-        let task = tokio::spawn(tcp(ours, reg, to_link, table.clone()));
+        let task = tokio::spawn(tcp(ResetOnDrop::new(ours), reg, to_link, table.clone()));
         assert!(table.deliver(conn, ConnCommand::Close { reset: true }));
         task.await.unwrap();
         let mut buf = [0u8; 8];
@@ -416,7 +418,7 @@ mod tests {
         let (peer, ours) = pair().await;
         let conn = ConnectionId(4);
         let reg = table.register(conn).unwrap();
-        let task = tokio::spawn(tcp(ours, reg, to_link, table.clone()));
+        let task = tokio::spawn(tcp(ResetOnDrop::new(ours), reg, to_link, table.clone()));
         peer.set_zero_linger().unwrap();
         drop(peer);
         assert_eq!(

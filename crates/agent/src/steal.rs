@@ -296,6 +296,7 @@ impl Acceptor {
                     continue;
                 }
             };
+            let _ = stream.set_nodelay(true);
             let original = match original_dst(&stream, family) {
                 Ok(addr) => addr,
                 Err(e) => {
@@ -320,7 +321,8 @@ impl Acceptor {
                 .table
                 .register(conn)
                 .expect("agent connection ids are never reused");
-            let _ = stream.set_nodelay(true);
+            // From here on, an agent that stops resets the connection.
+            let stream = relay::ResetOnDrop::new(stream);
             tracing::debug!(%conn, %peer, %original, "stolen connection");
             let incoming = AgentMessage::Incoming {
                 conn,

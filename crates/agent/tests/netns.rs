@@ -26,6 +26,30 @@ type Link = Framed<UnixStream, FrameCodec<AgentMessage, ClientMessage>>;
 const SECRET: &str = "test-secret-7f3a";
 const HTTP_PORT: u16 = 8080;
 
+const DNS_SERVER: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+print("listening", flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode()); i += 1 + q[i]
+    qtype, = struct.unpack("!H", q[i + 1:i + 3])
+    question = q[12:i + 5]
+    name = ".".join(labels).lower()
+    if name != "api.corp.test":
+        flags, answers = 0x8183, b""
+    elif qtype == 1:
+        flags = 0x8180
+        answers = bytes([0xC0, 0x0C]) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([198, 18, 250, 99])
+    else:
+        flags, answers = 0x8180, b""
+    header = q[:2] + struct.pack("!HHHHH", flags, 1, 1 if answers else 0, 0, 0)
+    s.sendto(header + question + answers, peer)
+"#;
+
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
         .args(args)
@@ -185,6 +209,35 @@ impl Netns {
         server
     }
 
+    /// Files that `ip netns exec` bind-mounts over `/etc/NAME` for processes it
+    /// starts in this namespace: the target gets its own `/etc/resolv.conf`, say.
+    fn etc_file(&self, name: &str, contents: &str) {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), contents).unwrap();
+    }
+
+    /// Starts a tiny DNS server on the namespace's address, port 53: `A` queries for
+    /// `api.corp.test` get 198.18.250.99, others NXDOMAIN; `AAAA` gets no
+    /// records.
+    fn start_dns(&self) -> Server {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, &python(), "-c", DNS_SERVER])
+            .arg(self.ns_ip.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut server = Server { child };
+        let mut line = String::new();
+        BufReader::new(server.child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening");
+        server
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://{}:{HTTP_PORT}{path}", self.ns_ip)
     }
@@ -192,6 +245,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
         let _ = run("ip", &["link", "del", &self.veth]);
         let _ = run("ip", &["netns", "del", &self.name]);
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -697,4 +751,97 @@ async fn target_exit_is_fatal_and_garbage_ends_the_session() {
     assert_eq!(out.status.code(), Some(3));
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_resolve_with_the_targets_resolv_conf_and_hosts() {
+    require_support!();
+    let ns = Netns::new(5);
+    ns.etc_file(
+        "resolv.conf",
+        &format!(
+            "nameserver {}\nsearch corp.test\noptions timeout:1 attempts:1\n",
+            ns.ns_ip
+        ),
+    );
+    ns.etc_file("hosts", "198.18.250.77 only-in-target\n");
+    let _dns = ns.start_dns();
+    let server = ns.start_server("dns");
+    let mut agent = Agent::start(&ns.dir, server.pid(), "dns");
+    let mut link = agent.connect().await;
+    assert!(matches!(
+        hello(&mut link, SECRET).await,
+        HelloReply::Accepted { .. }
+    ));
+    let mut resolve = async |id, host: &str, family| {
+        let resolve = RemoteRequest::Resolve {
+            host: host.into(),
+            family,
+        };
+        request(&mut link, id, resolve).await
+    };
+    // The target's hosts file, not this machine's.
+    assert_eq!(
+        resolve(1, "only-in-target", AddressFamily::Any).await,
+        RemoteResponse::Resolved {
+            addrs: vec!["198.18.250.77".parse().unwrap()],
+            canonical: Some("only-in-target".into())
+        }
+    );
+    // The target's name server and search list.
+    assert_eq!(
+        resolve(2, "api", AddressFamily::V4).await,
+        RemoteResponse::Resolved {
+            addrs: vec!["198.18.250.99".parse().unwrap()],
+            canonical: Some("api.corp.test".into())
+        }
+    );
+    assert_eq!(
+        resolve(3, "api.corp.test", AddressFamily::Any).await,
+        RemoteResponse::Resolved {
+            addrs: vec!["198.18.250.99".parse().unwrap()],
+            canonical: Some("api.corp.test".into())
+        }
+    );
+    assert_eq!(
+        resolve(4, "missing.example", AddressFamily::V4).await,
+        RemoteResponse::Error(graft_protocol::remote::RemoteError::NoName)
+    );
+    drop(link);
+    assert_eq!(agent.wait_exit(Duration::from_secs(2)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_removes_rules_and_exits_zero() {
+    require_support!();
+    let ns = Netns::new(6);
+    let server = ns.start_server("sigterm");
+    let mut agent = Agent::start(&ns.dir, server.pid(), "term");
+    let mut link = agent.connect().await;
+    assert!(matches!(
+        hello(&mut link, SECRET).await,
+        HelloReply::Accepted { .. }
+    ));
+    link.send(ClientMessage::Steal { port: HTTP_PORT })
+        .await
+        .unwrap();
+    assert!(matches!(
+        recv(&mut link).await,
+        AgentMessage::StealResult { error: None, .. }
+    ));
+    // An open stolen connection is reset when the agent stops.
+    let mut held = TcpStream::connect((ns.ns_ip, HTTP_PORT)).unwrap();
+    assert!(matches!(
+        recv(&mut link).await,
+        AgentMessage::Incoming { .. }
+    ));
+    let pid = rustix::process::Pid::from_raw(agent.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert_eq!(agent.wait_exit(Duration::from_secs(2)), 0);
+    assert!(!ns.has_graft_rules(), "{}", ns.nat_rules());
+    held.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 1];
+    let err = std::io::Read::read(&mut held, &mut buf).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    assert!(curl(&ns.url("/")).contains("Directory listing"));
 }
