@@ -167,7 +167,11 @@ impl Stealer {
             return Ok(());
         }
         self.ctx.rules_touched.store(true, Ordering::SeqCst);
-        rules::run(family, &rules::create_chain(&self.ctx.chain)).await?;
+        match rules::run(family, &rules::create_chain(&self.ctx.chain)).await {
+            // Left by an earlier attempt whose jump failed.
+            Err(rules::RuleError::Failed { stderr, .. }) if stderr.contains("already exists") => {}
+            other => other?,
+        }
         rules::run(family, &rules::jump_to_chain(&self.ctx.chain)).await?;
         self.hooked[i] = true;
         Ok(())
