@@ -1,0 +1,187 @@
+//! The layer socket: every thread (and forked child) of the user's program opens
+//! its own connection here, says `Hello`, then sends one [`LayerRequest`] at a
+//! time and waits for its [`LayerResponse`].
+//!
+//! Connections are served concurrently, each by its own task, so one thread's
+//! slow remote `open` never delays another's `connect`. A connection that breaks
+//! the protocol (a malformed or oversized frame, a request before `Hello`) is
+//! closed alone; the session goes on.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::{SinkExt, StreamExt};
+use graft_protocol::{
+    PROTOCOL_VERSION, Transport,
+    codec::FrameCodec,
+    layer::{LayerRequest, LayerResponse},
+    version::check_compatible,
+};
+use tokio::net::{TcpListener, UdpSocket, UnixListener, UnixStream};
+use tokio_util::codec::Framed;
+
+use crate::{
+    ProxyError,
+    session::Shared,
+    splice::{relay_tcp, relay_udp},
+};
+
+type LayerFramed = Framed<UnixStream, FrameCodec<LayerRequest, LayerResponse>>;
+
+/// Binds the layer socket at `path`, replacing a stale socket file, with mode 0600.
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, ProxyError> {
+    let fail = |source| ProxyError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+    Ok(listener)
+}
+
+/// Accepts layer connections until the task is aborted.
+pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(stream, shared.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "cannot accept a layer connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
+    let mut framed: LayerFramed = Framed::new(stream, FrameCodec::new());
+    let pid = match framed.next().await {
+        Some(Ok(LayerRequest::Hello { version, pid })) => match check_compatible(&version) {
+            Ok(()) => {
+                let hello = LayerResponse::Hello {
+                    version: PROTOCOL_VERSION.to_owned(),
+                };
+                if framed.send(hello).await.is_err() {
+                    return;
+                }
+                pid
+            }
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "refusing a layer of another version");
+                let _ = framed.send(error(libc::EPROTO, e.to_string())).await;
+                return;
+            }
+        },
+        Some(Ok(other)) => {
+            tracing::warn!(request = ?other, "layer connection did not start with Hello; closed");
+            let _ = framed
+                .send(error(
+                    libc::EPROTO,
+                    "the first request must be Hello".into(),
+                ))
+                .await;
+            return;
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "bad frame from a layer connection; closed");
+            return;
+        }
+        None => return,
+    };
+    tracing::debug!(pid, "layer connected");
+    while let Some(request) = framed.next().await {
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "bad frame from a layer connection; closed");
+                return;
+            }
+        };
+        let response = answer(&shared, request).await;
+        if framed.send(response).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn error(errno: i32, message: String) -> LayerResponse {
+    LayerResponse::Error { errno, message }
+}
+
+/// Answers one request of a layer connection that has said `Hello`.
+async fn answer(shared: &Arc<Shared>, request: LayerRequest) -> LayerResponse {
+    match request {
+        LayerRequest::Hello { .. } => error(libc::EPROTO, "Hello was already sent".into()),
+        LayerRequest::Remote(request) => match shared.request(request).await {
+            Ok(response) => LayerResponse::Remote(response),
+            Err(e) => error(libc::ECONNABORTED, e.to_string()),
+        },
+        LayerRequest::Listen {
+            port,
+            deliver_to,
+            pid,
+        } => match shared.listen(port, deliver_to, pid).await {
+            Ok(()) => LayerResponse::Ok,
+            Err((errno, message)) => error(errno, message),
+        },
+        LayerRequest::Unlisten { port, pid } => {
+            shared.unlisten(port, pid).await;
+            LayerResponse::Ok
+        }
+        LayerRequest::PeerOf { proxy_side } => LayerResponse::Peer(shared.peer_of(proxy_side)),
+        LayerRequest::Connect { remote, transport } => connect(shared, remote, transport).await,
+    }
+}
+
+/// Opens an outgoing connection from the target and a loopback relay for the
+/// program's socket.
+async fn connect(shared: &Arc<Shared>, remote: SocketAddr, transport: Transport) -> LayerResponse {
+    let (conn, local, events) = match shared.open(remote, transport).await {
+        Ok(opened) => opened,
+        Err((errno, message)) => return error(errno, message),
+    };
+    let loopback: IpAddr = match remote {
+        SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+    };
+    let relay = match transport {
+        Transport::Tcp => TcpListener::bind((loopback, 0)).await.and_then(|listener| {
+            let relay = listener.local_addr()?;
+            tokio::spawn(relay_tcp(shared.clone(), conn, listener, events));
+            Ok(relay)
+        }),
+        Transport::Udp => UdpSocket::bind((loopback, 0)).await.and_then(|socket| {
+            let relay = socket.local_addr()?;
+            tokio::spawn(relay_udp(shared.clone(), conn, socket, events));
+            Ok(relay)
+        }),
+    };
+    match relay {
+        Ok(relay) => {
+            tracing::debug!(%conn, %remote, %relay, "outgoing connection open");
+            LayerResponse::Connected { relay, local }
+        }
+        Err(e) => {
+            shared.forget(conn);
+            let _ = shared
+                .send(graft_protocol::link::ClientMessage::Close { conn, reset: true })
+                .await;
+            error(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("cannot open a loopback relay: {e}"),
+            )
+        }
+    }
+}

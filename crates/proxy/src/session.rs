@@ -1,0 +1,868 @@
+//! One session: the link to the agent and the state every layer connection shares.
+//!
+//! Frames leave through one writer task fed by the `outbox` channel (so a request,
+//! a steal and a thousand splices interleave without locking the link) and arrive
+//! in one reader task that dispatches each [`AgentMessage`] to whoever waits for it:
+//! a pending request, a pending steal or connect, or a connection's own event
+//! channel. A keepalive task pings the agent; the reader declares the link dead
+//! when nothing arrives for [`SessionOptions::dead_after`].
+//!
+//! When the link ends, for any reason, [`Shared::end`] fails everything at once:
+//! pending requests, steals and connects see their senders dropped, and every
+//! connection's event channel closes, which resets its local socket.
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    future::Future,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::{SinkExt, StreamExt};
+use graft_protocol::{
+    ConnectionId, PROTOCOL_VERSION, RequestId, Transport,
+    codec::FrameCodec,
+    layer::DeliveredPeer,
+    link::{AgentMessage, ClientMessage, Hello, HelloReply},
+    remote::{RemoteRequest, RemoteResponse},
+    version::check_compatible,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tokio_util::codec::{Framed, FramedRead, FramedWrite};
+
+use crate::{LinkEnd, ProxyError, splice};
+
+type LinkCodec = FrameCodec<AgentMessage, ClientMessage>;
+
+/// Frames queued for the writer task before senders wait.
+const OUTBOX_LEN: usize = 256;
+
+/// Timeouts and switches of a session; [`Default`] holds the production values.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// How often the proxy pings the agent.
+    pub ping_interval: Duration,
+    /// The link is declared dead when no frame at all arrives for this long.
+    pub dead_after: Duration,
+    /// How long [`Session::connect`] waits for the agent's `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long an outgoing TCP relay waits for the program to connect to it, and a
+    /// stolen connection's delivery waits for the local listener.
+    pub relay_timeout: Duration,
+    /// An outgoing UDP flow with no datagram either way for this long is dropped.
+    pub udp_idle: Duration,
+    /// How often the owners of stolen ports are checked to be alive.
+    pub owner_check_interval: Duration,
+    /// Print `graft: stealing port P of the target → local ADDR` to stderr when a
+    /// steal starts.
+    pub announce_steals: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            ping_interval: Duration::from_secs(5),
+            dead_after: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+            relay_timeout: Duration::from_secs(10),
+            udp_idle: Duration::from_secs(5 * 60),
+            owner_check_interval: Duration::from_secs(1),
+            announce_steals: true,
+        }
+    }
+}
+
+/// What the agent said about itself when it accepted the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// The agent's protocol version.
+    pub version: String,
+    /// The target process as the agent sees it.
+    pub target_pid: u32,
+}
+
+/// The local end of a session with an agent: multiplexes every layer connection of
+/// the user's program over one link.
+///
+/// Dropping a `Session` ends the link as [`Session::close`] does, without waiting
+/// for the last frames to leave.
+pub struct Session {
+    shared: Arc<Shared>,
+    agent: AgentInfo,
+    writer: Option<JoinHandle<()>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    layer_sockets: Mutex<Vec<PathBuf>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Opens a session over `stream` (a Unix socket to a local agent, or a
+    /// port-forward stream) with the default [`SessionOptions`]; see
+    /// [`Session::connect_with`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::connect_with`].
+    pub async fn connect<S>(stream: S, secret: &str, client: &str) -> Result<Session, ProxyError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Session::connect_with(stream, secret, client, SessionOptions::default()).await
+    }
+
+    /// Opens a session over `stream`: sends `Hello` with `secret` and `client`
+    /// (user@host), checks the agent's answer, and starts the link's tasks on the
+    /// current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`ProxyError::Rejected`] with the agent's reason, [`ProxyError::Version`] when
+    /// the agent's version is incompatible (naming both), [`ProxyError::HandshakeTimeout`],
+    /// [`ProxyError::Handshake`] or [`ProxyError::Frame`] when the link fails first.
+    pub async fn connect_with<S>(
+        stream: S,
+        secret: &str,
+        client: &str,
+        options: SessionOptions,
+    ) -> Result<Session, ProxyError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut framed = Framed::new(stream, LinkCodec::new());
+        let hello = ClientMessage::Hello(Hello {
+            version: PROTOCOL_VERSION.to_owned(),
+            secret: secret.to_owned(),
+            client: client.to_owned(),
+        });
+        let handshake = async {
+            framed.send(hello).await?;
+            match framed.next().await {
+                Some(Ok(AgentMessage::Hello(reply))) => Ok(reply),
+                Some(Ok(AgentMessage::Fatal { message })) => {
+                    Err(ProxyError::Rejected { reason: message })
+                }
+                Some(Ok(other)) => Err(ProxyError::Handshake(format!(
+                    "expected Hello, the agent sent {}",
+                    message_name(&other)
+                ))),
+                Some(Err(e)) => Err(ProxyError::Frame(e)),
+                None => Err(ProxyError::Handshake(
+                    "the agent closed the link without answering; see its log".into(),
+                )),
+            }
+        };
+        let reply = tokio::time::timeout(options.handshake_timeout, handshake)
+            .await
+            .map_err(|_| ProxyError::HandshakeTimeout(options.handshake_timeout))??;
+        let agent = match reply {
+            HelloReply::Accepted {
+                version,
+                target_pid,
+            } => {
+                check_compatible(&version)?;
+                AgentInfo {
+                    version,
+                    target_pid,
+                }
+            }
+            HelloReply::Rejected { reason } => return Err(ProxyError::Rejected { reason }),
+        };
+
+        let parts = framed.into_parts();
+        let (read_half, write_half) = tokio::io::split(parts.io);
+        let mut reader = FramedRead::new(read_half, LinkCodec::new());
+        // Keep anything that arrived right behind the Hello.
+        *reader.read_buffer_mut() = parts.read_buf;
+        let writer = FramedWrite::new(write_half, LinkCodec::new());
+
+        let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_LEN);
+        let (end_tx, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            outbox: outbox_tx,
+            state: Mutex::new(State::default()),
+            next_request: AtomicU64::new(1),
+            next_conn: AtomicU64::new(1),
+            end_tx,
+            options,
+        });
+        let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
+        let tasks = vec![
+            tokio::spawn(read_loop(reader, shared.clone())),
+            tokio::spawn(keepalive(shared.clone())),
+            tokio::spawn(check_owners(shared.clone())),
+        ];
+        Ok(Session {
+            shared,
+            agent,
+            writer: Some(writer),
+            tasks: Mutex::new(tasks),
+            layer_sockets: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// What the agent said about itself.
+    pub fn agent(&self) -> &AgentInfo {
+        &self.agent
+    }
+
+    /// Sends one remote operation to the agent and waits for its answer.
+    ///
+    /// # Errors
+    ///
+    /// [`ProxyError::LinkClosed`] when the link is gone before the answer arrives.
+    /// An operation that failed in the target is `Ok(RemoteResponse::Error(..))`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling forgets the answer; the agent still performs the operation.
+    pub async fn remote(&self, request: RemoteRequest) -> Result<RemoteResponse, ProxyError> {
+        self.shared.request(request).await
+    }
+
+    /// Binds the layer's Unix socket at `path` (mode 0600; a stale socket file there
+    /// is replaced) and serves every layer connection on it until the session
+    /// closes.
+    ///
+    /// # Errors
+    ///
+    /// [`ProxyError::Bind`] when the socket cannot be bound.
+    pub fn serve_layer(&self, path: &Path) -> Result<(), ProxyError> {
+        let listener = crate::layer::bind(path)?;
+        let task = tokio::spawn(crate::layer::serve(listener, self.shared.clone()));
+        lock(&self.tasks).push(task);
+        lock(&self.layer_sockets).push(path.to_owned());
+        Ok(())
+    }
+
+    /// A future that resolves with the reason the link ended. It may be created
+    /// once and awaited later; it never resolves while the link is up.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub fn closed(&self) -> impl Future<Output = LinkEnd> + Send + 'static {
+        let mut end = self.shared.end_tx.subscribe();
+        async move {
+            match end.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone().unwrap_or(LinkEnd::Closed),
+                Err(_) => LinkEnd::Closed,
+            }
+        }
+    }
+
+    /// Closes the session: stops serving the layer, resets every local
+    /// connection, sends what is queued and shuts the link's write side so the
+    /// agent removes its packet rules and exits. Waits at most 2 s for the link.
+    pub async fn close(mut self) {
+        self.shared.end(LinkEnd::Closed);
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        }
+        // Drop does the rest: abort the tasks, remove the layer sockets.
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared.end(LinkEnd::Closed);
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+        for path in lock(&self.layer_sockets).drain(..) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Locks `mutex`, recovering the data after a panic elsewhere: every critical
+/// section in this crate leaves the state consistent before it can panic.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a connection's task hears from the link.
+#[derive(Debug)]
+pub(crate) enum ConnEvent {
+    /// Bytes (TCP) or one datagram (UDP) from the target side.
+    Data(Vec<u8>),
+    /// The target side sent FIN.
+    Shutdown,
+    /// The target side is gone.
+    Close {
+        /// With an RST or error.
+        reset: bool,
+    },
+}
+
+/// The receiving end of a connection's events; closed when the link ends.
+pub(crate) type ConnEvents = mpsc::UnboundedReceiver<ConnEvent>;
+
+/// A subscription to a stolen port.
+///
+/// Starts `Pending` when the first `Listen` sends `Steal`; becomes `Active` on a
+/// successful `StealResult` or is removed on a failed one. An `Active` one is
+/// removed by `Unlisten` from its owner or when the owner process is gone.
+#[derive(Debug)]
+struct Subscription {
+    deliver_to: SocketAddr,
+    pid: u32,
+    state: StealState,
+}
+
+#[derive(Debug)]
+enum StealState {
+    /// `Steal` sent; these `Listen`s wait for the agent's answer.
+    Pending(Vec<oneshot::Sender<Result<(), String>>>),
+    /// The agent steals the port.
+    Active,
+}
+
+/// Everything the link's tasks and the layer connections share.
+#[derive(Default)]
+struct State {
+    /// Set once, when the link ends; nothing is registered after that.
+    ended: Option<LinkEnd>,
+    requests: HashMap<RequestId, oneshot::Sender<RemoteResponse>>,
+    connects: HashMap<ConnectionId, oneshot::Sender<Result<SocketAddr, i32>>>,
+    conns: HashMap<ConnectionId, mpsc::UnboundedSender<ConnEvent>>,
+    steals: HashMap<u16, Subscription>,
+    /// Proxy-side local address of each delivered stolen connection → its real
+    /// addresses, for `PeerOf`.
+    delivered: HashMap<SocketAddr, DeliveredPeer>,
+}
+
+/// The state and the outbox, shared by the link's tasks, the layer connections and
+/// the connection tasks.
+pub(crate) struct Shared {
+    outbox: mpsc::Sender<ClientMessage>,
+    state: Mutex<State>,
+    next_request: AtomicU64,
+    next_conn: AtomicU64,
+    end_tx: watch::Sender<Option<LinkEnd>>,
+    pub(crate) options: SessionOptions,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The error for an operation attempted on an ended link.
+    pub(crate) fn gone(&self) -> ProxyError {
+        ProxyError::LinkClosed(self.state().ended.clone().unwrap_or(LinkEnd::Closed))
+    }
+
+    /// Queues `message` for the agent.
+    ///
+    /// # Errors
+    ///
+    /// [`ProxyError::LinkClosed`] when the link has ended.
+    pub(crate) async fn send(&self, message: ClientMessage) -> Result<(), ProxyError> {
+        if self.state().ended.is_some() {
+            return Err(self.gone());
+        }
+        self.outbox.send(message).await.map_err(|_| self.gone())
+    }
+
+    /// Ends the link with `reason` (the first reason wins) and fails everything
+    /// that waits on it.
+    pub(crate) fn end(&self, reason: LinkEnd) {
+        let dropped = {
+            let mut state = self.state();
+            if state.ended.is_some() {
+                return;
+            }
+            tracing::debug!(%reason, "link ended");
+            // Taken out and dropped outside the lock: waiters wake with errors,
+            // connection tasks see their channels close and reset their sockets.
+            let dropped = std::mem::take(&mut *state);
+            state.ended = Some(reason.clone());
+            dropped
+        };
+        drop(dropped);
+        self.end_tx.send_replace(Some(reason));
+    }
+
+    /// Sends a remote operation and waits for its answer.
+    pub(crate) async fn request(
+        &self,
+        request: RemoteRequest,
+    ) -> Result<RemoteResponse, ProxyError> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.state();
+            if state.ended.is_some() {
+                drop(state);
+                return Err(self.gone());
+            }
+            state.requests.insert(id, tx);
+        }
+        if let Err(e) = self.send(ClientMessage::Request { id, request }).await {
+            self.state().requests.remove(&id);
+            return Err(e);
+        }
+        rx.await.map_err(|_| self.gone())
+    }
+
+    /// Opens an outgoing connection from the target. On success: its id, the
+    /// target-side local address, and its event channel (registered before the
+    /// `Connect` left, so no early byte is lost).
+    ///
+    /// The error is an `errno` for the layer.
+    pub(crate) async fn open(
+        &self,
+        remote: SocketAddr,
+        transport: Transport,
+    ) -> Result<(ConnectionId, SocketAddr, ConnEvents), (i32, String)> {
+        let conn =
+            ConnectionId(self.next_conn.fetch_add(1, Ordering::Relaxed) & !ConnectionId::AGENT_BIT);
+        let (tx, rx) = oneshot::channel();
+        let events = {
+            let mut state = self.state();
+            if let Some(reason) = &state.ended {
+                return Err(aborted(reason));
+            }
+            state.connects.insert(conn, tx);
+            let (events_tx, events) = mpsc::unbounded_channel();
+            state.conns.insert(conn, events_tx);
+            events
+        };
+        let sent = self
+            .send(ClientMessage::Connect {
+                conn,
+                remote,
+                transport,
+            })
+            .await;
+        let outcome = match sent {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
+        };
+        match outcome {
+            Some(Ok(local)) => Ok((conn, local, events)),
+            Some(Err(errno)) => {
+                self.forget(conn);
+                Err((
+                    errno,
+                    format!(
+                        "connecting to {remote} from the target failed: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    ),
+                ))
+            }
+            None => {
+                let mut state = self.state();
+                state.connects.remove(&conn);
+                state.conns.remove(&conn);
+                Err(aborted(state.ended.as_ref().unwrap_or(&LinkEnd::Closed)))
+            }
+        }
+    }
+
+    /// Forgets a connection: later frames about it are dropped.
+    pub(crate) fn forget(&self, conn: ConnectionId) {
+        self.state().conns.remove(&conn);
+    }
+
+    /// Subscribes `port` for delivery to `deliver_to`, stealing it when it is not
+    /// stolen yet. The error is an `errno` for the layer and a message.
+    pub(crate) async fn listen(
+        &self,
+        port: u16,
+        deliver_to: SocketAddr,
+        pid: u32,
+    ) -> Result<(), (i32, String)> {
+        let (tx, rx) = oneshot::channel();
+        let first = {
+            let mut state = self.state();
+            if let Some(reason) = &state.ended {
+                return Err(aborted(reason));
+            }
+            match state.steals.entry(port) {
+                Entry::Occupied(mut entry) => {
+                    let sub = entry.get_mut();
+                    sub.deliver_to = deliver_to;
+                    sub.pid = pid;
+                    match &mut sub.state {
+                        StealState::Active => return Ok(()),
+                        StealState::Pending(waiters) => waiters.push(tx),
+                    }
+                    false
+                }
+                Entry::Vacant(entry) => {
+                    entry.insert(Subscription {
+                        deliver_to,
+                        pid,
+                        state: StealState::Pending(vec![tx]),
+                    });
+                    true
+                }
+            }
+        };
+        if first && self.send(ClientMessage::Steal { port }).await.is_err() {
+            self.state().steals.remove(&port);
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err((steal_errno(&message), message)),
+            Err(_) => Err(aborted(
+                self.state().ended.as_ref().unwrap_or(&LinkEnd::Closed),
+            )),
+        }
+    }
+
+    /// Drops the subscription of `port` when `pid` owns it, and stops stealing.
+    pub(crate) async fn unlisten(&self, port: u16, pid: u32) {
+        let owned = {
+            let mut state = self.state();
+            match state.steals.get(&port) {
+                Some(sub) if sub.pid == pid => state.steals.remove(&port).is_some(),
+                _ => false,
+            }
+        };
+        if owned {
+            tracing::info!(port, pid, "unstealing port: its listener closed");
+            let _ = self.send(ClientMessage::Unsteal { port }).await;
+        }
+    }
+
+    /// The real addresses of a delivered connection whose proxy-side address is
+    /// `proxy_side`.
+    pub(crate) fn peer_of(&self, proxy_side: SocketAddr) -> Option<DeliveredPeer> {
+        let state = self.state();
+        state.delivered.get(&proxy_side).copied().or_else(|| {
+            // A dual-stack listener may report an IPv4 peer as IPv4-mapped IPv6.
+            match proxy_side.ip() {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().and_then(|v4| {
+                    state
+                        .delivered
+                        .get(&SocketAddr::new(IpAddr::V4(v4), proxy_side.port()))
+                        .copied()
+                }),
+                IpAddr::V4(_) => None,
+            }
+        })
+    }
+
+    /// Records a delivered connection for `PeerOf`.
+    pub(crate) fn add_delivered(&self, proxy_side: SocketAddr, peer: DeliveredPeer) {
+        self.state().delivered.insert(proxy_side, peer);
+    }
+
+    /// Forgets a delivered connection.
+    pub(crate) fn remove_delivered(&self, proxy_side: SocketAddr) {
+        self.state().delivered.remove(&proxy_side);
+    }
+
+    /// Handles one message from the agent.
+    fn dispatch(self: &Arc<Self>, message: AgentMessage) {
+        match message {
+            AgentMessage::Response { id, response } => match self.state().requests.remove(&id) {
+                Some(waiter) => {
+                    let _ = waiter.send(response);
+                }
+                None => tracing::debug!(id, "response to a forgotten request"),
+            },
+            AgentMessage::StealResult { port, error } => self.steal_result(port, error),
+            AgentMessage::Connected { conn, local } => {
+                if let Some(waiter) = self.state().connects.remove(&conn) {
+                    let _ = waiter.send(Ok(local));
+                }
+            }
+            AgentMessage::ConnectFailed { conn, errno } => {
+                if let Some(waiter) = self.state().connects.remove(&conn) {
+                    let _ = waiter.send(Err(errno));
+                }
+            }
+            AgentMessage::Incoming {
+                conn,
+                port,
+                peer,
+                local,
+            } => {
+                self.incoming(conn, port, DeliveredPeer { peer, local });
+            }
+            AgentMessage::Data { conn, bytes } => self.to_conn(conn, ConnEvent::Data(bytes)),
+            AgentMessage::Shutdown { conn } => self.to_conn(conn, ConnEvent::Shutdown),
+            AgentMessage::Close { conn, reset } => {
+                if let Some(events) = self.state().conns.remove(&conn) {
+                    let _ = events.send(ConnEvent::Close { reset });
+                }
+            }
+            AgentMessage::Pong(_) => {}
+            AgentMessage::Fatal { message } => self.end(LinkEnd::Fatal(message)),
+            AgentMessage::Hello(_) => tracing::warn!("the agent sent a second Hello; ignored"),
+        }
+    }
+
+    fn to_conn(&self, conn: ConnectionId, event: ConnEvent) {
+        if let Some(events) = self.state().conns.get(&conn) {
+            // A closed receiver means the task is finishing; the frame is moot.
+            let _ = events.send(event);
+        }
+    }
+
+    fn steal_result(&self, port: u16, error: Option<String>) {
+        let (waiters, deliver_to) = {
+            let mut state = self.state();
+            let Some(sub) = state.steals.get_mut(&port) else {
+                tracing::debug!(port, "steal result for a port nobody listens on");
+                return;
+            };
+            let deliver_to = sub.deliver_to;
+            let waiters = match std::mem::replace(&mut sub.state, StealState::Active) {
+                StealState::Pending(waiters) => waiters,
+                StealState::Active => Vec::new(),
+            };
+            if error.is_some() {
+                state.steals.remove(&port);
+            }
+            (waiters, deliver_to)
+        };
+        match &error {
+            None => {
+                if self.options.announce_steals {
+                    eprintln!("graft: stealing port {port} of the target → local {deliver_to}");
+                }
+            }
+            Some(message) => tracing::warn!(port, %message, "the agent could not steal the port"),
+        }
+        for waiter in waiters {
+            let _ = waiter.send(match &error {
+                None => Ok(()),
+                Some(message) => Err(message.clone()),
+            });
+        }
+    }
+
+    fn incoming(self: &Arc<Self>, conn: ConnectionId, port: u16, peer: DeliveredPeer) {
+        let registered = {
+            let mut state = self.state();
+            let target = state
+                .steals
+                .get(&port)
+                .filter(|sub| matches!(sub.state, StealState::Active))
+                .map(|sub| sub.deliver_to);
+            target.map(|target| {
+                let (events_tx, events) = mpsc::unbounded_channel();
+                state.conns.insert(conn, events_tx);
+                (delivery_address(target), events)
+            })
+        };
+        match registered {
+            Some((target, events)) => {
+                tokio::spawn(splice::deliver(self.clone(), conn, target, peer, events));
+            }
+            None => {
+                tracing::info!(%conn, port, "incoming connection for a port nobody listens on; reset");
+                let shared = self.clone();
+                tokio::spawn(async move {
+                    let _ = shared
+                        .send(ClientMessage::Close { conn, reset: true })
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+/// Where to connect to reach a listener bound to `addr`: an unspecified address
+/// is reached on loopback of the same family.
+pub(crate) fn delivery_address(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// The layer's error for a request that the ended link aborted.
+fn aborted(reason: &LinkEnd) -> (i32, String) {
+    (
+        libc::ECONNABORTED,
+        format!("the link to the agent is gone: {reason}"),
+    )
+}
+
+/// The `errno` for a refused steal: `EADDRINUSE` when the port is taken (another
+/// session steals it), else `EACCES` (the agent may not install the rule).
+fn steal_errno(message: &str) -> i32 {
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("in use") || lower.contains("already") {
+        libc::EADDRINUSE
+    } else {
+        libc::EACCES
+    }
+}
+
+fn message_name(message: &AgentMessage) -> &'static str {
+    match message {
+        AgentMessage::Hello(_) => "Hello",
+        AgentMessage::Response { .. } => "Response",
+        AgentMessage::StealResult { .. } => "StealResult",
+        AgentMessage::Connected { .. } => "Connected",
+        AgentMessage::ConnectFailed { .. } => "ConnectFailed",
+        AgentMessage::Incoming { .. } => "Incoming",
+        AgentMessage::Data { .. } => "Data",
+        AgentMessage::Shutdown { .. } => "Shutdown",
+        AgentMessage::Close { .. } => "Close",
+        AgentMessage::Pong(_) => "Pong",
+        AgentMessage::Fatal { .. } => "Fatal",
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: FramedRead<R, LinkCodec>,
+    shared: Arc<Shared>,
+) {
+    let dead_after = shared.options.dead_after;
+    let reason = loop {
+        match tokio::time::timeout(dead_after, reader.next()).await {
+            Err(_) => break LinkEnd::Timeout(dead_after),
+            Ok(None) => break LinkEnd::AgentClosed,
+            Ok(Some(Err(e))) if e.is_closed() => break LinkEnd::AgentClosed,
+            Ok(Some(Err(e))) => break LinkEnd::Broken(e.to_string()),
+            Ok(Some(Ok(message))) => shared.dispatch(message),
+        }
+    };
+    shared.end(reason);
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: FramedWrite<W, LinkCodec>,
+    mut outbox: mpsc::Receiver<ClientMessage>,
+    shared: Arc<Shared>,
+) {
+    let mut end = shared.end_tx.subscribe();
+    loop {
+        tokio::select! {
+            biased;
+            () = async { let _ = end.wait_for(Option::is_some).await; } => break,
+            message = outbox.recv() => {
+                let Some(message) = message else { break };
+                let mut result = writer.feed(message).await;
+                // Batch what is already queued into one flush.
+                while result.is_ok() {
+                    match outbox.try_recv() {
+                        Ok(message) => result = writer.feed(message).await,
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = result.and(writer.flush().await) {
+                    shared.end(LinkEnd::Broken(e.to_string()));
+                    return;
+                }
+            }
+        }
+    }
+    // Send what was queued before the end, then shut the write side so the agent
+    // sees the link close at once. Bounded: the link may be dead.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(message) = outbox.try_recv() {
+            writer.feed(message).await?;
+        }
+        writer.close().await
+    })
+    .await;
+}
+
+async fn keepalive(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(shared.options.ping_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    for n in 1u64.. {
+        ticks.tick().await;
+        if shared.send(ClientMessage::Ping(n)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Unsteals ports whose owner process is gone (it exited without closing its
+/// listener, or was killed).
+async fn check_owners(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(shared.options.owner_check_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let dead: Vec<u16> = {
+            let mut state = shared.state();
+            if state.ended.is_some() {
+                return;
+            }
+            let dead: Vec<u16> = state
+                .steals
+                .iter()
+                .filter(|(_, sub)| {
+                    matches!(sub.state, StealState::Active)
+                        && !Path::new(&format!("/proc/{}", sub.pid)).exists()
+                })
+                .map(|(port, _)| *port)
+                .collect();
+            for port in &dead {
+                state.steals.remove(port);
+            }
+            dead
+        };
+        for port in dead {
+            tracing::info!(port, "unstealing port: its owner process is gone");
+            if shared.send(ClientMessage::Unsteal { port }).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_delivery_goes_to_loopback() {
+        assert_eq!(
+            delivery_address("0.0.0.0:80".parse().unwrap()),
+            "127.0.0.1:80".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            delivery_address("[::]:80".parse().unwrap()),
+            "[::1]:80".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            delivery_address("10.1.2.3:80".parse().unwrap()),
+            "10.1.2.3:80".parse::<SocketAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn steal_errors_map_to_errno() {
+        assert_eq!(
+            steal_errno("port 80 is already stolen by another session"),
+            libc::EADDRINUSE
+        );
+        assert_eq!(
+            steal_errno("iptables failed: permission denied"),
+            libc::EACCES
+        );
+    }
+}
