@@ -1254,6 +1254,193 @@ pub unsafe extern "C" fn readlinkat(
     unsafe { readlink_hook(dirfd, path, buf, size, real) }
 }
 
+// ---------------------------------------------------------------- realpath
+
+/// Resolves the remote absolute `path` component by component in the target,
+/// following symlinks (glibc's `realpath` looks with internal calls we never see).
+fn remote_realpath(path: &str) -> Result<String, i32> {
+    let mut todo: std::collections::VecDeque<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(component) = todo.pop_front() {
+        match component.as_str() {
+            "." => continue,
+            ".." => {
+                out.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let candidate = format!(
+            "/{}",
+            out.iter()
+                .chain([&component])
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("/")
+        );
+        let st = remote_stat(&candidate, false)?;
+        if st.mode & libc::S_IFMT == libc::S_IFLNK {
+            links += 1;
+            if links > 40 {
+                return Err(libc::ELOOP);
+            }
+            let target = match call(RemoteRequest::ReadLink { path: candidate })? {
+                RemoteResponse::Link(target) => target,
+                other => return Err(unexpected("ReadLink", other)),
+            };
+            if target.starts_with('/') {
+                out.clear();
+            }
+            for c in target.split('/').filter(|c| !c.is_empty()).rev() {
+                todo.push_front(c.to_owned());
+            }
+        } else {
+            if !todo.is_empty() && !st.is_dir() {
+                return Err(libc::ENOTDIR);
+            }
+            out.push(component);
+        }
+    }
+    Ok(format!("/{}", out.join("/")))
+}
+
+/// `realpath(3)`, and glibc's `canonicalize_file_name` (`resolved` null).
+///
+/// # Safety
+///
+/// `path` must be null or a C string, `resolved` null or `PATH_MAX` bytes.
+unsafe fn realpath_hook(
+    path: *const c_char,
+    resolved: *mut c_char,
+    real: impl FnOnce() -> *mut c_char + Copy,
+) -> *mut c_char {
+    // SAFETY: forwarded contract.
+    if !unsafe { may_be_remote(libc::AT_FDCWD, path) } {
+        return real();
+    }
+    hooked(real, || {
+        // SAFETY: forwarded contract.
+        let Some(path) = (unsafe { remote_path(libc::AT_FDCWD, path) }) else {
+            return real();
+        };
+        let result = remote_realpath(&path).and_then(|r| {
+            if r.len() >= libc::PATH_MAX as usize {
+                Err(libc::ENAMETOOLONG)
+            } else {
+                CString::new(r).map_err(|_| libc::EINVAL)
+            }
+        });
+        match result {
+            Err(e) => {
+                set_errno(e);
+                std::ptr::null_mut()
+            }
+            // SAFETY: `r` is a C string; a non-null `resolved` holds PATH_MAX bytes.
+            Ok(r) => unsafe {
+                if resolved.is_null() {
+                    libc::strdup(r.as_ptr())
+                } else {
+                    libc::strcpy(resolved, r.as_ptr())
+                }
+            },
+        }
+    })
+}
+
+/// `realpath(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn realpath(path: *const c_char, resolved: *mut c_char) -> *mut c_char {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(realpath(path, resolved): fn(*const c_char, *mut c_char) -> *mut c_char, missing = std::ptr::null_mut())
+    };
+    // SAFETY: the caller's path and buffer.
+    unsafe { realpath_hook(path, resolved, real) }
+}
+
+/// `canonicalize_file_name(3)`: `realpath(path, NULL)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn canonicalize_file_name(path: *const c_char) -> *mut c_char {
+    // SAFETY: forwards the caller's argument unchanged.
+    let real = || unsafe {
+        real!(canonicalize_file_name(path): fn(*const c_char) -> *mut c_char, missing = std::ptr::null_mut())
+    };
+    // SAFETY: the caller's path.
+    unsafe { realpath_hook(path, std::ptr::null_mut(), real) }
+}
+
+// ---------------------------------------------------------------- extended attributes
+
+/// Extended-attribute hooks: the protocol carries no attributes, so a remote path
+/// has none (`ENODATA` for a get, an empty list), which `ls -l` and libselinux
+/// take quietly instead of reporting the local `ENOENT`.
+///
+/// # Safety
+///
+/// `path` must be null or a C string.
+unsafe fn xattr_hook(
+    path: *const c_char,
+    none: Result<ssize_t, i32>,
+    real: impl FnOnce() -> ssize_t + Copy,
+) -> ssize_t {
+    // SAFETY: forwarded contract.
+    if !unsafe { may_be_remote(libc::AT_FDCWD, path) } {
+        return real();
+    }
+    hooked(real, || {
+        // SAFETY: forwarded contract.
+        match unsafe { remote_path(libc::AT_FDCWD, path) } {
+            Some(_) => ret(none),
+            None => real(),
+        }
+    })
+}
+
+macro_rules! export_getxattr {
+    ($name:ident) => {
+        /// `getxattr(2)` alias: a remote path has no extended attributes.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            path: *const c_char,
+            name: *const c_char,
+            value: *mut libc::c_void,
+            size: size_t,
+        ) -> ssize_t {
+            // SAFETY: forwards the caller's arguments unchanged.
+            let real = || unsafe {
+                real!($name(path, name, value, size)
+                    : fn(*const c_char, *const c_char, *mut libc::c_void, size_t) -> ssize_t)
+            };
+            // SAFETY: the caller's path.
+            unsafe { xattr_hook(path, Err(libc::ENODATA), real) }
+        }
+    };
+}
+export_getxattr!(getxattr);
+export_getxattr!(lgetxattr);
+
+macro_rules! export_listxattr {
+    ($name:ident) => {
+        /// `listxattr(2)` alias: a remote path has no extended attributes.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, list: *mut c_char, size: size_t) -> ssize_t {
+            // SAFETY: forwards the caller's arguments unchanged.
+            let real = || unsafe {
+                real!($name(path, list, size): fn(*const c_char, *mut c_char, size_t) -> ssize_t)
+            };
+            // SAFETY: the caller's path.
+            unsafe { xattr_hook(path, Ok(0), real) }
+        }
+    };
+}
+export_listxattr!(listxattr);
+export_listxattr!(llistxattr);
+
 // ---------------------------------------------------------------- changes (--fs write)
 
 /// A hook that changes the tree: remote only with `--fs write`.
