@@ -1,0 +1,208 @@
+//! The command line, parsed by clap into raw flags; [`RunArgs::overrides`] hands
+//! them to `graft_config`, which alone turns them into a resolved `Config`.
+
+use std::{ffi::OsString, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use graft_config::{FsMode, RunOverrides};
+
+/// graft runs a local command as if it were inside a target: the target's
+/// incoming traffic, outgoing network, DNS, files and environment.
+#[derive(Debug, Parser)]
+#[command(name = "graft", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run CMD on this machine as if it were inside the target.
+    #[command(
+        after_help = "Example:\n  sudo graft run --target pid:$(pgrep -f server) --steal -- python3 app.py"
+    )]
+    Run(RunArgs),
+}
+
+/// `graft run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The target: `pid:PID` (a local process, or a process of a container).
+    #[arg(long, env = "GRAFT_TARGET", value_name = "TARGET")]
+    pub target: Option<String>,
+    /// Steal the target's incoming TCP traffic to the ports CMD listens on.
+    #[arg(long)]
+    pub steal: bool,
+    /// CMD listens on LOCAL; the target's REMOTE port is stolen (repeatable).
+    #[arg(long = "port-map", value_name = "LOCAL:REMOTE")]
+    pub port_map: Vec<String>,
+    /// Outgoing destinations that stay local besides loopback (repeatable).
+    #[arg(long = "outgoing-local", value_name = "CIDR[:PORT]")]
+    pub outgoing_local: Vec<String>,
+    /// Take only the target's environment variables matching GLOB (repeatable).
+    #[arg(long = "env-include", value_name = "GLOB")]
+    pub env_include: Vec<String>,
+    /// Never take the target's environment variables matching GLOB (repeatable).
+    #[arg(long = "env-exclude", value_name = "GLOB")]
+    pub env_exclude: Vec<String>,
+    /// Start CMD with the local environment only.
+    #[arg(long = "no-remote-env")]
+    pub no_remote_env: bool,
+    /// Files: `read` remote paths in the target (default), also `write` them, or
+    /// keep every file `local`.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub fs: Option<FsArg>,
+    /// Paths matching REGEX stay local (repeatable; wins over everything).
+    #[arg(long = "fs-local", value_name = "REGEX")]
+    pub fs_local: Vec<String>,
+    /// Paths matching REGEX are remote (repeatable).
+    #[arg(long = "fs-remote", value_name = "REGEX")]
+    pub fs_remote: Vec<String>,
+    /// Config file [default: ./graft.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The command to run, and its arguments (after `--`).
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// `--fs` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FsArg {
+    /// Remote paths are read in the target; writes stay local.
+    Read,
+    /// Remote paths are read and written in the target.
+    Write,
+    /// Files are never remote.
+    Local,
+}
+
+impl From<FsArg> for FsMode {
+    fn from(arg: FsArg) -> FsMode {
+        match arg {
+            FsArg::Read => FsMode::Read,
+            FsArg::Write => FsMode::Write,
+            FsArg::Local => FsMode::Local,
+        }
+    }
+}
+
+impl RunArgs {
+    /// The flags as `graft_config` takes them.
+    pub fn overrides(&self) -> RunOverrides {
+        RunOverrides {
+            target: self.target.clone(),
+            steal: self.steal,
+            port_map: self.port_map.clone(),
+            outgoing_local: self.outgoing_local.clone(),
+            env_include: self.env_include.clone(),
+            env_exclude: self.env_exclude.clone(),
+            no_remote_env: self.no_remote_env,
+            fs: self.fs.map(FsMode::from),
+            fs_local: self.fs_local.clone(),
+            fs_remote: self.fs_remote.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let Command::Run(run) = cli.command;
+        run
+    }
+
+    #[test]
+    fn every_flag_maps_to_overrides() {
+        let args = run(&[
+            "graft",
+            "run",
+            "--target",
+            "pid:7",
+            "--steal",
+            "--port-map",
+            "8080:80",
+            "--port-map",
+            "9090:90",
+            "--outgoing-local",
+            "10.0.0.0/8",
+            "--env-include",
+            "DB_*",
+            "--env-exclude",
+            "*_PASS",
+            "--no-remote-env",
+            "--fs",
+            "write",
+            "--fs-local",
+            "^/etc/ssl/",
+            "--fs-remote",
+            "^/srv/",
+            "--config",
+            "x.toml",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+        ]);
+        assert_eq!(
+            args.overrides(),
+            RunOverrides {
+                target: Some("pid:7".into()),
+                steal: true,
+                port_map: vec!["8080:80".into(), "9090:90".into()],
+                outgoing_local: vec!["10.0.0.0/8".into()],
+                env_include: vec!["DB_*".into()],
+                env_exclude: vec!["*_PASS".into()],
+                no_remote_env: true,
+                fs: Some(FsMode::Write),
+                fs_local: vec!["^/etc/ssl/".into()],
+                fs_remote: vec!["^/srv/".into()],
+            }
+        );
+        assert_eq!(args.config, Some(PathBuf::from("x.toml")));
+        assert_eq!(args.command, ["python3", "-m", "http.server"]);
+    }
+
+    #[test]
+    fn command_flags_after_the_separator_belong_to_the_command() {
+        let args = run(&[
+            "graft", "run", "--target", "pid:7", "--", "ls", "--steal", "-l",
+        ]);
+        assert!(!args.steal);
+        assert_eq!(args.command, ["ls", "--steal", "-l"]);
+    }
+
+    #[test]
+    fn defaults_are_empty() {
+        let args = run(&["graft", "run", "--target", "pid:1", "--", "true"]);
+        assert_eq!(
+            args.overrides(),
+            RunOverrides {
+                target: Some("pid:1".into()),
+                ..RunOverrides::default()
+            }
+        );
+    }
+
+    #[test]
+    fn missing_command_and_bad_fs_are_usage_errors() {
+        for bad in [
+            &["graft", "run", "--target", "pid:1"][..],
+            &["graft", "run", "--fs", "cloud", "--", "true"][..],
+        ] {
+            let err = Cli::try_parse_from(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{err}");
+        }
+    }
+}

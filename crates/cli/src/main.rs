@@ -1,0 +1,40 @@
+//! `graft`: the command people type. It parses flags, resolves the configuration
+//! with `graft-config`, and wires the local agent, the `graft-proxy` session and
+//! the user's command together; the real work lives in those libraries.
+
+mod agent;
+mod args;
+mod failure;
+mod locate;
+mod process;
+mod run;
+mod session_dir;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::args::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = EnvFilter::try_from_env("GRAFT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    // Awaited here, not spawned: CMD and the agent must be forked from the main
+    // thread for PR_SET_PDEATHSIG (see `process`).
+    let result = match cli.command {
+        Command::Run(args) => run::run(args).await,
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            failure.print();
+            ExitCode::from(failure.code)
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! `graft run`: resolve the configuration, start the agent beside the target,
+//! open the session, run CMD with the layer and the merged environment, and end
+//! everything in order however CMD or the link ends.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    time::Duration,
+};
+
+use graft_config::{Config, ConfigFile, LayerConfig, Target, env::merge_env};
+use graft_protocol::{
+    layer::{CONFIG_ENV, SOCKET_ENV},
+    remote::{RemoteRequest, RemoteResponse},
+};
+use graft_proxy::Session;
+use nix::sys::signal::Signal;
+use tokio::{
+    process::{Child, Command},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    agent::{LocalAgent, simple_level},
+    args::RunArgs,
+    failure::{EXIT_SESSION, Failure},
+    locate::locate,
+    process,
+    session_dir::{SessionDir, random_hex},
+};
+
+/// How long CMD may take to stop after SIGTERM before it is killed.
+const CMD_GRACE: Duration = Duration::from_secs(5);
+/// How long the agent may take to clean up and exit after the link closes.
+const AGENT_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs `graft run`; returns the exit code (CMD's, or 1 when the link was lost).
+pub async fn run(args: RunArgs) -> Result<u8, Failure> {
+    let flags = args.overrides();
+    let file = load_file(args.config.as_deref())?;
+    let cwd = std::env::current_dir().ok();
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let config = Config::resolve(&flags, &file, cwd.as_deref(), home.as_deref())?;
+    let remote_env = !flags.no_remote_env && file.env.remote.unwrap_or(true);
+    let Target::Pid(pid) = config.target;
+
+    let exe = std::env::current_exe().ok();
+    let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(Failure::usage(format!("no process with PID {pid}"))
+            .hint("pick a running process (e.g. `pgrep -f server`)"));
+    }
+
+    let uid = nix::unistd::getuid().as_raw();
+    let dir = SessionDir::create(uid, std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))?;
+    let secret = random_hex(32)?;
+    let graft_log = std::env::var("GRAFT_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let mut agent = LocalAgent::start(
+        &pieces.agent,
+        pid,
+        dir.path(),
+        &secret,
+        graft_log.as_deref(),
+    )
+    .await?;
+
+    let plan = Plan {
+        pid,
+        config: &config,
+        remote_env,
+        layer: &pieces.layer,
+        dir: dir.path(),
+        command: &args.command,
+        graft_log: graft_log.as_deref(),
+    };
+    let result = plan.run(&agent, &secret).await;
+
+    // The link is closed by now: the agent removes its rules and exits.
+    let agent_code = agent.stop(AGENT_GRACE).await;
+    let link_lost = matches!(result, Ok(Ended::LinkLost) | Err(_));
+    if link_lost && agent_code.is_some_and(|c| c != 0) {
+        for line in agent.log_tail() {
+            eprintln!("{line}");
+        }
+    }
+    drop(dir);
+    result.map(|ended| match ended {
+        Ended::Command(status) => process::exit_code(status),
+        Ended::LinkLost => EXIT_SESSION,
+    })
+}
+
+fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
+    match explicit {
+        Some(path) => Ok(ConfigFile::load(path)?),
+        None => {
+            let default = Path::new("graft.toml");
+            if default.exists() {
+                Ok(ConfigFile::load(default)?)
+            } else {
+                Ok(ConfigFile::default())
+            }
+        }
+    }
+}
+
+/// How a session ended.
+enum Ended {
+    /// CMD exited (by itself, or stopped after a signal to graft).
+    Command(ExitStatus),
+    /// The link to the agent died; CMD was stopped.
+    LinkLost,
+}
+
+/// Everything a session needs once the agent runs.
+struct Plan<'a> {
+    pid: u32,
+    config: &'a Config,
+    remote_env: bool,
+    layer: &'a Path,
+    dir: &'a Path,
+    command: &'a [OsString],
+    graft_log: Option<&'a str>,
+}
+
+impl Plan<'_> {
+    async fn run(&self, agent: &LocalAgent, secret: &str) -> Result<Ended, Failure> {
+        let session = agent.connect(secret, &client_name()).await?;
+        eprintln!("graft: agent ready for pid:{}", self.pid);
+        let env = self.environment(&session).await?;
+        let layer_socket = self.dir.join("layer.sock");
+        session
+            .serve_layer(&layer_socket)
+            .map_err(|e| Failure::session(e.to_string()))?;
+
+        // Registered before CMD starts, so no signal in between is lost.
+        let mut signals = Signals::new()?;
+        let mut child = self.spawn(env, &layer_socket)?;
+        let closed = session.closed();
+        let ended = tokio::select! {
+            status = child.wait() => Ended::Command(status.map_err(|e| {
+                Failure::session(format!("cannot wait for the command: {e}"))
+            })?),
+            received = signals.recv() => {
+                tracing::info!(signal = ?received, "stopping the command");
+                // A terminal's Ctrl-C has reached CMD already (same process group).
+                if !(received == Signal::SIGINT && process::in_foreground()) {
+                    process::signal(&child, Signal::SIGTERM);
+                }
+                Ended::Command(stop(&mut child, &mut signals).await?)
+            }
+            reason = closed => {
+                eprintln!("graft: lost the link to the agent ({reason}); stopping CMD");
+                process::signal(&child, Signal::SIGTERM);
+                stop(&mut child, &mut signals).await?;
+                Ended::LinkLost
+            }
+        };
+        session.close().await;
+        Ok(ended)
+    }
+
+    /// The local environment with the target's laid over it by the rules.
+    async fn environment(&self, session: &Session) -> Result<Vec<(OsString, OsString)>, Failure> {
+        // merge_env works on UTF-8; local variables that are not stay as they are.
+        let (local, not_utf8): (Vec<_>, Vec<_>) = std::env::vars_os()
+            .map(|(k, v)| match (k.into_string(), v.into_string()) {
+                (Ok(k), Ok(v)) => Ok((k, v)),
+                (k, v) => Err((
+                    k.map_or_else(|k| k, OsString::from),
+                    v.map_or_else(|v| v, OsString::from),
+                )),
+            })
+            .partition(Result::is_ok);
+        let local: Vec<(String, String)> = local.into_iter().flatten().collect();
+        let not_utf8 = not_utf8.into_iter().filter_map(Result::err);
+        let merged = if self.remote_env {
+            let failed = |why: String| {
+                Failure::session(format!(
+                    "cannot read the environment of pid:{}: {why}",
+                    self.pid
+                ))
+                .hint("pass --no-remote-env to start the command with the local environment only")
+            };
+            match session.remote(RemoteRequest::Env).await {
+                Ok(RemoteResponse::Env(remote)) => merge_env(local, &remote, &self.config.env),
+                Ok(RemoteResponse::Error(e)) => return Err(failed(e.to_string())),
+                Ok(other) => return Err(failed(format!("unexpected answer {other:?}"))),
+                Err(e) => return Err(failed(e.to_string())),
+            }
+        } else {
+            local
+        };
+        Ok(merged
+            .into_iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .chain(not_utf8)
+            .collect())
+    }
+
+    fn layer_config(&self) -> LayerConfig {
+        let mut layer = self.config.layer.clone();
+        layer.log_file = Some(
+            std::env::var_os("GRAFT_LAYER_LOG")
+                .filter(|p| !p.is_empty())
+                .map_or_else(|| self.dir.join("layer.log"), PathBuf::from),
+        );
+        layer.log_level = match self.graft_log {
+            Some(filter) => simple_level(filter).unwrap_or("debug").to_owned(),
+            None => "warn".to_owned(),
+        };
+        layer
+    }
+
+    fn spawn(&self, env: Vec<(OsString, OsString)>, layer_socket: &Path) -> Result<Child, Failure> {
+        let (program, args) = self.command.split_first().expect("clap requires CMD");
+        let layer_config = serde_json::to_string(&self.layer_config())
+            .expect("the layer configuration always serialises to JSON");
+        let preload = ld_preload(
+            self.layer,
+            env.iter().find(|(k, _)| k == "LD_PRELOAD").map(|(_, v)| v),
+        );
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .env_clear()
+            .envs(env)
+            .env("LD_PRELOAD", preload)
+            .env(SOCKET_ENV, layer_socket)
+            .env(CONFIG_ENV, layer_config);
+        process::die_with_parent(&mut command);
+        command.spawn().map_err(|e| {
+            let name = Path::new(program).display();
+            match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                    Failure::usage(format!("cannot run `{name}`: {e}"))
+                        .hint("check the command name and that it is on your PATH and executable")
+                }
+                _ => Failure::session(format!("cannot run `{name}`: {e}")),
+            }
+        })
+    }
+}
+
+/// `LD_PRELOAD` with the layer first, before any library already preloaded.
+fn ld_preload(layer: &Path, existing: Option<&OsString>) -> OsString {
+    let mut preload = layer.as_os_str().to_owned();
+    if let Some(existing) = existing.filter(|e| !e.is_empty()) {
+        preload.push(":");
+        preload.push(existing);
+    }
+    preload
+}
+
+/// Waits for CMD to stop after it was asked to; kills it after [`CMD_GRACE`], or at
+/// once on a second signal.
+async fn stop(child: &mut Child, signals: &mut Signals) -> Result<ExitStatus, Failure> {
+    let status = tokio::select! {
+        status = process::wait_or_kill(child, CMD_GRACE) => status,
+        _ = signals.recv() => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    status.map_err(|e| Failure::session(format!("cannot wait for the command: {e}")))
+}
+
+/// SIGINT, SIGTERM and SIGHUP to graft.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, Failure> {
+        let register = |kind| {
+            signal(kind).map_err(|e| Failure::session(format!("cannot handle signals: {e}")))
+        };
+        Ok(Signals {
+            interrupt: register(SignalKind::interrupt())?,
+            terminate: register(SignalKind::terminate())?,
+            hangup: register(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.interrupt.recv() => Signal::SIGINT,
+            _ = self.terminate.recv() => Signal::SIGTERM,
+            _ = self.hangup.recv() => Signal::SIGHUP,
+        }
+    }
+}
+
+/// `user@host`, for the agent's messages.
+fn client_name() -> String {
+    let user =
+        std::env::var("USER").unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid().as_raw()));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_goes_first_in_ld_preload() {
+        let layer = Path::new("/opt/graft/libgraft_layer.so");
+        assert_eq!(
+            ld_preload(layer, None),
+            OsString::from("/opt/graft/libgraft_layer.so")
+        );
+        assert_eq!(
+            ld_preload(layer, Some(&OsString::from("libasan.so"))),
+            OsString::from("/opt/graft/libgraft_layer.so:libasan.so")
+        );
+        assert_eq!(
+            ld_preload(layer, Some(&OsString::new())),
+            OsString::from("/opt/graft/libgraft_layer.so")
+        );
+    }
+
+    #[test]
+    fn a_bad_config_file_is_a_usage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("graft.toml");
+        std::fs::write(&path, "bogus = 1").unwrap();
+        let err = load_file(Some(&path)).unwrap_err();
+        assert_eq!(err.code, crate::failure::EXIT_USAGE);
+        assert!(err.message.contains("graft.toml"), "{}", err.message);
+        let missing = load_file(Some(&dir.path().join("nope.toml"))).unwrap_err();
+        assert_eq!(missing.code, crate::failure::EXIT_USAGE);
+    }
+}
