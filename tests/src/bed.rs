@@ -352,6 +352,25 @@ impl Bed {
         agents_of(self.target_pid)
     }
 
+    /// The pids of processes started through this bed (they carry its slot marker)
+    /// whose command line mentions `needle`: e.g. CMD of a session.
+    pub fn pids_running(&self, needle: &str) -> Vec<u32> {
+        let marker = format!("{SLOT_ENV}={}", self.n);
+        process::processes()
+            .into_iter()
+            .filter(|(_, argv)| argv.iter().any(|a| a.contains(needle)))
+            .filter(|(_, argv)| {
+                argv.first()
+                    .is_some_and(|a| Path::new(a).file_name() != Some("graft".as_ref()))
+            })
+            .filter(|(pid, _)| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
+            })
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
     // ----- local programs ------------------------------------------------------
 
     /// Compiles `fixtures/NAME.c` with `cc` into the bed's temporary directory and

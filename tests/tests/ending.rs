@@ -1,0 +1,172 @@
+//! Item 7 of issue 2, ending: graft exits with CMD's exit code; SIGTERM and Ctrl-C
+//! stop CMD and end the session; whatever ends it — CMD exiting, a signal,
+//! `kill -9` of graft or of the agent — the agent's packet rules are gone and the
+//! target serves its port again within 2 seconds.
+
+use std::time::{Duration, Instant};
+
+use graft_tests::{Bed, Proc, alive, curl, wait_until};
+use nix::sys::signal::Signal;
+
+/// How soon after a session ends its rules must be gone and the target must serve.
+const RESTORE: Duration = Duration::from_secs(2);
+
+/// Waits (at most [`RESTORE`] after `since`) until the target serves `url` again
+/// and no graft rule is left in its namespace.
+fn assert_restored(bed: &Bed, url: &str, since: Instant, session: &Proc) {
+    let restored = wait_until(RESTORE, Duration::from_millis(50), || {
+        let served = curl(url).ok().filter(|b| *b == bed.target_reply());
+        (served.is_some() && !bed.has_graft_rules()).then_some(())
+    });
+    assert!(
+        restored.is_some(),
+        "{:?} after the session ended: {url} answers {:?}; rules:\n{}\n{}",
+        since.elapsed(),
+        curl(url),
+        bed.packet_rules(),
+        session.output_report()
+    );
+}
+
+/// The pids of the local app (http_app.py) started through this bed.
+fn app_pids(bed: &Bed) -> Vec<u32> {
+    bed.pids_running("http_app.py")
+}
+
+#[test]
+fn graft_exits_with_the_exit_code_of_cmd() {
+    let bed = Bed::new();
+    for code in [0, 3, 7, 42] {
+        let out = bed.run(&[], &["sh", "-c", &format!("exit {code}")]);
+        assert_eq!(out.code(), Some(code), "{out}");
+    }
+}
+
+#[test]
+fn session_ends_when_cmd_exits_and_leaves_nothing_behind() {
+    let bed = Bed::new();
+    let script = format!(
+        "import socket, time\n\
+         s = socket.create_server(('0.0.0.0', {port}))\n\
+         time.sleep(3)\n\
+         raise SystemExit(5)",
+        port = bed.app_port
+    );
+    let out = bed.run(&["--steal"], &[graft_tests::python(), "-c", &script]);
+    let ended = Instant::now();
+    assert_eq!(out.code(), Some(5), "{out}");
+    let gone = wait_until(RESTORE, Duration::from_millis(50), || {
+        bed.agent_pids().is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "agents left running: {:?}",
+        bed.agent_pids()
+    );
+    let restored = wait_until(RESTORE, Duration::from_millis(50), || {
+        (!bed.has_graft_rules()).then_some(())
+    });
+    assert!(
+        restored.is_some(),
+        "{:?}: rules left:\n{}",
+        ended.elapsed(),
+        bed.packet_rules()
+    );
+    assert_eq!(
+        curl(&bed.target_url(bed.app_port)).unwrap(),
+        bed.target_reply()
+    );
+}
+
+#[test]
+fn sigterm_to_graft_stops_cmd_and_ends_the_session() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let (mut session, _) = bed.steal(&[], bed.app_port, &url);
+    let apps = app_pids(&bed);
+    assert!(!apps.is_empty(), "cannot find the app's process");
+
+    session.signal(Signal::SIGTERM);
+    let since = Instant::now();
+    assert_restored(&bed, &url, since, &session);
+    let status = session.wait_timeout(Duration::from_secs(10));
+    assert!(
+        status.is_some(),
+        "graft did not exit on SIGTERM\n{}",
+        session.output_report()
+    );
+    let stopped = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        apps.iter().all(|pid| !alive(*pid)).then_some(())
+    });
+    assert!(stopped.is_some(), "CMD survived SIGTERM to graft: {apps:?}");
+    assert!(
+        bed.agent_pids().is_empty(),
+        "agents left: {:?}",
+        bed.agent_pids()
+    );
+}
+
+#[test]
+fn ctrl_c_stops_cmd_and_ends_the_session() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let (mut session, _) = bed.steal(&[], bed.app_port, &url);
+    let apps = app_pids(&bed);
+
+    // A terminal sends SIGINT to the whole foreground process group.
+    session.signal_group(Signal::SIGINT);
+    let since = Instant::now();
+    assert_restored(&bed, &url, since, &session);
+    let status = session.wait_timeout(Duration::from_secs(10));
+    assert!(
+        status.is_some(),
+        "graft did not exit on Ctrl-C\n{}",
+        session.output_report()
+    );
+    let stopped = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        apps.iter().all(|pid| !alive(*pid)).then_some(())
+    });
+    assert!(stopped.is_some(), "CMD survived Ctrl-C: {apps:?}");
+}
+
+#[test]
+fn kill_9_of_graft_restores_the_target_within_2s_and_leaves_no_rules() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let (mut session, _) = bed.steal(&[], bed.app_port, &url);
+    assert!(
+        bed.has_graft_rules(),
+        "no GRAFT chain while stealing:\n{}",
+        bed.packet_rules()
+    );
+
+    session.signal(Signal::SIGKILL);
+    let since = Instant::now();
+    assert_restored(&bed, &url, since, &session);
+    let agents_gone = wait_until(RESTORE, Duration::from_millis(50), || {
+        bed.agent_pids().is_empty().then_some(())
+    });
+    assert!(agents_gone.is_some(), "agents left: {:?}", bed.agent_pids());
+    assert!(session.wait_timeout(Duration::from_secs(1)).is_some());
+}
+
+#[test]
+fn kill_9_of_the_agent_restores_the_target_within_2s() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let (session, _) = bed.steal(&[], bed.app_port, &url);
+    let agents = bed.agent_pids();
+    assert_eq!(
+        agents.len(),
+        1,
+        "expected one agent for the target: {agents:?}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[0] as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let since = Instant::now();
+    assert_restored(&bed, &url, since, &session);
+}

@@ -1,0 +1,143 @@
+//! Item 1 of issue 2, incoming traffic: with `--steal`, connections that reach the
+//! target's namespace on a port CMD listens on are delivered to CMD (IPv4 and
+//! IPv6, `--port-map`), the target's own server sees none of them, and it serves
+//! again as soon as the session ends; without `--steal` nothing changes.
+
+use std::time::{Duration, Instant};
+
+use graft_tests::{Bed, curl, fixture_str, python, wait_until};
+use nix::sys::signal::Signal;
+
+/// How soon after the session ends the target must serve its port again.
+const RESTORE: Duration = Duration::from_secs(2);
+
+#[test]
+fn steal_delivers_ipv4_connections_to_cmd_and_target_serves_again_after_session() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let (mut session, reply) = bed.steal(&[], bed.app_port, &url);
+    assert!(
+        reply.starts_with(&format!("local port={}", bed.app_port)),
+        "{reply}"
+    );
+    for _ in 0..3 {
+        assert!(curl(&url).unwrap().starts_with("local"));
+    }
+
+    session.signal(Signal::SIGTERM);
+    let ended = Instant::now();
+    let served = wait_until(RESTORE, Duration::from_millis(50), || {
+        curl(&url).ok().filter(|body| *body == bed.target_reply())
+    });
+    assert!(
+        served.is_some(),
+        "the target did not serve {url} again within {RESTORE:?} of SIGTERM (last: {:?})\n{}",
+        curl(&url),
+        session.output_report()
+    );
+    assert!(ended.elapsed() <= RESTORE + Duration::from_secs(1));
+    assert!(
+        session.wait_timeout(Duration::from_secs(10)).is_some(),
+        "graft did not exit"
+    );
+}
+
+#[test]
+fn steal_delivers_ipv6_connections_to_cmd() {
+    let bed = Bed::new();
+    let url6 = bed.target_url6(bed.app_port);
+    let (_session, reply) = bed.steal(&[], bed.app_port, &url6);
+    assert!(
+        reply.starts_with(&format!("local port={}", bed.app_port)),
+        "{reply}"
+    );
+    // Both families are stolen by the same session.
+    assert!(
+        curl(&bed.target_url(bed.app_port))
+            .unwrap()
+            .starts_with("local")
+    );
+}
+
+#[test]
+fn steal_target_server_gets_none_of_the_stolen_connections() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let (_session, _) = bed.steal(&[], bed.app_port, &url);
+    let before = bed.target_counts()[&bed.app_port];
+    for _ in 0..5 {
+        assert!(curl(&url).unwrap().starts_with("local"));
+        assert!(
+            curl(&bed.target_url6(bed.app_port))
+                .unwrap()
+                .starts_with("local")
+        );
+    }
+    assert_eq!(
+        bed.target_counts()[&bed.app_port],
+        before,
+        "the target saw stolen requests"
+    );
+    // A port CMD does not listen on is left to the target.
+    assert_eq!(curl(&bed.target_url(80)).unwrap(), bed.target_reply());
+}
+
+#[test]
+fn steal_with_port_map_steals_remote_port_for_cmd_listening_on_local_port() {
+    let bed = Bed::new();
+    let map = format!("{}:80", bed.map_port);
+    let url = bed.target_url(80);
+    let (_session, reply) = bed.steal(&["--port-map", &map], bed.map_port, &url);
+    assert!(
+        reply.starts_with(&format!("local port={}", bed.map_port)),
+        "{reply}"
+    );
+    assert!(curl(&bed.target_url6(80)).unwrap().starts_with("local"));
+    // The app's own port number is not stolen on the target.
+    assert_eq!(
+        curl(&bed.target_url(bed.app_port)).unwrap(),
+        bed.target_reply()
+    );
+}
+
+#[test]
+fn without_steal_incoming_traffic_stays_with_the_target() {
+    let bed = Bed::new();
+    let app = fixture_str("http_app.py");
+    let port = bed.app_port.to_string();
+    let mut session = bed.spawn(
+        bed.graft_run(&[], &[python(), &app, &port]),
+        "graft run -- http_app.py (no --steal)",
+    );
+    // The app is up locally...
+    let local = format!("http://127.0.0.1:{port}/");
+    let up = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        assert!(
+            session.try_status().is_none(),
+            "graft exited\n{}",
+            session.output_report()
+        );
+        curl(&local).ok().filter(|body| body.starts_with("local"))
+    });
+    assert!(
+        up.is_some(),
+        "the app never listened locally\n{}",
+        session.output_report()
+    );
+    // ...and the target still gets its traffic.
+    for _ in 0..3 {
+        assert_eq!(
+            curl(&bed.target_url(bed.app_port)).unwrap(),
+            bed.target_reply()
+        );
+        assert_eq!(
+            curl(&bed.target_url6(bed.app_port)).unwrap(),
+            bed.target_reply()
+        );
+    }
+    assert!(
+        !bed.has_graft_rules(),
+        "rules without --steal:\n{}",
+        bed.packet_rules()
+    );
+}
