@@ -45,12 +45,16 @@ impl SessionDir {
             std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| fail("restrict", &base, e))?;
         }
+        sweep_stale(&base);
         let path = base.join(random_hex(8)?);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
             .map_err(|e| fail("create", &path, e))?;
-        Ok(SessionDir { path })
+        let dir = SessionDir { path };
+        std::fs::write(dir.path.join(PID_FILE), std::process::id().to_string())
+            .map_err(|e| fail("write in", &dir.path, e))?;
+        Ok(dir)
     }
 
     /// The directory.
@@ -63,6 +67,31 @@ impl Drop for SessionDir {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove the session directory");
+        }
+    }
+}
+
+/// The file in a session directory naming the graft process that owns it.
+const PID_FILE: &str = "graft.pid";
+
+/// Removes session directories left behind by a graft that was killed (`kill -9`
+/// gives it no chance to clean up): those whose owner process is gone.
+fn sweep_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(pid) = std::fs::read_to_string(dir.join(PID_FILE)) else {
+            continue;
+        };
+        let alive = pid
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            tracing::debug!(dir = %dir.display(), "removing a stale session directory");
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
 }
@@ -134,5 +163,33 @@ mod tests {
         );
         drop(dir);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn directories_of_dead_sessions_are_swept() {
+        let base = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = base.path().join("stale");
+        let live = base.path().join("live");
+        let foreign = base.path().join("foreign");
+        for (dir, pid) in [
+            (&stale, Some(dead)),
+            (&live, Some(std::process::id())),
+            (&foreign, None),
+        ] {
+            std::fs::create_dir(dir).unwrap();
+            if let Some(pid) = pid {
+                std::fs::write(dir.join(PID_FILE), pid.to_string()).unwrap();
+            }
+        }
+        sweep_stale(base.path());
+        assert!(!stale.exists());
+        assert!(live.exists());
+        assert!(
+            foreign.exists(),
+            "a directory without a pid file is not ours to remove"
+        );
     }
 }
