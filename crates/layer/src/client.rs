@@ -120,10 +120,10 @@ pub fn request(request: &LayerRequest) -> Result<LayerResponse, ClientError> {
                 conn.abandon();
             }
         }
-        if slot.as_ref().is_some_and(|c| !c.still_ours()) {
-            if let Some(conn) = slot.take() {
-                conn.abandon();
-            }
+        if slot.as_ref().is_some_and(|c| !c.still_ours())
+            && let Some(conn) = slot.take()
+        {
+            conn.abandon();
         }
         for attempt in 0..2 {
             if slot.is_none() {

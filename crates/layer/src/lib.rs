@@ -61,15 +61,15 @@ impl State {
             });
             // The program's own installation stays local: its directory, or the
             // parent of a `bin` directory (`/opt/app/bin/app` → `/opt/app`).
-            if let Ok(exe) = std::fs::read_link("/proc/self/exe") {
-                if let Some(dir) = exe.parent() {
-                    let dir = if dir.ends_with("bin") {
-                        dir.parent().unwrap_or(dir)
-                    } else {
-                        dir
-                    };
-                    rules.add_local_dir(&dir.to_string_lossy());
-                }
+            if let Ok(exe) = std::fs::read_link("/proc/self/exe")
+                && let Some(dir) = exe.parent()
+            {
+                let dir = if dir.ends_with("bin") {
+                    dir.parent().unwrap_or(dir)
+                } else {
+                    dir
+                };
+                rules.add_local_dir(&dir.to_string_lossy());
             }
             rules
         })

@@ -340,10 +340,10 @@ fn connect_to(fd: c_int, relay: SocketAddr) -> c_int {
 fn connect_hook(fd: c_int, dest: SocketAddr, real: impl Fn() -> c_int) -> c_int {
     // A repeated connect on a non-blocking socket (to learn whether it finished)
     // must reach the same relay, not open a second remote connection.
-    if let Some(FdKind::Relayed { peer, relay, .. }) = fds::get(fd) {
-        if addr::unmap_socket(peer) == addr::unmap_socket(dest) {
-            return connect_to(fd, relay);
-        }
+    if let Some(FdKind::Relayed { peer, relay, .. }) = fds::get(fd)
+        && addr::unmap_socket(peer) == addr::unmap_socket(dest)
+    {
+        return connect_to(fd, relay);
     }
     let transport = match socket_type(fd) {
         Some(libc::SOCK_STREAM) => Transport::Tcp,
@@ -372,10 +372,10 @@ fn connect_hook(fd: c_int, dest: SocketAddr, real: impl Fn() -> c_int) -> c_int 
 /// The relay for datagrams from `fd` to `dest`, opened on first use.
 fn udp_relay(fd: c_int, dest: SocketAddr) -> Result<SocketAddr, c_int> {
     let dest = addr::unmap_socket(dest);
-    if let Some(FdKind::UdpRelays { relays }) = fds::get(fd) {
-        if let Some((_, relay)) = relays.iter().find(|(remote, _)| *remote == dest) {
-            return Ok(*relay);
-        }
+    if let Some(FdKind::UdpRelays { relays }) = fds::get(fd)
+        && let Some((_, relay)) = relays.iter().find(|(remote, _)| *remote == dest)
+    {
+        return Ok(*relay);
     }
     let (relay, _) = open_remote(dest, Transport::Udp)?;
     match fds::get(fd) {
@@ -515,17 +515,17 @@ pub unsafe extern "C" fn recvfrom(
         }
         let saved = guard::errno();
         // SAFETY: the kernel just filled `*len` bytes of `address`.
-        if let Some(source) = unsafe { addr::from_raw(address, *len) } {
-            if let Some(remote) = unrelay(fd, source) {
-                let raw = RawAddr::new(remote, socket_family(fd));
-                // SAFETY: caller's buffer, as recvfrom(2) requires; we report the full length.
-                unsafe {
-                    let capacity =
-                        std::mem::size_of::<libc::sockaddr_storage>().min(raw.len() as usize);
-                    let mut cap = capacity.max(*len as usize) as socklen_t;
-                    raw.write_to(address, &mut cap);
-                    *len = raw.len();
-                }
+        if let Some(source) = unsafe { addr::from_raw(address, *len) }
+            && let Some(remote) = unrelay(fd, source)
+        {
+            let raw = RawAddr::new(remote, socket_family(fd));
+            // SAFETY: caller's buffer, as recvfrom(2) requires; we report the full length.
+            unsafe {
+                let capacity =
+                    std::mem::size_of::<libc::sockaddr_storage>().min(raw.len() as usize);
+                let mut cap = capacity.max(*len as usize) as socklen_t;
+                raw.write_to(address, &mut cap);
+                *len = raw.len();
             }
         }
         set_errno(saved);
@@ -550,13 +550,13 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
         // SAFETY: `msg` is the caller's valid msghdr; the kernel filled msg_name.
         unsafe {
             let name = (*msg).msg_name as *mut sockaddr;
-            if let Some(source) = addr::from_raw(name, (*msg).msg_namelen) {
-                if let Some(remote) = unrelay(fd, source) {
-                    let raw = RawAddr::new(remote, socket_family(fd));
-                    let mut cap = (*msg).msg_namelen.max(raw.len());
-                    raw.write_to(name, &mut cap);
-                    (*msg).msg_namelen = raw.len();
-                }
+            if let Some(source) = addr::from_raw(name, (*msg).msg_namelen)
+                && let Some(remote) = unrelay(fd, source)
+            {
+                let raw = RawAddr::new(remote, socket_family(fd));
+                let mut cap = (*msg).msg_namelen.max(raw.len());
+                raw.write_to(name, &mut cap);
+                (*msg).msg_namelen = raw.len();
             }
         }
         received

@@ -149,8 +149,8 @@ fn outgoing_tcp_goes_to_the_relay_and_shows_the_remote_address() {
             let mut s = s.unwrap();
             let mut buf = [0u8; 64];
             let n = s.read(&mut buf).unwrap();
-            s.write_all(b"relayed:").unwrap();
-            s.write_all(&buf[..n]).unwrap();
+            // One write, so the program's single recv sees the whole reply.
+            s.write_all(&[b"relayed:", &buf[..n]].concat()).unwrap();
         }
     });
     let target_local: SocketAddr = "198.18.99.2:40000".parse().unwrap();
@@ -270,6 +270,12 @@ fn listen_subscribes_and_accept_reports_the_real_client() {
                 LayerResponse::Ok
             }
             LayerRequest::PeerOf { proxy_side } => {
+                // The program may accept before our connect() returned and
+                // recorded the address; a real proxy records it before connecting.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while delivered_from2.lock().unwrap().is_none() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(5));
+                }
                 if Some(*proxy_side) == *delivered_from2.lock().unwrap() {
                     LayerResponse::Peer(Some(DeliveredPeer {
                         peer: "198.18.99.7:5555".parse().unwrap(),
