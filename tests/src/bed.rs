@@ -104,6 +104,7 @@ impl Bed {
     pub fn new() -> Bed {
         require_root();
         ensure_host_routes();
+        sweep_abandoned();
         let slot = Slot::acquire();
         let n = slot.n();
         teardown(n, None);
@@ -783,6 +784,44 @@ fn teardown(n: u8, target_pid: Option<u32>) {
     }
     let _ = std::fs::remove_dir_all(PathBuf::from(BED_ROOT).join(n.to_string()));
     let _ = std::fs::remove_dir_all(format!("/tmp/graft-testbed/{n}"));
+}
+
+/// Tears down the leftovers of beds whose owner died without cleaning up (a test
+/// process killed by a timeout), once per process: every slot that has a
+/// namespace or directory but no owner.
+fn sweep_abandoned() {
+    static SWEEP: Once = Once::new();
+    SWEEP.call_once(|| {
+        let mut slots = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name
+                .strip_prefix("gt")
+                .and_then(|rest| rest.strip_suffix(['t', 's']))
+                .and_then(|n| n.parse::<u8>().ok())
+            {
+                slots.insert(n);
+            }
+        }
+        for entry in std::fs::read_dir(BED_ROOT).into_iter().flatten().flatten() {
+            if let Ok(n) = entry.file_name().to_string_lossy().parse::<u8>() {
+                slots.insert(n);
+            }
+        }
+        for n in slots
+            .into_iter()
+            .filter(|n| u16::from(*n) < crate::slot::SLOTS)
+        {
+            if let Some(slot) = Slot::try_take(n) {
+                teardown(n, None);
+                drop(slot);
+            }
+        }
+    });
 }
 
 /// Routes the benchmarking ranges `unreachable` on the host, once per process;

@@ -31,27 +31,36 @@ impl Slot {
     ///
     /// When the slot directory cannot be created or every slot is busy.
     pub(crate) fn acquire() -> Slot {
+        let start = std::process::id() % u32::from(SLOTS);
+        (0..u32::from(SLOTS))
+            .find_map(|i| {
+                let n = u8::try_from((start + i) % u32::from(SLOTS)).expect("slots fit in a u8");
+                Slot::try_take(n)
+            })
+            .unwrap_or_else(|| panic!("all {SLOTS} test-bed slots under {BED_ROOT}/slots are busy"))
+    }
+
+    /// Takes slot `n` if nobody holds it.
+    ///
+    /// # Panics
+    ///
+    /// When the slot directory or lock file cannot be created.
+    pub(crate) fn try_take(n: u8) -> Option<Slot> {
         let dir = PathBuf::from(BED_ROOT).join("slots");
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        let start = std::process::id() % u32::from(SLOTS);
-        for i in 0..u32::from(SLOTS) {
-            let n = u8::try_from((start + i) % u32::from(SLOTS)).expect("slots fit in a u8");
-            let path = dir.join(n.to_string());
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .unwrap_or_else(|e| panic!("cannot open slot lock {}: {e}", path.display()));
-            if let Ok(mut lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                // Who owns it, for people looking at a stuck machine.
-                let _ = lock.set_len(0);
-                let _ = writeln!(lock, "{}", std::process::id());
-                return Slot { n, _lock: lock };
-            }
-        }
-        panic!("all {SLOTS} test-bed slots under {BED_ROOT}/slots are busy");
+        let path = dir.join(n.to_string());
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open slot lock {}: {e}", path.display()));
+        let mut lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
+        // Who owns it, for people looking at a stuck machine.
+        let _ = lock.set_len(0);
+        let _ = writeln!(lock, "{}", std::process::id());
+        Some(Slot { n, _lock: lock })
     }
 
     /// The slot's index `N`.

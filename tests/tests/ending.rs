@@ -155,18 +155,36 @@ fn kill_9_of_the_agent_restores_the_target_within_2s() {
     let bed = Bed::new();
     let url = bed.target_url(bed.app_port);
     let (session, _) = bed.steal(&[], bed.app_port, &url);
+    // The agent and its watchdog share a command line: the agent is the one whose
+    // parent is not an agent.
     let agents = bed.agent_pids();
+    let main: Vec<u32> = agents
+        .iter()
+        .copied()
+        .filter(|pid| !agents.contains(&parent_of(*pid)))
+        .collect();
+    let described: Vec<String> = agents
+        .iter()
+        .map(|pid| format!("{pid} (parent {})", parent_of(*pid)))
+        .collect();
     assert_eq!(
-        agents.len(),
+        main.len(),
         1,
-        "expected one agent for the target: {agents:?}"
+        "expected one agent for the target: {described:?}"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agents[0] as i32),
-        Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(main[0] as i32), Signal::SIGKILL).unwrap();
     let since = Instant::now();
     assert_restored(&bed, &url, since, &session);
+}
+
+/// The parent pid of `pid` (0 when it is gone).
+fn parent_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
 }

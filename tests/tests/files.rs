@@ -66,8 +66,8 @@ fn c_program_reads_a_remote_file_with_open_read_lseek_pread_and_fstat() {
         [
             format!("size {size}"),
             format!("first hello from target {}", bed.n),
-            "lseek6 from ".to_owned(),
-            "pread0 hello".to_owned(),
+            "lseek6 [from ]".to_owned(),
+            "pread0 [hello]".to_owned(),
             format!("end {size}"),
         ]
     );
