@@ -179,7 +179,9 @@ fn agent_refuses_an_oversized_frame_without_reading_it() {
     let agent = start_agent(&bed);
     let mut stream = connect(&agent);
     stream.write_all(&u32::MAX.to_be_bytes()).unwrap();
-    stream.write_all(&[0u8; 1024]).unwrap();
+    // The agent may refuse and close as soon as it has read the header; a failed
+    // write of the rest is part of the expected outcome.
+    let _ = stream.write_all(&[0u8; 1024]);
     drain(stream);
     let out = assert_agent_refused(&bed, agent);
     assert!(
