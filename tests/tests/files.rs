@@ -56,7 +56,7 @@ fn python_reads_lists_and_stats_remote_files() {
 }
 
 #[test]
-fn c_program_reads_a_remote_file_with_open_read_lseek_pread_and_fstat() {
+fn c_program_reads_a_remote_file_with_open_read_lseek_pread_readv_mmap_and_fstat() {
     let bed = Bed::new();
     let files = bed.compile("files");
     let out = bed.run(&[], &[&files, "read", &bed.remote("hello.txt")]);
@@ -69,12 +69,14 @@ fn c_program_reads_a_remote_file_with_open_read_lseek_pread_and_fstat() {
             "lseek6 [from ]".to_owned(),
             "pread0 [hello]".to_owned(),
             format!("end {size}"),
+            "readv [hello| from]".to_owned(),
+            "mmap [hello]".to_owned(),
         ]
     );
 }
 
 #[test]
-fn c_program_stats_and_accesses_a_remote_file() {
+fn c_program_stats_and_accesses_a_remote_file_with_stat_lstat_fstatat_statx_access() {
     let bed = Bed::new();
     let files = bed.compile("files");
     let out = bed.run(&[], &[&files, "stat", &bed.remote("big.bin")]);
@@ -83,6 +85,8 @@ fn c_program_stats_and_accesses_a_remote_file() {
         [
             format!("stat {BIG_FILE_LEN}"),
             "lstat-link 0".into(),
+            format!("fstatat {BIG_FILE_LEN}"),
+            format!("statx {BIG_FILE_LEN}"),
             "access 0".into()
         ]
     );
