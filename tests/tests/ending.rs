@@ -28,6 +28,20 @@ fn assert_restored(bed: &Bed, url: &str, since: Instant, session: &Proc) {
     );
 }
 
+/// Waits (until [`RESTORE`] after `since`) for the agent and its watchdog to exit.
+fn assert_agents_gone(bed: &Bed, since: Instant) {
+    let left = RESTORE.saturating_sub(since.elapsed());
+    let gone = wait_until(left, Duration::from_millis(50), || {
+        bed.agent_pids().is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "agents still running {:?} after the session ended: {:?}",
+        since.elapsed(),
+        bed.agent_pids()
+    );
+}
+
 /// The pids of the local app (http_app.py) started through this bed.
 fn app_pids(bed: &Bed) -> Vec<u32> {
     bed.pids_running("http_app.py")
@@ -89,6 +103,7 @@ fn sigterm_to_graft_stops_cmd_and_ends_the_session() {
     session.signal(Signal::SIGTERM);
     let since = Instant::now();
     assert_restored(&bed, &url, since, &session);
+    assert_agents_gone(&bed, since);
     let status = session.wait_timeout(Duration::from_secs(10));
     assert!(
         status.is_some(),
@@ -99,11 +114,6 @@ fn sigterm_to_graft_stops_cmd_and_ends_the_session() {
         apps.iter().all(|pid| !alive(*pid)).then_some(())
     });
     assert!(stopped.is_some(), "CMD survived SIGTERM to graft: {apps:?}");
-    assert!(
-        bed.agent_pids().is_empty(),
-        "agents left: {:?}",
-        bed.agent_pids()
-    );
 }
 
 #[test]
@@ -117,6 +127,7 @@ fn ctrl_c_stops_cmd_and_ends_the_session() {
     session.signal_group(Signal::SIGINT);
     let since = Instant::now();
     assert_restored(&bed, &url, since, &session);
+    assert_agents_gone(&bed, since);
     let status = session.wait_timeout(Duration::from_secs(10));
     assert!(
         status.is_some(),
@@ -143,10 +154,7 @@ fn kill_9_of_graft_restores_the_target_within_2s_and_leaves_no_rules() {
     session.signal(Signal::SIGKILL);
     let since = Instant::now();
     assert_restored(&bed, &url, since, &session);
-    let agents_gone = wait_until(RESTORE, Duration::from_millis(50), || {
-        bed.agent_pids().is_empty().then_some(())
-    });
-    assert!(agents_gone.is_some(), "agents left: {:?}", bed.agent_pids());
+    assert_agents_gone(&bed, since);
     assert!(session.wait_timeout(Duration::from_secs(1)).is_some());
 }
 
@@ -176,6 +184,7 @@ fn kill_9_of_the_agent_restores_the_target_within_2s() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(main[0] as i32), Signal::SIGKILL).unwrap();
     let since = Instant::now();
     assert_restored(&bed, &url, since, &session);
+    assert_agents_gone(&bed, since);
 }
 
 /// The parent pid of `pid` (0 when it is gone).
