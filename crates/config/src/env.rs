@@ -136,7 +136,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     fn get<'a>(v: &'a [(String, String)], k: &str) -> Option<&'a str> {
@@ -158,9 +161,18 @@ mod tests {
 
     #[test]
     fn include_exclude_and_off() {
-        let remote = env(&[("DB_URL", "a"), ("DB_PASS", "b"), ("OTHER", "c"), ("PATH", "/r")]);
-        let rules =
-            EnvRules::new(vec!["DB_*".into(), "PATH".into()], vec!["*_PASS".into()], true).unwrap();
+        let remote = env(&[
+            ("DB_URL", "a"),
+            ("DB_PASS", "b"),
+            ("OTHER", "c"),
+            ("PATH", "/r"),
+        ]);
+        let rules = EnvRules::new(
+            vec!["DB_*".into(), "PATH".into()],
+            vec!["*_PASS".into()],
+            true,
+        )
+        .unwrap();
         let out = merge_env(env(&[("PATH", "/l")]), &remote, &rules);
         assert_eq!(get(&out, "DB_URL"), Some("a"));
         assert_eq!(get(&out, "DB_PASS"), None);
@@ -168,7 +180,10 @@ mod tests {
         assert_eq!(get(&out, "PATH"), Some("/r"));
 
         let off = EnvRules::new(vec![], vec![], false).unwrap();
-        assert_eq!(merge_env(env(&[("A", "1")]), &remote, &off), env(&[("A", "1")]));
+        assert_eq!(
+            merge_env(env(&[("A", "1")]), &remote, &off),
+            env(&[("A", "1")])
+        );
     }
 
     #[test]

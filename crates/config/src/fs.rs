@@ -212,7 +212,11 @@ mod tests {
 
     #[test]
     fn user_rules_override_defaults_local_first() {
-        let r = rules(&["^/etc/ssl/"], &["^/tmp/shared/", "^/etc/ssl/certs/x"], &[]);
+        let r = rules(
+            &["^/etc/ssl/"],
+            &["^/tmp/shared/", "^/etc/ssl/certs/x"],
+            &[],
+        );
         assert!(!r.is_remote("/etc/ssl/certs/x"));
         assert!(r.is_remote("/tmp/shared/a"));
         assert!(!r.is_remote("/tmp/other"));
@@ -220,7 +224,11 @@ mod tests {
 
     #[test]
     fn local_mode_is_never_remote() {
-        let r = FsRules::new(&LayerConfig { fs: FsMode::Local, ..LayerConfig::default() }).unwrap();
+        let r = FsRules::new(&LayerConfig {
+            fs: FsMode::Local,
+            ..LayerConfig::default()
+        })
+        .unwrap();
         assert!(!r.is_remote("/etc/hosts"));
     }
 

@@ -336,14 +336,16 @@ impl Config {
         cwd: Option<&Path>,
         home: Option<&Path>,
     ) -> Result<Config, ConfigError> {
-        let target_text = flags.target.clone().or_else(|| file.target.clone()).ok_or_else(|| {
-            ConfigError::Invalid {
+        let target_text = flags
+            .target
+            .clone()
+            .or_else(|| file.target.clone())
+            .ok_or_else(|| ConfigError::Invalid {
                 what: "target",
                 value: String::new(),
                 reason: "no target given: pass --target pid:PID or set `target` in graft.toml"
                     .into(),
-            }
-        })?;
+            })?;
         let target: Target = target_text.parse()?;
 
         let incoming = if flags.steal {
@@ -410,10 +412,19 @@ mod tests {
     #[test]
     fn port_map_parses_and_maps() {
         let m: PortMapping = "8080:80".parse().unwrap();
-        assert_eq!(m, PortMapping { local: 8080, remote: 80 });
+        assert_eq!(
+            m,
+            PortMapping {
+                local: 8080,
+                remote: 80
+            }
+        );
         assert!("8080".parse::<PortMapping>().is_err());
         assert!("0:80".parse::<PortMapping>().is_err());
-        let cfg = LayerConfig { port_map: vec![m], ..LayerConfig::default() };
+        let cfg = LayerConfig {
+            port_map: vec![m],
+            ..LayerConfig::default()
+        };
         assert_eq!(cfg.remote_port(8080), 80);
         assert_eq!(cfg.remote_port(9090), 9090);
     }
@@ -440,7 +451,13 @@ mod tests {
         let cfg = Config::resolve(&flags, &file, Some(Path::new("/work")), None).unwrap();
         assert_eq!(cfg.target, Target::Pid(7));
         assert_eq!(cfg.layer.incoming, IncomingMode::Steal);
-        assert_eq!(cfg.layer.port_map, vec![PortMapping { local: 3, remote: 4 }]);
+        assert_eq!(
+            cfg.layer.port_map,
+            vec![PortMapping {
+                local: 3,
+                remote: 4
+            }]
+        );
         assert_eq!(cfg.layer.fs, FsMode::Write);
         assert_eq!(cfg.layer.local_dirs, vec!["/work".to_string()]);
     }

@@ -44,10 +44,16 @@ impl std::str::FromStr for OutgoingLocal {
         let port = |p: &str| p.parse::<u16>().map_err(|_| invalid());
         let host_net = |ip: IpAddr| IpNet::from(ip);
         if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(OutgoingLocal { net: host_net(sa.ip()), port: Some(sa.port()) });
+            return Ok(OutgoingLocal {
+                net: host_net(sa.ip()),
+                port: Some(sa.port()),
+            });
         }
         if let Ok(ip) = s.parse::<IpAddr>() {
-            return Ok(OutgoingLocal { net: host_net(ip), port: None });
+            return Ok(OutgoingLocal {
+                net: host_net(ip),
+                port: None,
+            });
         }
         let (addr, prefix_and_port) = s.split_once('/').ok_or_else(invalid)?;
         let (prefix, port) = match prefix_and_port.split_once(':') {
@@ -55,7 +61,10 @@ impl std::str::FromStr for OutgoingLocal {
             None => (prefix_and_port, None),
         };
         let net: IpNet = format!("{addr}/{prefix}").parse().map_err(|_| invalid())?;
-        Ok(OutgoingLocal { net: net.trunc(), port })
+        Ok(OutgoingLocal {
+            net: net.trunc(),
+            port,
+        })
     }
 }
 
@@ -71,9 +80,15 @@ mod tests {
     fn forms_parse() {
         assert_eq!(p("10.0.0.0/8").port, None);
         assert_eq!(p("10.0.0.0/8:5432").port, Some(5432));
-        assert_eq!(p("10.1.2.3:80").net, "10.1.2.3/32".parse::<IpNet>().unwrap());
+        assert_eq!(
+            p("10.1.2.3:80").net,
+            "10.1.2.3/32".parse::<IpNet>().unwrap()
+        );
         assert_eq!(p("fd00::/8:53").port, Some(53));
-        assert_eq!(p("[fd00::1]:80").net, "fd00::1/128".parse::<IpNet>().unwrap());
+        assert_eq!(
+            p("[fd00::1]:80").net,
+            "fd00::1/128".parse::<IpNet>().unwrap()
+        );
         assert!("nonsense".parse::<OutgoingLocal>().is_err());
         assert!("10.0.0.0/8:x".parse::<OutgoingLocal>().is_err());
     }
