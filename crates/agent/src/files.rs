@@ -254,6 +254,7 @@ impl Files {
                 })
             }
             RemoteRequest::ReadLink { path } => self.read_link(&path),
+            RemoteRequest::ReadFile { path, no_follow } => self.read_file(&path, no_follow),
             other => {
                 return RemoteResponse::Error(RemoteError::Unsupported(format!(
                     "{other:?} is not a file request"
@@ -291,6 +292,41 @@ impl Files {
             .expect("file table lock poisoned")
             .insert(handle, std::sync::Arc::new(fd));
         Ok(RemoteResponse::Opened { handle, stat })
+    }
+
+    /// Opens read-only, answers the metadata and the first chunk; keeps the file
+    /// open (a handle in the answer) only when there is more to read.
+    fn read_file(&self, path: &str, no_follow: bool) -> Outcome {
+        let flags = OpenFlags {
+            no_follow,
+            ..OpenFlags::READ
+        };
+        let RemoteResponse::Opened { handle, stat } = self.open(path, &flags, 0)? else {
+            unreachable!("open answers Opened or fails");
+        };
+        if stat.is_dir() {
+            self.close(handle)?;
+            return Ok(RemoteResponse::File {
+                stat,
+                data: Vec::new(),
+                rest: None,
+            });
+        }
+        let data = match self.read(handle, 0, MAX_CHUNK_LEN as u32) {
+            Ok(RemoteResponse::Data(data)) => data,
+            Ok(_) => unreachable!("read answers Data or fails"),
+            Err(e) => {
+                let _ = self.close(handle);
+                return Err(e);
+            }
+        };
+        let rest = if data.len() < MAX_CHUNK_LEN {
+            self.close(handle)?;
+            None
+        } else {
+            Some(handle)
+        };
+        Ok(RemoteResponse::File { stat, data, rest })
     }
 
     fn read(&self, handle: FileHandle, offset: u64, len: u32) -> Outcome {
@@ -415,6 +451,79 @@ mod tests {
         )
         .unwrap();
         (tmp, Files::new(Arc::new(TargetRoot::new(dir))))
+    }
+
+    #[test]
+    fn read_file_answers_small_files_whole_in_one_round_trip() {
+        let (_tmp, files) = fake_root();
+        let answer = files.handle(RemoteRequest::ReadFile {
+            path: "/a/b/../../etc/passwd".into(),
+            no_follow: false,
+        });
+        let RemoteResponse::File { stat, data, rest } = answer else {
+            panic!("expected File, got {answer:?}");
+        };
+        assert_eq!(data, b"inside\n");
+        assert_eq!(stat.size, 7);
+        assert_eq!(rest, None);
+        assert_eq!(files.open_count(), 0, "a small file is not kept open");
+    }
+
+    #[test]
+    fn read_file_keeps_a_handle_for_the_rest_of_a_large_file() {
+        let (tmp, files) = fake_root();
+        let big = vec![b'x'; MAX_CHUNK_LEN + 10];
+        std::fs::write(tmp.path().join("root/big"), &big).unwrap();
+        let answer = files.handle(RemoteRequest::ReadFile {
+            path: "/big".into(),
+            no_follow: false,
+        });
+        let RemoteResponse::File {
+            data,
+            rest: Some(handle),
+            ..
+        } = answer
+        else {
+            panic!("expected File with a handle, got {answer:?}");
+        };
+        assert_eq!(data.len(), MAX_CHUNK_LEN);
+        let tail = files.handle(RemoteRequest::Read {
+            handle,
+            offset: data.len() as u64,
+            len: 100,
+        });
+        assert_eq!(tail, RemoteResponse::Data(vec![b'x'; 10]));
+        assert_eq!(
+            files.handle(RemoteRequest::Close { handle }),
+            RemoteResponse::Done
+        );
+    }
+
+    #[test]
+    fn read_file_of_a_directory_is_metadata_only_and_symlinks_stay_inside() {
+        let (_tmp, files) = fake_root();
+        let answer = files.handle(RemoteRequest::ReadFile {
+            path: "/a".into(),
+            no_follow: false,
+        });
+        assert!(
+            matches!(&answer, RemoteResponse::File { stat, data, rest: None } if stat.is_dir() && data.is_empty()),
+            "{answer:?}"
+        );
+        let answer = files.handle(RemoteRequest::ReadFile {
+            path: "/a/b/rel-link".into(),
+            no_follow: false,
+        });
+        assert!(
+            !matches!(&answer, RemoteResponse::File { data, .. } if data == b"outside\n"),
+            "escaped the root: {answer:?}"
+        );
+        let answer = files.handle(RemoteRequest::ReadFile {
+            path: "/abs-link".into(),
+            no_follow: true,
+        });
+        assert_eq!(answer, RemoteResponse::Error(RemoteError::Os(libc::ELOOP)));
+        assert_eq!(files.open_count(), 0);
     }
 
     /// The file's text, or the response that was not what reading needs.

@@ -232,9 +232,8 @@ fn close_handle(handle: FileHandle) {
     let _ = call(RemoteRequest::Close { handle });
 }
 
-/// Reads the whole remote file behind `handle` into `fd`.
-fn fetch(handle: FileHandle, fd: c_int) -> Result<(), i32> {
-    let mut offset = 0u64;
+/// Reads the remote file behind `handle` from `offset` to its end into `fd`.
+fn fetch(handle: FileHandle, fd: c_int, mut offset: u64) -> Result<(), i32> {
     loop {
         let data = match call(RemoteRequest::Read {
             handle,
@@ -276,6 +275,9 @@ fn open_remote_inner(path: &str, flags: c_int, mode: mode_t, writing: bool) -> R
         }
         return dir_placeholder(path, cloexec);
     }
+    if !writing {
+        return open_read_only(path, flags, cloexec);
+    }
     let mut open_flags = OpenFlags {
         // The memfd must start with the current content to be written back whole.
         read: access != libc::O_WRONLY || !truncate,
@@ -304,23 +306,11 @@ fn open_remote_inner(path: &str, flags: c_int, mode: mode_t, writing: bool) -> R
     let (handle, stat) = match answer {
         Ok(RemoteResponse::Opened { handle, stat }) => (handle, stat),
         Ok(other) => return Err(unexpected("Open", other)),
-        Err(libc::EISDIR) if !writing => {
-            let st = remote_stat(path, true)?;
-            return if st.is_dir() {
-                dir_placeholder(path, cloexec)
-            } else {
-                Err(libc::EISDIR)
-            };
-        }
         Err(e) => return Err(e),
     };
     if stat.is_dir() {
         close_handle(handle);
-        return if writing {
-            Err(libc::EISDIR)
-        } else {
-            dir_placeholder(path, cloexec)
-        };
+        return Err(libc::EISDIR);
     }
     let fd = match memfd(basename(path), true) {
         Ok(fd) => fd,
@@ -330,18 +320,12 @@ fn open_remote_inner(path: &str, flags: c_int, mode: mode_t, writing: bool) -> R
         }
     };
     let fetched = if open_flags.read && !truncate {
-        fetch(handle, fd)
+        fetch(handle, fd, 0)
     } else {
         Ok(())
     };
-    let writeback = writing.then_some(handle);
-    if writeback.is_none() {
-        close_handle(handle);
-    }
     if let Err(e) = fetched {
-        if let Some(handle) = writeback {
-            close_handle(handle);
-        }
+        close_handle(handle);
         real_close(fd);
         return Err(e);
     }
@@ -351,18 +335,63 @@ fn open_remote_inner(path: &str, flags: c_int, mode: mode_t, writing: bool) -> R
         FdKind::RemoteFile(RemoteFile {
             path: path.to_owned(),
             stat,
-            writeback,
+            writeback: Some(handle),
         }),
     );
     layer_log!(
         debug,
-        "remote file {path} opened as fd {fd} ({} bytes{})",
-        real_fstat(fd).map_or(0, |s| s.st_size),
-        if writeback.is_some() {
-            ", written back"
-        } else {
-            ""
+        "remote file {path} opened for writing as fd {fd} ({} bytes, written back on close)",
+        real_fstat(fd).map_or(0, |s| s.st_size)
+    );
+    Ok(fd)
+}
+
+/// The common case, a read-only open: one `ReadFile` round trip brings the
+/// metadata and the first chunk (all of a file up to 1 MiB); only longer files
+/// take more `Read`s.
+fn open_read_only(path: &str, flags: c_int, cloexec: bool) -> Result<c_int, i32> {
+    let (stat, data, rest) = match call(RemoteRequest::ReadFile {
+        path: path.to_owned(),
+        no_follow: flags & libc::O_NOFOLLOW != 0,
+    })? {
+        RemoteResponse::File { stat, data, rest } => (stat, data, rest),
+        other => return Err(unexpected("ReadFile", other)),
+    };
+    if stat.is_dir() {
+        if let Some(handle) = rest {
+            close_handle(handle);
         }
+        return dir_placeholder(path, cloexec);
+    }
+    let filled = memfd(basename(path), true).and_then(|fd| {
+        let result = write_all(fd, &data).and_then(|()| match rest {
+            Some(handle) => fetch(handle, fd, data.len() as u64),
+            None => Ok(()),
+        });
+        match result {
+            Ok(()) => Ok(fd),
+            Err(e) => {
+                real_close(fd);
+                Err(e)
+            }
+        }
+    });
+    if let Some(handle) = rest {
+        close_handle(handle);
+    }
+    let fd = finish_fd(filled?, flags);
+    fds::insert(
+        fd,
+        FdKind::RemoteFile(RemoteFile {
+            path: path.to_owned(),
+            stat,
+            writeback: None,
+        }),
+    );
+    layer_log!(
+        debug,
+        "remote file {path} opened as fd {fd} ({} bytes)",
+        stat.size
     );
     Ok(fd)
 }

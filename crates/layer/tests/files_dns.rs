@@ -22,6 +22,7 @@ use std::{
 };
 
 use graft_config::{FsMode, LayerConfig};
+use graft_protocol::codec::MAX_CHUNK_LEN;
 use graft_protocol::{
     PROTOCOL_VERSION,
     codec::{read_frame, write_frame},
@@ -187,6 +188,44 @@ impl Target {
                         }
                     }
                     Err(e) => os_err(e),
+                }
+            }
+            RemoteRequest::ReadFile { path, no_follow } => {
+                let mut o = OpenOptions::new();
+                o.read(true);
+                if *no_follow {
+                    o.custom_flags(libc::O_NOFOLLOW);
+                }
+                let (m, f) = match o.open(self.at(path)).and_then(|f| Ok((f.metadata()?, f))) {
+                    Ok(opened) => opened,
+                    Err(e) => return os_err(e),
+                };
+                if m.is_dir() {
+                    return RemoteResponse::File {
+                        stat: file_stat(&m),
+                        data: Vec::new(),
+                        rest: None,
+                    };
+                }
+                let mut data = vec![0; MAX_CHUNK_LEN];
+                let mut got = 0;
+                while got < data.len() {
+                    match f.read_at(&mut data[got..], got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) => return os_err(e),
+                    }
+                }
+                data.truncate(got);
+                let rest = (got == MAX_CHUNK_LEN).then(|| {
+                    let handle = self.next.fetch_add(1, Ordering::Relaxed);
+                    self.handles.lock().unwrap().insert(handle, f);
+                    handle
+                });
+                RemoteResponse::File {
+                    stat: file_stat(&m),
+                    data,
+                    rest,
                 }
             }
             RemoteRequest::Read {
@@ -989,7 +1028,15 @@ with open('/srv/fake/big-copy.txt', 'wb') as f:
         .lock()
         .unwrap()
         .iter()
-        .filter(|r| matches!(r, RemoteRequest::Read { .. }))
+        .filter(|r| {
+            matches!(
+                r,
+                RemoteRequest::ReadFile { .. } | RemoteRequest::Read { .. }
+            )
+        })
         .count();
-    assert_eq!(reads, 3, "1 MiB chunks until a short one");
+    assert_eq!(
+        reads, 3,
+        "the first 1 MiB with ReadFile, then 1 MiB Reads until a short one"
+    );
 }

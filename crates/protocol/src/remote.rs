@@ -118,6 +118,16 @@ pub enum RemoteRequest {
         /// Absolute path as the target sees it.
         path: String,
     },
+    /// Open `path` read-only and return its metadata and its first
+    /// [`crate::codec::MAX_CHUNK_LEN`] bytes in one round trip (the common case of
+    /// a program reading a small file). Answered with [`RemoteResponse::File`].
+    /// A directory is answered with its metadata and no data.
+    ReadFile {
+        /// Absolute path as the target sees it.
+        path: String,
+        /// `O_NOFOLLOW`: fail with `ELOOP` on a symlink in the last component.
+        no_follow: bool,
+    },
 }
 
 /// The answer to one [`RemoteRequest`].
@@ -154,6 +164,18 @@ pub enum RemoteResponse {
     Link(String),
     /// The operation failed.
     Error(RemoteError),
+    /// The answer to [`RemoteRequest::ReadFile`].
+    File {
+        /// Metadata of the opened file.
+        stat: FileStat,
+        /// The file's first bytes (all of it when `rest` is `None`).
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// When the file is longer than `data`: a handle, open for reading, for
+        /// the rest ([`RemoteRequest::Read`] from offset `data.len()`), to be
+        /// closed with [`RemoteRequest::Close`].
+        rest: Option<FileHandle>,
+    },
 }
 
 /// Why a remote operation failed.
