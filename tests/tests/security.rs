@@ -365,8 +365,40 @@ fn file_requests_on_the_link_cannot_leave_the_target_root() {
     );
 }
 
-/// Opens `path` on the link and reads its first 4 KiB; `None` when it fails.
+/// Reads `path` on the link both ways a client can (`ReadFile`, and `Open` +
+/// `Read`); `None` when both fail. Panics when they disagree.
 fn read_whole(link: &mut UnixStream, next: &mut impl FnMut() -> u64, path: &str) -> Option<String> {
+    let one_trip = request(
+        link,
+        next(),
+        RemoteRequest::ReadFile {
+            path: path.to_owned(),
+            no_follow: false,
+        },
+    );
+    let one_trip = match one_trip {
+        RemoteResponse::File { data, rest, .. } => {
+            if let Some(handle) = rest {
+                request(link, next(), RemoteRequest::Close { handle });
+            }
+            Some(String::from_utf8_lossy(&data).into_owned())
+        }
+        _ => None,
+    };
+    let opened = open_and_read(link, next, path);
+    assert_eq!(
+        one_trip, opened,
+        "ReadFile and Open+Read disagree on {path}"
+    );
+    opened
+}
+
+/// Opens `path` on the link and reads its first 4 KiB; `None` when it fails.
+fn open_and_read(
+    link: &mut UnixStream,
+    next: &mut impl FnMut() -> u64,
+    path: &str,
+) -> Option<String> {
     let opened = request(
         link,
         next(),
