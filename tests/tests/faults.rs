@@ -1,7 +1,8 @@
 //! Issue 5, fault tests: graft or its agent killed with `kill -9` at the points
 //! `ending.rs` does not cover (graft before any traffic and in the middle of a
-//! stolen transfer; the agent while CMD holds a remote connection), the target
-//! process exiting mid-session, and 1000 concurrent connections through a steal.
+//! stolen transfer; the agent while CMD holds a remote connection and while it
+//! streams through one, which cuts the link mid-transfer), the target process
+//! exiting mid-session, and 1000 concurrent connections through a steal.
 //!
 //! After every fault the target serves its port again within 2 s, no `GRAFT`
 //! chain is left in its namespace (`iptables-save`, `ip6tables-save`), no agent or
@@ -10,6 +11,7 @@
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use graft_tests::{Bed, Proc, STEAL_TIMEOUT, alive, curl, python, wait_until};
@@ -172,6 +174,7 @@ fn kill_9_of_graft_before_any_traffic_restores_the_target_and_leaves_no_agent() 
         session.output_report()
     );
     let apps = bed.pids_running(APP);
+    assert!(!apps.is_empty(), "cannot find CMD's process");
 
     session.signal(Signal::SIGKILL);
     let since = Instant::now();
@@ -285,6 +288,94 @@ fn kill_9_of_the_agent_ends_graft_with_a_clear_message_and_resets_cmds_remote_co
         "graft did not say it lost its agent\n{}",
         session.output_report()
     );
+}
+
+/// A server for the service's namespace (`python3 -c STREAMER PORT`): sends
+/// endless 64 KiB chunks to every connection.
+const STREAMER: &str = r#"
+import socket, sys, threading
+server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+def stream(conn):
+    try:
+        while True:
+            conn.sendall(b"z" * 65536)
+    except OSError:
+        pass
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=stream, args=(conn,), daemon=True).start()
+"#;
+
+#[test]
+fn link_cut_mid_outgoing_transfer_resets_cmds_connection() {
+    let bed = Bed::new();
+    let port: u16 = 5000;
+    let mut streamer = Command::new("ip");
+    streamer
+        .args(["netns", "exec", &bed.service_ns, python(), "-c", STREAMER])
+        .arg(port.to_string());
+    let _streamer = bed.spawn(streamer, "streamer in the service netns");
+    let service = SocketAddr::from((bed.service_v4, port));
+    let up = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        bed.in_target_netns(move || {
+            TcpStream::connect_timeout(&service, Duration::from_secs(1)).ok()
+        })
+        .map(drop)
+    });
+    assert!(up.is_some(), "the streamer did not come up at {service}");
+    // CMD only reads (so the error of a reset reaches its recv, not a writer):
+    // it reports `flowing` after 1 MiB, then how the stream ended. SIGTERM from
+    // graft is ignored so the report is not cut short.
+    let script = format!(
+        "import signal, socket\n\
+         signal.signal(signal.SIGTERM, lambda *a: None)\n\
+         s = socket.create_connection(('{svc}', {port}), timeout=10)\n\
+         got, told = 0, False\n\
+         s.settimeout(4)\n\
+         try:\n    while True:\n        n = len(s.recv(65536))\n        if n == 0:\n            print('eof', flush=True); break\n        got += n\n        if got >= 1 << 20 and not told:\n            print('flowing', flush=True); told = True\n\
+         except ConnectionResetError:\n    print('reset', flush=True)\n\
+         except socket.timeout:\n    print('hung', flush=True)\n",
+        svc = bed.service_v4,
+    );
+    let command = bed.graft_run(&[], &[python(), "-c", &script]);
+    let mut session = bed.spawn(command, "graft run -- streamer");
+    let flowing = wait_until(STEAL_TIMEOUT, Duration::from_millis(50), || {
+        if let Some(status) = session.try_status() {
+            panic!(
+                "graft exited ({status}) before the transfer flowed\n{}",
+                session.output_report()
+            );
+        }
+        session.stdout().contains("flowing").then_some(())
+    });
+    assert!(
+        flowing.is_some(),
+        "the outgoing transfer did not flow within {STEAL_TIMEOUT:?}\n{}",
+        session.output_report()
+    );
+
+    kill_9(agent_of(&bed, session.pid()));
+    let status = session.wait_timeout(END_TIMEOUT);
+    assert!(
+        status.is_some(),
+        "graft still runs {END_TIMEOUT:?} after the link was cut\n{}",
+        session.output_report()
+    );
+    let out = session.stdout();
+    assert!(
+        out.lines().last() == Some("reset"),
+        "CMD's transfer was not reset when the link was cut\n{}",
+        session.output_report()
+    );
+    assert!(
+        !status.unwrap().success() && session.stderr().contains("lost the link to the agent"),
+        "{}",
+        session.output_report()
+    );
+    let gone = wait_until(RESTORE, Duration::from_millis(50), || {
+        bed.agent_pids().is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "agents left: {:?}", bed.agent_pids());
 }
 
 #[test]
