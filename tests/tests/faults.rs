@@ -4,9 +4,10 @@
 //! streams through one, which cuts the link mid-transfer), the target process
 //! exiting mid-session, and 1000 concurrent connections through a steal.
 //!
-//! After every fault the target serves its port again within 2 s, no `GRAFT`
-//! chain is left in its namespace (`iptables-save`, `ip6tables-save`), no agent or
-//! watchdog of the session remains, and whatever graft says about it is a clear
+//! After graft or its agent is killed during a steal, the target serves its port
+//! again within 2 s and no `GRAFT` chain is left in its namespace
+//! (`iptables-save`, `ip6tables-save`); after every fault no agent or watchdog of
+//! the session remains within 2 s, and whatever graft says about it is a clear
 //! message rather than a hang or a panic.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
