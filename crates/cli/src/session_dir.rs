@@ -52,7 +52,11 @@ impl SessionDir {
             .create(&path)
             .map_err(|e| fail("create", &path, e))?;
         let dir = SessionDir { path };
-        std::fs::write(dir.path.join(PID_FILE), std::process::id().to_string())
+        // Written aside and renamed, so a concurrent sweep never reads it half
+        // written.
+        let tmp = dir.path.join(format!("{PID_FILE}.tmp"));
+        std::fs::write(&tmp, std::process::id().to_string())
+            .and_then(|()| std::fs::rename(&tmp, dir.path.join(PID_FILE)))
             .map_err(|e| fail("write in", &dir.path, e))?;
         Ok(dir)
     }
@@ -85,11 +89,11 @@ fn sweep_stale(base: &Path) {
         let Ok(pid) = std::fs::read_to_string(dir.join(PID_FILE)) else {
             continue;
         };
-        let alive = pid
-            .trim()
-            .parse::<u32>()
-            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
+        let Ok(pid) = pid.trim().parse::<u32>() else {
+            // Not a pid graft wrote: not ours to judge.
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
             tracing::debug!(dir = %dir.display(), "removing a stale session directory");
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -174,14 +178,16 @@ mod tests {
         let stale = base.path().join("stale");
         let live = base.path().join("live");
         let foreign = base.path().join("foreign");
+        let half_written = base.path().join("half-written");
         for (dir, pid) in [
-            (&stale, Some(dead)),
-            (&live, Some(std::process::id())),
+            (&stale, Some(dead.to_string())),
+            (&live, Some(std::process::id().to_string())),
             (&foreign, None),
+            (&half_written, Some(String::new())),
         ] {
             std::fs::create_dir(dir).unwrap();
             if let Some(pid) = pid {
-                std::fs::write(dir.join(PID_FILE), pid.to_string()).unwrap();
+                std::fs::write(dir.join(PID_FILE), pid).unwrap();
             }
         }
         sweep_stale(base.path());
@@ -190,6 +196,10 @@ mod tests {
         assert!(
             foreign.exists(),
             "a directory without a pid file is not ours to remove"
+        );
+        assert!(
+            half_written.exists(),
+            "regression: a sweep raced a graft still writing its pid file and removed its session"
         );
     }
 }
