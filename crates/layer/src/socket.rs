@@ -265,23 +265,34 @@ unsafe fn after_accept(
     new_fd
 }
 
-/// `accept(2)`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    // SAFETY: forwards the caller's arguments unchanged.
-    let real = || unsafe {
-        real!(accept(fd, address, len): fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)
-    };
+/// The shared body of `accept` and `accept4`: `real` performs the call.
+fn accept_with(
+    fd: c_int,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+    real: impl Fn() -> c_int,
+) -> c_int {
     if fds::is_empty() {
         return real();
     }
-    hooked(real, || {
+    hooked(&real, || {
         let new_fd = real();
         if new_fd < 0 {
             return new_fd;
         }
         // SAFETY: the caller's buffer obeys accept(2)'s contract.
         unsafe { after_accept(fd, new_fd, address, len) }
+    })
+}
+
+/// `accept(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    accept_with(fd, address, len, || {
+        // SAFETY: forwards the caller's arguments unchanged.
+        unsafe {
+            real!(accept(fd, address, len): fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)
+        }
     })
 }
 
@@ -293,20 +304,12 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
-    // SAFETY: forwards the caller's arguments unchanged.
-    let real = || unsafe {
-        real!(accept4(fd, address, len, flags): fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int)
-    };
-    if fds::is_empty() {
-        return real();
-    }
-    hooked(real, || {
-        let new_fd = real();
-        if new_fd < 0 {
-            return new_fd;
+    accept_with(fd, address, len, || {
+        // SAFETY: forwards the caller's arguments unchanged.
+        unsafe {
+            real!(accept4(fd, address, len, flags)
+                : fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int)
         }
-        // SAFETY: the caller's buffer obeys accept4(2)'s contract.
-        unsafe { after_accept(fd, new_fd, address, len) }
     })
 }
 
