@@ -1,0 +1,50 @@
+//! graft's Kubernetes layer: between the CLI and the Kubernetes API.
+//!
+//! It turns a target (`deploy/api/container/web`) into one pod and container,
+//! places the agent beside it, and opens the port-forward the proxy's session
+//! runs over. Pure parts (the target grammar, pod and container choice, the
+//! manifests graft sends, the RBAC permissions) are kept apart from the parts
+//! that talk to a cluster (`resolve`, `place`, `events`), so they are tested
+//! without one.
+//!
+//! A session with a Kubernetes target, in the order the CLI calls this crate:
+//!
+//! 1. [`KubeTarget`] from the `--target` text; [`connect`] with the kubectl
+//!    flags ([`ClientOptions`]) gives a [`Cluster`];
+//! 2. [`resolve`] → a [`Resolution`]: the chosen pod, container, container ID
+//!    and node, and every candidate pod (the CLI says which it took);
+//! 3. [`AgentOptions`] with the session ID and [`SecretDigest::of`] the
+//!    session secret (the secret itself never enters a spec: see
+//!    [`manifest`]); then [`add_ephemeral_agent`] (default) or
+//!    [`create_node_agent`] (`--agent-mode node`);
+//! 4. [`wait_for_agent`] → the agent's loopback port, or an error with the
+//!    pod's events;
+//! 5. [`port_forward`] → the byte stream for the session's link;
+//! 6. at the end, [`delete_node_agent`] in node mode (ephemeral containers
+//!    cannot be removed; the agent exits by itself).
+//!
+//! The agent image's `graft-agent` must accept what [`manifest`] sends:
+//! `GRAFT_AGENT_SECRET_SHA256` instead of `GRAFT_AGENT_SECRET`, and in node
+//! mode `--target-container-id ID` instead of `--target-pid`.
+//!
+//! Only APIs that are GA since Kubernetes 1.25 are used. `deploy/rbac.yaml`
+//! grants exactly the permissions in [`rbac::ALL`].
+
+mod error;
+pub mod events;
+pub mod manifest;
+pub mod place;
+pub mod rbac;
+mod resolve;
+pub mod select;
+mod target;
+
+pub use error::KubeError;
+pub use manifest::{AgentOptions, SecretDigest, SessionId};
+pub use place::{
+    AgentMode, AgentPlacement, AgentReady, PortForward, add_ephemeral_agent, agent_pods,
+    create_node_agent, delete_node_agent, port_forward, wait_for_agent,
+};
+pub use resolve::{ClientOptions, Cluster, Resolution, connect, resolve};
+pub use select::{ContainerChoice, ContainerReason, ResolvedTarget};
+pub use target::{KubeTarget, ParseTargetError, WorkloadKind};
