@@ -163,6 +163,14 @@ pub enum KubeError {
         pod: String,
     },
 
+    /// The pod was deleted and re-created under the same name (a StatefulSet
+    /// pod, say) between resolution and placement.
+    #[error("pod {pod:?} was replaced since graft chose it; run graft again to target the new one")]
+    PodReplaced {
+        /// The pod.
+        pod: String,
+    },
+
     /// The cluster does not serve `pods/ephemeralcontainers`.
     #[error(
         "this cluster does not support ephemeral containers (Kubernetes 1.25 or newer is \

@@ -192,7 +192,7 @@ pub fn parse_ready_line(line: &str) -> Option<u16> {
 /// the subresource; [`KubeError::Forbidden`] without `patch
 /// pods/ephemeralcontainers`; [`KubeError::AdmissionRejected`] when Pod
 /// Security refuses the agent's capabilities; [`KubeError::NotFound`] when
-/// the pod is gone.
+/// the pod is gone; [`KubeError::PodReplaced`] when it was re-created.
 pub async fn add_ephemeral_agent(
     client: &Client,
     target: &ResolvedTarget,
@@ -223,6 +223,12 @@ pub async fn add_ephemeral_agent(
     .map_err(|e| {
         if is_missing_subresource(&e) {
             return KubeError::EphemeralContainersUnsupported;
+        }
+        // The UID in the patch is a precondition: 409 when it no longer matches.
+        if matches!(&e, kube::Error::Api(s) if s.code == 409) {
+            return KubeError::PodReplaced {
+                pod: target.pod.clone(),
+            };
         }
         KubeError::from_api(
             e,

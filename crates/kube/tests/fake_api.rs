@@ -415,3 +415,19 @@ async fn an_image_that_cannot_be_pulled_fails_with_the_pod_events() {
     );
     assert!(msg.contains("kind load image-archive"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_pod_replaced_since_resolution_is_not_patched() {
+    let resolved = resolved_api_pod().await;
+    let (client, _) = fake_client(|_, _, _| {
+        status(
+            409,
+            "Conflict",
+            "Precondition failed: UID in precondition: uid-api-1, UID in object meta: uid-new",
+        )
+    });
+    let err = add_ephemeral_agent(&client, &resolved, &options())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KubeError::PodReplaced { .. }), "{err:?}");
+}
