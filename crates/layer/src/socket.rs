@@ -662,15 +662,13 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     })
 }
 
-/// `dup(2)`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
-    // SAFETY: forwards the caller's argument unchanged.
-    let real = || unsafe { real!(dup(fd): fn(c_int) -> c_int) };
+/// The shared body of `dup` and `fcntl(F_DUPFD*)`: `real` returns a new
+/// descriptor duplicating `fd`.
+fn dup_with(fd: c_int, real: impl Fn() -> c_int) -> c_int {
     if fds::is_empty() {
         return real();
     }
-    hooked(real, || {
+    hooked(&real, || {
         let new = real();
         if new >= 0 {
             fds::duplicate(fd, new);
@@ -679,15 +677,13 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     })
 }
 
-/// `dup2(2)`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    // SAFETY: forwards the caller's arguments unchanged.
-    let real = || unsafe { real!(dup2(old, new): fn(c_int, c_int) -> c_int) };
+/// The shared body of `dup2` and `dup3`: `real` makes `new` a duplicate of
+/// `old`, closing what `new` was first.
+fn dup_onto(old: c_int, new: c_int, real: impl Fn() -> c_int) -> c_int {
     if fds::is_empty() {
         return real();
     }
-    hooked(real, || {
+    hooked(&real, || {
         if old != new {
             forget(new);
         }
@@ -699,23 +695,28 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     })
 }
 
+/// `dup(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: forwards the caller's argument unchanged.
+    dup_with(fd, || unsafe { real!(dup(fd): fn(c_int) -> c_int) })
+}
+
+/// `dup2(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    dup_onto(old, new, || unsafe {
+        real!(dup2(old, new): fn(c_int, c_int) -> c_int)
+    })
+}
+
 /// `dup3(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     // SAFETY: forwards the caller's arguments unchanged.
-    let real = || unsafe { real!(dup3(old, new, flags): fn(c_int, c_int, c_int) -> c_int) };
-    if fds::is_empty() {
-        return real();
-    }
-    hooked(real, || {
-        if old != new {
-            forget(new);
-        }
-        let rc = real();
-        if rc >= 0 {
-            fds::duplicate(old, new);
-        }
-        rc
+    dup_onto(old, new, || unsafe {
+        real!(dup3(old, new, flags): fn(c_int, c_int, c_int) -> c_int)
     })
 }
 
@@ -725,16 +726,10 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
     // SAFETY: forwards the caller's arguments unchanged.
     let real = || unsafe { real!(fcntl(fd, cmd, arg): fn(c_int, c_int, libc::c_ulong) -> c_int) };
-    if fds::is_empty() || (cmd != libc::F_DUPFD && cmd != libc::F_DUPFD_CLOEXEC) {
+    if cmd != libc::F_DUPFD && cmd != libc::F_DUPFD_CLOEXEC {
         return real();
     }
-    hooked(real, || {
-        let new = real();
-        if new >= 0 {
-            fds::duplicate(fd, new);
-        }
-        new
-    })
+    dup_with(fd, real)
 }
 
 /// `fcntl64`, glibc's large-file alias of [`fcntl`].
