@@ -19,6 +19,7 @@
 //! This crate does no I/O of its own beyond encoding and decoding frames.
 
 pub mod codec;
+pub mod incoming;
 pub mod layer;
 pub mod link;
 pub mod remote;

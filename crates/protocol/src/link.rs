@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::incoming::Subscription;
 use crate::{
     ConnectionId, RequestId, Transport,
     remote::{RemoteRequest, RemoteResponse},
@@ -74,14 +75,14 @@ pub enum ClientMessage {
         /// The operation.
         request: RemoteRequest,
     },
-    /// Steal incoming TCP connections to `port` of the target (IPv4 and IPv6).
-    /// Answered by [`AgentMessage::StealResult`].
-    Steal {
-        /// The target's port.
-        port: u16,
-    },
-    /// Stop stealing `port`; its packet rules are removed at once.
-    Unsteal {
+    /// Steal or mirror incoming TCP connections (or HTTP requests) to a port of
+    /// the target (IPv4 and IPv6). Answered by [`AgentMessage::SubscribeResult`].
+    /// A session has at most one subscription per port; a second one replaces
+    /// the first.
+    Subscribe(Subscription),
+    /// Drop the subscription of `port`; the agent stops delivering at once and
+    /// removes the port's packet rules when no session holds it any more.
+    Unsubscribe {
         /// The target's port.
         port: u16,
     },
@@ -130,11 +131,12 @@ pub enum AgentMessage {
         /// The answer.
         response: RemoteResponse,
     },
-    /// The answer to [`ClientMessage::Steal`].
-    StealResult {
+    /// The answer to [`ClientMessage::Subscribe`].
+    SubscribeResult {
         /// The port asked for.
         port: u16,
-        /// `None` on success, else what failed and what to do.
+        /// `None` on success, else what failed and what to do (e.g. the port is
+        /// already stolen by another session, named with its user and start).
         error: Option<String>,
     },
     /// The answer to a successful [`ClientMessage::Connect`].
@@ -151,7 +153,9 @@ pub enum AgentMessage {
         /// The Linux `errno` of the failed `connect`.
         errno: i32,
     },
-    /// A stolen incoming connection.
+    /// An incoming connection for a subscription: a stolen connection, a
+    /// connection that carries stolen HTTP requests, or a mirrored copy (whose
+    /// answers the agent reads and drops).
     Incoming {
         /// Chosen by the agent, with [`ConnectionId::AGENT_BIT`] set.
         conn: ConnectionId,

@@ -128,6 +128,9 @@ pub enum RemoteRequest {
         /// `O_NOFOLLOW`: fail with `ELOOP` on a symlink in the last component.
         no_follow: bool,
     },
+    /// List every session's subscriptions on this target (`graft ls`), the
+    /// asking session's own included. Answered with [`RemoteResponse::Sessions`].
+    Sessions,
 }
 
 /// The answer to one [`RemoteRequest`].
@@ -176,6 +179,8 @@ pub enum RemoteResponse {
         /// closed with [`RemoteRequest::Close`].
         rest: Option<FileHandle>,
     },
+    /// The answer to [`RemoteRequest::Sessions`], oldest subscription first.
+    Sessions(Vec<crate::incoming::SessionListing>),
 }
 
 /// Why a remote operation failed.

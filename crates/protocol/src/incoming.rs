@@ -1,0 +1,142 @@
+//! Incoming traffic: how a session subscribes to a port of the target, the HTTP
+//! filter it may attach, and the listing of the sessions on a target.
+//!
+//! A subscription is a port, a [`IncomingMode`] and an optional [`HttpFilterSpec`].
+//! The filter travels as text (regular expressions in the syntax of the Rust
+//! `regex` crate, <https://docs.rs/regex/latest/regex/#syntax>) and is compiled by
+//! the agent, so a bad expression is an error of that one subscription.
+//!
+//! The filter is flat on purpose (one list combined all-of or any-of): a
+//! recursive type would let a malicious frame nest deep enough to overflow the
+//! decoder's stack.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What happens to the target's incoming connections on a subscribed port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum IncomingMode {
+    /// The connections (or, with a filter, the matching requests) go to the
+    /// session instead of the target.
+    Steal,
+    /// The target keeps serving; the session receives a copy of the incoming bytes
+    /// (or, with a filter, of the matching requests) and its answers are dropped.
+    Mirror,
+}
+
+impl fmt::Display for IncomingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IncomingMode::Steal => "steal",
+            IncomingMode::Mirror => "mirror",
+        })
+    }
+}
+
+/// How the rules of an [`HttpFilterSpec`] combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Combine {
+    /// A request matches when every rule matches.
+    AllOf,
+    /// A request matches when at least one rule matches.
+    AnyOf,
+}
+
+/// One rule of an HTTP filter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FilterRule {
+    /// A regular expression that must match (search, not anchored) at least one
+    /// header line written `name: value`, with the name in lower case (HTTP field
+    /// names are case-insensitive, RFC 9110 §5.1). The expression is compiled
+    /// case-insensitively; `(?-i)` in it turns that off.
+    Header(String),
+    /// A regular expression that must match (search, not anchored) the request
+    /// target's path and query, e.g. `/api/users?id=7` (RFC 9110 §7.1).
+    Path(String),
+    /// A method that must equal the request's (methods are case-sensitive, RFC 9110
+    /// §9.1; conventional methods are upper case).
+    Method(String),
+}
+
+/// An HTTP filter: which requests of a connection a subscription takes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HttpFilterSpec {
+    /// How the rules combine.
+    pub combine: Combine,
+    /// The rules; an empty list matches every request.
+    pub rules: Vec<FilterRule>,
+}
+
+impl fmt::Display for FilterRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FilterRule::Header(re) => write!(f, "header~{re:?}"),
+            FilterRule::Path(re) => write!(f, "path~{re:?}"),
+            FilterRule::Method(m) => write!(f, "method={m}"),
+        }
+    }
+}
+
+impl fmt::Display for HttpFilterSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sep = match self.combine {
+            Combine::AllOf => " and ",
+            Combine::AnyOf => " or ",
+        };
+        if self.rules.is_empty() {
+            return f.write_str("any request");
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if i > 0 {
+                f.write_str(sep)?;
+            }
+            write!(f, "{rule}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A session's claim on a port of the target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Subscription {
+    /// The target's port.
+    pub port: u16,
+    /// Steal or mirror.
+    pub mode: IncomingMode,
+    /// Only the HTTP requests this filter matches; `None` takes whole connections.
+    pub filter: Option<HttpFilterSpec>,
+}
+
+/// One subscription of one session on a target, as `graft ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionListing {
+    /// Who runs the session (`user@host`, from its `Hello`).
+    pub client: String,
+    /// When the session subscribed, in seconds since the Unix epoch.
+    pub since_unix: u64,
+    /// The subscription.
+    pub subscription: Subscription,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_print_readably() {
+        let spec = HttpFilterSpec {
+            combine: Combine::AllOf,
+            rules: vec![
+                FilterRule::Header("x-user: alice".into()),
+                FilterRule::Method("GET".into()),
+            ],
+        };
+        assert_eq!(spec.to_string(), r#"header~"x-user: alice" and method=GET"#);
+        let any = HttpFilterSpec {
+            combine: Combine::AnyOf,
+            rules: vec![FilterRule::Path("^/a".into())],
+        };
+        assert_eq!(any.to_string(), r#"path~"^/a""#);
+    }
+}
