@@ -173,11 +173,15 @@ impl LocalAgent {
     }
 
     /// Connects to the agent and opens the session.
-    pub async fn connect(&self, secret: &str, client: &str) -> Result<Session, Failure> {
+    pub async fn connect(
+        &self,
+        secret: &str,
+        client: &str,
+        options: SessionOptions,
+    ) -> Result<Session, Failure> {
         let failed = |e: &dyn std::fmt::Display| {
             Failure::session(format!("cannot open the session with the agent: {e}"))
         };
-        let options = SessionOptions::default();
         let session = match &self.address {
             AgentAddress::Unix(path) => {
                 let stream = UnixStream::connect(path).await.map_err(|e| failed(&e))?;

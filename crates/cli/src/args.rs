@@ -23,7 +23,18 @@ pub enum Command {
     #[command(
         after_help = "Example:\n  sudo graft run --target pid:$(pgrep -f server) --steal -- python3 app.py"
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// List the graft sessions on a target: who holds which port, how, since when.
+    #[command(after_help = "Example:\n  sudo graft ls --target pid:$(pgrep -f server)")]
+    Ls(LsArgs),
+}
+
+/// `graft ls` flags.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// The target: `pid:PID`.
+    #[arg(long, env = "GRAFT_TARGET", value_name = "TARGET")]
+    pub target: Option<String>,
 }
 
 /// `graft run` flags.
@@ -32,10 +43,30 @@ pub struct RunArgs {
     /// The target: `pid:PID` (a local process, or a process of a container).
     #[arg(long, env = "GRAFT_TARGET", value_name = "TARGET")]
     pub target: Option<String>,
-    /// Steal the target's incoming TCP traffic to the ports CMD listens on.
+    /// Steal the target's incoming TCP traffic to the ports CMD listens on: it goes
+    /// to CMD instead of the target.
     #[arg(long)]
     pub steal: bool,
-    /// CMD listens on LOCAL; the target's REMOTE port is stolen (repeatable).
+    /// Mirror the target's incoming TCP traffic to the ports CMD listens on: the
+    /// target keeps serving and CMD gets a copy; CMD's answers are dropped. The
+    /// default unless graft.toml sets `[incoming] mode`.
+    #[arg(long, conflicts_with = "steal")]
+    pub mirror: bool,
+    /// Take only HTTP requests with a header line `name: value` (name in lower
+    /// case) matching REGEX, searched case-insensitively; `(?-i)` turns that off
+    /// (repeatable; every filter flag must match).
+    #[arg(long = "filter-header", value_name = "REGEX")]
+    pub filter_header: Vec<String>,
+    /// Take only HTTP requests whose path and query (e.g. `/api/users?id=7`) match
+    /// REGEX (repeatable; every filter flag must match).
+    #[arg(long = "filter-path", value_name = "REGEX")]
+    pub filter_path: Vec<String>,
+    /// Take only HTTP requests whose method is exactly METHOD, e.g. `GET`
+    /// (repeatable; every filter flag must match).
+    #[arg(long = "filter-method", value_name = "METHOD")]
+    pub filter_method: Vec<String>,
+    /// CMD listens on LOCAL; the target's REMOTE port is stolen or mirrored
+    /// (repeatable).
     #[arg(long = "port-map", value_name = "LOCAL:REMOTE")]
     pub port_map: Vec<String>,
     /// Outgoing destinations that stay local besides loopback (repeatable).
@@ -101,6 +132,10 @@ impl RunArgs {
         RunOverrides {
             target: self.target.clone(),
             steal: self.steal,
+            mirror: self.mirror,
+            filter_header: self.filter_header.clone(),
+            filter_path: self.filter_path.clone(),
+            filter_method: self.filter_method.clone(),
             port_map: self.port_map.clone(),
             outgoing_local: self.outgoing_local.clone(),
             env_include: self.env_include.clone(),
@@ -119,8 +154,19 @@ mod tests {
 
     fn run(args: &[&str]) -> RunArgs {
         let cli = Cli::try_parse_from(args).unwrap();
-        let Command::Run(run) = cli.command;
-        run
+        let Command::Run(run) = cli.command else {
+            panic!("not graft run: {args:?}")
+        };
+        *run
+    }
+
+    #[test]
+    fn ls_takes_a_target() {
+        let cli = Cli::try_parse_from(["graft", "ls", "--target", "pid:7"]).unwrap();
+        let Command::Ls(ls) = cli.command else {
+            panic!("not graft ls")
+        };
+        assert_eq!(ls.target.as_deref(), Some("pid:7"));
     }
 
     #[test]
@@ -131,6 +177,14 @@ mod tests {
             "--target",
             "pid:7",
             "--steal",
+            "--filter-header",
+            "^x-user: alice$",
+            "--filter-header",
+            "x-b",
+            "--filter-path",
+            "^/api/",
+            "--filter-method",
+            "GET",
             "--port-map",
             "8080:80",
             "--port-map",
@@ -160,6 +214,9 @@ mod tests {
             RunOverrides {
                 target: Some("pid:7".into()),
                 steal: true,
+                filter_header: vec!["^x-user: alice$".into(), "x-b".into()],
+                filter_path: vec!["^/api/".into()],
+                filter_method: vec!["GET".into()],
                 port_map: vec!["8080:80".into(), "9090:90".into()],
                 outgoing_local: vec!["10.0.0.0/8".into()],
                 env_include: vec!["DB_*".into()],
@@ -168,6 +225,8 @@ mod tests {
                 fs: Some(FsMode::Write),
                 fs_local: vec!["^/etc/ssl/".into()],
                 fs_remote: vec!["^/srv/".into()],
+                // Conflicts with --steal; see `mirror_maps_to_overrides`.
+                mirror: false,
             }
         );
         assert_eq!(args.config, Some(PathBuf::from("x.toml")));
@@ -192,6 +251,24 @@ mod tests {
                 target: Some("pid:1".into()),
                 ..RunOverrides::default()
             }
+        );
+    }
+
+    #[test]
+    fn mirror_maps_to_overrides() {
+        let args = run(&["graft", "run", "--mirror", "--", "true"]);
+        assert!(args.overrides().mirror);
+        assert!(!args.overrides().steal);
+    }
+
+    #[test]
+    fn steal_and_mirror_conflict() {
+        let err =
+            Cli::try_parse_from(["graft", "run", "--steal", "--mirror", "--", "true"]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::ArgumentConflict,
+            "{err}"
         );
     }
 

@@ -6,6 +6,7 @@ mod agent;
 mod args;
 mod failure;
 mod locate;
+mod ls;
 mod process;
 mod run;
 mod session_dir;
@@ -28,7 +29,8 @@ async fn main() -> ExitCode {
     // Awaited here, not spawned: CMD and the agent must be forked from the main
     // thread for PR_SET_PDEATHSIG (see `process`).
     let result = match cli.command {
-        Command::Run(args) => run::run(args).await,
+        Command::Run(args) => run::run(*args).await,
+        Command::Ls(args) => ls::ls(args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

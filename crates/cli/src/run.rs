@@ -11,10 +11,11 @@ use std::{
 
 use graft_config::{Config, ConfigFile, LayerConfig, Target, env::merge_env};
 use graft_protocol::{
+    incoming::IncomingMode as PortMode,
     layer::{CONFIG_ENV, SOCKET_ENV},
     remote::{RemoteRequest, RemoteResponse},
 };
-use graft_proxy::Session;
+use graft_proxy::{Session, SessionOptions};
 use nix::sys::signal::Signal;
 use tokio::{
     process::{Child, Command},
@@ -128,8 +129,23 @@ struct Plan<'a> {
 
 impl Plan<'_> {
     async fn run(&self, agent: &LocalAgent, secret: &str) -> Result<Ended, Failure> {
-        let session = agent.connect(secret, &client_name()).await?;
+        let layer = &self.config.layer;
+        let options = SessionOptions {
+            incoming_mode: layer
+                .incoming
+                .subscription_mode()
+                .unwrap_or(PortMode::Steal),
+            filter: layer.filter.clone(),
+            ..SessionOptions::default()
+        };
+        let session = agent.connect(secret, &client_name(), options).await?;
         eprintln!("graft: agent ready for pid:{}", self.pid);
+        if self.config.incoming_defaulted {
+            eprintln!(
+                "graft: mirroring incoming traffic (the default): CMD gets a copy, the target \
+                 keeps answering; --steal takes it instead"
+            );
+        }
         let env = self.environment(&session).await?;
         let layer_socket = self.dir.join("layer.sock");
         session
@@ -297,9 +313,11 @@ impl Signals {
 }
 
 /// `user@host`, for the agent's messages.
-fn client_name() -> String {
-    let user =
-        std::env::var("USER").unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid().as_raw()));
+/// `user@host` of whoever runs graft: the user behind `sudo` when there is one.
+pub(crate) fn client_name() -> String {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid().as_raw()));
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into());

@@ -6,18 +6,24 @@
 //! travels to it as JSON of [`LayerConfig`] in the `GRAFT_LAYER_CONFIG` environment
 //! variable. Pure logic that both sides share lives here too: the file rules
 //! ([`fs::FsRules`]), the outgoing filter ([`outgoing::OutgoingLocal`]) and the
-//! environment merge ([`env::merge_env`]).
+//! environment merge ([`env::merge_env`]). The incoming HTTP filter is checked
+//! here ([`incoming::FilterFile`], flags through [`graft_filter::from_flags`]) and
+//! travels on as an [`HttpFilterSpec`].
 
 pub mod env;
 pub mod fs;
+pub mod incoming;
 pub mod outgoing;
 
 use std::path::{Path, PathBuf};
 
+use graft_filter::FilterError;
+use graft_protocol::incoming::HttpFilterSpec;
 use serde::{Deserialize, Serialize};
 
 pub use env::EnvRules;
 pub use fs::{FsMode, FsRules};
+pub use incoming::{FilterFile, FilterRuleFile};
 pub use outgoing::OutgoingLocal;
 
 /// Why a configuration could not be resolved.
@@ -48,6 +54,19 @@ pub enum ConfigError {
         value: String,
         /// Why it is refused, and the expected form.
         reason: String,
+    },
+    /// An incoming HTTP filter (flags or `[incoming.filter]`) whose rule does not
+    /// compile; the message names the flag or the file key.
+    #[error(
+        "invalid incoming filter{}: {}",
+        if *in_file { " in graft.toml" } else { "" },
+        incoming::filter_message(source, *in_file)
+    )]
+    Filter {
+        /// What is wrong with the rule.
+        source: FilterError,
+        /// Whether the filter came from `graft.toml` (else from the flags).
+        in_file: bool,
     },
 }
 
@@ -88,15 +107,33 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// What happens to the target's incoming traffic.
+/// What happens to the target's incoming traffic; in `graft.toml` `"off"`,
+/// `"steal"` or `"mirror"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IncomingMode {
     /// Incoming traffic is left alone; the program's listeners are only local.
-    #[default]
     Off,
-    /// Connections to the target's ports the program listens on go to the program.
+    /// Connections to the target's ports the program listens on go to the program
+    /// (with a filter: the matching requests) instead of the target.
     Steal,
+    /// The target keeps serving; the program gets a copy of the incoming traffic
+    /// to the ports it listens on (with a filter: of the matching requests), and
+    /// its answers are dropped. The default: it cannot disturb the target.
+    #[default]
+    Mirror,
+}
+
+impl IncomingMode {
+    /// The mode of a port subscription in the protocol; `None` for
+    /// [`IncomingMode::Off`], which subscribes nothing.
+    pub fn subscription_mode(self) -> Option<graft_protocol::incoming::IncomingMode> {
+        match self {
+            IncomingMode::Off => None,
+            IncomingMode::Steal => Some(graft_protocol::incoming::IncomingMode::Steal),
+            IncomingMode::Mirror => Some(graft_protocol::incoming::IncomingMode::Mirror),
+        }
+    }
 }
 
 /// A `--port-map LOCAL:REMOTE` entry: the program listens on `local`, the target's
@@ -132,6 +169,9 @@ impl std::str::FromStr for PortMapping {
 pub struct LayerConfig {
     /// Incoming mode.
     pub incoming: IncomingMode,
+    /// Only the HTTP requests this filter matches are stolen or mirrored; `None`
+    /// takes whole connections. Never set with [`IncomingMode::Off`].
+    pub filter: Option<HttpFilterSpec>,
     /// Port mappings for stealing.
     pub port_map: Vec<PortMapping>,
     /// Destinations that stay local besides loopback.
@@ -156,9 +196,13 @@ pub struct LayerConfig {
 }
 
 impl Default for LayerConfig {
+    /// No incoming traffic (unlike [`IncomingMode::default`], which is what
+    /// [`Config::resolve`] picks when nothing is said), so a layer under test
+    /// subscribes nothing unless asked.
     fn default() -> Self {
         LayerConfig {
             incoming: IncomingMode::Off,
+            filter: None,
             port_map: Vec::new(),
             outgoing_local: Vec::new(),
             outgoing: true,
@@ -191,6 +235,8 @@ impl LayerConfig {
 /// [incoming]
 /// mode = "steal"
 /// port_map = ["8080:80"]
+/// [incoming.filter]
+/// header = "^x-user: alice$"
 /// [outgoing]
 /// local = ["10.0.0.0/8", "192.168.1.5:5432"]
 /// [env]
@@ -225,11 +271,14 @@ pub struct ConfigFile {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingFile {
-    /// `"steal"` or `"off"`.
+    /// `"mirror"` (the default), `"steal"` or `"off"`.
     pub mode: Option<IncomingMode>,
     /// `LOCAL:REMOTE` entries.
     #[serde(default)]
     pub port_map: Vec<String>,
+    /// `[incoming.filter]`: which HTTP requests to take (see
+    /// [`incoming::FilterFile`]).
+    pub filter: Option<FilterFile>,
 }
 
 /// `[outgoing]` of `graft.toml`.
@@ -294,6 +343,14 @@ pub struct RunOverrides {
     pub target: Option<String>,
     /// `--steal`.
     pub steal: bool,
+    /// `--mirror`.
+    pub mirror: bool,
+    /// `--filter-header` regexes.
+    pub filter_header: Vec<String>,
+    /// `--filter-path` regexes.
+    pub filter_path: Vec<String>,
+    /// `--filter-method` methods.
+    pub filter_method: Vec<String>,
     /// `--port-map`.
     pub port_map: Vec<String>,
     /// `--outgoing-local`.
@@ -319,8 +376,11 @@ pub struct Config {
     pub target: Target,
     /// Environment rules.
     pub env: EnvRules,
-    /// What the layer gets.
+    /// What the layer gets, including the incoming mode and filter.
     pub layer: LayerConfig,
+    /// Whether the incoming mode is [`IncomingMode::default`] because neither a
+    /// flag nor `graft.toml` chose one, so the CLI can say so.
+    pub incoming_defaulted: bool,
 }
 
 impl Config {
@@ -328,8 +388,10 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Invalid`] for a missing target or a malformed value, naming
-    /// the value and the expected form.
+    /// [`ConfigError::Invalid`] for a missing target, a malformed value (naming
+    /// the value and the expected form), both `--steal` and `--mirror`, or a
+    /// filter with incoming traffic off; [`ConfigError::Filter`] for a filter rule
+    /// that does not compile.
     pub fn resolve(
         flags: &RunOverrides,
         file: &ConfigFile,
@@ -348,11 +410,31 @@ impl Config {
             })?;
         let target: Target = target_text.parse()?;
 
-        let incoming = if flags.steal {
-            IncomingMode::Steal
-        } else {
-            file.incoming.mode.unwrap_or_default()
+        let (incoming, incoming_defaulted) = match (flags.steal, flags.mirror) {
+            (true, true) => {
+                return Err(ConfigError::Invalid {
+                    what: "incoming mode",
+                    value: "--steal --mirror".into(),
+                    reason: "choose one: --steal takes the traffic, --mirror copies it".into(),
+                });
+            }
+            (true, false) => (IncomingMode::Steal, false),
+            (false, true) => (IncomingMode::Mirror, false),
+            (false, false) => match file.incoming.mode {
+                Some(mode) => (mode, false),
+                None => (IncomingMode::default(), true),
+            },
         };
+        let filter = resolve_filter(flags, &file.incoming)?;
+        if let (Some(spec), IncomingMode::Off) = (&filter, incoming) {
+            return Err(ConfigError::Invalid {
+                what: "incoming filter",
+                value: spec.to_string(),
+                reason: "incoming traffic is off (mode = \"off\" in graft.toml); pass --steal \
+                         or --mirror, or drop the filter"
+                    .into(),
+            });
+        }
         let port_map = pick(&flags.port_map, &file.incoming.port_map)
             .iter()
             .map(|s| s.parse())
@@ -378,6 +460,7 @@ impl Config {
             .collect();
         let layer = LayerConfig {
             incoming,
+            filter,
             port_map,
             outgoing_local,
             fs: flags.fs.or(file.fs.mode).unwrap_or_default(),
@@ -389,7 +472,32 @@ impl Config {
         // Compile once here so a bad regex is a clear error now, not a silent
         // local fallback inside the program.
         FsRules::new(&layer)?;
-        Ok(Config { target, env, layer })
+        Ok(Config {
+            target,
+            env,
+            layer,
+            incoming_defaulted,
+        })
+    }
+}
+
+/// The filter flags when any is given (all-of), else the file's filter.
+fn resolve_filter(
+    flags: &RunOverrides,
+    file: &IncomingFile,
+) -> Result<Option<HttpFilterSpec>, ConfigError> {
+    let from_flags = graft_filter::from_flags(
+        &flags.filter_header,
+        &flags.filter_path,
+        &flags.filter_method,
+    )
+    .map_err(|source| ConfigError::Filter {
+        source,
+        in_file: false,
+    })?;
+    match from_flags {
+        Some(spec) => Ok(Some(spec)),
+        None => file.filter.as_ref().map(FilterFile::to_spec).transpose(),
     }
 }
 
@@ -400,6 +508,8 @@ fn pick<'a>(flag: &'a [String], file: &'a [String]) -> &'a [String] {
 
 #[cfg(test)]
 mod tests {
+    use graft_protocol::incoming::{Combine, FilterRule};
+
     use super::*;
 
     #[test]
@@ -489,5 +599,180 @@ mod tests {
         let cfg = LayerConfig::default();
         let json = serde_json::to_string(&cfg).unwrap();
         assert_eq!(serde_json::from_str::<LayerConfig>(&json).unwrap(), cfg);
+        let filtered = LayerConfig {
+            incoming: IncomingMode::Mirror,
+            filter: Some(HttpFilterSpec {
+                combine: Combine::AnyOf,
+                rules: vec![
+                    FilterRule::Header("^x-user: alice$".into()),
+                    FilterRule::Method("GET".into()),
+                ],
+            }),
+            ..LayerConfig::default()
+        };
+        let json = serde_json::to_string(&filtered).unwrap();
+        assert_eq!(
+            serde_json::from_str::<LayerConfig>(&json).unwrap(),
+            filtered
+        );
+    }
+
+    fn pid7() -> RunOverrides {
+        RunOverrides {
+            target: Some("pid:7".into()),
+            ..RunOverrides::default()
+        }
+    }
+
+    fn file(text: &str) -> ConfigFile {
+        toml::from_str(text).unwrap()
+    }
+
+    fn resolve(flags: &RunOverrides, file: &ConfigFile) -> Result<Config, ConfigError> {
+        Config::resolve(flags, file, None, None)
+    }
+
+    #[test]
+    fn incoming_defaults_to_mirror_and_says_so() {
+        let cfg = resolve(&pid7(), &ConfigFile::default()).unwrap();
+        assert_eq!(cfg.layer.incoming, IncomingMode::Mirror);
+        assert!(cfg.incoming_defaulted);
+        assert_eq!(cfg.layer.filter, None);
+    }
+
+    #[test]
+    fn file_mode_is_not_a_default() {
+        for (text, mode) in [
+            ("off", IncomingMode::Off),
+            ("steal", IncomingMode::Steal),
+            ("mirror", IncomingMode::Mirror),
+        ] {
+            let f = file(&format!("[incoming]\nmode = \"{text}\""));
+            let cfg = resolve(&pid7(), &f).unwrap();
+            assert_eq!(cfg.layer.incoming, mode);
+            assert!(!cfg.incoming_defaulted);
+        }
+        assert!(toml::from_str::<ConfigFile>("[incoming]\nmode = \"Mirror\"").is_err());
+    }
+
+    #[test]
+    fn mirror_flag_wins_over_file() {
+        let flags = RunOverrides {
+            mirror: true,
+            ..pid7()
+        };
+        let cfg = resolve(&flags, &file("[incoming]\nmode = \"steal\"")).unwrap();
+        assert_eq!(cfg.layer.incoming, IncomingMode::Mirror);
+        assert!(!cfg.incoming_defaulted);
+    }
+
+    #[test]
+    fn steal_and_mirror_together_are_refused() {
+        let flags = RunOverrides {
+            steal: true,
+            mirror: true,
+            ..pid7()
+        };
+        let err = resolve(&flags, &ConfigFile::default()).unwrap_err();
+        assert!(err.to_string().contains("choose one"), "{err}");
+    }
+
+    #[test]
+    fn file_filter_is_used() {
+        let f = file(
+            r#"
+            [incoming]
+            mode = "steal"
+            [incoming.filter]
+            any_of = [{ path = "^/a" }, { method = "POST" }]
+            "#,
+        );
+        let cfg = resolve(&pid7(), &f).unwrap();
+        assert_eq!(
+            cfg.layer.filter,
+            Some(HttpFilterSpec {
+                combine: Combine::AnyOf,
+                rules: vec![
+                    FilterRule::Path("^/a".into()),
+                    FilterRule::Method("POST".into())
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn filter_flags_replace_the_file_filter() {
+        let f = file("[incoming.filter]\npath = \"^/file\"");
+        let flags = RunOverrides {
+            filter_header: vec!["x-a: 1".into()],
+            filter_method: vec!["GET".into()],
+            ..pid7()
+        };
+        let cfg = resolve(&flags, &f).unwrap();
+        assert_eq!(
+            cfg.layer.filter,
+            Some(HttpFilterSpec {
+                combine: Combine::AllOf,
+                rules: vec![
+                    FilterRule::Header("x-a: 1".into()),
+                    FilterRule::Method("GET".into())
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn bad_filter_flag_names_the_flag() {
+        let flags = RunOverrides {
+            filter_path: vec!["(".into()],
+            ..pid7()
+        };
+        let err = resolve(&flags, &ConfigFile::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::Filter { in_file: false, .. }));
+        assert!(
+            err.to_string()
+                .starts_with(r#"invalid incoming filter: --filter-path "(": regex parse error"#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_file_filter_is_refused() {
+        let f = file("[incoming.filter]\nheader = \"(\"\nany_of = []");
+        let err = resolve(&pid7(), &f).unwrap_err();
+        assert!(err.to_string().contains("cannot be mixed"), "{err}");
+        let f = file("[incoming.filter]\nheader = \"(\"");
+        let err = resolve(&pid7(), &f).unwrap_err();
+        assert!(matches!(err, ConfigError::Filter { in_file: true, .. }));
+    }
+
+    #[test]
+    fn filter_with_incoming_off_is_refused() {
+        let off = file("[incoming]\nmode = \"off\"\n[incoming.filter]\nmethod = \"GET\"");
+        let err = resolve(&pid7(), &off).unwrap_err();
+        assert!(err.to_string().contains("incoming traffic is off"), "{err}");
+        let flags = RunOverrides {
+            filter_method: vec!["GET".into()],
+            ..pid7()
+        };
+        let off = file("[incoming]\nmode = \"off\"");
+        assert!(resolve(&flags, &off).is_err());
+        // A mode flag turns incoming traffic back on.
+        let flags = RunOverrides {
+            steal: true,
+            ..flags
+        };
+        assert_eq!(
+            resolve(&flags, &off).unwrap().layer.incoming,
+            IncomingMode::Steal
+        );
+    }
+
+    #[test]
+    fn subscription_modes() {
+        use graft_protocol::incoming::IncomingMode as Wire;
+        assert_eq!(IncomingMode::Off.subscription_mode(), None);
+        assert_eq!(IncomingMode::Steal.subscription_mode(), Some(Wire::Steal));
+        assert_eq!(IncomingMode::Mirror.subscription_mode(), Some(Wire::Mirror));
     }
 }
