@@ -22,6 +22,7 @@
 mod dns;
 mod env;
 mod files;
+mod incoming;
 mod ns;
 mod outgoing;
 mod relay;

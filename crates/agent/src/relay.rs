@@ -179,7 +179,8 @@ pub async fn tcp(
     table: Arc<ConnTable>,
 ) {
     let conn = registration.conn;
-    let end = relay_tcp(&mut guard, conn, &mut registration.commands, &to_link).await;
+    let (rd, wr) = guard.stream.split();
+    let end = relay_tcp(rd, wr, conn, &mut registration.commands, &to_link).await;
     tracing::debug!(%conn, ?end, "connection ended");
     match end {
         TcpEnd::Orderly => {
@@ -200,6 +201,37 @@ pub async fn tcp(
     drop(guard);
 }
 
+/// Relays an in-agent byte stream (an HTTP connection the agent opened to the
+/// client, or a connection handed over by another agent) like [`tcp`]; the other
+/// end of `stream` sees EOF rather than an RST when the relay stops early.
+pub async fn stream<S>(
+    stream: S,
+    mut registration: Registration,
+    to_link: mpsc::Sender<AgentMessage>,
+    table: Arc<ConnTable>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let conn = registration.conn;
+    let (rd, wr) = tokio::io::split(stream);
+    let end = relay_tcp(rd, wr, conn, &mut registration.commands, &to_link).await;
+    tracing::debug!(%conn, ?end, "connection ended");
+    match end {
+        TcpEnd::Orderly => {
+            let _ = to_link
+                .send(AgentMessage::Close { conn, reset: false })
+                .await;
+        }
+        TcpEnd::SocketError => {
+            let _ = to_link
+                .send(AgentMessage::Close { conn, reset: true })
+                .await;
+        }
+        TcpEnd::ClientClosed { .. } | TcpEnd::SessionGone => {}
+    }
+    table.finished(&registration);
+}
+
 /// How a TCP relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TcpEnd {
@@ -213,13 +245,17 @@ enum TcpEnd {
     SessionGone,
 }
 
-async fn relay_tcp(
-    guard: &mut ResetOnDrop,
+async fn relay_tcp<R, W>(
+    mut rd: R,
+    mut wr: W,
     conn: ConnectionId,
     commands: &mut mpsc::UnboundedReceiver<ConnCommand>,
     to_link: &mpsc::Sender<AgentMessage>,
-) -> TcpEnd {
-    let (mut rd, mut wr) = guard.stream.split();
+) -> TcpEnd
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = vec![0u8; READ_CHUNK];
     let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
     let mut offset = 0usize;

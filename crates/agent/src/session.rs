@@ -32,8 +32,11 @@ use tokio_util::codec::Framed;
 
 use crate::dns::Dns;
 use crate::files::{Files, TargetRoot};
-use crate::relay::{ConnCommand, ConnTable};
-use crate::steal::{self, StealCommand, StealContext};
+use crate::incoming::peer::{Access, Delivery};
+use crate::incoming::{BoxFuture, BoxIo, ConnMeta, Subscriber};
+use crate::relay::{self, ConnCommand, ConnTable};
+use graft_protocol::incoming::Subscription;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Capacity of the bounded channel from the tasks to the link writer.
 const TO_LINK_CAPACITY: usize = 256;
@@ -163,17 +166,38 @@ where
     let (to_link, data_rx) = mpsc::channel(TO_LINK_CAPACITY);
     let mut writer = tokio::spawn(write_link(sink, control_rx, data_rx));
     let table = Arc::new(ConnTable::default());
+    let sink = Arc::new(SessionSink {
+        to_link: to_link.clone(),
+        table: table.clone(),
+        next_id: AtomicU64::new(1),
+    });
+    let delivered = sink.clone();
+    let access = Access::new(
+        hello.client.clone(),
+        config.chain.clone(),
+        config.rules_touched.clone(),
+        sink.clone(),
+        Arc::new(move |delivery: Delivery, stream| {
+            let meta = ConnMeta {
+                port: delivery.port,
+                peer: delivery.peer,
+                local: delivery.local,
+            };
+            let sink = delivered.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sink.accept(meta, stream).await {
+                    tracing::debug!("delivery not accepted: {e}");
+                }
+            });
+        }),
+    );
     let services = Arc::new(Services {
         pid: config.target_pid,
         files: Arc::new(Files::new(config.root.clone())),
         dns: Dns::new(config.root.clone()),
+        access: access.clone(),
     });
-    let steal_tx = steal::spawn(StealContext {
-        chain: config.chain.clone(),
-        to_link: to_link.clone(),
-        table: table.clone(),
-        rules_touched: config.rules_touched.clone(),
-    });
+    let steal_tx = spawn_subscriber(access.clone(), to_link.clone());
     let control = |message: AgentMessage| {
         let _ = control_tx.send(Outbound::Message(message));
     };
@@ -216,6 +240,7 @@ where
     }
     table.clear();
     drop(steal_tx);
+    access.close().await;
     let _ = control_tx.send(Outbound::Finish);
     if !writer.is_finished() {
         let _ = tokio::time::timeout(FINAL_FLUSH, &mut writer).await;
@@ -247,6 +272,124 @@ struct Services {
     pid: u32,
     files: Arc<Files>,
     dns: Dns,
+    access: Arc<Access>,
+}
+
+/// A subscription change, processed in order.
+enum SubCommand {
+    Subscribe(Subscription),
+    Unsubscribe(u16),
+}
+
+/// Starts the task that applies subscription changes one at a time, in order, and
+/// answers each `Subscribe`.
+fn spawn_subscriber(
+    access: Arc<Access>,
+    to_link: mpsc::Sender<AgentMessage>,
+) -> mpsc::UnboundedSender<SubCommand> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(command) = rx.recv().await {
+            match command {
+                SubCommand::Subscribe(subscription) => {
+                    let port = subscription.port;
+                    let mode = subscription.mode;
+                    let error = access.subscribe(subscription).await.err();
+                    match &error {
+                        None => tracing::info!(port, %mode, "subscribed"),
+                        Some(e) => tracing::warn!(port, "subscription refused: {e}"),
+                    }
+                    let reply = AgentMessage::SubscribeResult { port, error };
+                    if to_link.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+                SubCommand::Unsubscribe(port) => access.unsubscribe(port).await,
+            }
+        }
+    });
+    tx
+}
+
+/// Delivers incoming connections to this session's client as `Incoming`.
+struct SessionSink {
+    to_link: mpsc::Sender<AgentMessage>,
+    table: Arc<ConnTable>,
+    next_id: AtomicU64,
+}
+
+impl SessionSink {
+    /// Registers a new incoming connection and announces it to the client.
+    async fn announce(&self, meta: ConnMeta) -> std::io::Result<relay::Registration> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = ConnectionId(ConnectionId::AGENT_BIT | id);
+        let registration = self
+            .table
+            .register(conn)
+            .expect("agent connection ids are never reused");
+        tracing::debug!(%conn, peer = %meta.peer, local = %meta.local, "incoming connection");
+        let incoming = AgentMessage::Incoming {
+            conn,
+            port: meta.port,
+            peer: meta.peer,
+            local: meta.local,
+        };
+        if self.to_link.send(incoming).await.is_err() {
+            self.table.finished(&registration);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the session is gone",
+            ));
+        }
+        Ok(registration)
+    }
+
+    /// Relays any byte stream as an incoming connection of this session.
+    async fn accept<S>(&self, meta: ConnMeta, stream: S) -> std::io::Result<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        let registration = self.announce(meta).await?;
+        tokio::spawn(relay::stream(
+            stream,
+            registration,
+            self.to_link.clone(),
+            self.table.clone(),
+        ));
+        Ok(())
+    }
+}
+
+/// The in-agent buffer between the hub and a session's connection, in bytes.
+const SESSION_PIPE: usize = 256 * 1024;
+
+impl Subscriber for SessionSink {
+    fn open(self: Arc<Self>, meta: ConnMeta) -> BoxFuture<std::io::Result<BoxIo>> {
+        Box::pin(async move {
+            let (ours, theirs) = tokio::io::duplex(SESSION_PIPE);
+            self.accept(meta, theirs).await?;
+            Ok(Box::new(ours) as BoxIo)
+        })
+    }
+
+    fn hand_over(
+        self: Arc<Self>,
+        meta: ConnMeta,
+        stream: tokio::net::TcpStream,
+    ) -> BoxFuture<std::io::Result<()>> {
+        Box::pin(async move {
+            // From here on, an agent that stops resets the connection.
+            let guard = relay::ResetOnDrop::new(stream);
+            let registration = self.announce(meta).await?;
+            tokio::spawn(relay::tcp(
+                guard,
+                registration,
+                self.to_link.clone(),
+                self.table.clone(),
+            ));
+            Ok(())
+        })
+    }
 }
 
 fn dispatch(
@@ -254,7 +397,7 @@ fn dispatch(
     services: &Arc<Services>,
     table: &Arc<ConnTable>,
     to_link: &mpsc::Sender<AgentMessage>,
-    steal_tx: &mpsc::UnboundedSender<StealCommand>,
+    steal_tx: &mpsc::UnboundedSender<SubCommand>,
     control: &impl Fn(AgentMessage),
 ) {
     match message {
@@ -268,11 +411,11 @@ fn dispatch(
                 to_link.clone(),
             ));
         }
-        ClientMessage::Steal { port } => {
-            let _ = steal_tx.send(StealCommand::Steal(port));
+        ClientMessage::Subscribe(subscription) => {
+            let _ = steal_tx.send(SubCommand::Subscribe(subscription));
         }
-        ClientMessage::Unsteal { port } => {
-            let _ = steal_tx.send(StealCommand::Unsteal(port));
+        ClientMessage::Unsubscribe { port } => {
+            let _ = steal_tx.send(SubCommand::Unsubscribe(port));
         }
         ClientMessage::Connect {
             conn,
@@ -329,6 +472,10 @@ async fn serve_request(
             blocking(move || crate::env::target_env(pid)).await
         }
         RemoteRequest::Resolve { host, family } => services.dns.resolve(&host, family).await,
+        RemoteRequest::Sessions => match services.access.list().await {
+            Ok(list) => RemoteResponse::Sessions(list),
+            Err(e) => RemoteResponse::Error(RemoteError::Other(e)),
+        },
         file_request => {
             let files = services.files.clone();
             blocking(move || files.handle(file_request)).await

@@ -1,100 +1,54 @@
-//! Stealing: the target's incoming TCP connections to a port are redirected to the
-//! agent's own listeners and announced to the client as `Incoming`.
+//! Redirection: the target's incoming TCP connections to a port are redirected
+//! to the agent's own listeners and handed to the [`crate::incoming`] hub.
 //!
-//! On the first `Steal` the agent binds two listeners in the target's network
+//! On the first port the agent binds two listeners in the target's network
 //! namespace, `0.0.0.0:0` and `[::]:0` (IPv6-only; IPv4 alone if IPv6 cannot be
 //! bound), creates its chain and hooks it into `PREROUTING` (see [`crate::rules`]).
-//! Each stolen port then adds one `REDIRECT` rule per family, and `Unsteal`
-//! deletes them. Steal commands are processed one at a time, in order, by one task
-//! ([`spawn`]), so the link reader never waits for `iptables`.
+//! Each redirected port then adds one `REDIRECT` rule per family, and releasing it
+//! deletes them. The hub calls [`Redirector::redirect`] and
+//! [`Redirector::release`] one at a time, under its lock.
 //!
 //! An accepted connection's original destination (`SO_ORIGINAL_DST` /
-//! `IP6T_SO_ORIGINAL_DST`) says which port the client meant; a connection to a port
-//! that is no longer stolen is refused, the others get an id with
-//! [`ConnectionId::AGENT_BIT`] and a [`crate::relay`] task.
+//! `IP6T_SO_ORIGINAL_DST`) says which port the client meant; the connection goes
+//! to the [`Accepted`] channel with it.
 
 use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use graft_protocol::ConnectionId;
-use graft_protocol::link::AgentMessage;
 use nix::sys::socket::{self as nixsock, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::relay::{self, ConnTable};
 use crate::rules::{self, Family};
 
-/// A request to the steal task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StealCommand {
-    /// Start stealing a port; answered with `StealResult`.
-    Steal(u16),
-    /// Stop stealing a port.
-    Unsteal(u16),
-}
-
-/// What the steal task shares with the rest of the session.
-#[derive(Debug, Clone)]
-pub struct StealContext {
-    /// The agent's chain name.
-    pub chain: String,
-    /// Messages to the client.
-    pub to_link: mpsc::Sender<AgentMessage>,
-    /// The session's connections.
-    pub table: Arc<ConnTable>,
-    /// Set once the agent may have installed a rule, so the exit path cleans up.
-    pub rules_touched: Arc<AtomicBool>,
-}
-
-/// The steal task's state.
+/// A redirected connection, as accepted.
 #[derive(Debug)]
-struct Stealer {
-    ctx: StealContext,
-    stolen: Arc<Mutex<HashSet<u16>>>,
-    next_id: Arc<AtomicU64>,
+pub struct Accepted {
+    /// The accepted socket.
+    pub stream: TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The address the client connected to (the target's port).
+    pub original: SocketAddr,
+}
+
+/// The agent's listeners and packet rules for redirected ports.
+#[derive(Debug)]
+pub struct Redirector {
+    chain: String,
+    rules_touched: Arc<AtomicBool>,
+    accepted: mpsc::Sender<Accepted>,
+    redirected: Arc<Mutex<HashSet<u16>>>,
     /// The listeners' ports: IPv4, and IPv6 when it could be bound.
     listen_ports: Option<(u16, Option<u16>)>,
     /// Whether the chain exists and is hooked, per family.
     hooked: [bool; 2],
     /// IPv6 rules failed once: IPv4 only from then on.
     v6_broken: bool,
-}
-
-/// Starts the steal task; it runs until the returned sender is dropped.
-pub fn spawn(ctx: StealContext) -> mpsc::UnboundedSender<StealCommand> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut stealer = Stealer {
-        ctx,
-        stolen: Arc::default(),
-        next_id: Arc::new(AtomicU64::new(1)),
-        listen_ports: None,
-        hooked: [false; 2],
-        v6_broken: false,
-    };
-    tokio::spawn(async move {
-        while let Some(command) = rx.recv().await {
-            match command {
-                StealCommand::Steal(port) => {
-                    let error = stealer.steal(port).await.err();
-                    match &error {
-                        None => tracing::info!(port, "stealing"),
-                        Some(e) => tracing::warn!(port, "steal failed: {e}"),
-                    }
-                    let reply = AgentMessage::StealResult { port, error };
-                    if stealer.ctx.to_link.send(reply).await.is_err() {
-                        break;
-                    }
-                }
-                StealCommand::Unsteal(port) => stealer.unsteal(port).await,
-            }
-        }
-    });
-    tx
 }
 
 fn family_index(family: Family) -> usize {
@@ -104,17 +58,38 @@ fn family_index(family: Family) -> usize {
     }
 }
 
-impl Stealer {
-    fn is_stolen(&self, port: u16) -> bool {
-        self.stolen
+impl Redirector {
+    /// A redirector that installs its rules in `chain`, sets `rules_touched` before
+    /// the first rule, and sends accepted connections to `accepted`.
+    pub fn new(
+        chain: String,
+        rules_touched: Arc<AtomicBool>,
+        accepted: mpsc::Sender<Accepted>,
+    ) -> Redirector {
+        Redirector {
+            chain,
+            rules_touched,
+            accepted,
+            redirected: Arc::default(),
+            listen_ports: None,
+            hooked: [false; 2],
+            v6_broken: false,
+        }
+    }
+
+    fn is_redirected(&self, port: u16) -> bool {
+        self.redirected
             .lock()
-            .expect("stolen ports lock poisoned")
+            .expect("redirected ports lock poisoned")
             .contains(&port)
     }
 
-    fn set_stolen(&self, port: u16, stolen: bool) {
-        let mut set = self.stolen.lock().expect("stolen ports lock poisoned");
-        if stolen {
+    fn set_redirected(&self, port: u16, on: bool) {
+        let mut set = self
+            .redirected
+            .lock()
+            .expect("redirected ports lock poisoned");
+        if on {
             set.insert(port);
         } else {
             set.remove(&port);
@@ -133,7 +108,7 @@ impl Stealer {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(
-                    "no IPv6 listener in the target's network ({e}); stealing IPv4 only"
+                    "no IPv6 listener in the target's network ({e}); redirecting IPv4 only"
                 );
                 None
             }
@@ -146,17 +121,15 @@ impl Stealer {
         if let Some(v6) = v6 {
             self.spawn_accept(v6, Family::V6);
         }
-        tracing::debug!(v4_port, ?v6_port, "steal listeners ready");
+        tracing::debug!(v4_port, ?v6_port, "redirect listeners ready");
         self.listen_ports = Some((v4_port, v6_port));
         Ok((v4_port, v6_port))
     }
 
     fn spawn_accept(&self, listener: TcpListener, family: Family) {
         let accept = Acceptor {
-            to_link: self.ctx.to_link.clone(),
-            table: self.ctx.table.clone(),
-            stolen: self.stolen.clone(),
-            next_id: self.next_id.clone(),
+            accepted: self.accepted.clone(),
+            redirected: self.redirected.clone(),
         };
         tokio::spawn(accept.run(listener, family));
     }
@@ -166,61 +139,70 @@ impl Stealer {
         if self.hooked[i] {
             return Ok(());
         }
-        self.ctx.rules_touched.store(true, Ordering::SeqCst);
-        match rules::run(family, &rules::create_chain(&self.ctx.chain)).await {
+        self.rules_touched.store(true, Ordering::SeqCst);
+        match rules::run(family, &rules::create_chain(&self.chain)).await {
             // Left by an earlier attempt whose jump failed.
             Err(rules::RuleError::Failed { stderr, .. }) if stderr.contains("already exists") => {}
             other => other?,
         }
-        rules::run(family, &rules::jump_to_chain(&self.ctx.chain)).await?;
+        rules::run(family, &rules::jump_to_chain(&self.chain)).await?;
         self.hooked[i] = true;
         Ok(())
     }
 
-    async fn steal(&mut self, port: u16) -> Result<(), String> {
-        if self.is_stolen(port) {
+    /// Redirects the target's incoming TCP connections to `port` (IPv4, and IPv6
+    /// when possible) to the agent's listeners. Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// What failed (binding the listeners, `iptables`), for the client.
+    pub async fn redirect(&mut self, port: u16) -> Result<(), String> {
+        if self.is_redirected(port) {
             return Ok(());
         }
         let (v4_port, v6_port) = self.ensure_listeners().await?;
-        // Marked stolen before the rule exists, so the first redirected connection
-        // is not refused.
-        self.set_stolen(port, true);
+        // Marked before the rule exists, so the first redirected connection is not
+        // refused.
+        self.set_redirected(port, true);
         let v4 = async {
             self.hook(Family::V4).await?;
             rules::run(
                 Family::V4,
-                &rules::redirect(&self.ctx.chain, true, port, v4_port),
+                &rules::redirect(&self.chain, true, port, v4_port),
             )
             .await
         }
         .await;
         if let Err(e) = v4 {
-            self.set_stolen(port, false);
-            return Err(format!("could not steal port {port}: {e}"));
+            self.set_redirected(port, false);
+            return Err(format!("could not redirect port {port}: {e}"));
         }
         if let (Some(v6_port), false) = (v6_port, self.v6_broken) {
             let v6 = async {
                 self.hook(Family::V6).await?;
                 rules::run(
                     Family::V6,
-                    &rules::redirect(&self.ctx.chain, true, port, v6_port),
+                    &rules::redirect(&self.chain, true, port, v6_port),
                 )
                 .await
             }
             .await;
             if let Err(e) = v6 {
-                tracing::warn!("IPv6 traffic to port {port} is not stolen: {e}");
+                tracing::warn!("IPv6 traffic to port {port} is not redirected: {e}");
                 self.v6_broken = true;
             }
         }
+        tracing::info!(port, "redirecting");
         Ok(())
     }
 
-    async fn unsteal(&mut self, port: u16) {
-        if !self.is_stolen(port) {
+    /// Stops redirecting `port`: its rules are deleted, and connections to it that
+    /// were accepted but not yet handed on are refused.
+    pub async fn release(&mut self, port: u16) {
+        if !self.is_redirected(port) {
             return;
         }
-        self.set_stolen(port, false);
+        self.set_redirected(port, false);
         let Some((v4_port, v6_port)) = self.listen_ports else {
             return;
         };
@@ -229,13 +211,13 @@ impl Stealer {
             if !self.hooked[family_index(family)] {
                 continue;
             }
-            match rules::run(family, &rules::redirect(&self.ctx.chain, false, port, to)).await {
+            match rules::run(family, &rules::redirect(&self.chain, false, port, to)).await {
                 Ok(()) => {}
                 Err(e) if e.is_already_gone() => {}
                 Err(e) => tracing::warn!("could not remove the rule for port {port}: {e}"),
             }
         }
-        tracing::info!(port, "no longer stealing");
+        tracing::info!(port, "no longer redirecting");
     }
 }
 
@@ -282,10 +264,8 @@ pub fn original_dst(stream: &TcpStream, family: Family) -> io::Result<SocketAddr
 
 /// One listener's accept loop.
 struct Acceptor {
-    to_link: mpsc::Sender<AgentMessage>,
-    table: Arc<ConnTable>,
-    stolen: Arc<Mutex<HashSet<u16>>>,
-    next_id: Arc<AtomicU64>,
+    accepted: mpsc::Sender<Accepted>,
+    redirected: Arc<Mutex<HashSet<u16>>>,
 }
 
 impl Acceptor {
@@ -294,7 +274,7 @@ impl Acceptor {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!("accepting a stolen connection failed: {e}");
+                    tracing::warn!("accepting a redirected connection failed: {e}");
                     // EMFILE and friends: give the system a moment.
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
@@ -309,40 +289,24 @@ impl Acceptor {
                     continue;
                 }
             };
-            let stolen = self
-                .stolen
+            let redirected = self
+                .redirected
                 .lock()
-                .expect("stolen ports lock poisoned")
+                .expect("redirected ports lock poisoned")
                 .contains(&original.port());
-            if !stolen {
-                tracing::debug!(%peer, %original, "port no longer stolen; connection refused");
+            if !redirected {
+                tracing::debug!(%peer, %original, "port no longer redirected; connection refused");
                 let _ = stream.set_zero_linger();
                 continue;
             }
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let conn = ConnectionId(ConnectionId::AGENT_BIT | id);
-            let registration = self
-                .table
-                .register(conn)
-                .expect("agent connection ids are never reused");
-            // From here on, an agent that stops resets the connection.
-            let stream = relay::ResetOnDrop::new(stream);
-            tracing::debug!(%conn, %peer, %original, "stolen connection");
-            let incoming = AgentMessage::Incoming {
-                conn,
-                port: original.port(),
+            let accepted = Accepted {
+                stream,
                 peer,
-                local: original,
+                original,
             };
-            if self.to_link.send(incoming).await.is_err() {
+            if self.accepted.send(accepted).await.is_err() {
                 break;
             }
-            tokio::spawn(relay::tcp(
-                stream,
-                registration,
-                self.to_link.clone(),
-                self.table.clone(),
-            ));
         }
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use graft_protocol::codec::FrameCodec;
+use graft_protocol::incoming::{IncomingMode, Subscription};
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{AddressFamily, OpenFlags, RemoteRequest, RemoteResponse};
 use graft_protocol::{ConnectionId, PROTOCOL_VERSION, Transport};
@@ -576,12 +577,16 @@ async fn steal_delivers_curl_to_the_client_and_rules_go_with_the_link() {
         HelloReply::Accepted { .. }
     ));
 
-    link.send(ClientMessage::Steal { port: HTTP_PORT })
-        .await
-        .unwrap();
+    link.send(ClientMessage::Subscribe(Subscription {
+        port: HTTP_PORT,
+        mode: IncomingMode::Steal,
+        filter: None,
+    }))
+    .await
+    .unwrap();
     assert_eq!(
         recv(&mut link).await,
-        AgentMessage::StealResult {
+        AgentMessage::SubscribeResult {
             port: HTTP_PORT,
             error: None
         }
@@ -634,7 +639,7 @@ async fn steal_delivers_curl_to_the_client_and_rules_go_with_the_link() {
     }
 
     // Unsteal: the server answers again.
-    link.send(ClientMessage::Unsteal { port: HTTP_PORT })
+    link.send(ClientMessage::Unsubscribe { port: HTTP_PORT })
         .await
         .unwrap();
     assert!(
@@ -644,12 +649,16 @@ async fn steal_delivers_curl_to_the_client_and_rules_go_with_the_link() {
     );
 
     // Steal again, then drop the link: rules go, the server answers, the agent exits.
-    link.send(ClientMessage::Steal { port: HTTP_PORT })
-        .await
-        .unwrap();
+    link.send(ClientMessage::Subscribe(Subscription {
+        port: HTTP_PORT,
+        mode: IncomingMode::Steal,
+        filter: None,
+    }))
+    .await
+    .unwrap();
     assert!(matches!(
         recv(&mut link).await,
-        AgentMessage::StealResult { error: None, .. }
+        AgentMessage::SubscribeResult { error: None, .. }
     ));
     drop(link);
     let dropped = Instant::now();
@@ -676,12 +685,16 @@ async fn watchdog_removes_rules_after_kill_9() {
         hello(&mut link, SECRET).await,
         HelloReply::Accepted { .. }
     ));
-    link.send(ClientMessage::Steal { port: HTTP_PORT })
-        .await
-        .unwrap();
+    link.send(ClientMessage::Subscribe(Subscription {
+        port: HTTP_PORT,
+        mode: IncomingMode::Steal,
+        filter: None,
+    }))
+    .await
+    .unwrap();
     assert_eq!(
         recv(&mut link).await,
-        AgentMessage::StealResult {
+        AgentMessage::SubscribeResult {
             port: HTTP_PORT,
             error: None
         }
@@ -822,12 +835,16 @@ async fn sigterm_removes_rules_and_exits_zero() {
         hello(&mut link, SECRET).await,
         HelloReply::Accepted { .. }
     ));
-    link.send(ClientMessage::Steal { port: HTTP_PORT })
-        .await
-        .unwrap();
+    link.send(ClientMessage::Subscribe(Subscription {
+        port: HTTP_PORT,
+        mode: IncomingMode::Steal,
+        filter: None,
+    }))
+    .await
+    .unwrap();
     assert!(matches!(
         recv(&mut link).await,
-        AgentMessage::StealResult { error: None, .. }
+        AgentMessage::SubscribeResult { error: None, .. }
     ));
     // An open stolen connection is reset when the agent stops.
     let mut held = TcpStream::connect((ns.ns_ip, HTTP_PORT)).unwrap();

@@ -337,6 +337,7 @@ impl Target {
                 Err(e) => os_err(e),
             },
             RemoteRequest::Env => RemoteResponse::Env(vec![]),
+            RemoteRequest::Sessions => RemoteResponse::Sessions(vec![]),
         }
     }
 }

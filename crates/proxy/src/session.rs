@@ -27,6 +27,7 @@ use futures::{SinkExt, StreamExt};
 use graft_protocol::{
     ConnectionId, PROTOCOL_VERSION, RequestId, Transport,
     codec::FrameCodec,
+    incoming::{HttpFilterSpec, IncomingMode, Subscription as PortSubscription},
     layer::DeliveredPeer,
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
@@ -63,8 +64,12 @@ pub struct SessionOptions {
     /// How often the owners of stolen ports are checked to be alive.
     pub owner_check_interval: Duration,
     /// Print `graft: stealing port P of the target → local ADDR` to stderr when a
-    /// steal starts.
+    /// steal (or mirror) starts, and the agent's refusal when it fails.
     pub announce_steals: bool,
+    /// Whether the ports the program listens on are stolen or mirrored.
+    pub incoming_mode: IncomingMode,
+    /// Only HTTP requests this filter matches are stolen or mirrored.
+    pub filter: Option<HttpFilterSpec>,
 }
 
 impl Default for SessionOptions {
@@ -77,6 +82,8 @@ impl Default for SessionOptions {
             udp_idle: Duration::from_secs(5 * 60),
             owner_check_interval: Duration::from_secs(1),
             announce_steals: true,
+            incoming_mode: IncomingMode::Steal,
+            filter: None,
         }
     }
 }
@@ -516,7 +523,17 @@ impl Shared {
                 }
             }
         };
-        if first && self.send(ClientMessage::Steal { port }).await.is_err() {
+        let subscription = PortSubscription {
+            port,
+            mode: self.options.incoming_mode,
+            filter: self.options.filter.clone(),
+        };
+        if first
+            && self
+                .send(ClientMessage::Subscribe(subscription))
+                .await
+                .is_err()
+        {
             self.state().steals.remove(&port);
         }
         match rx.await {
@@ -539,7 +556,7 @@ impl Shared {
         };
         if owned {
             tracing::info!(port, pid, "unstealing port: its listener closed");
-            let _ = self.send(ClientMessage::Unsteal { port }).await;
+            let _ = self.send(ClientMessage::Unsubscribe { port }).await;
         }
     }
 
@@ -580,7 +597,7 @@ impl Shared {
                 }
                 None => tracing::debug!(id, "response to a forgotten request"),
             },
-            AgentMessage::StealResult { port, error } => self.steal_result(port, error),
+            AgentMessage::SubscribeResult { port, error } => self.steal_result(port, error),
             AgentMessage::Connected { conn, local } => {
                 if let Some(waiter) = self.state().connects.remove(&conn) {
                     let _ = waiter.send(Ok(local));
@@ -639,10 +656,23 @@ impl Shared {
         match &error {
             None => {
                 if self.options.announce_steals {
-                    eprintln!("graft: stealing port {port} of the target → local {deliver_to}");
+                    let what = match (self.options.incoming_mode, &self.options.filter) {
+                        (IncomingMode::Steal, None) => "stealing".to_owned(),
+                        (IncomingMode::Mirror, None) => "mirroring".to_owned(),
+                        (IncomingMode::Steal, Some(f)) => format!("stealing requests ({f}) on"),
+                        (IncomingMode::Mirror, Some(f)) => {
+                            format!("mirroring requests ({f}) on")
+                        }
+                    };
+                    eprintln!("graft: {what} port {port} of the target → local {deliver_to}");
                 }
             }
-            Some(message) => tracing::warn!(port, %message, "the agent could not steal the port"),
+            Some(message) => {
+                if self.options.announce_steals {
+                    eprintln!("graft: port {port}: {message}");
+                }
+                tracing::warn!(port, %message, "the agent refused the subscription");
+            }
         }
         for waiter in waiters {
             let _ = waiter.send(match &error {
@@ -720,7 +750,7 @@ fn message_name(message: &AgentMessage) -> &'static str {
     match message {
         AgentMessage::Hello(_) => "Hello",
         AgentMessage::Response { .. } => "Response",
-        AgentMessage::StealResult { .. } => "StealResult",
+        AgentMessage::SubscribeResult { .. } => "SubscribeResult",
         AgentMessage::Connected { .. } => "Connected",
         AgentMessage::ConnectFailed { .. } => "ConnectFailed",
         AgentMessage::Incoming { .. } => "Incoming",
@@ -827,7 +857,11 @@ async fn check_owners(shared: Arc<Shared>) {
         };
         for port in dead {
             tracing::info!(port, "unstealing port: its owner process is gone");
-            if shared.send(ClientMessage::Unsteal { port }).await.is_err() {
+            if shared
+                .send(ClientMessage::Unsubscribe { port })
+                .await
+                .is_err()
+            {
                 return;
             }
         }

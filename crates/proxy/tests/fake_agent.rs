@@ -10,6 +10,7 @@ use std::{
 };
 
 use futures::{SinkExt, StreamExt};
+use graft_protocol::incoming::{IncomingMode, Subscription};
 use graft_protocol::{
     ConnectionId, PROTOCOL_VERSION, Transport,
     codec::FrameCodec,
@@ -562,9 +563,16 @@ async fn steal(link: &mut LayerLink, agent: &mut FakeAgent, port: u16, deliver_t
         },
     );
     let agent_side = async {
-        assert_eq!(agent.recv().await, ClientMessage::Steal { port });
+        assert_eq!(
+            agent.recv().await,
+            ClientMessage::Subscribe(Subscription {
+                port,
+                mode: IncomingMode::Steal,
+                filter: None
+            })
+        );
         agent
-            .send(AgentMessage::StealResult { port, error: None })
+            .send(AgentMessage::SubscribeResult { port, error: None })
             .await;
     };
     let (response, ()) = tokio::join!(request, agent_side);
@@ -673,7 +681,7 @@ async fn incoming_connection_is_delivered_and_its_peer_answered() {
         .await,
         LayerResponse::Ok
     );
-    assert_eq!(agent.recv().await, ClientMessage::Unsteal { port: 80 });
+    assert_eq!(agent.recv().await, ClientMessage::Unsubscribe { port: 80 });
 }
 
 #[tokio::test]
@@ -691,9 +699,16 @@ async fn refused_steal_is_eaddrinuse() {
         },
     );
     let agent_side = async {
-        assert_eq!(agent.recv().await, ClientMessage::Steal { port: 80 });
+        assert_eq!(
+            agent.recv().await,
+            ClientMessage::Subscribe(Subscription {
+                port: 80,
+                mode: IncomingMode::Steal,
+                filter: None
+            })
+        );
         agent
-            .send(AgentMessage::StealResult {
+            .send(AgentMessage::SubscribeResult {
                 port: 80,
                 error: Some("port 80 is already stolen by another session".into()),
             })
@@ -728,9 +743,16 @@ async fn steal_of_a_dead_owner_is_dropped() {
         },
     );
     let agent_side = async {
-        assert_eq!(agent.recv().await, ClientMessage::Steal { port: 8000 });
+        assert_eq!(
+            agent.recv().await,
+            ClientMessage::Subscribe(Subscription {
+                port: 8000,
+                mode: IncomingMode::Steal,
+                filter: None
+            })
+        );
         agent
-            .send(AgentMessage::StealResult {
+            .send(AgentMessage::SubscribeResult {
                 port: 8000,
                 error: None,
             })
@@ -738,7 +760,10 @@ async fn steal_of_a_dead_owner_is_dropped() {
     };
     let (response, ()) = tokio::join!(request, agent_side);
     assert_eq!(response, LayerResponse::Ok);
-    assert_eq!(agent.recv().await, ClientMessage::Unsteal { port: 8000 });
+    assert_eq!(
+        agent.recv().await,
+        ClientMessage::Unsubscribe { port: 8000 }
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,531 @@
+//! HTTP routing on a filtered port: each request of a client connection goes to
+//! the first session whose steal filter matches it, else to the unfiltered
+//! stealer, else to the target's own server; sessions whose mirror filter matches
+//! get a copy.
+//!
+//! The client connection is served with hyper (HTTP/1.1 with keep-alive,
+//! pipelining, chunked bodies, `Expect: 100-continue` and upgrades; HTTP/2 with
+//! prior knowledge, RFC 9113 §3.3). Each request is forwarded over an upstream
+//! connection of the same HTTP version, kept per destination for the life of the
+//! client connection, so keep-alive connections that mix destinations work and
+//! each destination sees a normal client. Bodies and trailers stream through
+//! unbuffered. An `Upgrade` request (WebSocket, RFC 6455) gets its own upstream
+//! connection, and when the destination answers `101 Switching Protocols` the two
+//! connections are spliced: the whole rest of the connection belongs to that
+//! destination.
+//!
+//! Mirror copies of a request go through a bounded queue; a copy that falls behind
+//! is cut off, and the answers of mirrors are read and thrown away.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use graft_protocol::incoming::IncomingMode;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::tee::{self, Tee};
+use super::{BoxIo, ConnMeta, DETECT_TIMEOUT, PortSubs, Sub};
+
+/// The error type of forwarded bodies.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+/// The body type of forwarded messages.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// How many body frames a mirror copy of a request may lag behind.
+const MIRROR_FRAMES: usize = 32;
+/// How long a request waits for a busy HTTP/1 upstream connection before it
+/// opens another.
+const READY_WAIT: Duration = Duration::from_millis(50);
+
+/// What the first bytes of a connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// HTTP/1.x request line or the HTTP/2 connection preface.
+    Http,
+    /// Something else, or nothing within [`DETECT_TIMEOUT`].
+    Other,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Request methods recognized at the start of a connection (RFC 9110 §9, RFC 5789).
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+/// Classifies the first bytes: `Some(true)` HTTP, `Some(false)` not HTTP, `None`
+/// not enough bytes to tell.
+pub fn classify(first: &[u8]) -> Option<bool> {
+    if first.is_empty() {
+        return None;
+    }
+    let mut undecided = false;
+    for pattern in METHODS.iter().copied().chain([H2_PREFACE]) {
+        if first.starts_with(pattern) {
+            return Some(true);
+        }
+        if pattern.starts_with(first) {
+            undecided = true;
+        }
+    }
+    if undecided { None } else { Some(false) }
+}
+
+/// Peeks at a connection's first bytes, for at most [`DETECT_TIMEOUT`].
+pub async fn detect(stream: &TcpStream) -> Detected {
+    let deadline = Instant::now() + DETECT_TIMEOUT;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return Detected::Other,
+        };
+        if n == 0 {
+            return Detected::Other;
+        }
+        match classify(&buf[..n]) {
+            Some(true) => return Detected::Http,
+            Some(false) => return Detected::Other,
+            None if n == buf.len() => return Detected::Other,
+            None => {
+                if Instant::now() >= deadline {
+                    return Detected::Other;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+/// An upstream destination of a client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Dest {
+    /// The target's own server.
+    Target,
+    /// A session, by the address of its subscription.
+    Session(usize),
+    /// A session's mirror copy.
+    Mirror(usize),
+}
+
+/// A client side of an upstream connection.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
+    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+}
+
+/// One client connection's routing state.
+struct Conn {
+    meta: ConnMeta,
+    subs: Arc<PortSubs>,
+    upstreams: tokio::sync::Mutex<HashMap<Dest, Sender>>,
+}
+
+/// Serves the HTTP client connection `stream` until it ends.
+pub async fn serve(stream: TcpStream, meta: ConnMeta, subs: Arc<PortSubs>) {
+    let mirrors = tee::start_mirrors(meta, subs.plain_mirrors());
+    let io = Tee::new(stream, mirrors);
+    let conn = Arc::new(Conn {
+        meta,
+        subs,
+        upstreams: tokio::sync::Mutex::default(),
+    });
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .half_close(true)
+        .preserve_header_case(true)
+        .pipeline_flush(true);
+    builder.http2().timer(TokioTimer::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(peer = %meta.peer, "HTTP connection ended: {e}");
+    }
+}
+
+fn matches(sub: &Sub, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+    sub.filter
+        .as_ref()
+        .is_some_and(|f| f.matches(method, uri, headers))
+}
+
+/// Routes and forwards one request.
+async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let (method, uri, headers) = (req.method(), req.uri(), req.headers());
+    let stealer = conn
+        .subs
+        .subs
+        .iter()
+        .find(|s| s.subscription.mode == IncomingMode::Steal && matches(s, method, uri, headers))
+        .or_else(|| conn.subs.plain_steal())
+        .cloned();
+    let mirrors: Vec<Arc<Sub>> = conn
+        .subs
+        .subs
+        .iter()
+        .filter(|s| s.subscription.mode == IncomingMode::Mirror && matches(s, method, uri, headers))
+        .cloned()
+        .collect();
+    let dest = match &stealer {
+        Some(sub) => Dest::Session(Arc::as_ptr(sub) as usize),
+        None => Dest::Target,
+    };
+    tracing::trace!(%method, %uri, ?dest, mirrors = mirrors.len(), "request");
+
+    let upgrade =
+        req.version() < Version::HTTP_2 && req.headers().contains_key(http::header::UPGRADE);
+    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    // Mirror copies.
+    let mut copies = Vec::new();
+    for sub in mirrors {
+        let head = Head::of(&req);
+        let (tx, rx) = if req.body().is_end_stream() {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::channel(MIRROR_FRAMES);
+            (Some(tx), Some(rx))
+        };
+        copies.extend(tx);
+        tokio::spawn(mirror_request(conn.clone(), sub, head, rx));
+    }
+    let req = req.map(|body| -> ProxyBody {
+        if copies.is_empty() {
+            body.map_err(BoxError::from).boxed()
+        } else {
+            TeeBody {
+                inner: body,
+                copies,
+            }
+            .boxed()
+        }
+    });
+
+    let forwarded = match down_upgrade {
+        Some(down) => forward_upgrade(&conn, stealer.as_ref(), req, down).await,
+        None => forward(&conn, dest, stealer.as_ref(), req).await,
+    };
+    match forwarded {
+        Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
+        Err(e) => {
+            let whom = match dest {
+                Dest::Target => "the target's server".to_owned(),
+                _ => format!(
+                    "the session of {}",
+                    stealer.as_ref().map_or("?", |s| s.client.as_str())
+                ),
+            };
+            tracing::debug!("forwarding to {whom} failed: {e}");
+            let mut resp = Response::new(
+                Full::new(Bytes::from(format!("graft: {whom} did not answer: {e}\n")))
+                    .map_err(BoxError::from)
+                    .boxed(),
+            );
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            resp
+        }
+    }
+}
+
+/// Opens a byte stream to `dest`.
+async fn open(conn: &Conn, stealer: Option<&Arc<Sub>>, dest: Dest) -> Result<BoxIo, BoxError> {
+    match (dest, stealer) {
+        (Dest::Target, _) => Ok(Box::new(tee::connect_target(conn.meta.local).await?)),
+        (_, Some(sub)) => Ok(sub.to.clone().open(conn.meta).await?),
+        (_, None) => Err("no session for this request".into()),
+    }
+}
+
+/// Opens a new upstream connection of `version` to `dest`.
+async fn connect(
+    conn: &Conn,
+    stealer: Option<&Arc<Sub>>,
+    dest: Dest,
+    version: Version,
+) -> Result<Sender, BoxError> {
+    let io = TokioIo::new(open(conn, stealer, dest).await?);
+    if version == Version::HTTP_2 {
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await?;
+        tokio::spawn(connection);
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(io)
+            .await?;
+        tokio::spawn(connection);
+        Ok(Sender::H1(sender))
+    }
+}
+
+/// Takes a usable upstream connection to `dest` (or opens one), waiting at most
+/// [`READY_WAIT`] for a busy HTTP/1 one unless `wait` is false.
+async fn take_sender(
+    conn: &Conn,
+    stealer: Option<&Arc<Sub>>,
+    dest: Dest,
+    version: Version,
+    wait: bool,
+) -> Result<Option<Sender>, BoxError> {
+    let cached = conn.upstreams.lock().await.remove(&dest);
+    match cached {
+        Some(Sender::H2(mut sender)) if !sender.is_closed() => {
+            let copy = sender.clone();
+            conn.upstreams.lock().await.insert(dest, Sender::H2(copy));
+            if sender.ready().await.is_ok() {
+                return Ok(Some(Sender::H2(sender)));
+            }
+        }
+        Some(Sender::H1(mut sender)) if !sender.is_closed() => {
+            let ready = if sender.is_ready() {
+                true
+            } else if wait {
+                matches!(
+                    tokio::time::timeout(READY_WAIT, sender.ready()).await,
+                    Ok(Ok(()))
+                )
+            } else {
+                false
+            };
+            if ready {
+                return Ok(Some(Sender::H1(sender)));
+            }
+            if !wait {
+                conn.upstreams.lock().await.insert(dest, Sender::H1(sender));
+                return Ok(None);
+            }
+        }
+        _ => {}
+    }
+    let sender = connect(conn, stealer, dest, version).await?;
+    Ok(Some(sender))
+}
+
+/// Sends `req` to `dest` and returns its response.
+async fn forward(
+    conn: &Conn,
+    dest: Dest,
+    stealer: Option<&Arc<Sub>>,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, BoxError> {
+    let version = req.version();
+    let sender = take_sender(conn, stealer, dest, version, true)
+        .await?
+        .ok_or("no upstream connection")?;
+    send(conn, dest, sender, req).await
+}
+
+/// Sends on `sender` and puts it back for the next request.
+async fn send(
+    conn: &Conn,
+    dest: Dest,
+    sender: Sender,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, BoxError> {
+    match sender {
+        Sender::H1(mut sender) => {
+            let resp = sender.send_request(req);
+            let resp = resp.await;
+            conn.upstreams.lock().await.insert(dest, Sender::H1(sender));
+            Ok(resp?)
+        }
+        Sender::H2(mut sender) => Ok(sender.send_request(req).await?),
+    }
+}
+
+/// Forwards an `Upgrade` request over a connection of its own and, on `101`,
+/// splices the client's connection with it.
+async fn forward_upgrade(
+    conn: &Conn,
+    stealer: Option<&Arc<Sub>>,
+    req: Request<ProxyBody>,
+    down: hyper::upgrade::OnUpgrade,
+) -> Result<Response<Incoming>, BoxError> {
+    let dest = match stealer {
+        Some(sub) => Dest::Session(Arc::as_ptr(sub) as usize),
+        None => Dest::Target,
+    };
+    let io = TokioIo::new(open(conn, stealer, dest).await?);
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake(io)
+        .await?;
+    tokio::spawn(connection.with_upgrades());
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(down, up) {
+                Ok((down, up)) => {
+                    let mut down = TokioIo::new(down);
+                    let mut up = TokioIo::new(up);
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+                Err(e) => tracing::debug!("upgrade failed: {e}"),
+            }
+        });
+    }
+    Ok(resp)
+}
+
+/// The head of a request, for a mirror copy.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>) -> Head {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+}
+
+/// Sends a mirror copy of a request to `sub` and throws the answer away. Skipped
+/// when the session's connection is still busy with an earlier copy.
+async fn mirror_request(
+    conn: Arc<Conn>,
+    sub: Arc<Sub>,
+    head: Head,
+    body: Option<mpsc::Receiver<Frame<Bytes>>>,
+) {
+    let dest = Dest::Mirror(Arc::as_ptr(&sub) as usize);
+    let sender = match take_sender(&conn, Some(&sub), dest, head.version, false).await {
+        Ok(Some(sender)) => sender,
+        Ok(None) => {
+            tracing::debug!("mirror busy; copy of a request dropped");
+            return;
+        }
+        Err(e) => {
+            tracing::debug!("mirror not reachable: {e}");
+            return;
+        }
+    };
+    let body: ProxyBody = match body {
+        None => Empty::new().map_err(BoxError::from).boxed(),
+        Some(rx) => {
+            let frames = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|f| (Ok::<_, BoxError>(f), rx))
+            });
+            StreamBody::new(frames).boxed()
+        }
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method;
+    *req.uri_mut() = head.uri;
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers;
+    match send(&conn, dest, sender, req).await {
+        Ok(resp) => {
+            let _ = resp.into_body().collect().await;
+        }
+        Err(e) => tracing::debug!("mirror copy failed: {e}"),
+    }
+}
+
+/// A request body that copies its frames to mirrors as they pass.
+struct TeeBody {
+    inner: Incoming,
+    copies: Vec<mpsc::Sender<Frame<Bytes>>>,
+}
+
+fn copy_frame(frame: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    if let Some(data) = frame.data_ref() {
+        Some(Frame::data(data.clone()))
+    } else {
+        frame.trailers_ref().map(|t| Frame::trailers(t.clone()))
+    }
+}
+
+impl Body for TeeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.copies.retain(|tx| match copy_frame(&frame) {
+                    Some(copy) => tx.try_send(copy).is_ok(),
+                    None => true,
+                });
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.copies.clear();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.copies.clear();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_classify() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(true));
+        assert_eq!(classify(b"POST /x"), Some(true));
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(true));
+        assert_eq!(classify(b"PRI * HT"), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"GETX"), Some(false));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(false));
+        assert_eq!(classify(b"hello\n"), Some(false));
+        assert_eq!(classify(b""), None);
+    }
+}

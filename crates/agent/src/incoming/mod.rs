@@ -1,0 +1,380 @@
+//! Incoming traffic of the target: the hub that holds every session's
+//! subscriptions on the target and routes each redirected connection (or, under
+//! HTTP filters, each request) to a session or to the target's own server.
+//!
+//! There is one hub per target network namespace. The first agent that needs it
+//! owns it; agents of other sessions on the same target reach it through
+//! [`peer`] (an abstract Unix socket, which Linux scopes to the network
+//! namespace, unix(7)). The hub owner redirects subscribed ports to itself
+//! ([`crate::steal::Redirector`]) and routes each accepted connection:
+//!
+//! - no HTTP filter on the port: the whole connection goes to the unfiltered
+//!   stealer, or, when there is none, to the target's own server (redirect and
+//!   pass-through) — and unfiltered mirrors get a copy of the client's bytes
+//!   through a bounded buffer that is dropped on overflow ([`tee`]);
+//! - a filter on the port: the first bytes decide: HTTP/1.x or HTTP/2 prior
+//!   knowledge is served by [`http`], which routes each request; anything else (or
+//!   silence for [`DETECT_TIMEOUT`]) is handled as without filters.
+//!
+//! Conflicts: a port has at most one unfiltered steal; a second is refused with
+//! the holder's name and start. Filtered steals and mirrors coexist with anything.
+
+pub mod http;
+pub mod peer;
+pub mod tee;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use graft_filter::HttpFilter;
+use graft_protocol::incoming::{IncomingMode, SessionListing, Subscription};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::steal::{Accepted, Redirector};
+
+/// How long a connection on a filtered port may stay silent before it is treated
+/// as not HTTP and passed through.
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// A byte stream to or from a session.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed [`Io`].
+pub type BoxIo = Box<dyn Io>;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a session is told about an incoming connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// The target's port.
+    pub port: u16,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+}
+
+/// Where a subscription's connections go: one session, in this agent or another.
+pub trait Subscriber: Send + Sync + 'static {
+    /// Opens a new connection to the session's program for `meta` and returns the
+    /// agent's end of it.
+    fn open(self: Arc<Self>, meta: ConnMeta) -> BoxFuture<io::Result<BoxIo>>;
+
+    /// Hands a whole accepted connection to the session. The default opens a
+    /// connection and splices the two.
+    fn hand_over(self: Arc<Self>, meta: ConnMeta, stream: TcpStream) -> BoxFuture<io::Result<()>> {
+        Box::pin(async move {
+            let session = self.open(meta).await?;
+            tokio::spawn(splice(stream, session));
+            Ok(())
+        })
+    }
+}
+
+/// Copies both ways between a client connection and `other` until both ends are
+/// done; a failure resets the client.
+async fn splice(stream: TcpStream, mut other: BoxIo) {
+    let mut stream = stream;
+    if tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut other, 64 * 1024, 64 * 1024)
+        .await
+        .is_err()
+    {
+        let _ = stream.set_zero_linger();
+    }
+}
+
+/// Who holds subscriptions: a session of this agent, or another agent's.
+pub type OwnerId = u64;
+
+/// One subscription in the hub.
+pub struct Sub {
+    /// Its holder.
+    pub owner: OwnerId,
+    /// The holder's `user@host`.
+    pub client: String,
+    /// Seconds since the Unix epoch when it was made.
+    pub since_unix: u64,
+    /// What was asked.
+    pub subscription: Subscription,
+    /// The compiled filter.
+    pub filter: Option<HttpFilter>,
+    /// Where its connections go.
+    pub to: Arc<dyn Subscriber>,
+}
+
+impl Sub {
+    /// Whether this is an unfiltered steal.
+    fn is_plain_steal(&self) -> bool {
+        self.subscription.mode == IncomingMode::Steal && self.filter.is_none()
+    }
+}
+
+/// The subscriptions of one port, oldest first; replaced (never mutated) on change.
+#[derive(Default)]
+pub struct PortSubs {
+    /// In the order they were made.
+    pub subs: Vec<Arc<Sub>>,
+}
+
+impl PortSubs {
+    /// The unfiltered steal, if any.
+    pub fn plain_steal(&self) -> Option<&Arc<Sub>> {
+        self.subs.iter().find(|s| s.is_plain_steal())
+    }
+
+    /// Unfiltered mirrors.
+    pub fn plain_mirrors(&self) -> impl Iterator<Item = &Arc<Sub>> {
+        self.subs
+            .iter()
+            .filter(|s| s.subscription.mode == IncomingMode::Mirror && s.filter.is_none())
+    }
+
+    /// Whether some subscription filters HTTP requests.
+    pub fn has_filters(&self) -> bool {
+        self.subs.iter().any(|s| s.filter.is_some())
+    }
+}
+
+/// Formats a Unix time as `HH:MM:SS UTC`.
+pub fn clock(unix: u64) -> String {
+    let s = unix % 86_400;
+    format!("{:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The hub of one target: subscriptions, redirects and routing.
+pub struct Hub {
+    ports: RwLock<HashMap<u16, Arc<PortSubs>>>,
+    redirector: tokio::sync::Mutex<Redirector>,
+    next_owner: AtomicU64,
+    /// Serializes changes of `ports` with the rule they need.
+    change: Mutex<()>,
+}
+
+impl Hub {
+    /// Starts a hub whose rules live in `chain`; `rules_touched` is set before the
+    /// first rule is installed.
+    pub fn start(chain: String, rules_touched: Arc<std::sync::atomic::AtomicBool>) -> Arc<Hub> {
+        let (tx, mut rx) = mpsc::channel::<Accepted>(1024);
+        let hub = Arc::new(Hub {
+            ports: RwLock::default(),
+            redirector: tokio::sync::Mutex::new(Redirector::new(chain, rules_touched, tx)),
+            next_owner: AtomicU64::new(1),
+            change: Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&hub);
+        tokio::spawn(async move {
+            while let Some(accepted) = rx.recv().await {
+                let Some(hub) = weak.upgrade() else { break };
+                let subs = hub.port_subs(accepted.original.port());
+                tokio::spawn(route(accepted, subs));
+            }
+        });
+        hub
+    }
+
+    /// A new owner id for a session's subscriptions.
+    pub fn new_owner(&self) -> OwnerId {
+        self.next_owner.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn port_subs(&self, port: u16) -> Option<Arc<PortSubs>> {
+        self.ports
+            .read()
+            .expect("hub ports lock poisoned")
+            .get(&port)
+            .cloned()
+    }
+
+    /// Adds (or replaces) `owner`'s subscription of its port.
+    ///
+    /// # Errors
+    ///
+    /// The filter does not compile, the port is already stolen without a filter by
+    /// another session (the message names it), or the redirect failed.
+    pub async fn subscribe(
+        &self,
+        owner: OwnerId,
+        client: &str,
+        subscription: Subscription,
+        to: Arc<dyn Subscriber>,
+    ) -> Result<(), String> {
+        let filter = match &subscription.filter {
+            Some(spec) => Some(HttpFilter::compile(spec).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let port = subscription.port;
+        let sub = Arc::new(Sub {
+            owner,
+            client: client.to_owned(),
+            since_unix: now_unix(),
+            subscription,
+            filter,
+            to,
+        });
+        let mut redirector = self.redirector.lock().await;
+        let current = self.port_subs(port).unwrap_or_default();
+        if sub.is_plain_steal()
+            && let Some(holder) = current
+                .subs
+                .iter()
+                .find(|s| s.owner != owner && s.is_plain_steal())
+        {
+            return Err(format!(
+                "port {port} is already stolen by {} (since {}); steal only some requests \
+                 with --filter-header/--filter-path/--filter-method, or use --mirror",
+                holder.client,
+                clock(holder.since_unix)
+            ));
+        }
+        if current.subs.is_empty() {
+            redirector.redirect(port).await?;
+        }
+        let mut subs: Vec<Arc<Sub>> = current
+            .subs
+            .iter()
+            .filter(|s| s.owner != owner)
+            .cloned()
+            .collect();
+        subs.push(sub);
+        self.publish(port, subs);
+        Ok(())
+    }
+
+    fn publish(&self, port: u16, subs: Vec<Arc<Sub>>) {
+        let _serial = self.change.lock().expect("hub change lock poisoned");
+        let mut ports = self.ports.write().expect("hub ports lock poisoned");
+        if subs.is_empty() {
+            ports.remove(&port);
+        } else {
+            ports.insert(port, Arc::new(PortSubs { subs }));
+        }
+    }
+
+    /// Drops `owner`'s subscription of `port`; the port's redirect goes when no
+    /// subscription is left.
+    pub async fn unsubscribe(&self, owner: OwnerId, port: u16) {
+        let mut redirector = self.redirector.lock().await;
+        let Some(current) = self.port_subs(port) else {
+            return;
+        };
+        let subs: Vec<Arc<Sub>> = current
+            .subs
+            .iter()
+            .filter(|s| s.owner != owner)
+            .cloned()
+            .collect();
+        if subs.len() == current.subs.len() {
+            return;
+        }
+        let empty = subs.is_empty();
+        self.publish(port, subs);
+        if empty {
+            redirector.release(port).await;
+        }
+    }
+
+    /// Drops every subscription of `owner`.
+    pub async fn drop_owner(&self, owner: OwnerId) {
+        let ports: Vec<u16> = self
+            .ports
+            .read()
+            .expect("hub ports lock poisoned")
+            .iter()
+            .filter(|(_, p)| p.subs.iter().any(|s| s.owner == owner))
+            .map(|(port, _)| *port)
+            .collect();
+        for port in ports {
+            self.unsubscribe(owner, port).await;
+        }
+    }
+
+    /// Every subscription, oldest first.
+    pub fn list(&self) -> Vec<SessionListing> {
+        let ports = self.ports.read().expect("hub ports lock poisoned");
+        let mut all: Vec<SessionListing> = ports
+            .values()
+            .flat_map(|p| p.subs.iter())
+            .map(|s| SessionListing {
+                client: s.client.clone(),
+                since_unix: s.since_unix,
+                subscription: s.subscription.clone(),
+            })
+            .collect();
+        all.sort_by_key(|l| (l.since_unix, l.subscription.port));
+        all
+    }
+}
+
+/// Routes one redirected connection.
+async fn route(accepted: Accepted, subs: Option<Arc<PortSubs>>) {
+    let Accepted {
+        stream,
+        peer,
+        original,
+    } = accepted;
+    let Some(subs) = subs else {
+        tracing::debug!(%peer, %original, "port no longer subscribed; connection refused");
+        let _ = stream.set_zero_linger();
+        return;
+    };
+    let meta = ConnMeta {
+        port: original.port(),
+        peer,
+        local: original,
+    };
+    if subs.has_filters() {
+        match http::detect(&stream).await {
+            http::Detected::Http => {
+                http::serve(stream, meta, subs).await;
+                return;
+            }
+            http::Detected::Other => {}
+        }
+    }
+    pass_whole(stream, meta, &subs).await;
+}
+
+/// Sends a whole connection to the unfiltered stealer or to the target, with a
+/// copy to every unfiltered mirror.
+async fn pass_whole(stream: TcpStream, meta: ConnMeta, subs: &PortSubs) {
+    let mirrors = tee::start_mirrors(meta, subs.plain_mirrors());
+    match subs.plain_steal() {
+        Some(stealer) if mirrors.is_empty() => {
+            if let Err(e) = stealer.to.clone().hand_over(meta, stream).await {
+                tracing::debug!(peer = %meta.peer, "could not hand the connection over: {e}");
+            }
+        }
+        Some(stealer) => match stealer.to.clone().open(meta).await {
+            Ok(session) => tee::pipe(stream, session, mirrors).await,
+            Err(e) => {
+                tracing::debug!(peer = %meta.peer, "could not open the session's connection: {e}");
+                let _ = stream.set_zero_linger();
+            }
+        },
+        None => match tee::connect_target(meta.local).await {
+            Ok(target) => tee::pipe(stream, Box::new(target), mirrors).await,
+            Err(e) => {
+                tracing::debug!(target = %meta.local, "the target's server refused: {e}");
+                let _ = stream.set_zero_linger();
+            }
+        },
+    }
+}
