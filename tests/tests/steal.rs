@@ -1,7 +1,9 @@
 //! Item 1 of issue 2, incoming traffic: with `--steal`, connections that reach the
 //! target's namespace on a port CMD listens on are delivered to CMD (IPv4 and
 //! IPv6, `--port-map`), the target's own server sees none of them, and it serves
-//! again as soon as the session ends; without `--steal` nothing changes.
+//! again as soon as the session ends; without `--steal` (or `--mirror`) the
+//! session mirrors: the target keeps serving and CMD gets copies (more in
+//! `incoming.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -102,12 +104,14 @@ fn steal_with_port_map_steals_remote_port_for_cmd_listening_on_local_port() {
 
 #[test]
 fn without_steal_incoming_traffic_stays_with_the_target() {
+    // Without --steal or --mirror the default is mirror: the target still answers
+    // every request, CMD receives copies, and graft says so when it starts.
     let bed = Bed::new();
-    let app = fixture_str("http_app.py");
+    let app = fixture_str("named_http.py");
     let port = bed.app_port.to_string();
     let mut session = bed.spawn(
-        bed.graft_run(&[], &[python(), &app, &port]),
-        "graft run -- http_app.py (no --steal)",
+        bed.graft_run(&[], &[python(), &app, "local", &port]),
+        "graft run -- named_http.py local (no --steal)",
     );
     // The app is up locally...
     let local = format!("http://127.0.0.1:{port}/");
@@ -124,20 +128,60 @@ fn without_steal_incoming_traffic_stays_with_the_target() {
         "the app never listened locally\n{}",
         session.output_report()
     );
-    // ...and the target still gets its traffic.
-    for _ in 0..3 {
+    assert!(
+        session.stderr().to_lowercase().contains("mirror"),
+        "graft did not say it mirrors by default\n{}",
+        session.output_report()
+    );
+    // ...the mirror is in place once a request to the target shows up in CMD...
+    let mut i = 0;
+    let mirrored = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        i += 1;
+        let _ = curl(&format!("{}probe-{i}", bed.target_url(bed.app_port)));
+        std::thread::sleep(Duration::from_millis(100));
+        session.stdout().contains(" /probe-").then_some(())
+    });
+    assert!(
+        mirrored.is_some(),
+        "no request to the target was mirrored to CMD\n{}",
+        session.output_report()
+    );
+    // ...and the target still gets (and answers) all of its traffic.
+    let before = bed.target_counts()[&bed.app_port];
+    for i in 0..3 {
         assert_eq!(
-            curl(&bed.target_url(bed.app_port)).unwrap(),
+            curl(&format!("{}v4-{i}", bed.target_url(bed.app_port))).unwrap(),
             bed.target_reply()
         );
         assert_eq!(
-            curl(&bed.target_url6(bed.app_port)).unwrap(),
+            curl(&format!("{}v6-{i}", bed.target_url6(bed.app_port))).unwrap(),
             bed.target_reply()
         );
     }
+    assert_eq!(bed.target_counts()[&bed.app_port], before + 6);
+    let copied = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        let out = session.stdout();
+        (0..3)
+            .all(|i| out.contains(&format!(" /v4-{i} ")) && out.contains(&format!(" /v6-{i} ")))
+            .then_some(())
+    });
     assert!(
-        !bed.has_graft_rules(),
-        "rules without --steal:\n{}",
+        copied.is_some(),
+        "CMD did not get a copy of every request\n{}",
+        session.output_report()
+    );
+    // The mirror's rules go with the session.
+    session.signal(Signal::SIGTERM);
+    let gone = wait_until(RESTORE, Duration::from_millis(50), || {
+        (!bed.has_graft_rules()).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "rules left after the session:\n{}",
         bed.packet_rules()
+    );
+    assert_eq!(
+        curl(&bed.target_url(bed.app_port)).unwrap(),
+        bed.target_reply()
     );
 }
