@@ -30,6 +30,7 @@ mod rules;
 mod session;
 mod steal;
 mod target;
+mod target_id;
 mod watchdog;
 
 use std::io::{IsTerminal, Write};
@@ -66,12 +67,21 @@ const EXIT_REFUSED: u8 = 6;
     name = "graft-agent",
     version,
     about = "graft's agent: serves one graft session beside a target process",
-    after_help = "The session secret is read from the environment variable GRAFT_AGENT_SECRET."
+    after_help = "The session secret is read from the environment variable GRAFT_AGENT_SECRET, \
+                  or its SHA-256 (64 hex digits) from GRAFT_AGENT_SECRET_SHA256."
 )]
 struct Args {
     /// The target process, as this agent sees it.
-    #[arg(long, value_name = "PID")]
-    target_pid: u32,
+    #[arg(
+        long,
+        value_name = "PID",
+        required_unless_present = "target_container_id"
+    )]
+    target_pid: Option<u32>,
+    /// The target container (node mode): its process is found by this ID
+    /// (`containerd://3f9a…` or the bare hex) in `/proc/*/cgroup`.
+    #[arg(long, value_name = "ID", conflicts_with = "target_pid")]
+    target_container_id: Option<String>,
     /// Where to accept the client: `unix:/path/agent.sock` or `tcp:127.0.0.1:PORT`
     /// (loopback only; inside the target's network namespace).
     #[arg(long, value_name = "ADDRESS", value_parser = parse_listen)]
@@ -161,20 +171,19 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<u8, Failure> {
-    let pid = args.target_pid;
-    ns::check_exists(pid)?;
-    let secret = match std::env::var(rules::SECRET_ENV) {
-        Ok(s) if !s.is_empty() => s,
-        _ => {
-            return Err(Failure::new(
-                EXIT_USAGE,
-                anyhow::anyhow!(
-                    "the session secret is missing: set {} in graft-agent's environment",
-                    rules::SECRET_ENV
-                ),
-            ));
-        }
+    let pid = match (&args.target_pid, &args.target_container_id) {
+        (Some(pid), _) => *pid,
+        (None, Some(id)) => target_id::find_container_pid(Path::new("/proc"), id).map_err(|e| {
+            let code = match e {
+                target_id::FindError::Invalid(_) => EXIT_USAGE,
+                target_id::FindError::NotFound(_) => EXIT_NO_TARGET,
+            };
+            Failure::new(code, e)
+        })?,
+        (None, None) => unreachable!("clap requires --target-pid or --target-container-id"),
     };
+    ns::check_exists(pid)?;
+    let secret = session_secret().map_err(|e| Failure::new(EXIT_USAGE, e))?;
     let chain = rules::random_chain_name();
     let netns = ns::open_netns(pid)?;
     let pidfd = target::open_pidfd(pid);
@@ -216,6 +225,38 @@ fn run(args: Args) -> Result<u8, Failure> {
     }
     drop(watchdog);
     outcome
+}
+
+/// The secret check from the environment: `GRAFT_AGENT_SECRET` (local agents) or
+/// `GRAFT_AGENT_SECRET_SHA256` (agents in a cluster, whose spec must not carry the
+/// secret itself). The rule commands the agent runs inherit neither (see
+/// [`rules`]).
+fn session_secret() -> anyhow::Result<session::Secret> {
+    let plain = std::env::var(rules::SECRET_ENV)
+        .ok()
+        .filter(|s| !s.is_empty());
+    let digest = std::env::var(rules::SECRET_DIGEST_ENV)
+        .ok()
+        .filter(|s| !s.is_empty());
+    let secret = match (plain, digest) {
+        (Some(secret), _) => session::Secret::Plain(secret),
+        (None, Some(hex)) => {
+            let hex = hex.to_ascii_lowercase();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                anyhow::bail!(
+                    "{} must be 64 hex digits (a SHA-256), not {hex:?}",
+                    rules::SECRET_DIGEST_ENV
+                );
+            }
+            session::Secret::Sha256(hex)
+        }
+        (None, None) => anyhow::bail!(
+            "the session secret is missing: set {} (or {}) in graft-agent's environment",
+            rules::SECRET_ENV,
+            rules::SECRET_DIGEST_ENV
+        ),
+    };
+    Ok(secret)
 }
 
 /// Resolves when the agent must stop from outside: target exit or a signal.
@@ -398,7 +439,36 @@ mod tests {
             "unix:/tmp/a.sock",
         ])
         .unwrap();
-        assert_eq!(args.target_pid, 42);
+        assert_eq!(args.target_pid, Some(42));
+        let node = Args::try_parse_from([
+            "graft-agent",
+            "--target-container-id",
+            "containerd://abc",
+            "--listen",
+            "tcp:127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!(
+            node.target_container_id.as_deref(),
+            Some("containerd://abc")
+        );
+        assert!(
+            Args::try_parse_from(["graft-agent", "--listen", "tcp:127.0.0.1:0"]).is_err(),
+            "a target is required"
+        );
+        assert!(
+            Args::try_parse_from([
+                "graft-agent",
+                "--target-pid",
+                "1",
+                "--target-container-id",
+                "abc",
+                "--listen",
+                "tcp:127.0.0.1:0"
+            ])
+            .is_err(),
+            "one target only"
+        );
         assert_eq!(args.connect_timeout, 30);
     }
 }

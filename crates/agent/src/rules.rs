@@ -21,6 +21,9 @@ pub const CHAIN_PREFIX: &str = "GRAFT-";
 /// The environment variable that carries the session secret; removed from the
 /// environment of every command the agent runs.
 pub const SECRET_ENV: &str = "GRAFT_AGENT_SECRET";
+/// The environment variable with the SHA-256 of the session secret, as 64 hex
+/// digits (agents placed in a cluster: the pod spec never holds the secret).
+pub const SECRET_DIGEST_ENV: &str = "GRAFT_AGENT_SECRET_SHA256";
 
 /// An IP family, and so which of `iptables` / `ip6tables` manages its rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +185,7 @@ pub async fn run(family: Family, argv: &[String]) -> Result<(), RuleError> {
     let result = tokio::process::Command::new(family.program())
         .args(argv)
         .env_remove(SECRET_ENV)
+        .env_remove(SECRET_DIGEST_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -199,6 +203,7 @@ pub fn run_blocking(family: Family, argv: &[String]) -> Result<(), RuleError> {
     let result = std::process::Command::new(family.program())
         .args(argv)
         .env_remove(SECRET_ENV)
+        .env_remove(SECRET_DIGEST_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

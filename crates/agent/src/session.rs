@@ -49,7 +49,7 @@ pub struct SessionConfig {
     /// The target's PID.
     pub target_pid: u32,
     /// The secret a client must present.
-    pub secret: String,
+    pub secret: Secret,
     /// The agent's chain name.
     pub chain: String,
     /// The target's root directory.
@@ -82,6 +82,40 @@ pub enum SessionEnd {
     Stopped(Stop),
 }
 
+/// What the agent knows of the session secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// The secret itself.
+    Plain(String),
+    /// Its SHA-256 (FIPS 180-4) as 64 lower-case hex digits.
+    Sha256(String),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Secret::Plain(_) => "Secret::Plain(..)",
+            Secret::Sha256(_) => "Secret::Sha256(..)",
+        })
+    }
+}
+
+impl Secret {
+    /// Whether `given` is the session secret, in time independent of where it
+    /// differs.
+    pub fn accepts(&self, given: &str) -> bool {
+        match self {
+            Secret::Plain(expected) => secrets_match(given, expected),
+            Secret::Sha256(expected) => {
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(given.as_bytes());
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                secrets_match(&hex, expected)
+            }
+        }
+    }
+}
+
 /// Compares two secrets in time that depends only on their lengths.
 pub fn secrets_match(given: &str, expected: &str) -> bool {
     let (a, b) = (given.as_bytes(), expected.as_bytes());
@@ -93,9 +127,9 @@ pub fn secrets_match(given: &str, expected: &str) -> bool {
 }
 
 /// Checks a client's `Hello`; the error is the reason sent in `Rejected`.
-pub fn check_hello(hello: &Hello, secret: &str) -> Result<(), String> {
+pub fn check_hello(hello: &Hello, secret: &Secret) -> Result<(), String> {
     version::check_compatible(&hello.version).map_err(|e| e.to_string())?;
-    if !secrets_match(&hello.secret, secret) {
+    if !secret.accepts(&hello.secret) {
         return Err("wrong session secret: this agent belongs to another graft session".into());
     }
     Ok(())
@@ -569,14 +603,28 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_accepts_only_its_secret() {
+        // sha256("s3cret"), e.g. `printf s3cret | sha256sum`.
+        let digest = Secret::Sha256(
+            "1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0".into(),
+        );
+        assert!(digest.accepts("s3cret"));
+        assert!(!digest.accepts("s3cre"));
+        assert!(
+            !digest.accepts("1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0")
+        );
+    }
+
+    #[test]
     fn hello_checks_version_then_secret() {
-        assert!(check_hello(&hello(PROTOCOL_VERSION, "k"), "k").is_ok());
-        let wrong_version = check_hello(&hello("9.0.0", "k"), "k").unwrap_err();
+        let k = Secret::Plain("k".into());
+        assert!(check_hello(&hello(PROTOCOL_VERSION, "k"), &k).is_ok());
+        let wrong_version = check_hello(&hello("9.0.0", "k"), &k).unwrap_err();
         assert!(
             wrong_version.contains("protocol version mismatch"),
             "{wrong_version}"
         );
-        let wrong_secret = check_hello(&hello(PROTOCOL_VERSION, "x"), "k").unwrap_err();
+        let wrong_secret = check_hello(&hello(PROTOCOL_VERSION, "x"), &k).unwrap_err();
         assert!(
             wrong_secret.contains("wrong session secret"),
             "{wrong_secret}"

@@ -280,15 +280,25 @@ struct Agent {
 
 impl Agent {
     fn start(dir: &Path, target_pid: u32, tag: &str) -> Agent {
+        let pid = target_pid.to_string();
+        Agent::start_with(
+            dir,
+            &["--target-pid", &pid],
+            ("GRAFT_AGENT_SECRET", SECRET),
+            tag,
+        )
+    }
+
+    /// Starts an agent with `target` arguments and the secret variable `secret`.
+    fn start_with(dir: &Path, target: &[&str], secret: (&str, &str), tag: &str) -> Agent {
         let socket = dir.join(format!("agent-{tag}.sock"));
         let log = dir.join(format!("agent-{tag}.log"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_graft-agent"))
-            .arg("--target-pid")
-            .arg(target_pid.to_string())
+            .args(target)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .args(["--log-level", "debug", "--connect-timeout", "20"])
-            .env("GRAFT_AGENT_SECRET", SECRET)
+            .env(secret.0, secret.1)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -861,4 +871,91 @@ async fn sigterm_removes_rules_and_exits_zero() {
     let err = std::io::Read::read(&mut held, &mut buf).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     assert!(curl(&ns.url("/")).contains("Directory listing"));
+}
+
+/// The cgroup v2 mount point (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
+/// hybrid hierarchy), from `/proc/self/mountinfo`.
+fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if !right.starts_with("cgroup2 ") {
+            return None;
+        }
+        left.split(' ').nth(4).map(PathBuf::from)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_mode_finds_the_target_by_container_id_and_checks_a_secret_digest() {
+    require_support!();
+    let Some(cgroups) = cgroup2_root() else {
+        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted");
+        return;
+    };
+    let ns = Netns::new(7);
+    let server = ns.start_server("node");
+    // A container's cgroup as containerd names it; the server is its process.
+    let id = format!("{:064x}", u128::from(std::process::id()) << 64 | 0x9a7f);
+    let group = cgroups.join(format!("graft-test-cri-containerd-{id}.scope"));
+    std::fs::create_dir_all(&group).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _remove = Remove(group.clone());
+    std::fs::write(group.join("cgroup.procs"), server.pid().to_string()).unwrap();
+
+    // The agent is given only the secret's SHA-256, as a pod spec carries it.
+    let digest = {
+        let out = Command::new("sh")
+            .args(["-c", &format!("printf %s {SECRET} | sha256sum")])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+    };
+    let container = format!("containerd://{id}");
+    let mut agent = Agent::start_with(
+        &ns.dir,
+        &["--target-container-id", &container],
+        ("GRAFT_AGENT_SECRET_SHA256", &digest),
+        "node",
+    );
+    // A wrong secret is refused...
+    let mut link = agent.connect().await;
+    assert!(matches!(
+        hello(&mut link, "not-the-secret").await,
+        HelloReply::Rejected { .. }
+    ));
+    assert_eq!(agent.wait_exit(Duration::from_secs(2)), 6);
+
+    let mut agent = Agent::start_with(
+        &ns.dir,
+        &["--target-container-id", &container],
+        ("GRAFT_AGENT_SECRET_SHA256", &digest),
+        "node2",
+    );
+    let mut link = agent.connect().await;
+    match hello(&mut link, SECRET).await {
+        HelloReply::Accepted { target_pid, .. } => assert_eq!(target_pid, server.pid()),
+        other => panic!("refused: {other:?}\n{}", agent.log_text()),
+    }
+    drop(link);
+    assert_eq!(agent.wait_exit(Duration::from_secs(5)), 0);
+
+    // An ID no process has: exit code 3 with a message.
+    let out = Command::new(env!("CARGO_BIN_EXE_graft-agent"))
+        .args([
+            "--target-container-id",
+            &"e".repeat(64),
+            "--listen",
+            "unix:/tmp/none.sock",
+        ])
+        .env("GRAFT_AGENT_SECRET_SHA256", &digest)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no process of container"));
 }
