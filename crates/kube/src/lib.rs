@@ -27,9 +27,15 @@
 //! `GRAFT_AGENT_SECRET_SHA256` instead of `GRAFT_AGENT_SECRET`, and in node
 //! mode `--target-container-id ID` instead of `--target-pid`.
 //!
+//! Besides sessions, [`doctor`] checks a cluster and namespace before one
+//! (`graft doctor`) and [`clean`] removes what crashed sessions left
+//! (`graft clean`).
+//!
 //! Only APIs that are GA since Kubernetes 1.25 are used. `deploy/rbac.yaml`
 //! grants exactly the permissions in [`rbac::ALL`].
 
+pub mod clean;
+pub mod doctor;
 mod error;
 pub mod events;
 pub mod manifest;
@@ -39,11 +45,13 @@ mod resolve;
 pub mod select;
 mod target;
 
+pub use clean::{CleanReport, clean};
+pub use doctor::{Check, DoctorOptions, Outcome, Verdict, run_checks, run_checks_on};
 pub use error::KubeError;
 pub use manifest::{AgentOptions, SecretDigest, SessionId};
 pub use place::{
     AgentMode, AgentPlacement, AgentReady, PortForward, add_ephemeral_agent, agent_pods,
-    create_node_agent, delete_node_agent, port_forward, wait_for_agent,
+    create_node_agent, create_targetless_agent, delete_node_agent, port_forward, wait_for_agent,
 };
 pub use resolve::{ClientOptions, Cluster, Resolution, connect, resolve};
 pub use select::{ContainerChoice, ContainerReason, ResolvedTarget};

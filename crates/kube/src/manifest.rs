@@ -387,6 +387,45 @@ pub fn node_agent_pod(target: &ResolvedTarget, options: &AgentOptions, namespace
     }
 }
 
+/// The agent pod of a `targetless` session: a pod of its own in `namespace`,
+/// on any node, whose agent targets itself (`--target-pid 1`: in its own PID
+/// namespace the agent is PID 1), so outgoing connections and names resolve
+/// from the namespace's network and DNS, with no workload involved.
+pub fn targetless_agent_pod(options: &AgentOptions, namespace: &str) -> Pod {
+    let mut args = vec!["--target-pid".to_owned(), "1".to_owned()];
+    args.extend(options.listen_args());
+    let mut annotations = BTreeMap::new();
+    annotations.insert(TARGET_ANNOTATION.to_owned(), "targetless".to_owned());
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(options.session.agent_name()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels(&options.session)),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            active_deadline_seconds: Some(options.active_deadline_secs),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(10),
+            containers: vec![Container {
+                name: "agent".into(),
+                image: Some(options.image.clone()),
+                image_pull_policy: options.image_pull_policy.clone(),
+                args: Some(args),
+                env: Some(options.env()),
+                security_context: Some(agent_security_context()),
+                termination_message_policy: Some("FallbackToLogsOnError".into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
 /// The names of `pod`'s ephemeral containers that graft added.
 pub fn graft_ephemeral_containers(pod: &Pod) -> Vec<&str> {
     pod.spec
@@ -433,6 +472,11 @@ mod tests {
     #[test]
     fn ephemeral_container_snapshot() {
         insta::assert_yaml_snapshot!(ephemeral_agent(&target(), &options()));
+    }
+
+    #[test]
+    fn targetless_pod_snapshot() {
+        insta::assert_yaml_snapshot!(targetless_agent_pod(&options(), "shop"));
     }
 
     #[test]

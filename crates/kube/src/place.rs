@@ -177,6 +177,19 @@ pub fn parse_ready_line(line: &str) -> Option<u16> {
     address.ip().is_loopback().then_some(address.port())
 }
 
+/// The strategic-merge patch of `pods/ephemeralcontainers` that adds the
+/// agent: the container, and the pod's UID as a precondition. Shared by
+/// [`add_ephemeral_agent`] and `graft doctor`'s dry run.
+pub(crate) fn ephemeral_agent_patch(
+    target: &ResolvedTarget,
+    options: &AgentOptions,
+) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": { "uid": target.pod_uid },
+        "spec": { "ephemeralContainers": [ephemeral_agent(target, options)] },
+    })
+}
+
 /// Adds the agent to the target pod as an ephemeral container, through the
 /// `pods/ephemeralcontainers` subresource (GA since Kubernetes 1.25) with a
 /// strategic-merge patch, which appends to `spec.ephemeralContainers` (merge
@@ -203,11 +216,7 @@ pub async fn add_ephemeral_agent(
             pod: target.pod.clone(),
         });
     }
-    let container = ephemeral_agent(target, options);
-    let patch = serde_json::json!({
-        "metadata": { "uid": target.pod_uid },
-        "spec": { "ephemeralContainers": [container] },
-    });
+    let patch = ephemeral_agent_patch(target, options);
     let api: Api<Pod> = Api::namespaced(client.clone(), &target.namespace);
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -250,7 +259,7 @@ pub async fn add_ephemeral_agent(
 
 /// A 404 for the subresource path itself (rather than for the pod) means the
 /// API server does not serve it.
-fn is_missing_subresource(e: &kube::Error) -> bool {
+pub(crate) fn is_missing_subresource(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404
         && s.details.as_ref().is_none_or(|d| d.name.is_empty()))
 }
@@ -286,6 +295,38 @@ pub async fn create_node_agent(
         agent_container: "agent".into(),
         target_namespace: target.namespace.clone(),
         port_forward_pod: target.pod.clone(),
+    })
+}
+
+/// Creates the agent pod of a `targetless` session in `namespace`
+/// ([`crate::manifest::targetless_agent_pod`]); it is deleted like a node-mode
+/// agent pod, with [`delete_node_agent`].
+///
+/// # Errors
+///
+/// As [`create_node_agent`].
+pub async fn create_targetless_agent(
+    client: &Client,
+    options: &AgentOptions,
+    namespace: &str,
+) -> Result<AgentPlacement, KubeError> {
+    let pod = crate::manifest::targetless_agent_pod(options, namespace);
+    let name = options.session.agent_name();
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    api.create(&params, &pod)
+        .await
+        .map_err(|e| KubeError::from_api(e, rbac::CREATE_PODS, namespace, "pod", &name))?;
+    Ok(AgentPlacement {
+        mode: AgentMode::Node,
+        namespace: namespace.to_owned(),
+        agent_pod: name.clone(),
+        agent_container: "agent".into(),
+        target_namespace: namespace.to_owned(),
+        port_forward_pod: name,
     })
 }
 

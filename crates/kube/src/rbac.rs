@@ -165,6 +165,14 @@ pub const LIST_ROLLOUTS: Permission = grouped(
     "list rollouts when a name is not found",
 );
 
+/// Read the namespace's Pod Security labels (`graft doctor`). A RoleBinding
+/// in a namespace grants this on that namespace itself.
+pub const GET_NAMESPACES: Permission = core(
+    "namespaces",
+    "get",
+    "read the namespace's Pod Security labels (graft doctor)",
+);
+
 /// Every permission graft uses; `deploy/rbac.yaml` grants exactly these.
 pub const ALL: &[Permission] = &[
     GET_PODS,
@@ -191,6 +199,7 @@ pub const ALL: &[Permission] = &[
     LIST_CRONJOBS,
     GET_ROLLOUTS,
     LIST_ROLLOUTS,
+    GET_NAMESPACES,
 ];
 
 #[cfg(test)]
@@ -280,6 +289,7 @@ mod tests {
             include_str!("resolve.rs"),
             include_str!("place.rs"),
             include_str!("events.rs"),
+            include_str!("doctor.rs"),
         ]
         .concat();
         for name in declared {
