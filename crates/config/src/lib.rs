@@ -75,6 +75,9 @@ pub enum ConfigError {
 pub enum Target {
     /// A local Linux process (`pid:PID`).
     Pid(u32),
+    /// A Kubernetes target as written (`deploy/api`, `pod/web-1/container/app`,
+    /// `targetless`, …); its grammar is checked by `graft-kube`.
+    Kube(String),
 }
 
 impl std::str::FromStr for Target {
@@ -94,7 +97,11 @@ impl std::str::FromStr for Target {
                 .filter(|p| *p > 0)
                 .map(Target::Pid)
                 .ok_or_else(|| invalid("expected pid:PID with PID a positive number")),
-            _ => Err(invalid("expected pid:PID (a local process)")),
+            _ if s == "targetless" || s.contains('/') => Ok(Target::Kube(s.to_owned())),
+            _ => Err(invalid(
+                "expected pid:PID (a local process), KIND/NAME (a Kubernetes workload, e.g. \
+                 deploy/api or pod/web-1) or targetless",
+            )),
         }
     }
 }
@@ -103,6 +110,7 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Pid(pid) => write!(f, "pid:{pid}"),
+            Target::Kube(text) => f.write_str(text),
         }
     }
 }
@@ -265,6 +273,87 @@ pub struct ConfigFile {
     /// File settings.
     #[serde(default)]
     pub fs: FsFile,
+    /// Kubernetes access (`[kube]`).
+    #[serde(default)]
+    pub kube: KubeFile,
+    /// The agent in a cluster (`[agent]`).
+    #[serde(default)]
+    pub agent: AgentFile,
+}
+
+/// `[kube]` of `graft.toml`: how to reach the cluster, as kubectl's flags.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeFile {
+    /// The namespace (`-n`).
+    pub namespace: Option<String>,
+    /// The kubeconfig context (`--context`).
+    pub context: Option<String>,
+    /// The kubeconfig file (`--kubeconfig`).
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// How the agent is placed beside a Kubernetes target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentMode {
+    /// An ephemeral container in the target pod.
+    #[default]
+    Ephemeral,
+    /// A pod on the target's node that enters the target container's namespaces.
+    Node,
+}
+
+impl std::str::FromStr for AgentMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "ephemeral" => Ok(AgentMode::Ephemeral),
+            "node" => Ok(AgentMode::Node),
+            _ => Err(ConfigError::Invalid {
+                what: "agent mode",
+                value: s.to_owned(),
+                reason: "expected ephemeral or node".into(),
+            }),
+        }
+    }
+}
+
+/// `[agent]` of `graft.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// `"ephemeral"` (default) or `"node"`.
+    pub mode: Option<AgentMode>,
+    /// The agent image (default: graft's own, tagged with its version).
+    pub image: Option<String>,
+    /// `Always`, `IfNotPresent` or `Never` (default: the cluster's).
+    pub pull_policy: Option<String>,
+    /// Seconds to wait for the agent to start (default 120).
+    pub start_timeout: Option<u64>,
+}
+
+/// Kubernetes settings of a session, flags over `graft.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KubeSettings {
+    /// `-n`, else the context's namespace.
+    pub namespace: Option<String>,
+    /// `--context`.
+    pub context: Option<String>,
+    /// `--kubeconfig`, else `KUBECONFIG` / `~/.kube/config` / in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Ephemeral container or node pod.
+    pub agent_mode: AgentMode,
+    /// `None`: graft's default image.
+    pub agent_image: Option<String>,
+    /// `None`: the cluster's default pull policy.
+    pub pull_policy: Option<String>,
+    /// How long the agent may take to start, in seconds.
+    pub start_timeout_secs: u64,
+    /// `--all-pods`: an agent on every ready pod of the workload, stealing (or
+    /// mirroring) on all of them.
+    pub all_pods: bool,
 }
 
 /// `[incoming]` of `graft.toml`.
@@ -367,6 +456,20 @@ pub struct RunOverrides {
     pub fs_local: Vec<String>,
     /// `--fs-remote`.
     pub fs_remote: Vec<String>,
+    /// `-n/--namespace`.
+    pub namespace: Option<String>,
+    /// `--context`.
+    pub context: Option<String>,
+    /// `--kubeconfig`.
+    pub kubeconfig: Option<PathBuf>,
+    /// `--agent-mode`.
+    pub agent_mode: Option<String>,
+    /// `--agent-image`.
+    pub agent_image: Option<String>,
+    /// `--agent-pull-policy`.
+    pub agent_pull_policy: Option<String>,
+    /// `--all-pods`.
+    pub all_pods: bool,
 }
 
 /// The resolved configuration of one `graft run`.
@@ -381,6 +484,8 @@ pub struct Config {
     /// Whether the incoming mode is [`IncomingMode::default`] because neither a
     /// flag nor `graft.toml` chose one, so the CLI can say so.
     pub incoming_defaulted: bool,
+    /// Kubernetes settings (used with [`Target::Kube`]).
+    pub kube: KubeSettings,
 }
 
 impl Config {
@@ -405,7 +510,8 @@ impl Config {
             .ok_or_else(|| ConfigError::Invalid {
                 what: "target",
                 value: String::new(),
-                reason: "no target given: pass --target pid:PID or set `target` in graft.toml"
+                reason: "no target given: pass --target (pid:PID, KIND/NAME or targetless) or \
+                         set `target` in graft.toml"
                     .into(),
             })?;
         let target: Target = target_text.parse()?;
@@ -472,13 +578,60 @@ impl Config {
         // Compile once here so a bad regex is a clear error now, not a silent
         // local fallback inside the program.
         FsRules::new(&layer)?;
+        let kube = resolve_kube(flags, file)?;
         Ok(Config {
             target,
             env,
             layer,
             incoming_defaulted,
+            kube,
         })
     }
+}
+
+/// The agent's start timeout when neither flag nor file sets one, in seconds:
+/// enough for an image pull on a slow node.
+pub const DEFAULT_START_TIMEOUT_SECS: u64 = 120;
+
+/// The pull policies Kubernetes knows (`Container.imagePullPolicy`,
+/// <https://kubernetes.io/docs/concepts/containers/images/#image-pull-policy>).
+const PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
+
+/// Kubernetes settings: flags over `[kube]` and `[agent]`.
+fn resolve_kube(flags: &RunOverrides, file: &ConfigFile) -> Result<KubeSettings, ConfigError> {
+    let agent_mode = match &flags.agent_mode {
+        Some(text) => text.parse()?,
+        None => file.agent.mode.unwrap_or_default(),
+    };
+    let pull_policy = flags
+        .agent_pull_policy
+        .clone()
+        .or_else(|| file.agent.pull_policy.clone());
+    if let Some(policy) = &pull_policy
+        && !PULL_POLICIES.contains(&policy.as_str())
+    {
+        return Err(ConfigError::Invalid {
+            what: "agent pull policy",
+            value: policy.clone(),
+            reason: "expected Always, IfNotPresent or Never".into(),
+        });
+    }
+    Ok(KubeSettings {
+        namespace: flags.namespace.clone().or_else(|| file.kube.namespace.clone()),
+        context: flags.context.clone().or_else(|| file.kube.context.clone()),
+        kubeconfig: flags
+            .kubeconfig
+            .clone()
+            .or_else(|| file.kube.kubeconfig.clone()),
+        agent_mode,
+        agent_image: flags.agent_image.clone().or_else(|| file.agent.image.clone()),
+        pull_policy,
+        start_timeout_secs: file
+            .agent
+            .start_timeout
+            .unwrap_or(DEFAULT_START_TIMEOUT_SECS),
+        all_pods: flags.all_pods,
+    })
 }
 
 /// The filter flags when any is given (all-of), else the file's filter.
@@ -513,10 +666,71 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kubernetes_targets_and_settings_resolve() {
+        assert_eq!(
+            "deploy/api".parse::<Target>().unwrap(),
+            Target::Kube("deploy/api".into())
+        );
+        assert_eq!(
+            "targetless".parse::<Target>().unwrap(),
+            Target::Kube("targetless".into())
+        );
+        let err = "api".parse::<Target>().unwrap_err().to_string();
+        assert!(err.contains("KIND/NAME"), "{err}");
+
+        let file: ConfigFile = toml::from_str(
+            r#"
+            target = "deploy/api"
+            [kube]
+            namespace = "shop"
+            context = "kind-dev"
+            [agent]
+            mode = "node"
+            image = "registry.local/graft-agent:dev"
+            pull_policy = "IfNotPresent"
+            "#,
+        )
+        .unwrap();
+        let cfg = Config::resolve(&RunOverrides::default(), &file, None, None).unwrap();
+        assert_eq!(cfg.target, Target::Kube("deploy/api".into()));
+        assert_eq!(cfg.kube.namespace.as_deref(), Some("shop"));
+        assert_eq!(cfg.kube.context.as_deref(), Some("kind-dev"));
+        assert_eq!(cfg.kube.agent_mode, AgentMode::Node);
+        assert_eq!(cfg.kube.pull_policy.as_deref(), Some("IfNotPresent"));
+        assert_eq!(cfg.kube.start_timeout_secs, DEFAULT_START_TIMEOUT_SECS);
+
+        let flags = RunOverrides {
+            namespace: Some("other".into()),
+            agent_mode: Some("ephemeral".into()),
+            agent_image: Some("mine:1".into()),
+            ..RunOverrides::default()
+        };
+        let cfg = Config::resolve(&flags, &file, None, None).unwrap();
+        assert_eq!(cfg.kube.namespace.as_deref(), Some("other"));
+        assert_eq!(cfg.kube.agent_mode, AgentMode::Ephemeral);
+        assert_eq!(cfg.kube.agent_image.as_deref(), Some("mine:1"));
+
+        let bad = RunOverrides {
+            agent_pull_policy: Some("sometimes".into()),
+            ..RunOverrides::default()
+        };
+        let err = Config::resolve(&bad, &file, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("IfNotPresent"), "{err}");
+        let bad = RunOverrides {
+            agent_mode: Some("sidecar".into()),
+            ..RunOverrides::default()
+        };
+        assert!(Config::resolve(&bad, &file, None, None).is_err());
+    }
+
+    #[test]
     fn target_pid_parses() {
         assert_eq!("pid:42".parse::<Target>().unwrap(), Target::Pid(42));
         assert!("pid:0".parse::<Target>().is_err());
-        assert!("pod/x".parse::<Target>().is_err());
+        assert!("pid:x".parse::<Target>().is_err());
+        assert_eq!("pod/x".parse::<Target>().unwrap(), Target::Kube("pod/x".into()));
     }
 
     #[test]
@@ -576,7 +790,7 @@ mod tests {
     fn missing_target_says_what_to_do() {
         let err = Config::resolve(&RunOverrides::default(), &ConfigFile::default(), None, None)
             .unwrap_err();
-        assert!(err.to_string().contains("--target pid:PID"), "{err}");
+        assert!(err.to_string().contains("--target (pid:PID"), "{err}");
     }
 
     #[test]
