@@ -26,6 +26,7 @@ mod incoming;
 mod ns;
 mod outgoing;
 mod relay;
+mod relink;
 mod rules;
 mod session;
 mod steal;
@@ -279,15 +280,17 @@ async fn stop_signal(pid: u32, pidfd: Option<std::os::fd::OwnedFd>) -> Stop {
 
 /// A listener for either kind of address.
 enum Listener {
-    Unix(tokio::net::UnixListener, PathBuf),
+    /// The socket file goes with the listener.
+    Unix(tokio::net::UnixListener, #[allow(dead_code)] RemoveOnDrop),
     Tcp(tokio::net::TcpListener),
 }
 
-impl Drop for Listener {
+/// Removes the Unix socket file when the listener goes.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
-        }
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -323,7 +326,7 @@ async fn serve(
         Listen::Unix(path) => {
             let l = bind_unix(path).map_err(|e| Failure::new(EXIT_FAILURE, e))?;
             (
-                Listener::Unix(l, path.clone()),
+                Listener::Unix(l, RemoveOnDrop(path.clone())),
                 format!("unix:{}", path.display()),
             )
         }
@@ -382,14 +385,40 @@ async fn serve(
             ));
         }
     };
-    // Exactly one client: stop listening (and remove the socket file) now.
-    drop(listener);
-
+    let hello_timeout = config.hello_timeout;
     let end = match stream {
-        Accepted::Unix(s) => session::run(s, config, stop).await,
+        Accepted::Unix(s) => {
+            // Exactly one client: stop listening (and remove the socket file) now.
+            drop(listener);
+            session::run(s, config, stop).await
+        }
         Accepted::Tcp(s) => {
             let _ = s.set_nodelay(true);
-            session::run(s, config, stop).await
+            if relink::starts_with_attach(&s, hello_timeout).await {
+                // A port-forwarded client: its link survives new transports, which
+                // arrive on the same listener with the link's token.
+                let mut transport: graft_protocol::relink::BoxTransport = Box::new(s);
+                let attach = graft_protocol::relink::read_attach(&mut transport)
+                    .await
+                    .map_err(|e| Failure::new(EXIT_REFUSED, anyhow::Error::new(e)))?;
+                let options = graft_protocol::relink::RelinkOptions::default();
+                let (link, reattach) =
+                    graft_protocol::relink::Relink::server(transport, attach, options)
+                        .await
+                        .map_err(|e| Failure::new(EXIT_FAILURE, anyhow::Error::new(e)))?;
+                let reattacher = match listener {
+                    Listener::Tcp(l) => Some(tokio::spawn(relink::accept_reattach(l, reattach))),
+                    Listener::Unix(..) => None,
+                };
+                let end = session::run(link, config, stop).await;
+                if let Some(task) = reattacher {
+                    task.abort();
+                }
+                end
+            } else {
+                drop(listener);
+                session::run(s, config, stop).await
+            }
         }
     };
     Ok(match end {

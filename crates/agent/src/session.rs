@@ -118,7 +118,11 @@ impl Secret {
 
 /// Compares two secrets in time that depends only on their lengths.
 pub fn secrets_match(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    secrets_match_bytes(given.as_bytes(), expected.as_bytes())
+}
+
+/// [`secrets_match`] on bytes.
+pub fn secrets_match_bytes(a: &[u8], b: &[u8]) -> bool {
     let mut diff = u8::from(a.len() != b.len());
     for i in 0..a.len().max(b.len()) {
         diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);

@@ -22,6 +22,8 @@ pub mod codec;
 pub mod incoming;
 pub mod layer;
 pub mod link;
+#[cfg(feature = "relink")]
+pub mod relink;
 pub mod remote;
 pub mod version;
 
