@@ -207,6 +207,7 @@ impl Session {
             next_conn: AtomicU64::new(1),
             end_tx,
             options,
+            secondaries: Mutex::new(Vec::new()),
         });
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
         let tasks = vec![
@@ -226,6 +227,15 @@ impl Session {
     /// What the agent said about itself.
     pub fn agent(&self) -> &AgentInfo {
         &self.agent
+    }
+
+    /// Makes `other` (a session with the agent of another pod of the same
+    /// workload) a secondary of this one: from now on every port the program
+    /// listens on is subscribed there too, and its incoming connections reach the
+    /// same local listener. A secondary that fails to subscribe is reported and
+    /// skipped; the program's `listen` follows this session's agent only.
+    pub fn add_secondary(&self, other: &Session) {
+        lock(&self.shared.secondaries).push(other.shared.clone());
     }
 
     /// Sends one remote operation to the agent and waits for its answer.
@@ -363,6 +373,10 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     end_tx: watch::Sender<Option<LinkEnd>>,
     pub(crate) options: SessionOptions,
+    /// Sessions with agents on other pods of the same workload (`--all-pods`):
+    /// every port this session subscribes is subscribed there too, delivered to
+    /// the same local listener.
+    secondaries: Mutex<Vec<Arc<Shared>>>,
 }
 
 impl Shared {
@@ -496,6 +510,23 @@ impl Shared {
         deliver_to: SocketAddr,
         pid: u32,
     ) -> Result<(), (i32, String)> {
+        self.listen_here(port, deliver_to, pid).await?;
+        let secondaries = lock(&self.secondaries).clone();
+        for (i, secondary) in secondaries.iter().enumerate() {
+            if let Err((_, message)) = secondary.listen_here(port, deliver_to, pid).await {
+                eprintln!("graft: port {port} on pod #{}: {message}", i + 2);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Shared::listen`] on this session's agent only.
+    async fn listen_here(
+        &self,
+        port: u16,
+        deliver_to: SocketAddr,
+        pid: u32,
+    ) -> Result<(), (i32, String)> {
         let (tx, rx) = oneshot::channel();
         let first = {
             let mut state = self.state();
@@ -547,6 +578,15 @@ impl Shared {
 
     /// Drops the subscription of `port` when `pid` owns it, and stops stealing.
     pub(crate) async fn unlisten(&self, port: u16, pid: u32) {
+        self.unlisten_here(port, pid).await;
+        let secondaries = lock(&self.secondaries).clone();
+        for secondary in secondaries {
+            secondary.unlisten_here(port, pid).await;
+        }
+    }
+
+    /// [`Shared::unlisten`] on this session's agent only.
+    async fn unlisten_here(&self, port: u16, pid: u32) {
         let owned = {
             let mut state = self.state();
             match state.steals.get(&port) {
@@ -563,6 +603,14 @@ impl Shared {
     /// The real addresses of a delivered connection whose proxy-side address is
     /// `proxy_side`.
     pub(crate) fn peer_of(&self, proxy_side: SocketAddr) -> Option<DeliveredPeer> {
+        self.peer_of_here(proxy_side).or_else(|| {
+            let secondaries = lock(&self.secondaries).clone();
+            secondaries.iter().find_map(|s| s.peer_of_here(proxy_side))
+        })
+    }
+
+    /// [`Shared::peer_of`] among this session's connections only.
+    fn peer_of_here(&self, proxy_side: SocketAddr) -> Option<DeliveredPeer> {
         let state = self.state();
         state.delivered.get(&proxy_side).copied().or_else(|| {
             // A dual-stack listener may report an IPv4 peer as IPv4-mapped IPv6.
