@@ -27,6 +27,35 @@ pub enum Command {
     /// List the graft sessions on a target: who holds which port, how, since when.
     #[command(after_help = "Example:\n  sudo graft ls --target pid:$(pgrep -f server)")]
     Ls(LsArgs),
+    /// Write a container image archive of graft-agent (built without Docker) for
+    /// `docker load`, `ctr images import` or `kind load image-archive`.
+    #[command(
+        after_help = "Example:\n  graft agent-image --output graft-agent.tar && kind load image-archive graft-agent.tar"
+    )]
+    AgentImage(AgentImageArgs),
+    /// Check whether graft can work against a cluster and namespace: access,
+    /// version, RBAC permissions, Pod Security, and with --target a dry run of
+    /// the agent.
+    #[command(after_help = "Example:\n  graft doctor -n shop --target deploy/api")]
+    Doctor(crate::doctor::DoctorArgs),
+    /// Remove the node-mode agent pods crashed sessions left behind.
+    #[command(after_help = "Example:\n  graft clean -n shop")]
+    Clean(crate::clean::CleanArgs),
+}
+
+/// `graft agent-image` flags.
+#[derive(Debug, Args)]
+pub struct AgentImageArgs {
+    /// Where to write the image archive (a tar holding both the OCI image layout
+    /// and the `docker save` layout).
+    #[arg(long, short, value_name = "FILE.tar")]
+    pub output: PathBuf,
+    /// The image name [default: the image graft uses for its Kubernetes agent].
+    #[arg(long, value_name = "NAME:TAG")]
+    pub tag: Option<String>,
+    /// The graft-agent binary to put in the image [default: the one graft runs].
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
 }
 
 /// `graft ls` flags.
@@ -37,12 +66,49 @@ pub struct LsArgs {
     pub target: Option<String>,
 }
 
+/// How to reach a Kubernetes cluster, as kubectl's flags (shared by the
+/// subcommands that talk to one).
+#[derive(Debug, Clone, Default, Args)]
+pub struct KubeFlags {
+    /// The namespace of the target (default: the context's).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The kubeconfig context to use (default: the current one).
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    /// The kubeconfig file (default: KUBECONFIG, else ~/.kube/config, else the
+    /// in-cluster service account).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
 /// `graft run` flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The target: `pid:PID` (a local process, or a process of a container).
+    /// The target: `pid:PID` (a local process, or a process of a container), a
+    /// Kubernetes workload `KIND/NAME[/container/NAME]` (pod, deploy, sts, ds, rs,
+    /// job, cronjob, rollout), or `targetless`.
     #[arg(long, env = "GRAFT_TARGET", value_name = "TARGET")]
     pub target: Option<String>,
+    /// Kubernetes access.
+    #[command(flatten)]
+    pub kube: KubeFlags,
+    /// How the agent is placed beside a Kubernetes target: an `ephemeral`
+    /// container in the pod (default), or a pod on the target's `node`.
+    #[arg(long, value_name = "MODE", value_parser = ["ephemeral", "node"])]
+    pub agent_mode: Option<String>,
+    /// The agent image (default: graft's, tagged with its version).
+    #[arg(long, value_name = "IMAGE")]
+    pub agent_image: Option<String>,
+    /// The agent image's pull policy: Always, IfNotPresent or Never (default: the
+    /// cluster's).
+    #[arg(long, value_name = "POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub agent_pull_policy: Option<String>,
+    /// Place an agent on every ready pod of the workload and steal (or mirror) on
+    /// all of them; outgoing traffic, names, files and environment come from the
+    /// pod graft picks.
+    #[arg(long)]
+    pub all_pods: bool,
     /// Steal the target's incoming TCP traffic to the ports CMD listens on: it goes
     /// to CMD instead of the target.
     #[arg(long)]
@@ -144,6 +210,13 @@ impl RunArgs {
             fs: self.fs.map(FsMode::from),
             fs_local: self.fs_local.clone(),
             fs_remote: self.fs_remote.clone(),
+            namespace: self.kube.namespace.clone(),
+            context: self.kube.context.clone(),
+            kubeconfig: self.kube.kubeconfig.clone(),
+            agent_mode: self.agent_mode.clone(),
+            agent_image: self.agent_image.clone(),
+            agent_pull_policy: self.agent_pull_policy.clone(),
+            all_pods: self.all_pods,
         }
     }
 }
@@ -161,12 +234,68 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_flags_parse() {
+        let args = run(&[
+            "graft",
+            "run",
+            "--target",
+            "deploy/api",
+            "-n",
+            "shop",
+            "--context",
+            "kind",
+            "--kubeconfig",
+            "/tmp/kc",
+            "--agent-mode",
+            "node",
+            "--agent-image",
+            "img:1",
+            "--",
+            "true",
+        ]);
+        let o = args.overrides();
+        assert_eq!(o.namespace.as_deref(), Some("shop"));
+        assert_eq!(o.context.as_deref(), Some("kind"));
+        assert_eq!(
+            o.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/tmp/kc"))
+        );
+        assert_eq!(o.agent_mode.as_deref(), Some("node"));
+        assert_eq!(o.agent_image.as_deref(), Some("img:1"));
+        assert!(
+            Cli::try_parse_from(["graft", "run", "--agent-mode", "sidecar", "--", "x"]).is_err()
+        );
+    }
+
+    #[test]
     fn ls_takes_a_target() {
         let cli = Cli::try_parse_from(["graft", "ls", "--target", "pid:7"]).unwrap();
         let Command::Ls(ls) = cli.command else {
             panic!("not graft ls")
         };
         assert_eq!(ls.target.as_deref(), Some("pid:7"));
+    }
+
+    #[test]
+    fn agent_image_takes_output_tag_and_agent() {
+        let cli = Cli::try_parse_from([
+            "graft",
+            "agent-image",
+            "--output",
+            "a.tar",
+            "--tag",
+            "x:1",
+            "--agent",
+            "/bin/agent",
+        ])
+        .unwrap();
+        let Command::AgentImage(args) = cli.command else {
+            panic!("not graft agent-image")
+        };
+        assert_eq!(args.output, PathBuf::from("a.tar"));
+        assert_eq!(args.tag.as_deref(), Some("x:1"));
+        assert_eq!(args.agent, Some(PathBuf::from("/bin/agent")));
+        assert!(Cli::try_parse_from(["graft", "agent-image"]).is_err());
     }
 
     #[test]
@@ -227,6 +356,7 @@ mod tests {
                 fs_remote: vec!["^/srv/".into()],
                 // Conflicts with --steal; see `mirror_maps_to_overrides`.
                 mirror: false,
+                ..RunOverrides::default()
             }
         );
         assert_eq!(args.config, Some(PathBuf::from("x.toml")));

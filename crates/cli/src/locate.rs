@@ -49,6 +49,17 @@ pub fn locate(
     })
 }
 
+/// Finds the agent alone (for `graft agent-image`), in the order of [`locate`].
+pub fn locate_agent(
+    exe: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<OsString>,
+) -> Result<PathBuf, Failure> {
+    let exe_dir = exe.and_then(Path::parent);
+    let agent = find(exe_dir, AGENT_NAME, env(AGENT_ENV), env("PATH"))
+        .map_err(|looked| missing(AGENT_NAME, AGENT_ENV, &looked))?;
+    Ok(std::fs::canonicalize(&agent).unwrap_or(agent))
+}
+
 /// The first existing candidate, or every place looked at.
 fn find(
     exe_dir: Option<&Path>,

@@ -26,7 +26,20 @@ pub async fn ls(args: LsArgs) -> Result<u8, Failure> {
     let target: Target = target
         .parse()
         .map_err(|e: graft_config::ConfigError| Failure::usage(e.to_string()))?;
-    let Target::Pid(pid) = target;
+    let pid = match target {
+        Target::Pid(pid) => pid,
+        Target::Kube(text) => {
+            return Err(Failure::usage(format!(
+                "graft ls lists the sessions of local targets (pid:PID); {text} is a Kubernetes \
+                 target"
+            ))
+            .hint(
+                "each Kubernetes session's agent is an ephemeral container or pod named \
+                 graft-agent-…: `kubectl get pods -l app.kubernetes.io/managed-by=graft` and the \
+                 target pod's ephemeral containers show them",
+            ));
+        }
+    };
     let exe = std::env::current_exe().ok();
     let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
     let uid = nix::unistd::getuid().as_raw();

@@ -4,7 +4,11 @@
 
 mod agent;
 mod args;
+mod clean;
+mod cluster;
+mod doctor;
 mod failure;
+mod image;
 mod locate;
 mod ls;
 mod process;
@@ -31,6 +35,9 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(*args).await,
         Command::Ls(args) => ls::ls(args).await,
+        Command::Doctor(args) => doctor::doctor(args).await,
+        Command::Clean(args) => clean::clean(args).await,
+        Command::AgentImage(args) => image::agent_image(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

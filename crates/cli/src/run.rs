@@ -25,6 +25,7 @@ use tokio::{
 use crate::{
     agent::{LocalAgent, simple_level},
     args::RunArgs,
+    cluster,
     failure::{EXIT_SESSION, Failure},
     locate::locate,
     process,
@@ -42,13 +43,28 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     let file = load_file(args.config.as_deref())?;
     let cwd = std::env::current_dir().ok();
     let home = std::env::var_os("HOME").map(PathBuf::from);
-    let config = Config::resolve(&flags, &file, cwd.as_deref(), home.as_deref())?;
-    let remote_env = !flags.no_remote_env && file.env.remote.unwrap_or(true);
-    let Target::Pid(pid) = config.target;
+    let mut config = Config::resolve(&flags, &file, cwd.as_deref(), home.as_deref())?;
+    let mut remote_env = !flags.no_remote_env && file.env.remote.unwrap_or(true);
+    if config.target == Target::Kube(cluster::TARGETLESS.into()) {
+        // A targetless agent has no workload: nothing comes in, its files and
+        // environment are the agent image's own.
+        if flags.steal || flags.mirror {
+            return Err(Failure::usage(
+                "a targetless session has no incoming traffic: drop --steal/--mirror",
+            ));
+        }
+        config.layer.incoming = graft_config::IncomingMode::Off;
+        config.layer.filter = None;
+        config.incoming_defaulted = false;
+        config.layer.fs = graft_config::FsMode::Local;
+        remote_env = false;
+    }
 
     let exe = std::env::current_exe().ok();
     let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
-    if !Path::new(&format!("/proc/{pid}")).exists() {
+    if let Target::Pid(pid) = config.target
+        && !Path::new(&format!("/proc/{pid}")).exists()
+    {
         return Err(Failure::usage(format!("no process with PID {pid}"))
             .hint("pick a running process (e.g. `pgrep -f server`)"));
     }
@@ -59,17 +75,8 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     let graft_log = std::env::var("GRAFT_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty());
-    let mut agent = LocalAgent::start(
-        &pieces.agent,
-        pid,
-        dir.path(),
-        &secret,
-        graft_log.as_deref(),
-    )
-    .await?;
-
     let plan = Plan {
-        pid,
+        target: config.target.to_string(),
         config: &config,
         remote_env,
         layer: &pieces.layer,
@@ -77,21 +84,121 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         command: &args.command,
         graft_log: graft_log.as_deref(),
     };
-    let result = plan.run(&agent, &secret).await;
-
-    // The link is closed by now: the agent removes its rules and exits.
-    let agent_code = agent.stop(AGENT_GRACE).await;
-    let link_lost = matches!(result, Ok(Ended::LinkLost) | Err(_));
-    if link_lost && agent_code.is_some_and(|c| c != 0) {
-        for line in agent.log_tail() {
-            eprintln!("{line}");
+    let result = match &config.target {
+        Target::Pid(pid) => {
+            let mut agent = LocalAgent::start(
+                &pieces.agent,
+                *pid,
+                dir.path(),
+                &secret,
+                graft_log.as_deref(),
+            )
+            .await?;
+            let result = match agent
+                .connect(&secret, &client_name(), plan.session_options())
+                .await
+            {
+                Ok(session) => plan.run(session).await,
+                Err(failure) => Err(failure),
+            };
+            // The link is closed by now: the agent removes its rules and exits.
+            let agent_code = agent.stop(AGENT_GRACE).await;
+            let link_lost = matches!(result, Ok(Ended::LinkLost) | Err(_));
+            if link_lost && agent_code.is_some_and(|c| c != 0) {
+                for line in agent.log_tail() {
+                    eprintln!("{line}");
+                }
+            }
+            result
         }
-    }
+        Target::Kube(text) => run_in_cluster(text, &plan, &secret).await,
+    };
     drop(dir);
     result.map(|ended| match ended {
         Ended::Command(status) => process::exit_code(status),
         Ended::LinkLost => EXIT_SESSION,
     })
+}
+
+/// The Kubernetes path: place the agent, run the session over the port-forward,
+/// remove what was created on every way out (a signal during the start included).
+async fn run_in_cluster(text: &str, plan: &Plan<'_>, secret: &str) -> Result<Ended, Failure> {
+    let mut signals = Signals::new()?;
+    let mut progress = cluster::Progress::new();
+    let started = tokio::select! {
+        started = cluster::start(text, &plan.config.kube, secret, &mut progress) => started,
+        received = signals.recv() => {
+            progress.finish();
+            return Err(Failure::session(format!(
+                "stopped by {received:?} while starting the agent"
+            )));
+        }
+    };
+    let started = match started {
+        Ok(started) => started,
+        Err(failure) => {
+            progress.finish();
+            return Err(failure);
+        }
+    };
+    let cluster::Started {
+        primary: (agent, stream),
+        others,
+    } = started;
+    let mut agents = vec![agent];
+    progress.phase("opening the session");
+    let client = client_name();
+    let session = tokio::select! {
+        session = Session::connect_with(stream, secret, &client, plan.session_options()) => {
+            session.map_err(|e| Failure::session(format!(
+                "cannot open the session with the agent: {e}"
+            )))
+        }
+        received = signals.recv() => Err(Failure::session(format!(
+            "stopped by {received:?} while opening the session"
+        ))),
+    };
+    // --all-pods: the other pods' agents serve incoming traffic only.
+    let mut secondaries = Vec::new();
+    for (other, stream) in others {
+        if let Ok(primary) = &session {
+            match Session::connect_with(stream, secret, &client, plan.session_options()).await {
+                Ok(secondary) => {
+                    primary.add_secondary(&secondary);
+                    let closed = secondary.closed();
+                    tokio::spawn(async move {
+                        let reason = closed.await;
+                        eprintln!(
+                            "graft: lost the link to one of the --all-pods agents ({reason}); \
+                             that pod keeps its own traffic"
+                        );
+                    });
+                    secondaries.push(secondary);
+                }
+                Err(e) => eprintln!("graft: an --all-pods agent refused the session: {e}"),
+            }
+        }
+        agents.push(other);
+    }
+    if !secondaries.is_empty() {
+        eprintln!(
+            "graft: --all-pods: incoming traffic of {} pods",
+            secondaries.len() + 1
+        );
+    }
+    progress.finish();
+    drop(signals);
+    let result = match session {
+        Ok(session) => plan.run(session).await,
+        Err(failure) => Err(failure),
+    };
+    for secondary in secondaries {
+        secondary.close().await;
+    }
+    for agent in agents {
+        agent.stop().await;
+    }
+    result
 }
 
 fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
@@ -118,7 +225,8 @@ enum Ended {
 
 /// Everything a session needs once the agent runs.
 struct Plan<'a> {
-    pid: u32,
+    /// The target as the user wrote it, for messages.
+    target: String,
     config: &'a Config,
     remote_env: bool,
     layer: &'a Path,
@@ -128,18 +236,21 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    async fn run(&self, agent: &LocalAgent, secret: &str) -> Result<Ended, Failure> {
+    /// The proxy session's options: the incoming mode and filter.
+    fn session_options(&self) -> SessionOptions {
         let layer = &self.config.layer;
-        let options = SessionOptions {
+        SessionOptions {
             incoming_mode: layer
                 .incoming
                 .subscription_mode()
                 .unwrap_or(PortMode::Steal),
             filter: layer.filter.clone(),
             ..SessionOptions::default()
-        };
-        let session = agent.connect(secret, &client_name(), options).await?;
-        eprintln!("graft: agent ready for pid:{}", self.pid);
+        }
+    }
+
+    async fn run(&self, session: Session) -> Result<Ended, Failure> {
+        eprintln!("graft: agent ready for {}", self.target);
         if self.config.incoming_defaulted {
             eprintln!(
                 "graft: mirroring incoming traffic (the default): CMD gets a copy, the target \
@@ -196,8 +307,8 @@ impl Plan<'_> {
         let merged = if self.remote_env {
             let failed = |why: String| {
                 Failure::session(format!(
-                    "cannot read the environment of pid:{}: {why}",
-                    self.pid
+                    "cannot read the environment of {}: {why}",
+                    self.target
                 ))
                 .hint("pass --no-remote-env to start the command with the local environment only")
             };

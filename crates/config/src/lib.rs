@@ -617,14 +617,20 @@ fn resolve_kube(flags: &RunOverrides, file: &ConfigFile) -> Result<KubeSettings,
         });
     }
     Ok(KubeSettings {
-        namespace: flags.namespace.clone().or_else(|| file.kube.namespace.clone()),
+        namespace: flags
+            .namespace
+            .clone()
+            .or_else(|| file.kube.namespace.clone()),
         context: flags.context.clone().or_else(|| file.kube.context.clone()),
         kubeconfig: flags
             .kubeconfig
             .clone()
             .or_else(|| file.kube.kubeconfig.clone()),
         agent_mode,
-        agent_image: flags.agent_image.clone().or_else(|| file.agent.image.clone()),
+        agent_image: flags
+            .agent_image
+            .clone()
+            .or_else(|| file.agent.image.clone()),
         pull_policy,
         start_timeout_secs: file
             .agent
@@ -730,7 +736,10 @@ mod tests {
         assert_eq!("pid:42".parse::<Target>().unwrap(), Target::Pid(42));
         assert!("pid:0".parse::<Target>().is_err());
         assert!("pid:x".parse::<Target>().is_err());
-        assert_eq!("pod/x".parse::<Target>().unwrap(), Target::Kube("pod/x".into()));
+        assert_eq!(
+            "pod/x".parse::<Target>().unwrap(),
+            Target::Kube("pod/x".into())
+        );
     }
 
     #[test]
