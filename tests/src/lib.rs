@@ -31,6 +31,7 @@
 //! the next bed that takes the same slot.
 
 mod bed;
+pub mod fake_kube;
 mod net;
 mod process;
 mod slot;
@@ -40,6 +41,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use bed::Bed;
+pub use fake_kube::{FakeKube, FakeKubeOptions};
 pub use net::{curl, http_get, wait_until};
 pub use process::{Outcome, Proc, alive};
 
