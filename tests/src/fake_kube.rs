@@ -1475,6 +1475,10 @@ fn create(shared: &Arc<Shared>, target: &Target, body: &[u8]) -> Response<Body> 
             return invalid(target.kind, &name, "spec.containers: Required value");
         }
         object["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+        // The fake scheduler: a pod bound to no node goes to the only one.
+        if object["spec"]["nodeName"].is_null() {
+            object["spec"]["nodeName"] = json!(NODE);
+        }
         if object["spec"]["nodeName"] == NODE {
             object["status"]["hostIP"] = json!("10.0.0.11");
             object["status"]["podIP"] = json!("10.244.1.77");
@@ -1942,8 +1946,12 @@ async fn run_container(shared: Arc<Shared>, ns: String, pod: String, spec: Value
         .flatten()
         .filter_map(|a| a.as_str().map(str::to_owned))
         .collect();
-    if ephemeral {
-        // PID 1 of the target container's PID namespace is the target itself.
+    // `--target-pid 1`: in an ephemeral container, PID 1 of the target
+    // container's PID namespace is the target itself; in a pod of its own (a
+    // targetless agent), PID 1 is the agent, in the pod's network. This fake's
+    // pods share the cluster network of the bed's target namespace, so both
+    // become the target's real pid.
+    {
         let real = shared.options.target_pid.to_string();
         for i in 0..args.len() {
             if args[i] == "--target-pid=1" {
@@ -2164,9 +2172,10 @@ async fn port_forward(
         return bad_request("missing Sec-WebSocket-Key");
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    // Only the target pod has a network namespace here.
-    let netns =
-        (name == TARGET_POD && ns == NAMESPACE).then(|| shared.options.target_netns.clone());
+    // The pods of this fake share one network: the bed's target namespace (the
+    // target pod's, and that of agent pods the fake kubelet runs, whose agent
+    // enters it too).
+    let netns = Some(shared.options.target_netns.clone());
     let upgrade = hyper::upgrade::on(req);
     let shared = shared.clone();
     tokio::spawn(async move {

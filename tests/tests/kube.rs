@@ -832,3 +832,57 @@ fn graft_survives_a_cut_port_forward_and_keeps_stealing() {
     );
     assert_cleaned_up(&bed, &kube);
 }
+
+#[test]
+fn targetless_reaches_the_namespaces_network_and_deletes_its_pod() {
+    let bed = Bed::new();
+    let kube = FakeKube::for_bed(&bed);
+    // The service answers only connections from the cluster network; files and
+    // environment stay local in a targetless session.
+    let script = format!(
+        "echo \"marker=$GRAFT_TEST_MARKER\" && curl -sS --max-time 10 {url}",
+        url = bed.service_url()
+    );
+    let out = kube_run(&bed, &kube, "targetless", &[], &["sh", "-c", &script]);
+    assert!(out.success(), "{out}\n{}", report(&kube));
+    assert_eq!(
+        out.lines(),
+        ["marker=".to_owned(), bed.service_reply()],
+        "{out}"
+    );
+    assert!(out.stderr.contains("targetless"), "{out}");
+    let post = kube
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path == "/api/v1/namespaces/shop/pods")
+        .unwrap_or_else(|| panic!("graft created no agent pod\n{}", report(&kube)));
+    let name = post.body["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(name.starts_with("graft-agent-"), "{name}");
+    assert!(
+        post.body["spec"]["hostPID"].is_null(),
+        "a targetless pod needs no host PIDs"
+    );
+    let path = format!("/api/v1/namespaces/shop/pods/{name}");
+    assert!(
+        kube.saw("DELETE", &path),
+        "graft did not delete {path}\n{}",
+        report(&kube)
+    );
+    assert!(
+        !kube
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/ephemeralcontainers") && r.is_mutating()),
+        "a targetless session touched a workload\n{}",
+        report(&kube)
+    );
+    assert_cleaned_up(&bed, &kube);
+
+    // Incoming traffic makes no sense without a workload.
+    let out = kube_run(&bed, &kube, "targetless", &["--steal"], &["true"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("no incoming traffic"), "{out}");
+}

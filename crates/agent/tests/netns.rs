@@ -899,13 +899,15 @@ async fn node_mode_finds_the_target_by_container_id_and_checks_a_secret_digest()
     let id = format!("{:064x}", u128::from(std::process::id()) << 64 | 0x9a7f);
     let group = cgroups.join(format!("graft-test-cri-containerd-{id}.scope"));
     std::fs::create_dir_all(&group).unwrap();
-    struct Remove(PathBuf);
+    /// Moves the process back to the root cgroup and removes the test's.
+    struct Remove(PathBuf, PathBuf, u32);
     impl Drop for Remove {
         fn drop(&mut self) {
+            let _ = std::fs::write(self.1.join("cgroup.procs"), self.2.to_string());
             let _ = std::fs::remove_dir(&self.0);
         }
     }
-    let _remove = Remove(group.clone());
+    let _remove = Remove(group.clone(), cgroups.clone(), server.pid());
     std::fs::write(group.join("cgroup.procs"), server.pid().to_string()).unwrap();
 
     // The agent is given only the secret's SHA-256, as a pod spec carries it.

@@ -856,3 +856,97 @@ async fn fatal_message_ends_the_link_with_its_reason() {
         LinkEnd::Fatal("the target exited".into())
     );
 }
+
+#[tokio::test]
+async fn secondary_sessions_subscribe_and_deliver_to_the_same_listener() {
+    // --all-pods: the program's one listener gets the traffic of both pods.
+    let scratch = Scratch::new("secondary");
+    let (session, mut agent) = open_session(test_options()).await;
+    let (secondary, mut other) = open_session(test_options()).await;
+    session.add_secondary(&secondary);
+    let path = serve(&session, &scratch).await;
+    let mut link = layer(&path).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deliver_to = listener.local_addr().unwrap();
+
+    let request = ask(
+        &mut link,
+        LayerRequest::Listen {
+            port: 80,
+            deliver_to,
+            pid: std::process::id(),
+        },
+    );
+    let subscription = ClientMessage::Subscribe(Subscription {
+        port: 80,
+        mode: IncomingMode::Steal,
+        filter: None,
+    });
+    let agents = async {
+        assert_eq!(agent.recv().await, subscription);
+        agent
+            .send(AgentMessage::SubscribeResult {
+                port: 80,
+                error: None,
+            })
+            .await;
+        // The secondary is asked once the primary said yes.
+        assert_eq!(other.recv().await, subscription);
+        other
+            .send(AgentMessage::SubscribeResult {
+                port: 80,
+                error: None,
+            })
+            .await;
+    };
+    let (response, ()) = tokio::join!(request, agents);
+    assert_eq!(response, LayerResponse::Ok);
+
+    // A connection stolen on the other pod reaches the same listener, and the
+    // program learns its real peer.
+    let conn = ConnectionId(ConnectionId::AGENT_BIT | 1);
+    let client: SocketAddr = "198.18.0.9:40002".parse().unwrap();
+    let original: SocketAddr = "198.18.0.77:80".parse().unwrap();
+    other
+        .send(AgentMessage::Incoming {
+            conn,
+            port: 80,
+            peer: client,
+            local: original,
+        })
+        .await;
+    other
+        .send(AgentMessage::Data {
+            conn,
+            bytes: b"GET /b".to_vec(),
+        })
+        .await;
+    let (mut accepted, proxy_side) = within("the other pod's connection", listener.accept())
+        .await
+        .unwrap();
+    assert_eq!(read_exactly(&mut accepted, 6).await, b"GET /b");
+    assert_eq!(
+        ask(&mut link, LayerRequest::PeerOf { proxy_side }).await,
+        LayerResponse::Peer(Some(DeliveredPeer {
+            peer: client,
+            local: original
+        }))
+    );
+    accepted.write_all(b"from b").await.unwrap();
+    expect_data(&mut other, conn, b"from b").await;
+
+    // Closing the listener releases the port on both pods.
+    assert_eq!(
+        ask(
+            &mut link,
+            LayerRequest::Unlisten {
+                port: 80,
+                pid: std::process::id()
+            }
+        )
+        .await,
+        LayerResponse::Ok
+    );
+    assert_eq!(agent.recv().await, ClientMessage::Unsubscribe { port: 80 });
+    assert_eq!(other.recv().await, ClientMessage::Unsubscribe { port: 80 });
+}
