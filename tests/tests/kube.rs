@@ -886,3 +886,65 @@ fn targetless_reaches_the_namespaces_network_and_deletes_its_pod() {
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("no incoming traffic"), "{out}");
 }
+
+/// `graft ls --target deploy/api` against the fake cluster.
+fn kube_ls(bed: &Bed, kube: &FakeKube) -> Outcome {
+    let kubeconfig = kube.kubeconfig_str();
+    let mut command = bed.graft(&[
+        "ls",
+        "--kubeconfig",
+        &kubeconfig,
+        "-n",
+        NAMESPACE,
+        "--target",
+        "deploy/api",
+    ]);
+    command.env_remove("KUBECONFIG");
+    bed.spawn(command, "graft ls --target deploy/api")
+        .finish(KUBE_RUN_TIMEOUT)
+}
+
+#[test]
+fn graft_ls_lists_the_sessions_of_a_pod_through_a_short_lived_agent_pod() {
+    let bed = Bed::new();
+    let kube = FakeKube::for_bed(&bed);
+    let mut session = steal_session(&bed, &kube, &["--agent-mode", "ephemeral"]);
+    let out = kube_ls(&bed, &kube);
+    assert!(out.success(), "{out}\n{}", report(&kube));
+    let port = bed.app_port.to_string();
+    let rows: Vec<&str> = out
+        .lines()
+        .into_iter()
+        .filter(|l| l.split_whitespace().any(|w| w == port))
+        .collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert!(rows[0].contains("steal"), "{out}");
+    assert!(rows[0].contains('@'), "no user@host: {out}");
+    // The listing's own agent pod is gone again.
+    let posts: Vec<String> = kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/pods"))
+        .filter_map(|r| r.body["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(posts.len(), 1, "{}", report(&kube));
+    assert!(
+        kube.saw(
+            "DELETE",
+            &format!("/api/v1/namespaces/{NAMESPACE}/pods/{}", posts[0])
+        ),
+        "graft ls left its agent pod\n{}",
+        report(&kube)
+    );
+
+    session.signal(Signal::SIGTERM);
+    assert!(
+        session.wait_timeout(CLEANUP).is_some(),
+        "graft did not exit on SIGTERM\n{}",
+        session.output_report()
+    );
+    let out = kube_ls(&bed, &kube);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("no graft sessions"), "{out}");
+    assert_cleaned_up(&bed, &kube);
+}

@@ -61,9 +61,19 @@ pub struct AgentImageArgs {
 /// `graft ls` flags.
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// The target: `pid:PID`.
+    /// The target: `pid:PID`, or a Kubernetes workload `KIND/NAME` (a short-lived
+    /// node-mode agent pod asks the pod's hub, then is deleted).
     #[arg(long, env = "GRAFT_TARGET", value_name = "TARGET")]
     pub target: Option<String>,
+    /// Kubernetes access.
+    #[command(flatten)]
+    pub kube: KubeFlags,
+    /// The agent image (default: graft's, tagged with its version).
+    #[arg(long, value_name = "IMAGE")]
+    pub agent_image: Option<String>,
+    /// The agent image's pull policy: Always, IfNotPresent or Never.
+    #[arg(long, value_name = "POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub agent_pull_policy: Option<String>,
 }
 
 /// How to reach a Kubernetes cluster, as kubectl's flags (shared by the

@@ -1,10 +1,11 @@
 //! `graft ls`: the sessions on a target — who holds which port, in which mode,
 //! with which filter, since when. It asks the target's hub through an agent of its
-//! own, which never becomes the hub itself (no session: nothing to list).
+//! own, which never becomes the hub itself (no session: nothing to list): a local
+//! agent for `pid:PID`, a short-lived node-mode agent pod for a Kubernetes target.
 
 use std::path::PathBuf;
 
-use graft_config::Target;
+use graft_config::{AgentMode, KubeSettings, Target};
 use graft_protocol::incoming::SessionListing;
 use graft_protocol::remote::{RemoteRequest, RemoteResponse};
 use graft_proxy::SessionOptions;
@@ -26,53 +27,98 @@ pub async fn ls(args: LsArgs) -> Result<u8, Failure> {
     let target: Target = target
         .parse()
         .map_err(|e: graft_config::ConfigError| Failure::usage(e.to_string()))?;
-    let pid = match target {
-        Target::Pid(pid) => pid,
-        Target::Kube(text) => {
-            return Err(Failure::usage(format!(
-                "graft ls lists the sessions of local targets (pid:PID); {text} is a Kubernetes \
-                 target"
-            ))
-            .hint(
-                "each Kubernetes session's agent is an ephemeral container or pod named \
-                 graft-agent-…: `kubectl get pods -l app.kubernetes.io/managed-by=graft` and the \
-                 target pod's ephemeral containers show them",
-            ));
-        }
+    let list = match target {
+        Target::Pid(pid) => list_local(pid).await?,
+        Target::Kube(text) => list_in_cluster(&text, &args).await?,
     };
+    print!("{}", table(&list));
+    Ok(0)
+}
+
+/// Asks the session's agent for the hub's listing.
+async fn ask(session: graft_proxy::Session) -> Result<Vec<SessionListing>, Failure> {
+    let answer = session.remote(RemoteRequest::Sessions).await;
+    session.close().await;
+    match answer {
+        Ok(RemoteResponse::Sessions(list)) => Ok(list),
+        Ok(RemoteResponse::Error(e)) => Err(Failure::session(format!(
+            "the agent could not list the sessions: {e}"
+        ))),
+        Ok(other) => Err(Failure::session(format!(
+            "the agent answered the listing with {other:?}"
+        ))),
+        Err(e) => Err(Failure::session(format!("the listing failed: {e}"))),
+    }
+}
+
+fn quiet() -> SessionOptions {
+    SessionOptions {
+        announce_steals: false,
+        ..SessionOptions::default()
+    }
+}
+
+async fn list_local(pid: u32) -> Result<Vec<SessionListing>, Failure> {
     let exe = std::env::current_exe().ok();
     let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
     let uid = nix::unistd::getuid().as_raw();
     let dir = SessionDir::create(uid, std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))?;
     let secret = random_hex(32)?;
     let mut agent = LocalAgent::start(&pieces.agent, pid, dir.path(), &secret, None).await?;
-    let options = SessionOptions {
-        announce_steals: false,
-        ..SessionOptions::default()
-    };
     let listed = async {
         let session = agent
-            .connect(&secret, &crate::run::client_name(), options)
+            .connect(&secret, &crate::run::client_name(), quiet())
             .await?;
-        let answer = session.remote(RemoteRequest::Sessions).await;
-        session.close().await;
-        match answer {
-            Ok(RemoteResponse::Sessions(list)) => Ok(list),
-            Ok(RemoteResponse::Error(e)) => Err(Failure::session(format!(
-                "the agent could not list the sessions: {e}"
-            ))),
-            Ok(other) => Err(Failure::session(format!(
-                "the agent answered the listing with {other:?}"
-            ))),
-            Err(e) => Err(Failure::session(format!("the listing failed: {e}"))),
-        }
+        ask(session).await
     }
     .await;
     agent.stop(AGENT_GRACE).await;
     drop(dir);
-    let list = listed?;
-    print!("{}", table(&list));
-    Ok(0)
+    listed
+}
+
+/// A Kubernetes target: a node-mode agent (a pod graft deletes right after,
+/// unlike an ephemeral container, which would stay in the pod's spec) joins the
+/// pod's hub and asks it.
+async fn list_in_cluster(text: &str, args: &LsArgs) -> Result<Vec<SessionListing>, Failure> {
+    if text == crate::cluster::TARGETLESS {
+        return Err(Failure::usage(
+            "a targetless session takes no incoming traffic: there is nothing to list",
+        ));
+    }
+    let settings = KubeSettings {
+        namespace: args.kube.namespace.clone(),
+        context: args.kube.context.clone(),
+        kubeconfig: args.kube.kubeconfig.clone(),
+        agent_mode: AgentMode::Node,
+        agent_image: args.agent_image.clone(),
+        pull_policy: args.agent_pull_policy.clone(),
+        start_timeout_secs: graft_config::DEFAULT_START_TIMEOUT_SECS,
+        all_pods: false,
+    };
+    let secret = random_hex(32)?;
+    let mut progress = crate::cluster::Progress::new();
+    let started = crate::cluster::start(text, &settings, &secret, &mut progress).await;
+    progress.finish();
+    let crate::cluster::Started {
+        primary: (agent, stream),
+        ..
+    } = started?;
+    let listed = match graft_proxy::Session::connect_with(
+        stream,
+        &secret,
+        &crate::run::client_name(),
+        quiet(),
+    )
+    .await
+    {
+        Ok(session) => ask(session).await,
+        Err(e) => Err(Failure::session(format!(
+            "cannot open the session with the agent: {e}"
+        ))),
+    };
+    agent.stop().await;
+    listed
 }
 
 /// Formats the listing as an aligned table with a header; says so when empty.
