@@ -394,8 +394,14 @@ pub fn node_agent_pod(target: &ResolvedTarget, options: &AgentOptions, namespace
 pub fn targetless_agent_pod(options: &AgentOptions, namespace: &str) -> Pod {
     let mut args = vec!["--target-pid".to_owned(), "1".to_owned()];
     args.extend(options.listen_args());
-    let mut annotations = BTreeMap::new();
-    annotations.insert(TARGET_ANNOTATION.to_owned(), "targetless".to_owned());
+    let annotations: BTreeMap<String, String> = [
+        (TARGET_ANNOTATION.to_owned(), "targetless".to_owned()),
+        // As for the node-mode pod: no mesh sidecar (see `agent_pod_annotations`).
+        ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
+        ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
+    ]
+    .into_iter()
+    .collect();
     Pod {
         metadata: ObjectMeta {
             name: Some(options.session.agent_name()),
