@@ -105,7 +105,7 @@ fn steal_with_port_map_steals_remote_port_for_cmd_listening_on_local_port() {
 #[test]
 fn without_steal_incoming_traffic_stays_with_the_target() {
     // Without --steal or --mirror the default is mirror: the target still answers
-    // every request, CMD receives copies, and graft says so when it starts.
+    // every request, CMD receives copies, and graft says so when it mirrors the port.
     let bed = Bed::new();
     let app = fixture_str("named_http.py");
     let port = bed.app_port.to_string();
@@ -128,11 +128,6 @@ fn without_steal_incoming_traffic_stays_with_the_target() {
         "the app never listened locally\n{}",
         session.output_report()
     );
-    assert!(
-        session.stderr().to_lowercase().contains("mirror"),
-        "graft did not say it mirrors by default\n{}",
-        session.output_report()
-    );
     // ...the mirror is in place once a request to the target shows up in CMD...
     let mut i = 0;
     let mirrored = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
@@ -144,6 +139,13 @@ fn without_steal_incoming_traffic_stays_with_the_target() {
     assert!(
         mirrored.is_some(),
         "no request to the target was mirrored to CMD\n{}",
+        session.output_report()
+    );
+    // ...and graft said it mirrors because nobody chose a mode.
+    let said = session.stderr();
+    assert!(
+        said.contains("mirroring port") && said.contains("the default"),
+        "graft did not say it mirrors by default\n{}",
         session.output_report()
     );
     // ...and the target still gets (and answers) all of its traffic.

@@ -245,18 +245,13 @@ impl Plan<'_> {
                 .subscription_mode()
                 .unwrap_or(PortMode::Steal),
             filter: layer.filter.clone(),
+            incoming_defaulted: self.config.incoming_defaulted,
             ..SessionOptions::default()
         }
     }
 
     async fn run(&self, session: Session) -> Result<Ended, Failure> {
         eprintln!("graft: agent ready for {}", self.target);
-        if self.config.incoming_defaulted {
-            eprintln!(
-                "graft: mirroring incoming traffic (the default): CMD gets a copy, the target \
-                 keeps answering; --steal takes it instead"
-            );
-        }
         let env = self.environment(&session).await?;
         let layer_socket = self.dir.join("layer.sock");
         session

@@ -70,6 +70,8 @@ pub struct SessionOptions {
     pub incoming_mode: IncomingMode,
     /// Only HTTP requests this filter matches are stolen or mirrored.
     pub filter: Option<HttpFilterSpec>,
+    /// The mode is the default one (nobody chose it): the announcement says so.
+    pub incoming_defaulted: bool,
 }
 
 impl Default for SessionOptions {
@@ -84,6 +86,7 @@ impl Default for SessionOptions {
             announce_steals: true,
             incoming_mode: IncomingMode::Steal,
             filter: None,
+            incoming_defaulted: false,
         }
     }
 }
@@ -712,7 +715,15 @@ impl Shared {
                             format!("mirroring requests ({f}) on")
                         }
                     };
-                    eprintln!("graft: {what} port {port} of the target → local {deliver_to}");
+                    let default = if self.options.incoming_defaulted {
+                        " (the default: the target keeps answering, CMD gets a copy; --steal \
+                         takes the traffic instead)"
+                    } else {
+                        ""
+                    };
+                    eprintln!(
+                        "graft: {what} port {port} of the target → local {deliver_to}{default}"
+                    );
                 }
             }
             Some(message) => {
