@@ -181,22 +181,12 @@ pub async fn tcp(
     let conn = registration.conn;
     let (rd, wr) = guard.stream.split();
     let end = relay_tcp(rd, wr, conn, &mut registration.commands, &to_link).await;
-    tracing::debug!(%conn, ?end, "connection ended");
-    match end {
-        TcpEnd::Orderly => {
-            guard.orderly = true;
-            let _ = to_link
-                .send(AgentMessage::Close { conn, reset: false })
-                .await;
-        }
-        TcpEnd::SocketError => {
-            let _ = to_link
-                .send(AgentMessage::Close { conn, reset: true })
-                .await;
-        }
-        TcpEnd::ClientClosed { reset } => guard.orderly = !reset,
-        TcpEnd::SessionGone => {}
-    }
+    guard.orderly = match end {
+        TcpEnd::Orderly => true,
+        TcpEnd::ClientClosed { reset } => !reset,
+        TcpEnd::SocketError | TcpEnd::SessionGone => false,
+    };
+    finish(end, conn, &to_link).await;
     table.finished(&registration);
     drop(guard);
 }
@@ -215,21 +205,19 @@ pub async fn stream<S>(
     let conn = registration.conn;
     let (rd, wr) = tokio::io::split(stream);
     let end = relay_tcp(rd, wr, conn, &mut registration.commands, &to_link).await;
-    tracing::debug!(%conn, ?end, "connection ended");
-    match end {
-        TcpEnd::Orderly => {
-            let _ = to_link
-                .send(AgentMessage::Close { conn, reset: false })
-                .await;
-        }
-        TcpEnd::SocketError => {
-            let _ = to_link
-                .send(AgentMessage::Close { conn, reset: true })
-                .await;
-        }
-        TcpEnd::ClientClosed { .. } | TcpEnd::SessionGone => {}
-    }
+    finish(end, conn, &to_link).await;
     table.finished(&registration);
+}
+
+/// Tells the client how a connection ended, when it does not know yet.
+async fn finish(end: TcpEnd, conn: ConnectionId, to_link: &mpsc::Sender<AgentMessage>) {
+    tracing::debug!(%conn, ?end, "connection ended");
+    let reset = match end {
+        TcpEnd::Orderly => false,
+        TcpEnd::SocketError => true,
+        TcpEnd::ClientClosed { .. } | TcpEnd::SessionGone => return,
+    };
+    let _ = to_link.send(AgentMessage::Close { conn, reset }).await;
 }
 
 /// How a TCP relay ended.

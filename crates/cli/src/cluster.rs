@@ -162,6 +162,17 @@ fn kube_failure(e: KubeError) -> Failure {
     }
 }
 
+/// What a new agent is told: a session id of its own, the secret's digest, the
+/// image and pull policy of `settings`.
+fn agent_options(settings: &KubeSettings, secret: &str) -> Result<AgentOptions, Failure> {
+    let mut options = AgentOptions::new(session_id()?, SecretDigest::of(secret));
+    if let Some(image) = &settings.agent_image {
+        options.image = image.clone();
+    }
+    options.image_pull_policy = settings.pull_policy.clone();
+    Ok(options)
+}
+
 /// A new session id: 10 lower-case hex digits.
 fn session_id() -> Result<SessionId, Failure> {
     let hex = random_hex(5)?;
@@ -202,11 +213,7 @@ pub async fn start(
     .await
     .map_err(kube_failure)?;
 
-    let mut options = AgentOptions::new(session_id()?, SecretDigest::of(secret));
-    if let Some(image) = &settings.agent_image {
-        options.image = image.clone();
-    }
-    options.image_pull_policy = settings.pull_policy.clone();
+    let options = agent_options(settings, secret)?;
     let mut resolved: Option<graft_kube::Resolution> = None;
     let placement = match &target {
         None => {
@@ -325,11 +332,7 @@ async fn start_on_pod(
     let resolution = graft_kube::resolve(&cluster.client, &cluster.namespace, &target)
         .await
         .map_err(kube_failure)?;
-    let mut options = AgentOptions::new(session_id()?, SecretDigest::of(secret));
-    if let Some(image) = &settings.agent_image {
-        options.image = image.clone();
-    }
-    options.image_pull_policy = settings.pull_policy.clone();
+    let options = agent_options(settings, secret)?;
     progress.phase(&format!("--all-pods: creating the agent on {pod}"));
     let placement = place(cluster, &resolution.target, &options, settings.agent_mode)
         .await

@@ -304,14 +304,20 @@ pub fn labels(session: &SessionId) -> BTreeMap<String, String> {
 /// service-mesh sidecar injection (a sidecar would capture the agent's
 /// traffic and keep the pod alive after the agent exits).
 pub fn agent_pod_annotations(target: &ResolvedTarget) -> BTreeMap<String, String> {
-    [
-        (
-            TARGET_ANNOTATION.to_owned(),
-            format!(
-                "{}/{}/{}",
-                target.namespace, target.pod, target.container.name
-            ),
+    let mut annotations = mesh_opt_outs();
+    annotations.insert(
+        TARGET_ANNOTATION.to_owned(),
+        format!(
+            "{}/{}/{}",
+            target.namespace, target.pod, target.container.name
         ),
+    );
+    annotations
+}
+
+/// Opt-outs from Istio's and Linkerd's sidecar injection.
+fn mesh_opt_outs() -> BTreeMap<String, String> {
+    [
         ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
         ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
     ]
@@ -349,42 +355,16 @@ pub fn node_agent_pod(target: &ResolvedTarget, options: &AgentOptions, namespace
         target.container_id.clone(),
     ];
     args.extend(options.listen_args());
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(options.session.agent_name()),
-            namespace: Some(namespace.to_owned()),
-            labels: Some(labels(&options.session)),
-            annotations: Some(agent_pod_annotations(target)),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(target.node.clone()),
-            host_pid: Some(true),
-            restart_policy: Some("Never".into()),
-            active_deadline_seconds: Some(options.active_deadline_secs),
-            // Whatever taints the target's node has, the agent must run there.
-            tolerations: Some(vec![Toleration {
-                operator: Some("Exists".into()),
-                ..Toleration::default()
-            }]),
-            automount_service_account_token: Some(false),
-            enable_service_links: Some(false),
-            // The agent removes its packet rules on SIGTERM; this is plenty.
-            termination_grace_period_seconds: Some(10),
-            containers: vec![Container {
-                name: "agent".into(),
-                image: Some(options.image.clone()),
-                image_pull_policy: options.image_pull_policy.clone(),
-                args: Some(args),
-                env: Some(options.env()),
-                security_context: Some(agent_security_context()),
-                termination_message_policy: Some("FallbackToLogsOnError".into()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        status: None,
-    }
+    let mut pod = agent_pod(options, namespace, agent_pod_annotations(target), args);
+    let spec = pod.spec.as_mut().expect("agent_pod sets a spec");
+    spec.node_name = Some(target.node.clone());
+    spec.host_pid = Some(true);
+    // Whatever taints the target's node has, the agent must run there.
+    spec.tolerations = Some(vec![Toleration {
+        operator: Some("Exists".into()),
+        ..Toleration::default()
+    }]);
+    pod
 }
 
 /// The agent pod of a `targetless` session: a pod of its own in `namespace`,
@@ -394,14 +374,20 @@ pub fn node_agent_pod(target: &ResolvedTarget, options: &AgentOptions, namespace
 pub fn targetless_agent_pod(options: &AgentOptions, namespace: &str) -> Pod {
     let mut args = vec!["--target-pid".to_owned(), "1".to_owned()];
     args.extend(options.listen_args());
-    let annotations: BTreeMap<String, String> = [
-        (TARGET_ANNOTATION.to_owned(), "targetless".to_owned()),
-        // As for the node-mode pod: no mesh sidecar (see `agent_pod_annotations`).
-        ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
-        ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
-    ]
-    .into_iter()
-    .collect();
+    let mut annotations = mesh_opt_outs();
+    annotations.insert(TARGET_ANNOTATION.to_owned(), "targetless".to_owned());
+    agent_pod(options, namespace, annotations, args)
+}
+
+/// A pod of graft's own that runs the agent with `args`: labelled, bounded by
+/// `activeDeadlineSeconds`, never restarted, without service account token or
+/// service links.
+fn agent_pod(
+    options: &AgentOptions,
+    namespace: &str,
+    annotations: BTreeMap<String, String>,
+    args: Vec<String>,
+) -> Pod {
     Pod {
         metadata: ObjectMeta {
             name: Some(options.session.agent_name()),
@@ -415,6 +401,7 @@ pub fn targetless_agent_pod(options: &AgentOptions, namespace: &str) -> Pod {
             active_deadline_seconds: Some(options.active_deadline_secs),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
+            // The agent removes its packet rules on SIGTERM; this is plenty.
             termination_grace_period_seconds: Some(10),
             containers: vec![Container {
                 name: "agent".into(),

@@ -279,22 +279,39 @@ pub async fn create_node_agent(
     namespace: &str,
 ) -> Result<AgentPlacement, KubeError> {
     let pod = node_agent_pod(target, options, namespace);
+    create_agent_pod(client, &pod, options, namespace, Some(target)).await
+}
+
+/// Creates `pod` (an agent pod of graft's own) in `namespace`. Its agent
+/// listens in the network of `serving`'s pod, the one to port-forward to, or,
+/// when `None`, in its own pod's.
+async fn create_agent_pod(
+    client: &Client,
+    pod: &Pod,
+    options: &AgentOptions,
+    namespace: &str,
+    serving: Option<&ResolvedTarget>,
+) -> Result<AgentPlacement, KubeError> {
     let name = options.session.agent_name();
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()
     };
-    api.create(&params, &pod)
+    api.create(&params, pod)
         .await
         .map_err(|e| KubeError::from_api(e, rbac::CREATE_PODS, namespace, "pod", &name))?;
+    let (target_namespace, port_forward_pod) = match serving {
+        Some(target) => (target.namespace.clone(), target.pod.clone()),
+        None => (namespace.to_owned(), name.clone()),
+    };
     Ok(AgentPlacement {
         mode: AgentMode::Node,
         namespace: namespace.to_owned(),
         agent_pod: name,
         agent_container: "agent".into(),
-        target_namespace: target.namespace.clone(),
-        port_forward_pod: target.pod.clone(),
+        target_namespace,
+        port_forward_pod,
     })
 }
 
@@ -311,23 +328,7 @@ pub async fn create_targetless_agent(
     namespace: &str,
 ) -> Result<AgentPlacement, KubeError> {
     let pod = crate::manifest::targetless_agent_pod(options, namespace);
-    let name = options.session.agent_name();
-    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PostParams::default()
-    };
-    api.create(&params, &pod)
-        .await
-        .map_err(|e| KubeError::from_api(e, rbac::CREATE_PODS, namespace, "pod", &name))?;
-    Ok(AgentPlacement {
-        mode: AgentMode::Node,
-        namespace: namespace.to_owned(),
-        agent_pod: name.clone(),
-        agent_container: "agent".into(),
-        target_namespace: namespace.to_owned(),
-        port_forward_pod: name,
-    })
+    create_agent_pod(client, &pod, options, namespace, None).await
 }
 
 /// Deletes a node-mode agent pod; a pod already gone is fine. The agent gets
