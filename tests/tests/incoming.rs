@@ -1196,3 +1196,86 @@ fn mirror_session_coexists_with_a_filtered_steal_session() {
     assert_no_rules_left(&bed);
     assert_eq!(who_answers(&bed, port, "/after", &[ALICE]), "target");
 }
+
+/// The session's agent: the `graft-agent` whose parent is `graft`.
+fn agent_of(bed: &Bed, graft: u32) -> u32 {
+    let parent_of = |pid: u32| -> u32 {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().nth(1)?.parse().ok()
+            })
+            .unwrap_or(0)
+    };
+    let agents = bed.agent_pids();
+    let main: Vec<u32> = agents
+        .iter()
+        .copied()
+        .filter(|pid| parent_of(*pid) == graft)
+        .collect();
+    assert_eq!(main.len(), 1, "one agent of graft {graft} among {agents:?}");
+    main[0]
+}
+
+#[test]
+fn a_killed_hub_owner_is_taken_over_by_the_other_session() {
+    // alice's agent owns the target's hub (its session came first); killing it
+    // with -9 ends alice's session, and bob's agent takes the hub over: bob's
+    // requests keep reaching bob, the rest the target, and alice's rules go.
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let _target = serve_in_target(&bed, &named_http("target", port));
+    let map = format!("{}:{port}", bed.app_port);
+    let mut alice = start_session(
+        &bed,
+        &["--steal", "--filter-header", ALICE, "--port-map", &map],
+        &named_http("alice", bed.app_port),
+        &[("USER", "graft-alice")],
+    );
+    wait_routed(&bed, &mut alice, port, &[ALICE], "alice");
+    let mut bob = start_session(
+        &bed,
+        &["--steal", "--filter-header", BOB],
+        &named_http("bob", port),
+        &[("USER", "graft-bob")],
+    );
+    wait_routed(&bed, &mut bob, port, &[BOB], "bob");
+
+    let owner = agent_of(&bed, alice.pid());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(owner as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        alice.wait_timeout(Duration::from_secs(10)).is_some(),
+        "alice's graft still runs after its agent was killed\n{}",
+        alice.output_report()
+    );
+    let back = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        (who_answers(&bed, port, "/after", &[BOB]) == "bob"
+            && who_answers(&bed, port, "/after", &[ALICE]) == "target"
+            && who_answers(&bed, port, "/after", &[]) == "target")
+            .then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "bob's agent did not take the hub over\n{}\n{}",
+        bob.output_report(),
+        alice.output_report()
+    );
+    let ls = graft_ls(&bed);
+    let listed = subscriptions(&ls, port);
+    assert!(
+        listed.len() == 1 && listed[0].contains("graft-bob@"),
+        "{ls}"
+    );
+
+    end(&mut bob);
+    let back = wait_until(RESTORE, Duration::from_millis(50), || {
+        (who_answers(&bed, port, "/end", &[BOB]) == "target").then_some(())
+    });
+    assert!(back.is_some(), "the port did not go back to the target");
+    assert_no_rules_left(&bed);
+}
