@@ -1,18 +1,22 @@
 //! [`FakeKube`]: a fake Kubernetes API server that the real `graft` (through
-//! kube-rs) talks to over plain HTTP, and whose one "pod" is a bed's target
-//! process.
+//! kube-rs) talks to over plain HTTP, and whose "pod" is a bed's target
+//! process ([`FakeKube::for_bed`]), or whose pods are several beds' targets
+//! ([`FakeKube::for_beds`]: one more pod of the ReplicaSet per extra bed).
 //!
 //! ```text
 //!  graft --kubeconfig FILE ──HTTP──> FakeKube (127.0.0.1:PORT)
 //!                                     │ namespace shop: deploy/api → rs/api-7d9f → pod api-7d9f-abcde
 //!                                     │   (container "web" = the bed's target_server.py)
+//!                                     │   [+ pod api-7d9f-fghij, ...: other beds' targets]
 //!                                     │ PATCH pods/NAME/ephemeralcontainers → starts the real
-//!                                     │   graft-agent (--target-pid 1 → the target's real pid)
+//!                                     │   graft-agent (--target-pid 1 → the real pid of NAME's
+//!                                     │   target)
 //!                                     │ POST pods (node mode) → starts it with the pod's args
-//!                                     │   (--target-container-id: the target sits in a cgroup
-//!                                     │   whose path holds the container ID)
+//!                                     │   (--target-container-id: each target sits in a cgroup
+//!                                     │   whose path holds its container ID)
 //!                                     └ GET pods/NAME/portforward (WebSocket, v4.channel.k8s.io)
-//!                                        → TCP to 127.0.0.1:PORT inside the target's netns
+//!                                        → TCP to 127.0.0.1:PORT inside NAME's target netns
+//!                                          (other pods: the first target's netns)
 //! ```
 //!
 //! It answers like an API server: objects carry `resourceVersion`s, lists
@@ -28,9 +32,10 @@
 //! Images: an image whose last path component starts with `graft-agent`
 //! (`ghcr.io/graft-dev/graft-agent:0.1.0`, any tag) runs the `graft-agent`
 //! under test ([`agent_bin`]) with the container's `args` and `env` (plus the
-//! image's `PATH`); any other image fails to pull (`ErrImagePull`). Only the
-//! target pod has a network namespace: port-forwards to other pods get an
-//! error on the port's error channel.
+//! image's `PATH`); any other image fails to pull (`ErrImagePull`). Each pod
+//! of the Deployment has its target's network namespace; the other pods (the
+//! agent pods the fake kubelet runs) share the first target's, as a cluster
+//! network would.
 //!
 //! Tests can deny a verb on a resource ([`FakeKube::deny`], an RBAC stand-in)
 //! and cut every open port-forward ([`FakeKube::cut_port_forwards`]).
@@ -70,8 +75,13 @@ pub const NAMESPACE: &str = "shop";
 pub const DEPLOYMENT: &str = "api";
 /// The Deployment's ReplicaSet.
 pub const REPLICASET: &str = "api-7d9f";
-/// The one pod of the Deployment: the bed's target process.
+/// The first pod of the Deployment: the bed's target process.
 pub const TARGET_POD: &str = "api-7d9f-abcde";
+/// The second pod of the Deployment ([`FakeKube::for_beds`]): another bed's
+/// target process.
+pub const SECOND_POD: &str = "api-7d9f-fghij";
+/// Names of the pods [`FakeKube::for_beds`] adds, in order.
+const EXTRA_POD_NAMES: &[&str] = &[SECOND_POD, "api-7d9f-klmno", "api-7d9f-pqrst"];
 /// The target pod's container.
 pub const TARGET_CONTAINER: &str = "web";
 /// The node the target pod runs on.
@@ -104,8 +114,41 @@ pub struct FakeKubeOptions {
     /// it, and the agent takes the target's environment from `/proc`).
     pub process_env: Vec<(String, String)>,
     /// Put the target into a cgroup whose path holds its container ID, so
-    /// that node mode's `--target-container-id` finds it.
+    /// that node mode's `--target-container-id` finds it (every target pod's
+    /// process, each in a cgroup of its own).
     pub container_cgroup: bool,
+    /// More ready pods of ReplicaSet [`REPLICASET`], each its own process and
+    /// network namespace (another bed's target).
+    pub extra_pods: Vec<ExtraPod>,
+}
+
+/// One more pod of the Deployment: its container `web` is another process,
+/// in another network namespace.
+#[derive(Debug, Clone)]
+pub struct ExtraPod {
+    /// The pod's name, e.g. [`SECOND_POD`].
+    pub name: String,
+    /// The pod's target process (PID 1 of its container).
+    pub target_pid: u32,
+    /// The pod's network namespace file: where port-forwards to it connect.
+    pub target_netns: PathBuf,
+    /// The pod's `status.podIP`.
+    pub pod_ip: Ipv4Addr,
+    /// Extra environment for the agents the fake kubelet starts for this pod.
+    pub process_env: Vec<(String, String)>,
+}
+
+impl ExtraPod {
+    /// `bed`'s target as pod `name`.
+    pub fn for_bed(bed: &Bed, name: &str) -> ExtraPod {
+        ExtraPod {
+            name: name.to_owned(),
+            target_pid: bed.target_pid,
+            target_netns: PathBuf::from(format!("/run/netns/{}", bed.target_ns)),
+            pod_ip: bed.target_v4,
+            process_env: vec![(SLOT_ENV.to_owned(), bed.n.to_string())],
+        }
+    }
 }
 
 impl FakeKubeOptions {
@@ -118,7 +161,29 @@ impl FakeKubeOptions {
             container_ports: vec![80, bed.app_port],
             process_env: vec![(SLOT_ENV.to_owned(), bed.n.to_string())],
             container_cgroup: true,
+            extra_pods: Vec::new(),
         }
+    }
+
+    /// Options for `bed`'s target as [`TARGET_POD`] and each of `others`'
+    /// targets as one more pod ([`SECOND_POD`], ...).
+    ///
+    /// # Panics
+    ///
+    /// When more than three other beds are given.
+    pub fn for_beds(bed: &Bed, others: &[&Bed]) -> FakeKubeOptions {
+        assert!(
+            others.len() <= EXTRA_POD_NAMES.len(),
+            "the fake cluster has names for {} more pods",
+            EXTRA_POD_NAMES.len()
+        );
+        let mut options = FakeKubeOptions::for_bed(bed);
+        options.extra_pods = others
+            .iter()
+            .zip(EXTRA_POD_NAMES)
+            .map(|(other, name)| ExtraPod::for_bed(other, name))
+            .collect();
+        options
     }
 }
 
@@ -171,17 +236,30 @@ pub struct FakeKube {
 
 struct Shared {
     options: FakeKubeOptions,
-    container_id: String,
+    /// The Deployment's pods: [`TARGET_POD`] first, then the extra pods.
+    pods: Vec<TargetPod>,
     state: Mutex<State>,
     /// Bumped on every change of an object or a log.
     changed: watch::Sender<u64>,
     /// Bumped to cut every open port-forward.
     cut: watch::Sender<u64>,
     forwards_open: AtomicUsize,
-    cgroup: Mutex<Option<CgroupMove>>,
+    /// The cgroups the target pods' processes were put into.
+    cgroup: Mutex<Vec<CgroupMove>>,
+}
+
+/// One pod of the Deployment and the process behind it.
+struct TargetPod {
+    name: String,
+    container_id: String,
+    target_pid: u32,
+    netns: PathBuf,
+    pod_ip: Ipv4Addr,
+    process_env: Vec<(String, String)>,
 }
 
 struct CgroupMove {
+    pod: String,
     dir: PathBuf,
     back_to: PathBuf,
 }
@@ -318,6 +396,17 @@ impl FakeKube {
         FakeKube::start(FakeKubeOptions::for_bed(bed))
     }
 
+    /// A fake cluster whose Deployment has one ready pod per bed: `bed`'s
+    /// target is [`TARGET_POD`], the first of `others` is [`SECOND_POD`], and
+    /// so on (see [`FakeKubeOptions::for_beds`]).
+    ///
+    /// # Panics
+    ///
+    /// When the server cannot start.
+    pub fn for_beds(bed: &Bed, others: &[&Bed]) -> FakeKube {
+        FakeKube::start(FakeKubeOptions::for_beds(bed, others))
+    }
+
     /// Starts the server on 127.0.0.1 (a free port) and writes its kubeconfig.
     ///
     /// # Panics
@@ -330,19 +419,43 @@ impl FakeKube {
             .thread_name("fake-kube")
             .build()
             .expect("a tokio runtime for the fake API server");
-        let container_id = random_hex(32);
+        let mut pods = vec![TargetPod {
+            name: TARGET_POD.to_owned(),
+            container_id: random_hex(32),
+            target_pid: options.target_pid,
+            netns: options.target_netns.clone(),
+            pod_ip: options.pod_ip,
+            process_env: options.process_env.clone(),
+        }];
+        for extra in &options.extra_pods {
+            assert!(
+                !pods.iter().any(|p| p.name == extra.name),
+                "two pods are named {}",
+                extra.name
+            );
+            pods.push(TargetPod {
+                name: extra.name.clone(),
+                container_id: random_hex(32),
+                target_pid: extra.target_pid,
+                netns: extra.target_netns.clone(),
+                pod_ip: extra.pod_ip,
+                process_env: extra.process_env.clone(),
+            });
+        }
         let shared = Arc::new(Shared {
             options,
-            container_id,
+            pods,
             state: Mutex::new(State::default()),
             changed: watch::Sender::new(0),
             cut: watch::Sender::new(0),
             forwards_open: AtomicUsize::new(0),
-            cgroup: Mutex::new(None),
+            cgroup: Mutex::new(Vec::new()),
         });
         shared.seed();
         if shared.options.container_cgroup {
-            shared.enter_cgroup();
+            for pod in &shared.pods {
+                shared.enter_cgroup(pod);
+            }
         }
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -385,12 +498,32 @@ impl FakeKube {
 
     /// The target container's ID (64 hex digits, without `containerd://`).
     pub fn target_container_id(&self) -> &str {
-        &self.shared.container_id
+        &self.shared.pods[0].container_id
+    }
+
+    /// The container ID of target pod `pod` ([`TARGET_POD`], [`SECOND_POD`],
+    /// ...), if the Deployment has that pod.
+    pub fn pod_container_id(&self, pod: &str) -> Option<&str> {
+        self.shared.target_pod(pod).map(|p| p.container_id.as_str())
+    }
+
+    /// The names of the Deployment's pods: [`TARGET_POD`], then the extra pods.
+    pub fn target_pods(&self) -> Vec<String> {
+        self.shared.pods.iter().map(|p| p.name.clone()).collect()
     }
 
     /// The cgroup directory the target was put into, if any.
     pub fn target_cgroup(&self) -> Option<PathBuf> {
-        self.shared.cgroup().as_ref().map(|c| c.dir.clone())
+        self.shared
+            .cgroup()
+            .iter()
+            .find(|c| c.pod == TARGET_POD)
+            .map(|c| c.dir.clone())
+    }
+
+    /// The cgroup directories the target pods' processes were put into.
+    pub fn target_cgroups(&self) -> Vec<PathBuf> {
+        self.shared.cgroup().iter().map(|c| c.dir.clone()).collect()
     }
 
     /// Every request so far, in order.
@@ -526,7 +659,7 @@ impl Drop for FakeKube {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
-        self.shared.leave_cgroup();
+        self.shared.leave_cgroups();
     }
 }
 
@@ -566,10 +699,39 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn cgroup(&self) -> MutexGuard<'_, Option<CgroupMove>> {
+    fn cgroup(&self) -> MutexGuard<'_, Vec<CgroupMove>> {
         self.cgroup
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The Deployment's pod `name`, if it is one.
+    fn target_pod(&self, name: &str) -> Option<&TargetPod> {
+        self.pods.iter().find(|p| p.name == name)
+    }
+
+    /// The Deployment's pod whose process an agent container of pod `pod`
+    /// works on: `pod` itself for an ephemeral container, the pod whose
+    /// container ID `args` name (`--target-container-id`, node mode), else
+    /// (a targetless agent) the first pod, whose network the cluster shares.
+    fn pod_of_agent(&self, pod: &str, ephemeral: bool, args: &[String]) -> &TargetPod {
+        if ephemeral && let Some(target) = self.target_pod(pod) {
+            return target;
+        }
+        let named = args.iter().enumerate().find_map(|(i, a)| {
+            if a == "--target-container-id" {
+                args.get(i + 1).map(String::as_str)
+            } else {
+                a.strip_prefix("--target-container-id=")
+            }
+        });
+        named
+            .and_then(|id| {
+                self.pods
+                    .iter()
+                    .find(|p| !id.is_empty() && id.ends_with(&p.container_id))
+            })
+            .unwrap_or(&self.pods[0])
     }
 
     /// Runs `f` on the state, then wakes watches and log followers.
@@ -585,6 +747,7 @@ impl Shared {
 
     fn seed(&self) {
         let o = &self.options;
+        let replicas = self.pods.len();
         let created = rfc3339(SystemTime::now() - Duration::from_secs(3600));
         let deploy_uid = uid();
         let rs_uid = uid();
@@ -623,10 +786,11 @@ impl Shared {
                     "metadata": {"name": DEPLOYMENT, "namespace": NAMESPACE, "uid": deploy_uid,
                                  "generation": 1, "creationTimestamp": created,
                                  "labels": {"app": "api"}},
-                    "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "api"}},
+                    "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "api"}},
                              "template": template},
-                    "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
-                               "readyReplicas": 1, "availableReplicas": 1},
+                    "status": {"observedGeneration": 1, "replicas": replicas,
+                               "updatedReplicas": replicas, "readyReplicas": replicas,
+                               "availableReplicas": replicas},
                 }),
                 "ADDED",
             );
@@ -639,11 +803,12 @@ impl Shared {
                                  "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
                                      "name": DEPLOYMENT, "uid": deploy_uid,
                                      "controller": true, "blockOwnerDeletion": true}]},
-                    "spec": {"replicas": 1,
+                    "spec": {"replicas": replicas,
                              "selector": {"matchLabels": {"app": "api", "pod-template-hash": "7d9f"}},
                              "template": template},
-                    "status": {"observedGeneration": 1, "replicas": 1, "fullyLabeledReplicas": 1,
-                               "readyReplicas": 1, "availableReplicas": 1},
+                    "status": {"observedGeneration": 1, "replicas": replicas,
+                               "fullyLabeledReplicas": replicas, "readyReplicas": replicas,
+                               "availableReplicas": replicas},
                 }),
                 "ADDED",
             );
@@ -652,40 +817,42 @@ impl Shared {
                     .iter()
                     .map(|t| json!({"type": t, "status": "True", "lastTransitionTime": created}))
                     .collect();
-            s.put(
-                "pods",
-                json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": TARGET_POD, "namespace": NAMESPACE, "uid": uid(),
-                                 "creationTimestamp": created, "labels": labels,
-                                 "generateName": format!("{REPLICASET}-"),
-                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                                     "name": REPLICASET, "uid": rs_uid,
-                                     "controller": true, "blockOwnerDeletion": true}]},
-                    "spec": {"containers": [container], "restartPolicy": "Always",
-                             "nodeName": NODE, "serviceAccountName": "default",
-                             "terminationGracePeriodSeconds": 30, "dnsPolicy": "ClusterFirst"},
-                    "status": {
-                        "phase": "Running", "conditions": conditions,
-                        "hostIP": "10.0.0.11", "hostIPs": [{"ip": "10.0.0.11"}],
-                        "podIP": o.pod_ip.to_string(), "podIPs": [{"ip": o.pod_ip.to_string()}],
-                        "startTime": created, "qosClass": "BestEffort",
-                        "containerStatuses": [{
-                            "name": TARGET_CONTAINER, "ready": true, "started": true,
-                            "restartCount": 0, "image": "registry.example/shop/api:1.4.2",
-                            "imageID": format!("registry.example/shop/api@sha256:{}", random_hex(32)),
-                            "containerID": format!("containerd://{}", self.container_id),
-                            "state": {"running": {"startedAt": created}},
-                        }],
-                    },
-                }),
-                "ADDED",
-            );
+            for pod in &self.pods {
+                s.put(
+                    "pods",
+                    json!({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": pod.name, "namespace": NAMESPACE, "uid": uid(),
+                                     "creationTimestamp": created, "labels": labels,
+                                     "generateName": format!("{REPLICASET}-"),
+                                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                         "name": REPLICASET, "uid": rs_uid,
+                                         "controller": true, "blockOwnerDeletion": true}]},
+                        "spec": {"containers": [container], "restartPolicy": "Always",
+                                 "nodeName": NODE, "serviceAccountName": "default",
+                                 "terminationGracePeriodSeconds": 30, "dnsPolicy": "ClusterFirst"},
+                        "status": {
+                            "phase": "Running", "conditions": conditions,
+                            "hostIP": "10.0.0.11", "hostIPs": [{"ip": "10.0.0.11"}],
+                            "podIP": pod.pod_ip.to_string(), "podIPs": [{"ip": pod.pod_ip.to_string()}],
+                            "startTime": created, "qosClass": "BestEffort",
+                            "containerStatuses": [{
+                                "name": TARGET_CONTAINER, "ready": true, "started": true,
+                                "restartCount": 0, "image": "registry.example/shop/api:1.4.2",
+                                "imageID": format!("registry.example/shop/api@sha256:{}", random_hex(32)),
+                                "containerID": format!("containerd://{}", pod.container_id),
+                                "state": {"running": {"startedAt": created}},
+                            }],
+                        },
+                    }),
+                    "ADDED",
+                );
+            }
         });
     }
 
-    /// Puts the target into `CGROUP2/graft-test-<container id>`.
-    fn enter_cgroup(&self) {
+    /// Puts `pod`'s process into `CGROUP2/graft-test-<container id>`.
+    fn enter_cgroup(&self, pod: &TargetPod) {
         let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
             PathBuf::from("/sys/fs/cgroup")
         } else if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
@@ -694,7 +861,7 @@ impl Shared {
             eprintln!("fake-kube: no cgroup2 mount; node mode cannot find the target");
             return;
         };
-        let pid = self.options.target_pid;
+        let pid = pod.target_pid;
         let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .ok()
             .and_then(|text| {
@@ -703,11 +870,15 @@ impl Shared {
             })
             .unwrap_or_else(|| "/".into());
         let back_to = root.join(current.trim_start_matches('/'));
-        let dir = root.join(format!("graft-test-{}", self.container_id));
+        let dir = root.join(format!("graft-test-{}", pod.container_id));
         let moved = std::fs::create_dir(&dir)
             .and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string()));
         match moved {
-            Ok(()) => *self.cgroup() = Some(CgroupMove { dir, back_to }),
+            Ok(()) => self.cgroup().push(CgroupMove {
+                pod: pod.name.clone(),
+                dir,
+                back_to,
+            }),
             Err(e) => {
                 let _ = std::fs::remove_dir(&dir);
                 eprintln!(
@@ -718,10 +889,14 @@ impl Shared {
         }
     }
 
-    fn leave_cgroup(&self) {
-        let Some(moved) = self.cgroup().take() else {
-            return;
-        };
+    fn leave_cgroups(&self) {
+        let moves = std::mem::take(&mut *self.cgroup());
+        for moved in moves {
+            Self::leave_cgroup(&moved);
+        }
+    }
+
+    fn leave_cgroup(moved: &CgroupMove) {
         let procs = std::fs::read_to_string(moved.dir.join("cgroup.procs")).unwrap_or_default();
         for pid in procs.split_whitespace() {
             let _ = std::fs::write(moved.back_to.join("cgroup.procs"), pid);
@@ -1853,7 +2028,7 @@ fn pod_log(shared: &Arc<Shared>, target: &Target, query: &str) -> Response<Body>
     let key = key(&ns, &name, &container);
     let follow = matches!(query_param(query, "follow").as_deref(), Some("true" | "1"));
     if !shared.lock().logs.contains_key(&key) {
-        if container == TARGET_CONTAINER && name == TARGET_POD {
+        if container == TARGET_CONTAINER && shared.target_pod(&name).is_some() {
             // The target's own output goes to the bed, not here.
             let (_tx, rx) = mpsc::channel(1);
             return streaming(rx, "text/plain");
@@ -1947,12 +2122,14 @@ async fn run_container(shared: Arc<Shared>, ns: String, pod: String, spec: Value
         .filter_map(|a| a.as_str().map(str::to_owned))
         .collect();
     // `--target-pid 1`: in an ephemeral container, PID 1 of the target
-    // container's PID namespace is the target itself; in a pod of its own (a
-    // targetless agent), PID 1 is the agent, in the pod's network. This fake's
-    // pods share the cluster network of the bed's target namespace, so both
-    // become the target's real pid.
+    // container's PID namespace is the target itself (the real pid of the pod
+    // the container was added to); in a pod of its own (a targetless agent),
+    // PID 1 is the agent, in the pod's network. This fake's other pods share
+    // the cluster network of the first bed's target namespace, so there it
+    // becomes the first target's real pid.
+    let target = shared.pod_of_agent(&pod, ephemeral, &args);
     {
-        let real = shared.options.target_pid.to_string();
+        let real = target.target_pid.to_string();
         for i in 0..args.len() {
             if args[i] == "--target-pid=1" {
                 args[i] = format!("--target-pid={real}");
@@ -1977,7 +2154,7 @@ async fn run_container(shared: Arc<Shared>, ns: String, pod: String, spec: Value
             command.env(k, v);
         }
     }
-    for (k, v) in &shared.options.process_env {
+    for (k, v) in &target.process_env {
         command.env(k, v);
     }
     let log_key = key(&ns, &pod, &name);
@@ -2172,10 +2349,16 @@ async fn port_forward(
         return bad_request("missing Sec-WebSocket-Key");
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    // The pods of this fake share one network: the bed's target namespace (the
-    // target pod's, and that of agent pods the fake kubelet runs, whose agent
-    // enters it too).
-    let netns = Some(shared.options.target_netns.clone());
+    // Each pod of the Deployment has its own network namespace (its bed's
+    // target namespace); the other pods (agent pods the fake kubelet runs)
+    // share the first bed's target namespace, as the cluster network.
+    let netns = Some(
+        shared
+            .target_pod(&name)
+            .unwrap_or(&shared.pods[0])
+            .netns
+            .clone(),
+    );
     let upgrade = hyper::upgrade::on(req);
     let shared = shared.clone();
     tokio::spawn(async move {

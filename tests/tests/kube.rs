@@ -9,13 +9,17 @@
 //! is built on); the `graft_*` tests drive the CLI:
 //! `graft run --kubeconfig FILE -n shop --target deploy/api [--agent-mode
 //! ephemeral|node] [--agent-image IMG] [--steal] -- CMD`.
+//!
+//! The `*all_pods*` tests give the Deployment a second ready pod,
+//! `api-7d9f-fghij`: a second bed's target, with its own process and network
+//! namespace ([`FakeKube::for_beds`]).
 
 use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
 use futures::{AsyncBufReadExt, TryStreamExt};
-use graft_tests::fake_kube::{NAMESPACE, SeenRequest, TARGET_CONTAINER, TARGET_POD};
+use graft_tests::fake_kube::{NAMESPACE, SECOND_POD, SeenRequest, TARGET_CONTAINER, TARGET_POD};
 use graft_tests::{Bed, FakeKube, Outcome, Proc, curl, fixture_str, python, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerState, Pod};
@@ -428,6 +432,116 @@ fn fake_kubelet_runs_and_deletes_a_node_mode_pod() {
     });
     assert!(kube.agent_pids().is_empty());
     assert!(kube.saw("DELETE", "/api/v1/namespaces/shop/pods/graft-agent-fake2"));
+}
+
+#[test]
+fn fake_server_gives_each_pod_of_two_beds_its_own_process_netns_and_cgroup() {
+    let bed = Bed::new();
+    let bed2 = Bed::new();
+    assert_ne!(bed.n, bed2.n, "two beds of one test share a slot");
+    assert_ne!(bed.target_pid, bed2.target_pid);
+    // Both targets answer, each for itself.
+    assert_eq!(curl(&bed.target_url(80)).unwrap(), bed.target_reply());
+    assert_eq!(curl(&bed2.target_url(80)).unwrap(), bed2.target_reply());
+    let kube = FakeKube::for_beds(&bed, &[&bed2]);
+    assert_eq!(kube.target_pods(), [TARGET_POD, SECOND_POD]);
+    let port1 = echo_server_in_target(&bed);
+    let port2 = echo_server_in_target(&bed2);
+    runtime().block_on(async {
+        let client = client(&kube).await;
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+        let deployment = deployments.get("api").await.expect("deploy/api exists");
+        assert_eq!(deployment.status.unwrap().ready_replicas, Some(2));
+        let pods: Api<Pod> = Api::namespaced(client, NAMESPACE);
+        let list = pods
+            .list(&ListParams::default().labels("app=api"))
+            .await
+            .expect("pods list");
+        let mut seen: Vec<(String, String, String)> = list
+            .items
+            .iter()
+            .map(|pod| {
+                let status = pod.status.as_ref().unwrap();
+                assert_eq!(status.phase.as_deref(), Some("Running"));
+                assert!(
+                    status
+                        .conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                );
+                (
+                    pod.metadata.name.clone().unwrap(),
+                    status.pod_ip.clone().unwrap(),
+                    status.container_statuses.as_ref().unwrap()[0]
+                        .container_id
+                        .clone()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                (
+                    TARGET_POD.to_owned(),
+                    bed.target_v4.to_string(),
+                    format!("containerd://{}", kube.target_container_id())
+                ),
+                (
+                    SECOND_POD.to_owned(),
+                    bed2.target_v4.to_string(),
+                    format!(
+                        "containerd://{}",
+                        kube.pod_container_id(SECOND_POD).unwrap()
+                    )
+                ),
+            ]
+        );
+        assert_ne!(
+            kube.target_container_id(),
+            kube.pod_container_id(SECOND_POD).unwrap()
+        );
+        // Each pod's port-forward reaches its own bed's netns: the echo
+        // server of the other bed is not there.
+        for (pod, port, other) in [(TARGET_POD, port1, port2), (SECOND_POD, port2, port1)] {
+            let mut forward = pods.portforward(pod, &[port]).await.unwrap();
+            let mut stream = forward.take_stream(port).unwrap();
+            stream.write_all(b"hello\n").await.unwrap();
+            let mut buf = [0u8; 6];
+            tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut buf))
+                .await
+                .expect("the echo comes back")
+                .unwrap();
+            assert_eq!(&buf, b"hello\n");
+            if other != port {
+                let mut forward = pods.portforward(pod, &[other]).await.unwrap();
+                let error = forward.take_error(other).unwrap();
+                let message = tokio::time::timeout(Duration::from_secs(5), error)
+                    .await
+                    .expect("an error arrives");
+                assert!(
+                    message.as_deref().is_some_and(|m| m.contains("refused")),
+                    "{pod} reached port {other} of the other bed: {message:?}"
+                );
+            }
+        }
+    });
+    // Each target sits in the cgroup named after its own container ID.
+    for (b, id) in [
+        (&bed, kube.target_container_id()),
+        (&bed2, kube.pod_container_id(SECOND_POD).unwrap()),
+    ] {
+        let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", b.target_pid)).unwrap();
+        assert!(cgroup.contains(id), "{cgroup}");
+    }
+    let dirs = kube.target_cgroups();
+    assert_eq!(dirs.len(), 2);
+    drop(kube);
+    for dir in dirs {
+        assert!(!dir.exists(), "{} was left behind", dir.display());
+    }
 }
 
 // ----- graft against the fake cluster ----------------------------------------
@@ -947,4 +1061,185 @@ fn graft_ls_lists_the_sessions_of_a_pod_through_a_short_lived_agent_pod() {
     assert!(out.success(), "{out}");
     assert!(out.stdout.contains("no graft sessions"), "{out}");
     assert_cleaned_up(&bed, &kube);
+}
+
+/// Starts `graft run --target deploy/api --all-pods --steal --port-map MAP:80
+/// FLAGS... -- python3 http_app.py MAP` against a Deployment of two pods (the
+/// targets of `bed` and `bed2`) and waits until port 80 of both pods is
+/// answered by the local app; returns the session and both replies.
+fn all_pods_session(bed: &Bed, bed2: &Bed, kube: &FakeKube, flags: &[&str]) -> (Proc, [String; 2]) {
+    let map = format!("{}:80", bed.map_port);
+    let mut all = vec!["--all-pods", "--steal", "--port-map", &map];
+    all.extend_from_slice(flags);
+    let app = fixture_str("http_app.py");
+    let port = bed.map_port.to_string();
+    let what = format!(
+        "graft run --target deploy/api {} -- http_app.py {port}",
+        all.join(" ")
+    );
+    let mut session = bed.spawn(
+        kube_command(bed, kube, "deploy/api", &all, &[python(), &app, &port]),
+        &what,
+    );
+    let urls = [bed.target_url(80), bed2.target_url(80)];
+    let replies = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        if let Some(status) = session.try_status() {
+            panic!(
+                "{what} exited ({status}) before the steal took effect\n{}\n{}",
+                session.output_report(),
+                report(kube)
+            );
+        }
+        let first = curl(&urls[0]).ok().filter(|b| b.starts_with("local"))?;
+        let second = curl(&urls[1]).ok().filter(|b| b.starts_with("local"))?;
+        Some([first, second])
+    });
+    let Some(replies) = replies else {
+        panic!(
+            "{} and {} were not both answered by the local app (last answers: {:?}, {:?})\n{}\n{}",
+            urls[0],
+            urls[1],
+            curl(&urls[0]),
+            curl(&urls[1]),
+            session.output_report(),
+            report(kube)
+        );
+    };
+    for reply in &replies {
+        assert!(
+            reply.starts_with(&format!("local port={}", bed.map_port)),
+            "{reply}"
+        );
+    }
+    let said = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        session
+            .stderr()
+            .contains("--all-pods: incoming traffic of 2 pods")
+            .then_some(())
+    });
+    assert!(
+        said.is_some(),
+        "graft did not say it serves both pods\n{}",
+        session.output_report()
+    );
+    (session, replies)
+}
+
+/// Stops an `--all-pods` session with SIGTERM and checks that both pods are
+/// as before: no agent, no packet rule, each target answering for itself.
+fn stop_all_pods_session(bed: &Bed, bed2: &Bed, kube: &FakeKube, mut session: Proc) {
+    session.signal(Signal::SIGTERM);
+    assert!(
+        session.wait_timeout(CLEANUP).is_some(),
+        "graft did not exit on SIGTERM\n{}",
+        session.output_report()
+    );
+    assert_cleaned_up(bed, kube);
+    assert_cleaned_up(bed2, kube);
+    for b in [bed, bed2] {
+        assert_eq!(
+            curl(&b.target_url(80)).unwrap(),
+            b.target_reply(),
+            "\n{}",
+            session.output_report()
+        );
+    }
+}
+
+#[test]
+fn graft_all_pods_steals_on_every_ready_pod() {
+    let bed = Bed::new();
+    let bed2 = Bed::new();
+    assert_ne!(bed.n, bed2.n, "two beds of one test share a slot");
+    assert_eq!(curl(&bed2.target_url(80)).unwrap(), bed2.target_reply());
+    let kube = FakeKube::for_beds(&bed, &[&bed2]);
+    let (session, _) = all_pods_session(&bed, &bed2, &kube, &["--agent-mode", "ephemeral"]);
+    // One ephemeral container per pod, each agent working on its own pod's
+    // target.
+    let mut patched: Vec<String> = kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/ephemeralcontainers"))
+        .map(|r| r.path)
+        .collect();
+    patched.sort();
+    assert_eq!(
+        patched,
+        [
+            format!("/api/v1/namespaces/{NAMESPACE}/pods/{TARGET_POD}/ephemeralcontainers"),
+            format!("/api/v1/namespaces/{NAMESPACE}/pods/{SECOND_POD}/ephemeralcontainers"),
+        ],
+        "{}",
+        report(&kube)
+    );
+    assert_eq!(kube.agent_pids().len(), 2, "{}", report(&kube));
+    assert!(!bed.agent_pids().is_empty(), "no agent on {TARGET_POD}");
+    assert!(!bed2.agent_pids().is_empty(), "no agent on {SECOND_POD}");
+    assert!(bed.has_graft_rules() && bed2.has_graft_rules());
+    stop_all_pods_session(&bed, &bed2, &kube, session);
+    for pod in [TARGET_POD, SECOND_POD] {
+        let pod = kube.pod(NAMESPACE, pod).unwrap();
+        assert!(
+            pod["status"]["ephemeralContainerStatuses"][0]["state"]["terminated"].is_object(),
+            "{}",
+            pod["status"]
+        );
+    }
+}
+
+#[test]
+fn graft_all_pods_in_node_mode_creates_and_deletes_one_agent_pod_per_pod() {
+    let bed = Bed::new();
+    let bed2 = Bed::new();
+    let kube = FakeKube::for_beds(&bed, &[&bed2]);
+    let (session, _) = all_pods_session(&bed, &bed2, &kube, &["--agent-mode", "node"]);
+    assert!(
+        !kube
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/ephemeralcontainers") && r.is_mutating()),
+        "node mode added an ephemeral container"
+    );
+    // One agent pod per target pod, each naming its own pod's container.
+    let posts: Vec<SeenRequest> = kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/pods"))
+        .collect();
+    assert_eq!(posts.len(), 2, "{}", report(&kube));
+    let mut named: Vec<String> = posts
+        .iter()
+        .map(|post| post.body["spec"]["containers"][0]["args"].to_string())
+        .collect();
+    named.sort();
+    let ids = [
+        kube.target_container_id().to_owned(),
+        kube.pod_container_id(SECOND_POD).unwrap().to_owned(),
+    ];
+    for id in &ids {
+        assert_eq!(
+            named
+                .iter()
+                .filter(|args| args.contains(id.as_str()))
+                .count(),
+            1,
+            "container {id} is not named by exactly one agent pod: {named:?}"
+        );
+    }
+    assert_eq!(kube.agent_pids().len(), 2, "{}", report(&kube));
+    assert!(bed.has_graft_rules() && bed2.has_graft_rules());
+    stop_all_pods_session(&bed, &bed2, &kube, session);
+    for post in posts {
+        let name = post.body["metadata"]["name"].as_str().unwrap().to_owned();
+        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}");
+        assert!(
+            kube.saw("DELETE", &path),
+            "graft did not delete {path}\n{}",
+            report(&kube)
+        );
+        let gone = wait_until(CLEANUP, Duration::from_millis(100), || {
+            kube.pod(NAMESPACE, &name).is_none().then_some(())
+        });
+        assert!(gone.is_some(), "{path} is still there");
+    }
 }
