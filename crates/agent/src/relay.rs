@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graft_protocol::ConnectionId;
-use graft_protocol::link::AgentMessage;
+use graft_protocol::link::{AgentMessage, CREDIT_BATCH, TCP_WINDOW};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -48,6 +48,8 @@ pub enum ConnCommand {
         /// Abort with an RST rather than a FIN.
         reset: bool,
     },
+    /// The client wrote this many more bytes to its socket (flow control).
+    Credit(u32),
 }
 
 /// The live connections of a session: who to hand each connection's commands to.
@@ -250,15 +252,27 @@ where
     let mut read_eof = false;
     let mut client_shutdown = false;
     let mut wrote_shutdown = false;
+    // Flow control (graft_protocol::link): what the client lets us send, and
+    // what we owe it for bytes of its that the socket took.
+    let mut credit = TCP_WINDOW as usize;
+    let mut owed = 0u32;
     loop {
         if read_eof && wrote_shutdown {
             return TcpEnd::Orderly;
         }
+        if owed >= CREDIT_BATCH {
+            let update = AgentMessage::Credit { conn, bytes: owed };
+            if to_link.send(update).await.is_err() {
+                return TcpEnd::SessionGone;
+            }
+            owed = 0;
+        }
         let pending: &[u8] = queue.front().map(|b| &b[offset..]).unwrap_or(&[]);
         let can_write = !pending.is_empty();
         let can_shutdown = queue.is_empty() && client_shutdown && !wrote_shutdown;
+        let room = credit.min(READ_CHUNK);
         tokio::select! {
-            read = rd.read(&mut buf), if !read_eof => match read {
+            read = rd.read(&mut buf[..room]), if !read_eof && room > 0 => match read {
                 Ok(0) => {
                     read_eof = true;
                     if to_link.send(AgentMessage::Shutdown { conn }).await.is_err() {
@@ -266,6 +280,7 @@ where
                     }
                 }
                 Ok(n) => {
+                    credit -= n;
                     let data = AgentMessage::Data { conn, bytes: buf[..n].to_vec() };
                     if to_link.send(data).await.is_err() {
                         return TcpEnd::SessionGone;
@@ -285,6 +300,7 @@ where
             }, if can_write || can_shutdown => match out {
                 Ok(Some(n)) => {
                     offset += n;
+                    owed += n as u32;
                     if queue.front().is_some_and(|b| offset >= b.len()) {
                         queue.pop_front();
                         offset = 0;
@@ -305,6 +321,7 @@ where
                     }
                 }
                 Some(ConnCommand::Shutdown) => client_shutdown = true,
+                Some(ConnCommand::Credit(n)) => credit = credit.saturating_add(n as usize),
                 Some(ConnCommand::Close { reset: true }) => return TcpEnd::ClientClosed { reset: true },
                 Some(ConnCommand::Close { reset: false }) => {
                     // Deliver what the client sent before it closed, then FIN.
@@ -359,7 +376,8 @@ pub async fn udp(
                         tracing::debug!(%conn, "udp send failed: {}", errno_of(&e));
                     }
                 }
-                Some(ConnCommand::Shutdown) => {}
+                // UDP is not flow-controlled.
+                Some(ConnCommand::Shutdown | ConnCommand::Credit(_)) => {}
                 Some(ConnCommand::Close { .. }) | None => break,
             },
         }

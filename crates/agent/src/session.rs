@@ -487,6 +487,7 @@ fn dispatch(
         }
         ClientMessage::Data { conn, bytes } => deliver(table, conn, ConnCommand::Data(bytes)),
         ClientMessage::Shutdown { conn } => deliver(table, conn, ConnCommand::Shutdown),
+        ClientMessage::Credit { conn, bytes } => deliver(table, conn, ConnCommand::Credit(bytes)),
         ClientMessage::Close { conn, reset } => deliver(table, conn, ConnCommand::Close { reset }),
     }
 }

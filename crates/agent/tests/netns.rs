@@ -961,3 +961,76 @@ async fn node_mode_finds_the_target_by_container_id_and_checks_a_secret_digest()
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no process of container"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_sends_no_more_than_the_clients_credit() {
+    require_support!();
+    let ns = Netns::new(8);
+    // 8 MiB the target's server will send as fast as it can.
+    std::fs::write(ns.dir.join("big.bin"), vec![7u8; 8 << 20]).unwrap();
+    let server = ns.start_server("credit");
+    let mut agent = Agent::start(&ns.dir, server.pid(), "credit");
+    let mut link = agent.connect().await;
+    assert!(matches!(
+        hello(&mut link, SECRET).await,
+        HelloReply::Accepted { .. }
+    ));
+    let conn = ConnectionId(1);
+    link.send(ClientMessage::Connect {
+        conn,
+        remote: SocketAddr::from((Ipv4Addr::LOCALHOST, HTTP_PORT)),
+        transport: Transport::Tcp,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        recv(&mut link).await,
+        AgentMessage::Connected { .. }
+    ));
+    link.send(ClientMessage::Data {
+        conn,
+        bytes: b"GET /big.bin HTTP/1.0\r\n\r\n".to_vec(),
+    })
+    .await
+    .unwrap();
+
+    // Without credit the agent stops at the window...
+    let window = graft_protocol::link::TCP_WINDOW as usize;
+    let mut received = 0usize;
+    let first = drain_data(&mut link, conn).await;
+    received += first;
+    assert!(
+        first > 0 && received <= window,
+        "{received} bytes arrived without credit; the window is {window}"
+    );
+    // ...and goes on by what the client gives back.
+    link.send(ClientMessage::Credit {
+        conn,
+        bytes: 1 << 20,
+    })
+    .await
+    .unwrap();
+    let more = drain_data(&mut link, conn).await;
+    received += more;
+    assert!(
+        more > 0 && received <= window + (1 << 20),
+        "{more} more bytes after 1 MiB of credit ({received} in all)"
+    );
+    drop(link);
+    assert_eq!(agent.wait_exit(Duration::from_secs(5)), 0);
+}
+
+/// Counts the `Data` bytes of `conn` that arrive until the link is quiet for
+/// 700 ms.
+async fn drain_data(link: &mut Link, conn: ConnectionId) -> usize {
+    let mut got = 0;
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(700), link.next()).await
+    {
+        if let AgentMessage::Data { conn: c, bytes } = message {
+            assert_eq!(c, conn);
+            got += bytes.len();
+        }
+    }
+    got
+}

@@ -23,12 +23,29 @@
 //! [`ClientMessage::Close`] / [`AgentMessage::Close`] when the connection is gone
 //! for good (`reset` when it ended with an RST, so the other side resets too).
 //! A side that receives `Close` sends no more about that connection.
+//!
+//! # Flow control
+//!
+//! Each side may have at most [`TCP_WINDOW`] bytes of `Data` of one TCP
+//! connection in flight: sent, and not yet written to the socket by the other
+//! side. The receiver gives the bytes back with [`ClientMessage::Credit`] /
+//! [`AgentMessage::Credit`] as its socket takes them, in batches of
+//! [`CREDIT_BATCH`] bytes or more; since a batch is smaller than the window, a
+//! sender never waits for credit that a draining receiver still holds back. A
+//! program that stops reading thus stops the other side's socket reads instead
+//! of filling memory. UDP flows are not flow-controlled: a
+//! datagram that cannot be delivered is dropped, as UDP allows.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::incoming::Subscription;
+
+/// The most bytes of one TCP connection's `Data` a side may have in flight.
+pub const TCP_WINDOW: u32 = 2 * 1024 * 1024;
+/// A receiver returns credit in batches of at least this many bytes.
+pub const CREDIT_BATCH: u32 = 256 * 1024;
 use crate::{
     ConnectionId, RequestId, Transport,
     remote::{RemoteRequest, RemoteResponse},
@@ -117,6 +134,14 @@ pub enum ClientMessage {
     },
     /// Liveness check; answered by [`AgentMessage::Pong`] with the same number.
     Ping(u64),
+    /// The client wrote `bytes` more of `conn`'s data to its socket: the agent
+    /// may send that much more (see the module docs, "Flow control").
+    Credit {
+        /// The connection.
+        conn: ConnectionId,
+        /// How many bytes.
+        bytes: u32,
+    },
 }
 
 /// A message from the agent to the client.
@@ -192,5 +217,13 @@ pub enum AgentMessage {
     Fatal {
         /// What failed, and what to do.
         message: String,
+    },
+    /// The agent wrote `bytes` more of `conn`'s data to its socket: the client
+    /// may send that much more (see the module docs, "Flow control").
+    Credit {
+        /// The connection.
+        conn: ConnectionId,
+        /// How many bytes.
+        bytes: u32,
     },
 }

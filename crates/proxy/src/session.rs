@@ -328,6 +328,8 @@ pub(crate) enum ConnEvent {
         /// With an RST or error.
         reset: bool,
     },
+    /// The agent wrote this many more bytes to its socket (flow control).
+    Credit(u32),
 }
 
 /// The receiving end of a connection's events; closed when the link ends.
@@ -669,6 +671,7 @@ impl Shared {
             }
             AgentMessage::Data { conn, bytes } => self.to_conn(conn, ConnEvent::Data(bytes)),
             AgentMessage::Shutdown { conn } => self.to_conn(conn, ConnEvent::Shutdown),
+            AgentMessage::Credit { conn, bytes } => self.to_conn(conn, ConnEvent::Credit(bytes)),
             AgentMessage::Close { conn, reset } => {
                 if let Some(events) = self.state().conns.remove(&conn) {
                     let _ = events.send(ConnEvent::Close { reset });
@@ -814,6 +817,7 @@ fn message_name(message: &AgentMessage) -> &'static str {
         AgentMessage::ConnectFailed { .. } => "ConnectFailed",
         AgentMessage::Incoming { .. } => "Incoming",
         AgentMessage::Data { .. } => "Data",
+        AgentMessage::Credit { .. } => "Credit",
         AgentMessage::Shutdown { .. } => "Shutdown",
         AgentMessage::Close { .. } => "Close",
         AgentMessage::Pong(_) => "Pong",

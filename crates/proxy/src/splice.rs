@@ -6,9 +6,11 @@
 //! - [`relay_udp`]: an outgoing UDP flow through a loopback relay socket.
 //!
 //! Each runs as its own task. Bytes from the link arrive on the connection's own
-//! unbounded channel, so a program that reads slowly never stalls the link reader;
-//! bytes to the link go through the session's outbox, which throttles a fast
-//! socket to the link's pace.
+//! channel, so a program that reads slowly never stalls the link reader; the
+//! agent sends at most `TCP_WINDOW` bytes ahead of what the program's socket took
+//! (flow control, see `graft_protocol::link`), which bounds that channel. Bytes to
+//! the link go through the session's outbox, which throttles a fast socket to the
+//! link's pace, and at most `TCP_WINDOW` ahead of what the agent's socket took.
 //!
 //! A TCP splice follows the link's rules (see `graft_protocol::link`): local EOF →
 //! `Shutdown`; the agent's `Shutdown` → `shutdown(SHUT_WR)` locally; a local read
@@ -20,14 +22,19 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
-use graft_protocol::{ConnectionId, layer::DeliveredPeer, link::ClientMessage};
+use graft_protocol::{
+    ConnectionId,
+    layer::DeliveredPeer,
+    link::{CREDIT_BATCH, ClientMessage, TCP_WINDOW},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    sync::Notify,
 };
 
 use crate::session::{ConnEvent, ConnEvents, Shared};
@@ -141,10 +148,20 @@ pub(crate) async fn splice_tcp(
         // direction has finished.
         let program_done = AtomicBool::new(false);
         let agent_done = AtomicBool::new(false);
+        // Flow control (graft_protocol::link): what the agent lets us send.
+        let credit = AtomicUsize::new(TCP_WINDOW as usize);
+        let credit_added = Notify::new();
         let up = async {
             let mut buf = vec![0u8; CHUNK_LEN];
             loop {
-                match from_program.read(&mut buf).await {
+                let room = loop {
+                    let available = credit.load(Ordering::Acquire);
+                    if available > 0 {
+                        break available.min(CHUNK_LEN);
+                    }
+                    credit_added.notified().await;
+                };
+                match from_program.read(&mut buf[..room]).await {
                     Ok(0) => {
                         if shared.send(ClientMessage::Shutdown { conn }).await.is_err() {
                             return Outcome::LinkGone;
@@ -157,6 +174,7 @@ pub(crate) async fn splice_tcp(
                         };
                     }
                     Ok(n) => {
+                        credit.fetch_sub(n, Ordering::AcqRel);
                         let data = ClientMessage::Data {
                             conn,
                             bytes: buf[..n].to_vec(),
@@ -170,12 +188,27 @@ pub(crate) async fn splice_tcp(
             }
         };
         let down = async {
+            // Bytes of the agent's that the program's socket took, not yet
+            // credited back.
+            let mut owed = 0u32;
             while let Some(event) = events.recv().await {
                 match event {
                     ConnEvent::Data(bytes) => {
                         if let Err(e) = to_program.write_all(&bytes).await {
                             return Outcome::LocalError(e);
                         }
+                        owed += bytes.len() as u32;
+                        if owed >= CREDIT_BATCH {
+                            let update = ClientMessage::Credit { conn, bytes: owed };
+                            if shared.send(update).await.is_err() {
+                                return Outcome::LinkGone;
+                            }
+                            owed = 0;
+                        }
+                    }
+                    ConnEvent::Credit(bytes) => {
+                        credit.fetch_add(bytes as usize, Ordering::AcqRel);
+                        credit_added.notify_one();
                     }
                     ConnEvent::Shutdown => {
                         if let Err(e) = to_program.shutdown().await {
@@ -270,7 +303,8 @@ pub(crate) async fn relay_udp(
                         None => tracing::debug!(%conn, "datagram before the program sent any; dropped"),
                     }
                 }
-                Some(ConnEvent::Shutdown) => {}
+                // UDP is not flow-controlled.
+                Some(ConnEvent::Shutdown | ConnEvent::Credit(_)) => {}
                 Some(ConnEvent::Close { .. }) | None => break true,
             },
             () = &mut deadline => break false,

@@ -950,3 +950,54 @@ async fn secondary_sessions_subscribe_and_deliver_to_the_same_listener() {
     assert_eq!(agent.recv().await, ClientMessage::Unsubscribe { port: 80 });
     assert_eq!(other.recv().await, ClientMessage::Unsubscribe { port: 80 });
 }
+
+/// Counts the `Data` bytes of `conn` the proxy sends until it is quiet for
+/// 500 ms; panics on anything else but pings.
+async fn data_until_quiet(agent: &mut FakeAgent, conn: ConnectionId) -> usize {
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), agent.link.next()).await {
+            Ok(Some(Ok(ClientMessage::Data { conn: c, bytes }))) if c == conn => got += bytes.len(),
+            Ok(Some(Ok(ClientMessage::Ping(_)))) => {}
+            Ok(other) => panic!("expected Data, got {other:?}"),
+            Err(_) => return got,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_program_sends_no_more_than_the_agents_credit() {
+    let scratch = Scratch::new("credit");
+    let (session, mut agent) = open_session(test_options()).await;
+    let path = serve(&session, &scratch).await;
+    let mut link = layer(&path).await;
+    let (program, conn) = outgoing_tcp(&mut link, &mut agent).await;
+    // The program writes 8 MiB as fast as the proxy takes them.
+    let (_rd, mut wr) = program.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; 64 * 1024];
+        for _ in 0..128 {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let window = graft_protocol::link::TCP_WINDOW as usize;
+    let first = data_until_quiet(&mut agent, conn).await;
+    assert!(
+        first > 0 && first <= window,
+        "{first} bytes without credit; the window is {window}"
+    );
+    agent
+        .send(AgentMessage::Credit {
+            conn,
+            bytes: 1 << 20,
+        })
+        .await;
+    let more = data_until_quiet(&mut agent, conn).await;
+    assert!(
+        more > 0 && first + more <= window + (1 << 20),
+        "{more} more bytes after 1 MiB of credit"
+    );
+    writer.abort();
+}
