@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::incoming::Subscription;
 
 /// The most bytes of one TCP connection's `Data` a side may have in flight.
-pub const TCP_WINDOW: u32 = 2 * 1024 * 1024;
+pub const TCP_WINDOW: u32 = 4 * 1024 * 1024;
 /// A receiver returns credit in batches of at least this many bytes.
 pub const CREDIT_BATCH: u32 = 256 * 1024;
 use crate::{
