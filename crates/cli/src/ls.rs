@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use graft_config::{AgentMode, KubeSettings, Target};
-use graft_protocol::incoming::SessionListing;
+use graft_protocol::incoming::{SessionListing, clock};
 use graft_protocol::remote::{RemoteRequest, RemoteResponse};
 use graft_proxy::SessionOptions;
 
@@ -166,14 +166,7 @@ fn graft_since(unix: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let s = unix % 86_400;
-    format!(
-        "{:02}:{:02}:{:02} UTC ({}s ago)",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        now.saturating_sub(unix)
-    )
+    format!("{} ({}s ago)", clock(unix), now.saturating_sub(unix))
 }
 
 #[cfg(test)]

@@ -108,6 +108,13 @@ pub struct Subscription {
     pub filter: Option<HttpFilterSpec>,
 }
 
+/// A Unix time (seconds) as the time of day, `HH:MM:SS UTC`: when a session
+/// started, in messages and listings.
+pub fn clock(unix: u64) -> String {
+    let s = unix % 86_400;
+    format!("{:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// One subscription of one session on a target, as `graft ls` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionListing {

@@ -30,6 +30,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -135,13 +136,22 @@ pub fn new_token() -> io::Result<Token> {
     Ok(token)
 }
 
+/// Payload bytes sent and not yet acknowledged, oldest first.
+#[derive(Default)]
+struct Unacked {
+    /// The link offset of the first byte of `queue`.
+    start: u64,
+    /// The link offset after the last byte sent.
+    end: u64,
+    queue: VecDeque<Bytes>,
+}
+
 /// The state both transports of a link share.
 struct Shared {
-    /// Payload bytes sent and not yet acknowledged, oldest first, and the offset
-    /// of the first of them.
-    unacked: Mutex<(u64, VecDeque<Bytes>)>,
+    /// What the peer may still have to be sent again.
+    unacked: Mutex<Unacked>,
     /// Payload bytes received so far.
-    received: Mutex<u64>,
+    received: AtomicU64,
     /// Wakes the writer: an acknowledgement or room in `unacked`.
     wake: Notify,
 }
@@ -149,28 +159,34 @@ struct Shared {
 impl Shared {
     fn unacked_len(&self) -> usize {
         let unacked = self.unacked.lock().expect("relink lock poisoned");
-        unacked.1.iter().map(Bytes::len).sum()
+        (unacked.end - unacked.start) as usize
     }
 
-    /// Forgets what the peer has: everything before `acked`.
+    /// Keeps `chunk`, about to be sent, for resending.
+    fn keep(&self, chunk: Bytes) {
+        let mut unacked = self.unacked.lock().expect("relink lock poisoned");
+        unacked.end += chunk.len() as u64;
+        unacked.queue.push_back(chunk);
+    }
+
+    /// Forgets what the peer has: everything before `acked` (at most what was
+    /// sent).
     fn trim(&self, acked: u64) {
         let mut guard = self.unacked.lock().expect("relink lock poisoned");
-        let (start, queue) = &mut *guard;
-        while let Some(front) = queue.front_mut() {
-            let end = *start + front.len() as u64;
+        let unacked = &mut *guard;
+        let acked = acked.min(unacked.end);
+        while let Some(front) = unacked.queue.front_mut() {
+            let end = unacked.start + front.len() as u64;
             if end <= acked {
-                *start = end;
-                queue.pop_front();
+                unacked.start = end;
+                unacked.queue.pop_front();
             } else {
-                if acked > *start {
-                    front.advance((acked - *start) as usize);
-                    *start = acked;
+                if acked > unacked.start {
+                    front.advance((acked - unacked.start) as usize);
+                    unacked.start = acked;
                 }
                 break;
             }
-        }
-        if acked > *start && queue.is_empty() {
-            *start = acked;
         }
         drop(guard);
         self.wake.notify_one();
@@ -263,8 +279,7 @@ impl Relink {
                     }
                     let attempt = async {
                         let mut t = reconnect().await?;
-                        let received =
-                            *driver.shared.received.lock().expect("relink lock poisoned");
+                        let received = driver.shared.received.load(Ordering::Acquire);
                         let peer = client_attach(&mut t, &token, received).await?;
                         io::Result::Ok((t, peer))
                     };
@@ -311,8 +326,7 @@ impl Relink {
                 match driver.epoch(transport, Some(&mut rx)).await {
                     Epoch::Closed => return,
                     Epoch::Replaced(mut t, peer_received) => {
-                        let received =
-                            *driver.shared.received.lock().expect("relink lock poisoned");
+                        let received = driver.shared.received.load(Ordering::Acquire);
                         if server_answer(&mut t, received).await.is_ok() {
                             driver.shared.trim(peer_received);
                             tracing::info!("the client is back on a new transport");
@@ -332,7 +346,7 @@ impl Relink {
                         tracing::warn!("the client did not come back; the link ends");
                         return;
                     };
-                    let received = *driver.shared.received.lock().expect("relink lock poisoned");
+                    let received = driver.shared.received.load(Ordering::Acquire);
                     if server_answer(&mut t, received).await.is_ok() {
                         driver.shared.trim(peer_received);
                         tracing::info!("the client is back on a new transport");
@@ -349,8 +363,8 @@ impl Relink {
         let (out_tx, out_rx) = mpsc::channel(64);
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
         let shared = Arc::new(Shared {
-            unacked: Mutex::new((0, VecDeque::new())),
-            received: Mutex::new(0),
+            unacked: Mutex::default(),
+            received: AtomicU64::new(0),
             wake: Notify::new(),
         });
         (
@@ -458,7 +472,7 @@ impl Driver {
                             // The local side is gone: the link is closing.
                             return Ok(());
                         }
-                        *shared.received.lock().expect("relink lock poisoned") += n;
+                        shared.received.fetch_add(n, Ordering::AcqRel);
                         shared.wake.notify_one();
                     }
                     KIND_CLOSE => return Ok(()),
@@ -481,7 +495,7 @@ impl Driver {
             // Resend what the peer has not got, then go on with new bytes.
             let resend: Vec<Bytes> = {
                 let unacked = shared.unacked.lock().expect("relink lock poisoned");
-                unacked.1.iter().cloned().collect()
+                unacked.queue.iter().cloned().collect()
             };
             for chunk in resend {
                 write_record(&mut wr, KIND_DATA, &chunk).await?;
@@ -496,10 +510,7 @@ impl Driver {
                 tokio::select! {
                     chunk = outgoing.recv(), if room => match chunk {
                         Some(chunk) => {
-                            {
-                                let mut unacked = shared.unacked.lock().expect("relink lock poisoned");
-                                unacked.1.push_back(chunk.clone());
-                            }
+                            shared.keep(chunk.clone());
                             for piece in chunk.chunks(MAX_RECORD) {
                                 write_record(&mut wr, KIND_DATA, piece).await?;
                             }
@@ -517,7 +528,7 @@ impl Driver {
                     () = shared.wake.notified() => {}
                     _ = ticker.tick() => tick = true,
                 }
-                let received = *shared.received.lock().expect("relink lock poisoned");
+                let received = shared.received.load(Ordering::Acquire);
                 let owed = received.saturating_sub(acked_sent);
                 if owed > 0 && (owed >= ACK_BYTES || tick || !room) {
                     tick = false;
@@ -708,6 +719,17 @@ mod tests {
     }
 
     impl Net {
+        /// A network, and the agent ends of the transports clients open on it.
+        fn new() -> (Arc<Net>, mpsc::UnboundedReceiver<BoxTransport>) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let net = Net {
+                accepted: tx,
+                cuts: Arc::default(),
+                connects: Default::default(),
+            };
+            (Arc::new(net), rx)
+        }
+
         fn connect(&self) -> BoxTransport {
             let (a, b) = tokio::io::duplex(64 * 1024);
             let cut = Arc::new(AtomicBool::new(false));
@@ -730,12 +752,7 @@ mod tests {
     /// A client and agent end over a [`Net`]; the agent's accept loop re-attaches
     /// every later transport.
     async fn linked() -> (Relink, Relink, Arc<Net>) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<BoxTransport>();
-        let net = Arc::new(Net {
-            accepted: tx,
-            cuts: Arc::default(),
-            connects: Default::default(),
-        });
+        let (net, mut rx) = Net::new();
         let options = RelinkOptions {
             reconnect_for: Duration::from_secs(10),
             idle: Duration::from_secs(5),
@@ -788,26 +805,32 @@ mod tests {
             }
             a_wr
         });
-        let cutter = {
-            let net = net.clone();
-            tokio::spawn(async move {
-                for _ in 0..5 {
-                    tokio::time::sleep(Duration::from_millis(60)).await;
-                    net.cut_all();
-                }
-            })
-        };
+        // The agent's reader cuts every transport after each 600 KiB it takes,
+        // so the cuts land in the middle of both transfers.
         let mut got_up = vec![0u8; up.len()];
         let mut got_down = vec![0u8; down.len()];
-        let (r1, r2) = tokio::join!(a_rd.read_exact(&mut got_up), c_rd.read_exact(&mut got_down));
+        let read_up = async {
+            let mut at = 0;
+            let mut next_cut = 600 << 10;
+            while at < got_up.len() {
+                let n = a_rd.read(&mut got_up[at..]).await?;
+                assert!(n > 0, "the link ended early");
+                at += n;
+                if at >= next_cut {
+                    net.cut_all();
+                    next_cut += 600 << 10;
+                }
+            }
+            io::Result::Ok(())
+        };
+        let (r1, r2) = tokio::join!(read_up, c_rd.read_exact(&mut got_down));
         r1.unwrap();
         r2.unwrap();
         assert!(got_up == up, "client → agent bytes differ");
         assert!(got_down == down, "agent → client bytes differ");
-        cutter.await.unwrap();
         let connects = net.connects.load(Ordering::SeqCst);
         assert!(
-            connects >= 3,
+            connects >= 5,
             "only {connects} transports: the cuts did not bite"
         );
 
@@ -826,12 +849,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_that_never_comes_back_ends_the_agents_link() {
-        let (tx, mut rx) = mpsc::unbounded_channel::<BoxTransport>();
-        let net = Arc::new(Net {
-            accepted: tx,
-            cuts: Arc::default(),
-            connects: Default::default(),
-        });
+        let (net, mut rx) = Net::new();
         let options = RelinkOptions {
             reconnect_for: Duration::from_millis(300),
             idle: Duration::from_secs(5),

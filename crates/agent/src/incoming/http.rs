@@ -298,26 +298,29 @@ async fn take_sender(
     version: Version,
     wait: bool,
 ) -> Result<Option<Sender>, BoxError> {
-    let cached = conn.upstreams.lock().await.remove(&dest);
+    let cached = {
+        let mut upstreams = conn.upstreams.lock().await;
+        match upstreams.get(&dest) {
+            // An HTTP/2 connection carries many requests at once: share it.
+            Some(Sender::H2(sender)) if !sender.is_closed() => Some(Sender::H2(sender.clone())),
+            // An HTTP/1 connection carries one at a time: take it.
+            Some(Sender::H1(_)) => upstreams.remove(&dest),
+            _ => None,
+        }
+    };
     match cached {
-        Some(Sender::H2(mut sender)) if !sender.is_closed() => {
-            let copy = sender.clone();
-            conn.upstreams.lock().await.insert(dest, Sender::H2(copy));
+        Some(Sender::H2(mut sender)) => {
             if sender.ready().await.is_ok() {
                 return Ok(Some(Sender::H2(sender)));
             }
         }
         Some(Sender::H1(mut sender)) if !sender.is_closed() => {
-            let ready = if sender.is_ready() {
-                true
-            } else if wait {
-                matches!(
-                    tokio::time::timeout(READY_WAIT, sender.ready()).await,
-                    Ok(Ok(()))
-                )
-            } else {
-                false
-            };
+            let ready = sender.is_ready()
+                || (wait
+                    && matches!(
+                        tokio::time::timeout(READY_WAIT, sender.ready()).await,
+                        Ok(Ok(()))
+                    ));
             if ready {
                 return Ok(Some(Sender::H1(sender)));
             }
@@ -329,6 +332,12 @@ async fn take_sender(
         _ => {}
     }
     let sender = connect(conn, stealer, dest, version).await?;
+    if let Sender::H2(shared) = &sender {
+        conn.upstreams
+            .lock()
+            .await
+            .insert(dest, Sender::H2(shared.clone()));
+    }
     Ok(Some(sender))
 }
 

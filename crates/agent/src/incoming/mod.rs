@@ -29,11 +29,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use graft_filter::HttpFilter;
-use graft_protocol::incoming::{IncomingMode, SessionListing, Subscription};
+use graft_protocol::incoming::{IncomingMode, SessionListing, Subscription, clock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -146,12 +146,6 @@ impl PortSubs {
     }
 }
 
-/// Formats a Unix time as `HH:MM:SS UTC`.
-pub fn clock(unix: u64) -> String {
-    let s = unix % 86_400;
-    format!("{:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
-}
-
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -164,8 +158,6 @@ pub struct Hub {
     ports: RwLock<HashMap<u16, Arc<PortSubs>>>,
     redirector: tokio::sync::Mutex<Redirector>,
     next_owner: AtomicU64,
-    /// Serializes changes of `ports` with the rule they need.
-    change: Mutex<()>,
 }
 
 impl Hub {
@@ -177,7 +169,6 @@ impl Hub {
             ports: RwLock::default(),
             redirector: tokio::sync::Mutex::new(Redirector::new(chain, rules_touched, tx)),
             next_owner: AtomicU64::new(1),
-            change: Mutex::new(()),
         });
         let weak = Arc::downgrade(&hub);
         tokio::spawn(async move {
@@ -258,8 +249,9 @@ impl Hub {
         Ok(())
     }
 
+    /// Replaces the subscriptions of `port`; callers hold the redirector's lock,
+    /// which orders changes with the rules they need.
     fn publish(&self, port: u16, subs: Vec<Arc<Sub>>) {
-        let _serial = self.change.lock().expect("hub change lock poisoned");
         let mut ports = self.ports.write().expect("hub ports lock poisoned");
         if subs.is_empty() {
             ports.remove(&port);
