@@ -6,62 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use graft_kube::doctor::{Check, DoctorOptions, Outcome, run_checks_on};
 use graft_kube::{AgentMode, Cluster, KubeTarget, clean};
-use http::{Method, Request, Response};
+use http::Method;
 use kube::Client;
-use kube::client::Body;
 use serde_json::{Value, json};
 
-/// One request the fake server saw.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    body: Value,
-}
+mod common;
 
-type Router = dyn Fn(&Seen) -> (u16, Value) + Send + Sync;
-
-/// A client whose every request is answered by `route(request)`.
-fn fake_client(
-    route: impl Fn(&Seen) -> (u16, Value) + Send + Sync + 'static,
-) -> (Client, Arc<Mutex<Vec<Seen>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let route: Arc<Router> = Arc::new(route);
-    let log = seen.clone();
-    let service = tower::service_fn(move |req: Request<Body>| {
-        let route = route.clone();
-        let log = log.clone();
-        async move {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.unwrap_or_default();
-            let request = Seen {
-                method: parts.method.clone(),
-                path: parts.uri.path().to_owned(),
-                query: parts.uri.query().unwrap_or("").to_owned(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            };
-            log.lock().unwrap().push(request.clone());
-            let (status, body) = route(&request);
-            Ok::<_, std::convert::Infallible>(
-                Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                    .unwrap(),
-            )
-        }
-    });
-    (Client::new(service, "shop"), seen)
-}
-
-fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
-    (
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-               "code": code, "reason": reason, "message": message}),
-    )
-}
+use common::{Seen, fake_client, status};
 
 fn query_has(query: &str, needle: &str) -> bool {
     query.split('&').any(|kv| kv == needle)

@@ -3,80 +3,26 @@
 //! makes with canned objects, and records them. No cluster is needed; what is
 //! checked is which requests graft sends and how it reads the answers.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graft_kube::{
     AgentMode, AgentOptions, KubeError, KubeTarget, SecretDigest, SessionId, add_ephemeral_agent,
     resolve, wait_for_agent,
 };
-use http::{Method, Request, Response};
-use kube::Client;
-use kube::client::Body;
+use http::Method;
 use serde_json::{Value, json};
 
-/// One request the fake server saw.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
+mod common;
 
-type Router = dyn Fn(&Method, &str, &str) -> (u16, Value) + Send + Sync;
+use std::sync::{Arc, Mutex};
+
+use common::{Seen, status};
 
 /// A client whose every request is answered by `route(method, path, query)`.
 fn fake_client(
     route: impl Fn(&Method, &str, &str) -> (u16, Value) + Send + Sync + 'static,
-) -> (Client, Arc<Mutex<Vec<Seen>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let route: Arc<Router> = Arc::new(route);
-    let log = seen.clone();
-    let service = tower::service_fn(move |req: Request<Body>| {
-        let route = route.clone();
-        let log = log.clone();
-        async move {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.unwrap_or_default();
-            let path = parts.uri.path().to_owned();
-            let query = parts.uri.query().unwrap_or("").to_owned();
-            log.lock().unwrap().push(Seen {
-                method: parts.method.clone(),
-                path: path.clone(),
-                query: query.clone(),
-                content_type: parts
-                    .headers
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            });
-            let (status, body) = route(&parts.method, &path, &query);
-            let bytes = match body {
-                Value::String(text) => text.into_bytes(),
-                other => serde_json::to_vec(&other).unwrap(),
-            };
-            Ok::<_, std::convert::Infallible>(
-                Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(Body::from(bytes))
-                    .unwrap(),
-            )
-        }
-    });
-    (Client::new(service, "shop"), seen)
-}
-
-fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
-    (
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-               "code": code, "reason": reason, "message": message}),
-    )
+) -> (kube::Client, Arc<Mutex<Vec<Seen>>>) {
+    common::fake_client(move |r: &Seen| route(&r.method, &r.path, &r.query))
 }
 
 fn pod(name: &str, created: &str, ready: bool) -> Value {
