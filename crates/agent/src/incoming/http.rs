@@ -129,6 +129,16 @@ enum Dest {
     Mirror(usize),
 }
 
+impl Dest {
+    /// Where a request goes: the session of `stealer`, else the target.
+    fn of(stealer: Option<&Arc<Sub>>) -> Dest {
+        match stealer {
+            Some(sub) => Dest::Session(Arc::as_ptr(sub) as usize),
+            None => Dest::Target,
+        }
+    }
+}
+
 /// A client side of an upstream connection.
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
@@ -194,10 +204,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
         .filter(|s| s.subscription.mode == IncomingMode::Mirror && matches(s, method, uri, headers))
         .cloned()
         .collect();
-    let dest = match &stealer {
-        Some(sub) => Dest::Session(Arc::as_ptr(sub) as usize),
-        None => Dest::Target,
-    };
+    let dest = Dest::of(stealer.as_ref());
     tracing::trace!(%method, %uri, ?dest, mirrors = mirrors.len(), "request");
 
     let upgrade =
@@ -230,7 +237,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
     });
 
     let forwarded = match down_upgrade {
-        Some(down) => forward_upgrade(&conn, stealer.as_ref(), req, down).await,
+        Some(down) => forward_upgrade(&conn, dest, stealer.as_ref(), req, down).await,
         None => forward(&conn, dest, stealer.as_ref(), req).await,
     };
     match forwarded {
@@ -378,14 +385,11 @@ async fn send(
 /// splices the client's connection with it.
 async fn forward_upgrade(
     conn: &Conn,
+    dest: Dest,
     stealer: Option<&Arc<Sub>>,
     req: Request<ProxyBody>,
     down: hyper::upgrade::OnUpgrade,
 ) -> Result<Response<Incoming>, BoxError> {
-    let dest = match stealer {
-        Some(sub) => Dest::Session(Arc::as_ptr(sub) as usize),
-        None => Dest::Target,
-    };
     let io = TokioIo::new(open(conn, stealer, dest).await?);
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)

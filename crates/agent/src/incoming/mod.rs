@@ -76,21 +76,9 @@ pub trait Subscriber: Send + Sync + 'static {
     fn hand_over(self: Arc<Self>, meta: ConnMeta, stream: TcpStream) -> BoxFuture<io::Result<()>> {
         Box::pin(async move {
             let session = self.open(meta).await?;
-            tokio::spawn(splice(stream, session));
+            tokio::spawn(tee::pipe(stream, session, Vec::new()));
             Ok(())
         })
-    }
-}
-
-/// Copies both ways between a client connection and `other` until both ends are
-/// done; a failure resets the client.
-async fn splice(stream: TcpStream, mut other: BoxIo) {
-    let mut stream = stream;
-    if tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut other, 64 * 1024, 64 * 1024)
-        .await
-        .is_err()
-    {
-        let _ = stream.set_zero_linger();
     }
 }
 
