@@ -10,14 +10,15 @@
 //!
 //! An accepted connection's original destination (`SO_ORIGINAL_DST` /
 //! `IP6T_SO_ORIGINAL_DST`) says which port the client meant; the connection goes
-//! to the [`Accepted`] channel with it.
+//! to the [`Accepted`] channel with it, and the hub refuses it when that port has
+//! no subscription any more.
 
 use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{self as nixsock, sockopt};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,7 +43,7 @@ pub struct Redirector {
     chain: String,
     rules_touched: Arc<AtomicBool>,
     accepted: mpsc::Sender<Accepted>,
-    redirected: Arc<Mutex<HashSet<u16>>>,
+    redirected: HashSet<u16>,
     /// The listeners' ports: IPv4, and IPv6 when it could be bound.
     listen_ports: Option<(u16, Option<u16>)>,
     /// Whether the chain exists and is hooked, per family.
@@ -70,29 +71,10 @@ impl Redirector {
             chain,
             rules_touched,
             accepted,
-            redirected: Arc::default(),
+            redirected: HashSet::new(),
             listen_ports: None,
             hooked: [false; 2],
             v6_broken: false,
-        }
-    }
-
-    fn is_redirected(&self, port: u16) -> bool {
-        self.redirected
-            .lock()
-            .expect("redirected ports lock poisoned")
-            .contains(&port)
-    }
-
-    fn set_redirected(&self, port: u16, on: bool) {
-        let mut set = self
-            .redirected
-            .lock()
-            .expect("redirected ports lock poisoned");
-        if on {
-            set.insert(port);
-        } else {
-            set.remove(&port);
         }
     }
 
@@ -129,7 +111,6 @@ impl Redirector {
     fn spawn_accept(&self, listener: TcpListener, family: Family) {
         let accept = Acceptor {
             accepted: self.accepted.clone(),
-            redirected: self.redirected.clone(),
         };
         tokio::spawn(accept.run(listener, family));
     }
@@ -157,13 +138,11 @@ impl Redirector {
     ///
     /// What failed (binding the listeners, `iptables`), for the client.
     pub async fn redirect(&mut self, port: u16) -> Result<(), String> {
-        if self.is_redirected(port) {
+        if self.redirected.contains(&port) {
             return Ok(());
         }
         let (v4_port, v6_port) = self.ensure_listeners().await?;
-        // Marked before the rule exists, so the first redirected connection is not
-        // refused.
-        self.set_redirected(port, true);
+        self.redirected.insert(port);
         let v4 = async {
             self.hook(Family::V4).await?;
             rules::run(
@@ -174,7 +153,7 @@ impl Redirector {
         }
         .await;
         if let Err(e) = v4 {
-            self.set_redirected(port, false);
+            self.redirected.remove(&port);
             return Err(format!("could not redirect port {port}: {e}"));
         }
         if let (Some(v6_port), false) = (v6_port, self.v6_broken) {
@@ -196,13 +175,11 @@ impl Redirector {
         Ok(())
     }
 
-    /// Stops redirecting `port`: its rules are deleted, and connections to it that
-    /// were accepted but not yet handed on are refused.
+    /// Stops redirecting `port`: its rules are deleted.
     pub async fn release(&mut self, port: u16) {
-        if !self.is_redirected(port) {
+        if !self.redirected.remove(&port) {
             return;
         }
-        self.set_redirected(port, false);
         let Some((v4_port, v6_port)) = self.listen_ports else {
             return;
         };
@@ -265,7 +242,6 @@ pub fn original_dst(stream: &TcpStream, family: Family) -> io::Result<SocketAddr
 /// One listener's accept loop.
 struct Acceptor {
     accepted: mpsc::Sender<Accepted>,
-    redirected: Arc<Mutex<HashSet<u16>>>,
 }
 
 impl Acceptor {
@@ -289,16 +265,6 @@ impl Acceptor {
                     continue;
                 }
             };
-            let redirected = self
-                .redirected
-                .lock()
-                .expect("redirected ports lock poisoned")
-                .contains(&original.port());
-            if !redirected {
-                tracing::debug!(%peer, %original, "port no longer redirected; connection refused");
-                let _ = stream.set_zero_linger();
-                continue;
-            }
             let accepted = Accepted {
                 stream,
                 peer,
