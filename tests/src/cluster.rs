@@ -195,6 +195,53 @@ impl Live {
     }
 }
 
+/// Writes to `path` a kubeconfig for the cluster of `live` that authenticates
+/// as the ServiceAccount `account` of `namespace` (a bound token from the
+/// TokenRequest API, valid for an hour), with `namespace` as its default.
+///
+/// # Panics
+///
+/// When the token cannot be had or the file not written.
+pub fn service_account_kubeconfig(live: &Live, namespace: &str, account: &str, path: &Path) {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = Api::namespaced(live.client.clone(), namespace);
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": [], "expirationSeconds": 3600},
+    }))
+    .expect("a valid TokenRequest");
+    let token = live
+        .block_on(accounts.create_token_request(account, &Default::default(), &request))
+        .unwrap_or_else(|e| panic!("a token for {namespace}/{account}: {e}"))
+        .status
+        .expect("the TokenRequest has a status")
+        .token;
+    let admin = Kubeconfig::read_from(&live.kubeconfig).expect("the kubeconfig loads");
+    let context = admin
+        .contexts
+        .iter()
+        .find(|c| Some(&c.name) == admin.current_context.as_ref())
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone());
+    let cluster = admin
+        .clusters
+        .iter()
+        .find(|c| Some(&c.name) == context.as_ref())
+        .or(admin.clusters.first())
+        .expect("the kubeconfig names a cluster");
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [serde_json::to_value(cluster).expect("a cluster serializes")],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {
+            "cluster": cluster.name, "user": account, "namespace": namespace,
+        }}],
+        "current-context": account,
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&config).expect("JSON"))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 /// A namespace of one test, deleted on drop.
 pub struct Ns<'a> {
     /// The cluster.
