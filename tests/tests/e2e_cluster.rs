@@ -120,3 +120,50 @@ fn e2e_agent_image_runs() {
         env!("CARGO_PKG_VERSION")
     );
 }
+
+/// Ctrl-C (SIGINT to graft's process group, as a terminal sends it) while a
+/// request is being served: graft ends within 30 s, the local program with it
+/// (nothing is left in the group), the ephemeral agent container terminates,
+/// and the pod answers again.
+#[test]
+fn e2e_ctrl_c_ends_the_session_and_the_agent() {
+    let Some(live) = Live::get() else {
+        return;
+    };
+    let ns = live.namespace("ctrlc");
+    ns.workload("Pod", "web", 1, 1);
+    let addr = ns.app_addr("app=web");
+    let graft = ns.run(
+        "pod/web/container/app",
+        &["--steal"],
+        &graft_tests::cluster::local_server("local", ""),
+    );
+    wait_served_by(addr, "local", SESSION_TIMEOUT, Some(&graft));
+    let group = nix::unistd::Pid::from_raw(graft.pid() as i32);
+    // A slow request in flight (its answer would come after 5 s).
+    let slow = std::thread::spawn(move || graft_tests::cluster::served_by(addr, "/slow/5000"));
+    std::thread::sleep(Duration::from_millis(500));
+    let outcome = interrupt(graft);
+    println!("{outcome}");
+    let _ = slow.join();
+    let gone = graft_tests::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        nix::sys::signal::killpg(group, None).is_err().then_some(())
+    });
+    assert!(gone.is_some(), "a process of graft's group outlived Ctrl-C");
+    let pods = ns.pods_api();
+    let agents_ended =
+        graft_tests::wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+            let pod = live.block_on(pods.get("web")).ok()?;
+            let statuses = pod.status?.ephemeral_container_statuses.unwrap_or_default();
+            let ended = !statuses.is_empty()
+                && statuses
+                    .iter()
+                    .all(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()));
+            ended.then_some(())
+        });
+    assert!(
+        agents_ended.is_some(),
+        "the ephemeral agent still runs after Ctrl-C"
+    );
+    wait_restored(&ns, addr, "web");
+}
