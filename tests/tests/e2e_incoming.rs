@@ -79,11 +79,20 @@ fn wait_for(graft: &Proc, what: &str, mut probe: impl FnMut() -> bool) {
 }
 
 #[test]
-fn e2e_all_pods_steals_on_both_replicas() {
+fn e2e_all_pods_steals_on_both_replicas_ephemeral() {
+    all_pods("ephemeral");
+}
+
+#[test]
+fn e2e_all_pods_steals_on_both_replicas_node() {
+    all_pods("node");
+}
+
+fn all_pods(mode: &str) {
     let Some(live) = Live::get() else {
         return;
     };
-    let ns = live.namespace("allpods");
+    let ns = live.namespace(&format!("allpods-{mode}"));
     ns.workload("Deployment", "web", 2, 2);
     let addrs: Vec<SocketAddr> = ns
         .wait_ready("app=web", 2)
@@ -92,7 +101,7 @@ fn e2e_all_pods_steals_on_both_replicas() {
         .collect();
     let graft = ns.run(
         "deploy/web/container/app",
-        &["--all-pods", "--steal"],
+        &["--all-pods", "--agent-mode", mode, "--steal"],
         &local_server("local", ""),
     );
     for addr in &addrs {
@@ -105,16 +114,25 @@ fn e2e_all_pods_steals_on_both_replicas() {
 }
 
 #[test]
-fn e2e_mirror_copies_while_the_pod_answers() {
+fn e2e_mirror_copies_while_the_pod_answers_ephemeral() {
+    mirror("ephemeral");
+}
+
+#[test]
+fn e2e_mirror_copies_while_the_pod_answers_node() {
+    mirror("node");
+}
+
+fn mirror(mode: &str) {
     let Some(live) = Live::get() else {
         return;
     };
-    let ns = live.namespace("mirror");
+    let ns = live.namespace(&format!("mirror-{mode}"));
     ns.workload("Pod", "web", 1, 1);
     let addr = ns.app_addr("app=web");
     let graft = ns.run(
         "pod/web/container/app",
-        &["--mirror"],
+        &["--agent-mode", mode, "--mirror"],
         &local_server("local", ""),
     );
     let mut n = 0;

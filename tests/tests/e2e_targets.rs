@@ -6,7 +6,8 @@
 //! request to the pod's address must be answered by the local server; after
 //! Ctrl-C, no agent pod is left and the pod answers again. `rollout/NAME` goes
 //! through an Argo-Rollouts-shaped CRD the test installs (no controller: the
-//! Rollout's selector matches a ReplicaSet's pods); targetless reaches a
+//! Rollout's selector matches a ReplicaSet's pods, or its `workloadRef` names a
+//! Deployment); targetless reaches a
 //! cluster-only Service by its cluster DNS name.
 
 use graft_tests::cluster::{
@@ -154,6 +155,16 @@ fn e2e_target_rollout() {
     );
     ns.workload("ReplicaSet", "web", 1, 1);
     steal_and_restore(&ns, "rollout/web", "web");
+    // The other shape: a Rollout whose pods are a Deployment's (workloadRef).
+    ns.workload("Deployment", "api", 1, 1);
+    ns.apply(json!({
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "api"},
+        "spec": {"replicas": 1, "workloadRef": {
+            "apiVersion": "apps/v1", "kind": "Deployment", "name": "api",
+        }},
+    }));
+    steal_and_restore(&ns, "rollout/api", "api");
     drop(ns);
     if installed_here {
         live.delete_cluster_object("apiextensions.k8s.io/v1", "CustomResourceDefinition", crd);
