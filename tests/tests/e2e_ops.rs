@@ -6,9 +6,9 @@
 //! of `deploy/rbac.yaml` and nothing else, with which `run` (both modes), `ls`,
 //! `doctor` and `clean` all work (and which is refused elsewhere); `graft
 //! clean` after `kill -9` of a node-mode session; and the port-forward cut for
-//! real in the middle of a 32 MiB stolen response (`ss -K` on graft's TCP
-//! connections to the API server): graft relinks and the client receives every
-//! byte.
+//! real (`ss -K` on graft's TCP connections to the API server) in the middle of
+//! a 32 MiB stolen response (both modes) and of a 32 MiB download by the local
+//! program from a cluster pod: graft relinks and every byte arrives.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -321,6 +321,32 @@ fn e2e_clean_removes_what_a_killed_session_left() {
     wait_restored(&ns, addr, "web");
 }
 
+/// A Python HTTP server on [`APP_PORT`] that answers `/big` with 32 MiB (byte
+/// `i` is `i % 251`) in 256 KiB pieces 20 ms apart (so a transfer lasts long
+/// enough to be cut), `/peer` with the client's address, and anything else
+/// with `NAME`.
+fn big_server(name: &str) -> String {
+    format!(
+        "import http.server, sys, time\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       if self.path != '/big':\n\
+         \x20           b = (self.client_address[0] if self.path == '/peer' else '{name}').encode()\n\
+         \x20           self.send_response(200); self.send_header('Content-Length', str(len(b)))\n\
+         \x20           self.end_headers(); self.wfile.write(b); return\n\
+         \x20       piece = bytes(i % 251 for i in range(251 * 1044))\n\
+         \x20       total = 32 << 20\n\
+         \x20       self.send_response(200); self.send_header('Content-Length', str(total))\n\
+         \x20       self.end_headers()\n\
+         \x20       sent = 0\n\
+         \x20       while sent < total:\n\
+         \x20           n = min(len(piece), total - sent)\n\
+         \x20           self.wfile.write(piece[:n]); sent += n; time.sleep(0.02)\n\
+         \x20   def log_message(self, *a): pass\n\
+         http.server.ThreadingHTTPServer(('', {APP_PORT}), H).serve_forever()\n"
+    )
+}
+
 /// The pids' TCP connections to port 6443 (the API server), as local ports.
 fn api_connections(pid: u32) -> Vec<u16> {
     let listing = output("ss", &["-tnpH", "state", "established", "dport", "= :6443"]);
@@ -336,36 +362,27 @@ fn api_connections(pid: u32) -> Vec<u16> {
 }
 
 #[test]
-fn e2e_port_forward_cut_mid_transfer_loses_nothing() {
+fn e2e_port_forward_cut_mid_transfer_loses_nothing_ephemeral() {
+    cut_mid_transfer("ephemeral");
+}
+
+#[test]
+fn e2e_port_forward_cut_mid_transfer_loses_nothing_node() {
+    cut_mid_transfer("node");
+}
+
+fn cut_mid_transfer(mode: &str) {
     let Some(live) = Live::get() else {
         return;
     };
-    let ns = live.namespace("cut");
+    let ns = live.namespace(&format!("cut-{mode}"));
     ns.workload("Pod", "web", 1, 1);
     let addr = ns.app_addr("app=web");
     // 32 MiB, byte i = i % 251, sent in 256 KiB pieces 20 ms apart.
-    let server = format!(
-        "import http.server, sys, time\n\
-         class H(http.server.BaseHTTPRequestHandler):\n\
-         \x20   def do_GET(self):\n\
-         \x20       if self.path != '/big':\n\
-         \x20           b = b'local'\n\
-         \x20           self.send_response(200); self.send_header('Content-Length', str(len(b)))\n\
-         \x20           self.end_headers(); self.wfile.write(b); return\n\
-         \x20       piece = bytes(i % 251 for i in range(251 * 1044))\n\
-         \x20       total = 32 << 20\n\
-         \x20       self.send_response(200); self.send_header('Content-Length', str(total))\n\
-         \x20       self.end_headers()\n\
-         \x20       sent = 0\n\
-         \x20       while sent < total:\n\
-         \x20           n = min(len(piece), total - sent)\n\
-         \x20           self.wfile.write(piece[:n]); sent += n; time.sleep(0.02)\n\
-         \x20   def log_message(self, *a): pass\n\
-         http.server.ThreadingHTTPServer(('', {APP_PORT}), H).serve_forever()\n"
-    );
+    let server = big_server("local");
     let mut graft = ns.run(
         "pod/web/container/app",
-        &["--steal"],
+        &["--agent-mode", mode, "--steal"],
         &[py_with(""), "-c".into(), server],
     );
     wait_served_by(addr, "local", SESSION_TIMEOUT, Some(&graft));
@@ -442,4 +459,87 @@ fn e2e_port_forward_cut_mid_transfer_loses_nothing() {
     assert!(graft.try_status().is_none(), "graft ended after the cut");
     println!("{}", interrupt(graft));
     wait_restored(&ns, addr, "web");
+}
+
+/// The other direction: the local program downloads 32 MiB from a cluster-only
+/// pod through graft's outgoing path, and the port-forward is cut while it does.
+#[test]
+fn e2e_port_forward_cut_mid_download_loses_nothing() {
+    let Some(live) = Live::get() else {
+        return;
+    };
+    let ns = live.namespace("cutout");
+    let server = big_server("backend");
+    ns.workload_serving("Pod", "backend", 1, 1, &["python3", "-c", &server]);
+    ns.workload("Pod", "web", 1, 1);
+    let backend = ns.app_addr("app=backend");
+    let web_ip = ns.app_addr("app=web").ip();
+    // Reads 4 MiB, says so, waits for the cut, reads the rest, checks it.
+    let program = format!(
+        "import sys, time, urllib.request\n\
+         peer = urllib.request.urlopen('http://{backend}/peer', timeout=10).read().decode()\n\
+         print('peer', peer, flush=True)\n\
+         r = urllib.request.urlopen('http://{backend}/big', timeout=60)\n\
+         data = bytearray(r.read(4 << 20))\n\
+         print('progress', len(data), flush=True)\n\
+         time.sleep(2)\n\
+         while True:\n\
+         \x20   chunk = r.read(1 << 20)\n\
+         \x20   if not chunk: break\n\
+         \x20   data += chunk\n\
+         want = (bytes(range(251)) * (len(data) // 251 + 1))[:len(data)]\n\
+         bad = None if data == want else next(i for i in range(len(data)) if data[i] != want[i])\n\
+         print('done', len(data), 'bad', bad, flush=True)\n"
+    );
+    let graft = ns.run(
+        "pod/web/container/app",
+        &[],
+        &[py_with(""), "-c".into(), program],
+    );
+    let progress = wait_until(SESSION_TIMEOUT, Duration::from_millis(50), || {
+        graft.stdout().contains("progress").then_some(())
+    });
+    assert!(
+        progress.is_some(),
+        "the download did not start\n{}",
+        graft.output_report()
+    );
+    assert!(
+        graft.stdout().contains(&format!("peer {web_ip}\n")),
+        "the download does not come from the pod's address {web_ip}\n{}",
+        graft.output_report()
+    );
+    let before = api_connections(graft.pid());
+    assert!(
+        !before.is_empty(),
+        "graft has no connection to the API server"
+    );
+    for port in &before {
+        let sport = format!("= :{port}");
+        output(
+            "ss",
+            &[
+                "-K",
+                "state",
+                "established",
+                "sport",
+                &sport,
+                "dport",
+                "= :6443",
+            ],
+        );
+    }
+    let left = api_connections(graft.pid());
+    assert!(
+        left.iter().all(|p| !before.contains(p)),
+        "ss -K did not cut graft's connections {before:?}"
+    );
+    let outcome = graft.finish(Duration::from_secs(120));
+    assert!(
+        outcome
+            .out()
+            .contains(&format!("done {} bad None", 32 << 20)),
+        "bytes lost or changed across the cut\n{outcome}"
+    );
+    assert_eq!(ns.agent_pods(), 0);
 }
