@@ -241,7 +241,7 @@ fn e2e_filtered_steal_two_sessions_http1() {
 /// Starts the pod `web` serving `server` (a fixture under `/fixtures`, with
 /// `web` and the port as its last arguments) and a session with a header filter
 /// whose local program is the same server named `local`.
-fn protocol_session(ns: &Ns<'_>, modules: &str, server: &[&str]) -> (SocketAddr, Proc) {
+fn protocol_session(ns: &Ns<'_>, mode: &str, modules: &str, server: &[&str]) -> (SocketAddr, Proc) {
     let port = APP_PORT.to_string();
     let in_pod: Vec<String> = server.iter().map(|a| format!("/fixtures/{a}")).collect();
     let mut pod_cmd: Vec<&str> = vec!["python3", "-u", &in_pod[0]];
@@ -254,22 +254,31 @@ fn protocol_session(ns: &Ns<'_>, modules: &str, server: &[&str]) -> (SocketAddr,
     local.extend(["local".into(), port]);
     let graft = ns.run(
         "pod/web/container/app",
-        &["--steal", "--filter-header", ALICE],
+        &["--agent-mode", mode, "--steal", "--filter-header", ALICE],
         &local,
     );
     (addr, graft)
 }
 
 #[test]
-fn e2e_filtered_steal_h2c() {
+fn e2e_filtered_steal_h2c_ephemeral() {
+    h2c("ephemeral");
+}
+
+#[test]
+fn e2e_filtered_steal_h2c_node() {
+    h2c("node");
+}
+
+fn h2c(mode: &str) {
     let Some(live) = Live::get() else {
         return;
     };
     if !protocols(&live) {
         return;
     }
-    let ns = live.namespace("h2c");
-    let (addr, graft) = protocol_session(&ns, "h2", &["named_http.py"]);
+    let ns = live.namespace(&format!("h2c-{mode}"));
+    let (addr, graft) = protocol_session(&ns, mode, "h2", &["named_http.py"]);
     let host = addr.ip().to_string();
     let port = APP_PORT.to_string();
     let streams = |specs: &[&str]| {
@@ -303,15 +312,24 @@ fn e2e_filtered_steal_h2c() {
 }
 
 #[test]
-fn e2e_filtered_steal_grpc() {
+fn e2e_filtered_steal_grpc_ephemeral() {
+    grpc("ephemeral");
+}
+
+#[test]
+fn e2e_filtered_steal_grpc_node() {
+    grpc("node");
+}
+
+fn grpc(mode: &str) {
     let Some(live) = Live::get() else {
         return;
     };
     if !protocols(&live) {
         return;
     }
-    let ns = live.namespace("grpc");
-    let (addr, graft) = protocol_session(&ns, "grpc", &["grpc_app.py", "server"]);
+    let ns = live.namespace(&format!("grpc-{mode}"));
+    let (addr, graft) = protocol_session(&ns, mode, "grpc", &["grpc_app.py", "server"]);
     let host = addr.ip().to_string();
     let port = APP_PORT.to_string();
     let call = |user: &str| {
@@ -349,15 +367,24 @@ fn e2e_filtered_steal_grpc() {
 }
 
 #[test]
-fn e2e_filtered_steal_websocket() {
+fn e2e_filtered_steal_websocket_ephemeral() {
+    websocket("ephemeral");
+}
+
+#[test]
+fn e2e_filtered_steal_websocket_node() {
+    websocket("node");
+}
+
+fn websocket(mode: &str) {
     let Some(live) = Live::get() else {
         return;
     };
     if !protocols(&live) {
         return;
     }
-    let ns = live.namespace("ws");
-    let (addr, graft) = protocol_session(&ns, "websockets", &["ws_app.py", "server"]);
+    let ns = live.namespace(&format!("ws-{mode}"));
+    let (addr, graft) = protocol_session(&ns, mode, "websockets", &["ws_app.py", "server"]);
     let url = format!("ws://{addr}/chat");
     let talk = |user: &str, messages: &[&str]| {
         let mut args = vec!["client", url.as_str(), user];
