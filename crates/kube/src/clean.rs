@@ -203,9 +203,9 @@ pub async fn clean(
         KubeError::from_api(
             e,
             rbac::LIST_PODS,
-            namespace.unwrap_or("(all)"),
+            namespace.unwrap_or(crate::error::ALL_NAMESPACES),
             "pod",
-            "(all)",
+            crate::error::ALL_NAMESPACES,
         )
     })?;
     report.ephemeral = exited_ephemeral_agents(&pods.items);

@@ -8,6 +8,45 @@
 use crate::rbac::Permission;
 use crate::target::ParseTargetError;
 
+/// The namespace given to [`KubeError::from_api`] for a request across all
+/// namespaces (`graft clean -A`): its messages then speak of cluster-wide
+/// access and a ClusterRoleBinding, and suggest `kubectl auth can-i …
+/// --all-namespaces`.
+pub const ALL_NAMESPACES: &str = "(all)";
+
+/// How a [`KubeError::Forbidden`] names where it was refused.
+struct Scope<'a>(&'a str);
+
+impl Scope<'_> {
+    fn all(&self) -> bool {
+        self.0 == ALL_NAMESPACES
+    }
+
+    fn describe(&self) -> String {
+        if self.all() {
+            "in all namespaces (cluster-wide)".to_owned()
+        } else {
+            format!("in namespace {:?}", self.0)
+        }
+    }
+
+    fn binding(&self) -> &'static str {
+        if self.all() {
+            " with a ClusterRoleBinding"
+        } else {
+            ""
+        }
+    }
+
+    fn can_i_flag(&self) -> String {
+        if self.all() {
+            "--all-namespaces".to_owned()
+        } else {
+            format!("-n {}", self.0)
+        }
+    }
+}
+
 /// An error from resolving a target, placing the agent or reaching it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -46,15 +85,19 @@ pub enum KubeError {
 
     /// RBAC denied a request.
     #[error(
-        "not allowed to {permission} in namespace {namespace:?} (needed to {why}): ask a cluster \
-         admin to bind the `graft` ClusterRole from deploy/rbac.yaml, or check with \
-         `kubectl auth can-i {permission} -n {namespace}`",
-        why = permission.why
+        "not allowed to {permission} {scope} (needed to {why}): ask a cluster admin to bind the \
+         `graft` ClusterRole from deploy/rbac.yaml{binding}, or check with \
+         `kubectl auth can-i {permission} {flag}`",
+        why = permission.why,
+        scope = Scope(namespace).describe(),
+        binding = Scope(namespace).binding(),
+        flag = Scope(namespace).can_i_flag(),
     )]
     Forbidden {
         /// The permission the request needed.
         permission: Permission,
-        /// The namespace of the request.
+        /// The namespace of the request, or [`ALL_NAMESPACES`] for a
+        /// cluster-wide one.
         namespace: String,
         /// The API server's message.
         message: String,
@@ -375,6 +418,31 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("deploy/rbac.yaml"), "{msg}");
+    }
+
+    #[test]
+    fn forbidden_across_namespaces_asks_for_cluster_wide_access() {
+        let e = KubeError::from_api(
+            api_error(
+                403,
+                "pods is forbidden: cannot list resource \"pods\" at the cluster scope",
+            ),
+            rbac::LIST_PODS,
+            ALL_NAMESPACES,
+            "pod",
+            ALL_NAMESPACES,
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("not allowed to list pods in all namespaces"),
+            "{msg}"
+        );
+        assert!(msg.contains("ClusterRoleBinding"), "{msg}");
+        assert!(
+            msg.contains("kubectl auth can-i list pods --all-namespaces"),
+            "{msg}"
+        );
+        assert!(!msg.contains("(all)"), "{msg}");
     }
 
     #[test]

@@ -374,7 +374,7 @@ pub async fn agent_pods(client: &Client, namespace: Option<&str>) -> Result<Vec<
             KubeError::from_api(
                 e,
                 rbac::LIST_PODS,
-                namespace.unwrap_or("(all)"),
+                namespace.unwrap_or(crate::error::ALL_NAMESPACES),
                 "pod",
                 AGENT_POD_SELECTOR,
             )
