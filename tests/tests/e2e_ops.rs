@@ -220,6 +220,19 @@ fn e2e_every_command_works_with_only_the_graft_cluster_role() {
         command.args(["doctor", "--kubeconfig", &kubeconfig, "-n", "kube-system"]);
         let out = finish(command, "graft doctor -n kube-system (service account)");
         assert!(!out.success(), "the service account is not confined\n{out}");
+        // clean -A needs cluster-wide access, which a RoleBinding does not give:
+        // graft says so and how to check it.
+        let mut command = std::process::Command::new(graft_tests::graft_bin());
+        command.args(["clean", "--kubeconfig", &kubeconfig, "--all-namespaces"]);
+        let out = finish(command, "graft clean -A (service account)");
+        assert!(
+            !out.success()
+                && out.stderr.contains("in all namespaces")
+                && out
+                    .stderr
+                    .contains("kubectl auth can-i list pods --all-namespaces"),
+            "graft clean -A does not say it needs cluster-wide access\n{out}"
+        );
 
         for mode in ["ephemeral", "node"] {
             let mut command = ns.graft_as("run", &kubeconfig);
