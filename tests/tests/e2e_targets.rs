@@ -59,12 +59,12 @@ fn e2e_target_deployment() {
 
 #[test]
 fn e2e_target_statefulset() {
-    kind_test("sts", "StatefulSet", "sts");
+    kind_test("sts", "StatefulSet", "statefulset");
 }
 
 #[test]
 fn e2e_target_daemonset() {
-    kind_test("ds", "DaemonSet", "ds");
+    kind_test("ds", "DaemonSet", "daemonset");
 }
 
 #[test]
