@@ -264,3 +264,35 @@ fn requests_from_the_targets_gateway_reach_the_target_and_others_are_stolen() {
 fn requests_from_a_named_probe_source_reach_the_target_and_others_are_stolen() {
     probe_sources_reach_the_target(|bed| format!("{},{}", bed.host_v4, bed.host_v6));
 }
+
+/// GETs `url` from the host with `User-Agent: agent`.
+fn curl_as(url: &str, agent: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "5", "--noproxy", "*", "-A", agent, url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn kubelet_probe_requests_on_a_filtered_port_reach_the_target() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    // A filter that every GET matches: only the probe exception keeps probes
+    // away from the local app.
+    let (_session, _) = bed.steal(&["--filter-method", "GET"], bed.app_port, &url);
+    for _ in 0..3 {
+        assert_eq!(
+            curl_as(&url, "kube-probe/1.25").map(|b| b.trim().to_owned()),
+            Some(bed.target_reply()),
+            "a kubelet probe was stolen"
+        );
+        let user = curl_as(&url, "curl/7.88").unwrap_or_default();
+        assert!(
+            user.starts_with("local"),
+            "a user request was not stolen: {user:?}"
+        );
+    }
+}
