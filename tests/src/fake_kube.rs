@@ -2115,7 +2115,7 @@ async fn run_container(shared: Arc<Shared>, ns: String, pod: String, spec: Value
         });
         return;
     }
-    let mut args: Vec<String> = spec["args"]
+    let args: Vec<String> = spec["args"]
         .as_array()
         .into_iter()
         .flatten()
@@ -2128,6 +2128,20 @@ async fn run_container(shared: Arc<Shared>, ns: String, pod: String, spec: Value
     // the cluster network of the first bed's target namespace, so there it
     // becomes the first target's real pid.
     let target = shared.pod_of_agent(&pod, ephemeral, &args);
+    // The bed's host stands for both the node and every client of the tests, so
+    // the kubelet-probe exclusion (`--probe-source gateway`: the target's
+    // default gateway is the host) would keep every test request from being
+    // stolen; tests/tests/rules.rs covers it on its own.
+    let mut kept = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        if arg == "--probe-source" {
+            it.next();
+        } else if !arg.starts_with("--probe-source=") {
+            kept.push(arg);
+        }
+    }
+    let mut args = kept;
     {
         let real = target.target_pid.to_string();
         for i in 0..args.len() {

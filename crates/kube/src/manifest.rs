@@ -325,11 +325,23 @@ fn mesh_opt_outs() -> BTreeMap<String, String> {
     .collect()
 }
 
+/// `--probe-source` arguments for a pod target: its default gateway and its
+/// node's `hostIP`, the addresses the kubelet's probes come from, which the
+/// agent never redirects (so probes always reach the target's container).
+fn probe_source_args(target: &ResolvedTarget) -> Vec<String> {
+    let mut args = vec!["--probe-source".to_owned(), "gateway".to_owned()];
+    if let Some(ip) = &target.host_ip {
+        args.extend(["--probe-source".to_owned(), ip.clone()]);
+    }
+    args
+}
+
 /// The ephemeral container that puts the agent beside `target`'s container,
 /// in its PID namespace, with `--target-pid 1` (see the module docs).
 pub fn ephemeral_agent(target: &ResolvedTarget, options: &AgentOptions) -> EphemeralContainer {
     let mut args = vec!["--target-pid".to_owned(), "1".to_owned()];
     args.extend(options.listen_args());
+    args.extend(probe_source_args(target));
     EphemeralContainer {
         name: options.session.agent_name(),
         image: Some(options.image.clone()),
@@ -355,6 +367,7 @@ pub fn node_agent_pod(target: &ResolvedTarget, options: &AgentOptions, namespace
         target.container_id.clone(),
     ];
     args.extend(options.listen_args());
+    args.extend(probe_source_args(target));
     let mut pod = agent_pod(options, namespace, agent_pod_annotations(target), args);
     let spec = pod.spec.as_mut().expect("agent_pod sets a spec");
     spec.node_name = Some(target.node.clone());
@@ -449,6 +462,7 @@ mod tests {
             container_runtime: "containerd".into(),
             node: "node-a".into(),
             shares_process_namespace: false,
+            host_ip: Some("10.0.0.7".into()),
         }
     }
 

@@ -90,6 +90,9 @@ pub struct ResolvedTarget {
     /// Whether the pod shares one process namespace between its containers
     /// (`shareProcessNamespace`), which changes what PID 1 is.
     pub shares_process_namespace: bool,
+    /// The node's address as the pod's status reports it (`status.hostIP`):
+    /// one of the sources the kubelet's probes may come from.
+    pub host_ip: Option<String>,
 }
 
 /// Whether a pod can serve as a workload's target: running, `Ready`, and not
@@ -359,6 +362,7 @@ pub fn resolved_target(pod: &Pod, container: ContainerChoice) -> Result<Resolved
         container_runtime: runtime.to_owned(),
         node,
         shares_process_namespace: spec.and_then(|s| s.share_process_namespace) == Some(true),
+        host_ip: pod.status.as_ref().and_then(|s| s.host_ip.clone()),
         container,
     })
 }
