@@ -420,3 +420,56 @@ fn agent_of(bed: &Bed, graft: u32) -> u32 {
     assert_eq!(main.len(), 1, "one agent of graft {graft} among {agents:?}");
     main[0]
 }
+
+#[test]
+fn overlapping_filters_the_older_session_wins_and_the_later_one_is_warned() {
+    // alice steals every request with an x-user header; bob, later, only his own.
+    // A request both match goes to alice (she came first), and bob is told so at
+    // start; alice is told nothing.
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let _target = serve_in_target(&bed, &named_http("target", port));
+    let map = format!("{}:{port}", bed.app_port);
+    let mut alice = start_session(
+        &bed,
+        &[
+            "--steal",
+            "--filter-header",
+            "x-user: .*",
+            "--port-map",
+            &map,
+        ],
+        &named_http("alice", bed.app_port),
+        "graft-alice",
+    );
+    wait_routed(&bed, &mut alice, port, &[ALICE], "alice");
+    let bob = start_session(
+        &bed,
+        &["--steal", "--filter-header", BOB],
+        &named_http("bob", port),
+        "graft-bob",
+    );
+    let warned = wait_until(STEAL_TIMEOUT, Duration::from_millis(100), || {
+        bob.stderr().contains("graft: warning: port").then_some(())
+    });
+    assert!(
+        warned.is_some(),
+        "bob was not warned\n{}",
+        bob.output_report()
+    );
+    let warning = bob.stderr();
+    assert!(
+        warning.contains(&format!(
+            "port {port} is also stolen with a filter by graft-alice@"
+        )) && warning.contains("goes to the session that came first"),
+        "{warning}"
+    );
+    assert!(
+        !alice.stderr().contains("warning: port"),
+        "{}",
+        alice.stderr()
+    );
+    // Matched by both: alice's; matched by none: the target's.
+    assert_eq!(who_answers(&bed, port, "/both", &[BOB]), "alice");
+    assert_eq!(who_answers(&bed, port, "/x", &[]), "target");
+}

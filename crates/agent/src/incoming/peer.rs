@@ -100,6 +100,9 @@ pub enum ToHub {
         client: String,
         /// What it asks for.
         subscription: Subscription,
+        /// When the session first subscribed the port (seconds since the Unix
+        /// epoch): kept across hub take-overs, so the oldest filter keeps winning.
+        since_unix: u64,
     },
     /// Drop the subscription of a port.
     Unsubscribe {
@@ -258,6 +261,7 @@ async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key) {
             ToHub::Subscribe {
                 client,
                 subscription,
+                since_unix,
             } => {
                 let port = subscription.port;
                 if !ports.contains(&port) && ports.len() >= MAX_PORTS_PER_PEER {
@@ -266,7 +270,7 @@ async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key) {
                     )))
                 } else {
                     let result = hub
-                        .subscribe(owner, &client, subscription, to.clone())
+                        .subscribe(owner, &client, subscription, to.clone(), Some(since_unix))
                         .await;
                     if result.is_ok() && !ports.contains(&port) {
                         ports.push(port);

@@ -36,8 +36,11 @@ pub struct Access {
     rules_touched: Arc<AtomicBool>,
     local: Arc<dyn Subscriber>,
     role: Mutex<Role>,
-    subscriptions: std::sync::Mutex<Vec<Subscription>>,
+    /// Each port's subscription and when it was first made.
+    subscriptions: std::sync::Mutex<Vec<(Subscription, u64)>>,
     accept_delivery: AcceptDelivery,
+    /// Keeps conntrack on while this session takes part in the hub.
+    conntrack: std::sync::Mutex<Option<key::ConntrackHold>>,
 }
 
 impl Access {
@@ -59,6 +62,7 @@ impl Access {
             role: Mutex::new(Role::Idle),
             subscriptions: std::sync::Mutex::default(),
             accept_delivery,
+            conntrack: std::sync::Mutex::default(),
         })
     }
 
@@ -70,7 +74,8 @@ impl Access {
         if !matches!(**role, Role::Idle) {
             return Ok(());
         }
-        for _ in 0..50 {
+        self.hold_conntrack();
+        for _ in 0..250 {
             match key::publish().map_err(|e| e.to_string())? {
                 Some(published) => {
                     let name = published.key.hub_name();
@@ -103,10 +108,28 @@ impl Access {
                         self.watch(conn);
                         return Ok(());
                     }
+                    // The owner's table is still being reaped by the kernel.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
             }
         }
         Err("could not reach or become the target's hub: its owner keeps changing".into())
+    }
+
+    /// Keeps conntrack on for as long as this session takes part in the hub
+    /// (see [`key::hold_conntrack`]); a failure only costs the survival of
+    /// handed-over connections when the hub's owner ends.
+    fn hold_conntrack(&self) {
+        let mut hold = self.conntrack.lock().expect("conntrack lock poisoned");
+        if hold.is_none() {
+            match key::hold_conntrack() {
+                Ok(h) => *hold = Some(h),
+                Err(e) => tracing::warn!(
+                    "connections handed to this session will not survive the hub owner's \
+                     end: {e}"
+                ),
+            }
+        }
     }
 
     /// When the hub's owner goes, take over and subscribe again.
@@ -131,26 +154,33 @@ impl Access {
                 .lock()
                 .expect("subscriptions lock poisoned")
                 .clone();
-            for sub in subs {
+            for (sub, since) in subs {
                 let port = sub.port;
-                if let Err(e) = this.subscribe_in(&role, sub).await {
+                if let Err(e) = this.subscribe_in(&role, sub, since).await {
                     tracing::warn!(port, "could not subscribe again: {e}");
                 }
             }
         });
     }
 
-    async fn subscribe_in(&self, role: &Role, subscription: Subscription) -> Result<(), String> {
+    async fn subscribe_in(
+        &self,
+        role: &Role,
+        subscription: Subscription,
+        since: u64,
+    ) -> Result<(), String> {
         match role {
             Role::Idle => Err("no hub".into()),
             Role::Owner { hub, owner, .. } => {
-                hub.subscribe(*owner, &self.client, subscription, self.local.clone())
+                let to = self.local.clone();
+                hub.subscribe(*owner, &self.client, subscription, to, Some(since))
                     .await
             }
             Role::Client { conn } => {
                 let message = ToHub::Subscribe {
                     client: self.client.clone(),
                     subscription,
+                    since_unix: since,
                 };
                 match conn.call(message).await {
                     Ok(FromHub::Done(None)) => Ok(()),
@@ -171,13 +201,21 @@ impl Access {
     pub async fn subscribe(self: &Arc<Self>, subscription: Subscription) -> Result<(), String> {
         let mut role = self.role.lock().await;
         self.ensure(&mut role).await?;
-        self.subscribe_in(&role, subscription.clone()).await?;
+        let since = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .iter()
+            .find(|(s, _)| s.port == subscription.port)
+            .map_or_else(crate::incoming::now_unix, |(_, since)| *since);
+        self.subscribe_in(&role, subscription.clone(), since)
+            .await?;
         let mut subs = self
             .subscriptions
             .lock()
             .expect("subscriptions lock poisoned");
-        subs.retain(|s| s.port != subscription.port);
-        subs.push(subscription);
+        subs.retain(|(s, _)| s.port != subscription.port);
+        subs.push((subscription, since));
         Ok(())
     }
 
@@ -186,7 +224,7 @@ impl Access {
         self.subscriptions
             .lock()
             .expect("subscriptions lock poisoned")
-            .retain(|s| s.port != port);
+            .retain(|(s, _)| s.port != port);
         let role = self.role.lock().await;
         match &*role {
             Role::Idle => {}
@@ -238,5 +276,11 @@ impl Access {
             Role::Client { conn } => drop(conn),
             Role::Idle => {}
         }
+        drop(
+            self.conntrack
+                .lock()
+                .expect("conntrack lock poisoned")
+                .take(),
+        );
     }
 }

@@ -46,6 +46,8 @@ pub const LEN: usize = 32;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NLMSG_ERROR: u16 = 2;
@@ -59,6 +61,19 @@ const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
 const NFTA_TABLE_USERDATA: u16 = 6;
 const NFT_TABLE_F_OWNER: u32 = 0x2;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
+const NFT_CT_STATE: u32 = 0;
+const NFT_REG32_00: u32 = 8;
+const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// Why the key could not be read or published.
@@ -203,7 +218,8 @@ pub struct Published {
     _owner: OwnedFd,
 }
 
-/// Publishes a fresh key, unless another agent already has.
+/// Publishes a fresh key, unless another agent already has (`Ok(None)`: read
+/// its key, or try again when there is none any more).
 ///
 /// # Errors
 ///
@@ -233,15 +249,91 @@ pub fn publish() -> Result<Option<Published>, KeyError> {
             _owner: socket,
         })),
         Err(Errno::EXIST) => Ok(None),
-        // A table owned by another agent's socket is invisible to this one's
-        // creation (`nft_table_lookup` answers EPERM), the same code as no
-        // privilege at all: a read tells which.
-        Err(Errno::PERM) => match read()? {
-            Some(_) => Ok(None),
-            None => Err(KeyError::Permission),
-        },
+        // A table owned by another agent's socket (alive, or dead and not yet
+        // reaped by the kernel) answers creation with EPERM (`nft_table_lookup`),
+        // the same code as no privilege at all: a read, which needs the same
+        // privilege but no ownership, tells which. The caller tries again.
+        Err(Errno::PERM) => read().map(|_| None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Keeps connection tracking on in the target's network namespace while it
+/// lives: an nf_tables table owned by this agent (deleted by the kernel with it)
+/// whose one rule, in a chain no packet passes, loads the connection state.
+///
+/// Redirected connections depend on conntrack to translate their packets, and
+/// the kernel turns conntrack off in a network namespace (`nf_ct_netns_put`) as
+/// soon as the last rule that uses it goes: when the hub's owner ended and its
+/// `REDIRECT` rules were removed, connections it had handed to other agents were
+/// reset. Every agent on the hub holds one of these, so connections handed over
+/// whole keep flowing whoever owns the hub.
+#[derive(Debug)]
+pub struct ConntrackHold {
+    _owner: OwnedFd,
+}
+
+/// Creates this agent's [`ConntrackHold`].
+///
+/// # Errors
+///
+/// [`KeyError`]: no privilege, no nf_tables, netlink failures.
+pub fn hold_conntrack() -> Result<ConntrackHold, KeyError> {
+    let suffix: String = nonce()?[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let mut table = format!("graft_ct_{suffix}").into_bytes();
+    table.push(0);
+    let chain = b"keep\0".to_vec();
+    let socket = open()?;
+    let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    let mut buf = Vec::with_capacity(512);
+    put_batch_marker(&mut buf, NFNL_MSG_BATCH_BEGIN, 1);
+    let start = begin_message(
+        &mut buf,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE,
+        create,
+        2,
+        NFPROTO_INET,
+        0,
+    );
+    put_attr(&mut buf, NFTA_TABLE_NAME, &table);
+    put_attr(&mut buf, NFTA_TABLE_FLAGS, &NFT_TABLE_F_OWNER.to_be_bytes());
+    end_message(&mut buf, start);
+    let start = begin_message(
+        &mut buf,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN,
+        create,
+        3,
+        NFPROTO_INET,
+        0,
+    );
+    put_attr(&mut buf, NFTA_CHAIN_TABLE, &table);
+    put_attr(&mut buf, NFTA_CHAIN_NAME, &chain);
+    end_message(&mut buf, start);
+    let start = begin_message(
+        &mut buf,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+        4,
+        NFPROTO_INET,
+        0,
+    );
+    put_attr(&mut buf, NFTA_RULE_TABLE, &table);
+    put_attr(&mut buf, NFTA_RULE_CHAIN, &chain);
+    // expressions: [ ct load state => reg 8 ]
+    let mut ct = Vec::new();
+    put_attr(&mut ct, NFTA_CT_DREG, &NFT_REG32_00.to_be_bytes());
+    put_attr(&mut ct, NFTA_CT_KEY, &NFT_CT_STATE.to_be_bytes());
+    let mut expr = Vec::new();
+    put_attr(&mut expr, NFTA_EXPR_NAME, b"ct\0");
+    put_attr(&mut expr, NFTA_EXPR_DATA | NLA_F_NESTED, &ct);
+    let mut list = Vec::new();
+    put_attr(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &expr);
+    put_attr(&mut buf, NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &list);
+    end_message(&mut buf, start);
+    put_batch_marker(&mut buf, NFNL_MSG_BATCH_END, 5);
+    send(&socket, &buf, SendFlags::empty())?;
+    wait_ack(&socket, 4, |_, _| {})?;
+    Ok(ConntrackHold { _owner: socket })
 }
 
 /// Reads the key of the current hub, `None` when no hub exists.
