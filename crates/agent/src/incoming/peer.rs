@@ -509,3 +509,71 @@ async fn join_existing(accept: Option<AcceptDelivery>) -> Result<Option<HubConn>
     }
     Err("the target's hub key is published but nothing answers at its socket".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hub_that_cannot_prove_the_key_is_refused_before_we_prove_ours() {
+        let key = Key::generate().unwrap();
+        let listener = Listener::bind_abstract(&key.hub_name()).unwrap();
+        let impostor = tokio::spawn(async move {
+            let link = listener.accept().await.unwrap();
+            let _challenge = link.recv::<ToHub>().await.unwrap();
+            let guess = FromHub::Proof {
+                nonce: [1; key::LEN],
+                proof: [2; key::LEN],
+            };
+            link.send(&guess, None).await.unwrap();
+            // Whatever the agent says next (nothing: it leaves).
+            link.recv::<ToHub>().await.ok().flatten().map(|(m, _)| m)
+        });
+        let Err(JoinError::Refused(error)) = HubConn::connect(&key, None).await else {
+            panic!("the impostor was accepted");
+        };
+        assert!(
+            error.contains("could not prove it knows the hub key; refusing to join it"),
+            "{error}"
+        );
+        assert!(
+            impostor.await.unwrap().is_none(),
+            "the agent gave its proof to an impostor"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_hub_refuses_a_peer_with_a_wrong_proof_and_admits_one_with_the_key() {
+        let key = Key::generate().unwrap();
+        let name = format!("graft-test-admit-{}", key.hub_name());
+        let listener = Listener::bind_abstract(&name).unwrap();
+        let hub_key = key.clone();
+        let hub = tokio::spawn(async move {
+            let mut results = Vec::new();
+            for _ in 0..2 {
+                let link = listener.accept().await.unwrap();
+                results.push(admit(&link, &hub_key).await.is_ok());
+            }
+            results
+        });
+        for proof_with in [Key::generate().unwrap(), key.clone()] {
+            let link = Link::connect_abstract(&name).unwrap();
+            let peer_nonce = key::nonce().unwrap();
+            link.send(&ToHub::Challenge { nonce: peer_nonce }, None)
+                .await
+                .unwrap();
+            let Some((FromHub::Proof { nonce, proof }, None)) = link.recv().await.unwrap() else {
+                panic!("no proof from the hub");
+            };
+            assert!(key.verify(Prover::Hub, &nonce, &peer_nonce, &proof));
+            let ours = proof_with.proof(Prover::Peer, &nonce, &peer_nonce);
+            link.send(&ToHub::Proof { proof: ours }, None)
+                .await
+                .unwrap();
+            let answer = link.recv::<FromHub>().await.unwrap();
+            let admitted = matches!(answer, Some((FromHub::Done(None), None)));
+            assert_eq!(admitted, proof_with.hub_name() == key.hub_name());
+        }
+        assert_eq!(hub.await.unwrap(), [false, true]);
+    }
+}
