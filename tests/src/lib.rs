@@ -32,6 +32,7 @@
 
 mod bed;
 pub mod fake_kube;
+pub mod link;
 mod net;
 mod process;
 mod slot;
