@@ -111,7 +111,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let authenticated = tokio::time::timeout(AUTH_TIMEOUT, authenticate(stream, &shared));
+            let authenticated = tokio::time::timeout(
+                AUTH_TIMEOUT,
+                authenticate(stream, &shared.acceptor, &shared.secret),
+            );
             let outcome = match authenticated.await {
                 Ok(Ok(Some((transport, attach)))) => {
                     drop(permit);
@@ -134,11 +137,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Runs TLS and reads the attach; `Ok(None)` for a connection that is no TLS
-/// client (an old graft is answered first).
-async fn authenticate(
+/// One connection's proof: runs TLS with `acceptor` and reads the relink
+/// attach, whose credential must be `secret`. `Ok(None)` for a connection that
+/// is no TLS client; a graft before protocol 0.3 (plaintext attach) is
+/// answered with a rejection it shows, and refused. The caller bounds the time
+/// ([`AUTH_TIMEOUT`]).
+///
+/// # Errors
+///
+/// Why the connection was refused (failed handshake, wrong secret, ...).
+pub async fn authenticate(
     stream: TcpStream,
-    shared: &Shared,
+    acceptor: &TlsAcceptor,
+    secret: &Secret,
 ) -> Result<Option<(BoxTransport, Attach)>, String> {
     let mut first = [0u8; 8];
     loop {
@@ -158,8 +169,7 @@ async fn authenticate(
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
-    let mut tls = shared
-        .acceptor
+    let mut tls = acceptor
         .accept(stream)
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
@@ -167,7 +177,7 @@ async fn authenticate(
         .await
         .map_err(|e| format!("no relink attach inside TLS: {e}"))?;
     let secret_ok = std::str::from_utf8(&attach.credential)
-        .map(|given| shared.secret.accepts(given))
+        .map(|given| secret.accepts(given))
         .unwrap_or(false);
     if !secret_ok {
         let _ = tls.shutdown().await;
