@@ -33,6 +33,7 @@
 mod bed;
 pub mod cluster;
 pub mod fake_kube;
+pub mod link;
 mod net;
 mod process;
 mod slot;

@@ -254,20 +254,53 @@ fn agent_on_loopback_tcp_is_unreachable_from_outside_and_checks_the_secret() {
         TcpStream::connect_timeout(&outside, Duration::from_secs(2)).is_err(),
         "the agent's port is reachable at {outside}"
     );
-    // Inside the target's namespace, loopback reaches it, and the secret decides.
-    let reply = bed.in_target_netns(move || {
+    // Inside the target's namespace, loopback reaches it; it speaks TLS only
+    // (tests/tests/link_tls.rs), and the secret decides.
+    let pin = graft_tests::link::link_cert(&agent.proc.stdout());
+    let (plain, wrong, right) = bed.in_target_netns(move || {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .expect("the agent listens on the target's loopback");
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        hello(&mut stream, "not-the-secret")
+        let plain = hello_over(&mut stream, "not-the-secret");
+        let mut link = graft_tests::link::LinkClient::connect(addr, pin).unwrap();
+        let wrong = link.attach([1; 16], b"not-the-secret").is_ok();
+        let mut link = graft_tests::link::LinkClient::connect(addr, pin).unwrap();
+        let right = link.attach([2; 16], SECRET.as_bytes()).is_ok();
+        let hello = ClientMessage::Hello(Hello {
+            version: graft_protocol::PROTOCOL_VERSION.into(),
+            secret: SECRET.into(),
+            client: "graft-tests security".into(),
+        });
+        link.send(&hello).unwrap();
+        let accepted = matches!(
+            link.receive().unwrap(),
+            AgentMessage::Hello(HelloReply::Accepted { .. })
+        );
+        let right = right && accepted;
+        link.close().unwrap();
+        (plain, wrong, right)
     });
     assert!(
-        matches!(reply, HelloReply::Rejected { .. }),
-        "a wrong secret over TCP was accepted: {reply:?}"
+        plain.is_none(),
+        "a plaintext Hello over TCP was answered: {plain:?}"
     );
-    assert_eq!(agent.finish().code(), Some(6));
+    assert!(!wrong, "a wrong secret over TCP was accepted");
+    assert!(right, "the secret over TCP was refused");
+    assert_eq!(agent.finish().code(), Some(0));
+}
+
+/// Sends `Hello` with `secret`; the agent's answer, or `None` when it closed
+/// the connection instead.
+fn hello_over(stream: &mut TcpStream, secret: &str) -> Option<AgentMessage> {
+    let hello = ClientMessage::Hello(Hello {
+        version: graft_protocol::PROTOCOL_VERSION.into(),
+        secret: secret.into(),
+        client: "graft-tests security".into(),
+    });
+    stream.write_all(&encode_frame(&hello).unwrap()).ok()?;
+    read_frame(stream).ok()
 }
 
 #[test]

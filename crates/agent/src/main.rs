@@ -11,9 +11,12 @@
 //! enter the target's network namespace on the main thread; take the rules lock
 //! (see `rules::stale`) and fork the watchdog while the process has one thread;
 //! open the target's root; build the async runtime (its threads inherit the
-//! namespace); remove dead agents' stale rules in the background; listen; print
-//! `ready <address>` on stdout; accept one client; serve it. On the way out every
-//! packet rule is removed and every connection reset.
+//! namespace); remove dead agents' stale rules in the background; listen (on
+//! TCP: with TLS 1.3 and a key pair made for this run, whose certificate's
+//! SHA-256 is printed first as `link-cert sha256:HEX`); print `ready <address>`
+//! on stdout; accept one client (on TCP: the first that proves the session
+//! secret inside TLS); serve it. On the way out every packet rule is removed and
+//! every connection reset.
 //!
 //! Exit codes: 0 the session ran and ended; 1 any other failure; 2 bad arguments or
 //! environment; 3 the target does not exist; 4 not allowed to enter the target's
@@ -27,12 +30,12 @@ mod incoming;
 mod ns;
 mod outgoing;
 mod relay;
-mod relink;
 mod rules;
 mod session;
 mod steal;
 mod target;
 mod target_id;
+mod tcp_link;
 mod watchdog;
 
 use std::io::{IsTerminal, Write};
@@ -315,8 +318,9 @@ async fn stop_signal(pid: u32, pidfd: Option<std::os::fd::OwnedFd>) -> Stop {
 /// A listener for either kind of address.
 enum Listener {
     /// The socket file goes with the listener.
-    Unix(tokio::net::UnixListener, #[allow(dead_code)] RemoveOnDrop),
-    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, RemoveOnDrop),
+    /// TLS only, with the run's certificate.
+    Tcp(tokio::net::TcpListener, graft_protocol::tls::TlsAcceptor),
 }
 
 /// Removes the Unix socket file when the listener goes.
@@ -356,12 +360,20 @@ async fn serve(
     pidfd: Option<std::os::fd::OwnedFd>,
 ) -> Result<u8, Failure> {
     let pid = config.target_pid;
-    let (listener, ready) = match &args.listen {
+    let failed = |what: &'static str| {
+        move |e: std::io::Error| Failure::new(EXIT_FAILURE, anyhow::Error::new(e).context(what))
+    };
+    // A TCP listener (a port-forward's end, on the loopback the whole pod
+    // shares) speaks TLS only, with a key pair made for this run; a Unix
+    // socket (a local target, reachable by its owner alone) carries the
+    // session as it is.
+    let (listener, ready, cert_line) = match &args.listen {
         Listen::Unix(path) => {
             let l = bind_unix(path).map_err(|e| Failure::new(EXIT_FAILURE, e))?;
             (
                 Listener::Unix(l, RemoveOnDrop(path.clone())),
                 format!("unix:{}", path.display()),
+                None,
             )
         }
         Listen::Tcp(addr) => {
@@ -369,90 +381,85 @@ async fn serve(
                 .await
                 .with_context(|| format!("could not listen on {addr} in the target's network"))
                 .map_err(|e| Failure::new(EXIT_FAILURE, e))?;
-            let local = l.local_addr().map_err(|e| Failure::new(EXIT_FAILURE, e))?;
-            (Listener::Tcp(l), format!("tcp:{local}"))
+            let local = l
+                .local_addr()
+                .map_err(failed("reading the listener's address"))?;
+            let identity = graft_protocol::tls::AgentIdentity::generate()
+                .map_err(failed("making the link's key pair"))?;
+            let acceptor = identity
+                .acceptor()
+                .map_err(failed("setting up the link's TLS"))?;
+            let line = identity.cert_line();
+            (
+                Listener::Tcp(l, acceptor),
+                format!("tcp:{local}"),
+                Some(line),
+            )
         }
     };
     {
+        // The certificate line comes first: graft pins it when it reads `ready`.
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "ready {ready}")
+        cert_line
+            .iter()
+            .try_for_each(|line| writeln!(stdout, "{line}"))
+            .and_then(|()| writeln!(stdout, "ready {ready}"))
             .and_then(|()| stdout.flush())
-            .map_err(|e| {
-                Failure::new(
-                    EXIT_FAILURE,
-                    anyhow::Error::new(e).context("writing the ready line"),
-                )
-            })?;
+            .map_err(failed("writing the ready line"))?;
     }
     tracing::info!(target_pid = pid, listen = %ready, "ready");
 
     let mut stop = std::pin::pin!(stop_signal(pid, pidfd));
     let timeout = Duration::from_secs(args.connect_timeout);
-    let accept = async {
-        match &listener {
-            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
-            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
-        }
+    let no_client = || {
+        Failure::new(
+            EXIT_NO_CLIENT,
+            anyhow::anyhow!(
+                "no client connected to {ready} within {} s (--connect-timeout); exiting",
+                args.connect_timeout
+            ),
+        )
     };
-    let accepted = tokio::select! {
-        stopped = &mut stop => {
-            tracing::info!(?stopped, "stopped before a client connected");
-            return Ok(0);
-        }
-        accepted = tokio::time::timeout(timeout, accept) => accepted,
-    };
-    let stream = match accepted {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            return Err(Failure::new(
-                EXIT_FAILURE,
-                anyhow::Error::new(e).context("accepting the client"),
-            ));
-        }
-        Err(_) => {
-            return Err(Failure::new(
-                EXIT_NO_CLIENT,
-                anyhow::anyhow!(
-                    "no client connected to {ready} within {} s (--connect-timeout); exiting",
-                    args.connect_timeout
-                ),
-            ));
-        }
-    };
-    let hello_timeout = config.hello_timeout;
-    let end = match stream {
-        Accepted::Unix(s) => {
-            // Exactly one client: stop listening (and remove the socket file) now.
-            drop(listener);
-            session::run(s, config, stop).await
-        }
-        Accepted::Tcp(s) => {
-            let _ = s.set_nodelay(true);
-            if relink::starts_with_attach(&s, hello_timeout).await {
-                // A port-forwarded client: its link survives new transports, which
-                // arrive on the same listener with the link's token.
-                let mut transport: graft_protocol::relink::BoxTransport = Box::new(s);
-                let attach = graft_protocol::relink::read_attach(&mut transport)
-                    .await
-                    .map_err(|e| Failure::new(EXIT_REFUSED, anyhow::Error::new(e)))?;
-                let options = graft_protocol::relink::RelinkOptions::default();
-                let (link, reattach) =
-                    graft_protocol::relink::Relink::server(transport, attach, options)
-                        .await
-                        .map_err(|e| Failure::new(EXIT_FAILURE, anyhow::Error::new(e)))?;
-                let reattacher = match listener {
-                    Listener::Tcp(l) => Some(tokio::spawn(relink::accept_reattach(l, reattach))),
-                    Listener::Unix(..) => None,
-                };
-                let end = session::run(link, config, stop).await;
-                if let Some(task) = reattacher {
-                    task.abort();
+    let end = match listener {
+        Listener::Unix(l, socket_file) => {
+            let accepted = tokio::select! {
+                stopped = &mut stop => {
+                    tracing::info!(?stopped, "stopped before a client connected");
+                    return Ok(0);
                 }
-                end
-            } else {
-                drop(listener);
-                session::run(s, config, stop).await
-            }
+                accepted = tokio::time::timeout(timeout, l.accept()) => accepted,
+            };
+            let stream = match accepted {
+                Ok(Ok((stream, _))) => stream,
+                Ok(Err(e)) => return Err(failed("accepting the client")(e)),
+                Err(_) => return Err(no_client()),
+            };
+            // Exactly one client: stop listening (and remove the socket file) now.
+            drop((l, socket_file));
+            session::run(stream, config, stop).await
+        }
+        Listener::Tcp(l, acceptor) => {
+            // The link survives new transports (a port-forward the API server
+            // dropped), which arrive on the same listener.
+            let (first, accepter) = tcp_link::listen(l, acceptor, config.secret.clone());
+            let first = tokio::select! {
+                stopped = &mut stop => {
+                    tracing::info!(?stopped, "stopped before a client connected");
+                    accepter.abort();
+                    return Ok(0);
+                }
+                first = tokio::time::timeout(timeout, first) => first,
+            };
+            let link = match first {
+                Ok(Ok(link)) => link,
+                Ok(Err(_)) | Err(_) => {
+                    accepter.abort();
+                    return Err(no_client());
+                }
+            };
+            let end = session::run(link, config, stop).await;
+            accepter.abort();
+            end
         }
     };
     Ok(match end {
@@ -462,12 +469,6 @@ async fn serve(
         }
         SessionEnd::LinkClosed | SessionEnd::LinkError(_) | SessionEnd::Stopped(_) => 0,
     })
-}
-
-/// The one accepted client connection.
-enum Accepted {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! stops before that (see the exit codes in docs/architecture.md).
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -15,7 +14,7 @@ use std::{
 use graft_proxy::{Session, SessionOptions};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
-    net::{TcpStream, UnixStream},
+    net::UnixStream,
     process::{Child, Command},
 };
 
@@ -30,12 +29,15 @@ const EXIT_NO_TARGET: i32 = 3;
 const EXIT_PRIVILEGES: i32 = 4;
 
 /// Where the agent listens, from its `ready` line.
+///
+/// A local agent is always told to listen on a Unix socket in the session
+/// directory (mode 0600, so only its owner reaches it, and no packet capture
+/// sees what crosses it); its TCP listener, which speaks TLS only, is for
+/// port-forwards ([`crate::cluster`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddress {
     /// `unix:PATH` (or a bare path).
     Unix(PathBuf),
-    /// `tcp:HOST:PORT`.
-    Tcp(SocketAddr),
 }
 
 impl AgentAddress {
@@ -44,9 +46,6 @@ impl AgentAddress {
         let text = text.trim();
         if let Some(path) = text.strip_prefix("unix:") {
             return Some(AgentAddress::Unix(path.into()));
-        }
-        if let Some(addr) = text.strip_prefix("tcp:") {
-            return addr.parse().ok().map(AgentAddress::Tcp);
         }
         text.starts_with('/')
             .then(|| AgentAddress::Unix(text.into()))
@@ -187,10 +186,6 @@ impl LocalAgent {
                 let stream = UnixStream::connect(path).await.map_err(|e| failed(&e))?;
                 Session::connect_with(stream, secret, client, options).await
             }
-            AgentAddress::Tcp(addr) => {
-                let stream = TcpStream::connect(addr).await.map_err(|e| failed(&e))?;
-                Session::connect_with(stream, secret, client, options).await
-            }
         };
         session.map_err(|e| failed(&e))
     }
@@ -259,10 +254,7 @@ mod tests {
             AgentAddress::parse("unix:/run/graft/x/agent.sock"),
             Some(AgentAddress::Unix("/run/graft/x/agent.sock".into()))
         );
-        assert_eq!(
-            AgentAddress::parse("tcp:127.0.0.1:7000"),
-            Some(AgentAddress::Tcp("127.0.0.1:7000".parse().unwrap()))
-        );
+        assert_eq!(AgentAddress::parse("tcp:127.0.0.1:7000"), None);
         assert_eq!(
             AgentAddress::parse("/tmp/a.sock"),
             Some(AgentAddress::Unix("/tmp/a.sock".into()))
@@ -311,14 +303,14 @@ mod tests {
             dir.path(),
             "[ \"$GRAFT_AGENT_SECRET\" = s3 ] || exit 9\n\
              [ \"$1 $2 $3\" = '--target-pid 77 --listen' ] || exit 8\n\
-             echo starting; echo 'ready tcp:127.0.0.1:7777'; sleep 5",
+             echo starting; echo 'ready unix:/run/graft/elsewhere.sock'; sleep 5",
         );
         let mut started = LocalAgent::start(&agent, 77, dir.path(), "s3", None)
             .await
             .unwrap();
         assert_eq!(
             started.address,
-            AgentAddress::Tcp("127.0.0.1:7777".parse().unwrap())
+            AgentAddress::Unix("/run/graft/elsewhere.sock".into())
         );
         let _ = started.child.start_kill();
         started.stop(Duration::from_secs(5)).await;

@@ -1,6 +1,7 @@
 //! `graft run` against a Kubernetes target: resolve the target to a pod and
 //! container, place the agent beside it, wait for it, and open the port-forward
-//! that carries the session's link. The phases show on a spinner (on a terminal)
+//! that carries the session's link (TLS 1.3 to the agent's pinned certificate,
+//! see [`graft_protocol::tls`]). The phases show on a spinner (on a terminal)
 //! and as plain `graft:` lines for what the user must know (the chosen pod, the
 //! agent's start time). Whatever graft created is removed by [`ClusterAgent::stop`],
 //! which the caller runs on every exit path; an ephemeral container cannot be
@@ -16,6 +17,7 @@ use graft_kube::{
     delete_node_agent, port_forward, wait_for_agent,
 };
 use graft_protocol::relink::{BoxTransport, Reconnect, Relink, RelinkOptions};
+use graft_protocol::tls::{self, Fingerprint};
 use indicatif::{ProgressBar, ProgressStyle};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -263,7 +265,7 @@ pub async fn start(
         cluster: cluster.clone(),
         placement,
     };
-    let stream = match agent.connect(settings, progress).await {
+    let stream = match agent.connect(settings, secret, progress).await {
         Ok(stream) => stream,
         Err(failure) => {
             agent.stop().await;
@@ -341,7 +343,7 @@ async fn start_on_pod(
         cluster: cluster.clone(),
         placement,
     };
-    match agent.connect(settings, progress).await {
+    match agent.connect(settings, secret, progress).await {
         Ok(stream) => Ok((agent, stream)),
         Err(failure) => {
             agent.stop().await;
@@ -355,6 +357,7 @@ impl ClusterAgent {
     async fn connect(
         &mut self,
         settings: &KubeSettings,
+        secret: &str,
         progress: &mut Progress,
     ) -> Result<Box<dyn graft_kube::place::AgentStream>, Failure> {
         progress.phase("waiting for the agent to start");
@@ -389,26 +392,51 @@ impl ClusterAgent {
             },
             progress.elapsed().as_secs_f64()
         ));
+        // The agent's certificate, pinned: only the agent holds its key, so
+        // nothing else in the pod can answer in its place.
+        let pin: Fingerprint = match &ready.link_cert {
+            Some(text) => text.parse().map_err(|e: String| {
+                Failure::session(format!("the agent's link-cert line is unreadable: {e}"))
+            })?,
+            None => {
+                return Err(Failure::session(
+                    "the agent printed no link certificate before its ready line: its image is \
+                     from a graft release before protocol 0.3, whose link is not encrypted",
+                )
+                .hint("use the agent image of this graft release (`graft agent-image`, or --agent-image)"));
+            }
+        };
+        let connector = tls::connector(pin);
         progress.phase("opening the port-forward");
         let first = port_forward(client, placement, ready.port)
             .await
             .map_err(kube_failure)?;
+        let first = tls::connect(&connector, Forwarded::from(first))
+            .await
+            .map_err(|e| {
+                Failure::session(format!(
+                    "the TLS handshake with the agent through the port-forward failed: {e}"
+                ))
+            })?;
         // The link outlives its port-forward: when the API server drops one, a
         // new one is opened and the agent re-attaches the link to it.
         let (client, placement, port) = (client.clone(), placement.clone(), ready.port);
         let reconnect: Reconnect = Box::new(move || {
-            let (client, placement) = (client.clone(), placement.clone());
+            let (client, placement, connector) =
+                (client.clone(), placement.clone(), connector.clone());
             Box::pin(async move {
                 let forward = port_forward(&client, &placement, port)
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
-                Ok(Box::new(Forwarded::from(forward)) as BoxTransport)
+                let stream = tls::connect(&connector, Forwarded::from(forward)).await?;
+                Ok(Box::new(stream) as BoxTransport)
             })
         });
         let link = Relink::client(
-            Box::new(Forwarded::from(first)),
+            Box::new(first),
             reconnect,
             RelinkOptions::default(),
+            secret.as_bytes().to_vec(),
         )
         .await
         .map_err(|e| {

@@ -383,11 +383,16 @@ pub async fn agent_pods(client: &Client, namespace: Option<&str>) -> Result<Vec<
 }
 
 /// The agent once it is ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentReady {
     /// The port it listens on, on the loopback of the target pod's network
     /// namespace: port-forward to [`AgentPlacement::port_forward_pod`] at it.
     pub port: u16,
+    /// The fingerprint of the agent's link certificate, as its
+    /// `link-cert sha256:HEX` line before `ready` said it (the text after
+    /// `link-cert `); `None` from an agent that printed none (a release whose
+    /// link was not encrypted).
+    pub link_cert: Option<String>,
 }
 
 /// Waits until the agent runs and has printed its `ready` line, at most
@@ -432,7 +437,7 @@ pub async fn wait_for_agent(
 
     let remaining = timeout.saturating_sub(started.elapsed());
     match tokio::time::timeout(remaining, read_ready_line(&api, placement)).await {
-        Ok(Ok(Some(port))) => Ok(AgentReady { port }),
+        Ok(Ok(Some(ready))) => Ok(ready),
         Ok(Ok(None)) => {
             // The log ended without the line: the agent exited. Its state
             // says how.
@@ -451,7 +456,7 @@ pub async fn wait_for_agent(
 async fn read_ready_line(
     api: &Api<Pod>,
     placement: &AgentPlacement,
-) -> Result<Option<u16>, KubeError> {
+) -> Result<Option<AgentReady>, KubeError> {
     let params = LogParams {
         container: Some(placement.agent_container.clone()),
         follow: true,
@@ -470,14 +475,19 @@ async fn read_ready_line(
             )
         })?;
     let mut lines = std::pin::pin!(log.lines());
+    let mut link_cert = None;
     // The agent writes logs to stderr and its ready line to stdout; the
     // container log interleaves both.
     while let Some(line) = lines.try_next().await.map_err(|e| KubeError::Api {
         action: format!("reading the log of {}", placement.agent_pod),
         source: Box::new(kube::Error::ReadEvents(e)),
     })? {
-        if let Some(port) = parse_ready_line(&line) {
-            return Ok(Some(port));
+        // Only what the agent printed before its first `ready` counts: it
+        // writes both lines before it reads anything from anyone.
+        if let Some(cert) = line.trim().strip_prefix("link-cert ") {
+            link_cert.get_or_insert_with(|| cert.to_owned());
+        } else if let Some(port) = parse_ready_line(&line) {
+            return Ok(Some(AgentReady { port, link_cert }));
         }
     }
     Ok(None)

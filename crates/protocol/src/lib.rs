@@ -25,6 +25,8 @@ pub mod link;
 #[cfg(feature = "relink")]
 pub mod relink;
 pub mod remote;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod version;
 
 pub use codec::{FrameError, MAX_FRAME_LEN};

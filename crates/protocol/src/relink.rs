@@ -8,13 +8,18 @@
 //! Each transport starts with an attach exchange:
 //!
 //! ```text
-//! client → agent: "GRAFTRL1" · token (16 bytes) · received (u64 BE)
-//! agent → client: "GRAFTRL1" · received (u64 BE)
+//! client → agent: "GRAFTRL2" · token (16 bytes) · received (u64 BE)
+//!                 · credential length (u16 BE) · credential
+//! agent → client: "GRAFTRL2" · received (u64 BE)
 //! ```
 //!
 //! `token` names the link (random, chosen by the client for its first
 //! transport); `received` is how many payload bytes that side has taken in so
-//! far, so the other side resends everything after it. Then records flow both
+//! far, so the other side resends everything after it; `credential` is the
+//! session secret, which the agent checks on every attach before it answers
+//! (it closes the transport otherwise). The exchange is meant to run inside an
+//! encrypted transport ([`crate::tls`] for port-forwarded agents), so neither
+//! the token nor the secret is ever seen on the wire. Then records flow both
 //! ways, `kind (u8) · length (u32 BE) · payload`: kind 0 carries payload bytes,
 //! kind 1 an acknowledgement (`u64 BE`, payload bytes received so far), which
 //! lets the sender forget what it keeps for resending.
@@ -42,7 +47,12 @@ use tokio::time::Instant;
 use tokio_util::sync::PollSender;
 
 /// The first bytes of every relink transport.
-pub const MAGIC: &[u8; 8] = b"GRAFTRL1";
+pub const MAGIC: &[u8; 8] = b"GRAFTRL2";
+/// The first bytes of a transport of graft before protocol 0.3, which sent the
+/// attach in plaintext and without a credential.
+pub const LEGACY_MAGIC: &[u8; 8] = b"GRAFTRL1";
+/// The longest credential an attach may carry, in bytes.
+pub const MAX_CREDENTIAL: usize = 1024;
 /// The most payload bytes a side keeps for resending before writes wait.
 pub const MAX_UNACKED: usize = 32 << 20;
 /// A transport on which nothing arrives for this long is given up.
@@ -92,17 +102,22 @@ impl Default for RelinkOptions {
 }
 
 /// What a client sent to attach a transport, as the agent read it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Attach {
     /// The link's token.
     pub token: Token,
     /// Payload bytes the client has received.
     pub received: u64,
+    /// What the client proves itself with (the session secret).
+    pub credential: Vec<u8>,
 }
 
-/// Whether `first` (the first bytes of a connection) starts a relink attach.
-pub fn is_attach(first: &[u8]) -> bool {
-    first.len() >= MAGIC.len() && &first[..MAGIC.len()] == MAGIC
+impl std::fmt::Debug for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attach")
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Reads the client's attach header (magic included).
@@ -122,7 +137,38 @@ pub async fn read_attach<T: AsyncRead + Unpin>(t: &mut T) -> io::Result<Attach> 
     let mut token = [0u8; 16];
     t.read_exact(&mut token).await?;
     let received = t.read_u64().await?;
-    Ok(Attach { token, received })
+    let len = usize::from(t.read_u16().await?);
+    if len > MAX_CREDENTIAL {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a relink credential of {len} bytes (at most {MAX_CREDENTIAL})"),
+        ));
+    }
+    let mut credential = vec![0u8; len];
+    t.read_exact(&mut credential).await?;
+    Ok(Attach {
+        token,
+        received,
+        credential,
+    })
+}
+
+/// Answers a client of graft before protocol 0.3 (its transport began with
+/// [`LEGACY_MAGIC`], in plaintext) in the old relink format, with one data
+/// record carrying `frame` (an encoded `Hello` rejection that says what to do)
+/// and a close record, so that the old client shows the reason instead of a
+/// broken link.
+///
+/// # Errors
+///
+/// I/O errors as they come.
+pub async fn refuse_legacy<T: AsyncWrite + Unpin>(t: &mut T, frame: &[u8]) -> io::Result<()> {
+    t.write_all(LEGACY_MAGIC).await?;
+    t.write_all(&0u64.to_be_bytes()).await?;
+    write_record(t, KIND_DATA, frame).await?;
+    write_record(t, KIND_CLOSE, &[]).await?;
+    t.flush().await?;
+    t.shutdown().await
 }
 
 /// A fresh random token, from the kernel's random source.
@@ -255,9 +301,16 @@ impl Relink {
         mut first: BoxTransport,
         mut reconnect: Reconnect,
         options: RelinkOptions,
+        credential: Vec<u8>,
     ) -> io::Result<Relink> {
+        if credential.len() > MAX_CREDENTIAL {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the relink credential is longer than {MAX_CREDENTIAL} bytes"),
+            ));
+        }
         let token = new_token()?;
-        let peer_received = client_attach(&mut first, &token, 0).await?;
+        let peer_received = client_attach(&mut first, &token, 0, &credential).await?;
         let (relink, mut driver) = Relink::pair(options);
         driver.shared.trim(peer_received);
         tokio::spawn(async move {
@@ -280,7 +333,7 @@ impl Relink {
                     let attempt = async {
                         let mut t = reconnect().await?;
                         let received = driver.shared.received.load(Ordering::Acquire);
-                        let peer = client_attach(&mut t, &token, received).await?;
+                        let peer = client_attach(&mut t, &token, received, &credential).await?;
                         io::Result::Ok((t, peer))
                     };
                     match tokio::time::timeout_at(deadline, attempt).await {
@@ -385,15 +438,33 @@ impl Relink {
     }
 }
 
-async fn client_attach(t: &mut BoxTransport, token: &Token, received: u64) -> io::Result<u64> {
-    let mut header = Vec::with_capacity(32);
+async fn client_attach(
+    t: &mut BoxTransport,
+    token: &Token,
+    received: u64,
+    credential: &[u8],
+) -> io::Result<u64> {
+    let mut header = Vec::with_capacity(34 + credential.len());
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(token);
     header.extend_from_slice(&received.to_be_bytes());
+    let len = u16::try_from(credential.len()).expect("checked against MAX_CREDENTIAL");
+    header.extend_from_slice(&len.to_be_bytes());
+    header.extend_from_slice(credential);
     t.write_all(&header).await?;
     t.flush().await?;
     let mut magic = [0u8; 8];
-    t.read_exact(&mut magic).await?;
+    t.read_exact(&mut magic).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the agent closed the link at the attach: it refused the session secret \
+                 (another session's agent?) or the link's token",
+            )
+        } else {
+            e
+        }
+    })?;
     if &magic != MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -763,14 +834,24 @@ mod tests {
             let t = reconnect_net.connect();
             Box::pin(async move { Ok(t) })
         });
-        let client = tokio::spawn(Relink::client(first, reconnect, options));
+        let client = tokio::spawn(Relink::client(
+            first,
+            reconnect,
+            options,
+            b"s3cret".to_vec(),
+        ));
         let mut agent_first = rx.recv().await.unwrap();
         let attach = read_attach(&mut agent_first).await.unwrap();
+        assert_eq!(attach.credential, b"s3cret");
         let (agent, reattach) = Relink::server(agent_first, attach, options).await.unwrap();
         tokio::spawn(async move {
             while let Some(mut t) = rx.recv().await {
                 let attach = read_attach(&mut t).await.unwrap();
                 assert_eq!(attach.token, reattach.token());
+                assert_eq!(
+                    attach.credential, b"s3cret",
+                    "every attach proves the secret"
+                );
                 reattach.attach(t, attach.received).await;
             }
         });
@@ -858,7 +939,7 @@ mod tests {
         let reconnect: Reconnect = Box::new(|| {
             Box::pin(async { Err(io::Error::new(io::ErrorKind::ConnectionRefused, "gone")) })
         });
-        let client = tokio::spawn(Relink::client(first, reconnect, options));
+        let client = tokio::spawn(Relink::client(first, reconnect, options, Vec::new()));
         let mut t = rx.recv().await.unwrap();
         let attach = read_attach(&mut t).await.unwrap();
         let (mut agent, _reattach) = Relink::server(t, attach, options).await.unwrap();
@@ -877,10 +958,26 @@ mod tests {
         assert_eq!(n, 0);
     }
 
-    #[test]
-    fn attach_headers_are_recognized() {
-        assert!(is_attach(b"GRAFTRL1xxxx"));
-        assert!(!is_attach(b"GRAFT"));
-        assert!(!is_attach(&[0, 0, 0, 7, 1, 2, 3, 4]));
+    #[tokio::test]
+    async fn an_old_client_reads_the_refusal_in_its_own_format() {
+        let (mut agent, mut client) = tokio::io::duplex(4096);
+        refuse_legacy(&mut agent, b"frame").await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let mut want = b"GRAFTRL1".to_vec();
+        want.extend_from_slice(&0u64.to_be_bytes());
+        want.extend_from_slice(&[KIND_DATA, 0, 0, 0, 5]);
+        want.extend_from_slice(b"frame");
+        want.extend_from_slice(&[KIND_CLOSE, 0, 0, 0, 0]);
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_credential_is_refused() {
+        let mut header = MAGIC.to_vec();
+        header.extend_from_slice(&[0u8; 24]);
+        header.extend_from_slice(&u16::MAX.to_be_bytes());
+        let err = read_attach(&mut &header[..]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 }
