@@ -41,9 +41,9 @@ pub fn notice(port: u16, mine: &HttpFilterSpec, listing: &[SessionListing]) -> O
         return None;
     }
     Some(format!(
-        "port {port} is also stolen with a filter by {}; a request that matches their \
-         filter and this session's ({mine}) goes to the session that came first, so this \
-         session gets only the requests that match its filter and none of theirs \
+        "port {port} is also stolen with a filter by {}; a request that matches one of \
+         those filters and this session's ({mine}) goes to the session that came first, \
+         so this session gets only the requests that match its filter and none of theirs \
          (see `graft ls`)",
         older.join(", ")
     ))

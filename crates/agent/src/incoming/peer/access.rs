@@ -18,11 +18,12 @@ enum Role {
     /// Not needed yet.
     Idle,
     /// This agent owns the hub; the table with its key lives as long as `key`.
+    /// Both are `None` for a hub that cannot be shared (no nf_tables).
     Owner {
         hub: Arc<Hub>,
         owner: OwnerId,
-        server: tokio::task::JoinHandle<()>,
-        key: Published,
+        server: Option<tokio::task::JoinHandle<()>>,
+        key: Option<Published>,
     },
     /// Another agent owns it.
     Client { conn: Arc<HubConn> },
@@ -76,7 +77,24 @@ impl Access {
         }
         self.hold_conntrack();
         for _ in 0..250 {
-            match key::publish().map_err(|e| e.to_string())? {
+            let published = match key::publish() {
+                Ok(published) => published,
+                Err(e @ key::KeyError::Unsupported(_)) => {
+                    // Better one session than none: this one works, alone.
+                    tracing::warn!("this session cannot share the target with other sessions: {e}");
+                    let hub = Hub::start(self.chain.clone(), self.rules_touched.clone());
+                    let owner = hub.new_owner();
+                    **role = Role::Owner {
+                        hub,
+                        owner,
+                        server: None,
+                        key: None,
+                    };
+                    return Ok(());
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            match published {
                 Some(published) => {
                     let name = published.key.hub_name();
                     let listener = Listener::bind_abstract(&name).map_err(|e| {
@@ -93,8 +111,8 @@ impl Access {
                     **role = Role::Owner {
                         hub,
                         owner,
-                        server,
-                        key: published,
+                        server: Some(server),
+                        key: Some(published),
                     };
                     return Ok(());
                 }
@@ -269,7 +287,9 @@ impl Access {
                 server,
                 key,
             } => {
-                server.abort();
+                if let Some(server) = server {
+                    server.abort();
+                }
                 hub.drop_owner(owner).await;
                 drop(key);
             }
