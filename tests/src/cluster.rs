@@ -242,6 +242,44 @@ pub fn service_account_kubeconfig(live: &Live, namespace: &str, account: &str, p
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
+/// A cluster-scoped object a test created, deleted on drop (also when the test
+/// panics).
+pub struct ClusterObject<'a> {
+    live: &'a Live,
+    api_version: String,
+    kind: String,
+    name: String,
+}
+
+impl<'a> ClusterObject<'a> {
+    /// Applies `object` (cluster-scoped) and returns its guard.
+    ///
+    /// # Panics
+    ///
+    /// When the API server refuses.
+    pub fn apply(live: &'a Live, object: Value) -> ClusterObject<'a> {
+        let text = |key: &str| object[key].as_str().unwrap_or_default().to_owned();
+        let guard = ClusterObject {
+            live,
+            api_version: text("apiVersion"),
+            kind: text("kind"),
+            name: object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        live.apply(object);
+        guard
+    }
+}
+
+impl Drop for ClusterObject<'_> {
+    fn drop(&mut self) {
+        self.live
+            .delete_cluster_object(&self.api_version, &self.kind, &self.name);
+    }
+}
+
 /// A namespace of one test, deleted on drop.
 pub struct Ns<'a> {
     /// The cluster.

@@ -15,8 +15,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use graft_tests::cluster::{
-    APP_PORT, Live, Ns, SESSION_TIMEOUT, app_pod, interrupt, local_server, local_server_on, output,
-    py_with, rbac_yaml, served_by, service_account_kubeconfig, wait_restored, wait_served_by,
+    APP_PORT, ClusterObject, Live, Ns, SESSION_TIMEOUT, app_pod, interrupt, local_server,
+    local_server_on, output, py_with, rbac_yaml, served_by, service_account_kubeconfig,
+    wait_restored, wait_served_by,
 };
 use graft_tests::{Outcome, Proc, wait_until};
 use nix::sys::signal::Signal;
@@ -191,7 +192,7 @@ fn e2e_every_command_works_with_only_the_graft_cluster_role() {
     let text = std::fs::read_to_string(rbac_yaml()).expect("deploy/rbac.yaml");
     let mut cluster_role: Value = serde_saphyr::from_str(&text).expect("deploy/rbac.yaml parses");
     cluster_role["metadata"]["name"] = json!(role);
-    live.apply(cluster_role);
+    let _role = ClusterObject::apply(&live, cluster_role);
     let ns = live.namespace("rbac");
     ns.apply(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "dev"}}));
     ns.apply(json!({
@@ -207,7 +208,7 @@ fn e2e_every_command_works_with_only_the_graft_cluster_role() {
     ns.workload("Deployment", "web", 1, 1);
     let addr = ns.app_addr("app=web");
 
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    {
         // doctor: every permission there, no check fails; elsewhere refused.
         let mut command = ns.graft_as("doctor", &kubeconfig);
         command.args(["--target", "deploy/web"]);
@@ -260,10 +261,6 @@ fn e2e_every_command_works_with_only_the_graft_cluster_role() {
             assert!(out.success(), "{out}");
             wait_restored(&ns, addr, "web");
         }
-    }));
-    live.delete_cluster_object("rbac.authorization.k8s.io/v1", "ClusterRole", &role);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
     }
 }
 

@@ -11,8 +11,8 @@
 //! cluster-only Service by its cluster DNS name.
 
 use graft_tests::cluster::{
-    APP_PORT, Live, Ns, SESSION_TIMEOUT, interrupt, local_server, py_with, wait_restored,
-    wait_served_by,
+    APP_PORT, ClusterObject, Live, Ns, SESSION_TIMEOUT, interrupt, local_server, py_with,
+    wait_restored, wait_served_by,
 };
 use serde_json::json;
 
@@ -118,11 +118,11 @@ fn e2e_target_rollout() {
         return;
     };
     let crd = "rollouts.argoproj.io";
-    let installed_here =
-        !live.has_cluster_object("apiextensions.k8s.io/v1", "CustomResourceDefinition", crd);
+    let existed =
+        live.has_cluster_object("apiextensions.k8s.io/v1", "CustomResourceDefinition", crd);
     // The part of Argo Rollouts' CRD graft reads (spec.selector), without its
     // controller: the pods come from a ReplicaSet with the Rollout's labels.
-    live.apply(json!({
+    let definition = json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
         "metadata": {"name": crd},
         "spec": {
@@ -133,7 +133,9 @@ fn e2e_target_rollout() {
                 "schema": {"openAPIV3Schema": {"type": "object",
                     "x-kubernetes-preserve-unknown-fields": true}}}],
         },
-    }));
+    });
+    // Removed at the end (also on failure) only when this test installed it.
+    let _crd = (!existed).then(|| ClusterObject::apply(&live, definition));
     let ns = live.namespace("rollout");
     let applied = graft_tests::wait_until(
         std::time::Duration::from_secs(30),
@@ -166,9 +168,6 @@ fn e2e_target_rollout() {
     }));
     steal_and_restore(&ns, "rollout/api", "api");
     drop(ns);
-    if installed_here {
-        live.delete_cluster_object("apiextensions.k8s.io/v1", "CustomResourceDefinition", crd);
-    }
 }
 
 /// Targetless: the local program runs with the cluster's DNS and outgoing
