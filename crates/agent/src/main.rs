@@ -19,10 +19,12 @@
 //! namespaces; 5 no client connected in time; 6 the handshake failed (wrong secret,
 //! incompatible version, not a graft client).
 
+mod admission;
 mod dns;
 mod env;
 mod files;
 mod incoming;
+mod limits;
 mod ns;
 mod outgoing;
 mod relay;
@@ -184,6 +186,10 @@ fn run(args: Args) -> Result<u8, Failure> {
         (None, None) => unreachable!("clap requires --target-pid or --target-container-id"),
     };
     ns::check_exists(pid)?;
+    match limits::raise_nofile() {
+        Ok(limit) => tracing::debug!(?limit, "open file limit"),
+        Err(e) => tracing::warn!("could not raise the open file limit to its maximum: {e}"),
+    }
     let secret = session_secret().map_err(|e| Failure::new(EXIT_USAGE, e))?;
     let chain = rules::random_chain_name();
     let netns = ns::open_netns(pid)?;
@@ -354,70 +360,73 @@ async fn serve(
 
     let mut stop = std::pin::pin!(stop_signal(pid, pidfd));
     let timeout = Duration::from_secs(args.connect_timeout);
-    let accept = async {
-        match &listener {
-            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
-            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
-        }
+    let no_client = |refused: Option<String>| match refused {
+        Some(reason) => Failure::new(
+            EXIT_REFUSED,
+            anyhow::anyhow!(
+                "no client passed the handshake within {} s (--connect-timeout); the last \
+                 refused: {reason}",
+                args.connect_timeout
+            ),
+        ),
+        None => Failure::new(
+            EXIT_NO_CLIENT,
+            anyhow::anyhow!(
+                "no client connected to {ready} within {} s (--connect-timeout); exiting",
+                args.connect_timeout
+            ),
+        ),
     };
-    let accepted = tokio::select! {
-        stopped = &mut stop => {
-            tracing::info!(?stopped, "stopped before a client connected");
-            return Ok(0);
-        }
-        accepted = tokio::time::timeout(timeout, accept) => accepted,
-    };
-    let stream = match accepted {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            return Err(Failure::new(
-                EXIT_FAILURE,
-                anyhow::Error::new(e).context("accepting the client"),
-            ));
-        }
-        Err(_) => {
-            return Err(Failure::new(
-                EXIT_NO_CLIENT,
-                anyhow::anyhow!(
-                    "no client connected to {ready} within {} s (--connect-timeout); exiting",
-                    args.connect_timeout
-                ),
-            ));
-        }
-    };
-    let hello_timeout = config.hello_timeout;
-    let end = match stream {
-        Accepted::Unix(s) => {
+    let end = match listener {
+        Listener::Unix(listener, remove) => {
+            let accepted = tokio::select! {
+                stopped = &mut stop => {
+                    tracing::info!(?stopped, "stopped before a client connected");
+                    return Ok(0);
+                }
+                accepted = tokio::time::timeout(timeout, listener.accept()) => accepted,
+            };
+            let stream = match accepted {
+                Ok(Ok((stream, _))) => stream,
+                Ok(Err(e)) => {
+                    return Err(Failure::new(
+                        EXIT_FAILURE,
+                        anyhow::Error::new(e).context("accepting the client"),
+                    ));
+                }
+                Err(_) => return Err(no_client(None)),
+            };
             // Exactly one client: stop listening (and remove the socket file) now.
             drop(listener);
-            session::run(s, config, stop).await
+            drop(remove);
+            session::run(stream, config, stop).await
         }
-        Accepted::Tcp(s) => {
-            let _ = s.set_nodelay(true);
-            if relink::starts_with_attach(&s, hello_timeout).await {
-                // A port-forwarded client: its link survives new transports, which
-                // arrive on the same listener with the link's token.
-                let mut transport: graft_protocol::relink::BoxTransport = Box::new(s);
-                let attach = graft_protocol::relink::read_attach(&mut transport)
-                    .await
-                    .map_err(|e| Failure::new(EXIT_REFUSED, anyhow::Error::new(e)))?;
-                let options = graft_protocol::relink::RelinkOptions::default();
-                let (link, reattach) =
-                    graft_protocol::relink::Relink::server(transport, attach, options)
-                        .await
-                        .map_err(|e| Failure::new(EXIT_FAILURE, anyhow::Error::new(e)))?;
-                let reattacher = match listener {
-                    Listener::Tcp(l) => Some(tokio::spawn(relink::accept_reattach(l, reattach))),
-                    Listener::Unix(..) => None,
-                };
-                let end = session::run(link, config, stop).await;
-                if let Some(task) = reattacher {
-                    task.abort();
+        Listener::Tcp(listener) => {
+            // Anything in the target's pod can reach this port: each connection
+            // is admitted on its own, and the first with the secret wins.
+            let mut refused = None;
+            let first = admission::first_client(&listener, &config.secret, pid, &mut refused);
+            let client = tokio::select! {
+                stopped = &mut stop => {
+                    tracing::info!(?stopped, "stopped before a client connected");
+                    return Ok(0);
                 }
-                end
-            } else {
-                drop(listener);
-                session::run(s, config, stop).await
+                client = tokio::time::timeout(timeout, first) => client,
+            };
+            match client {
+                Err(_) => return Err(no_client(refused)),
+                Ok(admission::Client::Plain(admitted)) => {
+                    drop(listener);
+                    session::serve(admitted, config, stop).await
+                }
+                Ok(admission::Client::Relinked(admitted, reattach)) => {
+                    // A port-forwarded client: its link survives new transports,
+                    // which arrive on the same listener with the link's token.
+                    let reattacher = tokio::spawn(relink::accept_reattach(listener, reattach));
+                    let end = session::serve(admitted, config, stop).await;
+                    reattacher.abort();
+                    end
+                }
             }
         }
     };
@@ -428,12 +437,6 @@ async fn serve(
         }
         SessionEnd::LinkClosed | SessionEnd::LinkError(_) | SessionEnd::Stopped(_) => 0,
     })
-}
-
-/// The one accepted client connection.
-enum Accepted {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
 }
 
 #[cfg(test)]

@@ -27,20 +27,30 @@ pub async fn starts_with_attach(stream: &TcpStream, timeout: Duration) -> bool {
 
 /// Accepts connections on `listener` for as long as the session runs: each one
 /// that attaches with the link's token replaces the link's transport; anything
-/// else is closed.
+/// else is closed. At most [`MAX_PENDING`](crate::admission::MAX_PENDING)
+/// connections wait for their attach at once, each for at most
+/// [`HANDSHAKE_TIMEOUT`](crate::admission::HANDSHAKE_TIMEOUT).
 pub async fn accept_reattach(listener: TcpListener, reattach: Reattach) {
+    let pending = std::sync::Arc::new(tokio::sync::Semaphore::new(crate::admission::MAX_PENDING));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many connections wait to re-attach; this one is closed");
             continue;
         };
         let _ = stream.set_nodelay(true);
         let reattach = reattach.clone();
         tokio::spawn(async move {
             let mut transport: relink::BoxTransport = Box::new(stream);
-            let attach =
-                tokio::time::timeout(Duration::from_secs(10), relink::read_attach(&mut transport))
-                    .await;
+            let attach = tokio::time::timeout(
+                crate::admission::HANDSHAKE_TIMEOUT,
+                relink::read_attach(&mut transport),
+            )
+            .await;
+            drop(permit);
             match attach {
                 Ok(Ok(attach))
                     if crate::session::secrets_match_bytes(&attach.token, &reattach.token()) =>

@@ -40,6 +40,12 @@ pub const HUB_NAME: &str = "graft-hub-0.2";
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest delivery header accepted, in bytes.
 const MAX_DELIVERY: usize = 4096;
+/// The largest message a peer agent may send the hub, in bytes: a subscription
+/// with its filter is well under this, and a peer cannot make the hub buffer more.
+pub const MAX_TO_HUB: usize = 64 * 1024;
+/// The largest answer the hub may send a peer agent (a listing of every
+/// session), in bytes.
+pub const MAX_FROM_HUB: usize = 1024 * 1024;
 
 /// A peer agent's message to the hub.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,7 +158,10 @@ pub async fn serve_peers(listener: UnixListener, hub: Arc<Hub>) {
 }
 
 async fn serve_peer(stream: UnixStream, hub: Arc<Hub>) {
-    let mut framed = Framed::new(stream, FrameCodec::<ToHub, FromHub>::new());
+    let mut framed = Framed::new(
+        stream,
+        FrameCodec::<ToHub, FromHub>::with_max_len(MAX_TO_HUB),
+    );
     let Ok(Some(Ok(ToHub::Hello { deliver_to, token }))) =
         tokio::time::timeout(DELIVERY_TIMEOUT, framed.next()).await
     else {
@@ -250,7 +259,8 @@ impl HubConn {
     /// `ConnectionRefused` / `NotFound` when there is no hub; others as they come.
     pub async fn connect(deliver_to: &str, token: &str) -> io::Result<HubConn> {
         let stream = connect_abstract(HUB_NAME)?;
-        let (sink, mut stream) = Framed::new(stream, FrameCodec::new()).split();
+        let (sink, mut stream) =
+            Framed::new(stream, FrameCodec::with_max_len(MAX_FROM_HUB)).split();
         let (tx, rx) = mpsc::unbounded_channel();
         let (gone_tx, gone) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
