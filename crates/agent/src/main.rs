@@ -34,6 +34,7 @@ mod session;
 mod steal;
 mod target;
 mod target_id;
+mod transparent;
 mod watchdog;
 
 use std::io::{IsTerminal, Write};
@@ -192,6 +193,7 @@ fn run(args: Args) -> Result<u8, Failure> {
     }
     let secret = session_secret().map_err(|e| Failure::new(EXIT_USAGE, e))?;
     let chain = rules::random_chain_name();
+    transparent::init(&chain);
     let netns = ns::open_netns(pid)?;
     let pidfd = target::open_pidfd(pid);
 
@@ -229,6 +231,9 @@ fn run(args: Args) -> Result<u8, Failure> {
     if rules_touched.load(Ordering::SeqCst) {
         rules::cleanup_blocking(&chain);
         tracing::debug!(%chain, "packet rules removed");
+    }
+    if transparent::touched() {
+        transparent::cleanup_blocking(&chain);
     }
     drop(watchdog);
     outcome

@@ -108,6 +108,7 @@ fn watch(chain: &str, netns: &OwnedFd, alive: OwnedFd) -> i32 {
         }
     }
     crate::rules::cleanup_blocking(chain);
+    crate::transparent::cleanup_blocking(chain);
     tracing::debug!(chain, "watchdog: agent gone, packet rules removed");
     0
 }
