@@ -8,7 +8,7 @@
 //!   and the client still gets in;
 //! - 30 processes that connect to the hub and each announce a 15 MiB frame and
 //!   send most of it;
-//! - a client that sends 600 one-MiB reads and reads no answer;
+//! - a client that sends 300 one-MiB reads and reads no answer;
 //! - 1100 idle connections to a stolen port while graft was started under
 //!   `ulimit -n 1024`: graft and the agent raise their own limit, requests keep
 //!   being served.
@@ -275,9 +275,9 @@ fn a_client_that_reads_no_answer_stops_being_read() {
     ) else {
         panic!("big.bin did not open");
     };
-    // 600 reads of 1 MiB each, written by a thread that blocks once the agent
+    // 300 reads of 1 MiB each, written by a thread that blocks once the agent
     // stops reading; nobody reads the answers for a while.
-    const READS: u64 = 600;
+    const READS: u64 = 300;
     let mut writer = link.try_clone().unwrap();
     let sender = std::thread::spawn(move || {
         for id in 2..2 + READS {

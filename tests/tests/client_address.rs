@@ -2,8 +2,7 @@
 //! (requests no filter matches, connections that are not HTTP) reach it from the
 //! client's real address, as they would without graft, so the server's logs,
 //! IP allow-lists and rate limits see the real client. The target's server here
-//! prints the peer address it sees. IPv4 (the agent cannot bind an IPv6 socket
-//! transparently yet, see `docs/security.md`).
+//! prints the peer address it sees, over IPv4 and IPv6.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -76,7 +75,9 @@ fn passed_through_connections_reach_the_target_from_the_client_address() {
     })
     .unwrap_or_else(|| panic!("the peer server did not start\n{}", server.output_report()));
     let url = bed.target_url(port);
+    let url6 = bed.target_url6(port);
     let addr = SocketAddr::from((bed.target_v4, port));
+    let addr6 = SocketAddr::from((bed.target_v6, port));
 
     // Without graft: what the target sees of this client.
     let real = curl(&url).unwrap();
@@ -85,6 +86,8 @@ fn passed_through_connections_reach_the_target_from_the_client_address() {
         !real.contains(&bed.target_v4.to_string()),
         "the client is the target itself? {real}"
     );
+    let real6 = curl(&url6).unwrap();
+    assert!(real6.starts_with("peer ") && real6.contains(':'), "{real6}");
 
     // A filtered steal that takes only requests with `x-graft: yes`.
     let app = fixture_str("http_app.py");
@@ -118,6 +121,14 @@ fn passed_through_connections_reach_the_target_from_the_client_address() {
     );
     // So does a connection that is not HTTP (passed through whole).
     assert_eq!(bare_line(addr), real.trim(), "{}", session.output_report());
+    // And both over IPv6.
+    assert_eq!(curl(&url6).unwrap(), real6, "{}", session.output_report());
+    assert_eq!(
+        bare_line(addr6),
+        real6.trim(),
+        "{}",
+        session.output_report()
+    );
 
     // The agent (not its watchdog) is killed outright: the watchdog removes the routing rule,
     // the table and the mangle chain it added.
@@ -144,11 +155,16 @@ fn passed_through_connections_reach_the_target_from_the_client_address() {
         );
     }
     let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        let rules = Command::new("ip")
-            .args(["netns", "exec", &bed.target_ns, "ip", "-4", "rule"])
-            .output()
-            .unwrap();
-        let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+        let rules: String = ["-4", "-6"]
+            .iter()
+            .map(|family| {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &bed.target_ns, "ip", family, "rule"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .collect();
         (!rules.contains("fwmark") && !bed.has_graft_rules()).then_some(())
     });
     assert!(

@@ -165,3 +165,55 @@ fn a_dead_first_name_server_with_or_without_rotate_still_answers() {
         }
     }
 }
+
+/// A server that resolves its own host name before it serves (as many do), then
+/// serves with `http.server`; prints how long the look-up took.
+const SELF_RESOLVING_SERVER: &str = "import http.server, socket, sys, time\n\
+t = time.monotonic()\n\
+try:\n    socket.getaddrinfo(socket.gethostname(), None)\n\
+except OSError as e:\n    print('own name not resolved:', e, flush=True)\n\
+print('lookup ms', int((time.monotonic() - t) * 1000), flush=True)\n\
+s = http.server.HTTPServer(('0.0.0.0', int(sys.argv[1])), http.server.SimpleHTTPRequestHandler)\n\
+print('Serving HTTP', flush=True)\n";
+
+#[test]
+fn a_python_server_that_resolves_its_own_name_starts_at_once_when_the_name_server_is_unreachable() {
+    let bed = Bed::new();
+    std::fs::write(
+        bed.dir.join("resolv.conf"),
+        "nameserver 127.0.0.1\nsearch graft.test\n",
+    )
+    .unwrap();
+    let port = bed.app_port.to_string();
+    let command = bed.graft_run(
+        &[],
+        &[graft_tests::python(), "-c", SELF_RESOLVING_SERVER, &port],
+    );
+    let mut server = bed.spawn(command, "graft run -- self-resolving http.server");
+    let lookup_ms: u64 =
+        graft_tests::wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
+            if let Some(status) = server.try_status() {
+                panic!("the server exited ({status})\n{}", server.output_report());
+            }
+            let out = server.stdout();
+            if !out.contains("Serving HTTP") {
+                return None;
+            }
+            out.lines()
+                .find_map(|l| l.strip_prefix("lookup ms ")?.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("the server never served\n{}", server.output_report()));
+    // The look-up went to the target's resolver, which cannot answer.
+    assert!(
+        server.stdout().contains("own name not resolved"),
+        "{}",
+        server.output_report()
+    );
+    // A generous bound: waiting for the resolver's timeout (5 s, twice, for two
+    // names) takes 20 s.
+    assert!(
+        lookup_ms < 3000,
+        "resolving its own name took {lookup_ms} ms\n{}",
+        server.output_report()
+    );
+}

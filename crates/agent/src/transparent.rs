@@ -18,11 +18,11 @@
 //! connection from a documentation address (RFC 5737) to a listener of the
 //! target's; when anything fails, the agent warns once and connects from the
 //! pod's address as before. They are removed when the agent ends
-//! ([`cleanup_blocking`], also run by the watchdog). IPv4 only: `nix` offers no
-//! `IPV6_TRANSPARENT`, so IPv6 clients are still seen from the pod's address.
+//! ([`cleanup_blocking`], also run by the watchdog). IPv4 and IPv6 each have
+//! their own rules (`iptables`/`ip -4`, `ip6tables`/`ip -6`) and probe.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -42,8 +42,47 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The agent's chain name, set at start.
 static CHAIN: OnceLock<String> = OnceLock::new();
 
-/// The set-up rules, once tried (`None`: unavailable, connect plainly).
-static READY: OnceCell<Option<Marks>> = OnceCell::const_new();
+/// The set-up IPv4 rules, once tried (`None`: unavailable, connect plainly).
+static READY_V4: OnceCell<Option<Marks>> = OnceCell::const_new();
+/// The same for IPv6.
+static READY_V6: OnceCell<Option<Marks>> = OnceCell::const_new();
+
+/// An IP family's tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    fn everything(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+    }
+
+    fn ready(self) -> &'static OnceCell<Option<Marks>> {
+        match self {
+            Family::V4 => &READY_V4,
+            Family::V6 => &READY_V6,
+        }
+    }
+}
 
 /// What identifies this agent's transparent connections.
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +111,7 @@ impl Marks {
 
 /// Whether the rules may have been set up (so the exit path removes them).
 pub fn touched() -> bool {
-    READY.initialized()
+    READY_V4.initialized() || READY_V6.initialized()
 }
 
 /// Records the agent's chain name; call once at start.
@@ -81,10 +120,10 @@ pub fn init(chain: &str) {
 }
 
 /// The commands that set the rules up, each `(program, args)`.
-fn setup_commands(chain: &str, m: Marks) -> Vec<(&'static str, Vec<String>)> {
+fn setup_commands(chain: &str, m: Marks, f: Family) -> Vec<(&'static str, Vec<String>)> {
     let mark = format!("0x{:x}", m.mark);
     let table = m.table.to_string();
-    let ipt = |args: &[&str]| ("iptables", args.iter().map(|a| (*a).to_owned()).collect());
+    let ipt = |args: &[&str]| (f.iptables(), args.iter().map(|a| (*a).to_owned()).collect());
     vec![
         ipt(&["-w", "-t", "mangle", "-N", chain]),
         ipt(&[
@@ -120,7 +159,7 @@ fn setup_commands(chain: &str, m: Marks) -> Vec<(&'static str, Vec<String>)> {
         (
             "ip",
             [
-                "-4",
+                f.ip_flag(),
                 "rule",
                 "add",
                 "fwmark",
@@ -136,11 +175,11 @@ fn setup_commands(chain: &str, m: Marks) -> Vec<(&'static str, Vec<String>)> {
         (
             "ip",
             [
-                "-4",
+                f.ip_flag(),
                 "route",
                 "add",
                 "local",
-                "0.0.0.0/0",
+                f.everything(),
                 "dev",
                 "lo",
                 "table",
@@ -153,21 +192,21 @@ fn setup_commands(chain: &str, m: Marks) -> Vec<(&'static str, Vec<String>)> {
 }
 
 /// The commands that remove what [`setup_commands`] made, in order.
-fn cleanup_commands(chain: &str, m: Marks) -> Vec<(&'static str, Vec<String>)> {
+fn cleanup_commands(chain: &str, m: Marks, f: Family) -> Vec<(&'static str, Vec<String>)> {
     let mark = format!("0x{:x}", m.mark);
     let table = m.table.to_string();
     let own = |p: &'static str, args: &[&str]| (p, args.iter().map(|a| (*a).to_owned()).collect());
     vec![
         own(
-            "iptables",
+            f.iptables(),
             &["-w", "-t", "mangle", "-D", "OUTPUT", "-j", chain],
         ),
-        own("iptables", &["-w", "-t", "mangle", "-F", chain]),
-        own("iptables", &["-w", "-t", "mangle", "-X", chain]),
+        own(f.iptables(), &["-w", "-t", "mangle", "-F", chain]),
+        own(f.iptables(), &["-w", "-t", "mangle", "-X", chain]),
         own(
             "ip",
             &[
-                "-4",
+                f.ip_flag(),
                 "rule",
                 "del",
                 "fwmark",
@@ -178,7 +217,7 @@ fn cleanup_commands(chain: &str, m: Marks) -> Vec<(&'static str, Vec<String>)> {
                 RULE_PRIORITY,
             ],
         ),
-        own("ip", &["-4", "route", "flush", "table", &table]),
+        own("ip", &[f.ip_flag(), "route", "flush", "table", &table]),
     ]
 }
 
@@ -210,21 +249,29 @@ fn run(program: &str, args: &[String]) -> Result<(), String> {
 /// Removes this agent's transparent rules, blocking (exit path and watchdog);
 /// what is already gone is ignored.
 pub fn cleanup_blocking(chain: &str) {
-    for (program, args) in cleanup_commands(chain, Marks::of(chain)) {
-        let _ = run(program, &args);
+    for family in [Family::V4, Family::V6] {
+        for (program, args) in cleanup_commands(chain, Marks::of(chain), family) {
+            let _ = run(program, &args);
+        }
     }
 }
 
-/// Sets the rules up and checks them once; `None` when unavailable.
-async fn ready(probe_ip: Ipv4Addr) -> Option<Marks> {
-    *READY
+/// Sets the rules of `probe_ip`'s family up and checks them once; `None` when
+/// unavailable.
+async fn ready(probe_ip: IpAddr) -> Option<Marks> {
+    let family = match probe_ip {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    };
+    *family
+        .ready()
         .get_or_init(|| async move {
             let chain = CHAIN.get()?.clone();
             let marks = Marks::of(&chain);
             let set_up = {
                 let chain = chain.clone();
                 tokio::task::spawn_blocking(move || {
-                    for (program, args) in setup_commands(&chain, marks) {
+                    for (program, args) in setup_commands(&chain, marks, family) {
                         run(program, &args)?;
                     }
                     Ok::<(), String>(())
@@ -239,16 +286,23 @@ async fn ready(probe_ip: Ipv4Addr) -> Option<Marks> {
             match checked {
                 Ok(()) => {
                     tracing::info!(
+                        ?family,
                         "pass-through connections reach the target from the client's address"
                     );
                     Some(marks)
                 }
                 Err(e) => {
                     tracing::warn!(
+                        ?family,
                         "pass-through connections will come from the pod's address, not the \
                          client's: {e}"
                     );
-                    let _ = tokio::task::spawn_blocking(move || cleanup_blocking(&chain)).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for (program, args) in cleanup_commands(&chain, marks, family) {
+                            let _ = run(program, &args);
+                        }
+                    })
+                    .await;
                     None
                 }
             }
@@ -256,14 +310,17 @@ async fn ready(probe_ip: Ipv4Addr) -> Option<Marks> {
         .await
 }
 
-/// Connects from a documentation address (RFC 5737 TEST-NET-2) to a listener
-/// on `ip` and checks the listener sees that address.
-async fn probe(marks: Marks, ip: Ipv4Addr) -> Result<(), String> {
+/// Connects from a documentation address (RFC 5737 TEST-NET-2, RFC 3849) to a
+/// listener on `ip` and checks the listener sees that address.
+async fn probe(marks: Marks, ip: IpAddr) -> Result<(), String> {
     let listener = TcpListener::bind((ip, 0))
         .await
         .map_err(|e| format!("no probe listener on {ip}: {e}"))?;
     let dest = listener.local_addr().map_err(|e| e.to_string())?;
-    let client = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 7), 0));
+    let client = match ip {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::new(198, 51, 100, 7), 0)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7), 0)),
+    };
     let (connected, accepted) = tokio::join!(
         tokio::time::timeout(CONNECT_TIMEOUT, connect_marked(marks, client, dest)),
         tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()),
@@ -283,27 +340,61 @@ async fn connect_marked(
     dest: SocketAddr,
 ) -> io::Result<TcpStream> {
     use nix::sys::socket::{setsockopt, sockopt};
-    let socket = TcpSocket::new_v4()?;
-    setsockopt(&socket.as_fd(), sockopt::IpTransparent, &true).map_err(io::Error::from)?;
+    let socket = if client.is_ipv4() {
+        let socket = TcpSocket::new_v4()?;
+        setsockopt(&socket.as_fd(), sockopt::IpTransparent, &true).map_err(io::Error::from)?;
+        socket
+    } else {
+        let socket = TcpSocket::new_v6()?;
+        set_ipv6_transparent(&socket)?;
+        socket
+    };
     setsockopt(&socket.as_fd(), sockopt::Mark, &marks.mark).map_err(io::Error::from)?;
     socket.bind(SocketAddr::new(client.ip(), 0))?;
     socket.connect(dest).await
 }
 
+/// Sets `IPV6_TRANSPARENT` (ipv6(7)), which `nix` does not offer.
+#[allow(unsafe_code)]
+fn set_ipv6_transparent(socket: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is a live socket owned by `socket`; the option value
+    // points at a c_int that outlives the call, and its size is passed with it.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Connects to the target's own server at `dest` for a connection of `client`:
 /// from the client's address when the rules are available and the client is
-/// another host's IPv4 address, else from the pod's own.
+/// another host's address of the same family, else from the pod's own.
 ///
 /// # Errors
 ///
 /// The `connect` error of the plain connection.
 pub async fn connect_target(dest: SocketAddr, client: SocketAddr) -> io::Result<TcpStream> {
-    if let (IpAddr::V4(dest_ip), IpAddr::V4(client_ip)) = (dest.ip(), client.ip())
+    let client_ip = client.ip().to_canonical();
+    let dest_ip = dest.ip().to_canonical();
+    if client_ip.is_ipv4() == dest_ip.is_ipv4()
         && !client_ip.is_loopback()
         && !client_ip.is_unspecified()
         && client_ip != dest_ip
         && let Some(marks) = ready(dest_ip).await
     {
+        let client = SocketAddr::new(client_ip, 0);
+        let dest = SocketAddr::new(dest_ip, dest.port());
         match tokio::time::timeout(CONNECT_TIMEOUT, connect_marked(marks, client, dest)).await {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(e)) => tracing::debug!(%client, %dest, "transparent connect failed: {e}"),
@@ -328,8 +419,14 @@ mod tests {
     #[test]
     fn cleanup_undoes_setup() {
         let m = Marks::of("GRAFT-00000010");
-        let setup = setup_commands("GRAFT-00000010", m);
-        let cleanup = cleanup_commands("GRAFT-00000010", m);
+        let setup = setup_commands("GRAFT-00000010", m, Family::V4);
+        let cleanup = cleanup_commands("GRAFT-00000010", m, Family::V4);
+        let v6 = setup_commands("GRAFT-00000010", m, Family::V6);
+        assert_eq!(v6[0].0, "ip6tables");
+        assert!(
+            v6.iter()
+                .any(|(_, a)| a.join(" ") == "-6 route add local ::/0 dev lo table 1000016")
+        );
         assert!(
             setup
                 .iter()
