@@ -27,6 +27,7 @@ mod dns;
 mod env;
 mod files;
 mod incoming;
+mod limits;
 mod ns;
 mod outgoing;
 mod relay;
@@ -36,6 +37,7 @@ mod steal;
 mod target;
 mod target_id;
 mod tcp_link;
+mod transparent;
 mod watchdog;
 
 use std::io::{IsTerminal, Write};
@@ -210,6 +212,10 @@ fn run(args: Args) -> Result<u8, Failure> {
         (None, None) => unreachable!("clap requires --target-pid or --target-container-id"),
     };
     ns::check_exists(pid)?;
+    match limits::raise_nofile() {
+        Ok(limit) => tracing::debug!(?limit, "open file limit"),
+        Err(e) => tracing::warn!("could not raise the open file limit to its maximum: {e}"),
+    }
     let secret = session_secret().map_err(|e| Failure::new(EXIT_USAGE, e))?;
     let netns = ns::open_netns(pid)?;
     let pidfd = target::open_pidfd(pid);
@@ -219,6 +225,7 @@ fn run(args: Args) -> Result<u8, Failure> {
     // held by the agent and inherited by the watchdog.
     let (chain, _rules_lock) =
         rules::stale::new_locked_chain().map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+    transparent::init(&chain);
     rules::configure(rules::Settings {
         backend: args.packet_rules,
         excluded: rules::probes::resolve(&args.probe_source, pid),
@@ -260,6 +267,9 @@ fn run(args: Args) -> Result<u8, Failure> {
     if let Some(flavour) = rules::iptables::touched() {
         rules::iptables::cleanup_blocking(flavour, &chain);
         tracing::debug!(%chain, "packet rules removed");
+    }
+    if transparent::touched() {
+        transparent::cleanup_blocking(&chain);
     }
     watchdog.done();
     outcome

@@ -136,8 +136,13 @@ fn watch(chain: &str, alive: OwnedFd) -> i32 {
             Err(_) => break,
         }
     }
-    if let (Some(flavour), false) = (flavour, done) {
-        iptables::cleanup_blocking(flavour, chain);
+    if !done {
+        if let Some(flavour) = flavour {
+            iptables::cleanup_blocking(flavour, chain);
+        }
+        // The client-address rules (mangle chain, policy route) are iptables and
+        // `ip rule` whatever the redirect backend.
+        crate::transparent::cleanup_blocking(chain);
         tracing::debug!(chain, "watchdog: agent gone, packet rules removed");
     }
     0

@@ -281,7 +281,9 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
 /// Opens a byte stream to `dest`.
 async fn open(conn: &Conn, stealer: Option<&Arc<Sub>>, dest: Dest) -> Result<BoxIo, BoxError> {
     match (dest, stealer) {
-        (Dest::Target, _) => Ok(Box::new(tee::connect_target(conn.meta.local).await?)),
+        (Dest::Target, _) => Ok(Box::new(
+            tee::connect_target(conn.meta.local, conn.meta.peer).await?,
+        )),
         (_, Some(sub)) => Ok(sub.to.clone().open(conn.meta).await?),
         (_, None) => Err("no session for this request".into()),
     }

@@ -359,7 +359,7 @@ async fn pass_whole(stream: TcpStream, meta: ConnMeta, subs: &PortSubs) {
                 let _ = stream.set_zero_linger();
             }
         },
-        None => match tee::connect_target(meta.local).await {
+        None => match tee::connect_target(meta.local, meta.peer).await {
             Ok(target) => tee::pipe(stream, Box::new(target), mirrors).await,
             Err(e) => {
                 tracing::debug!(target = %meta.local, "the target's server refused: {e}");
