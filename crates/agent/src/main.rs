@@ -262,8 +262,9 @@ fn run(args: Args) -> Result<u8, Failure> {
     let outcome = runtime.block_on(serve(&args, config, pidfd));
     // Tasks still running are dropped here; their sockets reset (ResetOnDrop).
     runtime.shutdown_timeout(Duration::from_millis(500));
-    // An nf_tables owner table went with its socket when the runtime dropped the
-    // hub; an iptables chain is removed here.
+    // Connections are reset (above); now the rules go: an nf_tables owner table
+    // with its socket, an iptables chain with its cleanup commands.
+    rules::nft::close_parked();
     if let Some(flavour) = rules::iptables::touched() {
         rules::iptables::cleanup_blocking(flavour, &chain);
         tracing::debug!(%chain, "packet rules removed");
