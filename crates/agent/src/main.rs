@@ -216,6 +216,7 @@ fn run(args: Args) -> Result<u8, Failure> {
         root,
         rules_touched: rules_touched.clone(),
         hello_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        attached: None,
     };
     let outcome = runtime.block_on(serve(&args, config, pidfd));
     // Tasks still running are dropped here; their sockets reset (ResetOnDrop).
@@ -406,6 +407,11 @@ async fn serve(
                     graft_protocol::relink::Relink::server(transport, attach, options)
                         .await
                         .map_err(|e| Failure::new(EXIT_FAILURE, anyhow::Error::new(e)))?;
+                // While the client is detached the target serves its own traffic.
+                let config = SessionConfig {
+                    attached: Some(reattach.attached()),
+                    ..config
+                };
                 let reattacher = match listener {
                     Listener::Tcp(l) => Some(tokio::spawn(relink::accept_reattach(l, reattach))),
                     Listener::Unix(..) => None,

@@ -209,6 +209,7 @@ pub struct Relink {
 pub struct Reattach {
     token: Token,
     tx: mpsc::Sender<(BoxTransport, u64)>,
+    attached: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Reattach {
@@ -221,6 +222,15 @@ impl Reattach {
     /// bytes. Returns `false` when the link is gone.
     pub async fn attach(&self, transport: BoxTransport, received: u64) -> bool {
         self.tx.send((transport, received)).await.is_ok()
+    }
+
+    /// Whether the client is attached: `false` from the moment its transport
+    /// is seen lost (closed, broken or silent for [`RelinkOptions::idle`])
+    /// until a new one is attached, and for good once the link has ended.
+    /// While it is `false` the agent serves nobody, so it should stop
+    /// taking the target's traffic.
+    pub fn attached(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.attached.clone()
     }
 }
 
@@ -316,15 +326,20 @@ impl Relink {
         let (relink, mut driver) = Relink::pair(options);
         driver.shared.trim(attach.received);
         let (tx, mut rx) = mpsc::channel::<(BoxTransport, u64)>(4);
+        let (attached_tx, attached) = tokio::sync::watch::channel(true);
         let reattach = Reattach {
             token: attach.token,
             tx,
+            attached,
         };
         tokio::spawn(async move {
             let mut transport = first;
             loop {
                 match driver.epoch(transport, Some(&mut rx)).await {
-                    Epoch::Closed => return,
+                    Epoch::Closed => {
+                        attached_tx.send_replace(false);
+                        return;
+                    }
                     Epoch::Replaced(mut t, peer_received) => {
                         let received = driver.shared.received.load(Ordering::Acquire);
                         if server_answer(&mut t, received).await.is_ok() {
@@ -340,8 +355,12 @@ impl Relink {
                         )
                     }
                 }
+                attached_tx.send_replace(false);
+                // One deadline for the whole wait: attaches that fail do not
+                // extend it.
+                let deadline = Instant::now() + driver.options.reconnect_for;
                 transport = loop {
-                    let next = tokio::time::timeout(driver.options.reconnect_for, rx.recv()).await;
+                    let next = tokio::time::timeout_at(deadline, rx.recv()).await;
                     let Ok(Some((mut t, peer_received))) = next else {
                         tracing::warn!("the client did not come back; the link ends");
                         return;
@@ -353,6 +372,7 @@ impl Relink {
                         break t;
                     }
                 };
+                attached_tx.send_replace(true);
             }
         });
         Ok((relink, reattach))
@@ -875,6 +895,62 @@ mod tests {
             .expect("the client's link ends")
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agent_sees_its_client_detach_and_come_back() {
+        let (net, mut rx) = Net::new();
+        let options = RelinkOptions {
+            reconnect_for: Duration::from_secs(10),
+            idle: Duration::from_secs(5),
+        };
+        let first = net.connect();
+        // The client may reconnect only once the test allows it.
+        let allowed = Arc::new(AtomicBool::new(false));
+        let (reconnect_net, gate) = (net.clone(), allowed.clone());
+        let reconnect: Reconnect = Box::new(move || {
+            let net = reconnect_net.clone();
+            let gate = gate.clone();
+            Box::pin(async move {
+                if !gate.load(Ordering::SeqCst) {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "not yet"));
+                }
+                Ok(net.connect())
+            })
+        });
+        let client = tokio::spawn(Relink::client(first, reconnect, options));
+        let mut t = rx.recv().await.unwrap();
+        let attach = read_attach(&mut t).await.unwrap();
+        let (mut agent, reattach) = Relink::server(t, attach, options).await.unwrap();
+        let mut attached = reattach.attached();
+        assert!(*attached.borrow_and_update(), "attached at the start");
+        let relay = reattach.clone();
+        tokio::spawn(async move {
+            while let Some(mut t) = rx.recv().await {
+                let attach = read_attach(&mut t).await.unwrap();
+                relay.attach(t, attach.received).await;
+            }
+        });
+        let mut client = client.await.unwrap().unwrap();
+
+        net.cut_all();
+        tokio::time::timeout(Duration::from_secs(3), attached.wait_for(|a| !*a))
+            .await
+            .expect("the cut is seen within 3 s")
+            .unwrap();
+        // Written while detached: kept and delivered after the re-attach.
+        client.write_all(b"while away").await.unwrap();
+        allowed.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), attached.wait_for(|a| *a))
+            .await
+            .expect("the client re-attaches within 5 s")
+            .unwrap();
+        let mut got = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(3), agent.read_exact(&mut got))
+            .await
+            .expect("the bytes arrive")
+            .unwrap();
+        assert_eq!(&got, b"while away");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -318,6 +318,9 @@ pub struct Access {
     local: Arc<dyn Subscriber>,
     role: Mutex<Role>,
     subscriptions: std::sync::Mutex<Vec<Subscription>>,
+    /// Set while the session's client is detached ([`Access::suspend`]): the
+    /// subscriptions are kept here but not in the hub.
+    suspended: AtomicBool,
     deliver_to: String,
     token: String,
     deliveries: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -344,6 +347,7 @@ impl Access {
             local,
             role: Mutex::new(Role::Idle),
             subscriptions: std::sync::Mutex::default(),
+            suspended: AtomicBool::new(false),
             token,
             deliveries: std::sync::Mutex::default(),
             accept_delivery,
@@ -438,6 +442,10 @@ impl Access {
                 tracing::warn!("could not take over the hub: {e}");
                 return;
             }
+            if this.suspended.load(Ordering::SeqCst) {
+                // Subscribed again by `resume`.
+                return;
+            }
             let subs = this
                 .subscriptions
                 .lock()
@@ -481,8 +489,11 @@ impl Access {
     /// The hub's refusal (conflict, bad filter, rules failed) or its absence.
     pub async fn subscribe(self: &Arc<Self>, subscription: Subscription) -> Result<(), String> {
         let mut role = self.role.lock().await;
-        self.ensure(&mut role).await.map_err(|e| e.to_string())?;
-        self.subscribe_in(&role, subscription.clone()).await?;
+        // While suspended it is only kept, for `resume`.
+        if !self.suspended.load(Ordering::SeqCst) {
+            self.ensure(&mut role).await.map_err(|e| e.to_string())?;
+            self.subscribe_in(&role, subscription.clone()).await?;
+        }
         let mut subs = self
             .subscriptions
             .lock()
@@ -506,6 +517,71 @@ impl Access {
                 let _ = conn.call(ToHub::Unsubscribe { port }).await;
             }
         }
+    }
+
+    /// Takes this session's subscriptions out of the hub and keeps them for
+    /// [`Access::resume`]: while the client is detached the target serves its
+    /// own traffic (DESIGN.md). Connections already delivered go on.
+    pub async fn suspend(self: &Arc<Self>) {
+        let role = self.role.lock().await;
+        if self.suspended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let ports: Vec<u16> = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .iter()
+            .map(|s| s.port)
+            .collect();
+        for port in ports {
+            match &*role {
+                Role::Idle => {}
+                Role::Owner { hub, owner, .. } => hub.unsubscribe(*owner, port).await,
+                Role::Client { conn } => {
+                    let _ = conn.call(ToHub::Unsubscribe { port }).await;
+                }
+            }
+            tracing::info!(
+                port,
+                "the client is detached: the target serves this port again"
+            );
+        }
+    }
+
+    /// Puts the subscriptions kept by [`Access::suspend`] back into the hub.
+    /// Returns those the hub refused now (e.g. another session stole the port
+    /// meanwhile), with the reason; they are dropped.
+    pub async fn resume(self: &Arc<Self>) -> Vec<(u16, String)> {
+        let mut role = self.role.lock().await;
+        if !self.suspended.swap(false, Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let subs = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .clone();
+        let mut refused = Vec::new();
+        if subs.is_empty() {
+            return refused;
+        }
+        if let Err(e) = self.ensure(&mut role).await {
+            refused.extend(subs.iter().map(|s| (s.port, e.to_string())));
+        } else {
+            for sub in subs {
+                let port = sub.port;
+                match self.subscribe_in(&role, sub).await {
+                    Ok(()) => tracing::info!(port, "the client is back: subscribed again"),
+                    Err(e) => refused.push((port, e)),
+                }
+            }
+        }
+        self.subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .retain(|s| !refused.iter().any(|(port, _)| *port == s.port));
+        refused
     }
 
     /// Every subscription on the target; empty when no hub exists.
