@@ -449,16 +449,20 @@ async fn read_record<R: AsyncRead + Unpin>(
     Ok((kind, buf.split().freeze()))
 }
 
+/// Writes one record with one write: a transport that sends each write as a
+/// message of its own (kube's port-forward WebSocket) then sends one segment,
+/// not a header that Nagle's algorithm holds back behind the peer's delayed
+/// ACK (tens of milliseconds per request) before the payload.
 async fn write_record<W: AsyncWrite + Unpin>(
     wr: &mut W,
     kind: u8,
     payload: &[u8],
 ) -> io::Result<()> {
-    let mut header = [0u8; 5];
-    header[0] = kind;
-    header[1..].copy_from_slice(&(payload.len() as u32).to_be_bytes());
-    wr.write_all(&header).await?;
-    wr.write_all(payload).await
+    let mut record = Vec::with_capacity(5 + payload.len());
+    record.push(kind);
+    record.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    record.extend_from_slice(payload);
+    wr.write_all(&record).await
 }
 
 impl Driver {
