@@ -256,6 +256,7 @@ fn run(args: Args) -> Result<u8, Failure> {
         root,
         rules_touched: rules_touched.clone(),
         hello_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        attached: None,
     };
     // Chains of agents that died with their watchdog (an OOM-killed container).
     runtime.spawn(rules::stale::sweep());
@@ -461,12 +462,17 @@ async fn serve(
                 }
                 first = tokio::time::timeout(timeout, first) => first,
             };
-            let link = match first {
-                Ok(Ok(link)) => link,
+            let tcp_link::Linked { link, attached } = match first {
+                Ok(Ok(linked)) => linked,
                 Ok(Err(_)) | Err(_) => {
                     accepter.abort();
                     return Err(no_client());
                 }
+            };
+            // While the client is detached the target serves its own traffic.
+            let config = SessionConfig {
+                attached: Some(attached),
+                ..config
             };
             let end = session::run(link, config, stop).await;
             accepter.abort();
