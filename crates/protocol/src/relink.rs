@@ -520,20 +520,25 @@ async fn read_record<R: AsyncRead + Unpin>(
     Ok((kind, buf.split().freeze()))
 }
 
-/// Writes one record with one write: a transport that sends each write as a
-/// message of its own (kube's port-forward WebSocket) then sends one segment,
-/// not a header that Nagle's algorithm holds back behind the peer's delayed
-/// ACK (tens of milliseconds per request) before the payload.
-async fn write_record<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    kind: u8,
-    payload: &[u8],
-) -> io::Result<()> {
-    let mut record = Vec::with_capacity(5 + payload.len());
-    record.push(kind);
-    record.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    record.extend_from_slice(payload);
-    wr.write_all(&record).await
+/// Appends one record to `out`.
+fn encode_record(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+    out.push(kind);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Writes records with one write: a transport that sends each write as a
+/// message of its own (kube's port-forward WebSocket, on a connection to the
+/// API server without `TCP_NODELAY`) then sends one segment, not a header or
+/// an acknowledgement that Nagle's algorithm holds back behind the peer's
+/// delayed ACK (tens of milliseconds per request) with what follows it.
+async fn write_records<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    wr.write_all(out).await?;
+    out.clear();
+    wr.flush().await
 }
 
 impl Driver {
@@ -587,15 +592,19 @@ impl Driver {
 
         let outgoing = &mut self.outgoing;
         let write = async {
+            let mut out = Vec::new();
             // Resend what the peer has not got, then go on with new bytes.
             let resend: Vec<Bytes> = {
                 let unacked = shared.unacked.lock().expect("relink lock poisoned");
                 unacked.queue.iter().cloned().collect()
             };
             for chunk in resend {
-                write_record(&mut wr, KIND_DATA, &chunk).await?;
+                encode_record(&mut out, KIND_DATA, &chunk);
+                if out.len() >= MAX_RECORD {
+                    write_records(&mut wr, &mut out).await?;
+                }
             }
-            wr.flush().await?;
+            write_records(&mut wr, &mut out).await?;
             let mut acked_sent = 0u64;
             let mut tick = false;
             let mut ticker = tokio::time::interval(ACK_EVERY);
@@ -607,15 +616,14 @@ impl Driver {
                         Some(chunk) => {
                             shared.keep(chunk.clone());
                             for piece in chunk.chunks(MAX_RECORD) {
-                                write_record(&mut wr, KIND_DATA, piece).await?;
+                                encode_record(&mut out, KIND_DATA, piece);
                             }
-                            wr.flush().await?;
                         }
                         None => {
                             // Closed here: say so, so the peer ends too instead of
                             // waiting for a new transport.
-                            write_record(&mut wr, KIND_CLOSE, &[]).await?;
-                            wr.flush().await?;
+                            encode_record(&mut out, KIND_CLOSE, &[]);
+                            write_records(&mut wr, &mut out).await?;
                             let _ = wr.shutdown().await;
                             return io::Result::Ok(true);
                         }
@@ -627,10 +635,11 @@ impl Driver {
                 let owed = received.saturating_sub(acked_sent);
                 if owed > 0 && (owed >= ACK_BYTES || tick || !room) {
                     tick = false;
-                    write_record(&mut wr, KIND_ACK, &received.to_be_bytes()).await?;
-                    wr.flush().await?;
+                    // In the same write as the data before it.
+                    encode_record(&mut out, KIND_ACK, &received.to_be_bytes());
                     acked_sent = received;
                 }
+                write_records(&mut wr, &mut out).await?;
             }
         };
 
