@@ -163,11 +163,11 @@ pub async fn read_attach<T: AsyncRead + Unpin>(t: &mut T) -> io::Result<Attach> 
 ///
 /// I/O errors as they come.
 pub async fn refuse_legacy<T: AsyncWrite + Unpin>(t: &mut T, frame: &[u8]) -> io::Result<()> {
-    t.write_all(LEGACY_MAGIC).await?;
-    t.write_all(&0u64.to_be_bytes()).await?;
-    write_record(t, KIND_DATA, frame).await?;
-    write_record(t, KIND_CLOSE, &[]).await?;
-    t.flush().await?;
+    let mut out = LEGACY_MAGIC.to_vec();
+    out.extend_from_slice(&0u64.to_be_bytes());
+    encode_record(&mut out, KIND_DATA, frame);
+    encode_record(&mut out, KIND_CLOSE, &[]);
+    write_records(t, &mut out).await?;
     t.shutdown().await
 }
 
