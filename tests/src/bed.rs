@@ -331,18 +331,27 @@ impl Bed {
         )
     }
 
-    /// `iptables-save` and `ip6tables-save` of the target's network namespace.
+    /// `iptables-save` and `ip6tables-save` (both the legacy and the nft
+    /// flavour) and `nft list ruleset` of the target's network namespace: every
+    /// place an agent's rules can be.
     pub fn packet_rules(&self) -> String {
-        ["iptables-save", "ip6tables-save"]
-            .iter()
-            .map(|tool| {
-                let out = Command::new("ip")
-                    .args(["netns", "exec", &self.target_ns, tool])
-                    .output()
-                    .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            })
-            .collect()
+        [
+            &["iptables-save"][..],
+            &["ip6tables-save"],
+            &["iptables-legacy-save"],
+            &["ip6tables-legacy-save"],
+            &["nft", "list", "ruleset"],
+        ]
+        .iter()
+        .map(|tool| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.target_ns])
+                .args(*tool)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {tool:?}: {e}"));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
     }
 
     /// Whether a packet rule or chain of graft (`GRAFT`) is in the target's

@@ -31,6 +31,7 @@
 //! the next bed that takes the same slot.
 
 mod bed;
+pub mod cluster;
 pub mod fake_kube;
 pub mod link;
 mod net;

@@ -1,320 +1,169 @@
-//! graft against a live Kubernetes cluster, run only when `GRAFT_E2E_KUBECONFIG`
-//! names a kubeconfig; without it the test prints `skipped: …` and returns (a
-//! skip, not a pass). The suite's fake cluster (`tests/kube.rs`) covers the same
-//! paths on every run.
-//!
-//! Variables:
-//! - `GRAFT_E2E_KUBECONFIG`: the cluster (kind, minikube, k3s, …);
-//! - `GRAFT_E2E_AGENT_IMAGE`: an agent image the cluster's nodes have (load the
-//!   archive of `graft agent-image` first);
-//! - `GRAFT_E2E_APP_IMAGE`: an image with `python3` (e.g. `python:3.12-slim`), for
-//!   the sample server and the cluster-only service.
-//!
-//! What runs, in a namespace of its own (Pod Security `privileged`, deleted at
-//! the end): a sample server `app` (Deployment + Service) whose spec sets an
-//! environment variable and whose start writes a file that exists only in the
-//! pod, and a cluster-only `backend` (Deployment + Service). For each agent mode
-//! (`ephemeral`, `node`), `graft run --target deploy/app --steal` runs a local
-//! Python program that prints the pod's variable, the pod's file and the answer
-//! of `backend.NS.svc.cluster.local` (DNS and outgoing from the pod), then
-//! serves HTTP; a request from inside the cluster to the `app` Service must be
-//! answered by it. After SIGTERM, no graft pod is left running and the Service is
-//! answered by the pod again.
+//! Live cluster (see `graft_tests::cluster`, which also says how to set it up):
+//! graft's main job in both agent modes. A sample server `web` (Deployment)
+//! whose container `app` has `WHO=app` in its environment and the sample
+//! fixtures mounted at `/fixtures` (a path that exists only in the pod), and a
+//! cluster-only `backend` (Pod + Service). For each mode
+//! (`--agent-mode ephemeral|node`), `graft run --target deploy/web/container/app --steal`
+//! runs a local program that prints the pod's variable, the first line of a
+//! pod-only file and the answer of `backend.NS.svc.cluster.local` (cluster DNS
+//! and outgoing traffic through the pod), then serves HTTP: a request to the
+//! pod's address must reach it. After Ctrl-C no agent pod is left and the pod
+//! serves again. The agent image these sessions use is the one the suite was
+//! given (`GRAFT_E2E_AGENT_IMAGE`, in CI built from the commit under test);
+//! [`e2e_agent_image_runs`] checks that image on its own.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use graft_tests::{graft_bin, python};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use kube::api::{AttachParams, DeleteParams, ListParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use graft_tests::cluster::{
+    APP_PORT, Live, SESSION_TIMEOUT, interrupt, py_with, wait_restored, wait_served_by,
+};
+use graft_tests::fixture;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 
-/// The sample server: answers every GET with its first argument.
-const SERVER: &str = "import http.server,sys\n\
-class H(http.server.BaseHTTPRequestHandler):\n\
-    def do_GET(self):\n\
-        b=sys.argv[1].encode()\n\
-        self.send_response(200);self.send_header('Content-Length',str(len(b)));self.end_headers();self.wfile.write(b)\n\
-    def log_message(self,*a): pass\n\
-http.server.ThreadingHTTPServer(('',8080),H).serve_forever()\n";
-
-struct E2e {
-    kubeconfig: String,
-    agent_image: String,
-    app_image: String,
-}
-
-fn settings() -> Option<E2e> {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let Some(kubeconfig) = var("GRAFT_E2E_KUBECONFIG") else {
-        println!("skipped: GRAFT_E2E_KUBECONFIG not set (no live cluster to test against)");
-        return None;
+fn main_job(mode: &str) {
+    let Some(live) = Live::get() else {
+        return;
     };
-    let (Some(agent_image), Some(app_image)) =
-        (var("GRAFT_E2E_AGENT_IMAGE"), var("GRAFT_E2E_APP_IMAGE"))
-    else {
-        panic!(
-            "GRAFT_E2E_KUBECONFIG is set: set GRAFT_E2E_AGENT_IMAGE and GRAFT_E2E_APP_IMAGE too"
-        );
-    };
-    Some(E2e {
-        kubeconfig,
-        agent_image,
-        app_image,
-    })
-}
-
-fn deployment(name: &str, image: &str, command: &[&str], env: serde_json::Value) -> Deployment {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{
-                    "name": name, "image": image, "command": command, "env": env,
-                    "ports": [{"containerPort": 8080}],
-                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
-                }]},
-            },
-        },
-    }))
-    .expect("a valid Deployment")
-}
-
-fn service(name: &str) -> Service {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]},
-    }))
-    .expect("a valid Service")
-}
-
-async fn wait_ready(api: &Api<Deployment>, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let ready = api
-            .get(name)
-            .await
-            .ok()
-            .and_then(|d| d.status)
-            .and_then(|s| s.ready_replicas)
-            .unwrap_or(0);
-        if ready >= 1 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "deployment {name} is not ready");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-/// GET `url` from inside the cluster, from the backend's pod.
-async fn get_in_cluster(pods: &Api<Pod>, ns: &str, url: &str) -> String {
-    let list = pods
-        .list(&ListParams::default().labels("app=backend"))
-        .await
-        .expect("listing the backend's pods");
-    let pod = list.items[0].metadata.name.clone().expect("a pod name");
-    let code = format!(
-        "import urllib.request;print(urllib.request.urlopen('{url}',timeout=5).read().decode())"
+    let ns = live.namespace(mode);
+    ns.workload("Deployment", "web", 1, 1);
+    ns.workload("Pod", "backend", 1, 1);
+    ns.apply(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
+        "spec": {"selector": {"app": "backend"}, "ports": [{"port": 80, "targetPort": APP_PORT}]},
+    }));
+    assert!(
+        !std::path::Path::new("/fixtures/named_http.py").exists(),
+        "/fixtures exists on this machine: the pod-only file would not prove a remote read"
     );
-    let mut attached = pods
-        .exec(
-            &pod,
-            vec!["python3", "-c", &code],
-            &AttachParams::default().stdout(true).stderr(true),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("exec in {ns}/{pod}: {e}"));
-    let mut out = String::new();
-    if let Some(mut stdout) = attached.stdout() {
-        let _ = stdout.read_to_string(&mut out).await;
+    let addr = ns.app_addr("app=web");
+    let program = format!(
+        "import os, sys, runpy, urllib.request\n\
+         print(os.environ.get('WHO'))\n\
+         print(open('/fixtures/named_http.py').readline().strip())\n\
+         print(urllib.request.urlopen('http://backend.{ns}.svc.cluster.local/', timeout=10).read().decode())\n\
+         sys.stdout.flush()\n\
+         sys.argv = ['named_http.py', 'local', '{APP_PORT}']\n\
+         runpy.run_path('{server}', run_name='__main__')\n",
+        ns = ns.name,
+        server = fixture("named_http.py").display(),
+    );
+    let graft = ns.run(
+        "deploy/web/container/app",
+        &["--agent-mode", mode, "--steal"],
+        &[py_with(""), "-u".into(), "-c".into(), program],
+    );
+    wait_served_by(addr, "local", SESSION_TIMEOUT, Some(&graft));
+    let out = graft.stdout();
+    let lines: Vec<&str> = out.lines().take(3).collect();
+    let first_line = std::fs::read_to_string(fixture("named_http.py")).unwrap();
+    assert_eq!(
+        lines,
+        [
+            "app",
+            first_line.lines().next().unwrap().trim(),
+            "backend GET / len=0 user=- proto=http/1.1"
+        ],
+        "{mode}: env, pod-only file, cluster DNS + outgoing\n{}",
+        graft.output_report()
+    );
+    if mode == "node" {
+        assert_eq!(ns.agent_pods(), 1, "node mode runs one agent pod");
     }
-    let _ = attached.join().await;
-    out.trim().to_owned()
+    let outcome = interrupt(graft);
+    println!("{mode}: {outcome}");
+    wait_restored(&ns, addr, "web");
 }
 
 #[test]
-fn graft_runs_against_a_live_cluster_in_both_agent_modes() {
-    let Some(e2e) = settings() else {
-        return;
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let kubeconfig = Kubeconfig::read_from(&e2e.kubeconfig).expect("the kubeconfig loads");
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .expect("a client config");
-        let client = Client::try_from(config).expect("a client");
-        let ns = format!("graft-e2e-{:x}", std::process::id());
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        let namespace: Namespace = serde_json::from_value(json!({
-            "metadata": {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "privileged"}},
-        }))
-        .unwrap();
-        namespaces
-            .create(&PostParams::default(), &namespace)
-            .await
-            .expect("creating the test namespace");
-
-        let result = tokio::spawn(run_in(client.clone(), ns.clone(), e2e)).await;
-        let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
-        if let Err(e) = result {
-            std::panic::resume_unwind(e.into_panic());
-        }
-    });
+fn e2e_mode_ephemeral() {
+    main_job("ephemeral");
 }
 
-async fn run_in(client: Client, ns: String, e2e: E2e) {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pp = PostParams::default();
-    let app_cmd = [
-        "sh",
-        "-c",
-        "mkdir -p /srv && echo only-in-the-pod > /srv/graft-e2e.txt && exec python3 -c \"$SERVER\" pod",
-    ];
-    let env = json!([
-        {"name": "GRAFT_E2E_ENV", "value": "from-the-pod-spec"},
-        {"name": "SERVER", "value": SERVER},
-    ]);
-    deployments
-        .create(
-            &pp,
-            &deployment("app", &e2e.app_image, &app_cmd, env.clone()),
-        )
-        .await
-        .expect("creating deploy/app");
-    let backend_cmd = ["sh", "-c", "exec python3 -c \"$SERVER\" backend"];
-    deployments
-        .create(
-            &pp,
-            &deployment("backend", &e2e.app_image, &backend_cmd, env),
-        )
-        .await
-        .expect("creating deploy/backend");
-    services
-        .create(&pp, &service("app"))
-        .await
-        .expect("svc/app");
-    services
-        .create(&pp, &service("backend"))
-        .await
-        .expect("svc/backend");
-    wait_ready(&deployments, "app").await;
-    wait_ready(&deployments, "backend").await;
-    let app_url = format!("http://app.{ns}.svc.cluster.local/");
-    assert_eq!(get_in_cluster(&pods, &ns, &app_url).await, "pod");
+#[test]
+fn e2e_mode_node() {
+    main_job("node");
+}
 
-    let local = format!(
-        "import os,sys,urllib.request,http.server\n\
-         print(os.environ.get('GRAFT_E2E_ENV'))\n\
-         print(open('/srv/graft-e2e.txt').read().strip())\n\
-         print(urllib.request.urlopen('http://backend.{ns}.svc.cluster.local/',timeout=10).read().decode())\n\
-         sys.stdout.flush()\n\
-         {}",
-        SERVER.replace("sys.argv[1]", "'local'")
-    );
-    for mode in ["ephemeral", "node"] {
-        let mut graft = Command::new(graft_bin())
-            .args([
-                "run",
-                "--kubeconfig",
-                &e2e.kubeconfig,
-                "-n",
-                &ns,
-                "--target",
-                "deploy/app",
-                "--agent-mode",
-                mode,
-                "--agent-image",
-                &e2e.agent_image,
-                "--agent-pull-policy",
-                "IfNotPresent",
-                "--steal",
-                "--",
-                python(),
-                "-c",
-                &local,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("graft starts");
-        let stdout = graft.stdout.take().unwrap();
-        let lines = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            std::io::BufReader::new(stdout)
-                .lines()
-                .take(3)
-                .map(|l| l.unwrap_or_default())
-                .collect::<Vec<_>>()
+/// The agent image itself: a pod running it starts the agent binary, which
+/// prints its version (the image holds a self-contained root filesystem).
+#[test]
+fn e2e_agent_image_runs() {
+    let Some(live) = Live::get() else {
+        return;
+    };
+    let ns = live.namespace("image");
+    ns.apply(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent"},
+        "spec": {"restartPolicy": "Never", "containers": [{
+            "name": "agent", "image": live.agent_image, "imagePullPolicy": "IfNotPresent",
+            "args": ["--version"],
+        }]},
+    }));
+    let pods = ns.pods_api();
+    let phase =
+        graft_tests::wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+            let pod = live.block_on(pods.get("agent")).ok()?;
+            let phase = pod.status?.phase?;
+            matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
         });
-        let lines = tokio::time::timeout(Duration::from_secs(240), lines)
-            .await
-            .unwrap_or_else(|_| panic!("{mode}: the local program printed nothing in 240 s"))
-            .unwrap();
-        assert_eq!(
-            lines,
-            ["from-the-pod-spec", "only-in-the-pod", "backend"],
-            "{mode}: env, file and cluster DNS + outgoing"
-        );
-        // A request inside the cluster to the app's Service reaches the local
-        // program.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let answer = get_in_cluster(&pods, &ns, &app_url).await;
-            if answer == "local" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{mode}: the Service still answers {answer:?}"
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(graft.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = tokio::task::spawn_blocking(move || graft.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        println!("{mode}: graft ended with {status}");
+    let logs = live
+        .block_on(pods.logs("agent", &Default::default()))
+        .unwrap_or_else(|e| format!("(no logs: {e})"));
+    assert_eq!(
+        phase.as_deref(),
+        Some("Succeeded"),
+        "the agent image's pod did not succeed; logs: {logs}"
+    );
+    assert!(
+        logs.contains(env!("CARGO_PKG_VERSION")),
+        "the agent image printed {logs:?}, not version {}",
+        env!("CARGO_PKG_VERSION")
+    );
+}
 
-        // Nothing of graft's keeps running, and the pod serves again.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let running = pods
-                .list(&ListParams::default().labels("app.kubernetes.io/managed-by=graft"))
-                .await
-                .map(|l| {
-                    l.items
-                        .iter()
-                        .filter(|p| p.metadata.deletion_timestamp.is_none())
-                        .count()
-                })
-                .unwrap_or(0);
-            let answer = get_in_cluster(&pods, &ns, &app_url).await;
-            if running == 0 && answer == "pod" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{mode}: {running} graft pods left, the Service answers {answer:?}"
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
+/// Ctrl-C (SIGINT to graft's process group, as a terminal sends it) while a
+/// request is being served: graft ends within 30 s, the local program with it
+/// (nothing is left in the group), the ephemeral agent container terminates,
+/// and the pod answers again.
+#[test]
+fn e2e_ctrl_c_ends_the_session_and_the_agent() {
+    let Some(live) = Live::get() else {
+        return;
+    };
+    let ns = live.namespace("ctrlc");
+    ns.workload("Pod", "web", 1, 1);
+    let addr = ns.app_addr("app=web");
+    let graft = ns.run(
+        "pod/web/container/app",
+        &["--steal"],
+        &graft_tests::cluster::local_server("local", ""),
+    );
+    wait_served_by(addr, "local", SESSION_TIMEOUT, Some(&graft));
+    let group = nix::unistd::Pid::from_raw(graft.pid() as i32);
+    // A slow request in flight (its answer would come after 5 s).
+    let slow = std::thread::spawn(move || graft_tests::cluster::served_by(addr, "/slow/5000"));
+    std::thread::sleep(Duration::from_millis(500));
+    let outcome = interrupt(graft);
+    println!("{outcome}");
+    let _ = slow.join();
+    let gone = graft_tests::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        nix::sys::signal::killpg(group, None).is_err().then_some(())
+    });
+    assert!(gone.is_some(), "a process of graft's group outlived Ctrl-C");
+    let pods = ns.pods_api();
+    let agents_ended =
+        graft_tests::wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+            let pod = live.block_on(pods.get("web")).ok()?;
+            let statuses = pod.status?.ephemeral_container_statuses.unwrap_or_default();
+            let ended = !statuses.is_empty()
+                && statuses
+                    .iter()
+                    .all(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()));
+            ended.then_some(())
+        });
+    assert!(
+        agents_ended.is_some(),
+        "the ephemeral agent still runs after Ctrl-C"
+    );
+    wait_restored(&ns, addr, "web");
 }

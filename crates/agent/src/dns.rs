@@ -8,20 +8,40 @@
 //! off) is built on first use and rebuilt whenever either file changes. Its
 //! sockets are created by the runtime's threads, which live in the target's network
 //! namespace, so queries leave from the target.
+//!
+//! It fails as fast as the target's own glibc would: `resolv.conf`'s `timeout`
+//! and `attempts` go to hickory as they are, `search` and `ndots` are walked as
+//! glibc does ([`search`]), servers are asked
+//! in file order (one at a time, as glibc does) or round robin with `rotate`
+//! (resolv.conf(5)), and each query's UDP socket is connected to its server
+//! ([`ConnectedUdp`]), so an ICMP port or host unreachable ends that try at once
+//! (`ECONNREFUSED`, udp(7)) instead of after the whole timeout.
 
-use std::net::IpAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use graft_protocol::remote::{AddressFamily, RemoteError, RemoteResponse};
-use hickory_resolver::config::{LookupIpStrategy, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::Resolver;
+use hickory_resolver::config::{
+    LookupIpStrategy, ResolveHosts, ResolverConfig, ResolverOpts, ServerOrderingStrategy,
+};
 use hickory_resolver::lookup::Lookup;
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::runtime::iocompat::AsyncIoTokioAsStd;
+use hickory_resolver::net::runtime::{
+    DnsUdpSocket, RuntimeProvider, TokioHandle, TokioRuntimeProvider, TokioTime,
+};
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RecordType;
-use hickory_resolver::{Resolver, TokioResolver};
 
 use crate::files::TargetRoot;
+
+mod search;
+
+use search::Miss;
 
 /// The target's resolver configuration file.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -98,7 +118,104 @@ pub fn resolver_config(text: &[u8]) -> Result<(ResolverConfig, ResolverOpts), St
     // The target's hosts file is handled by `HostsFile`; hickory would read ours.
     opts.use_hosts_file = ResolveHosts::Never;
     opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    // glibc asks one server at a time, in file order, or starting with the next
+    // one each time under `options rotate` (resolv.conf(5)).
+    opts.num_concurrent_reqs = 1;
+    opts.server_ordering_strategy = if rotates(text) {
+        ServerOrderingStrategy::RoundRobin
+    } else {
+        ServerOrderingStrategy::UserProvidedOrder
+    };
     Ok((config, opts))
+}
+
+/// Whether an `options` line of `resolv.conf` text says `rotate` (the last
+/// `options` word wins, as in glibc: `no-rotate` does not exist, so any mention
+/// counts).
+fn rotates(text: &[u8]) -> bool {
+    String::from_utf8_lossy(text).lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some("options") && words.any(|w| w == "rotate")
+    })
+}
+
+/// hickory's tokio runtime, except that each query's UDP socket is connected to
+/// its name server: the kernel then reports an ICMP unreachable for it as an
+/// error on the socket (udp(7)), and the try fails at once, as glibc's does
+/// (glibc connects its UDP sockets too, `res_send.c`). Replies can only come
+/// from that server, which hickory checks anyway.
+#[derive(Clone, Default)]
+pub struct ConnectedUdp(TokioRuntimeProvider);
+
+impl RuntimeProvider for ConnectedUdp {
+    type Handle = TokioHandle;
+    type Timer = TokioTime;
+    type Udp = ConnectedSocket;
+    type Tcp = AsyncIoTokioAsStd<tokio::net::TcpStream>;
+
+    fn create_handle(&self) -> Self::Handle {
+        self.0.create_handle()
+    }
+
+    fn connect_tcp(
+        &self,
+        server_addr: SocketAddr,
+        bind_addr: Option<SocketAddr>,
+        timeout: Option<Duration>,
+    ) -> Pin<Box<dyn Send + Future<Output = std::io::Result<Self::Tcp>>>> {
+        self.0.connect_tcp(server_addr, bind_addr, timeout)
+    }
+
+    fn bind_udp(
+        &self,
+        local_addr: SocketAddr,
+        server_addr: SocketAddr,
+    ) -> Pin<Box<dyn Send + Future<Output = std::io::Result<Self::Udp>>>> {
+        Box::pin(async move {
+            let socket = tokio::net::UdpSocket::bind(local_addr).await?;
+            socket.connect(server_addr).await?;
+            Ok(ConnectedSocket(socket))
+        })
+    }
+}
+
+/// A UDP socket connected to one name server whose receive also ends on a
+/// socket error (tokio's readable readiness does not include `EPOLLERR`, so a
+/// plain receive would sleep through the ICMP error until the timeout).
+pub struct ConnectedSocket(tokio::net::UdpSocket);
+
+#[async_trait::async_trait]
+impl DnsUdpSocket for ConnectedSocket {
+    type Time = TokioTime;
+
+    fn poll_recv_from(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<(usize, SocketAddr)>> {
+        DnsUdpSocket::poll_recv_from(&self.0, cx, buf)
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        tokio::select! {
+            received = self.0.recv_from(buf) => received,
+            ready = self.0.ready(tokio::io::Interest::ERROR) => {
+                ready?;
+                Err(self.0.take_error()?.unwrap_or_else(|| {
+                    std::io::Error::other("the name server's socket reported an error")
+                }))
+            }
+        }
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+        target: SocketAddr,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        DnsUdpSocket::poll_send_to(&self.0, cx, buf, target)
+    }
 }
 
 /// What identifies a version of a file: mtime, inode and size (`None`: absent).
@@ -108,8 +225,19 @@ type Stamp = Option<(i64, i64, u64, u64)>;
 struct Loaded {
     stamps: [Stamp; 2],
     hosts: Arc<HostsFile>,
-    resolver: Result<Arc<TokioResolver>, String>,
+    resolver: Result<Arc<Target>, String>,
 }
+
+/// The target's DNS: the resolver (for absolute names) and the search rules.
+#[derive(Debug)]
+struct Target {
+    resolver: TargetResolver,
+    search: Vec<hickory_resolver::proto::rr::Name>,
+    ndots: usize,
+}
+
+/// The resolver type: hickory over [`ConnectedUdp`].
+type TargetResolver = Resolver<ConnectedUdp>;
 
 /// The session's resolver for the target.
 #[derive(Debug)]
@@ -140,7 +268,7 @@ impl Dns {
     }
 
     /// The hosts file and resolver for the current versions of the target's files.
-    async fn current(&self) -> (Arc<HostsFile>, Result<Arc<TokioResolver>, String>) {
+    async fn current(&self) -> (Arc<HostsFile>, Result<Arc<Target>, String>) {
         let stamps = [self.stamp(RESOLV_CONF), self.stamp(HOSTS)];
         let mut loaded = self.loaded.lock().await;
         match &*loaded {
@@ -157,10 +285,18 @@ impl Dns {
                     .read_to_end(RESOLV_CONF, MAX_CONFIG_LEN)
                     .unwrap_or_default();
                 let resolver = resolver_config(&conf).and_then(|(config, opts)| {
-                    Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+                    let search = config.search.clone();
+                    let ndots = opts.ndots;
+                    Resolver::builder_with_config(config, ConnectedUdp::default())
                         .with_options(opts)
                         .build()
-                        .map(Arc::new)
+                        .map(|resolver| {
+                            Arc::new(Target {
+                                resolver,
+                                search,
+                                ndots,
+                            })
+                        })
                         .map_err(|e| format!("could not build the resolver: {e}"))
                 });
                 *loaded = Some(Loaded {
@@ -183,20 +319,26 @@ impl Dns {
                 canonical: Some(canonical),
             };
         }
-        let resolver = match resolver {
+        let target = match resolver {
             Ok(r) => r,
             Err(message) => return RemoteResponse::Error(RemoteError::Other(message)),
         };
-        let lookup: Result<Lookup, NetError> = match family {
-            AddressFamily::Any => resolver
-                .lookup_ip(host)
-                .await
-                .map(|l| l.as_lookup().clone()),
-            AddressFamily::V4 => resolver.lookup(host, RecordType::A).await,
-            AddressFamily::V6 => resolver.lookup(host, RecordType::AAAA).await,
-        };
-        match lookup {
-            Ok(lookup) => {
+        let query = |name: hickory_resolver::proto::rr::Name| {
+            let target = target.clone();
+            async move {
+                let lookup: Result<Lookup, NetError> = match family {
+                    AddressFamily::Any => target
+                        .resolver
+                        .lookup_ip(name)
+                        .await
+                        .map(|l| l.as_lookup().clone()),
+                    AddressFamily::V4 => target.resolver.lookup(name, RecordType::A).await,
+                    AddressFamily::V6 => target.resolver.lookup(name, RecordType::AAAA).await,
+                };
+                let lookup = lookup.map_err(|e| {
+                    tracing::debug!(host, "resolution failed: {e}");
+                    miss(&e)
+                })?;
                 let mut addrs = Vec::new();
                 let mut canonical = None;
                 for record in lookup.answers() {
@@ -210,32 +352,34 @@ impl Dns {
                     }
                 }
                 if addrs.is_empty() {
-                    RemoteResponse::Error(RemoteError::NoName)
+                    Err(Miss::NoData)
                 } else {
-                    RemoteResponse::Resolved { addrs, canonical }
+                    Ok(RemoteResponse::Resolved { addrs, canonical })
                 }
             }
-            Err(e) => {
-                tracing::debug!(host, "resolution failed: {e}");
-                RemoteResponse::Error(map_error(&e))
+        };
+        match search::search(host, target.ndots, &target.search, query).await {
+            Ok(resolved) => resolved,
+            Err(Miss::NotFound | Miss::NoData) => RemoteResponse::Error(RemoteError::NoName),
+            Err(Miss::ServFail | Miss::Unreachable | Miss::Failed) => {
+                RemoteResponse::Error(RemoteError::TryAgain)
             }
         }
     }
 }
 
-/// Maps a hickory failure to what `getaddrinfo` would report.
-fn map_error(e: &NetError) -> RemoteError {
+/// Classifies a hickory failure for one absolute name as glibc's search does.
+fn miss(e: &NetError) -> Miss {
     match e {
         NetError::Dns(DnsError::NoRecordsFound(no)) => match no.response_code {
-            ResponseCode::ServFail | ResponseCode::Refused => RemoteError::TryAgain,
-            _ => RemoteError::NoName,
+            ResponseCode::NXDomain => Miss::NotFound,
+            ResponseCode::NoError => Miss::NoData,
+            ResponseCode::ServFail => Miss::ServFail,
+            _ => Miss::Failed,
         },
-        NetError::Dns(DnsError::ResponseCode(_))
-        | NetError::Timeout
-        | NetError::Busy
-        | NetError::NoConnections
-        | NetError::Io(_) => RemoteError::TryAgain,
-        other => RemoteError::Other(other.to_string()),
+        NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)) => Miss::ServFail,
+        NetError::Io(_) | NetError::NoConnections => Miss::Unreachable,
+        _ => Miss::Failed,
     }
 }
 
@@ -303,6 +447,51 @@ bogus      line
         assert_eq!(opts.timeout, std::time::Duration::from_secs(3));
         assert_eq!(opts.attempts, 4);
         assert_eq!(opts.use_hosts_file, ResolveHosts::Never);
+    }
+
+    #[test]
+    fn servers_are_asked_in_order_or_rotated() {
+        let (_, opts) = resolver_config(b"nameserver 10.0.0.1\nnameserver 10.0.0.2\n").unwrap();
+        assert_eq!(
+            opts.server_ordering_strategy,
+            ServerOrderingStrategy::UserProvidedOrder
+        );
+        assert_eq!(opts.num_concurrent_reqs, 1);
+        let (_, opts) =
+            resolver_config(b"nameserver 10.0.0.1\noptions ndots:2 rotate timeout:1\n").unwrap();
+        assert_eq!(
+            opts.server_ordering_strategy,
+            ServerOrderingStrategy::RoundRobin
+        );
+        assert_eq!(opts.ndots, 2);
+        assert!(!rotates(b"# options rotate\nsearch rotate\n"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_fails_at_once_not_after_the_timeout() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("etc")).unwrap();
+        // Nothing listens on 127.0.0.9:53: the kernel answers port unreachable.
+        std::fs::write(
+            tmp.path().join("etc/resolv.conf"),
+            "nameserver 127.0.0.9\nsearch example.org\noptions timeout:5 attempts:2\n",
+        )
+        .unwrap();
+        let dir = rustix::fs::open(
+            tmp.path(),
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let dns = Dns::new(Arc::new(TargetRoot::new(dir)));
+        // A generous bound: a resolver that waits for its timeout takes 10 s or more.
+        let answer = tokio::time::timeout(
+            Duration::from_secs(4),
+            dns.resolve("nowhere", AddressFamily::Any),
+        )
+        .await
+        .expect("the lookup waited for its timeout");
+        assert_eq!(answer, RemoteResponse::Error(RemoteError::TryAgain));
     }
 
     #[test]

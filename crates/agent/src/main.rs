@@ -8,13 +8,14 @@
 //! ```
 //!
 //! Startup, in this order (see `docs/architecture.md`): check the target exists;
-//! fork the watchdog while the process has one thread; enter the target's network
-//! namespace on the main thread and open its root; build the async runtime (its
-//! threads inherit the namespace); listen (on TCP: with TLS 1.3 and a key pair
-//! made for this run, whose certificate's SHA-256 is printed first as
-//! `link-cert sha256:HEX`); print `ready <address>` on stdout; accept one
-//! client (on TCP: the first that proves the session secret inside TLS); serve
-//! it. On the way out every packet rule is removed and
+//! enter the target's network namespace on the main thread; take the rules lock
+//! (see `rules::stale`) and fork the watchdog while the process has one thread;
+//! open the target's root; build the async runtime (its threads inherit the
+//! namespace); remove dead agents' stale rules in the background; listen (on
+//! TCP: with TLS 1.3 and a key pair made for this run, whose certificate's
+//! SHA-256 is printed first as `link-cert sha256:HEX`); print `ready <address>`
+//! on stdout; accept one client (on TCP: the first that proves the session
+//! secret inside TLS); serve it. On the way out every packet rule is removed and
 //! every connection reset.
 //!
 //! Exit codes: 0 the session ran and ended; 1 any other failure; 2 bad arguments or
@@ -26,6 +27,7 @@ mod dns;
 mod env;
 mod files;
 mod incoming;
+mod limits;
 mod ns;
 mod outgoing;
 mod relay;
@@ -35,6 +37,7 @@ mod steal;
 mod target;
 mod target_id;
 mod tcp_link;
+mod transparent;
 mod watchdog;
 
 use std::io::{IsTerminal, Write};
@@ -43,7 +46,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -93,6 +96,28 @@ struct Args {
     /// Seconds to wait for the client to connect (and then to send Hello).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     connect_timeout: u64,
+    /// Which packet rules redirect stolen ports: `auto` (an nf_tables table the
+    /// kernel removes with the agent, where the kernel has them (Linux ≥ 5.12),
+    /// else iptables with a watchdog), `nftables` or `iptables`.
+    #[arg(
+        long,
+        value_name = "BACKEND",
+        value_enum,
+        default_value_t = rules::Backend::Auto,
+        env = "GRAFT_AGENT_PACKET_RULES"
+    )]
+    packet_rules: rules::Backend,
+    /// Never steal or mirror connections from this source: the node address the
+    /// kubelet probes the pod from. An IP address, or `gateway` for the target
+    /// network's default gateways. Repeatable; in the environment, separated by
+    /// commas.
+    #[arg(
+        long,
+        value_name = "ADDR|gateway",
+        env = "GRAFT_AGENT_PROBE_SOURCES",
+        value_delimiter = ','
+    )]
+    probe_source: Vec<rules::probes::ProbeSource>,
     /// Log filter for stderr (`error`, `warn`, `info`, `debug`, `trace`, or a
     /// tracing directive).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -187,17 +212,29 @@ fn run(args: Args) -> Result<u8, Failure> {
         (None, None) => unreachable!("clap requires --target-pid or --target-container-id"),
     };
     ns::check_exists(pid)?;
+    match limits::raise_nofile() {
+        Ok(limit) => tracing::debug!(?limit, "open file limit"),
+        Err(e) => tracing::warn!("could not raise the open file limit to its maximum: {e}"),
+    }
     let secret = session_secret().map_err(|e| Failure::new(EXIT_USAGE, e))?;
-    let chain = rules::random_chain_name();
     let netns = ns::open_netns(pid)?;
     let pidfd = target::open_pidfd(pid);
-
-    // Still one thread: fork now.
-    let watchdog = watchdog::spawn(&chain, &netns).map_err(|e| Failure::new(EXIT_FAILURE, e))?;
-    tracing::debug!(watchdog = watchdog.pid(), %chain, "watchdog started");
-
     ns::enter_netns(pid, &netns)?;
     drop(netns);
+    // In the target's namespace: the lock that says this agent's rules are alive,
+    // held by the agent and inherited by the watchdog.
+    let (chain, _rules_lock) =
+        rules::stale::new_locked_chain().map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+    transparent::init(&chain);
+    rules::configure(rules::Settings {
+        backend: args.packet_rules,
+        excluded: rules::probes::resolve(&args.probe_source, pid),
+    });
+    tracing::debug!(excluded = ?rules::settings().excluded, "probe sources");
+
+    // Still one thread: fork now.
+    let watchdog = watchdog::spawn(&chain).map_err(|e| Failure::new(EXIT_FAILURE, e))?;
+    tracing::debug!(watchdog = watchdog.pid(), %chain, "watchdog started");
     let root = Arc::new(files::TargetRoot::new(ns::open_root(pid)?));
 
     // Built after setns: every runtime thread starts in the target's namespace.
@@ -219,15 +256,24 @@ fn run(args: Args) -> Result<u8, Failure> {
         root,
         rules_touched: rules_touched.clone(),
         hello_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        attached: None,
     };
+    // Chains of agents that died with their watchdog (an OOM-killed container).
+    runtime.spawn(rules::stale::sweep());
     let outcome = runtime.block_on(serve(&args, config, pidfd));
     // Tasks still running are dropped here; their sockets reset (ResetOnDrop).
     runtime.shutdown_timeout(Duration::from_millis(500));
-    if rules_touched.load(Ordering::SeqCst) {
-        rules::cleanup_blocking(&chain);
+    // Connections are reset (above); now the rules go: an nf_tables owner table
+    // with its socket, an iptables chain with its cleanup commands.
+    rules::nft::close_parked();
+    if let Some(flavour) = rules::iptables::touched() {
+        rules::iptables::cleanup_blocking(flavour, &chain);
         tracing::debug!(%chain, "packet rules removed");
     }
-    drop(watchdog);
+    if transparent::touched() {
+        transparent::cleanup_blocking(&chain);
+    }
+    watchdog.done();
     outcome
 }
 
@@ -416,12 +462,17 @@ async fn serve(
                 }
                 first = tokio::time::timeout(timeout, first) => first,
             };
-            let link = match first {
-                Ok(Ok(link)) => link,
+            let tcp_link::Linked { link, attached } = match first {
+                Ok(Ok(linked)) => linked,
                 Ok(Err(_)) | Err(_) => {
                     accepter.abort();
                     return Err(no_client());
                 }
+            };
+            // While the client is detached the target serves its own traffic.
+            let config = SessionConfig {
+                attached: Some(attached),
+                ..config
             };
             let end = session::run(link, config, stop).await;
             accepter.abort();

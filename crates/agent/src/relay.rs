@@ -17,10 +17,15 @@
 //!   does dropping the task, through [`ResetOnDrop`].
 //!
 //! A UDP flow relays datagrams one `Data` each until the client closes it.
+//!
+//! Bytes the client sent and the socket has not taken yet are counted per
+//! connection; a client that sends more than [`MAX_QUEUED`] ahead (more than the
+//! flow-control window allows, so not an honest graft) has that connection reset
+//! and is told so, instead of growing the agent's memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +37,10 @@ use tokio::sync::mpsc;
 
 /// The most bytes read from a socket into one `Data` message.
 pub const READ_CHUNK: usize = 64 * 1024;
+
+/// The most bytes of one connection the client may have sent that its socket has
+/// not taken yet: its flow-control window plus one chunk of slack.
+pub const MAX_QUEUED: usize = TCP_WINDOW as usize + graft_protocol::codec::MAX_CHUNK_LEN;
 
 /// How long queued bytes may take to drain after the client closed gracefully.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,14 +59,24 @@ pub enum ConnCommand {
     },
     /// The client wrote this many more bytes to its socket (flow control).
     Credit(u32),
+    /// The client sent more than [`MAX_QUEUED`] bytes ahead of the socket: reset
+    /// the connection and tell the client.
+    Overflow,
 }
 
 /// The live connections of a session: who to hand each connection's commands to.
 #[derive(Debug, Default)]
 pub struct ConnTable {
-    inner: Mutex<HashMap<ConnectionId, (u64, mpsc::UnboundedSender<ConnCommand>)>>,
+    inner: Mutex<HashMap<ConnectionId, Entry>>,
     generation: AtomicU64,
 }
+
+/// Bytes of a connection delivered by the client and not yet taken by its socket.
+pub type Queued = Arc<AtomicUsize>;
+
+/// A live connection in the table: its generation, its task's command channel
+/// and its queued byte count.
+type Entry = (u64, mpsc::UnboundedSender<ConnCommand>, Queued);
 
 /// A connection's registration: its command receiver, and the token that lets the
 /// task remove exactly its own entry when it ends.
@@ -67,6 +86,9 @@ pub struct Registration {
     pub conn: ConnectionId,
     /// Commands from the link.
     pub commands: mpsc::UnboundedReceiver<ConnCommand>,
+    /// The client's bytes in `commands` or the task's queue; the task subtracts
+    /// what its socket takes.
+    pub queued: Queued,
     generation: u64,
 }
 
@@ -79,10 +101,12 @@ impl ConnTable {
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        inner.insert(conn, (generation, tx));
+        let queued = Queued::default();
+        inner.insert(conn, (generation, tx, queued.clone()));
         Some(Registration {
             conn,
             commands: rx,
+            queued,
             generation,
         })
     }
@@ -93,7 +117,26 @@ impl ConnTable {
         let mut inner = self.inner.lock().expect("connection table lock poisoned");
         let closing = matches!(command, ConnCommand::Close { .. });
         let delivered = match inner.get(&conn) {
-            Some((_, tx)) => tx.send(command).is_ok(),
+            Some((_, tx, queued)) => {
+                let command = match command {
+                    ConnCommand::Data(bytes) => {
+                        let ahead = queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
+                        if ahead > MAX_QUEUED {
+                            tracing::warn!(
+                                %conn,
+                                "the client sent {ahead} bytes its socket has not taken, more \
+                                 than the limit of {MAX_QUEUED}; the connection is reset"
+                            );
+                            queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+                            ConnCommand::Overflow
+                        } else {
+                            ConnCommand::Data(bytes)
+                        }
+                    }
+                    other => other,
+                };
+                tx.send(command).is_ok()
+            }
             None => false,
         };
         if closing || !delivered {
@@ -107,7 +150,7 @@ impl ConnTable {
         let mut inner = self.inner.lock().expect("connection table lock poisoned");
         if inner
             .get(&registration.conn)
-            .is_some_and(|(g, _)| *g == registration.generation)
+            .is_some_and(|(g, _, _)| *g == registration.generation)
         {
             inner.remove(&registration.conn);
         }
@@ -182,7 +225,8 @@ pub async fn tcp(
 ) {
     let conn = registration.conn;
     let (rd, wr) = guard.stream.split();
-    let end = relay_tcp(rd, wr, conn, &mut registration.commands, &to_link).await;
+    let queued = registration.queued.clone();
+    let end = relay_tcp(rd, wr, conn, &mut registration.commands, &queued, &to_link).await;
     guard.orderly = match end {
         TcpEnd::Orderly => true,
         TcpEnd::ClientClosed { reset } => !reset,
@@ -206,7 +250,8 @@ pub async fn stream<S>(
 {
     let conn = registration.conn;
     let (rd, wr) = tokio::io::split(stream);
-    let end = relay_tcp(rd, wr, conn, &mut registration.commands, &to_link).await;
+    let queued = registration.queued.clone();
+    let end = relay_tcp(rd, wr, conn, &mut registration.commands, &queued, &to_link).await;
     finish(end, conn, &to_link).await;
     table.finished(&registration);
 }
@@ -240,6 +285,7 @@ async fn relay_tcp<R, W>(
     mut wr: W,
     conn: ConnectionId,
     commands: &mut mpsc::UnboundedReceiver<ConnCommand>,
+    queued: &AtomicUsize,
     to_link: &mpsc::Sender<AgentMessage>,
 ) -> TcpEnd
 where
@@ -301,6 +347,7 @@ where
                 Ok(Some(n)) => {
                     offset += n;
                     owed += n as u32;
+                    queued.fetch_sub(n, Ordering::AcqRel);
                     if queue.front().is_some_and(|b| offset >= b.len()) {
                         queue.pop_front();
                         offset = 0;
@@ -316,12 +363,14 @@ where
                 Some(ConnCommand::Data(bytes)) => {
                     if client_shutdown {
                         tracing::debug!(%conn, "client sent data after shutdown; dropped");
+                        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
                     } else if !bytes.is_empty() {
                         queue.push_back(bytes);
                     }
                 }
                 Some(ConnCommand::Shutdown) => client_shutdown = true,
                 Some(ConnCommand::Credit(n)) => credit = credit.saturating_add(n as usize),
+                Some(ConnCommand::Overflow) => return TcpEnd::SocketError,
                 Some(ConnCommand::Close { reset: true }) => return TcpEnd::ClientClosed { reset: true },
                 Some(ConnCommand::Close { reset: false }) => {
                     // Deliver what the client sent before it closed, then FIN.
@@ -375,9 +424,14 @@ pub async fn udp(
                     if let Err(e) = socket.send(&bytes).await {
                         tracing::debug!(%conn, "udp send failed: {}", errno_of(&e));
                     }
+                    registration.queued.fetch_sub(bytes.len(), Ordering::AcqRel);
                 }
                 // UDP is not flow-controlled.
                 Some(ConnCommand::Shutdown | ConnCommand::Credit(_)) => {}
+                Some(ConnCommand::Overflow) => {
+                    let _ = to_link.send(AgentMessage::Close { conn, reset: true }).await;
+                    break;
+                }
                 Some(ConnCommand::Close { .. }) | None => break,
             },
         }
@@ -468,6 +522,31 @@ mod tests {
             AgentMessage::Close { conn, reset: true }
         );
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_beyond_its_window_gets_the_connection_reset() {
+        let table = Arc::new(ConnTable::default());
+        let (to_link, mut from_relay) = mpsc::channel(16);
+        // The peer never reads: nothing the client sends is taken.
+        let (peer, ours) = pair().await;
+        let conn = ConnectionId(5);
+        let reg = table.register(conn).unwrap();
+        let task = tokio::spawn(tcp(ResetOnDrop::new(ours), reg, to_link, table.clone()));
+        let chunk = vec![0u8; graft_protocol::codec::MAX_CHUNK_LEN];
+        for _ in 0..=MAX_QUEUED / chunk.len() + 1 {
+            if !table.deliver(conn, ConnCommand::Data(chunk.clone())) {
+                break;
+            }
+        }
+        // Credits for what the socket took may come first.
+        let mut message = next(&mut from_relay).await;
+        while matches!(message, AgentMessage::Credit { .. }) {
+            message = next(&mut from_relay).await;
+        }
+        assert_eq!(message, AgentMessage::Close { conn, reset: true });
+        task.await.unwrap();
+        drop(peer);
     }
 
     #[test]

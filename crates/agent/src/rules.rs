@@ -1,21 +1,39 @@
-//! Packet rules: the `iptables` / `ip6tables` command lines that steal a port, and
-//! the runners that execute them.
+//! Packet rules: how the agent redirects a target port to its own listeners, in
+//! a way that dies with the agent whatever kills it.
 //!
-//! Every rule the agent installs lives in one chain of the `nat` table, named
-//! `GRAFT-` + 8 random hex digits and chosen once per agent, jumped to from the
-//! first rule of `PREROUTING`. Removing the agent's rules is therefore three
-//! commands per family ([`cleanup_commands`]), which both the session (on every
-//! orderly exit) and the watchdog (when the agent dies) run.
+//! Two backends, chosen on the first redirect ([`PacketRules::open`]):
 //!
-//! The commands run in the network namespace of the calling thread: the agent's
-//! threads all live in the target's namespace, so the rules land there.
+//! - [`nft`]: an nf_tables table owned by the agent's netlink socket
+//!   (`NFT_TABLE_F_OWNER`, Linux ≥ 5.12). The kernel deletes it when the socket
+//!   closes, so the rules go with the agent even when its whole process group or
+//!   container is killed. The default wherever the kernel offers it.
+//! - [`iptables`]: a `GRAFT-xxxxxxxx` chain of the `nat` table, written with the
+//!   node's flavour of `iptables` (legacy or nft, detected), removed by the agent
+//!   on its way out, by the [`crate::watchdog`] (its own session, so a signal to
+//!   the agent's process group spares it) when the agent dies, and otherwise by
+//!   the next agent on the target, which removes every chain whose agent is gone
+//!   ([`stale`]) when it starts.
+//!
+//! Both backends first let through the connections of the *probe sources*
+//! ([`probes`]): the node's addresses from which the kubelet probes the pod, so
+//! liveness, readiness and startup probes keep reaching the target's own server.
+//!
+//! The agent is configured once at startup ([`configure`]); the redirector reads
+//! the settings when it opens the rules.
+
+pub mod iptables;
+pub mod nft;
+pub mod probes;
+pub mod stale;
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::io;
-use std::process::Stdio;
+use std::net::IpAddr;
+use std::sync::OnceLock;
 
-/// Prefix of every chain graft creates.
+pub use iptables::Family;
+
+/// Prefix of every chain and table graft creates.
 pub const CHAIN_PREFIX: &str = "GRAFT-";
 
 /// The environment variable that carries the session secret; removed from the
@@ -25,203 +43,115 @@ pub const SECRET_ENV: &str = "GRAFT_AGENT_SECRET";
 /// digits (agents placed in a cluster: the pod spec never holds the secret).
 pub const SECRET_DIGEST_ENV: &str = "GRAFT_AGENT_SECRET_SHA256";
 
-/// An IP family, and so which of `iptables` / `ip6tables` manages its rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// IPv4, managed with `iptables`.
-    V4,
-    /// IPv6, managed with `ip6tables`.
-    V6,
-}
-
-impl Family {
-    /// Both families, IPv4 first.
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    /// The program that manages this family's rules.
-    pub fn program(self) -> &'static str {
-        match self {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        }
-    }
-}
-
-/// Why a rule command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RuleError {
-    /// The program is not installed.
-    #[error(
-        "{program} is not installed on the machine the agent runs on; install iptables \
-         (the package provides iptables and ip6tables)"
-    )]
-    Missing {
-        /// `iptables` or `ip6tables`.
-        program: &'static str,
-    },
-    /// The program could not be started.
-    #[error("could not run {program}: {source}")]
-    Spawn {
-        /// `iptables` or `ip6tables`.
-        program: &'static str,
-        /// What `exec` said.
-        #[source]
-        source: io::Error,
-    },
-    /// The program ran and failed.
-    #[error(
-        "`{command}` failed: {stderr}; the target's network namespace needs the nat table \
-         (kernel modules iptable_nat / ip6table_nat or nf_tables) and the agent needs CAP_NET_ADMIN"
-    )]
-    Failed {
-        /// The command line.
-        command: String,
-        /// What it wrote on stderr (trimmed).
-        stderr: String,
-    },
-}
-
-impl RuleError {
-    /// Whether the failure only says that the chain or rule is already gone, which
-    /// cleanup treats as success.
-    pub fn is_already_gone(&self) -> bool {
-        match self {
-            RuleError::Failed { stderr, .. } => {
-                let s = stderr.to_ascii_lowercase();
-                s.contains("does not exist")
-                    || s.contains("no chain/target/match")
-                    || s.contains("bad rule")
-                    || s.contains("no such file or directory")
-            }
-            _ => false,
-        }
-    }
-}
-
 /// A fresh chain name: [`CHAIN_PREFIX`] + 8 random lowercase hex digits.
 pub fn random_chain_name() -> String {
-    // RandomState is seeded from the OS's random source once per process.
+    // RandomState is seeded from the OS's random source once per process, and
+    // differently for each instance.
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u32(std::process::id());
     format!("{CHAIN_PREFIX}{:08x}", hasher.finish() as u32)
 }
 
-fn args(parts: &[&str]) -> Vec<String> {
-    parts.iter().map(|s| (*s).to_owned()).collect()
+/// Which backend the agent may use (`--packet-rules`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backend {
+    /// nf_tables owner tables where the kernel has them, else iptables.
+    #[default]
+    Auto,
+    /// nf_tables owner tables only; fail when the kernel lacks them.
+    Nftables,
+    /// iptables (legacy or nft, detected) with the watchdog.
+    Iptables,
 }
 
-/// `-t nat -N CHAIN`: create the agent's chain.
-pub fn create_chain(chain: &str) -> Vec<String> {
-    args(&["-w", "-t", "nat", "-N", chain])
+/// The agent's rule settings, fixed at startup.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The allowed backends.
+    pub backend: Backend,
+    /// Sources whose connections are never redirected (probe sources).
+    pub excluded: Vec<IpAddr>,
 }
 
-/// `-t nat -I PREROUTING 1 -j CHAIN`: send incoming packets through the chain first.
-pub fn jump_to_chain(chain: &str) -> Vec<String> {
-    args(&["-w", "-t", "nat", "-I", "PREROUTING", "1", "-j", chain])
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+/// Sets the agent's rule settings; the first call wins.
+pub fn configure(settings: Settings) {
+    let _ = SETTINGS.set(settings);
 }
 
-/// `-t nat -A|-D CHAIN -p tcp --dport PORT -j REDIRECT --to-ports TO`: add
-/// (`add`) or delete the rule that redirects `port` to the agent's listener `to`.
-pub fn redirect(chain: &str, add: bool, port: u16, to: u16) -> Vec<String> {
-    let port = port.to_string();
-    let to = to.to_string();
-    let op = if add { "-A" } else { "-D" };
-    args(&[
-        "-w",
-        "-t",
-        "nat",
-        op,
-        chain,
-        "-p",
-        "tcp",
-        "--dport",
-        &port,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &to,
-    ])
+/// The agent's rule settings (the defaults when [`configure`] was not called).
+pub fn settings() -> &'static Settings {
+    SETTINGS.get_or_init(Settings::default)
 }
 
-/// The commands that remove the chain and the jump to it, in order.
-pub fn cleanup_commands(chain: &str) -> [Vec<String>; 3] {
-    [
-        args(&["-w", "-t", "nat", "-D", "PREROUTING", "-j", chain]),
-        args(&["-w", "-t", "nat", "-F", chain]),
-        args(&["-w", "-t", "nat", "-X", chain]),
-    ]
+/// The rules of one agent, in whichever backend it opened.
+#[derive(Debug)]
+pub enum PacketRules {
+    /// An nf_tables table owned by the agent's socket.
+    Nft(nft::OwnerTable),
+    /// An iptables chain, removed by the agent, its watchdog or the next agent.
+    Iptables(iptables::Chains),
 }
 
-fn outcome(
-    family: Family,
-    argv: &[String],
-    result: io::Result<std::process::Output>,
-) -> Result<(), RuleError> {
-    let program = family.program();
-    let output = result.map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            RuleError::Missing { program }
-        } else {
-            RuleError::Spawn { program, source }
-        }
-    })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(RuleError::Failed {
-            command: format!("{program} {}", argv.join(" ")),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        })
-    }
-}
-
-/// Runs one rule command from the async runtime.
-///
-/// # Errors
-///
-/// [`RuleError`] when the program is missing, cannot start, or fails.
-pub async fn run(family: Family, argv: &[String]) -> Result<(), RuleError> {
-    tracing::debug!(program = family.program(), args = ?argv, "rule command");
-    let result = tokio::process::Command::new(family.program())
-        .args(argv)
-        .env_remove(SECRET_ENV)
-        .env_remove(SECRET_DIGEST_ENV)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .await;
-    outcome(family, argv, result)
-}
-
-/// Runs one rule command, blocking the calling thread (watchdog, exit path).
-///
-/// # Errors
-///
-/// As [`run`].
-pub fn run_blocking(family: Family, argv: &[String]) -> Result<(), RuleError> {
-    let result = std::process::Command::new(family.program())
-        .args(argv)
-        .env_remove(SECRET_ENV)
-        .env_remove(SECRET_DIGEST_ENV)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output();
-    outcome(family, argv, result)
-}
-
-/// Removes the chain and the jump to it for both families, blocking; failures that
-/// only say "already gone" are ignored, others are logged.
-pub fn cleanup_blocking(chain: &str) {
-    for family in Family::ALL {
-        for argv in cleanup_commands(chain) {
-            match run_blocking(family, &argv) {
-                Ok(()) => {}
-                Err(e) if e.is_already_gone() => {}
-                Err(RuleError::Missing { .. }) => break,
-                Err(e) => tracing::warn!("removing packet rules: {e}"),
+impl PacketRules {
+    /// Opens the rules named `name` with the configured backend: nf_tables when
+    /// allowed and possible, else iptables.
+    ///
+    /// # Errors
+    ///
+    /// The nf_tables error when `--packet-rules nftables` forbids the fallback.
+    pub async fn open(name: &str) -> Result<PacketRules, String> {
+        let settings = settings();
+        if settings.backend != Backend::Iptables {
+            match nft::OwnerTable::create(name, &settings.excluded) {
+                Ok(table) => {
+                    tracing::debug!(table = name, "packet rules: nf_tables owner table");
+                    return Ok(PacketRules::Nft(table));
+                }
+                Err(e) if settings.backend == Backend::Nftables => return Err(e.to_string()),
+                Err(e) => {
+                    tracing::info!("{e}; using iptables and a watchdog instead");
+                }
             }
+        }
+        let flavour = iptables::Flavour::detect().await;
+        tracing::debug!(chain = name, ?flavour, "packet rules: iptables");
+        Ok(PacketRules::Iptables(iptables::Chains::new(
+            name.to_owned(),
+            flavour,
+            settings.excluded.clone(),
+        )))
+    }
+
+    /// Redirects `port` to the listeners `to_v4` and `to_v6`.
+    ///
+    /// # Errors
+    ///
+    /// What failed, for the client.
+    pub async fn redirect(
+        &mut self,
+        port: u16,
+        to_v4: u16,
+        to_v6: Option<u16>,
+    ) -> Result<(), String> {
+        match self {
+            PacketRules::Nft(table) => table
+                .redirect(port, to_v4, to_v6)
+                .map_err(|e| e.to_string()),
+            PacketRules::Iptables(chains) => chains.redirect(port, to_v4, to_v6).await,
+        }
+    }
+
+    /// Stops redirecting `port`; failures are logged.
+    pub async fn release(&mut self, port: u16, to_v4: u16, to_v6: Option<u16>) {
+        match self {
+            PacketRules::Nft(table) => {
+                if let Err(e) = table.release(port) {
+                    tracing::warn!("could not remove the rules for port {port}: {e}");
+                }
+            }
+            PacketRules::Iptables(chains) => chains.release(port, to_v4, to_v6).await,
         }
     }
 }
@@ -242,60 +172,5 @@ mod tests {
                 .all(|c| c.is_ascii_hexdigit())
         );
         assert_ne!(a, b);
-    }
-
-    #[test]
-    fn steal_commands_are_the_documented_ones() {
-        assert_eq!(
-            create_chain("GRAFT-0badcafe").join(" "),
-            "-w -t nat -N GRAFT-0badcafe"
-        );
-        assert_eq!(
-            jump_to_chain("GRAFT-0badcafe").join(" "),
-            "-w -t nat -I PREROUTING 1 -j GRAFT-0badcafe"
-        );
-        assert_eq!(
-            redirect("GRAFT-0badcafe", true, 8080, 41234).join(" "),
-            "-w -t nat -A GRAFT-0badcafe -p tcp --dport 8080 -j REDIRECT --to-ports 41234"
-        );
-        assert_eq!(
-            redirect("GRAFT-0badcafe", false, 80, 1).join(" "),
-            "-w -t nat -D GRAFT-0badcafe -p tcp --dport 80 -j REDIRECT --to-ports 1"
-        );
-    }
-
-    #[test]
-    fn cleanup_unhooks_then_flushes_then_deletes() {
-        let cmds = cleanup_commands("GRAFT-00000001").map(|c| c.join(" "));
-        assert_eq!(
-            cmds,
-            [
-                "-w -t nat -D PREROUTING -j GRAFT-00000001",
-                "-w -t nat -F GRAFT-00000001",
-                "-w -t nat -X GRAFT-00000001",
-            ]
-        );
-    }
-
-    #[test]
-    fn already_gone_messages_are_recognised() {
-        let gone = |stderr: &str| RuleError::Failed {
-            command: String::new(),
-            stderr: stderr.into(),
-        };
-        assert!(gone("iptables: No chain/target/match by that name.").is_already_gone());
-        assert!(
-            !gone("iptables v1.8.9 (nf_tables): table `nat' is incompatible, use 'nft' tool.")
-                .is_already_gone()
-        );
-        assert!(
-            gone("iptables v1.8.9 (nf_tables): Chain 'GRAFT-1' does not exist").is_already_gone()
-        );
-        assert!(
-            !RuleError::Missing {
-                program: "iptables"
-            }
-            .is_already_gone()
-        );
     }
 }

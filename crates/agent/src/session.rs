@@ -40,6 +40,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Capacity of the bounded channel from the tasks to the link writer.
 const TO_LINK_CAPACITY: usize = 256;
+/// The most remote requests served at once; the link reader waits for one to
+/// finish before it reads on, so a client that never reads its answers stops
+/// being read instead of piling answers up in the agent.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 16;
+/// Answers to requests waiting for the link writer. With
+/// [`MAX_REQUESTS_IN_FLIGHT`] this bounds what requests hold: each answer
+/// carries at most one file chunk (`graft_protocol::codec::MAX_CHUNK_LEN`).
+const RESPONSES_CAPACITY: usize = 4;
+/// Short answers of the link reader (`Pong`, refusals) waiting for the writer; a
+/// client that lets this many pile up reads nothing, and its session ends.
+pub const CONTROL_CAPACITY: usize = 1024;
 /// How long the writer may take to flush the last messages at the end.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
@@ -58,6 +69,12 @@ pub struct SessionConfig {
     pub rules_touched: Arc<AtomicBool>,
     /// How long the client has to send `Hello`.
     pub hello_timeout: Duration,
+    /// Whether the client is attached, for a link that survives its
+    /// transport ([`graft_protocol::relink::Reattach::attached`]): while it is
+    /// `false` the session's subscriptions are out of the hub, so the target
+    /// serves its own traffic; they come back when the client does. `None`
+    /// for a link that ends with its transport.
+    pub attached: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Why the agent must stop, from outside the link.
@@ -146,63 +163,133 @@ enum Outbound {
     Finish,
 }
 
-/// Serves one client on `io` until the session ends.
-pub async fn run<S>(io: S, config: SessionConfig, stop: impl Future<Output = Stop>) -> SessionEnd
+/// The largest frame a client may send before its `Hello` is accepted, in bytes:
+/// a `Hello` is a few hundred bytes, so an unauthenticated peer cannot make the
+/// agent buffer more than this.
+pub const HELLO_MAX_FRAME: usize = 16 * 1024;
+
+/// The link, framed for the agent's side.
+pub type Link<S> = Framed<S, FrameCodec<ClientMessage, AgentMessage>>;
+
+/// A client that passed the handshake: its link and its `Hello`.
+pub struct Admitted<S> {
+    link: Link<S>,
+    hello: Hello,
+}
+
+/// Reads and checks the client's `Hello` on `io` (at most `timeout`), answers it,
+/// and returns the admitted link; a refused client gets its reason in the reply.
+///
+/// # Errors
+///
+/// [`SessionEnd::Refused`] when the client sent no `Hello` in time, something
+/// else first, a frame larger than [`HELLO_MAX_FRAME`], an incompatible version
+/// or the wrong secret; [`SessionEnd::LinkError`] when the answer cannot be sent.
+pub async fn handshake<S>(
+    io: S,
+    secret: &Secret,
+    target_pid: u32,
+    timeout: Duration,
+) -> Result<Admitted<S>, SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut stop = std::pin::pin!(stop);
-    let mut framed = Framed::new(io, FrameCodec::<ClientMessage, AgentMessage>::new());
-
-    // Handshake.
-    let first = tokio::select! {
-        stopped = &mut stop => return SessionEnd::Stopped(stopped),
-        first = tokio::time::timeout(config.hello_timeout, framed.next()) => first,
-    };
-    let hello = match first {
+    let mut framed = Framed::new(
+        io,
+        FrameCodec::<ClientMessage, AgentMessage>::with_max_len(HELLO_MAX_FRAME),
+    );
+    let hello = match tokio::time::timeout(timeout, framed.next()).await {
         Ok(Some(Ok(ClientMessage::Hello(hello)))) => hello,
         Ok(Some(Ok(other))) => {
             let reason = format!("the first message must be Hello, got {other:?}");
             let fatal = AgentMessage::Fatal {
                 message: reason.clone(),
             };
-            return refuse(&mut framed, reason, fatal).await;
+            return Err(refuse(&mut framed, reason, fatal).await);
         }
         Ok(Some(Err(e))) => {
             let reason = e.to_string();
             let fatal = AgentMessage::Fatal {
                 message: reason.clone(),
             };
-            return refuse(&mut framed, reason, fatal).await;
+            return Err(refuse(&mut framed, reason, fatal).await);
         }
-        Ok(None) => return SessionEnd::Refused("the client closed the link before Hello".into()),
-        Err(_) => {
-            return SessionEnd::Refused(format!(
-                "the client sent no Hello within {} s",
-                config.hello_timeout.as_secs()
+        Ok(None) => {
+            return Err(SessionEnd::Refused(
+                "the client closed the link before Hello".into(),
             ));
         }
+        Err(_) => {
+            return Err(SessionEnd::Refused(format!(
+                "the client sent no Hello within {} s",
+                timeout.as_secs_f32()
+            )));
+        }
     };
-    if let Err(reason) = check_hello(&hello, &config.secret) {
+    if let Err(reason) = check_hello(&hello, secret) {
         let reply = AgentMessage::Hello(HelloReply::Rejected {
             reason: reason.clone(),
         });
-        return refuse(&mut framed, reason, reply).await;
+        return Err(refuse(&mut framed, reason, reply).await);
     }
     let accepted = AgentMessage::Hello(HelloReply::Accepted {
         version: PROTOCOL_VERSION.to_owned(),
-        target_pid: config.target_pid,
+        target_pid,
     });
     if let Err(e) = framed.send(accepted).await {
-        return SessionEnd::LinkError(e.to_string());
+        return Err(SessionEnd::LinkError(e.to_string()));
     }
+    // Authenticated: full-size frames from here on.
+    framed
+        .codec_mut()
+        .set_max_len(graft_protocol::codec::MAX_FRAME_LEN);
+    Ok(Admitted {
+        link: framed,
+        hello,
+    })
+}
+
+/// Serves one client on `io` until the session ends: the handshake, then the
+/// session.
+pub async fn run<S>(io: S, config: SessionConfig, stop: impl Future<Output = Stop>) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut stop = std::pin::pin!(stop);
+    let handshake = handshake(io, &config.secret, config.target_pid, config.hello_timeout);
+    let admitted = tokio::select! {
+        stopped = &mut stop => return SessionEnd::Stopped(stopped),
+        admitted = handshake => match admitted {
+            Ok(admitted) => admitted,
+            Err(end) => return end,
+        },
+    };
+    serve(admitted, config, stop).await
+}
+
+/// Serves an admitted client until the session ends.
+pub async fn serve<S>(
+    admitted: Admitted<S>,
+    config: SessionConfig,
+    stop: impl Future<Output = Stop>,
+) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut stop = std::pin::pin!(stop);
+    let Admitted {
+        link: framed,
+        hello,
+    } = admitted;
     tracing::info!(client = %hello.client, "session open");
 
     // The session proper.
     let (sink, mut from_link) = framed.split();
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
     let (to_link, data_rx) = mpsc::channel(TO_LINK_CAPACITY);
-    let mut writer = tokio::spawn(write_link(sink, control_rx, data_rx));
+    let (responses, responses_rx) = mpsc::channel(RESPONSES_CAPACITY);
+    let requests = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
+    let mut writer = tokio::spawn(write_link(sink, control_rx, responses_rx, data_rx));
     let table = Arc::new(ConnTable::default());
     let sink = Arc::new(SessionSink {
         to_link: to_link.clone(),
@@ -236,9 +323,15 @@ where
         access: access.clone(),
     });
     let steal_tx = spawn_subscriber(access.clone(), to_link.clone());
+    let control_full = std::cell::Cell::new(false);
     let control = |message: AgentMessage| {
-        let _ = control_tx.send(Outbound::Message(message));
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            control_tx.try_send(Outbound::Message(message))
+        {
+            control_full.set(true);
+        }
     };
+    let mut attached = config.attached.clone();
 
     let end = loop {
         tokio::select! {
@@ -266,8 +359,29 @@ where
                     }
                     break SessionEnd::LinkError(e.to_string());
                 }
-                Some(Ok(message)) => dispatch(message, &services, &table, &to_link, &steal_tx, &control),
+                Some(Ok(ClientMessage::Request { id, request })) => {
+                    let permit = tokio::select! {
+                        stopped = &mut stop => break SessionEnd::Stopped(stopped),
+                        permit = requests.clone().acquire_owned() => {
+                            permit.expect("the request semaphore is never closed")
+                        }
+                    };
+                    tokio::spawn(serve_request(id, request, services.clone(), responses.clone(), permit));
+                }
+                Some(Ok(message)) => dispatch(message, &table, &to_link, &steal_tx, &control),
             },
+            up = attachment_change(&mut attached) => {
+                let _ = steal_tx.send(if up { SubCommand::Resume } else { SubCommand::Suspend });
+            }
+        }
+        if control_full.get() {
+            tracing::warn!(
+                "the client reads nothing: {CONTROL_CAPACITY} answers wait for it; \
+                 the session ends"
+            );
+            break SessionEnd::LinkError(format!(
+                "the client read none of the last {CONTROL_CAPACITY} answers"
+            ));
         }
     };
     tracing::info!(?end, "session ending");
@@ -279,7 +393,7 @@ where
     table.clear();
     drop(steal_tx);
     access.close().await;
-    let _ = control_tx.send(Outbound::Finish);
+    let _ = control_tx.try_send(Outbound::Finish);
     if !writer.is_finished() {
         let _ = tokio::time::timeout(FINAL_FLUSH, &mut writer).await;
     }
@@ -288,11 +402,7 @@ where
 }
 
 /// Sends the last message of a refused session and closes the link.
-async fn refuse<S>(
-    framed: &mut Framed<S, FrameCodec<ClientMessage, AgentMessage>>,
-    reason: String,
-    reply: AgentMessage,
-) -> SessionEnd
+async fn refuse<S>(framed: &mut Link<S>, reason: String, reply: AgentMessage) -> SessionEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -317,6 +427,23 @@ struct Services {
 enum SubCommand {
     Subscribe(Subscription),
     Unsubscribe(u16),
+    /// The client is detached: take the subscriptions out of the hub.
+    Suspend,
+    /// The client is back: put them back.
+    Resume,
+}
+
+/// The next value of `attached` once it changes; never resolves without one
+/// (or once its sender is gone).
+async fn attachment_change(attached: &mut Option<tokio::sync::watch::Receiver<bool>>) -> bool {
+    let Some(rx) = attached else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        *attached = None;
+        return std::future::pending().await;
+    }
+    *rx.borrow_and_update()
 }
 
 /// Starts the task that applies subscription changes one at a time, in order, and
@@ -343,6 +470,25 @@ fn spawn_subscriber(
                     }
                 }
                 SubCommand::Unsubscribe(port) => access.unsubscribe(port).await,
+                SubCommand::Suspend => access.suspend().await,
+                SubCommand::Resume => {
+                    // The client learns of a port it lost meanwhile as a
+                    // refused subscription.
+                    for (port, reason) in access.resume().await {
+                        tracing::warn!(port, "could not subscribe again: {reason}");
+                        let error = Some(format!(
+                            "no longer stolen or mirrored: the link to the agent was down, and \
+                             taking the port back failed: {reason}"
+                        ));
+                        if to_link
+                            .send(AgentMessage::SubscribeResult { port, error })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
             }
         }
     });
@@ -432,7 +578,6 @@ impl Subscriber for SessionSink {
 
 fn dispatch(
     message: ClientMessage,
-    services: &Arc<Services>,
     table: &Arc<ConnTable>,
     to_link: &mpsc::Sender<AgentMessage>,
     steal_tx: &mpsc::UnboundedSender<SubCommand>,
@@ -441,13 +586,8 @@ fn dispatch(
     match message {
         ClientMessage::Hello(_) => tracing::warn!("second Hello ignored"),
         ClientMessage::Ping(n) => control(AgentMessage::Pong(n)),
-        ClientMessage::Request { id, request } => {
-            tokio::spawn(serve_request(
-                id,
-                request,
-                services.clone(),
-                to_link.clone(),
-            ));
+        ClientMessage::Request { .. } => {
+            unreachable!("the link reader serves requests itself, once one may start")
         }
         ClientMessage::Subscribe(subscription) => {
             let _ = steal_tx.send(SubCommand::Subscribe(subscription));
@@ -499,11 +639,14 @@ fn deliver(table: &ConnTable, conn: ConnectionId, command: ConnCommand) {
     }
 }
 
+/// Serves one request; `_permit` is released once its answer is queued for the
+/// writer.
 async fn serve_request(
     id: RequestId,
     request: RemoteRequest,
     services: Arc<Services>,
-    to_link: mpsc::Sender<AgentMessage>,
+    responses: mpsc::Sender<AgentMessage>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let response = match request {
         RemoteRequest::Env => {
@@ -520,7 +663,9 @@ async fn serve_request(
             blocking(move || files.handle(file_request)).await
         }
     };
-    let _ = to_link.send(AgentMessage::Response { id, response }).await;
+    let _ = responses
+        .send(AgentMessage::Response { id, response })
+        .await;
 }
 
 async fn blocking(f: impl FnOnce() -> RemoteResponse + Send + 'static) -> RemoteResponse {
@@ -538,7 +683,8 @@ async fn write_link<S>(
         Framed<S, FrameCodec<ClientMessage, AgentMessage>>,
         AgentMessage,
     >,
-    mut control: mpsc::UnboundedReceiver<Outbound>,
+    mut control: mpsc::Receiver<Outbound>,
+    mut responses: mpsc::Receiver<AgentMessage>,
     mut data: mpsc::Receiver<AgentMessage>,
 ) -> Result<(), graft_protocol::FrameError>
 where
@@ -552,6 +698,7 @@ where
                 Some(Outbound::Message(m)) => m,
                 Some(Outbound::Finish) | None => break,
             },
+            Some(m) = responses.recv() => m,
             message = data.recv() => match message {
                 Some(m) => m,
                 None => break,
@@ -571,8 +718,14 @@ where
                 }
                 Err(_) => {}
             }
+            let response = responses.try_recv().ok();
+            let found = response.is_some();
+            if let Some(m) = response {
+                sink.feed(m).await?;
+            }
             match data.try_recv() {
                 Ok(m) => sink.feed(m).await?,
+                Err(_) if found => {}
                 Err(_) => break,
             }
         }

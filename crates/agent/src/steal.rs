@@ -3,9 +3,11 @@
 //!
 //! On the first port the agent binds two listeners in the target's network
 //! namespace, `0.0.0.0:0` and `[::]:0` (IPv6-only; IPv4 alone if IPv6 cannot be
-//! bound), creates its chain and hooks it into `PREROUTING` (see [`crate::rules`]).
-//! Each redirected port then adds one `REDIRECT` rule per family, and releasing it
-//! deletes them. The hub calls [`Redirector::redirect`] and
+//! bound), and opens its packet rules ([`crate::rules::PacketRules`]: an
+//! nf_tables table the kernel removes with the agent, or an iptables chain).
+//! Each redirected port then gets its redirect rules, and releasing it deletes
+//! them. Connections from the probe sources are never redirected
+//! ([`crate::rules::probes`]). The hub calls [`Redirector::redirect`] and
 //! [`Redirector::release`] one at a time, under its lock.
 //!
 //! An accepted connection's original destination (`SO_ORIGINAL_DST` /
@@ -24,7 +26,7 @@ use nix::sys::socket::{self as nixsock, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::rules::{self, Family};
+use crate::rules::{Family, PacketRules};
 
 /// A redirected connection, as accepted.
 #[derive(Debug)]
@@ -40,41 +42,32 @@ pub struct Accepted {
 /// The agent's listeners and packet rules for redirected ports.
 #[derive(Debug)]
 pub struct Redirector {
-    chain: String,
+    name: String,
     rules_touched: Arc<AtomicBool>,
     accepted: mpsc::Sender<Accepted>,
     redirected: HashSet<u16>,
     /// The listeners' ports: IPv4, and IPv6 when it could be bound.
     listen_ports: Option<(u16, Option<u16>)>,
-    /// Whether the chain exists and is hooked, per family.
-    hooked: [bool; 2],
-    /// IPv6 rules failed once: IPv4 only from then on.
-    v6_broken: bool,
-}
-
-fn family_index(family: Family) -> usize {
-    match family {
-        Family::V4 => 0,
-        Family::V6 => 1,
-    }
+    /// The rules, once the first port needed them.
+    rules: Option<PacketRules>,
 }
 
 impl Redirector {
-    /// A redirector that installs its rules in `chain`, sets `rules_touched` before
-    /// the first rule, and sends accepted connections to `accepted`.
+    /// A redirector whose rules are named `name` (the agent's chain name), that
+    /// sets `rules_touched` before the first rule, and sends accepted connections
+    /// to `accepted`.
     pub fn new(
-        chain: String,
+        name: String,
         rules_touched: Arc<AtomicBool>,
         accepted: mpsc::Sender<Accepted>,
     ) -> Redirector {
         Redirector {
-            chain,
+            name,
             rules_touched,
             accepted,
             redirected: HashSet::new(),
             listen_ports: None,
-            hooked: [false; 2],
-            v6_broken: false,
+            rules: None,
         }
     }
 
@@ -115,62 +108,29 @@ impl Redirector {
         tokio::spawn(accept.run(listener, family));
     }
 
-    async fn hook(&mut self, family: Family) -> Result<(), rules::RuleError> {
-        let i = family_index(family);
-        if self.hooked[i] {
-            return Ok(());
-        }
-        self.rules_touched.store(true, Ordering::SeqCst);
-        match rules::run(family, &rules::create_chain(&self.chain)).await {
-            // Left by an earlier attempt whose jump failed.
-            Err(rules::RuleError::Failed { stderr, .. }) if stderr.contains("already exists") => {}
-            other => other?,
-        }
-        rules::run(family, &rules::jump_to_chain(&self.chain)).await?;
-        self.hooked[i] = true;
-        Ok(())
-    }
-
     /// Redirects the target's incoming TCP connections to `port` (IPv4, and IPv6
     /// when possible) to the agent's listeners. Idempotent.
     ///
     /// # Errors
     ///
-    /// What failed (binding the listeners, `iptables`), for the client.
+    /// What failed (binding the listeners, the packet rules), for the client.
     pub async fn redirect(&mut self, port: u16) -> Result<(), String> {
         if self.redirected.contains(&port) {
             return Ok(());
         }
         let (v4_port, v6_port) = self.ensure_listeners().await?;
+        let rules = match &mut self.rules {
+            Some(rules) => rules,
+            None => {
+                self.rules_touched.store(true, Ordering::SeqCst);
+                let opened = PacketRules::open(&self.name)
+                    .await
+                    .map_err(|e| format!("could not redirect port {port}: {e}"))?;
+                self.rules.insert(opened)
+            }
+        };
+        rules.redirect(port, v4_port, v6_port).await?;
         self.redirected.insert(port);
-        let v4 = async {
-            self.hook(Family::V4).await?;
-            rules::run(
-                Family::V4,
-                &rules::redirect(&self.chain, true, port, v4_port),
-            )
-            .await
-        }
-        .await;
-        if let Err(e) = v4 {
-            self.redirected.remove(&port);
-            return Err(format!("could not redirect port {port}: {e}"));
-        }
-        if let (Some(v6_port), false) = (v6_port, self.v6_broken) {
-            let v6 = async {
-                self.hook(Family::V6).await?;
-                rules::run(
-                    Family::V6,
-                    &rules::redirect(&self.chain, true, port, v6_port),
-                )
-                .await
-            }
-            .await;
-            if let Err(e) = v6 {
-                tracing::warn!("IPv6 traffic to port {port} is not redirected: {e}");
-                self.v6_broken = true;
-            }
-        }
         tracing::info!(port, "redirecting");
         Ok(())
     }
@@ -180,20 +140,10 @@ impl Redirector {
         if !self.redirected.remove(&port) {
             return;
         }
-        let Some((v4_port, v6_port)) = self.listen_ports else {
+        let (Some((v4_port, v6_port)), Some(rules)) = (self.listen_ports, &mut self.rules) else {
             return;
         };
-        for (family, to) in [(Family::V4, Some(v4_port)), (Family::V6, v6_port)] {
-            let Some(to) = to else { continue };
-            if !self.hooked[family_index(family)] {
-                continue;
-            }
-            match rules::run(family, &rules::redirect(&self.chain, false, port, to)).await {
-                Ok(()) => {}
-                Err(e) if e.is_already_gone() => {}
-                Err(e) => tracing::warn!("could not remove the rule for port {port}: {e}"),
-            }
-        }
+        rules.release(port, v4_port, v6_port).await;
         tracing::info!(port, "no longer redirecting");
     }
 }

@@ -172,11 +172,16 @@ impl Netns {
         );
     }
 
-    /// The nat rules of both families in the namespace.
+    /// The nat rules of both families in the namespace, and its nf_tables
+    /// ruleset (where the agent's owner table lives).
     fn nat_rules(&self) -> String {
         let mut all = String::new();
         for save in ["iptables-save", "ip6tables-save"] {
             let out = self.exec(&[save, "-t", "nat"]);
+            all.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        if have("nft") {
+            let out = self.exec(&["nft", "list", "ruleset"]);
             all.push_str(&String::from_utf8_lossy(&out.stdout));
         }
         all

@@ -30,6 +30,9 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Err(e) = process::raise_nofile() {
+        tracing::warn!("could not raise the open file limit to its maximum: {e}");
+    }
     // Awaited here, not spawned: CMD and the agent must be forked from the main
     // thread for PR_SET_PDEATHSIG (see `process`).
     let result = match cli.command {

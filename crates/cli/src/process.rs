@@ -1,8 +1,13 @@
-//! Child processes: dying with graft, stopping them, and reading their exit.
+//! Child processes: dying with graft, stopping them, and reading their exit; and
+//! graft's own limit on open descriptors.
 //!
 //! The only `unsafe` of the binary is here: the `pre_exec` hook that asks the
 //! kernel to send SIGTERM to a child when graft dies, so neither CMD nor the agent
-//! outlives a `kill -9` of graft. `PR_SET_PDEATHSIG` fires when the *thread* that
+//! outlives a `kill -9` of graft, and the `getrlimit`/`setrlimit` calls. graft
+//! relays every connection of CMD, so it raises its soft `RLIMIT_NOFILE` to the
+//! hard limit at start ([`raise_nofile`]); the hook gives children the soft limit
+//! graft started with, so CMD runs with the limits it would have had without
+//! graft (programs that use `select` rely on descriptors below 1024). `PR_SET_PDEATHSIG` fires when the *thread* that
 //! forked the child exits, so children are spawned from the main thread (the main
 //! future of `#[tokio::main]` runs there).
 
@@ -14,14 +19,55 @@ use nix::{
 };
 use tokio::process::{Child, Command};
 
+/// The soft `RLIMIT_NOFILE` graft started with, once [`raise_nofile`] raised it.
+static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raises graft's soft limit on open descriptors to the hard limit
+/// (getrlimit(2)); children started with [`die_with_parent`] get the original
+/// soft limit back.
+///
+/// # Errors
+///
+/// The error of `getrlimit` or `setrlimit`; graft runs on with its old limit.
+#[allow(unsafe_code)]
+pub fn raise_nofile() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur != limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit; setrlimit only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let _ = ORIGINAL_NOFILE.set(limit);
+    }
+    Ok(limit.rlim_max)
+}
+
 /// Makes the child receive SIGTERM when graft dies.
 #[allow(unsafe_code)]
 pub fn die_with_parent(command: &mut Command) {
     let parent = std::process::id();
-    // SAFETY: the hook runs between fork and exec and calls only prctl and getppid,
-    // both async-signal-safe; it allocates nothing (the error is a raw OS error).
+    let original = ORIGINAL_NOFILE.get().copied();
+    // SAFETY: the hook runs between fork and exec and calls only prctl, getppid
+    // and setrlimit, all async-signal-safe; it allocates nothing (the error is a
+    // raw OS error).
     unsafe {
         command.pre_exec(move || {
+            if let Some(limit) = &original
+                && libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -110,5 +156,35 @@ mod tests {
         die_with_parent(&mut command);
         let status = command.spawn().unwrap().wait().await.unwrap();
         assert_eq!(exit_code(status), 7);
+    }
+
+    #[tokio::test]
+    async fn graft_raises_its_descriptor_limit_and_children_get_the_original() {
+        let soft = || {
+            std::fs::read_to_string("/proc/self/limits")
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+                .unwrap()
+        };
+        let before = soft();
+        let hard = raise_nofile().unwrap();
+        assert_eq!(soft(), hard.to_string());
+        let mut command = Command::new("sh");
+        command.args(["-c", "ulimit -Sn"]);
+        command.stdout(std::process::Stdio::piped());
+        die_with_parent(&mut command);
+        let out = command.output().await.unwrap();
+        let child = String::from_utf8(out.stdout).unwrap();
+        // Another test of this process may have raised it first: then the
+        // original is what that one saw, still not necessarily `before`.
+        if ORIGINAL_NOFILE.get().is_some() {
+            assert_eq!(
+                child.trim(),
+                ORIGINAL_NOFILE.get().unwrap().rlim_cur.to_string(),
+                "before: {before}"
+            );
+        }
     }
 }

@@ -8,6 +8,45 @@
 use crate::rbac::Permission;
 use crate::target::ParseTargetError;
 
+/// The namespace given to [`KubeError::from_api`] for a request across all
+/// namespaces (`graft clean -A`): its messages then speak of cluster-wide
+/// access and a ClusterRoleBinding, and suggest `kubectl auth can-i …
+/// --all-namespaces`.
+pub const ALL_NAMESPACES: &str = "(all)";
+
+/// How a [`KubeError::Forbidden`] names where it was refused.
+struct Scope<'a>(&'a str);
+
+impl Scope<'_> {
+    fn all(&self) -> bool {
+        self.0 == ALL_NAMESPACES
+    }
+
+    fn describe(&self) -> String {
+        if self.all() {
+            "in all namespaces (cluster-wide)".to_owned()
+        } else {
+            format!("in namespace {:?}", self.0)
+        }
+    }
+
+    fn binding(&self) -> &'static str {
+        if self.all() {
+            " with a ClusterRoleBinding"
+        } else {
+            ""
+        }
+    }
+
+    fn can_i_flag(&self) -> String {
+        if self.all() {
+            "--all-namespaces".to_owned()
+        } else {
+            format!("-n {}", self.0)
+        }
+    }
+}
+
 /// An error from resolving a target, placing the agent or reaching it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -46,15 +85,19 @@ pub enum KubeError {
 
     /// RBAC denied a request.
     #[error(
-        "not allowed to {permission} in namespace {namespace:?} (needed to {why}): ask a cluster \
-         admin to bind the `graft` ClusterRole from deploy/rbac.yaml, or check with \
-         `kubectl auth can-i {permission} -n {namespace}`",
-        why = permission.why
+        "not allowed to {permission} {scope} (needed to {why}): ask a cluster admin to bind the \
+         `graft` ClusterRole from deploy/rbac.yaml{binding}, or check with \
+         `kubectl auth can-i {permission} {flag}`",
+        why = permission.why,
+        scope = Scope(namespace).describe(),
+        binding = Scope(namespace).binding(),
+        flag = Scope(namespace).can_i_flag(),
     )]
     Forbidden {
         /// The permission the request needed.
         permission: Permission,
-        /// The namespace of the request.
+        /// The namespace of the request, or [`ALL_NAMESPACES`] for a
+        /// cluster-wide one.
         namespace: String,
         /// The API server's message.
         message: String,
@@ -73,12 +116,15 @@ pub enum KubeError {
         message: String,
     },
 
-    /// A workload's selector matches no pod that is ready.
+    /// A workload's selector matches no pod that is ready (after waiting
+    /// for one, when `waited_secs` says so).
     #[error(
-        "{target} in namespace {namespace:?} has no ready pod{}; wait until \
-         `kubectl get pods -n {namespace} -l {selector}` shows one ready, or target a pod \
+        "{target} in namespace {namespace:?} has no ready pod{}{}; wait until \
+         `kubectl get pods -n {namespace} -l {selector}` shows one ready{}, or target a pod \
          with pod/NAME",
-        not_ready_list(not_ready)
+        waited(*waited_secs),
+        not_ready_list(not_ready),
+        if waited_secs.is_some() { " (or wait longer: `ready_timeout` under [kube] in graft.toml)" } else { "" }
     )]
     NoReadyPod {
         /// The target, as written canonically.
@@ -89,6 +135,11 @@ pub enum KubeError {
         selector: String,
         /// Pods that matched but are not ready, with why (`api-1 (Pending)`).
         not_ready: Vec<String>,
+        /// Whether one of them may still become Ready (it runs or starts,
+        /// nothing fatal in its way), so waiting is worth it.
+        becoming_ready: bool,
+        /// How long graft waited for one to become Ready, if it did.
+        waited_secs: Option<u64>,
     },
 
     /// A workload without a usable selector (empty, or an unsupported operator).
@@ -289,7 +340,7 @@ impl KubeError {
 
 /// Pod Security admission and policy engines (Kyverno, Gatekeeper) answer
 /// `403 Forbidden` like RBAC does; their messages tell them apart.
-fn is_admission_message(message: &str) -> bool {
+pub(crate) fn is_admission_message(message: &str) -> bool {
     message.contains("violates PodSecurity")
         || message.contains("admission webhook")
         || message.contains("denied the request")
@@ -306,6 +357,11 @@ fn existing_hint(kind: &str, existing: &Option<Vec<String>>) -> String {
         ),
         None => "check the name and the namespace (-n/--namespace)".to_owned(),
     }
+}
+
+fn waited(secs: Option<u64>) -> String {
+    secs.map(|s| format!(" after waiting {s} s"))
+        .unwrap_or_default()
 }
 
 fn not_ready_list(not_ready: &[String]) -> String {
@@ -378,6 +434,31 @@ mod tests {
     }
 
     #[test]
+    fn forbidden_across_namespaces_asks_for_cluster_wide_access() {
+        let e = KubeError::from_api(
+            api_error(
+                403,
+                "pods is forbidden: cannot list resource \"pods\" at the cluster scope",
+            ),
+            rbac::LIST_PODS,
+            ALL_NAMESPACES,
+            "pod",
+            ALL_NAMESPACES,
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("not allowed to list pods in all namespaces"),
+            "{msg}"
+        );
+        assert!(msg.contains("ClusterRoleBinding"), "{msg}");
+        assert!(
+            msg.contains("kubectl auth can-i list pods --all-namespaces"),
+            "{msg}"
+        );
+        assert!(!msg.contains("(all)"), "{msg}");
+    }
+
+    #[test]
     fn pod_security_rejection_is_not_rbac() {
         let e = KubeError::from_api(
             api_error(
@@ -385,7 +466,7 @@ mod tests {
                 "pods \"x\" is forbidden: violates PodSecurity \"baseline:latest\": non-default \
                  capabilities",
             ),
-            rbac::CREATE_PODS,
+            rbac::PATCH_EPHEMERAL_CONTAINERS,
             "shop",
             "pod",
             "x",

@@ -26,11 +26,17 @@ pub const HEADER_LEN: usize = 4;
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    /// The peer announced a frame longer than [`MAX_FRAME_LEN`].
-    #[error("the peer sent a frame of {len} bytes, more than the limit of {MAX_FRAME_LEN} bytes")]
+    /// The peer announced a frame longer than the limit ([`MAX_FRAME_LEN`], or
+    /// less for a peer that has not authenticated yet).
+    #[error(
+        "the peer sent a frame of {len} bytes, more than the limit of {max} bytes; \
+         the peer is not a graft of this version, or misbehaves"
+    )]
     TooLarge {
         /// The announced payload length.
         len: usize,
+        /// The limit in force.
+        max: usize,
     },
     /// The payload is not a valid encoding of the expected message.
     #[error("the peer sent a malformed frame: {0}")]
@@ -61,7 +67,10 @@ pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
     frame = postcard::to_extend(message, frame).map_err(FrameError::Encode)?;
     let len = frame.len() - HEADER_LEN;
     if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     frame[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(frame)
@@ -105,7 +114,10 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(reader: &mut R) -> Result<T, Fra
     reader.read_exact(&mut header)?;
     let len = u32::from_be_bytes(header) as usize;
     if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     let mut payload = vec![0u8; len];
     reader.read_exact(&mut payload)?;
@@ -125,26 +137,58 @@ mod async_codec {
 
     use super::{FrameError, HEADER_LEN, MAX_FRAME_LEN, decode_payload};
 
+    /// The most buffer space reserved ahead of the bytes received, in bytes.
+    const RESERVE_AHEAD: usize = 64 * 1024;
+
     /// A tokio-util codec that decodes frames into `In` and encodes `Out` as frames.
     ///
     /// The agent uses `FrameCodec<ClientMessage, AgentMessage>`, the proxy the mirror
     /// image.
+    ///
+    /// A codec refuses incoming frames longer than its limit ([`MAX_FRAME_LEN`]
+    /// unless set with [`FrameCodec::with_max_len`]) as soon as their header
+    /// arrives, and it buffers only what has arrived, never the announced length
+    /// ahead of the bytes: a peer that announces a large frame and stalls costs
+    /// what it actually sent.
     pub struct FrameCodec<In, Out> {
+        max_len: usize,
         _marker: PhantomData<fn(Out) -> In>,
     }
 
     impl<In, Out> Default for FrameCodec<In, Out> {
         fn default() -> Self {
             Self {
+                max_len: MAX_FRAME_LEN,
                 _marker: PhantomData,
             }
         }
     }
 
     impl<In, Out> FrameCodec<In, Out> {
-        /// A new codec.
+        /// A new codec that accepts frames up to [`MAX_FRAME_LEN`].
         pub fn new() -> Self {
             Self::default()
+        }
+
+        /// A new codec that accepts incoming frames of at most `max_len` payload
+        /// bytes (capped at [`MAX_FRAME_LEN`]); for peers that are not yet
+        /// authenticated or only ever send small messages.
+        pub fn with_max_len(max_len: usize) -> Self {
+            Self {
+                max_len: max_len.min(MAX_FRAME_LEN),
+                _marker: PhantomData,
+            }
+        }
+
+        /// Changes the incoming frame limit (capped at [`MAX_FRAME_LEN`]), e.g.
+        /// once a peer has authenticated.
+        pub fn set_max_len(&mut self, max_len: usize) {
+            self.max_len = max_len.min(MAX_FRAME_LEN);
+        }
+
+        /// The incoming frame limit, in payload bytes.
+        pub fn max_len(&self) -> usize {
+            self.max_len
         }
     }
 
@@ -157,11 +201,16 @@ mod async_codec {
                 return Ok(None);
             }
             let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-            if len > MAX_FRAME_LEN {
-                return Err(FrameError::TooLarge { len });
+            if len > self.max_len {
+                return Err(FrameError::TooLarge {
+                    len,
+                    max: self.max_len,
+                });
             }
             if src.len() < HEADER_LEN + len {
-                src.reserve(HEADER_LEN + len - src.len());
+                // Room for what is missing, but never more than one read's worth
+                // ahead of the bytes that came: the buffer grows with the data.
+                src.reserve((HEADER_LEN + len - src.len()).min(RESERVE_AHEAD));
                 return Ok(None);
             }
             src.advance(HEADER_LEN);
@@ -179,7 +228,10 @@ mod async_codec {
             let payload = postcard::to_extend(&item, Vec::new()).map_err(FrameError::Encode)?;
             if payload.len() > MAX_FRAME_LEN {
                 dst.truncate(start);
-                return Err(FrameError::TooLarge { len: payload.len() });
+                return Err(FrameError::TooLarge {
+                    len: payload.len(),
+                    max: MAX_FRAME_LEN,
+                });
             }
             dst[start..start + HEADER_LEN].copy_from_slice(&(payload.len() as u32).to_be_bytes());
             dst.extend_from_slice(&payload);
@@ -209,7 +261,34 @@ mod tests {
     fn oversized_header_is_refused_without_reading_payload() {
         let header = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
         let err = read_frame::<_, LayerResponse>(&mut &header[..]).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len } if len == MAX_FRAME_LEN + 1));
+        assert!(matches!(err, FrameError::TooLarge { len, .. } if len == MAX_FRAME_LEN + 1));
+    }
+
+    #[cfg(feature = "codec")]
+    #[test]
+    fn a_codec_limit_refuses_at_the_header_and_buffers_only_what_came() {
+        use bytes::BytesMut;
+        use tokio_util::codec::Decoder;
+        let mut codec = FrameCodec::<LayerResponse, LayerResponse>::with_max_len(1024);
+        let mut src = BytesMut::from(&2048u32.to_be_bytes()[..]);
+        let err = codec.decode(&mut src).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    len: 2048,
+                    max: 1024
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("limit of 1024 bytes"), "{err}");
+
+        // Within the limit, a stalled 15 MiB frame reserves one read ahead, not 15 MiB.
+        codec.set_max_len(MAX_FRAME_LEN);
+        let mut src = BytesMut::from(&(15u32 << 20).to_be_bytes()[..]);
+        assert!(codec.decode(&mut src).unwrap().is_none());
+        assert!(src.capacity() < 1 << 20, "reserved {}", src.capacity());
     }
 
     #[test]

@@ -64,9 +64,6 @@ const ACK_BYTES: u64 = 256 * 1024;
 /// ...or this long after the last one when anything arrived since.
 const ACK_EVERY: Duration = Duration::from_millis(200);
 
-/// The write buffer of a transport, in bytes.
-const WRITE_BUFFER: usize = 64 * 1024;
-
 const KIND_DATA: u8 = 0;
 const KIND_ACK: u8 = 1;
 /// The sender closed the link: nothing follows.
@@ -277,6 +274,7 @@ pub struct Relink {
 pub struct Reattach {
     token: Token,
     tx: mpsc::Sender<(BoxTransport, u64)>,
+    attached: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Reattach {
@@ -289,6 +287,15 @@ impl Reattach {
     /// bytes. Returns `false` when the link is gone.
     pub async fn attach(&self, transport: BoxTransport, received: u64) -> bool {
         self.tx.send((transport, received)).await.is_ok()
+    }
+
+    /// Whether the client is attached: `false` from the moment its transport
+    /// is seen lost (closed, broken or silent for [`RelinkOptions::idle`])
+    /// until a new one is attached, and for good once the link has ended.
+    /// While it is `false` the agent serves nobody, so it should stop
+    /// taking the target's traffic.
+    pub fn attached(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.attached.clone()
     }
 }
 
@@ -391,15 +398,20 @@ impl Relink {
         let (relink, mut driver) = Relink::pair(options);
         driver.shared.trim(attach.received);
         let (tx, mut rx) = mpsc::channel::<(BoxTransport, u64)>(4);
+        let (attached_tx, attached) = tokio::sync::watch::channel(true);
         let reattach = Reattach {
             token: attach.token,
             tx,
+            attached,
         };
         tokio::spawn(async move {
             let mut transport = first;
             loop {
                 match driver.epoch(transport, Some(&mut rx)).await {
-                    Epoch::Closed => return,
+                    Epoch::Closed => {
+                        attached_tx.send_replace(false);
+                        return;
+                    }
                     Epoch::Replaced(mut t, peer_received) => {
                         let received = driver.shared.received.load(Ordering::Acquire);
                         if server_answer(&mut t, received).await.is_ok() {
@@ -415,8 +427,12 @@ impl Relink {
                         )
                     }
                 }
+                attached_tx.send_replace(false);
+                // One deadline for the whole wait: attaches that fail do not
+                // extend it.
+                let deadline = Instant::now() + driver.options.reconnect_for;
                 transport = loop {
-                    let next = tokio::time::timeout(driver.options.reconnect_for, rx.recv()).await;
+                    let next = tokio::time::timeout_at(deadline, rx.recv()).await;
                     let Ok(Some((mut t, peer_received))) = next else {
                         tracing::warn!("the client did not come back; the link ends");
                         return;
@@ -428,6 +444,7 @@ impl Relink {
                         break t;
                     }
                 };
+                attached_tx.send_replace(true);
             }
         });
         Ok((relink, reattach))
@@ -522,16 +539,20 @@ async fn read_record<R: AsyncRead + Unpin>(
     Ok((kind, buf.split().freeze()))
 }
 
+/// Writes one record with one write: a transport that sends each write as a
+/// message of its own (kube's port-forward WebSocket) then sends one segment,
+/// not a header that Nagle's algorithm holds back behind the peer's delayed
+/// ACK (tens of milliseconds per request) before the payload.
 async fn write_record<W: AsyncWrite + Unpin>(
     wr: &mut W,
     kind: u8,
     payload: &[u8],
 ) -> io::Result<()> {
-    let mut header = [0u8; 5];
-    header[0] = kind;
-    header[1..].copy_from_slice(&(payload.len() as u32).to_be_bytes());
-    wr.write_all(&header).await?;
-    wr.write_all(payload).await
+    let mut record = Vec::with_capacity(5 + payload.len());
+    record.push(kind);
+    record.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    record.extend_from_slice(payload);
+    wr.write_all(&record).await
 }
 
 impl Driver {
@@ -541,10 +562,7 @@ impl Driver {
         transport: BoxTransport,
         replacements: Option<&mut mpsc::Receiver<(BoxTransport, u64)>>,
     ) -> Epoch {
-        let (mut rd, wr) = tokio::io::split(transport);
-        // A record's header and payload leave in one write (one TLS record
-        // rather than two on an encrypted transport); every batch is flushed.
-        let mut wr = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, wr);
+        let (mut rd, mut wr) = tokio::io::split(transport);
         let shared = self.shared.clone();
         let incoming = self.incoming.clone();
         let idle = self.options.idle;
@@ -1013,5 +1031,61 @@ mod tests {
         header.extend_from_slice(&u16::MAX.to_be_bytes());
         let err = read_attach(&mut &header[..]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agent_sees_its_client_detach_and_come_back() {
+        let (net, mut rx) = Net::new();
+        let options = RelinkOptions {
+            reconnect_for: Duration::from_secs(10),
+            idle: Duration::from_secs(5),
+        };
+        let first = net.connect();
+        // The client may reconnect only once the test allows it.
+        let allowed = Arc::new(AtomicBool::new(false));
+        let (reconnect_net, gate) = (net.clone(), allowed.clone());
+        let reconnect: Reconnect = Box::new(move || {
+            let net = reconnect_net.clone();
+            let gate = gate.clone();
+            Box::pin(async move {
+                if !gate.load(Ordering::SeqCst) {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "not yet"));
+                }
+                Ok(net.connect())
+            })
+        });
+        let client = tokio::spawn(Relink::client(first, reconnect, options, Vec::new()));
+        let mut t = rx.recv().await.unwrap();
+        let attach = read_attach(&mut t).await.unwrap();
+        let (mut agent, reattach) = Relink::server(t, attach, options).await.unwrap();
+        let mut attached = reattach.attached();
+        assert!(*attached.borrow_and_update(), "attached at the start");
+        let relay = reattach.clone();
+        tokio::spawn(async move {
+            while let Some(mut t) = rx.recv().await {
+                let attach = read_attach(&mut t).await.unwrap();
+                relay.attach(t, attach.received).await;
+            }
+        });
+        let mut client = client.await.unwrap().unwrap();
+
+        net.cut_all();
+        tokio::time::timeout(Duration::from_secs(3), attached.wait_for(|a| !*a))
+            .await
+            .expect("the cut is seen within 3 s")
+            .unwrap();
+        // Written while detached: kept and delivered after the re-attach.
+        client.write_all(b"while away").await.unwrap();
+        allowed.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), attached.wait_for(|a| *a))
+            .await
+            .expect("the client re-attaches within 5 s")
+            .unwrap();
+        let mut got = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(3), agent.read_exact(&mut got))
+            .await
+            .expect("the bytes arrive")
+            .unwrap();
+        assert_eq!(&got, b"while away");
     }
 }

@@ -25,6 +25,7 @@
 
 mod error;
 mod layer;
+mod overlap;
 mod session;
 mod splice;
 

@@ -690,7 +690,7 @@ impl Shared {
         }
     }
 
-    fn steal_result(&self, port: u16, error: Option<String>) {
+    fn steal_result(self: &Arc<Self>, port: u16, error: Option<String>) {
         let (waiters, deliver_to) = {
             let mut state = self.state();
             let Some(sub) = state.steals.get_mut(&port) else {
@@ -727,6 +727,11 @@ impl Shared {
                     eprintln!(
                         "graft: {what} port {port} of the target → local {deliver_to}{default}"
                     );
+                    if let (IncomingMode::Steal, Some(mine)) =
+                        (self.options.incoming_mode, self.options.filter.clone())
+                    {
+                        self.warn_overlaps(port, mine);
+                    }
                 }
             }
             Some(message) => {
@@ -742,6 +747,20 @@ impl Shared {
                 Some(message) => Err(message.clone()),
             });
         }
+    }
+
+    /// Says which older sessions win the requests that their filters and `mine`
+    /// both match on `port` (see [`crate::overlap`]).
+    fn warn_overlaps(self: &Arc<Self>, port: u16, mine: HttpFilterSpec) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Ok(RemoteResponse::Sessions(listing)) =
+                this.request(RemoteRequest::Sessions).await
+                && let Some(text) = crate::overlap::notice(port, &mine, &listing)
+            {
+                eprintln!("graft: warning: {text}");
+            }
+        });
     }
 
     fn incoming(self: &Arc<Self>, conn: ConnectionId, port: u16, peer: DeliveredPeer) {

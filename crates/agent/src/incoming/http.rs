@@ -187,21 +187,37 @@ fn matches(sub: &Sub, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
         .is_some_and(|f| f.matches(method, uri, headers))
 }
 
+/// Whether a request is a kubelet probe: the kubelet's HTTP probes send
+/// `User-Agent: kube-probe/<major>.<minor>` (Kubernetes docs, "Configure
+/// Liveness, Readiness and Startup Probes"). They always go to the target, so a
+/// stopped or slow local process never fails them; the packet rules already
+/// let the probe sources through (`crate::rules::probes`), this catches probes
+/// from any other address.
+fn is_kubelet_probe(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::USER_AGENT)
+        .and_then(|ua| ua.to_str().ok())
+        .is_some_and(|ua| ua.starts_with("kube-probe/"))
+}
+
 /// Routes and forwards one request.
 async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let (method, uri, headers) = (req.method(), req.uri(), req.headers());
+    let probe = is_kubelet_probe(headers);
     let stealer = conn
         .subs
         .subs
         .iter()
         .find(|s| s.subscription.mode == IncomingMode::Steal && matches(s, method, uri, headers))
         .or_else(|| conn.subs.plain_steal())
+        .filter(|_| !probe)
         .cloned();
     let mirrors: Vec<Arc<Sub>> = conn
         .subs
         .subs
         .iter()
         .filter(|s| s.subscription.mode == IncomingMode::Mirror && matches(s, method, uri, headers))
+        .filter(|_| !probe)
         .cloned()
         .collect();
     let dest = Dest::of(stealer.as_ref());
@@ -265,7 +281,9 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
 /// Opens a byte stream to `dest`.
 async fn open(conn: &Conn, stealer: Option<&Arc<Sub>>, dest: Dest) -> Result<BoxIo, BoxError> {
     match (dest, stealer) {
-        (Dest::Target, _) => Ok(Box::new(tee::connect_target(conn.meta.local).await?)),
+        (Dest::Target, _) => Ok(Box::new(
+            tee::connect_target(conn.meta.local, conn.meta.peer).await?,
+        )),
         (_, Some(sub)) => Ok(sub.to.clone().open(conn.meta).await?),
         (_, None) => Err("no session for this request".into()),
     }
@@ -528,6 +546,20 @@ impl Body for TeeBody {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn kubelet_probes_are_told_by_their_user_agent() {
+        let mut h = HeaderMap::new();
+        assert!(!super::is_kubelet_probe(&h));
+        h.insert(http::header::USER_AGENT, "kube-probe/1.25".parse().unwrap());
+        assert!(super::is_kubelet_probe(&h));
+        h.insert(
+            http::header::USER_AGENT,
+            "curl/7.88 kube-probe/1".parse().unwrap(),
+        );
+        assert!(!super::is_kubelet_probe(&h));
+    }
+
     use super::*;
 
     #[test]

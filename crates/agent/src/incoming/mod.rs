@@ -18,6 +18,9 @@
 //!
 //! Conflicts: a port has at most one unfiltered steal; a second is refused with
 //! the holder's name and start. Filtered steals and mirrors coexist with anything.
+//! When the filters of several sessions match one request, the session that
+//! subscribed first (oldest `since`, kept across a hub take-over) gets it; the
+//! later session is told so when it starts (by graft, from the listing).
 
 pub mod http;
 pub mod peer;
@@ -134,7 +137,8 @@ impl PortSubs {
     }
 }
 
-fn now_unix() -> u64 {
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -182,7 +186,10 @@ impl Hub {
             .cloned()
     }
 
-    /// Adds (or replaces) `owner`'s subscription of its port.
+    /// Adds (or replaces) `owner`'s subscription of its port, made at `since`
+    /// (seconds since the Unix epoch; now when `None` or in the future), which
+    /// orders it among the port's other subscriptions: the oldest matching filter
+    /// wins a request.
     ///
     /// # Errors
     ///
@@ -194,6 +201,7 @@ impl Hub {
         client: &str,
         subscription: Subscription,
         to: Arc<dyn Subscriber>,
+        since: Option<u64>,
     ) -> Result<(), String> {
         let filter = match &subscription.filter {
             Some(spec) => Some(HttpFilter::compile(spec).map_err(|e| e.to_string())?),
@@ -203,7 +211,7 @@ impl Hub {
         let sub = Arc::new(Sub {
             owner,
             client: client.to_owned(),
-            since_unix: now_unix(),
+            since_unix: since.map_or_else(now_unix, |s| s.min(now_unix())),
             subscription,
             filter,
             to,
@@ -239,7 +247,9 @@ impl Hub {
 
     /// Replaces the subscriptions of `port`; callers hold the redirector's lock,
     /// which orders changes with the rules they need.
-    fn publish(&self, port: u16, subs: Vec<Arc<Sub>>) {
+    fn publish(&self, port: u16, mut subs: Vec<Arc<Sub>>) {
+        // Oldest first (stable: same-second subscriptions keep their order).
+        subs.sort_by_key(|s| s.since_unix);
         let mut ports = self.ports.write().expect("hub ports lock poisoned");
         if subs.is_empty() {
             ports.remove(&port);
@@ -349,7 +359,7 @@ async fn pass_whole(stream: TcpStream, meta: ConnMeta, subs: &PortSubs) {
                 let _ = stream.set_zero_linger();
             }
         },
-        None => match tee::connect_target(meta.local).await {
+        None => match tee::connect_target(meta.local, meta.peer).await {
             Ok(target) => tee::pipe(stream, Box::new(target), mirrors).await,
             Err(e) => {
                 tracing::debug!(target = %meta.local, "the target's server refused: {e}");

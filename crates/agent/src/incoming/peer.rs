@@ -1,55 +1,98 @@
 //! Several sessions on one target: the agents of a target's network namespace
-//! share one [`Hub`], owned by the first agent that needed it.
+//! share one [`Hub`], owned by one of them, and only graft's own agents may join.
 //!
-//! - The owner listens on the abstract Unix socket [`HUB_NAME`]. Abstract names
-//!   belong to the network namespace (unix(7)), so every agent in the target's
-//!   namespace finds the same hub and no file is left behind. The owner serves a
-//!   peer only when the peer process has `CAP_NET_ADMIN` in its effective set
-//!   (the capability it would need to redirect the traffic itself, capabilities(7)).
-//! - Another agent connects, says `Hello` with the abstract name it accepts
-//!   deliveries on and a random token, then subscribes for its session. For each
-//!   connection routed to it the hub connects to that name, sends a
-//!   [`Delivery`] frame with the token, and then the connection's bytes.
-//! - When a peer's link to the hub closes, its subscriptions go at once. When the
-//!   hub's owner goes (its session ended, or it was killed) the others take over:
-//!   one binds the name and becomes the owner, and each re-subscribes.
+//! # Who may join, and how a joining agent knows the hub is real
+//!
+//! Membership is proved by knowing the hub key ([`key`]), a random secret the
+//! hub's owner keeps in an nf_tables table of the target's network namespace.
+//! Only a process with `CAP_NET_ADMIN` over the user namespace that owns that
+//! network namespace can read nf_tables at all, and that is exactly the
+//! privilege graft's agent needs to redirect traffic itself, so the check admits
+//! every agent and nothing that could not steal the traffic anyway:
+//!
+//! - a process of the pod without `CAP_NET_ADMIN` (root or not) gets `EPERM`;
+//! - a process that made a user namespace of its own (`unshare -Ur`) has
+//!   `CAP_NET_ADMIN` only there, not over the pod's network namespace: `EPERM`;
+//! - agents in different PID namespaces (an ephemeral container in the pod's PID
+//!   namespace, a node-mode agent with `hostPID`, a short-lived agent for
+//!   `graft ls`) all pass: nothing depends on seeing the peer's PID.
+//!
+//! Alternatives and why not: the peer's capabilities from `/proc/PID/status`
+//! (`SO_PEERCRED`'s pid) only work when the peer is visible in this agent's PID
+//! namespace, and capabilities there are relative to the peer's *own* user
+//! namespace, which is what `unshare -Ur` abused; `SO_PEERCRED`'s uid translated
+//! into our user namespace cannot tell a root process of the pod without
+//! `CAP_NET_ADMIN` from an agent; `SO_PEERPIDFD` names the process across PID
+//! namespaces but the kernel offers no way to read a capability set through a
+//! pidfd. Proof by action (the prover creates a nonce-named object only a
+//! privileged process can create) proves the same privilege as reading the key,
+//! but is not bound to the link: a squatter could relay one agent's proof to
+//! another. The key's proofs are HMACs over both ends' nonces and the prover's
+//! role, so nothing can be relayed or reflected.
+//!
+//! The hub's abstract socket name comes from the key ([`key::Key::hub_name`]):
+//! abstract names belong to the network namespace (unix(7)), so every agent there
+//! finds it, but a process that cannot read the key cannot know it in advance to
+//! squat it. A joining agent still checks the hub's proof before it says anything,
+//! and refuses a hub that cannot prove it (the session then fails with a clear
+//! error; no rule is installed, so the target keeps serving its own traffic).
+//!
+//! # The link
+//!
+//! A `SOCK_SEQPACKET` Unix socket ([`link`]): `Challenge` → `Proof` → `Proof` →
+//! `Done`, then `Subscribe` / `Unsubscribe` / `List`, each answered in order. Each
+//! connection routed to a peer's session arrives on the same link as a
+//! `Delivery` carrying a descriptor: the client's TCP socket itself when the
+//! whole connection is the peer's, else one end of a socket pair the hub relays
+//! into. The hub never connects to a socket a peer names, and connections handed
+//! over whole live in the peer agent's process, so they outlive the hub's owner.
+//!
+//! # Ownership
+//!
+//! The agent whose `NLM_F_EXCL` creation of the key's table succeeds owns the hub
+//! (the kernel lets exactly one win). When its link to a peer closes, that peer's
+//! subscriptions go at once. When the owner goes (its session ended, or it was
+//! killed) the kernel deletes the table with the owner's netlink socket; the
+//! others race to publish a new key, one wins, and each re-subscribes.
+
+mod access;
+pub mod key;
+pub mod link;
+
+pub use access::Access;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use graft_protocol::codec::FrameCodec;
 use graft_protocol::incoming::{SessionListing, Subscription};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
-use tokio_util::codec::Framed;
 
-use super::{BoxFuture, BoxIo, ConnMeta, Hub, OwnerId, Subscriber};
+use self::key::{Key, Role as Prover};
+use self::link::{Link, Listener};
+use super::{BoxFuture, BoxIo, ConnMeta, Hub, Subscriber};
 
-/// The abstract socket name of a target's hub (protocol minor version included,
-/// so agents of incompatible releases do not talk).
-pub const HUB_NAME: &str = "graft-hub-0.2";
-
-/// How long a delivery's header may take to arrive.
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest delivery header accepted, in bytes.
-const MAX_DELIVERY: usize = 4096;
+/// How long each step of the hub handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most ports one peer agent may hold.
+const MAX_PORTS_PER_PEER: usize = 64;
 
 /// A peer agent's message to the hub.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToHub {
-    /// First message: where and how to deliver this peer's connections.
-    Hello {
-        /// The abstract socket name the peer accepts deliveries on.
-        deliver_to: String,
-        /// The token each delivery must carry.
-        token: String,
+    /// First message: the peer's nonce; the hub answers with its own and its proof.
+    Challenge {
+        /// Random, fresh per link.
+        nonce: [u8; key::LEN],
+    },
+    /// Second message: the peer's proof that it knows the key.
+    Proof {
+        /// [`Key::proof`] by [`Prover::Peer`].
+        proof: [u8; key::LEN],
     },
     /// Subscribe (or replace the subscription of a port).
     Subscribe {
@@ -57,6 +100,9 @@ pub enum ToHub {
         client: String,
         /// What it asks for.
         subscription: Subscription,
+        /// When the session first subscribed the port (seconds since the Unix
+        /// epoch): kept across hub take-overs, so the oldest filter keeps winning.
+        since_unix: u64,
     },
     /// Drop the subscription of a port.
     Unsubscribe {
@@ -67,20 +113,39 @@ pub enum ToHub {
     List,
 }
 
-/// The hub's answer, one per [`ToHub`] message, in order.
+/// The hub's messages: one answer per [`ToHub`] message, in order, and
+/// deliveries at any time after the handshake.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum FromHub {
-    /// The answer to `Hello`, `Subscribe` and `Unsubscribe`: `None` on success.
+    /// The answer to `Challenge`.
+    Proof {
+        /// The hub's nonce.
+        nonce: [u8; key::LEN],
+        /// [`Key::proof`] by [`Prover::Hub`].
+        proof: [u8; key::LEN],
+    },
+    /// The answer to `Proof`, `Subscribe` and `Unsubscribe`: `None` on success.
     Done(Option<String>),
     /// The answer to `List`.
     Listing(Vec<SessionListing>),
+    /// A connection for the peer's session; the message carries its descriptor.
+    Delivery(Delivery),
 }
 
-/// The header of a delivered connection.
+/// What a delivered descriptor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryKind {
+    /// The client's TCP connection itself.
+    Tcp,
+    /// A Unix stream socket whose other end the hub relays.
+    Relayed,
+}
+
+/// A delivered connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delivery {
-    /// The token from the peer's `Hello`.
-    pub token: String,
+    /// What the descriptor is.
+    pub kind: DeliveryKind,
     /// The target's port.
     pub port: u16,
     /// The client's address.
@@ -89,100 +154,138 @@ pub struct Delivery {
     pub local: SocketAddr,
 }
 
-fn abstract_addr(name: &str) -> io::Result<std::os::unix::net::SocketAddr> {
-    use std::os::linux::net::SocketAddrExt;
-    std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-}
-
-/// Binds an abstract listener.
-pub fn bind_abstract(name: &str) -> io::Result<UnixListener> {
-    let std = std::os::unix::net::UnixListener::bind_addr(&abstract_addr(name)?)?;
-    std.set_nonblocking(true)?;
-    UnixListener::from_std(std)
-}
-
-/// Connects to an abstract socket.
-pub fn connect_abstract(name: &str) -> io::Result<UnixStream> {
-    let std = std::os::unix::net::UnixStream::connect_addr(&abstract_addr(name)?)?;
-    std.set_nonblocking(true)?;
-    UnixStream::from_std(std)
-}
-
-/// Whether the process at the other end of `stream` has `CAP_NET_ADMIN` in its
-/// effective set (bit 12, `linux/capability.h`), read from `/proc/PID/status`.
-pub fn peer_is_privileged(stream: &UnixStream) -> Result<(), String> {
-    let cred =
-        nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::PeerCredentials)
-            .map_err(|e| format!("no peer credentials: {e}"))?;
-    let pid = cred.pid();
-    if pid <= 0 {
-        return Err("the peer's process is not visible from this agent".into());
-    }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or_else(|| format!("no CapEff in /proc/{pid}/status"))?;
-    const CAP_NET_ADMIN: u32 = 12;
-    if cap_eff & (1 << CAP_NET_ADMIN) == 0 {
-        return Err(format!("process {pid} lacks CAP_NET_ADMIN"));
-    }
-    Ok(())
-}
-
-/// Serves peer agents on `listener` for `hub` until the task is dropped.
-pub async fn serve_peers(listener: UnixListener, hub: Arc<Hub>) {
+/// Serves peer agents on `listener` for `hub`, keyed by `key`, until dropped.
+pub async fn serve_peers(listener: Listener, hub: Arc<Hub>, key: Key) {
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let link = match listener.accept().await {
+            Ok(link) => link,
             Err(e) => {
                 tracing::warn!("accepting a peer agent failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        if let Err(e) = peer_is_privileged(&stream) {
-            tracing::warn!("peer agent refused: {e}");
-            continue;
-        }
-        tokio::spawn(serve_peer(stream, hub.clone()));
+        tokio::spawn(serve_peer(link, hub.clone(), key.clone()));
     }
 }
 
-async fn serve_peer(stream: UnixStream, hub: Arc<Hub>) {
-    let mut framed = Framed::new(stream, FrameCodec::<ToHub, FromHub>::new());
-    let Ok(Some(Ok(ToHub::Hello { deliver_to, token }))) =
-        tokio::time::timeout(DELIVERY_TIMEOUT, framed.next()).await
-    else {
-        tracing::debug!("a peer agent sent no Hello");
-        return;
+/// Who is at the other end, for logs.
+fn describe(link: &Link) -> String {
+    match link.peer_cred() {
+        Some(c) if c.pid.as_raw_nonzero().get() > 0 => {
+            format!(
+                "process {} (uid {})",
+                c.pid.as_raw_nonzero(),
+                c.uid.as_raw()
+            )
+        }
+        Some(c) => format!(
+            "a process in another PID namespace (uid {})",
+            c.uid.as_raw()
+        ),
+        None => "an unknown process".into(),
+    }
+}
+
+async fn recv_in_time(link: &Link) -> io::Result<ToHub> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, link.recv::<ToHub>()).await {
+        Ok(Ok(Some((message, None)))) => Ok(message),
+        Ok(Ok(Some((_, Some(_))))) => Err(io::Error::other("a descriptor from a peer")),
+        Ok(Ok(None)) => Err(io::Error::other("the link closed")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")),
+    }
+}
+
+/// The hub's side of the handshake: proves the key and checks the peer's proof.
+async fn admit(link: &Link, key: &Key) -> io::Result<()> {
+    let ToHub::Challenge { nonce: peer_nonce } = recv_in_time(link).await? else {
+        return Err(io::Error::other("the first message was no Challenge"));
     };
-    if framed.send(FromHub::Done(None)).await.is_err() {
+    let hub_nonce = key::nonce()?;
+    let proof = key.proof(Prover::Hub, &hub_nonce, &peer_nonce);
+    link.send(
+        &FromHub::Proof {
+            nonce: hub_nonce,
+            proof,
+        },
+        None,
+    )
+    .await?;
+    let ToHub::Proof { proof } = recv_in_time(link).await? else {
+        return Err(io::Error::other("the second message was no Proof"));
+    };
+    if !key.verify(Prover::Peer, &hub_nonce, &peer_nonce, &proof) {
+        let _ = link
+            .send(
+                &FromHub::Done(Some("wrong hub key proof: not a graft agent".into())),
+                None,
+            )
+            .await;
+        return Err(io::Error::other(
+            "it does not know the hub key, so it lacks CAP_NET_ADMIN over the target's \
+             network namespace",
+        ));
+    }
+    link.send(&FromHub::Done(None), None).await
+}
+
+async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key) {
+    let who = describe(&link);
+    if let Err(e) = admit(&link, &key).await {
+        tracing::warn!("refused {who} at the hub: {e}");
         return;
     }
+    let link = Arc::new(link);
     let owner = hub.new_owner();
-    let to: Arc<dyn Subscriber> = Arc::new(PeerSubscriber { deliver_to, token });
-    tracing::info!(owner, "peer agent joined the hub");
-    while let Some(Ok(message)) = framed.next().await {
+    let to: Arc<dyn Subscriber> = Arc::new(PeerSubscriber { link: link.clone() });
+    let mut ports: Vec<u16> = Vec::new();
+    tracing::info!(owner, "peer agent ({who}) joined the hub");
+    loop {
+        let message = match link.recv::<ToHub>().await {
+            Ok(Some((message, None))) => message,
+            Ok(Some((_, Some(_)))) => {
+                tracing::warn!(owner, "a peer agent sent a descriptor; link closed");
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(owner, "bad message from a peer agent ({e}); link closed");
+                break;
+            }
+        };
         let reply = match message {
-            ToHub::Hello { .. } => FromHub::Done(Some("second Hello".into())),
+            ToHub::Challenge { .. } | ToHub::Proof { .. } => {
+                FromHub::Done(Some("the handshake is over".into()))
+            }
             ToHub::Subscribe {
                 client,
                 subscription,
-            } => FromHub::Done(
-                hub.subscribe(owner, &client, subscription, to.clone())
-                    .await
-                    .err(),
-            ),
+                since_unix,
+            } => {
+                let port = subscription.port;
+                if !ports.contains(&port) && ports.len() >= MAX_PORTS_PER_PEER {
+                    FromHub::Done(Some(format!(
+                        "a session may hold at most {MAX_PORTS_PER_PEER} ports of a target"
+                    )))
+                } else {
+                    let result = hub
+                        .subscribe(owner, &client, subscription, to.clone(), Some(since_unix))
+                        .await;
+                    if result.is_ok() && !ports.contains(&port) {
+                        ports.push(port);
+                    }
+                    FromHub::Done(result.err())
+                }
+            }
             ToHub::Unsubscribe { port } => {
                 hub.unsubscribe(owner, port).await;
+                ports.retain(|p| *p != port);
                 FromHub::Done(None)
             }
             ToHub::List => FromHub::Listing(hub.list()),
         };
-        if framed.send(reply).await.is_err() {
+        if link.send(&reply, None).await.is_err() {
             break;
         }
     }
@@ -190,87 +293,179 @@ async fn serve_peer(stream: UnixStream, hub: Arc<Hub>) {
     hub.drop_owner(owner).await;
 }
 
-/// Delivers to another agent through its abstract socket.
+/// Delivers to another agent as descriptors on its hub link.
 struct PeerSubscriber {
-    deliver_to: String,
-    token: String,
+    link: Arc<Link>,
+}
+
+impl PeerSubscriber {
+    async fn deliver(&self, kind: DeliveryKind, meta: ConnMeta, fd: OwnedFd) -> io::Result<()> {
+        let delivery = FromHub::Delivery(Delivery {
+            kind,
+            port: meta.port,
+            peer: meta.peer,
+            local: meta.local,
+        });
+        self.link.send(&delivery, Some(fd.as_fd())).await
+    }
 }
 
 impl Subscriber for PeerSubscriber {
     fn open(self: Arc<Self>, meta: ConnMeta) -> BoxFuture<io::Result<BoxIo>> {
         Box::pin(async move {
-            let mut stream = connect_abstract(&self.deliver_to)?;
-            let header = graft_protocol::codec::encode_frame(&Delivery {
-                token: self.token.clone(),
-                port: meta.port,
-                peer: meta.peer,
-                local: meta.local,
-            })
-            .map_err(io::Error::other)?;
-            stream.write_all(&header).await?;
-            Ok(Box::new(stream) as BoxIo)
+            let (mine, theirs) = std::os::unix::net::UnixStream::pair()?;
+            self.deliver(DeliveryKind::Relayed, meta, theirs.into())
+                .await?;
+            mine.set_nonblocking(true)?;
+            Ok(Box::new(tokio::net::UnixStream::from_std(mine)?) as BoxIo)
+        })
+    }
+
+    fn hand_over(self: Arc<Self>, meta: ConnMeta, stream: TcpStream) -> BoxFuture<io::Result<()>> {
+        Box::pin(async move {
+            // The socket itself goes to the peer: the connection no longer
+            // depends on this process.
+            let fd: OwnedFd = stream.into_std()?.into();
+            self.deliver(DeliveryKind::Tcp, meta, fd).await
         })
     }
 }
 
-/// Reads a delivery header from `stream`.
-pub async fn read_delivery(stream: &mut UnixStream) -> io::Result<Delivery> {
-    let read = async {
-        let len = stream.read_u32().await? as usize;
-        if len > MAX_DELIVERY {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "delivery header too large",
-            ));
+/// Turns a delivered descriptor into a stream.
+fn delivered_stream(kind: DeliveryKind, fd: OwnedFd) -> io::Result<BoxIo> {
+    Ok(match kind {
+        DeliveryKind::Tcp => {
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true)?;
+            Box::new(TcpStream::from_std(std)?)
         }
-        let mut buf = vec![0u8; len];
-        stream.read_exact(&mut buf).await?;
-        postcard::from_bytes(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-    };
-    tokio::time::timeout(DELIVERY_TIMEOUT, read)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no delivery header"))?
+        DeliveryKind::Relayed => {
+            let std = std::os::unix::net::UnixStream::from(fd);
+            std.set_nonblocking(true)?;
+            Box::new(tokio::net::UnixStream::from_std(std)?)
+        }
+    })
 }
 
-/// The sending half of a link to the hub.
-type HubSink = futures::stream::SplitSink<Framed<UnixStream, FrameCodec<FromHub, ToHub>>, ToHub>;
+/// What a joining agent does with each delivered connection.
+pub type AcceptDelivery = Arc<dyn Fn(Delivery, BoxIo) + Send + Sync>;
+
+/// Why joining a hub failed.
+#[derive(Debug)]
+enum JoinError {
+    /// Nothing listens at the key's name yet (or any more).
+    NotThere(io::Error),
+    /// Something listens but it is not a graft hub, or the link broke.
+    Refused(String),
+}
 
 /// A connection to the hub of another agent.
 pub struct HubConn {
-    /// The sink and the answers, taken together by one call at a time.
-    calls: Mutex<(HubSink, mpsc::UnboundedReceiver<FromHub>)>,
+    /// The link and the answers, taken together by one call at a time.
+    calls: Mutex<mpsc::UnboundedReceiver<FromHub>>,
+    link: Arc<Link>,
     gone: tokio::sync::watch::Receiver<bool>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HubConn {
+    fn drop(&mut self) {
+        self.link.shutdown();
+        self.reader.abort();
+    }
 }
 
 impl HubConn {
-    /// Connects to the hub and says `Hello`.
-    ///
-    /// # Errors
-    ///
-    /// `ConnectionRefused` / `NotFound` when there is no hub; others as they come.
-    pub async fn connect(deliver_to: &str, token: &str) -> io::Result<HubConn> {
-        let stream = connect_abstract(HUB_NAME)?;
-        let (sink, mut stream) = Framed::new(stream, FrameCodec::new()).split();
+    /// Connects to the hub keyed by `key`, checks its proof and gives ours;
+    /// deliveries go to `accept`.
+    async fn connect(key: &Key, accept: Option<AcceptDelivery>) -> Result<HubConn, JoinError> {
+        let name = key.hub_name();
+        let link = Link::connect_abstract(&name).map_err(JoinError::NotThere)?;
+        let refused = |what: String| {
+            JoinError::Refused(format!(
+                "the process holding the target's hub socket @{name} ({}) {what}; \
+                 refusing to join it. Some program in the target's network namespace may \
+                 be impersonating graft's hub: find it with `ss -xlp | grep graft-hub` in \
+                 the target's network namespace",
+                describe(&link)
+            ))
+        };
+        let peer_nonce = key::nonce().map_err(|e| JoinError::Refused(e.to_string()))?;
+        let step = async {
+            link.send(&ToHub::Challenge { nonce: peer_nonce }, None)
+                .await?;
+            link.recv::<FromHub>().await
+        };
+        let (hub_nonce, proof) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, step).await {
+            Ok(Ok(Some((FromHub::Proof { nonce, proof }, None)))) => (nonce, proof),
+            Ok(Ok(None)) => return Err(JoinError::NotThere(io::ErrorKind::ConnectionReset.into())),
+            Ok(Ok(Some(_))) => {
+                return Err(refused("answered the challenge with something else".into()));
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(refused(format!("does not speak the hub protocol ({e})")));
+            }
+            Ok(Err(e)) => return Err(JoinError::NotThere(e)),
+            Err(_) => return Err(refused("did not answer the challenge within 5 s".into())),
+        };
+        if !key.verify(Prover::Hub, &hub_nonce, &peer_nonce, &proof) {
+            return Err(refused("could not prove it knows the hub key".into()));
+        }
+        let ours = key.proof(Prover::Peer, &hub_nonce, &peer_nonce);
+        let step = async {
+            link.send(&ToHub::Proof { proof: ours }, None).await?;
+            link.recv::<FromHub>().await
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, step).await {
+            Ok(Ok(Some((FromHub::Done(None), None)))) => {}
+            Ok(Ok(Some((FromHub::Done(Some(e)), None)))) => {
+                return Err(JoinError::Refused(format!(
+                    "the hub refused this agent: {e}"
+                )));
+            }
+            Ok(Ok(None)) => return Err(JoinError::NotThere(io::ErrorKind::ConnectionReset.into())),
+            Ok(Ok(Some(_))) | Ok(Err(_)) | Err(_) => {
+                return Err(refused("broke off the handshake".into()));
+            }
+        }
+
+        let link = Arc::new(link);
         let (tx, rx) = mpsc::unbounded_channel();
         let (gone_tx, gone) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            while let Some(Ok(reply)) = stream.next().await {
-                if tx.send(reply).is_err() {
-                    break;
+        let reader_link = link.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match reader_link.recv::<FromHub>().await {
+                    Ok(Some((FromHub::Delivery(delivery), Some(fd)))) => {
+                        let Some(accept) = &accept else { continue };
+                        match delivered_stream(delivery.kind, fd) {
+                            Ok(stream) => accept(delivery, stream),
+                            Err(e) => tracing::debug!("unusable delivery: {e}"),
+                        }
+                    }
+                    Ok(Some((FromHub::Delivery(_), None))) => {
+                        tracing::debug!("a delivery without its connection");
+                    }
+                    Ok(Some((reply, _))) => {
+                        if tx.send(reply).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("bad message from the hub ({e}); leaving it");
+                        break;
+                    }
                 }
             }
             let _ = gone_tx.send(true);
         });
-        let conn = HubConn {
-            calls: Mutex::new((sink, rx)),
+        Ok(HubConn {
+            calls: Mutex::new(rx),
+            link,
             gone,
-        };
-        conn.call(ToHub::Hello {
-            deliver_to: deliver_to.to_owned(),
-            token: token.to_owned(),
+            reader,
         })
-        .await?;
-        Ok(conn)
     }
 
     /// Sends one message and waits for its answer.
@@ -279,9 +474,8 @@ impl HubConn {
     ///
     /// The link to the hub broke.
     pub async fn call(&self, message: ToHub) -> io::Result<FromHub> {
-        let mut calls = self.calls.lock().await;
-        let (sink, replies) = &mut *calls;
-        sink.send(message).await.map_err(io::Error::other)?;
+        let mut replies = self.calls.lock().await;
+        self.link.send(&message, None).await?;
         replies
             .recv()
             .await
@@ -295,263 +489,91 @@ impl HubConn {
     }
 }
 
-/// How this agent reaches the hub of its target.
-enum Role {
-    /// Not needed yet.
-    Idle,
-    /// This agent owns the hub.
-    Owner {
-        hub: Arc<Hub>,
-        owner: OwnerId,
-        server: tokio::task::JoinHandle<()>,
-    },
-    /// Another agent owns it.
-    Client { conn: Arc<HubConn> },
-}
-
-/// A session's access to the hub of its target, wherever it lives; takes over the
-/// hub when its owner goes.
-pub struct Access {
-    client: String,
-    chain: String,
-    rules_touched: Arc<AtomicBool>,
-    local: Arc<dyn Subscriber>,
-    role: Mutex<Role>,
-    subscriptions: std::sync::Mutex<Vec<Subscription>>,
-    deliver_to: String,
-    token: String,
-    deliveries: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    accept_delivery: Arc<dyn Fn(Delivery, UnixStream) + Send + Sync>,
-}
-
-impl Access {
-    /// Access for the session of `client` whose connections go to `local` (when
-    /// this agent owns the hub) or arrive as deliveries handled by
-    /// `accept_delivery` (when another agent does).
-    pub fn new(
-        client: String,
-        chain: String,
-        rules_touched: Arc<AtomicBool>,
-        local: Arc<dyn Subscriber>,
-        accept_delivery: Arc<dyn Fn(Delivery, UnixStream) + Send + Sync>,
-    ) -> Arc<Access> {
-        let token = crate::rules::random_chain_name() + &crate::rules::random_chain_name();
-        Arc::new(Access {
-            client,
-            deliver_to: format!("graft-agent-{chain}"),
-            chain,
-            rules_touched,
-            local,
-            role: Mutex::new(Role::Idle),
-            subscriptions: std::sync::Mutex::default(),
-            token,
-            deliveries: std::sync::Mutex::default(),
-            accept_delivery,
-        })
-    }
-
-    /// Makes sure the role is settled: owner or client.
-    async fn ensure<'a>(
-        self: &Arc<Self>,
-        role: &mut tokio::sync::MutexGuard<'a, Role>,
-    ) -> io::Result<()> {
-        if !matches!(**role, Role::Idle) {
-            return Ok(());
-        }
-        for _ in 0..50 {
-            match bind_abstract(HUB_NAME) {
-                Ok(listener) => {
-                    let hub = Hub::start(self.chain.clone(), self.rules_touched.clone());
-                    let owner = hub.new_owner();
-                    let server = tokio::spawn(serve_peers(listener, hub.clone()));
-                    tracing::info!("this agent owns the target's hub");
-                    **role = Role::Owner { hub, owner, server };
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
-                Err(e) => return Err(e),
-            }
-            self.listen_for_deliveries()?;
-            match HubConn::connect(&self.deliver_to, &self.token).await {
-                Ok(conn) => {
-                    let conn = Arc::new(conn);
-                    tracing::info!("joined the target's hub of another agent");
-                    **role = Role::Client { conn: conn.clone() };
-                    self.watch(conn);
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::debug!("hub not reachable ({e}); retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-        Err(io::Error::other(
-            "could not reach or become the target's hub",
-        ))
-    }
-
-    fn listen_for_deliveries(&self) -> io::Result<()> {
-        let mut task = self.deliveries.lock().expect("deliveries lock poisoned");
-        if task.is_some() {
-            return Ok(());
-        }
-        let listener = bind_abstract(&self.deliver_to)?;
-        let token = self.token.clone();
-        let accept = self.accept_delivery.clone();
-        *task = Some(tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let token = token.clone();
-                let accept = accept.clone();
-                tokio::spawn(async move {
-                    match read_delivery(&mut stream).await {
-                        Ok(d) if crate::session::secrets_match(&d.token, &token) => {
-                            accept(d, stream)
-                        }
-                        Ok(_) => tracing::warn!("a delivery with a wrong token was refused"),
-                        Err(e) => tracing::debug!("bad delivery: {e}"),
-                    }
-                });
-            }
-        }));
-        Ok(())
-    }
-
-    /// When the hub's owner goes, take over and subscribe again.
-    fn watch(self: &Arc<Self>, conn: Arc<HubConn>) {
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            conn.closed().await;
-            let Some(this) = this.upgrade() else { return };
-            tracing::warn!("the target's hub went away; taking over");
-            let mut role = this.role.lock().await;
-            if matches!(&*role, Role::Client { conn: c } if Arc::ptr_eq(c, &conn)) {
-                *role = Role::Idle;
-            } else {
-                return;
-            }
-            if let Err(e) = this.ensure(&mut role).await {
-                tracing::warn!("could not take over the hub: {e}");
-                return;
-            }
-            let subs = this
-                .subscriptions
-                .lock()
-                .expect("subscriptions lock poisoned")
-                .clone();
-            for sub in subs {
-                let port = sub.port;
-                if let Err(e) = this.subscribe_in(&role, sub).await {
-                    tracing::warn!(port, "could not subscribe again: {e}");
-                }
-            }
-        });
-    }
-
-    async fn subscribe_in(&self, role: &Role, subscription: Subscription) -> Result<(), String> {
-        match role {
-            Role::Idle => Err("no hub".into()),
-            Role::Owner { hub, owner, .. } => {
-                hub.subscribe(*owner, &self.client, subscription, self.local.clone())
-                    .await
-            }
-            Role::Client { conn } => {
-                let message = ToHub::Subscribe {
-                    client: self.client.clone(),
-                    subscription,
-                };
-                match conn.call(message).await {
-                    Ok(FromHub::Done(None)) => Ok(()),
-                    Ok(FromHub::Done(Some(e))) => Err(e),
-                    Ok(FromHub::Listing(_)) => Err("the hub answered out of turn".into()),
-                    Err(e) => Err(format!("the target's hub is unreachable: {e}")),
-                }
-            }
-        }
-    }
-
-    /// Subscribes (or replaces the subscription of a port).
-    ///
-    /// # Errors
-    ///
-    /// The hub's refusal (conflict, bad filter, rules failed) or its absence.
-    pub async fn subscribe(self: &Arc<Self>, subscription: Subscription) -> Result<(), String> {
-        let mut role = self.role.lock().await;
-        self.ensure(&mut role).await.map_err(|e| e.to_string())?;
-        self.subscribe_in(&role, subscription.clone()).await?;
-        let mut subs = self
-            .subscriptions
-            .lock()
-            .expect("subscriptions lock poisoned");
-        subs.retain(|s| s.port != subscription.port);
-        subs.push(subscription);
-        Ok(())
-    }
-
-    /// Drops the subscription of `port`.
-    pub async fn unsubscribe(self: &Arc<Self>, port: u16) {
-        self.subscriptions
-            .lock()
-            .expect("subscriptions lock poisoned")
-            .retain(|s| s.port != port);
-        let role = self.role.lock().await;
-        match &*role {
-            Role::Idle => {}
-            Role::Owner { hub, owner, .. } => hub.unsubscribe(*owner, port).await,
-            Role::Client { conn } => {
-                let _ = conn.call(ToHub::Unsubscribe { port }).await;
-            }
-        }
-    }
-
-    /// Every subscription on the target; empty when no hub exists.
-    pub async fn list(self: &Arc<Self>) -> Result<Vec<SessionListing>, String> {
-        let role = self.role.lock().await;
-        let listing = match &*role {
-            Role::Owner { hub, .. } => return Ok(hub.list()),
-            Role::Client { conn } => conn.call(ToHub::List).await,
-            Role::Idle => match HubConn::connect("", "").await {
-                Ok(conn) => conn.call(ToHub::List).await,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
-                    ) =>
-                {
-                    return Ok(Vec::new());
-                }
-                Err(e) => Err(e),
-            },
+/// Joins the current hub, if there is one: `Ok(None)` when none exists.
+async fn join_existing(accept: Option<AcceptDelivery>) -> Result<Option<HubConn>, String> {
+    for _ in 0..100 {
+        let key = match key::read() {
+            Ok(Some(key)) => key,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
         };
-        match listing {
-            Ok(FromHub::Listing(l)) => Ok(l),
-            Ok(FromHub::Done(e)) => Err(e.unwrap_or_else(|| "the hub answered out of turn".into())),
-            Err(e) => Err(format!("the target's hub is unreachable: {e}")),
+        match HubConn::connect(&key, accept.clone()).await {
+            Ok(conn) => return Ok(Some(conn)),
+            // The owner published its key and is about to listen, or just left.
+            Err(JoinError::NotThere(e)) => {
+                tracing::debug!("hub not reachable yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(JoinError::Refused(e)) => return Err(e),
         }
     }
+    Err("the target's hub key is published but nothing answers at its socket".into())
+}
 
-    /// Ends this session's part: its subscriptions go at once.
-    pub async fn close(&self) {
-        let mut role = self.role.lock().await;
-        match std::mem::replace(&mut *role, Role::Idle) {
-            Role::Owner { hub, owner, server } => {
-                server.abort();
-                hub.drop_owner(owner).await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hub_that_cannot_prove_the_key_is_refused_before_we_prove_ours() {
+        let key = Key::generate().unwrap();
+        let listener = Listener::bind_abstract(&key.hub_name()).unwrap();
+        let impostor = tokio::spawn(async move {
+            let link = listener.accept().await.unwrap();
+            let _challenge = link.recv::<ToHub>().await.unwrap();
+            let guess = FromHub::Proof {
+                nonce: [1; key::LEN],
+                proof: [2; key::LEN],
+            };
+            link.send(&guess, None).await.unwrap();
+            // Whatever the agent says next (nothing: it leaves).
+            link.recv::<ToHub>().await.ok().flatten().map(|(m, _)| m)
+        });
+        let Err(JoinError::Refused(error)) = HubConn::connect(&key, None).await else {
+            panic!("the impostor was accepted");
+        };
+        assert!(
+            error.contains("could not prove it knows the hub key; refusing to join it"),
+            "{error}"
+        );
+        assert!(
+            impostor.await.unwrap().is_none(),
+            "the agent gave its proof to an impostor"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_hub_refuses_a_peer_with_a_wrong_proof_and_admits_one_with_the_key() {
+        let key = Key::generate().unwrap();
+        let name = format!("graft-test-admit-{}", key.hub_name());
+        let listener = Listener::bind_abstract(&name).unwrap();
+        let hub_key = key.clone();
+        let hub = tokio::spawn(async move {
+            let mut results = Vec::new();
+            for _ in 0..2 {
+                let link = listener.accept().await.unwrap();
+                results.push(admit(&link, &hub_key).await.is_ok());
             }
-            Role::Client { conn } => drop(conn),
-            Role::Idle => {}
+            results
+        });
+        for proof_with in [Key::generate().unwrap(), key.clone()] {
+            let link = Link::connect_abstract(&name).unwrap();
+            let peer_nonce = key::nonce().unwrap();
+            link.send(&ToHub::Challenge { nonce: peer_nonce }, None)
+                .await
+                .unwrap();
+            let Some((FromHub::Proof { nonce, proof }, None)) = link.recv().await.unwrap() else {
+                panic!("no proof from the hub");
+            };
+            assert!(key.verify(Prover::Hub, &nonce, &peer_nonce, &proof));
+            let ours = proof_with.proof(Prover::Peer, &nonce, &peer_nonce);
+            link.send(&ToHub::Proof { proof: ours }, None)
+                .await
+                .unwrap();
+            let answer = link.recv::<FromHub>().await.unwrap();
+            let admitted = matches!(answer, Some((FromHub::Done(None), None)));
+            assert_eq!(admitted, proof_with.hub_name() == key.hub_name());
         }
-        if let Some(task) = self
-            .deliveries
-            .lock()
-            .expect("deliveries lock poisoned")
-            .take()
-        {
-            task.abort();
-        }
+        assert_eq!(hub.await.unwrap(), [false, true]);
     }
 }

@@ -27,13 +27,14 @@ const MIRROR_LINGER: Duration = Duration::from_secs(5);
 
 /// Connects to the target's own server at `addr` (the original destination, from
 /// inside the target's network namespace, where the redirect rules of
-/// `PREROUTING` do not apply).
+/// `PREROUTING` do not apply), from the address of `client` where the agent can
+/// ([`crate::transparent`]).
 ///
 /// # Errors
 ///
 /// The `connect` error.
-pub async fn connect_target(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect(addr).await?;
+pub async fn connect_target(addr: SocketAddr, client: SocketAddr) -> io::Result<TcpStream> {
+    let stream = crate::transparent::connect_target(addr, client).await?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }

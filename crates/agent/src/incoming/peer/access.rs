@@ -1,0 +1,383 @@
+//! A session's access to the hub of its target, wherever the hub lives: this
+//! agent becomes its owner when it wins the election (publishing the hub key),
+//! else it joins the owner's hub; it takes over when the owner goes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use graft_protocol::incoming::{SessionListing, Subscription};
+use tokio::sync::Mutex;
+
+use super::key::{self, Published};
+use super::link::Listener;
+use super::{AcceptDelivery, FromHub, HubConn, ToHub, join_existing, serve_peers};
+use crate::incoming::{Hub, OwnerId, Subscriber};
+
+/// How this agent reaches the hub of its target.
+enum Role {
+    /// Not needed yet.
+    Idle,
+    /// This agent owns the hub; the table with its key lives as long as `key`.
+    /// Both are `None` for a hub that cannot be shared (no nf_tables).
+    Owner {
+        hub: Arc<Hub>,
+        owner: OwnerId,
+        server: Option<tokio::task::JoinHandle<()>>,
+        key: Option<Published>,
+    },
+    /// Another agent owns it.
+    Client { conn: Arc<HubConn> },
+}
+
+/// A session's access to the hub of its target, wherever it lives; takes over the
+/// hub when its owner goes.
+pub struct Access {
+    client: String,
+    chain: String,
+    rules_touched: Arc<AtomicBool>,
+    local: Arc<dyn Subscriber>,
+    role: Mutex<Role>,
+    /// Each port's subscription and when it was first made.
+    subscriptions: std::sync::Mutex<Vec<(Subscription, u64)>>,
+    accept_delivery: AcceptDelivery,
+    /// Keeps conntrack on while this session takes part in the hub.
+    conntrack: std::sync::Mutex<Option<key::ConntrackHold>>,
+    /// Set while the session's client is detached ([`Access::suspend`]): the
+    /// subscriptions are kept here but are not in the hub.
+    suspended: AtomicBool,
+}
+
+impl Access {
+    /// Access for the session of `client` whose connections go to `local` (when
+    /// this agent owns the hub) or arrive as deliveries handled by
+    /// `accept_delivery` (when another agent does).
+    pub fn new(
+        client: String,
+        chain: String,
+        rules_touched: Arc<AtomicBool>,
+        local: Arc<dyn Subscriber>,
+        accept_delivery: AcceptDelivery,
+    ) -> Arc<Access> {
+        Arc::new(Access {
+            client,
+            chain,
+            rules_touched,
+            local,
+            role: Mutex::new(Role::Idle),
+            subscriptions: std::sync::Mutex::default(),
+            accept_delivery,
+            conntrack: std::sync::Mutex::default(),
+            suspended: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes sure the role is settled: owner or client.
+    async fn ensure<'a>(
+        self: &Arc<Self>,
+        role: &mut tokio::sync::MutexGuard<'a, Role>,
+    ) -> Result<(), String> {
+        if !matches!(**role, Role::Idle) {
+            return Ok(());
+        }
+        self.hold_conntrack();
+        for _ in 0..250 {
+            let published = match key::publish() {
+                Ok(published) => published,
+                Err(e @ key::KeyError::Unsupported(_)) => {
+                    // Better one session than none: this one works, alone.
+                    tracing::warn!("this session cannot share the target with other sessions: {e}");
+                    let hub = Hub::start(self.chain.clone(), self.rules_touched.clone());
+                    let owner = hub.new_owner();
+                    **role = Role::Owner {
+                        hub,
+                        owner,
+                        server: None,
+                        key: None,
+                    };
+                    return Ok(());
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            match published {
+                Some(published) => {
+                    let name = published.key.hub_name();
+                    let listener = Listener::bind_abstract(&name).map_err(|e| {
+                        format!(
+                            "could not listen as the target's hub at @{name}: {e}; a \
+                             process that can read the hub key holds the name"
+                        )
+                    })?;
+                    let hub = Hub::start(self.chain.clone(), self.rules_touched.clone());
+                    let owner = hub.new_owner();
+                    let server =
+                        tokio::spawn(serve_peers(listener, hub.clone(), published.key.clone()));
+                    tracing::info!("this agent owns the target's hub");
+                    **role = Role::Owner {
+                        hub,
+                        owner,
+                        server: Some(server),
+                        key: Some(published),
+                    };
+                    return Ok(());
+                }
+                None => {
+                    // `None`: the owner left between our attempt and the read:
+                    // elect again.
+                    if let Some(conn) = join_existing(Some(self.accept_delivery.clone())).await? {
+                        let conn = Arc::new(conn);
+                        tracing::info!("joined the target's hub of another agent");
+                        **role = Role::Client { conn: conn.clone() };
+                        self.watch(conn);
+                        return Ok(());
+                    }
+                    // The owner's table is still being reaped by the kernel.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Err("could not reach or become the target's hub: its owner keeps changing".into())
+    }
+
+    /// Keeps conntrack on for as long as this session takes part in the hub
+    /// (see [`key::hold_conntrack`]); a failure only costs the survival of
+    /// handed-over connections when the hub's owner ends.
+    fn hold_conntrack(&self) {
+        let mut hold = self.conntrack.lock().expect("conntrack lock poisoned");
+        if hold.is_none() {
+            match key::hold_conntrack() {
+                Ok(h) => *hold = Some(h),
+                Err(e) => tracing::warn!(
+                    "connections handed to this session will not survive the hub owner's \
+                     end: {e}"
+                ),
+            }
+        }
+    }
+
+    /// When the hub's owner goes, take over and subscribe again.
+    fn watch(self: &Arc<Self>, conn: Arc<HubConn>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            conn.closed().await;
+            let Some(this) = this.upgrade() else { return };
+            tracing::warn!("the target's hub went away; taking over");
+            let mut role = this.role.lock().await;
+            if matches!(&*role, Role::Client { conn: c } if Arc::ptr_eq(c, &conn)) {
+                *role = Role::Idle;
+            } else {
+                return;
+            }
+            if let Err(e) = this.ensure(&mut role).await {
+                tracing::warn!("could not take over the hub: {e}");
+                return;
+            }
+            if this.suspended.load(Ordering::SeqCst) {
+                // Subscribed again by `resume`.
+                return;
+            }
+            let subs = this
+                .subscriptions
+                .lock()
+                .expect("subscriptions lock poisoned")
+                .clone();
+            for (sub, since) in subs {
+                let port = sub.port;
+                if let Err(e) = this.subscribe_in(&role, sub, since).await {
+                    tracing::warn!(port, "could not subscribe again: {e}");
+                }
+            }
+        });
+    }
+
+    async fn subscribe_in(
+        &self,
+        role: &Role,
+        subscription: Subscription,
+        since: u64,
+    ) -> Result<(), String> {
+        match role {
+            Role::Idle => Err("no hub".into()),
+            Role::Owner { hub, owner, .. } => {
+                let to = self.local.clone();
+                hub.subscribe(*owner, &self.client, subscription, to, Some(since))
+                    .await
+            }
+            Role::Client { conn } => {
+                let message = ToHub::Subscribe {
+                    client: self.client.clone(),
+                    subscription,
+                    since_unix: since,
+                };
+                match conn.call(message).await {
+                    Ok(FromHub::Done(None)) => Ok(()),
+                    Ok(FromHub::Done(Some(e))) => Err(e),
+                    Ok(_) => Err("the hub answered out of turn".into()),
+                    Err(e) => Err(format!("the target's hub is unreachable: {e}")),
+                }
+            }
+        }
+    }
+
+    /// Subscribes (or replaces the subscription of a port).
+    ///
+    /// # Errors
+    ///
+    /// The hub's refusal (conflict, bad filter, rules failed), its absence, or a
+    /// hub that is not graft's (it could not prove it knows the hub key).
+    pub async fn subscribe(self: &Arc<Self>, subscription: Subscription) -> Result<(), String> {
+        let mut role = self.role.lock().await;
+        let since = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .iter()
+            .find(|(s, _)| s.port == subscription.port)
+            .map_or_else(crate::incoming::now_unix, |(_, since)| *since);
+        // While suspended it is only kept, for `resume`.
+        if !self.suspended.load(Ordering::SeqCst) {
+            self.ensure(&mut role).await?;
+            self.subscribe_in(&role, subscription.clone(), since)
+                .await?;
+        }
+        let mut subs = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned");
+        subs.retain(|(s, _)| s.port != subscription.port);
+        subs.push((subscription, since));
+        Ok(())
+    }
+
+    /// Drops the subscription of `port`.
+    pub async fn unsubscribe(self: &Arc<Self>, port: u16) {
+        self.subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .retain(|(s, _)| s.port != port);
+        let role = self.role.lock().await;
+        match &*role {
+            Role::Idle => {}
+            Role::Owner { hub, owner, .. } => hub.unsubscribe(*owner, port).await,
+            Role::Client { conn } => {
+                let _ = conn.call(ToHub::Unsubscribe { port }).await;
+            }
+        }
+    }
+
+    /// Takes this session's subscriptions out of the hub and keeps them for
+    /// [`Access::resume`]: while the client is detached the target serves its
+    /// own traffic (DESIGN.md). Connections already delivered go on.
+    pub async fn suspend(self: &Arc<Self>) {
+        let role = self.role.lock().await;
+        if self.suspended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let ports: Vec<u16> = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .iter()
+            .map(|(s, _)| s.port)
+            .collect();
+        for port in ports {
+            match &*role {
+                Role::Idle => {}
+                Role::Owner { hub, owner, .. } => hub.unsubscribe(*owner, port).await,
+                Role::Client { conn } => {
+                    let _ = conn.call(ToHub::Unsubscribe { port }).await;
+                }
+            }
+            tracing::info!(
+                port,
+                "the client is detached: the target serves this port again"
+            );
+        }
+    }
+
+    /// Puts the subscriptions kept by [`Access::suspend`] back into the hub,
+    /// each with its first subscription time, so its place among overlapping
+    /// filters is kept. Returns those the hub refused now (e.g. another session
+    /// stole the port meanwhile), with the reason; they are dropped.
+    pub async fn resume(self: &Arc<Self>) -> Vec<(u16, String)> {
+        let mut role = self.role.lock().await;
+        if !self.suspended.swap(false, Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let subs = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .clone();
+        let mut refused = Vec::new();
+        if subs.is_empty() {
+            return refused;
+        }
+        if let Err(e) = self.ensure(&mut role).await {
+            refused.extend(subs.iter().map(|(s, _)| (s.port, e.clone())));
+        } else {
+            for (sub, since) in subs {
+                let port = sub.port;
+                match self.subscribe_in(&role, sub, since).await {
+                    Ok(()) => tracing::info!(port, "the client is back: subscribed again"),
+                    Err(e) => refused.push((port, e)),
+                }
+            }
+        }
+        self.subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .retain(|(s, _)| !refused.iter().any(|(port, _)| *port == s.port));
+        refused
+    }
+
+    /// Every subscription on the target; empty when no hub exists.
+    ///
+    /// # Errors
+    ///
+    /// The hub could not be read or reached, or is not graft's.
+    pub async fn list(self: &Arc<Self>) -> Result<Vec<SessionListing>, String> {
+        let role = self.role.lock().await;
+        let listing = match &*role {
+            Role::Owner { hub, .. } => return Ok(hub.list()),
+            Role::Client { conn } => conn.call(ToHub::List).await,
+            Role::Idle => match join_existing(None).await? {
+                Some(conn) => conn.call(ToHub::List).await,
+                None => return Ok(Vec::new()),
+            },
+        };
+        match listing {
+            Ok(FromHub::Listing(l)) => Ok(l),
+            Ok(FromHub::Done(e)) => Err(e.unwrap_or_else(|| "the hub answered out of turn".into())),
+            Ok(_) => Err("the hub answered out of turn".into()),
+            Err(e) => Err(format!("the target's hub is unreachable: {e}")),
+        }
+    }
+
+    /// Ends this session's part: its subscriptions go at once; an owned hub's key
+    /// is withdrawn (the kernel deletes its table with the netlink socket).
+    pub async fn close(&self) {
+        let mut role = self.role.lock().await;
+        match std::mem::replace(&mut *role, Role::Idle) {
+            Role::Owner {
+                hub,
+                owner,
+                server,
+                key,
+            } => {
+                if let Some(server) = server {
+                    server.abort();
+                }
+                hub.drop_owner(owner).await;
+                drop(key);
+            }
+            Role::Client { conn } => drop(conn),
+            Role::Idle => {}
+        }
+        drop(
+            self.conntrack
+                .lock()
+                .expect("conntrack lock poisoned")
+                .take(),
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! Issue 10, bounded resources: each test performs one attack from inside the
+//! target's network namespace (or as a client of the agent) with real processes,
+//! then checks that the agent's peak memory (`VmHWM` of `/proc/PID/status`)
+//! stayed under [`RSS_LIMIT_KIB`] and that a real session still works.
+//!
+//! - idle, garbage and wrong-secret connections to the agent's loopback TCP port
+//!   before the real client: they are closed within the handshake timeout (5 s)
+//!   and the client still gets in;
+//! - 30 processes that connect to the hub and each announce a 15 MiB frame and
+//!   send most of it;
+//! - a client that sends 300 one-MiB reads and reads no answer;
+//! - 1100 idle connections to a stolen port while graft was started under
+//!   `ulimit -n 1024`: graft and the agent raise their own limit, requests keep
+//!   being served.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use graft_protocol::codec::{encode_frame, read_frame};
+use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
+use graft_protocol::remote::{OpenFlags, RemoteRequest, RemoteResponse};
+use graft_tests::{Bed, Proc, STEAL_TIMEOUT, agent_bin, curl, graft_bin, python, wait_until};
+
+const SECRET: &str = "bounds-secret-0123456789abcdef00";
+
+/// The most memory the agent may have used at its peak in any of these attacks,
+/// in KiB (the issue's bound: 64 MiB).
+const RSS_LIMIT_KIB: u64 = 64 * 1024;
+
+/// The peak resident set of `pid` in KiB (`VmHWM`, proc(5)).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
+}
+
+fn assert_peak_under_limit(pid: u32, attack: &str) {
+    let peak = peak_rss_kib(pid);
+    assert!(
+        peak < RSS_LIMIT_KIB,
+        "the agent peaked at {} MiB during {attack} (limit {} MiB)",
+        peak / 1024,
+        RSS_LIMIT_KIB / 1024
+    );
+}
+
+/// Soft and hard `Max open files` of `pid` (`/proc/PID/limits`).
+fn nofile(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_owned(), fields[4].to_owned())
+}
+
+/// An agent started by hand for the bed's target, and what it said `ready` with.
+fn start_agent(bed: &Bed, listen: &str, dir: &tempfile::TempDir) -> (Proc, String) {
+    let listen = listen.replace("{dir}", &dir.path().display().to_string());
+    let mut command = Command::new(agent_bin());
+    command
+        .args(["--target-pid", &bed.target_pid.to_string()])
+        .arg(format!("--listen={listen}"))
+        .args(["--connect-timeout", "30"])
+        .env("GRAFT_AGENT_SECRET", SECRET);
+    let mut proc = bed.spawn(command, "graft-agent");
+    let ready = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        if let Some(status) = proc.try_status() {
+            panic!("graft-agent exited ({status})\n{}", proc.output_report());
+        }
+        proc.stdout()
+            .lines()
+            .find_map(|l| l.strip_prefix("ready ").map(str::to_owned))
+    })
+    .unwrap_or_else(|| panic!("graft-agent never said ready\n{}", proc.output_report()));
+    (proc, ready)
+}
+
+fn hello_frame(secret: &str) -> Vec<u8> {
+    encode_frame(&ClientMessage::Hello(Hello {
+        version: graft_protocol::PROTOCOL_VERSION.into(),
+        secret: secret.into(),
+        client: "graft-tests bounds".into(),
+    }))
+    .unwrap()
+}
+
+fn hello<S: Read + Write>(stream: &mut S, secret: &str) -> HelloReply {
+    stream.write_all(&hello_frame(secret)).unwrap();
+    match read_frame(stream).expect("the agent answers Hello") {
+        AgentMessage::Hello(reply) => reply,
+        other => panic!("expected a Hello reply, got {other:?}"),
+    }
+}
+
+/// Sends one request and waits for its answer.
+fn request<S: Read + Write>(stream: &mut S, id: u64, request: RemoteRequest) -> RemoteResponse {
+    let message = ClientMessage::Request { id, request };
+    stream.write_all(&encode_frame(&message).unwrap()).unwrap();
+    loop {
+        match read_frame(stream).expect("the agent answers the request") {
+            AgentMessage::Response { id: got, response } if got == id => return response,
+            _ => {}
+        }
+    }
+}
+
+/// Whether the other end closed `stream` (EOF or reset) within its read timeout.
+fn closed_by_peer(mut stream: &TcpStream) -> bool {
+    match stream.read(&mut [0u8; 16]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn idle_and_bogus_connections_to_the_agent_port_neither_keep_the_client_out_nor_end_the_agent() {
+    let bed = Bed::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, ready) = start_agent(&bed, "tcp:127.0.0.1:0", &dir);
+    let addr: SocketAddr = ready.strip_prefix("tcp:").unwrap().parse().unwrap();
+    let hello_path = bed.remote("hello.txt");
+    let expected = format!("hello from target {}", bed.n);
+    let (refused, idle_closed, read) = bed.in_target_netns(move || {
+        let connect = || {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            s
+        };
+        // More idle connections than the agent handshakes at once, a half
+        // frame, garbage, and a wrong secret: all before the real client.
+        let idle: Vec<TcpStream> = (0..100).map(|_| connect()).collect();
+        let mut half = connect();
+        half.write_all(&hello_frame(SECRET)[..10]).unwrap();
+        let mut garbage = connect();
+        garbage.write_all(&[0xff; 64]).unwrap();
+        let mut wrong = connect();
+        let refused = hello(&mut wrong, "not-the-secret");
+
+        let mut client = connect();
+        let accepted = hello(&mut client, SECRET);
+        assert!(
+            matches!(accepted, HelloReply::Accepted { .. }),
+            "the real client was refused: {accepted:?}"
+        );
+        // The session works.
+        let read = request(
+            &mut client,
+            1,
+            RemoteRequest::ReadFile {
+                path: hello_path,
+                no_follow: false,
+            },
+        );
+        // The idle ones are closed by the agent (EOF or reset), not left open.
+        let idle_closed = idle
+            .into_iter()
+            .chain([half])
+            .filter(closed_by_peer)
+            .count();
+        drop(client);
+        (refused, idle_closed, read)
+    });
+    assert!(
+        matches!(refused, HelloReply::Rejected { .. }),
+        "a wrong secret was accepted: {refused:?}"
+    );
+    match read {
+        RemoteResponse::File { data, .. } => {
+            assert!(String::from_utf8_lossy(&data).contains(&expected))
+        }
+        other => panic!("the session could not read a file: {other:?}"),
+    }
+    assert_eq!(idle_closed, 101, "idle connections stayed open");
+    let out = agent.wait_timeout(Duration::from_secs(10));
+    assert!(
+        out.is_some_and(|s| s.code() == Some(0)),
+        "the agent did not end its session normally: {out:?}\n{}",
+        agent.output_report()
+    );
+    let report = agent.output_report();
+    assert!(report.contains("refused"), "{report}");
+}
+
+/// Connects `PEERS` sockets to the hub of the namespace it runs in (found in
+/// `/proc/self/net/unix`), announces a 15 MiB frame on each and sends up to
+/// 14 MiB of it, holds them for `HOLD` seconds, and prints what it sent.
+const HUB_FLOOD: &str = r#"
+import socket, sys, time
+peers, hold = int(sys.argv[1]), float(sys.argv[2])
+names = set()
+for line in open('/proc/self/net/unix'):
+    f = line.split()
+    if len(f) >= 8 and f[-1].startswith('@graft-hub'):
+        names.add(f[-1][1:])
+if not names:
+    print('no hub', flush=True); sys.exit(3)
+name = sorted(names)[0]
+frame = 15 << 20
+chunk = b'\x01' * (1 << 20)
+socks, total = [], 0
+for _ in range(peers):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect('\0' + name)
+    s.settimeout(1)
+    sent = 0
+    try:
+        s.sendall(frame.to_bytes(4, 'big'))
+        while sent < frame - len(chunk):
+            sent += s.send(chunk)
+    except OSError:
+        pass
+    total += sent
+    socks.append(s)
+print('sent', total, flush=True)
+time.sleep(hold)
+"#;
+
+#[test]
+fn hub_peers_announcing_huge_frames_cost_the_agent_little() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let (session, _) = bed.steal(&[], bed.app_port, &url);
+    let agents = bed.agent_pids();
+    assert!(!agents.is_empty(), "no agent runs");
+    let mut command = Command::new("nsenter");
+    command
+        .args(["-t", &bed.target_pid.to_string(), "-n", "--"])
+        .args([python(), "-c", HUB_FLOOD, "30", "2"]);
+    let out = bed.finish(bed.spawn(command, "hub flood"), Duration::from_secs(120));
+    assert!(out.stdout.contains("sent"), "the flood did not run:\n{out}");
+    for pid in bed.agent_pids() {
+        assert_peak_under_limit(pid, "the hub flood");
+    }
+    assert!(
+        curl(&url).is_ok_and(|r| r.starts_with("local")),
+        "the steal broke after the hub flood\n{}",
+        session.output_report()
+    );
+}
+
+#[test]
+fn a_client_that_reads_no_answer_stops_being_read() {
+    let bed = Bed::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, ready) = start_agent(&bed, "unix:{dir}/agent.sock", &dir);
+    let path = ready.strip_prefix("unix:").unwrap();
+    let mut link = UnixStream::connect(path).unwrap();
+    link.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert!(matches!(
+        hello(&mut link, SECRET),
+        HelloReply::Accepted { .. }
+    ));
+    let RemoteResponse::Opened { handle, .. } = request(
+        &mut link,
+        1,
+        RemoteRequest::Open {
+            path: bed.remote("big.bin"),
+            flags: OpenFlags::READ,
+            mode: 0,
+        },
+    ) else {
+        panic!("big.bin did not open");
+    };
+    // 300 reads of 1 MiB each, written by a thread that blocks once the agent
+    // stops reading; nobody reads the answers for a while.
+    const READS: u64 = 300;
+    let mut writer = link.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for id in 2..2 + READS {
+            let read = ClientMessage::Request {
+                id,
+                request: RemoteRequest::Read {
+                    handle,
+                    offset: 0,
+                    len: 1 << 20,
+                },
+            };
+            writer.write_all(&encode_frame(&read).unwrap()).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_peak_under_limit(agent.pid(), "a client that reads nothing");
+    // The session is intact: reading now gets every answer, in full.
+    let mut answered = 0;
+    while answered < READS {
+        match read_frame(&mut link).expect("the agent answers") {
+            AgentMessage::Response {
+                response: RemoteResponse::Data(bytes),
+                ..
+            } => {
+                assert_eq!(bytes.len(), 1 << 20);
+                answered += 1;
+            }
+            AgentMessage::Response { response, .. } => panic!("a read failed: {response:?}"),
+            _ => {}
+        }
+    }
+    sender.join().unwrap();
+    assert_peak_under_limit(agent.pid(), "a client that reads nothing");
+}
+
+/// An HTTP app for `--steal` that raises its own descriptor limit (as servers
+/// do) and answers every request with `local`; asyncio, so idle connections cost
+/// no threads.
+const ROOMY_APP: &str = r#"
+import asyncio, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+async def handle(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlocal\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(handle, "0.0.0.0", int(sys.argv[1]), backlog=4096)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"#;
+
+#[test]
+fn idle_connections_beyond_ulimit_1024_do_not_stop_a_steal() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let target = format!("pid:{}", bed.target_pid);
+    let port = bed.app_port.to_string();
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "ulimit -Sn 1024 && exec \"$@\"", "sh"])
+        .arg(graft_bin())
+        .args(["run", "--target", &target, "--steal", "--"])
+        .args([python(), "-c", ROOMY_APP, &port])
+        .current_dir(graft_tests::package_dir());
+    let mut session = bed.spawn(command, "graft run --steal under ulimit -n 1024");
+    wait_until(STEAL_TIMEOUT, Duration::from_millis(100), || {
+        if let Some(status) = session.try_status() {
+            panic!("graft exited ({status})\n{}", session.output_report());
+        }
+        curl(&url).ok().filter(|b| b.starts_with("local"))
+    })
+    .unwrap_or_else(|| panic!("the steal never took effect\n{}", session.output_report()));
+    // graft and its agent run with their hard limit, not the 1024 they got.
+    let graft = session.pid();
+    let agents = bed.agent_pids();
+    for pid in std::iter::once(graft).chain(agents.iter().copied()) {
+        let (soft, hard) = nofile(pid);
+        assert_eq!(soft, hard, "process {pid} kept its soft limit");
+    }
+
+    let addr = SocketAddr::from((bed.target_v4, bed.app_port));
+    let idle: Vec<TcpStream> = (0..1100)
+        .map(|i| {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
+        .collect();
+    for i in 0..5 {
+        let reply = curl(&url);
+        assert!(
+            reply.as_deref().is_ok_and(|r| r.starts_with("local")),
+            "request {i} with {} idle connections: {reply:?}\n{}",
+            idle.len(),
+            session.output_report()
+        );
+    }
+    for pid in agents {
+        assert_peak_under_limit(pid, "1100 idle connections");
+    }
+    drop(idle);
+}
