@@ -131,6 +131,8 @@ fn idle_and_bogus_connections_to_the_agent_port_neither_keep_the_client_out_nor_
     let dir = tempfile::tempdir().unwrap();
     let (mut agent, ready) = start_agent(&bed, "tcp:127.0.0.1:0", &dir);
     let addr: SocketAddr = ready.strip_prefix("tcp:").unwrap().parse().unwrap();
+    // The port speaks TLS to the certificate the agent printed (link_tls.rs).
+    let pin = graft_tests::link::link_cert(&agent.stdout());
     let hello_path = bed.remote("hello.txt");
     let expected = format!("hello from target {}", bed.n);
     let (refused, idle_closed, read) = bed.in_target_netns(move || {
@@ -146,37 +148,49 @@ fn idle_and_bogus_connections_to_the_agent_port_neither_keep_the_client_out_nor_
         half.write_all(&hello_frame(SECRET)[..10]).unwrap();
         let mut garbage = connect();
         garbage.write_all(&[0xff; 64]).unwrap();
-        let mut wrong = connect();
-        let refused = hello(&mut wrong, "not-the-secret");
+        let mut wrong = graft_tests::link::LinkClient::connect(addr, pin).unwrap();
+        let refused = wrong.attach([1; 16], b"not-the-secret").is_err();
 
-        let mut client = connect();
-        let accepted = hello(&mut client, SECRET);
+        let mut client = graft_tests::link::LinkClient::connect(addr, pin).unwrap();
+        client
+            .attach([2; 16], SECRET.as_bytes())
+            .expect("the real client attaches");
+        let hello = ClientMessage::Hello(Hello {
+            version: graft_protocol::PROTOCOL_VERSION.into(),
+            secret: SECRET.into(),
+            client: "graft-tests bounds".into(),
+        });
+        client.send(&hello).unwrap();
+        let accepted = client.receive().unwrap();
         assert!(
-            matches!(accepted, HelloReply::Accepted { .. }),
+            matches!(accepted, AgentMessage::Hello(HelloReply::Accepted { .. })),
             "the real client was refused: {accepted:?}"
         );
         // The session works.
-        let read = request(
-            &mut client,
-            1,
-            RemoteRequest::ReadFile {
-                path: hello_path,
-                no_follow: false,
-            },
-        );
+        let request = RemoteRequest::ReadFile {
+            path: hello_path,
+            no_follow: false,
+        };
+        client
+            .send(&ClientMessage::Request { id: 1, request })
+            .unwrap();
+        let read = loop {
+            if let AgentMessage::Response { id: 1, response } =
+                client.receive().expect("the agent answers the request")
+            {
+                break response;
+            }
+        };
         // The idle ones are closed by the agent (EOF or reset), not left open.
         let idle_closed = idle
             .into_iter()
             .chain([half])
             .filter(closed_by_peer)
             .count();
-        drop(client);
+        client.close().unwrap();
         (refused, idle_closed, read)
     });
-    assert!(
-        matches!(refused, HelloReply::Rejected { .. }),
-        "a wrong secret was accepted: {refused:?}"
-    );
+    assert!(refused, "a wrong secret was accepted");
     match read {
         RemoteResponse::File { data, .. } => {
             assert!(String::from_utf8_lossy(&data).contains(&expected))

@@ -154,20 +154,41 @@ pub async fn read_attach<T: AsyncRead + Unpin>(t: &mut T) -> io::Result<Attach> 
 }
 
 /// Answers a client of graft before protocol 0.3 (its transport began with
-/// [`LEGACY_MAGIC`], in plaintext) in the old relink format, with one data
-/// record carrying `frame` (an encoded `Hello` rejection that says what to do)
-/// and a close record, so that the old client shows the reason instead of a
-/// broken link.
+/// [`LEGACY_MAGIC`], in plaintext; the caller has read its 32-byte attach) in
+/// the old relink format: the attach answer, then, once the client's first
+/// data record (its `Hello`) has arrived, one data record carrying `frame` (an
+/// encoded `Hello` rejection that says what to do) and a close record. The old
+/// client thus shows the reason instead of a broken link: had the answer come
+/// before its `Hello` was written, the close would end its link first.
 ///
 /// # Errors
 ///
-/// I/O errors as they come.
-pub async fn refuse_legacy<T: AsyncWrite + Unpin>(t: &mut T, frame: &[u8]) -> io::Result<()> {
-    let mut out = LEGACY_MAGIC.to_vec();
-    out.extend_from_slice(&0u64.to_be_bytes());
+/// I/O errors as they come; `InvalidData` when the client sends something else.
+pub async fn refuse_legacy<T: AsyncRead + AsyncWrite + Unpin>(
+    t: &mut T,
+    frame: &[u8],
+) -> io::Result<()> {
+    t.write_all(LEGACY_MAGIC).await?;
+    t.write_all(&0u64.to_be_bytes()).await?;
+    t.flush().await?;
+    let mut buf = BytesMut::new();
+    loop {
+        match read_record(t, &mut buf).await? {
+            (KIND_DATA, _) => break,
+            (KIND_ACK, _) => continue,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not an old graft relink client",
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
     encode_record(&mut out, KIND_DATA, frame);
     encode_record(&mut out, KIND_CLOSE, &[]);
     write_records(t, &mut out).await?;
+    t.flush().await?;
     t.shutdown().await
 }
 
@@ -992,17 +1013,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_old_client_reads_the_refusal_in_its_own_format() {
+    async fn an_old_client_reads_the_refusal_in_its_own_format_after_its_hello() {
         let (mut agent, mut client) = tokio::io::duplex(4096);
-        refuse_legacy(&mut agent, b"frame").await.unwrap();
+        let refusal = tokio::spawn(async move { refuse_legacy(&mut agent, b"frame").await });
+        let mut answer = [0u8; 16];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer[..8], LEGACY_MAGIC);
+        // Nothing more until the old client has sent its Hello.
+        let early = tokio::time::timeout(Duration::from_millis(100), client.read_u8()).await;
+        assert!(early.is_err(), "the refusal came before the Hello");
+        client
+            .write_all(&[KIND_DATA, 0, 0, 0, 2, 1, 2])
+            .await
+            .unwrap();
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
-        let mut want = b"GRAFTRL1".to_vec();
-        want.extend_from_slice(&0u64.to_be_bytes());
-        want.extend_from_slice(&[KIND_DATA, 0, 0, 0, 5]);
+        let mut want = vec![KIND_DATA, 0, 0, 0, 5];
         want.extend_from_slice(b"frame");
         want.extend_from_slice(&[KIND_CLOSE, 0, 0, 0, 0]);
         assert_eq!(got, want);
+        refusal.await.unwrap().unwrap();
     }
 
     #[tokio::test]
