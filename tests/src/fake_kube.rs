@@ -11,7 +11,8 @@
 //!                                     │ PATCH pods/NAME/ephemeralcontainers → starts the real
 //!                                     │   graft-agent (--target-pid 1 → the real pid of NAME's
 //!                                     │   target)
-//!                                     │ POST pods (node mode) → starts it with the pod's args
+//!                                     │ POST jobs (node mode) → the Job controller's pod; POST pods
+//!                                     │   → starts it with the pod's args
 //!                                     │   (--target-container-id: each target sits in a cgroup
 //!                                     │   whose path holds its container ID)
 //!                                     └ GET pods/NAME/portforward (WebSocket, v4.channel.k8s.io)
@@ -27,7 +28,9 @@
 //! log is what its process wrote to stdout and stderr. The kubelet's part is
 //! played too: container states (`waiting` → `running` → `terminated`),
 //! events, SIGTERM on pod deletion and removal of the pod once its containers
-//! have exited. Every request is recorded ([`FakeKube::requests`]).
+//! have exited. So are the Job controller's, the TTL-after-finished
+//! controller's and the garbage collector's for Jobs ([`jobs`]). Every
+//! request is recorded ([`FakeKube::requests`]).
 //!
 //! Images: an image whose last path component starts with `graft-agent`
 //! (`ghcr.io/graft-dev/graft-agent:0.1.0`, any tag) runs the `graft-agent`
@@ -68,6 +71,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::{Bed, SLOT_ENV, agent_bin};
+
+mod jobs;
 
 /// The namespace of the target.
 pub const NAMESPACE: &str = "shop";
@@ -571,6 +576,14 @@ impl FakeKube {
             .push((verb.to_owned(), resource.to_owned()));
     }
 
+    /// Takes back every [`FakeKube::deny`] of `verb` on `resource`.
+    pub fn allow(&self, verb: &str, resource: &str) {
+        self.shared
+            .lock()
+            .denials
+            .retain(|(v, r)| !(v == verb && r == resource));
+    }
+
     /// Closes every open port-forward abruptly (no WebSocket close frame),
     /// as when the API server or the kubelet drops the stream.
     pub fn cut_port_forwards(&self) {
@@ -594,6 +607,67 @@ impl FakeKube {
             .objects
             .get(&key("pods", namespace, name))
             .cloned()
+    }
+
+    /// Sets the `Ready` and `ContainersReady` conditions of `pod` (and its
+    /// containers' `ready`), as the kubelet does when a readiness probe
+    /// starts or stops passing; the pod keeps running.
+    ///
+    /// # Panics
+    ///
+    /// When there is no such pod.
+    pub fn set_pod_ready(&self, namespace: &str, pod: &str, ready: bool) {
+        self.shared.commit(|s| {
+            let mut object = s
+                .get("pods", namespace, pod)
+                .unwrap_or_else(|| panic!("no pod {namespace}/{pod}"))
+                .clone();
+            let now = rfc3339(SystemTime::now());
+            let status = if ready { "True" } else { "False" };
+            for condition in object["status"]["conditions"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+            {
+                if condition["type"] == "Ready" || condition["type"] == "ContainersReady" {
+                    condition["status"] = json!(status);
+                    condition["lastTransitionTime"] = json!(now);
+                    if ready {
+                        condition.as_object_mut().map(|c| c.remove("reason"));
+                    } else {
+                        condition["reason"] = json!("ContainersNotReady");
+                    }
+                }
+            }
+            for container in object["status"]["containerStatuses"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+            {
+                container["ready"] = json!(ready);
+            }
+            s.put("pods", object, "MODIFIED");
+        });
+    }
+
+    /// A Job as the server has it.
+    pub fn job(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .lock()
+            .objects
+            .get(&key("jobs", namespace, name))
+            .cloned()
+    }
+
+    /// The names of the Jobs in `namespace`.
+    pub fn job_names(&self, namespace: &str) -> Vec<String> {
+        self.shared
+            .lock()
+            .objects
+            .keys()
+            .filter(|(r, ns, _)| r == "jobs" && ns == namespace)
+            .map(|(_, _, name)| name.clone())
+            .collect()
     }
 
     /// The names of the pods in `namespace`.
@@ -1432,7 +1506,7 @@ async fn handle(
         ("list", None) => list(&shared, &target, &query),
         ("get", None) => get(&shared, &target),
         ("create", None) => create(&shared, &target, &body),
-        ("delete", None) => delete(&shared, &target),
+        ("delete", None) => delete(&shared, &target, &query, &body),
         ("patch", None) => patch_object(&shared, &target, &content_type, &body),
         ("get", Some("log")) => pod_log(&shared, &target, &query),
         ("get", Some("ephemeralcontainers" | "status")) => get(&shared, &target),
@@ -1641,25 +1715,8 @@ fn create(shared: &Arc<Shared>, target: &Target, body: &[u8]) -> Response<Body> 
     new_metadata(&mut object, ns.as_deref());
     let ns = ns.unwrap_or_default();
     let is_pod = target.kind.resource == "pods";
-    if is_pod {
-        let containers = object["spec"]["containers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if containers.is_empty() {
-            return invalid(target.kind, &name, "spec.containers: Required value");
-        }
-        object["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
-        // The fake scheduler: a pod bound to no node goes to the only one.
-        if object["spec"]["nodeName"].is_null() {
-            object["spec"]["nodeName"] = json!(NODE);
-        }
-        if object["spec"]["nodeName"] == NODE {
-            object["status"]["hostIP"] = json!("10.0.0.11");
-            object["status"]["podIP"] = json!("10.244.1.77");
-            object["status"]["startTime"] = json!(rfc3339(SystemTime::now()));
-            object["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True"}]);
-        }
+    if is_pod && let Err(message) = admit_pod(&mut object) {
+        return invalid(target.kind, &name, message);
     }
     let stored = shared.commit(|s| {
         if s.get(target.kind.resource, &ns, &name).is_some() {
@@ -1675,31 +1732,86 @@ fn create(shared: &Arc<Shared>, target: &Target, body: &[u8]) -> Response<Body> 
             Some(json!({"name": name, "kind": target.kind.resource})),
         );
     };
-    // The fake kubelet runs pods bound to its node.
-    if is_pod && stored["spec"]["nodeName"] == NODE {
-        for container in stored["spec"]["containers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            tokio::spawn(run_container(
-                shared.clone(),
-                ns.clone(),
-                name.clone(),
-                container.clone(),
-                false,
-            ));
-        }
+    if is_pod {
+        start_pod(shared, &stored);
+    }
+    if target.kind.resource == "jobs" {
+        jobs::created(shared, &stored);
     }
     full(StatusCode::CREATED, &stored)
 }
 
-fn delete(shared: &Arc<Shared>, target: &Target) -> Response<Body> {
+/// The API server's defaults for a new pod, and the fake scheduler's
+/// binding: a pod bound to no node goes to the only one.
+fn admit_pod(object: &mut Value) -> Result<(), &'static str> {
+    let containers = object["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if containers.is_empty() {
+        return Err("spec.containers: Required value");
+    }
+    object["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+    if object["spec"]["nodeName"].is_null() {
+        object["spec"]["nodeName"] = json!(NODE);
+    }
+    if object["spec"]["nodeName"] == NODE {
+        object["status"]["hostIP"] = json!("10.0.0.11");
+        object["status"]["podIP"] = json!("10.244.1.77");
+        object["status"]["startTime"] = json!(rfc3339(SystemTime::now()));
+        object["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True"}]);
+    }
+    Ok(())
+}
+
+/// The fake kubelet runs the containers of a stored pod bound to its node.
+fn start_pod(shared: &Arc<Shared>, pod: &Value) {
+    if pod["spec"]["nodeName"] != NODE {
+        return;
+    }
+    let ns = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let name = pod["metadata"]["name"].as_str().unwrap_or("").to_owned();
+    for container in pod["spec"]["containers"].as_array().into_iter().flatten() {
+        tokio::spawn(run_container(
+            shared.clone(),
+            ns.clone(),
+            name.clone(),
+            container.clone(),
+            false,
+        ));
+    }
+}
+
+fn delete(shared: &Arc<Shared>, target: &Target, query: &str, body: &[u8]) -> Response<Body> {
     let name = target.name.clone().unwrap_or_default();
     let ns = target.namespace.clone().unwrap_or_default();
     let resource = target.kind.resource;
-    let outcome = shared.commit(|s| {
-        let object = s.get(resource, &ns, &name)?.clone();
+    let Some(object) = delete_object(shared, resource, &ns, &name) else {
+        return not_found(target.kind, &name);
+    };
+    if resource == "jobs" {
+        // DeleteOptions come in the body (kube-rs) or the query (kubectl).
+        let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let policy = options["propagationPolicy"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| query_param(query, "propagationPolicy"));
+        jobs::deleted(shared, &object, policy.as_deref());
+    }
+    ok(&object)
+}
+
+/// Deletes an object as the API server and kubelet would: a pod whose
+/// containers run gets a deletion timestamp, SIGTERM to each process and
+/// SIGKILL after its grace period, and goes once they have all exited
+/// (run_container); anything else goes at once. Returns the object, or
+/// `None` when there is none.
+fn delete_object(shared: &Arc<Shared>, resource: &str, ns: &str, name: &str) -> Option<Value> {
+    let (object, running, grace) = shared.commit(|s| {
+        let object = s.get(resource, ns, name)?.clone();
         let running: Vec<u32> = s
             .agents
             .iter()
@@ -1707,7 +1819,7 @@ fn delete(shared: &Arc<Shared>, target: &Target) -> Response<Body> {
             .map(|(_, pid)| *pid)
             .collect();
         if resource != "pods" || running.is_empty() {
-            return s.remove(resource, &ns, &name).map(|o| (o, Vec::new(), 0));
+            return s.remove(resource, ns, name).map(|o| (o, Vec::new(), 0));
         }
         if object["metadata"]["deletionTimestamp"].is_string() {
             return Some((object, Vec::new(), 0));
@@ -1720,12 +1832,7 @@ fn delete(shared: &Arc<Shared>, target: &Target) -> Response<Body> {
         object["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
         let stored = s.put(resource, object, "MODIFIED");
         Some((stored, running, grace))
-    });
-    let Some((object, running, grace)) = outcome else {
-        return not_found(target.kind, &name);
-    };
-    // The kubelet: SIGTERM to each container's process, SIGKILL after the
-    // grace period; the pod goes once they have all exited (run_container).
+    })?;
     for pid in &running {
         let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
     }
@@ -1739,7 +1846,7 @@ fn delete(shared: &Arc<Shared>, target: &Target) -> Response<Body> {
             }
         });
     }
-    ok(&object)
+    Some(object)
 }
 
 /// RFC 7386 JSON merge patch (what a strategic-merge patch is for fields
@@ -2318,6 +2425,9 @@ async fn run_container(shared: Arc<Shared>, ns: String, pod: String, spec: Value
             s.remove("pods", &ns, &pod);
         }
     });
+    if !ephemeral {
+        jobs::pod_exited(&shared, &ns, &pod);
+    }
 }
 
 // ----- port-forward -----------------------------------------------------------

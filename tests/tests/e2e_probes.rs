@@ -166,6 +166,18 @@ async fn app_state(pods: &Api<Pod>) -> (bool, i32) {
     (ready, restarts)
 }
 
+/// Sends SIGTERM to graft if the test fails while it runs, so no session
+/// outlives the test.
+struct EndOnPanic(Option<u32>);
+
+impl Drop for EndOnPanic {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+}
+
 /// The direct child of `parent` whose command line contains `needle`.
 fn child_running(parent: u32, needle: &str) -> Option<u32> {
     let entries = std::fs::read_dir("/proc").ok()?;
@@ -262,6 +274,7 @@ async fn run_in(client: Client, ns: String, e2e: E2e) {
             .stdin(Stdio::null())
             .spawn()
             .expect("graft starts");
+        let mut guard = EndOnPanic(Some(graft.id()));
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if get_in_cluster(&pods, &url).await == "local" {
@@ -315,6 +328,7 @@ async fn run_in(client: Client, ns: String, e2e: E2e) {
             .await
             .unwrap()
             .unwrap();
+        guard.0 = None;
         println!("{mode}: graft ended with {status}");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

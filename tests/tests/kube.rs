@@ -663,42 +663,71 @@ fn steal_session(bed: &Bed, kube: &FakeKube, flags: &[&str]) -> Proc {
     session
 }
 
-/// The agent pod graft created in node mode: (namespace, name).
-fn created_agent_pod(kube: &FakeKube) -> (String, String) {
+/// The agent Job graft created in node mode: (namespace, name).
+fn created_agent_job(kube: &FakeKube) -> (String, String) {
     let post = kube
         .requests()
         .into_iter()
-        .find(|r| r.method == "POST" && r.path.ends_with("/pods"))
-        .unwrap_or_else(|| panic!("graft created no pod\n{}", report(kube)));
+        .find(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        .unwrap_or_else(|| panic!("graft created no job\n{}", report(kube)));
     let namespace = post
         .path
-        .trim_start_matches("/api/v1/namespaces/")
-        .trim_end_matches("/pods")
+        .trim_start_matches("/apis/batch/v1/namespaces/")
+        .trim_end_matches("/jobs")
         .to_owned();
     let name = post.body["metadata"]["name"]
         .as_str()
-        .expect("the pod has a name")
+        .expect("the job has a name")
         .to_owned();
-    let args = post.body["spec"]["containers"][0]["args"].to_string();
+    let spec = &post.body["spec"];
+    assert_eq!(spec["backoffLimit"], 0, "{spec}");
+    assert_eq!(spec["ttlSecondsAfterFinished"], 0, "{spec}");
+    let args = spec["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(
         args.contains("--target-container-id") && args.contains(kube.target_container_id()),
-        "the agent pod does not name the target container: {args}"
+        "the agent job does not name the target container: {args}"
     );
     (namespace, name)
 }
 
-fn assert_agent_pod_deleted(kube: &FakeKube) {
-    let (namespace, name) = created_agent_pod(kube);
-    let path = format!("/api/v1/namespaces/{namespace}/pods/{name}");
+/// The pods in `namespace` that the Job `job` owns.
+fn pods_of_job(kube: &FakeKube, namespace: &str, job: &str) -> Vec<String> {
+    kube.pod_names(namespace)
+        .into_iter()
+        .filter(|name| {
+            kube.pod(namespace, name).is_some_and(|pod| {
+                pod["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|o| o["kind"] == "Job" && o["name"] == job))
+            })
+        })
+        .collect()
+}
+
+/// graft deleted its agent's Job, and the Job and its pod are gone.
+fn assert_agent_job_deleted(kube: &FakeKube) {
+    let (namespace, name) = created_agent_job(kube);
+    let path = format!("/apis/batch/v1/namespaces/{namespace}/jobs/{name}");
     assert!(
         kube.saw("DELETE", &path),
         "graft did not delete {path}\n{}",
         report(kube)
     );
-    let gone = wait_until(CLEANUP, Duration::from_millis(100), || {
-        kube.pod(&namespace, &name).is_none().then_some(())
+    assert_agent_job_gone(kube, &namespace, &name, CLEANUP);
+}
+
+/// The Job and its pods are gone within `within`.
+fn assert_agent_job_gone(kube: &FakeKube, namespace: &str, name: &str, within: Duration) {
+    let gone = wait_until(within, Duration::from_millis(100), || {
+        (kube.job(namespace, name).is_none() && pods_of_job(kube, namespace, name).is_empty())
+            .then_some(())
     });
-    assert!(gone.is_some(), "{path} is still there");
+    assert!(
+        gone.is_some(),
+        "job {namespace}/{name} or its pods are still there: {:?}\n{}",
+        pods_of_job(kube, namespace, name),
+        report(kube)
+    );
 }
 
 #[test]
@@ -757,7 +786,7 @@ fn graft_ephemeral_steal_takes_the_pods_traffic_until_stopped() {
 }
 
 #[test]
-fn graft_node_mode_runs_a_session_and_deletes_its_agent_pod() {
+fn graft_node_mode_runs_a_session_and_deletes_its_agent_job() {
     let bed = Bed::new();
     let kube = FakeKube::for_bed(&bed);
     assert_basics(&bed, &kube, &["--agent-mode", "node"]);
@@ -768,12 +797,12 @@ fn graft_node_mode_runs_a_session_and_deletes_its_agent_pod() {
             .any(|r| r.path.ends_with("/ephemeralcontainers") && r.is_mutating()),
         "node mode added an ephemeral container"
     );
-    assert_agent_pod_deleted(&kube);
+    assert_agent_job_deleted(&kube);
     assert_cleaned_up(&bed, &kube);
 }
 
 #[test]
-fn graft_node_mode_deletes_its_agent_pod_when_stopped_with_sigterm() {
+fn graft_node_mode_deletes_its_agent_job_when_stopped_with_sigterm() {
     let bed = Bed::new();
     let kube = FakeKube::for_bed(&bed);
     let mut session = steal_session(&bed, &kube, &["--agent-mode", "node"]);
@@ -783,7 +812,7 @@ fn graft_node_mode_deletes_its_agent_pod_when_stopped_with_sigterm() {
         "graft did not exit on SIGTERM\n{}",
         session.output_report()
     );
-    assert_agent_pod_deleted(&kube);
+    assert_agent_job_deleted(&kube);
     assert_cleaned_up(&bed, &kube);
     assert_eq!(
         curl(&bed.target_url(bed.app_port)).unwrap(),
@@ -968,23 +997,24 @@ fn targetless_reaches_the_namespaces_network_and_deletes_its_pod() {
     let post = kube
         .requests()
         .into_iter()
-        .find(|r| r.method == "POST" && r.path == "/api/v1/namespaces/shop/pods")
-        .unwrap_or_else(|| panic!("graft created no agent pod\n{}", report(&kube)));
+        .find(|r| r.method == "POST" && r.path == "/apis/batch/v1/namespaces/shop/jobs")
+        .unwrap_or_else(|| panic!("graft created no agent job\n{}", report(&kube)));
     let name = post.body["metadata"]["name"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
     assert!(name.starts_with("graft-agent-"), "{name}");
     assert!(
-        post.body["spec"]["hostPID"].is_null(),
+        post.body["spec"]["template"]["spec"]["hostPID"].is_null(),
         "a targetless pod needs no host PIDs"
     );
-    let path = format!("/api/v1/namespaces/shop/pods/{name}");
+    let path = format!("/apis/batch/v1/namespaces/shop/jobs/{name}");
     assert!(
         kube.saw("DELETE", &path),
         "graft did not delete {path}\n{}",
         report(&kube)
     );
+    assert_agent_job_gone(&kube, NAMESPACE, &name, CLEANUP);
     assert!(
         !kube
             .requests()
@@ -1034,22 +1064,23 @@ fn graft_ls_lists_the_sessions_of_a_pod_through_a_short_lived_agent_pod() {
     assert_eq!(rows.len(), 1, "{out}");
     assert!(rows[0].contains("steal"), "{out}");
     assert!(rows[0].contains('@'), "no user@host: {out}");
-    // The listing's own agent pod is gone again.
+    // The listing's own agent Job is gone again.
     let posts: Vec<String> = kube
         .requests()
         .into_iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/pods"))
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
         .filter_map(|r| r.body["metadata"]["name"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(posts.len(), 1, "{}", report(&kube));
     assert!(
         kube.saw(
             "DELETE",
-            &format!("/api/v1/namespaces/{NAMESPACE}/pods/{}", posts[0])
+            &format!("/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{}", posts[0])
         ),
-        "graft ls left its agent pod\n{}",
+        "graft ls left its agent job\n{}",
         report(&kube)
     );
+    assert_agent_job_gone(&kube, NAMESPACE, &posts[0], CLEANUP);
 
     session.signal(Signal::SIGTERM);
     assert!(
@@ -1188,7 +1219,7 @@ fn graft_all_pods_steals_on_every_ready_pod() {
 }
 
 #[test]
-fn graft_all_pods_in_node_mode_creates_and_deletes_one_agent_pod_per_pod() {
+fn graft_all_pods_in_node_mode_creates_and_deletes_one_agent_job_per_pod() {
     let bed = Bed::new();
     let bed2 = Bed::new();
     let kube = FakeKube::for_beds(&bed, &[&bed2]);
@@ -1200,16 +1231,16 @@ fn graft_all_pods_in_node_mode_creates_and_deletes_one_agent_pod_per_pod() {
             .any(|r| r.path.ends_with("/ephemeralcontainers") && r.is_mutating()),
         "node mode added an ephemeral container"
     );
-    // One agent pod per target pod, each naming its own pod's container.
+    // One agent Job per target pod, each naming its own pod's container.
     let posts: Vec<SeenRequest> = kube
         .requests()
         .into_iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/pods"))
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
         .collect();
     assert_eq!(posts.len(), 2, "{}", report(&kube));
     let mut named: Vec<String> = posts
         .iter()
-        .map(|post| post.body["spec"]["containers"][0]["args"].to_string())
+        .map(|post| post.body["spec"]["template"]["spec"]["containers"][0]["args"].to_string())
         .collect();
     named.sort();
     let ids = [
@@ -1231,15 +1262,12 @@ fn graft_all_pods_in_node_mode_creates_and_deletes_one_agent_pod_per_pod() {
     stop_all_pods_session(&bed, &bed2, &kube, session);
     for post in posts {
         let name = post.body["metadata"]["name"].as_str().unwrap().to_owned();
-        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}");
+        let path = format!("/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{name}");
         assert!(
             kube.saw("DELETE", &path),
             "graft did not delete {path}\n{}",
             report(&kube)
         );
-        let gone = wait_until(CLEANUP, Duration::from_millis(100), || {
-            kube.pod(NAMESPACE, &name).is_none().then_some(())
-        });
-        assert!(gone.is_some(), "{path} is still there");
+        assert_agent_job_gone(&kube, NAMESPACE, &name, CLEANUP);
     }
 }

@@ -494,13 +494,21 @@ fn a_graft_of_the_old_plaintext_protocol_is_told_to_use_one_release() {
         attach.extend_from_slice(&0u64.to_be_bytes());
         old.write_all(&attach).unwrap();
         old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut answer = Vec::new();
-        let _ = old.read_to_end(&mut answer);
-        answer
+        let mut answer = [0u8; 16];
+        old.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer[..8], b"GRAFTRL1", "{answer:?}");
+        // Its session sends Hello in a data record...
+        let hello = graft_protocol::codec::encode_frame(&hello()).unwrap();
+        let mut record = vec![0u8];
+        record.extend_from_slice(&(hello.len() as u32).to_be_bytes());
+        record.extend_from_slice(&hello);
+        old.write_all(&record).unwrap();
+        let mut rest = Vec::new();
+        let _ = old.read_to_end(&mut rest);
+        rest
     });
-    assert!(answer.starts_with(b"GRAFTRL1"), "{answer:?}");
-    // The old client's session reads one data record: a Hello rejection.
-    let record = &answer[16..];
+    // ... and reads one data record back: a Hello rejection.
+    let record = &answer[..];
     assert_eq!(record[0], 0, "a data record");
     let len = u32::from_be_bytes(record[1..5].try_into().unwrap()) as usize;
     let reply: AgentMessage =

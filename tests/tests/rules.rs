@@ -119,7 +119,7 @@ fn kill_group_of(agent: u32) {
 }
 
 #[test]
-fn kill_9_of_the_agents_process_group_removes_its_nftables_table_at_once() {
+fn kill_9_of_the_agents_process_group_and_watchdog_removes_its_nftables_table_at_once() {
     let bed = Bed::new();
     let agent_bin = [(RULES_ENV, "nftables".to_owned())];
     let url = bed.target_url(bed.app_port);
@@ -129,9 +129,18 @@ fn kill_9_of_the_agents_process_group_removes_its_nftables_table_at_once() {
         "no owner table while stealing:\n{}",
         bed.packet_rules()
     );
-    let (agent, _) = agent_and_watchdog(&bed, session.pid());
+    let (agent, watchdogs) = agent_and_watchdog(&bed, session.pid());
+    // The whole group and the watchdog (in a session of its own) at once: the
+    // kernel alone removes the rules.
     kill_group_of(agent);
-    assert_restored(&bed, Instant::now(), "nf_tables, kill -9 -PGID");
+    for pid in watchdogs {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    assert_restored(
+        &bed,
+        Instant::now(),
+        "nf_tables, kill -9 -PGID and the watchdog",
+    );
 }
 
 #[test]

@@ -256,14 +256,16 @@ fn run(args: Args) -> Result<u8, Failure> {
         root,
         rules_touched: rules_touched.clone(),
         hello_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        attached: None,
     };
     // Chains of agents that died with their watchdog (an OOM-killed container).
     runtime.spawn(rules::stale::sweep());
     let outcome = runtime.block_on(serve(&args, config, pidfd));
     // Tasks still running are dropped here; their sockets reset (ResetOnDrop).
     runtime.shutdown_timeout(Duration::from_millis(500));
-    // An nf_tables owner table went with its socket when the runtime dropped the
-    // hub; an iptables chain is removed here.
+    // Connections are reset (above); now the rules go: an nf_tables owner table
+    // with its socket, an iptables chain with its cleanup commands.
+    rules::nft::close_parked();
     if let Some(flavour) = rules::iptables::touched() {
         rules::iptables::cleanup_blocking(flavour, &chain);
         tracing::debug!(%chain, "packet rules removed");
@@ -460,12 +462,17 @@ async fn serve(
                 }
                 first = tokio::time::timeout(timeout, first) => first,
             };
-            let link = match first {
-                Ok(Ok(link)) => link,
+            let tcp_link::Linked { link, attached } = match first {
+                Ok(Ok(linked)) => linked,
                 Ok(Err(_)) | Err(_) => {
                     accepter.abort();
                     return Err(no_client());
                 }
+            };
+            // While the client is detached the target serves its own traffic.
+            let config = SessionConfig {
+                attached: Some(attached),
+                ..config
             };
             let end = session::run(link, config, stop).await;
             accepter.abort();

@@ -69,6 +69,12 @@ pub struct SessionConfig {
     pub rules_touched: Arc<AtomicBool>,
     /// How long the client has to send `Hello`.
     pub hello_timeout: Duration,
+    /// Whether the client is attached, for a link that survives its
+    /// transport ([`graft_protocol::relink::Reattach::attached`]): while it is
+    /// `false` the session's subscriptions are out of the hub, so the target
+    /// serves its own traffic; they come back when the client does. `None`
+    /// for a link that ends with its transport.
+    pub attached: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Why the agent must stop, from outside the link.
@@ -325,6 +331,7 @@ where
             control_full.set(true);
         }
     };
+    let mut attached = config.attached.clone();
 
     let end = loop {
         tokio::select! {
@@ -363,6 +370,9 @@ where
                 }
                 Some(Ok(message)) => dispatch(message, &table, &to_link, &steal_tx, &control),
             },
+            up = attachment_change(&mut attached) => {
+                let _ = steal_tx.send(if up { SubCommand::Resume } else { SubCommand::Suspend });
+            }
         }
         if control_full.get() {
             tracing::warn!(
@@ -417,6 +427,23 @@ struct Services {
 enum SubCommand {
     Subscribe(Subscription),
     Unsubscribe(u16),
+    /// The client is detached: take the subscriptions out of the hub.
+    Suspend,
+    /// The client is back: put them back.
+    Resume,
+}
+
+/// The next value of `attached` once it changes; never resolves without one
+/// (or once its sender is gone).
+async fn attachment_change(attached: &mut Option<tokio::sync::watch::Receiver<bool>>) -> bool {
+    let Some(rx) = attached else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        *attached = None;
+        return std::future::pending().await;
+    }
+    *rx.borrow_and_update()
 }
 
 /// Starts the task that applies subscription changes one at a time, in order, and
@@ -443,6 +470,25 @@ fn spawn_subscriber(
                     }
                 }
                 SubCommand::Unsubscribe(port) => access.unsubscribe(port).await,
+                SubCommand::Suspend => access.suspend().await,
+                SubCommand::Resume => {
+                    // The client learns of a port it lost meanwhile as a
+                    // refused subscription.
+                    for (port, reason) in access.resume().await {
+                        tracing::warn!(port, "could not subscribe again: {reason}");
+                        let error = Some(format!(
+                            "no longer stolen or mirrored: the link to the agent was down, and \
+                             taking the port back failed: {reason}"
+                        ));
+                        if to_link
+                            .send(AgentMessage::SubscribeResult { port, error })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
             }
         }
     });

@@ -49,9 +49,18 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// Where the listener's connections go.
 enum Phase {
     /// No link yet: the first authenticated attach is sent here.
-    Waiting(Option<oneshot::Sender<Relink>>),
+    Waiting(Option<oneshot::Sender<Linked>>),
     /// The link is open: transports with its token re-attach it.
     Linked(Reattach),
+}
+
+/// The link once its first client has attached.
+pub struct Linked {
+    /// The session's byte stream, surviving its transports.
+    pub link: Relink,
+    /// Whether the client is attached now
+    /// ([`graft_protocol::relink::Reattach::attached`]).
+    pub attached: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The state the accept loop's tasks share.
@@ -72,7 +81,7 @@ pub fn listen(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     secret: Secret,
-) -> (oneshot::Receiver<Relink>, JoinHandle<()>) {
+) -> (oneshot::Receiver<Linked>, JoinHandle<()>) {
     let (tx, rx) = oneshot::channel();
     let shared = Arc::new(Shared {
         acceptor,
@@ -201,8 +210,9 @@ async fn attach_link(
             let (link, reattach) = Relink::server(transport, attach, RelinkOptions::default())
                 .await
                 .map_err(|e| format!("answering the attach failed: {e}"))?;
+            let attached = reattach.attached();
             *phase = Phase::Linked(reattach);
-            tx.send(link)
+            tx.send(Linked { link, attached })
                 .map_err(|_| "the agent stopped waiting for its client".to_owned())?;
             Ok("the client opened the link (TLS 1.3, session secret proven)")
         }

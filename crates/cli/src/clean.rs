@@ -1,5 +1,6 @@
-//! `graft clean`: removes the node-mode agent pods that crashed sessions left
-//! (`graft_kube::clean` chooses them), and lists the pods that carry exited
+//! `graft clean`: removes the node-mode agent Jobs (and bare agent pods) that
+//! crashed sessions left where the cluster did not (`graft_kube::clean`
+//! chooses them), and lists the pods that carry exited
 //! ephemeral agents, which Kubernetes cannot remove.
 
 use clap::Args;
@@ -48,8 +49,8 @@ fn describe(pod: &AgentPod) -> String {
         .map(|s| format!("session {s}, "))
         .unwrap_or_default();
     format!(
-        "pod {}/{} ({session}{})",
-        pod.namespace, pod.name, pod.state
+        "{} {}/{} ({session}{})",
+        pod.kind, pod.namespace, pod.name, pod.state
     )
 }
 
@@ -113,6 +114,7 @@ mod tests {
 
     fn pod(name: &str, state: &str) -> AgentPod {
         AgentPod {
+            kind: "pod",
             namespace: "shop".into(),
             name: name.into(),
             session: Some("s1".into()),
@@ -124,7 +126,13 @@ mod tests {
     #[test]
     fn report_says_what_was_removed_and_what_was_left() {
         let report = CleanReport {
-            removed: vec![pod("graft-agent-a", "Succeeded")],
+            removed: vec![
+                pod("graft-agent-a", "Succeeded"),
+                AgentPod {
+                    kind: "job",
+                    ..pod("graft-agent-j", "Complete")
+                },
+            ],
             kept: vec![pod("graft-agent-b", "running")],
             failed: vec![(pod("graft-agent-c", "Failed"), "forbidden".into())],
             ephemeral: vec![EphemeralLeftover {
@@ -135,6 +143,7 @@ mod tests {
         };
         let text = render_report(&report, "namespace \"shop\"");
         assert!(text.contains("removed pod shop/graft-agent-a (session s1, Succeeded)"));
+        assert!(text.contains("removed job shop/graft-agent-j (session s1, Complete)"));
         assert!(text.contains("could not remove pod shop/graft-agent-c"));
         assert!(text.contains("left pod shop/graft-agent-b (session s1, running)"));
         assert!(text.contains("--force removes it"));

@@ -5,7 +5,9 @@
 //! and as plain `graft:` lines for what the user must know (the chosen pod, the
 //! agent's start time). Whatever graft created is removed by [`ClusterAgent::stop`],
 //! which the caller runs on every exit path; an ephemeral container cannot be
-//! removed (Kubernetes forbids it), its agent exits when the link closes.
+//! removed (Kubernetes forbids it), its agent exits when the link closes. A
+//! node-mode agent is a Job the cluster deletes when its agent exits, so a
+//! killed graft leaves nothing either.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,7 @@ use graft_kube::place::{AgentState, agent_state};
 use graft_kube::{
     AgentMode, AgentOptions, AgentPlacement, ClientOptions, Cluster, KubeError, KubeTarget,
     SecretDigest, SessionId, add_ephemeral_agent, create_node_agent, create_targetless_agent,
-    delete_node_agent, port_forward, wait_for_agent,
+    delete_agent_job, port_forward, wait_for_agent,
 };
 use graft_protocol::relink::{BoxTransport, Reconnect, Relink, RelinkOptions};
 use graft_protocol::tls::{self, Fingerprint};
@@ -28,7 +30,7 @@ use crate::session_dir::random_hex;
 /// The target that is no workload: outgoing traffic and DNS from a namespace.
 pub const TARGETLESS: &str = "targetless";
 
-/// How long deleting the node-mode agent pod may take at the end.
+/// How long deleting the node-mode agent's Job may take at the end.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The spinner of the start phases; silent when stderr is not a terminal.
@@ -234,9 +236,23 @@ pub async fn start(
                 "resolving {target} in namespace {}",
                 cluster.namespace
             ));
-            let resolution = graft_kube::resolve(&cluster.client, &cluster.namespace, target)
-                .await
-                .map_err(kube_failure)?;
+            // A workload whose pods run but are not Ready yet is waited for.
+            let ready_timeout = Duration::from_secs(settings.ready_timeout_secs);
+            let resolution = graft_kube::resolve_waiting(
+                &cluster.client,
+                &cluster.namespace,
+                target,
+                ready_timeout,
+                |not_ready| {
+                    progress.detail(format!(
+                        "waiting up to {} s for {target} to have a Ready pod (not ready: {})",
+                        ready_timeout.as_secs(),
+                        not_ready.join(", ")
+                    ))
+                },
+            )
+            .await
+            .map_err(kube_failure)?;
             let chosen = &resolution.target;
             let others = resolution.candidates.len().saturating_sub(1);
             progress.say(&format!(
@@ -448,26 +464,26 @@ impl ClusterAgent {
     }
 
     /// Removes what graft created (the port-forward goes with the session's
-    /// link): the node-mode or targetless agent pod (waiting at most [`DELETE_TIMEOUT`]). Failures are printed, not
-    /// returned: this runs on the way out.
+    /// link): the node-mode or targetless agent's Job, whose pod the garbage
+    /// collector deletes (waiting at most [`DELETE_TIMEOUT`]). Failures are
+    /// printed, not returned: this runs on the way out. Should this never
+    /// run (graft killed), the cluster deletes the Job when its agent exits.
     pub async fn stop(self) {
-        if self.placement.mode == AgentMode::Node {
-            let delete = delete_node_agent(
-                &self.cluster.client,
-                &self.placement.namespace,
-                &self.placement.agent_pod,
-            );
-            match tokio::time::timeout(DELETE_TIMEOUT, delete).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!(
-                    "graft: could not delete the agent pod {}/{}: {e}; `graft clean` removes it",
-                    self.placement.namespace, self.placement.agent_pod
-                ),
-                Err(_) => eprintln!(
-                    "graft: deleting the agent pod {}/{} timed out; `graft clean` removes it",
-                    self.placement.namespace, self.placement.agent_pod
-                ),
-            }
+        let Some(job) = &self.placement.job else {
+            return;
+        };
+        let namespace = &self.placement.namespace;
+        let delete = delete_agent_job(&self.cluster.client, namespace, job);
+        match tokio::time::timeout(DELETE_TIMEOUT, delete).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!(
+                "graft: could not delete the agent's job {namespace}/{job}: {e}; the cluster \
+                 deletes it when the agent exits, or run `graft clean`"
+            ),
+            Err(_) => eprintln!(
+                "graft: deleting the agent's job {namespace}/{job} timed out; the cluster \
+                 deletes it when the agent exits, or run `graft clean`"
+            ),
         }
     }
 }

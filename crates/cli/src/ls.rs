@@ -94,6 +94,7 @@ async fn list_in_cluster(text: &str, args: &LsArgs) -> Result<Vec<SessionListing
         agent_image: args.agent_image.clone(),
         pull_policy: args.agent_pull_policy.clone(),
         start_timeout_secs: graft_config::DEFAULT_START_TIMEOUT_SECS,
+        ready_timeout_secs: graft_config::DEFAULT_READY_TIMEOUT_SECS,
         all_pods: false,
     };
     let secret = random_hex(32)?;

@@ -291,6 +291,9 @@ pub struct KubeFile {
     pub context: Option<String>,
     /// The kubeconfig file (`--kubeconfig`).
     pub kubeconfig: Option<PathBuf>,
+    /// Seconds to wait for a workload whose pods run but none is Ready yet
+    /// (default 60).
+    pub ready_timeout: Option<u64>,
 }
 
 /// How the agent is placed beside a Kubernetes target.
@@ -351,6 +354,8 @@ pub struct KubeSettings {
     pub pull_policy: Option<String>,
     /// How long the agent may take to start, in seconds.
     pub start_timeout_secs: u64,
+    /// How long to wait for a workload's pod to become Ready, in seconds.
+    pub ready_timeout_secs: u64,
     /// `--all-pods`: an agent on every ready pod of the workload, stealing (or
     /// mirroring) on all of them.
     pub all_pods: bool,
@@ -593,6 +598,10 @@ impl Config {
 /// enough for an image pull on a slow node.
 pub const DEFAULT_START_TIMEOUT_SECS: u64 = 120;
 
+/// How long graft waits, by default, for a workload whose pods run but none
+/// is Ready yet (`[kube] ready_timeout`).
+pub const DEFAULT_READY_TIMEOUT_SECS: u64 = 60;
+
 /// The pull policies Kubernetes knows (`Container.imagePullPolicy`,
 /// <https://kubernetes.io/docs/concepts/containers/images/#image-pull-policy>).
 const PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
@@ -636,6 +645,10 @@ fn resolve_kube(flags: &RunOverrides, file: &ConfigFile) -> Result<KubeSettings,
             .agent
             .start_timeout
             .unwrap_or(DEFAULT_START_TIMEOUT_SECS),
+        ready_timeout_secs: file
+            .kube
+            .ready_timeout
+            .unwrap_or(DEFAULT_READY_TIMEOUT_SECS),
         all_pods: flags.all_pods,
     })
 }
@@ -704,6 +717,7 @@ mod tests {
         assert_eq!(cfg.kube.agent_mode, AgentMode::Node);
         assert_eq!(cfg.kube.pull_policy.as_deref(), Some("IfNotPresent"));
         assert_eq!(cfg.kube.start_timeout_secs, DEFAULT_START_TIMEOUT_SECS);
+        assert_eq!(cfg.kube.ready_timeout_secs, DEFAULT_READY_TIMEOUT_SECS);
 
         let flags = RunOverrides {
             namespace: Some("other".into()),

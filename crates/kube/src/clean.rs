@@ -1,31 +1,39 @@
 //! `graft clean`: removes what crashed sessions left behind.
 //!
-//! A session that ends normally deletes its node-mode agent pod; one that
-//! crashed (or was killed) leaves it. Such a pod stops by itself — the agent
-//! exits when nobody connects, and `activeDeadlineSeconds` bounds it — but it
-//! stays in the namespace, terminated, until deleted. [`plan_clean`] chooses,
-//! among the pods [`agent_pods`](crate::agent_pods) finds, those whose agent
-//! has terminated (pod phase `Succeeded`/`Failed`, or its agent container
-//! terminated); with `force`, running ones too (they may belong to live
-//! sessions).
+//! A session that ends normally deletes its node-mode agent's Job; one that
+//! crashed (or was killed) leaves it, and its agent exits by itself once
+//! nobody re-attaches. The cluster then deletes the Job and its pod
+//! (`ttlSecondsAfterFinished: 0`, see [`crate::manifest`]), so there is
+//! usually nothing left; where the TTL controller is off, or for the bare
+//! agent pods of graft versions before agent Jobs, [`plan_clean`] chooses,
+//! among the Jobs [`agent_jobs`](crate::job::agent_jobs) and the pods
+//! [`agent_pods`](crate::agent_pods) find, those whose agent has terminated
+//! (a Job `Complete`/`Failed`, pod phase `Succeeded`/`Failed`, or its agent
+//! container terminated); with `force`, running ones too (they may belong
+//! to live sessions). A pod a Job owns goes with its Job.
 //!
 //! Ephemeral containers cannot be removed: Kubernetes keeps them in the pod
 //! until the pod is deleted. [`exited_ephemeral_agents`] lists the pods that
 //! carry exited graft agents, so `graft clean` can say so; they cost nothing
 //! but a line in the pod's status.
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Client;
 use kube::api::{Api, ListParams};
 
 use crate::KubeError;
+use crate::job::{agent_jobs, delete_agent_job, job_finished};
 use crate::manifest::{SESSION_LABEL, graft_ephemeral_containers};
 use crate::place::{agent_pods, delete_node_agent};
 use crate::rbac;
 
-/// A node-mode agent pod and what state it is in.
+/// A node-mode agent (its Job, or a pod no Job owns) and what state it is
+/// in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentPod {
+    /// `job` or `pod`: what is deleted.
+    pub kind: &'static str,
     /// Its namespace.
     pub namespace: String,
     /// Its name.
@@ -109,6 +117,7 @@ pub fn agent_pod(pod: &Pod) -> AgentPod {
         (false, phase.to_lowercase())
     };
     AgentPod {
+        kind: "pod",
         namespace: meta.namespace.clone().unwrap_or_default(),
         name: meta.name.clone().unwrap_or_default(),
         session: meta
@@ -121,13 +130,63 @@ pub fn agent_pod(pod: &Pod) -> AgentPod {
     }
 }
 
-/// Chooses which agent pods to delete: those whose agent terminated, and
-/// with `force` every one; never one already being deleted.
-pub fn plan_clean(pods: &[Pod], force: bool) -> CleanPlan {
+/// Reads one agent Job's state: finished by its conditions, or by the state
+/// of its pod among `pods`.
+pub fn agent_job(job: &Job, pods: &[Pod]) -> AgentPod {
+    let meta = &job.metadata;
+    let owned: Vec<AgentPod> = pods
+        .iter()
+        .filter(|p| owner_job(p).is_some_and(|uid| Some(uid) == meta.uid.as_deref()))
+        .map(agent_pod)
+        .collect();
+    let (terminated, state) = match job_finished(job) {
+        Some(state) => (true, state),
+        None => match owned.first() {
+            Some(pod) => (pod.terminated, pod.state.clone()),
+            None => (false, "no pod yet".to_owned()),
+        },
+    };
+    AgentPod {
+        kind: "job",
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        session: meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SESSION_LABEL))
+            .cloned(),
+        state,
+        terminated,
+    }
+}
+
+/// The UID of the Job that owns `pod`, if one does.
+fn owner_job(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.kind == "Job")
+        .map(|o| o.uid.as_str())
+}
+
+/// Chooses which agent Jobs and pods to delete: those whose agent
+/// terminated, and with `force` every one; never one already being deleted,
+/// nor a pod that a Job owns (it goes with the Job).
+pub fn plan_clean(jobs: &[Job], pods: &[Pod], force: bool) -> CleanPlan {
     let mut plan = CleanPlan::default();
-    for pod in pods {
-        let mut entry = agent_pod(pod);
-        if pod.metadata.deletion_timestamp.is_some() {
+    let jobs = jobs.iter().map(|job| {
+        (
+            agent_job(job, pods),
+            job.metadata.deletion_timestamp.is_some(),
+        )
+    });
+    let pods = pods
+        .iter()
+        .filter(|pod| owner_job(pod).is_none())
+        .map(|pod| (agent_pod(pod), pod.metadata.deletion_timestamp.is_some()));
+    for (mut entry, deleting) in jobs.chain(pods) {
+        if deleting {
             entry.state = format!("{}, already being deleted", entry.state);
             plan.keep.push(entry);
         } else if entry.terminated || force {
@@ -167,27 +226,32 @@ pub fn exited_ephemeral_agents(pods: &[Pod]) -> Vec<EphemeralLeftover> {
         .collect()
 }
 
-/// Deletes the agent pods [`plan_clean`] chooses in `namespace` (every
-/// namespace with `None`) and lists the pods with exited ephemeral agents.
-/// A failed deletion is recorded in [`CleanReport::failed`] and the others
-/// go on.
+/// Deletes the agent Jobs and pods [`plan_clean`] chooses in `namespace`
+/// (every namespace with `None`) and lists the pods with exited ephemeral
+/// agents. A failed deletion is recorded in [`CleanReport::failed`] and the
+/// others go on.
 ///
 /// # Errors
 ///
-/// [`KubeError::Forbidden`] without `list pods`, or another API failure
-/// listing pods.
+/// [`KubeError::Forbidden`] without `list jobs` or `list pods`, or another
+/// API failure listing them.
 pub async fn clean(
     client: &Client,
     namespace: Option<&str>,
     force: bool,
 ) -> Result<CleanReport, KubeError> {
-    let plan = plan_clean(&agent_pods(client, namespace).await?, force);
+    let jobs = agent_jobs(client, namespace).await?;
+    let plan = plan_clean(&jobs, &agent_pods(client, namespace).await?, force);
     let mut report = CleanReport {
         kept: plan.keep,
         ..CleanReport::default()
     };
     for pod in plan.delete {
-        match delete_node_agent(client, &pod.namespace, &pod.name).await {
+        let deleted = match pod.kind {
+            "job" => delete_agent_job(client, &pod.namespace, &pod.name).await,
+            _ => delete_node_agent(client, &pod.namespace, &pod.name).await,
+        };
+        match deleted {
             Ok(()) => report.removed.push(pod),
             Err(e) => {
                 let message = e.to_string();
@@ -263,7 +327,7 @@ mod tests {
                 json!({"waiting": {"reason": "ContainerCreating"}}),
             ),
         ];
-        let plan = plan_clean(&pods, false);
+        let plan = plan_clean(&[], &pods, false);
         assert_eq!(
             names(&plan.delete),
             ["graft-agent-a", "graft-agent-b", "graft-agent-c"]
@@ -273,9 +337,100 @@ mod tests {
         assert_eq!(plan.delete[0].session.as_deref(), Some("a"));
         assert_eq!(plan.keep[0].state, "running");
 
-        let forced = plan_clean(&pods, true);
+        let forced = plan_clean(&[], &pods, true);
         assert_eq!(forced.delete.len(), 5);
         assert!(forced.keep.is_empty());
+    }
+
+    fn job(name: &str, uid: &str, conditions: Value) -> Job {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "uid": uid,
+                         "labels": {"app.kubernetes.io/managed-by": "graft",
+                                    "graft.dev/session": name.trim_start_matches("graft-agent-")}},
+            "status": {"conditions": conditions},
+        }))
+        .expect("valid test Job")
+    }
+
+    fn owned_by(mut pod: Pod, uid: &str) -> Pod {
+        pod.metadata.owner_references = Some(vec![
+            serde_json::from_value(json!({
+                "apiVersion": "batch/v1", "kind": "Job", "name": "j", "uid": uid,
+                "controller": true,
+            }))
+            .expect("valid owner reference"),
+        ]);
+        pod
+    }
+
+    #[test]
+    fn jobs_are_cleaned_by_their_state_and_their_pods_go_with_them() {
+        let jobs = [
+            job(
+                "graft-agent-done",
+                "u1",
+                json!([{"type": "Complete", "status": "True"}]),
+            ),
+            // TTL controller off: finished by its pod's exit, no condition yet.
+            job("graft-agent-exited", "u2", json!([])),
+            job("graft-agent-live", "u3", json!([])),
+            job("graft-agent-stuck", "u4", json!([])),
+        ];
+        let pods = [
+            owned_by(
+                agent(
+                    "graft-agent-done-x1",
+                    "Succeeded",
+                    json!({"terminated": {"exitCode": 0}}),
+                ),
+                "u1",
+            ),
+            owned_by(
+                agent(
+                    "graft-agent-exited-x2",
+                    "Failed",
+                    json!({"terminated": {"exitCode": 5}}),
+                ),
+                "u2",
+            ),
+            owned_by(
+                agent("graft-agent-live-x3", "Running", json!({"running": {}})),
+                "u3",
+            ),
+            // A bare pod of an older graft.
+            agent(
+                "graft-agent-old",
+                "Succeeded",
+                json!({"terminated": {"exitCode": 0}}),
+            ),
+        ];
+        let plan = plan_clean(&jobs, &pods, false);
+        let deleted: Vec<(&str, &str)> = plan
+            .delete
+            .iter()
+            .map(|p| (p.kind, p.name.as_str()))
+            .collect();
+        assert_eq!(
+            deleted,
+            [
+                ("job", "graft-agent-done"),
+                ("job", "graft-agent-exited"),
+                ("pod", "graft-agent-old")
+            ]
+        );
+        assert_eq!(plan.delete[0].state, "Complete");
+        assert_eq!(plan.delete[1].state, "Failed");
+        let kept: Vec<(&str, &str)> = plan
+            .keep
+            .iter()
+            .map(|p| (p.kind, p.name.as_str()))
+            .collect();
+        assert_eq!(
+            kept,
+            [("job", "graft-agent-live"), ("job", "graft-agent-stuck")]
+        );
+        assert_eq!(plan.keep[1].state, "no pod yet");
+        assert_eq!(plan_clean(&jobs, &pods, true).delete.len(), 5);
     }
 
     #[test]
@@ -287,7 +442,7 @@ mod tests {
         );
         p.metadata.deletion_timestamp =
             Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).expect("valid time"));
-        let plan = plan_clean(&[p], true);
+        let plan = plan_clean(&[], &[p], true);
         assert!(plan.delete.is_empty());
         assert!(plan.keep[0].state.contains("already being deleted"));
     }

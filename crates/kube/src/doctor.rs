@@ -6,9 +6,11 @@
 //! (`SelfSubjectAccessReview`s, `authorization.k8s.io/v1`); the namespace's
 //! Pod Security admission labels allow the agent; and, given a target, that
 //! it resolves and that the API server would admit the agent beside it (a
-//! server-side dry run of the node-mode pod or of the ephemeral-container
-//! patch, which runs admission — Pod Security, policy webhooks — without
-//! persisting anything).
+//! server-side dry run of the node-mode agent's Job or of the
+//! ephemeral-container patch, which runs admission — Pod Security for the
+//! patch, policy webhooks — without persisting anything; Pod Security judges
+//! a Job's pod only when the Job controller creates it, which the namespace
+//! labels check covers).
 //!
 //! The verdicts are pure functions ([`version_ok`], [`parse_version`],
 //! [`pod_security_verdict`], [`permission_verdict`]) so they are tested
@@ -25,11 +27,12 @@ use std::fmt;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
-use crate::manifest::{AgentOptions, SecretDigest, SessionId, node_agent_pod};
+use crate::manifest::{AgentOptions, SecretDigest, SessionId, node_agent_job};
 use crate::place::{AgentMode, FIELD_MANAGER, ephemeral_agent_patch, is_missing_subresource};
 use crate::rbac::{self, Permission};
 use crate::resolve::{ClientOptions, Cluster, connect, resolve};
@@ -281,13 +284,14 @@ pub fn pod_security_verdict(labels: &BTreeMap<String, String>, mode: AgentMode) 
     }
 }
 
-/// Whether `permission` is needed with `mode`: the node-mode pod's create
-/// and delete are not needed in ephemeral mode (except by `graft clean`),
-/// the ephemeral-container patch is not needed in node mode.
+/// Whether `permission` is needed with `mode`: the node-mode agent Job's
+/// create and delete, and the deletion of left-over pods, are not needed in
+/// ephemeral mode (except by `graft ls` and `graft clean`); the
+/// ephemeral-container patch is not needed in node mode.
 fn needed_in(permission: &Permission, mode: AgentMode) -> bool {
     match mode {
         AgentMode::Ephemeral => {
-            *permission != rbac::CREATE_PODS && *permission != rbac::DELETE_PODS
+            ![rbac::CREATE_JOBS, rbac::DELETE_JOBS, rbac::DELETE_PODS].contains(permission)
         }
         AgentMode::Node => *permission != rbac::PATCH_EPHEMERAL_CONTAINERS,
     }
@@ -545,16 +549,18 @@ async fn dry_run_verdict(
     let namespace = &target.namespace;
     let result = match options.mode {
         AgentMode::Node => {
-            let pod = node_agent_pod(target, &agent, namespace);
-            let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+            // Pod Security judges the Job's pod only when the Job controller
+            // creates it; the namespace's labels are checked above.
+            let job = node_agent_job(target, &agent, namespace);
+            let api: Api<Job> = Api::namespaced(client.clone(), namespace);
             let params = PostParams {
                 dry_run: true,
                 field_manager: Some(FIELD_MANAGER.into()),
             };
-            api.create(&params, &pod)
+            api.create(&params, &job)
                 .await
                 .map(drop)
-                .map_err(|e| KubeError::from_api(e, rbac::CREATE_PODS, namespace, "pod", "agent"))
+                .map_err(|e| KubeError::from_api(e, rbac::CREATE_JOBS, namespace, "job", "agent"))
         }
         AgentMode::Ephemeral => {
             if target.shares_process_namespace {
@@ -705,10 +711,10 @@ mod tests {
         assert!(v.detail.contains(rbac::GET_PODS.why), "{v:?}");
         assert!(v.fix.as_deref().unwrap().contains("deploy/rbac.yaml"));
         let other_mode =
-            permission_verdict(&rbac::CREATE_PODS, false, "shop", AgentMode::Ephemeral);
+            permission_verdict(&rbac::CREATE_JOBS, false, "shop", AgentMode::Ephemeral);
         assert_eq!(other_mode.outcome, Outcome::Warn);
         assert_eq!(
-            permission_verdict(&rbac::CREATE_PODS, false, "shop", AgentMode::Node).outcome,
+            permission_verdict(&rbac::CREATE_JOBS, false, "shop", AgentMode::Node).outcome,
             Outcome::Fail
         );
         assert_eq!(

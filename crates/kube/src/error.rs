@@ -116,12 +116,15 @@ pub enum KubeError {
         message: String,
     },
 
-    /// A workload's selector matches no pod that is ready.
+    /// A workload's selector matches no pod that is ready (after waiting
+    /// for one, when `waited_secs` says so).
     #[error(
-        "{target} in namespace {namespace:?} has no ready pod{}; wait until \
-         `kubectl get pods -n {namespace} -l {selector}` shows one ready, or target a pod \
+        "{target} in namespace {namespace:?} has no ready pod{}{}; wait until \
+         `kubectl get pods -n {namespace} -l {selector}` shows one ready{}, or target a pod \
          with pod/NAME",
-        not_ready_list(not_ready)
+        waited(*waited_secs),
+        not_ready_list(not_ready),
+        if waited_secs.is_some() { " (or wait longer: `ready_timeout` under [kube] in graft.toml)" } else { "" }
     )]
     NoReadyPod {
         /// The target, as written canonically.
@@ -132,6 +135,11 @@ pub enum KubeError {
         selector: String,
         /// Pods that matched but are not ready, with why (`api-1 (Pending)`).
         not_ready: Vec<String>,
+        /// Whether one of them may still become Ready (it runs or starts,
+        /// nothing fatal in its way), so waiting is worth it.
+        becoming_ready: bool,
+        /// How long graft waited for one to become Ready, if it did.
+        waited_secs: Option<u64>,
     },
 
     /// A workload without a usable selector (empty, or an unsupported operator).
@@ -332,7 +340,7 @@ impl KubeError {
 
 /// Pod Security admission and policy engines (Kyverno, Gatekeeper) answer
 /// `403 Forbidden` like RBAC does; their messages tell them apart.
-fn is_admission_message(message: &str) -> bool {
+pub(crate) fn is_admission_message(message: &str) -> bool {
     message.contains("violates PodSecurity")
         || message.contains("admission webhook")
         || message.contains("denied the request")
@@ -349,6 +357,11 @@ fn existing_hint(kind: &str, existing: &Option<Vec<String>>) -> String {
         ),
         None => "check the name and the namespace (-n/--namespace)".to_owned(),
     }
+}
+
+fn waited(secs: Option<u64>) -> String {
+    secs.map(|s| format!(" after waiting {s} s"))
+        .unwrap_or_default()
 }
 
 fn not_ready_list(not_ready: &[String]) -> String {
@@ -453,7 +466,7 @@ mod tests {
                 "pods \"x\" is forbidden: violates PodSecurity \"baseline:latest\": non-default \
                  capabilities",
             ),
-            rbac::CREATE_PODS,
+            rbac::PATCH_EPHEMERAL_CONTAINERS,
             "shop",
             "pod",
             "x",

@@ -13,6 +13,7 @@
 //!    flags ([`ClientOptions`]) gives a [`Cluster`];
 //! 2. [`resolve`] → a [`Resolution`]: the chosen pod, container, container ID
 //!    and node, and every candidate pod (the CLI says which it took);
+//!    [`resolve_waiting`] waits, bounded, for a pod that is not Ready yet;
 //! 3. [`AgentOptions`] with the session ID and [`SecretDigest::of`] the
 //!    session secret (the secret itself never enters a spec: see
 //!    [`manifest`]); then [`add_ephemeral_agent`] (default) or
@@ -20,8 +21,9 @@
 //! 4. [`wait_for_agent`] → the agent's loopback port, or an error with the
 //!    pod's events;
 //! 5. [`port_forward`] → the byte stream for the session's link;
-//! 6. at the end, [`delete_node_agent`] in node mode (ephemeral containers
-//!    cannot be removed; the agent exits by itself).
+//! 6. at the end, [`delete_agent_job`] in node mode (ephemeral containers
+//!    cannot be removed; the agent exits by itself, and the cluster deletes
+//!    a node-mode agent's Job when its agent exits).
 //!
 //! The agent image's `graft-agent` must accept what [`manifest`] sends:
 //! `GRAFT_AGENT_SECRET_SHA256` instead of `GRAFT_AGENT_SECRET`, and in node
@@ -38,6 +40,7 @@ pub mod clean;
 pub mod doctor;
 mod error;
 pub mod events;
+pub mod job;
 pub mod manifest;
 pub mod place;
 pub mod rbac;
@@ -48,11 +51,12 @@ mod target;
 pub use clean::{CleanReport, clean};
 pub use doctor::{Check, DoctorOptions, Outcome, Verdict, run_checks, run_checks_on};
 pub use error::KubeError;
+pub use job::delete_agent_job;
 pub use manifest::{AgentOptions, SecretDigest, SessionId};
 pub use place::{
     AgentMode, AgentPlacement, AgentReady, PortForward, add_ephemeral_agent, agent_pods,
     create_node_agent, create_targetless_agent, delete_node_agent, port_forward, wait_for_agent,
 };
-pub use resolve::{ClientOptions, Cluster, Resolution, connect, resolve};
+pub use resolve::{ClientOptions, Cluster, Resolution, connect, resolve, resolve_waiting};
 pub use select::{ContainerChoice, ContainerReason, ResolvedTarget};
 pub use target::{KubeTarget, ParseTargetError, WorkloadKind};

@@ -64,9 +64,22 @@
 //! its raw socket; and without `DAC_OVERRIDE` the agent (root) cannot read a
 //! target's files that are mode `0600` and owned by another user.
 //!
+//! # The cluster removes the agent pods
+//!
+//! The node-mode and targetless agents run as a [`Job`] of one pod
+//! ([`agent_job`]): `backoffLimit: 0` (an agent that fails is not started
+//! again), `ttlSecondsAfterFinished: 0` (the TTL-after-finished controller,
+//! GA since Kubernetes 1.23, deletes the Job, and the garbage collector its
+//! pod, as soon as the agent exits) and the Job's own
+//! `activeDeadlineSeconds` (it also ends a Job whose pod could never be
+//! created). So when graft is killed without deleting its agent, the agent
+//! exits once nobody re-attaches (see the agent's relink), and the cluster
+//! itself removes what graft created; `graft clean` is only needed where
+//! the TTL controller is off.
+//!
 //! # Labels, clean-up and service meshes
 //!
-//! The node-mode pod carries [`labels`] (`app.kubernetes.io/managed-by:
+//! The node-mode Job and its pod carry [`labels`] (`app.kubernetes.io/managed-by:
 //! graft`, `graft.dev/session`) so `graft clean` can find and delete pods of
 //! sessions that crashed, and it opts out of Istio and Linkerd sidecar
 //! injection. An ephemeral container has no metadata of its own: it is known
@@ -79,8 +92,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EphemeralContainer, Pod, PodSpec, SecurityContext, Toleration,
+    Capabilities, Container, EnvVar, EphemeralContainer, Pod, PodSpec, PodTemplateSpec,
+    SecurityContext, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
@@ -392,6 +407,45 @@ pub fn targetless_agent_pod(options: &AgentOptions, namespace: &str) -> Pod {
     agent_pod(options, namespace, annotations, args)
 }
 
+/// The Job that runs `pod` (from [`node_agent_pod`] or
+/// [`targetless_agent_pod`]) once, and that the cluster deletes, pod and
+/// all, as soon as it finishes (see the module docs): same name, namespace,
+/// labels and annotations as the pod; the pod's spec as its template.
+pub fn agent_job(pod: Pod, options: &AgentOptions) -> Job {
+    let Pod { metadata, spec, .. } = pod;
+    let template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: metadata.labels.clone(),
+            annotations: metadata.annotations.clone(),
+            ..ObjectMeta::default()
+        }),
+        spec,
+    };
+    Job {
+        metadata,
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            ttl_seconds_after_finished: Some(0),
+            active_deadline_seconds: Some(options.active_deadline_secs),
+            completions: Some(1),
+            parallelism: Some(1),
+            template,
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The node-mode agent's Job: [`agent_job`] of [`node_agent_pod`].
+pub fn node_agent_job(target: &ResolvedTarget, options: &AgentOptions, namespace: &str) -> Job {
+    agent_job(node_agent_pod(target, options, namespace), options)
+}
+
+/// The targetless agent's Job: [`agent_job`] of [`targetless_agent_pod`].
+pub fn targetless_agent_job(options: &AgentOptions, namespace: &str) -> Job {
+    agent_job(targetless_agent_pod(options, namespace), options)
+}
+
 /// A pod of graft's own that runs the agent with `args`: labelled, bounded by
 /// `activeDeadlineSeconds`, never restarted, without service account token or
 /// service links.
@@ -489,6 +543,37 @@ mod tests {
     #[test]
     fn node_pod_snapshot() {
         insta::assert_yaml_snapshot!(node_agent_pod(&target(), &options(), "shop"));
+    }
+
+    #[test]
+    fn node_job_snapshot() {
+        insta::assert_yaml_snapshot!(node_agent_job(&target(), &options(), "shop"));
+    }
+
+    #[test]
+    fn agent_jobs_run_once_and_are_removed_by_the_cluster_when_they_end() {
+        for job in [
+            node_agent_job(&target(), &options(), "shop"),
+            targetless_agent_job(&options(), "shop"),
+        ] {
+            let spec = job.spec.as_ref().unwrap();
+            assert_eq!(spec.backoff_limit, Some(0), "never started again");
+            assert_eq!(spec.ttl_seconds_after_finished, Some(0), "deleted at once");
+            assert_eq!(spec.active_deadline_seconds, Some(12 * 60 * 60));
+            let pod = spec.template.spec.as_ref().unwrap();
+            assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+            let labels = spec.template.metadata.as_ref().unwrap().labels.as_ref();
+            assert_eq!(
+                labels,
+                job.metadata.labels.as_ref(),
+                "the pod is found like the Job"
+            );
+            assert_eq!(
+                job.metadata.name.as_deref(),
+                Some("graft-agent-0123456789abcdef")
+            );
+            assert!(spec.template.metadata.as_ref().unwrap().name.is_none());
+        }
     }
 
     fn assert_exact_capabilities(sc: &SecurityContext) {

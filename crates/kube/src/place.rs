@@ -1,5 +1,5 @@
-//! Placing the agent and reaching it: add the ephemeral container (or create
-//! the node-mode pod), wait until the agent says `ready`, open a port-forward
+//! Placing the agent and reaching it: add the ephemeral container (or start
+//! the node-mode agent's Job, [`crate::job`]), wait until the agent says `ready`, open a port-forward
 //! to it, and delete what graft created.
 //!
 //! Data flow: a [`ResolvedTarget`] and [`AgentOptions`] go in; an
@@ -16,15 +16,16 @@
 use std::time::{Duration, Instant};
 
 use futures::{AsyncBufReadExt, TryStreamExt};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::KubeError;
 use crate::events::pod_events;
-use crate::manifest::{AGENT_POD_SELECTOR, AgentOptions, ephemeral_agent, node_agent_pod};
+use crate::manifest::{AGENT_POD_SELECTOR, AgentOptions, ephemeral_agent, node_agent_job};
 use crate::rbac::{self, Permission};
 use crate::select::{ResolvedTarget, describe_container_state};
 
@@ -57,6 +58,10 @@ pub struct AgentPlacement {
     /// The pod to port-forward to: always the target pod, because the agent
     /// listens on the loopback of the target's network namespace.
     pub port_forward_pod: String,
+    /// The Job that runs [`AgentPlacement::agent_pod`] (node mode and
+    /// targetless), in [`AgentPlacement::namespace`]: what to delete at the
+    /// end ([`crate::job::delete_agent_job`]).
+    pub job: Option<String>,
 }
 
 /// Where the agent's start stands, as read from its pod. Transitions:
@@ -254,6 +259,7 @@ pub async fn add_ephemeral_agent(
         agent_container: options.session.agent_name(),
         target_namespace: target.namespace.clone(),
         port_forward_pod: target.pod.clone(),
+        job: None,
     })
 }
 
@@ -264,60 +270,57 @@ pub(crate) fn is_missing_subresource(e: &kube::Error) -> bool {
         && s.details.as_ref().is_none_or(|d| d.name.is_empty()))
 }
 
-/// Creates the node-mode agent pod in `namespace` (which must admit
-/// privileged pods), on the target's node.
+/// Starts the node-mode agent in `namespace` (which must admit privileged
+/// pods), on the target's node: a Job of one pod that the cluster deletes
+/// when the agent exits ([`crate::manifest::node_agent_job`]). Returns once
+/// the Job's pod exists.
 ///
 /// # Errors
 ///
-/// [`KubeError::Forbidden`] without `create pods`;
-/// [`KubeError::AdmissionRejected`] when Pod Security refuses `hostPID` or
-/// the capabilities; another API failure (e.g. a pod of that name exists).
+/// As [`crate::job::start_agent_job`]: [`KubeError::Forbidden`] without
+/// `create jobs`; [`KubeError::AdmissionRejected`] when Pod Security refuses
+/// `hostPID` or the capabilities; another API failure (e.g. a Job of that
+/// name exists).
 pub async fn create_node_agent(
     client: &Client,
     target: &ResolvedTarget,
     options: &AgentOptions,
     namespace: &str,
 ) -> Result<AgentPlacement, KubeError> {
-    let pod = node_agent_pod(target, options, namespace);
-    create_agent_pod(client, &pod, options, namespace, Some(target)).await
+    let job = node_agent_job(target, options, namespace);
+    create_agent_job(client, &job, options, namespace, Some(target)).await
 }
 
-/// Creates `pod` (an agent pod of graft's own) in `namespace`. Its agent
-/// listens in the network of `serving`'s pod, the one to port-forward to, or,
-/// when `None`, in its own pod's.
-async fn create_agent_pod(
+/// Creates `job` (an agent Job of graft's own) in `namespace` and finds its
+/// pod. Its agent listens in the network of `serving`'s pod, the one to
+/// port-forward to, or, when `None`, in its own pod's.
+async fn create_agent_job(
     client: &Client,
-    pod: &Pod,
+    job: &Job,
     options: &AgentOptions,
     namespace: &str,
     serving: Option<&ResolvedTarget>,
 ) -> Result<AgentPlacement, KubeError> {
     let name = options.session.agent_name();
-    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PostParams::default()
-    };
-    api.create(&params, pod)
-        .await
-        .map_err(|e| KubeError::from_api(e, rbac::CREATE_PODS, namespace, "pod", &name))?;
+    let pod = crate::job::start_agent_job(client, job, namespace).await?;
     let (target_namespace, port_forward_pod) = match serving {
         Some(target) => (target.namespace.clone(), target.pod.clone()),
-        None => (namespace.to_owned(), name.clone()),
+        None => (namespace.to_owned(), pod.clone()),
     };
     Ok(AgentPlacement {
         mode: AgentMode::Node,
         namespace: namespace.to_owned(),
-        agent_pod: name,
+        agent_pod: pod,
         agent_container: "agent".into(),
         target_namespace,
         port_forward_pod,
+        job: Some(name),
     })
 }
 
-/// Creates the agent pod of a `targetless` session in `namespace`
-/// ([`crate::manifest::targetless_agent_pod`]); it is deleted like a node-mode
-/// agent pod, with [`delete_node_agent`].
+/// Starts the agent of a `targetless` session in `namespace`
+/// ([`crate::manifest::targetless_agent_job`]); it is deleted like a
+/// node-mode agent, with [`crate::job::delete_agent_job`].
 ///
 /// # Errors
 ///
@@ -327,11 +330,12 @@ pub async fn create_targetless_agent(
     options: &AgentOptions,
     namespace: &str,
 ) -> Result<AgentPlacement, KubeError> {
-    let pod = crate::manifest::targetless_agent_pod(options, namespace);
-    create_agent_pod(client, &pod, options, namespace, None).await
+    let job = crate::manifest::targetless_agent_job(options, namespace);
+    create_agent_job(client, &job, options, namespace, None).await
 }
 
-/// Deletes a node-mode agent pod; a pod already gone is fine. The agent gets
+/// Deletes an agent pod (one that no Job owns, as graft made them before it
+/// used Jobs: `graft clean`); a pod already gone is fine. The agent gets
 /// SIGTERM and removes its packet rules.
 ///
 /// # Errors
@@ -628,6 +632,7 @@ mod tests {
             agent_container: "graft-agent-1".into(),
             target_namespace: "shop".into(),
             port_forward_pod: "api-1".into(),
+            job: None,
         }
     }
 

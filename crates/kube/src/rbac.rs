@@ -75,10 +75,24 @@ pub const GET_PODS: Permission = core("pods", "get", "read the target pod");
 pub const LIST_PODS: Permission = core("pods", "list", "find the ready pods of a workload");
 /// Watch a pod until the agent's container runs.
 pub const WATCH_PODS: Permission = core("pods", "watch", "wait for the agent to start");
-/// Create the node-mode agent pod.
-pub const CREATE_PODS: Permission = core("pods", "create", "start the node-mode agent pod");
-/// Delete the node-mode agent pod (session end, `graft clean`).
-pub const DELETE_PODS: Permission = core("pods", "delete", "remove the node-mode agent pod");
+/// Delete agent pods that no Job owns (`graft clean`, for pods of graft
+/// versions before agent Jobs).
+pub const DELETE_PODS: Permission = core("pods", "delete", "remove a left-over agent pod");
+/// Start the node-mode (or targetless) agent: a Job the cluster removes when
+/// the agent exits.
+pub const CREATE_JOBS: Permission = grouped(
+    "batch",
+    "jobs",
+    "create",
+    "start the node-mode agent (a Job)",
+);
+/// Delete the node-mode agent's Job (session end, `graft clean`).
+pub const DELETE_JOBS: Permission = grouped(
+    "batch",
+    "jobs",
+    "delete",
+    "remove the node-mode agent's Job",
+);
 /// Add the agent as an ephemeral container.
 pub const PATCH_EPHEMERAL_CONTAINERS: Permission = core(
     "pods/ephemeralcontainers",
@@ -178,8 +192,9 @@ pub const ALL: &[Permission] = &[
     GET_PODS,
     LIST_PODS,
     WATCH_PODS,
-    CREATE_PODS,
     DELETE_PODS,
+    CREATE_JOBS,
+    DELETE_JOBS,
     PATCH_EPHEMERAL_CONTAINERS,
     GET_POD_LOGS,
     GET_PORTFORWARD,
@@ -288,6 +303,8 @@ mod tests {
         let sources = [
             include_str!("resolve.rs"),
             include_str!("place.rs"),
+            include_str!("job.rs"),
+            include_str!("clean.rs"),
             include_str!("events.rs"),
             include_str!("doctor.rs"),
         ]

@@ -9,6 +9,7 @@
 
 use std::fmt::Debug;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -164,6 +165,56 @@ pub async fn resolve(
         WorkloadKind::Rollout => rollout_selector(client, namespace, name).await?,
     };
     resolve_selector(client, namespace, target, selector.as_ref()).await
+}
+
+/// How often [`resolve_waiting`] looks at the pods again.
+const READY_POLL: Duration = Duration::from_millis(500);
+
+/// [`resolve`], waiting at most `timeout` for a workload whose pods are not
+/// Ready yet but may become so (running with a readiness probe that has not
+/// passed, or starting: [`crate::select::pod_may_become_ready`]).
+/// `waiting` is called with the not-ready pods (`api-1 (Running, not Ready:
+/// ContainersNotReady)`) each time graft looks again, for a spinner.
+///
+/// # Errors
+///
+/// As [`resolve`]; a [`KubeError::NoReadyPod`] at once when no pod may
+/// become Ready (none at all, image pull or crash loop), or with
+/// `waited_secs` after `timeout`.
+pub async fn resolve_waiting(
+    client: &Client,
+    namespace: &str,
+    target: &KubeTarget,
+    timeout: Duration,
+    mut waiting: impl FnMut(&[String]),
+) -> Result<Resolution, KubeError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match resolve(client, namespace, target).await {
+            Err(KubeError::NoReadyPod {
+                target,
+                namespace,
+                selector,
+                not_ready,
+                becoming_ready: true,
+                ..
+            }) => {
+                if started.elapsed() >= timeout {
+                    return Err(KubeError::NoReadyPod {
+                        target,
+                        namespace,
+                        selector,
+                        not_ready,
+                        becoming_ready: true,
+                        waited_secs: Some(timeout.as_secs()),
+                    });
+                }
+                waiting(&not_ready);
+                tokio::time::sleep(READY_POLL).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn resolve_selector(

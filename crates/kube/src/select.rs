@@ -107,6 +107,43 @@ pub fn pod_is_ready(pod: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Waiting reasons of a container that does not get better by waiting.
+const HOPELESS_WAITING: &[&str] = &[
+    "CrashLoopBackOff",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// Whether a pod that is not ready may still become so by itself: it runs
+/// (its readiness probe has not passed yet) or is starting, is not being
+/// deleted, and none of its containers waits on something that waiting does
+/// not fix (an image that cannot be pulled, a crash loop).
+pub fn pod_may_become_ready(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() || !matches!(pod_phase(pod), "Running" | "Pending")
+    {
+        return false;
+    }
+    let hopeless = |cs: &ContainerStatus| {
+        cs.state
+            .as_ref()
+            .and_then(|st| st.waiting.as_ref())
+            .and_then(|w| w.reason.as_deref())
+            .is_some_and(|r| HOPELESS_WAITING.contains(&r))
+    };
+    !pod.status.iter().any(|s| {
+        s.init_container_statuses
+            .iter()
+            .chain(s.container_statuses.iter())
+            .flatten()
+            .any(hopeless)
+    })
+}
+
 fn pod_phase(pod: &Pod) -> &str {
     pod.status
         .as_ref()
@@ -166,6 +203,8 @@ pub fn choose_pod(
             namespace: namespace.to_owned(),
             selector: selector.to_owned(),
             not_ready: not_ready.iter().map(describe_not_ready).collect(),
+            becoming_ready: not_ready.iter().any(pod_may_become_ready),
+            waited_secs: None,
         });
     }
     // Newest first; the name breaks ties (and orders pods without a timestamp)
@@ -585,6 +624,41 @@ mod tests {
 
         let err = choose_pod(vec![], "deployment/api", "shop", "app=api").unwrap_err();
         assert!(err.to_string().contains("matches no pod at all"), "{err}");
+    }
+
+    #[test]
+    fn only_pods_that_run_or_start_without_a_fatal_reason_are_worth_waiting_for() {
+        // Running, its readiness probe not passed yet.
+        let mut probing = pod("a", "2026-01-01T00:00:00Z", true);
+        probing
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .as_mut()
+            .unwrap()[0]
+            .status = "False".into();
+        assert!(!pod_is_ready(&probing));
+        assert!(pod_may_become_ready(&probing));
+        let no_ready_pod = |pods| match choose_pod(pods, "deployment/api", "shop", "app=api") {
+            Err(KubeError::NoReadyPod { becoming_ready, .. }) => becoming_ready,
+            other => panic!("expected NoReadyPod, got {other:?}"),
+        };
+        assert!(no_ready_pod(vec![probing.clone()]));
+
+        // Pending on an image that cannot be pulled: waiting does not help.
+        let pulling = pod("b", "2026-01-01T00:00:00Z", false);
+        assert!(!pod_may_become_ready(&pulling));
+        assert!(!no_ready_pod(vec![pulling.clone()]));
+        assert!(no_ready_pod(vec![pulling, probing.clone()]));
+
+        let mut terminating = probing.clone();
+        terminating.metadata.deletion_timestamp = terminating.metadata.creation_timestamp.clone();
+        assert!(!pod_may_become_ready(&terminating));
+        let mut done = probing;
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert!(!pod_may_become_ready(&done));
+        assert!(!no_ready_pod(vec![]));
     }
 
     #[test]

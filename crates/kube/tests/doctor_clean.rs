@@ -167,7 +167,7 @@ async fn denied_permissions_are_named_with_what_they_are_for() {
     let (cluster, _) = cluster(|r| {
         r.path
             .ends_with("/selfsubjectaccessreviews")
-            .then(|| review(r, &["patch pods/ephemeralcontainers", "create pods"]))
+            .then(|| review(r, &["patch pods/ephemeralcontainers", "create jobs"]))
     });
     let checks = run_checks_on(&cluster, &options(AgentMode::Ephemeral, None)).await;
     assert_eq!(
@@ -190,13 +190,15 @@ async fn denied_permissions_are_named_with_what_they_are_for() {
             .unwrap()
             .contains("deploy/rbac.yaml")
     );
-    // create pods is node mode's: only a warning in ephemeral mode.
+    // create jobs is node mode's: only a warning in ephemeral mode.
     assert_eq!(
-        find(&checks, "permission: create pods").verdict.outcome,
+        find(&checks, "permission: create jobs.batch")
+            .verdict
+            .outcome,
         Outcome::Warn
     );
     let node = run_checks_on(&cluster, &options(AgentMode::Node, None)).await;
-    assert_eq!(failed(&node), ["permission: create pods"]);
+    assert_eq!(failed(&node), ["permission: create jobs.batch"]);
 }
 
 #[tokio::test]
@@ -263,24 +265,24 @@ async fn a_namespace_that_cannot_be_read_only_warns() {
 }
 
 #[tokio::test]
-async fn node_mode_dry_runs_the_agent_pod_and_reports_pod_security_refusals() {
+async fn node_mode_dry_runs_the_agent_job_and_reports_admission_refusals() {
+    // Pod Security itself only warns about a Job; a policy engine that
+    // applies the Pod Security Standards to pod templates (Kyverno's
+    // autogen rules) refuses it.
     let (cluster, seen) = cluster(|r| {
-        (r.method == Method::POST && r.path == "/api/v1/namespaces/shop/pods").then(|| {
+        (r.method == Method::POST && r.path == "/apis/batch/v1/namespaces/shop/jobs").then(|| {
             status(
                 403,
                 "Forbidden",
-                "pods \"graft-agent-doctor-dry-run\" is forbidden: violates PodSecurity \
-                 \"baseline:latest\": host namespaces (hostPID=true), non-default capabilities",
+                "admission webhook \"validate.kyverno.svc-fail\" denied the request: \
+                 autogen-disallow-host-namespaces: hostPID must be unset or false",
             )
         })
     });
     let checks = run_checks_on(&cluster, &options(AgentMode::Node, Some("pod/api-1"))).await;
     assert_eq!(failed(&checks), ["agent admission (dry run)"]);
     let dry = find(&checks, "agent admission (dry run)");
-    assert!(
-        dry.verdict.detail.contains("violates PodSecurity"),
-        "{dry:?}"
-    );
+    assert!(dry.verdict.detail.contains("denied the request"), "{dry:?}");
     assert!(
         dry.verdict
             .fix
@@ -291,11 +293,12 @@ async fn node_mode_dry_runs_the_agent_pod_and_reports_pod_security_refusals() {
     let seen = seen.lock().unwrap();
     let post = seen
         .iter()
-        .find(|r| r.method == Method::POST && r.path.ends_with("/pods"));
+        .find(|r| r.method == Method::POST && r.path.ends_with("/jobs"));
     let post = post.expect("a dry-run create");
     assert!(query_has(&post.query, "dryRun=All"), "{}", post.query);
-    assert_eq!(post.body["spec"]["nodeName"], "node-a");
-    assert_eq!(post.body["spec"]["hostPID"], true);
+    let pod = &post.body["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeName"], "node-a");
+    assert_eq!(pod["hostPID"], true);
 }
 
 #[tokio::test]
@@ -317,6 +320,15 @@ fn agent_pod(name: &str, namespace: &str, phase: &str, state: Value) -> Value {
     })
 }
 
+fn agent_job(name: &str, conditions: Value) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                     "labels": {"app.kubernetes.io/managed-by": "graft",
+                                "graft.dev/session": "s"}},
+        "status": {"conditions": conditions},
+    })
+}
+
 fn list(items: Vec<Value>) -> (u16, Value) {
     (
         200,
@@ -327,6 +339,14 @@ fn list(items: Vec<Value>) -> (u16, Value) {
 
 fn clean_cluster() -> (Client, Arc<Mutex<Vec<Seen>>>) {
     fake_client(|r| match (r.method.as_str(), r.path.as_str()) {
+        // One finished agent Job (its pod already gone) and one that runs.
+        ("GET", "/apis/batch/v1/namespaces/shop/jobs" | "/apis/batch/v1/jobs") => list(vec![
+            agent_job(
+                "graft-agent-jobdone",
+                json!([{"type": "Complete", "status": "True"}]),
+            ),
+            agent_job("graft-agent-joblive", json!([])),
+        ]),
         ("GET", "/api/v1/namespaces/shop/pods" | "/api/v1/pods")
             if query_has(
                 &r.query,
@@ -386,15 +406,35 @@ async fn clean_deletes_exactly_the_terminated_agent_pods() {
     assert_eq!(
         deletes(&seen),
         [
+            "/apis/batch/v1/namespaces/shop/jobs/graft-agent-jobdone",
             "/api/v1/namespaces/shop/pods/graft-agent-done",
             "/api/v1/namespaces/shop/pods/graft-agent-crashed",
         ]
     );
+    // A Job's pods go with it, not before (background propagation).
+    let job_delete = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.method == Method::DELETE && r.path.contains("/jobs/"))
+        .map(|r| r.body.clone())
+        .unwrap();
+    assert_eq!(
+        job_delete["propagationPolicy"], "Background",
+        "{job_delete}"
+    );
     let removed: Vec<&str> = report.removed.iter().map(|p| p.name.as_str()).collect();
     // A pod already gone (404) counts as removed.
-    assert_eq!(removed, ["graft-agent-done", "graft-agent-crashed"]);
-    assert_eq!(report.kept.len(), 1);
-    assert_eq!(report.kept[0].name, "graft-agent-live");
+    assert_eq!(
+        removed,
+        [
+            "graft-agent-jobdone",
+            "graft-agent-done",
+            "graft-agent-crashed"
+        ]
+    );
+    let kept: Vec<&str> = report.kept.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(kept, ["graft-agent-joblive", "graft-agent-live"]);
     assert!(report.failed.is_empty());
     assert_eq!(report.ephemeral.len(), 1);
     assert_eq!(report.ephemeral[0].pod, "api-1");
@@ -405,7 +445,7 @@ async fn clean_deletes_exactly_the_terminated_agent_pods() {
 async fn clean_with_force_also_deletes_running_agents_in_every_namespace() {
     let (client, seen) = clean_cluster();
     let report = clean::clean(&client, None, true).await.unwrap();
-    assert_eq!(deletes(&seen).len(), 3);
+    assert_eq!(deletes(&seen).len(), 5);
     assert!(deletes(&seen).contains(&"/api/v1/namespaces/shop/pods/graft-agent-live".to_owned()));
     assert!(report.kept.is_empty());
     let lists: Vec<String> = seen
@@ -415,7 +455,12 @@ async fn clean_with_force_also_deletes_running_agents_in_every_namespace() {
         .filter(|r| r.method == Method::GET)
         .map(|r| r.path.clone())
         .collect();
-    assert!(lists.iter().all(|p| p == "/api/v1/pods"), "{lists:?}");
+    assert!(
+        lists
+            .iter()
+            .all(|p| p == "/api/v1/pods" || p == "/apis/batch/v1/jobs"),
+        "{lists:?}"
+    );
 }
 
 #[tokio::test]

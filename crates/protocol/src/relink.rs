@@ -154,19 +154,40 @@ pub async fn read_attach<T: AsyncRead + Unpin>(t: &mut T) -> io::Result<Attach> 
 }
 
 /// Answers a client of graft before protocol 0.3 (its transport began with
-/// [`LEGACY_MAGIC`], in plaintext) in the old relink format, with one data
-/// record carrying `frame` (an encoded `Hello` rejection that says what to do)
-/// and a close record, so that the old client shows the reason instead of a
-/// broken link.
+/// [`LEGACY_MAGIC`], in plaintext; the caller has read its 32-byte attach) in
+/// the old relink format: the attach answer, then, once the client's first
+/// data record (its `Hello`) has arrived, one data record carrying `frame` (an
+/// encoded `Hello` rejection that says what to do) and a close record. The old
+/// client thus shows the reason instead of a broken link: had the answer come
+/// before its `Hello` was written, the close would end its link first.
 ///
 /// # Errors
 ///
-/// I/O errors as they come.
-pub async fn refuse_legacy<T: AsyncWrite + Unpin>(t: &mut T, frame: &[u8]) -> io::Result<()> {
+/// I/O errors as they come; `InvalidData` when the client sends something else.
+pub async fn refuse_legacy<T: AsyncRead + AsyncWrite + Unpin>(
+    t: &mut T,
+    frame: &[u8],
+) -> io::Result<()> {
     t.write_all(LEGACY_MAGIC).await?;
     t.write_all(&0u64.to_be_bytes()).await?;
-    write_record(t, KIND_DATA, frame).await?;
-    write_record(t, KIND_CLOSE, &[]).await?;
+    t.flush().await?;
+    let mut buf = BytesMut::new();
+    loop {
+        match read_record(t, &mut buf).await? {
+            (KIND_DATA, _) => break,
+            (KIND_ACK, _) => continue,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not an old graft relink client",
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    encode_record(&mut out, KIND_DATA, frame);
+    encode_record(&mut out, KIND_CLOSE, &[]);
+    write_records(t, &mut out).await?;
     t.flush().await?;
     t.shutdown().await
 }
@@ -255,6 +276,7 @@ pub struct Relink {
 pub struct Reattach {
     token: Token,
     tx: mpsc::Sender<(BoxTransport, u64)>,
+    attached: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Reattach {
@@ -267,6 +289,15 @@ impl Reattach {
     /// bytes. Returns `false` when the link is gone.
     pub async fn attach(&self, transport: BoxTransport, received: u64) -> bool {
         self.tx.send((transport, received)).await.is_ok()
+    }
+
+    /// Whether the client is attached: `false` from the moment its transport
+    /// is seen lost (closed, broken or silent for [`RelinkOptions::idle`])
+    /// until a new one is attached, and for good once the link has ended.
+    /// While it is `false` the agent serves nobody, so it should stop
+    /// taking the target's traffic.
+    pub fn attached(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.attached.clone()
     }
 }
 
@@ -369,15 +400,20 @@ impl Relink {
         let (relink, mut driver) = Relink::pair(options);
         driver.shared.trim(attach.received);
         let (tx, mut rx) = mpsc::channel::<(BoxTransport, u64)>(4);
+        let (attached_tx, attached) = tokio::sync::watch::channel(true);
         let reattach = Reattach {
             token: attach.token,
             tx,
+            attached,
         };
         tokio::spawn(async move {
             let mut transport = first;
             loop {
                 match driver.epoch(transport, Some(&mut rx)).await {
-                    Epoch::Closed => return,
+                    Epoch::Closed => {
+                        attached_tx.send_replace(false);
+                        return;
+                    }
                     Epoch::Replaced(mut t, peer_received) => {
                         let received = driver.shared.received.load(Ordering::Acquire);
                         if server_answer(&mut t, received).await.is_ok() {
@@ -393,8 +429,12 @@ impl Relink {
                         )
                     }
                 }
+                attached_tx.send_replace(false);
+                // One deadline for the whole wait: attaches that fail do not
+                // extend it.
+                let deadline = Instant::now() + driver.options.reconnect_for;
                 transport = loop {
-                    let next = tokio::time::timeout(driver.options.reconnect_for, rx.recv()).await;
+                    let next = tokio::time::timeout_at(deadline, rx.recv()).await;
                     let Ok(Some((mut t, peer_received))) = next else {
                         tracing::warn!("the client did not come back; the link ends");
                         return;
@@ -406,6 +446,7 @@ impl Relink {
                         break t;
                     }
                 };
+                attached_tx.send_replace(true);
             }
         });
         Ok((relink, reattach))
@@ -500,16 +541,25 @@ async fn read_record<R: AsyncRead + Unpin>(
     Ok((kind, buf.split().freeze()))
 }
 
-async fn write_record<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    kind: u8,
-    payload: &[u8],
-) -> io::Result<()> {
-    let mut header = [0u8; 5];
-    header[0] = kind;
-    header[1..].copy_from_slice(&(payload.len() as u32).to_be_bytes());
-    wr.write_all(&header).await?;
-    wr.write_all(payload).await
+/// Appends one record to `out`.
+fn encode_record(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+    out.push(kind);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Writes records with one write: a transport that sends each write as a
+/// message of its own (kube's port-forward WebSocket, on a connection to the
+/// API server without `TCP_NODELAY`) then sends one segment, not a header or
+/// an acknowledgement that Nagle's algorithm holds back behind the peer's
+/// delayed ACK (tens of milliseconds per request) with what follows it.
+async fn write_records<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    wr.write_all(out).await?;
+    out.clear();
+    wr.flush().await
 }
 
 impl Driver {
@@ -563,15 +613,19 @@ impl Driver {
 
         let outgoing = &mut self.outgoing;
         let write = async {
+            let mut out = Vec::new();
             // Resend what the peer has not got, then go on with new bytes.
             let resend: Vec<Bytes> = {
                 let unacked = shared.unacked.lock().expect("relink lock poisoned");
                 unacked.queue.iter().cloned().collect()
             };
             for chunk in resend {
-                write_record(&mut wr, KIND_DATA, &chunk).await?;
+                encode_record(&mut out, KIND_DATA, &chunk);
+                if out.len() >= MAX_RECORD {
+                    write_records(&mut wr, &mut out).await?;
+                }
             }
-            wr.flush().await?;
+            write_records(&mut wr, &mut out).await?;
             let mut acked_sent = 0u64;
             let mut tick = false;
             let mut ticker = tokio::time::interval(ACK_EVERY);
@@ -583,15 +637,14 @@ impl Driver {
                         Some(chunk) => {
                             shared.keep(chunk.clone());
                             for piece in chunk.chunks(MAX_RECORD) {
-                                write_record(&mut wr, KIND_DATA, piece).await?;
+                                encode_record(&mut out, KIND_DATA, piece);
                             }
-                            wr.flush().await?;
                         }
                         None => {
                             // Closed here: say so, so the peer ends too instead of
                             // waiting for a new transport.
-                            write_record(&mut wr, KIND_CLOSE, &[]).await?;
-                            wr.flush().await?;
+                            encode_record(&mut out, KIND_CLOSE, &[]);
+                            write_records(&mut wr, &mut out).await?;
                             let _ = wr.shutdown().await;
                             return io::Result::Ok(true);
                         }
@@ -603,10 +656,11 @@ impl Driver {
                 let owed = received.saturating_sub(acked_sent);
                 if owed > 0 && (owed >= ACK_BYTES || tick || !room) {
                     tick = false;
-                    write_record(&mut wr, KIND_ACK, &received.to_be_bytes()).await?;
-                    wr.flush().await?;
+                    // In the same write as the data before it.
+                    encode_record(&mut out, KIND_ACK, &received.to_be_bytes());
                     acked_sent = received;
                 }
+                write_records(&mut wr, &mut out).await?;
             }
         };
 
@@ -959,17 +1013,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_old_client_reads_the_refusal_in_its_own_format() {
+    async fn an_old_client_reads_the_refusal_in_its_own_format_after_its_hello() {
         let (mut agent, mut client) = tokio::io::duplex(4096);
-        refuse_legacy(&mut agent, b"frame").await.unwrap();
+        let refusal = tokio::spawn(async move { refuse_legacy(&mut agent, b"frame").await });
+        let mut answer = [0u8; 16];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer[..8], LEGACY_MAGIC);
+        // Nothing more until the old client has sent its Hello.
+        let early = tokio::time::timeout(Duration::from_millis(100), client.read_u8()).await;
+        assert!(early.is_err(), "the refusal came before the Hello");
+        client
+            .write_all(&[KIND_DATA, 0, 0, 0, 2, 1, 2])
+            .await
+            .unwrap();
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
-        let mut want = b"GRAFTRL1".to_vec();
-        want.extend_from_slice(&0u64.to_be_bytes());
-        want.extend_from_slice(&[KIND_DATA, 0, 0, 0, 5]);
+        let mut want = vec![KIND_DATA, 0, 0, 0, 5];
         want.extend_from_slice(b"frame");
         want.extend_from_slice(&[KIND_CLOSE, 0, 0, 0, 0]);
         assert_eq!(got, want);
+        refusal.await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -979,5 +1042,61 @@ mod tests {
         header.extend_from_slice(&u16::MAX.to_be_bytes());
         let err = read_attach(&mut &header[..]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agent_sees_its_client_detach_and_come_back() {
+        let (net, mut rx) = Net::new();
+        let options = RelinkOptions {
+            reconnect_for: Duration::from_secs(10),
+            idle: Duration::from_secs(5),
+        };
+        let first = net.connect();
+        // The client may reconnect only once the test allows it.
+        let allowed = Arc::new(AtomicBool::new(false));
+        let (reconnect_net, gate) = (net.clone(), allowed.clone());
+        let reconnect: Reconnect = Box::new(move || {
+            let net = reconnect_net.clone();
+            let gate = gate.clone();
+            Box::pin(async move {
+                if !gate.load(Ordering::SeqCst) {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "not yet"));
+                }
+                Ok(net.connect())
+            })
+        });
+        let client = tokio::spawn(Relink::client(first, reconnect, options, Vec::new()));
+        let mut t = rx.recv().await.unwrap();
+        let attach = read_attach(&mut t).await.unwrap();
+        let (mut agent, reattach) = Relink::server(t, attach, options).await.unwrap();
+        let mut attached = reattach.attached();
+        assert!(*attached.borrow_and_update(), "attached at the start");
+        let relay = reattach.clone();
+        tokio::spawn(async move {
+            while let Some(mut t) = rx.recv().await {
+                let attach = read_attach(&mut t).await.unwrap();
+                relay.attach(t, attach.received).await;
+            }
+        });
+        let mut client = client.await.unwrap().unwrap();
+
+        net.cut_all();
+        tokio::time::timeout(Duration::from_secs(3), attached.wait_for(|a| !*a))
+            .await
+            .expect("the cut is seen within 3 s")
+            .unwrap();
+        // Written while detached: kept and delivered after the re-attach.
+        client.write_all(b"while away").await.unwrap();
+        allowed.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), attached.wait_for(|a| *a))
+            .await
+            .expect("the client re-attaches within 5 s")
+            .unwrap();
+        let mut got = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(3), agent.read_exact(&mut got))
+            .await
+            .expect("the bytes arrive")
+            .unwrap();
+        assert_eq!(&got, b"while away");
     }
 }

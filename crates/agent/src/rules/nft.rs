@@ -105,11 +105,14 @@ impl NftError {
 
 /// The agent's owner table and the netlink socket that owns it.
 ///
-/// Dropping it (or the agent's death) closes the socket, and the kernel deletes
-/// the table with every rule in it.
+/// The agent's death closes the socket, and the kernel deletes the table with
+/// every rule in it. Dropping it parks the socket until [`close_parked`]: on an
+/// orderly exit the agent first resets its connections (whose reset packets
+/// still need the table's NAT mapping, or the client never sees them) and then
+/// removes the rules.
 #[derive(Debug)]
 pub struct OwnerTable {
-    socket: Socket,
+    socket: Option<Socket>,
     name: String,
     seq: u32,
     excluded: Vec<IpAddr>,
@@ -139,7 +142,7 @@ impl OwnerTable {
         )
         .map_err(|e| open(e.into()))?;
         let mut table = OwnerTable {
-            socket,
+            socket: Some(socket),
             name: name.to_owned(),
             seq: 0,
             excluded: excluded.to_vec(),
@@ -292,14 +295,18 @@ impl OwnerTable {
             wire.resize(start + message.buffer_len(), 0);
             message.serialize(&mut wire[start..]);
         }
-        self.socket.send(&wire, 0)?;
+        let socket = self
+            .socket
+            .as_ref()
+            .expect("the socket is only taken on drop");
+        socket.send(&wire, 0)?;
         // Answers are expected for the commands, not for BEGIN and END.
         let expected: Vec<u32> = (first.wrapping_add(1)..self.seq).collect();
         let mut answered = 0usize;
         let mut error: Option<io::Error> = None;
         let mut buf = vec![0u8; 64 * 1024];
         while answered < expected.len() {
-            let n = self.socket.recv(&mut &mut buf[..], 0)?;
+            let n = socket.recv(&mut &mut buf[..], 0)?;
             let mut offset = 0;
             while offset < n {
                 let message = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..n])
@@ -323,6 +330,25 @@ impl OwnerTable {
             }
         }
         error.map_or(Ok(()), Err)
+    }
+}
+
+/// Owner sockets of dropped tables, closed by [`close_parked`].
+static PARKED: std::sync::Mutex<Vec<Socket>> = std::sync::Mutex::new(Vec::new());
+
+impl Drop for OwnerTable {
+    fn drop(&mut self) {
+        if let (Some(socket), Ok(mut parked)) = (self.socket.take(), PARKED.lock()) {
+            parked.push(socket);
+        }
+    }
+}
+
+/// Closes the sockets of dropped owner tables: the kernel deletes their tables.
+/// The agent calls it on its way out, once its connections are reset.
+pub fn close_parked() {
+    if let Ok(mut parked) = PARKED.lock() {
+        parked.clear();
     }
 }
 

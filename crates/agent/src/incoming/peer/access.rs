@@ -3,7 +3,7 @@
 //! else it joins the owner's hub; it takes over when the owner goes.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use graft_protocol::incoming::{SessionListing, Subscription};
 use tokio::sync::Mutex;
@@ -42,6 +42,9 @@ pub struct Access {
     accept_delivery: AcceptDelivery,
     /// Keeps conntrack on while this session takes part in the hub.
     conntrack: std::sync::Mutex<Option<key::ConntrackHold>>,
+    /// Set while the session's client is detached ([`Access::suspend`]): the
+    /// subscriptions are kept here but are not in the hub.
+    suspended: AtomicBool,
 }
 
 impl Access {
@@ -64,6 +67,7 @@ impl Access {
             subscriptions: std::sync::Mutex::default(),
             accept_delivery,
             conntrack: std::sync::Mutex::default(),
+            suspended: AtomicBool::new(false),
         })
     }
 
@@ -167,6 +171,10 @@ impl Access {
                 tracing::warn!("could not take over the hub: {e}");
                 return;
             }
+            if this.suspended.load(Ordering::SeqCst) {
+                // Subscribed again by `resume`.
+                return;
+            }
             let subs = this
                 .subscriptions
                 .lock()
@@ -218,7 +226,6 @@ impl Access {
     /// hub that is not graft's (it could not prove it knows the hub key).
     pub async fn subscribe(self: &Arc<Self>, subscription: Subscription) -> Result<(), String> {
         let mut role = self.role.lock().await;
-        self.ensure(&mut role).await?;
         let since = self
             .subscriptions
             .lock()
@@ -226,8 +233,12 @@ impl Access {
             .iter()
             .find(|(s, _)| s.port == subscription.port)
             .map_or_else(crate::incoming::now_unix, |(_, since)| *since);
-        self.subscribe_in(&role, subscription.clone(), since)
-            .await?;
+        // While suspended it is only kept, for `resume`.
+        if !self.suspended.load(Ordering::SeqCst) {
+            self.ensure(&mut role).await?;
+            self.subscribe_in(&role, subscription.clone(), since)
+                .await?;
+        }
         let mut subs = self
             .subscriptions
             .lock()
@@ -251,6 +262,72 @@ impl Access {
                 let _ = conn.call(ToHub::Unsubscribe { port }).await;
             }
         }
+    }
+
+    /// Takes this session's subscriptions out of the hub and keeps them for
+    /// [`Access::resume`]: while the client is detached the target serves its
+    /// own traffic (DESIGN.md). Connections already delivered go on.
+    pub async fn suspend(self: &Arc<Self>) {
+        let role = self.role.lock().await;
+        if self.suspended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let ports: Vec<u16> = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .iter()
+            .map(|(s, _)| s.port)
+            .collect();
+        for port in ports {
+            match &*role {
+                Role::Idle => {}
+                Role::Owner { hub, owner, .. } => hub.unsubscribe(*owner, port).await,
+                Role::Client { conn } => {
+                    let _ = conn.call(ToHub::Unsubscribe { port }).await;
+                }
+            }
+            tracing::info!(
+                port,
+                "the client is detached: the target serves this port again"
+            );
+        }
+    }
+
+    /// Puts the subscriptions kept by [`Access::suspend`] back into the hub,
+    /// each with its first subscription time, so its place among overlapping
+    /// filters is kept. Returns those the hub refused now (e.g. another session
+    /// stole the port meanwhile), with the reason; they are dropped.
+    pub async fn resume(self: &Arc<Self>) -> Vec<(u16, String)> {
+        let mut role = self.role.lock().await;
+        if !self.suspended.swap(false, Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let subs = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .clone();
+        let mut refused = Vec::new();
+        if subs.is_empty() {
+            return refused;
+        }
+        if let Err(e) = self.ensure(&mut role).await {
+            refused.extend(subs.iter().map(|(s, _)| (s.port, e.clone())));
+        } else {
+            for (sub, since) in subs {
+                let port = sub.port;
+                match self.subscribe_in(&role, sub, since).await {
+                    Ok(()) => tracing::info!(port, "the client is back: subscribed again"),
+                    Err(e) => refused.push((port, e)),
+                }
+            }
+        }
+        self.subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .retain(|(s, _)| !refused.iter().any(|(port, _)| *port == s.port));
+        refused
     }
 
     /// Every subscription on the target; empty when no hub exists.
