@@ -137,6 +137,23 @@ fn agent_image_is_self_contained_and_loadable() {
         ],
     );
     assert!(nat.contains("Chain OUTPUT"), "{nat}");
+    // The agent's policy routing for pass-through connections (transparent.rs)
+    // runs `ip` found on PATH in the image: a rule and a local route in a table.
+    let ip = |args: &str| format!("chroot {root} ip {args}");
+    let routing = [
+        ip("link set lo up"),
+        ip("rule add fwmark 0x4752 lookup 4752 priority 4752"),
+        ip("route add local 0.0.0.0/0 dev lo table 4752"),
+        ip("-6 rule add fwmark 0x4752 lookup 4752 priority 4752"),
+        ip("rule show"),
+        ip("route show table 4752"),
+    ]
+    .join(" && ");
+    let shown = ok("unshare", &["-n", "sh", "-c", &routing]);
+    assert!(
+        shown.contains("fwmark 0x4752 lookup 4752") && shown.contains("local default dev lo"),
+        "{shown}"
+    );
     // The rules the agent writes need the REDIRECT, tcp and comment modules.
     let script = "/usr/sbin/iptables -t nat -A OUTPUT -p tcp --dport 80 \
                   -m comment --comment graft -j REDIRECT --to-ports 8080 && \

@@ -3,11 +3,13 @@
 //! then checks that the agent's peak memory (`VmHWM` of `/proc/PID/status`)
 //! stayed under [`RSS_LIMIT_KIB`] and that a real session still works.
 //!
-//! - idle, garbage and wrong-secret connections to the agent's loopback TCP port
-//!   before the real client: they are closed within the handshake timeout (5 s)
-//!   and the client still gets in;
-//! - 30 processes that connect to the hub and each announce a 15 MiB frame and
-//!   send most of it;
+//! - idle raw connections (more than the agent lets handshake at once), half a
+//!   TLS ClientHello, garbage and a TLS client with a wrong secret on the agent's
+//!   loopback TCP port before the real client: they are closed (at once, or
+//!   after the 5 s handshake timeout) and the client still gets in over TLS;
+//! - 400 processes' worth of `SOCK_SEQPACKET` peers on the hub, each sending the
+//!   largest messages the kernel lets it (30 with their send buffer raised to the
+//!   kernel's cap) and holding its socket;
 //! - a client that sends 300 one-MiB reads and reads no answer;
 //! - 1100 idle connections to a stolen port while graft was started under
 //!   `ulimit -n 1024`: graft and the agent raise their own limit, requests keep
@@ -22,6 +24,7 @@ use std::time::Duration;
 use graft_protocol::codec::{encode_frame, read_frame};
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{OpenFlags, RemoteRequest, RemoteResponse};
+use graft_tests::link::{LinkClient, link_cert};
 use graft_tests::{Bed, Proc, STEAL_TIMEOUT, agent_bin, curl, graft_bin, python, wait_until};
 
 const SECRET: &str = "bounds-secret-0123456789abcdef00";
@@ -84,13 +87,26 @@ fn start_agent(bed: &Bed, listen: &str, dir: &tempfile::TempDir) -> (Proc, Strin
     (proc, ready)
 }
 
-fn hello_frame(secret: &str) -> Vec<u8> {
-    encode_frame(&ClientMessage::Hello(Hello {
+/// Idle connections opened to the agent's TCP port: more than it lets
+/// handshake at once (`tcp_link::MAX_PENDING`, 256).
+const IDLE: usize = 300;
+
+/// The first bytes of a TLS ClientHello (RFC 8446, 5.1 and 4.1.2): a handshake
+/// record announcing 512 bytes, of which only the start is sent.
+const HALF_CLIENT_HELLO: [u8; 11] = [
+    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+];
+
+fn hello_message(secret: &str) -> ClientMessage {
+    ClientMessage::Hello(Hello {
         version: graft_protocol::PROTOCOL_VERSION.into(),
         secret: secret.into(),
         client: "graft-tests bounds".into(),
-    }))
-    .unwrap()
+    })
+}
+
+fn hello_frame(secret: &str) -> Vec<u8> {
+    encode_frame(&hello_message(secret)).unwrap()
 }
 
 fn hello<S: Read + Write>(stream: &mut S, secret: &str) -> HelloReply {
@@ -131,48 +147,48 @@ fn idle_and_bogus_connections_to_the_agent_port_neither_keep_the_client_out_nor_
     let dir = tempfile::tempdir().unwrap();
     let (mut agent, ready) = start_agent(&bed, "tcp:127.0.0.1:0", &dir);
     let addr: SocketAddr = ready.strip_prefix("tcp:").unwrap().parse().unwrap();
-    // The port speaks TLS to the certificate the agent printed (link_tls.rs).
-    let pin = graft_tests::link::link_cert(&agent.stdout());
+    let pin = link_cert(&agent.stdout());
+    let agent_pid = agent.pid();
     let hello_path = bed.remote("hello.txt");
     let expected = format!("hello from target {}", bed.n);
-    let (refused, idle_closed, read) = bed.in_target_netns(move || {
+    let (wrong_attached, idle_closed, accepted, read, peak) = bed.in_target_netns(move || {
         let connect = || {
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
             s
         };
-        // More idle connections than the agent handshakes at once, a half
-        // frame, garbage, and a wrong secret: all before the real client.
-        let idle: Vec<TcpStream> = (0..100).map(|_| connect()).collect();
-        let mut half = connect();
-        half.write_all(&hello_frame(SECRET)[..10]).unwrap();
+        // Garbage, half a TLS ClientHello, more idle connections than the
+        // agent lets handshake at once (the ones beyond are closed at once),
+        // and a TLS client with a wrong secret: all before the real client.
         let mut garbage = connect();
         garbage.write_all(&[0xff; 64]).unwrap();
-        let mut wrong = graft_tests::link::LinkClient::connect(addr, pin).unwrap();
-        let refused = wrong.attach([1; 16], b"not-the-secret").is_err();
-
-        let mut client = graft_tests::link::LinkClient::connect(addr, pin).unwrap();
-        client
-            .attach([2; 16], SECRET.as_bytes())
-            .expect("the real client attaches");
-        let hello = ClientMessage::Hello(Hello {
-            version: graft_protocol::PROTOCOL_VERSION.into(),
-            secret: SECRET.into(),
-            client: "graft-tests bounds".into(),
-        });
-        client.send(&hello).unwrap();
+        let mut half = connect();
+        half.write_all(&HALF_CLIENT_HELLO).unwrap();
+        let idle: Vec<TcpStream> = (0..IDLE).map(|_| connect()).collect();
+        // The TLS clients retry, as graft's relink does, while the agent's
+        // handshake slots are taken; they free within its 5 s timeout.
+        let mut wrong = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+            LinkClient::connect(addr, pin).ok()
+        })
+        .expect("a TLS client never got a handshake slot");
+        let wrong_attached = wrong.attach([1; 16], b"not-the-secret").is_ok();
+        let mut client = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+            let mut link = LinkClient::connect(addr, pin).ok()?;
+            link.attach([2; 16], SECRET.as_bytes()).ok()?;
+            Some(link)
+        })
+        .expect("the real client never got in");
+        client.send(&hello_message(SECRET)).unwrap();
         let accepted = client.receive().unwrap();
-        assert!(
-            matches!(accepted, AgentMessage::Hello(HelloReply::Accepted { .. })),
-            "the real client was refused: {accepted:?}"
-        );
         // The session works.
-        let request = RemoteRequest::ReadFile {
-            path: hello_path,
-            no_follow: false,
-        };
         client
-            .send(&ClientMessage::Request { id: 1, request })
+            .send(&ClientMessage::Request {
+                id: 1,
+                request: RemoteRequest::ReadFile {
+                    path: hello_path,
+                    no_follow: false,
+                },
+            })
             .unwrap();
         let read = loop {
             if let AgentMessage::Response { id: 1, response } =
@@ -184,20 +200,31 @@ fn idle_and_bogus_connections_to_the_agent_port_neither_keep_the_client_out_nor_
         // The idle ones are closed by the agent (EOF or reset), not left open.
         let idle_closed = idle
             .into_iter()
-            .chain([half])
+            .chain([half, garbage])
             .filter(closed_by_peer)
             .count();
+        // Read before the link closes: the agent then ends its session.
+        let peak = peak_rss_kib(agent_pid);
         client.close().unwrap();
-        (refused, idle_closed, read)
+        (wrong_attached, idle_closed, accepted, read, peak)
     });
-    assert!(refused, "a wrong secret was accepted");
+    assert!(!wrong_attached, "a wrong secret was accepted");
+    assert!(
+        matches!(accepted, AgentMessage::Hello(HelloReply::Accepted { .. })),
+        "the real client was refused: {accepted:?}"
+    );
     match read {
         RemoteResponse::File { data, .. } => {
             assert!(String::from_utf8_lossy(&data).contains(&expected))
         }
         other => panic!("the session could not read a file: {other:?}"),
     }
-    assert_eq!(idle_closed, 101, "idle connections stayed open");
+    assert_eq!(idle_closed, IDLE + 2, "idle connections stayed open");
+    assert!(
+        peak < RSS_LIMIT_KIB,
+        "the agent peaked at {} MiB during idle and bogus connections to its port",
+        peak / 1024
+    );
     let out = agent.wait_timeout(Duration::from_secs(10));
     assert!(
         out.is_some_and(|s| s.code() == Some(0)),
@@ -205,40 +232,78 @@ fn idle_and_bogus_connections_to_the_agent_port_neither_keep_the_client_out_nor_
         agent.output_report()
     );
     let report = agent.output_report();
-    assert!(report.contains("refused"), "{report}");
+    for said in [
+        "its attach did not carry the session secret",
+        "it did not authenticate within 5 s",
+        "it is no graft link",
+        "connections to the link's port are in their handshake",
+    ] {
+        assert!(
+            report.contains(said),
+            "the agent never logged {said:?}:\n{report}"
+        );
+    }
 }
 
-/// Connects `PEERS` sockets to the hub of the namespace it runs in (found in
-/// `/proc/self/net/unix`), announces a 15 MiB frame on each and sends up to
-/// 14 MiB of it, holds them for `HOLD` seconds, and prints what it sent.
+/// Connects `PEERS` `SOCK_SEQPACKET` sockets to the hub of the namespace it
+/// runs in (`@graft-hub-1-...`, found in `/proc/self/net/unix`), all before any
+/// sends, so the hub has a read pending on each. The first `BIG` raise their send
+/// buffer as far as the kernel lets them (`SO_SNDBUF`, capped by
+/// `net.core.wmem_max`) and send the largest message it then accepts; every
+/// other peer sends a `Challenge` padded to the largest message its default
+/// buffer allows, so the hub reads it, answers, and waits for the next message.
+/// Then each peer keeps sending such messages until the kernel refuses, holds
+/// its socket `HOLD` seconds, and the script prints what was sent.
 const HUB_FLOOD: &str = r#"
-import socket, sys, time
-peers, hold = int(sys.argv[1]), float(sys.argv[2])
+import errno, os, socket, sys, time
+peers, big, hold = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 names = set()
 for line in open('/proc/self/net/unix'):
     f = line.split()
-    if len(f) >= 8 and f[-1].startswith('@graft-hub'):
+    if len(f) >= 8 and f[-1].startswith('@graft-hub-1-'):
         names.add(f[-1][1:])
 if not names:
     print('no hub', flush=True); sys.exit(3)
 name = sorted(names)[0]
-frame = 15 << 20
-chunk = b'\x01' * (1 << 20)
-socks, total = [], 0
-for _ in range(peers):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+socks = []
+for i in range(peers):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if i < big:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 30)
     s.connect('\0' + name)
-    s.settimeout(1)
-    sent = 0
+    s.setblocking(False)
+    socks.append(s)
+def largest(s, start):
+    # The kernel refuses a packet above its send buffer (EMSGSIZE) or one it
+    # cannot allocate at once (ENOBUFS, ENOMEM): step down until one goes.
+    size = start
+    while size > 64:
+        try:
+            s.send(b'\0' + os.urandom(32) + b'\1' * (size - 33))
+            return size
+        except OSError as e:
+            if e.errno not in (errno.EMSGSIZE, errno.ENOBUFS, errno.ENOMEM):
+                return 0
+            size -= size // 16
+    return 0
+sizes, total, sent = {}, 0, 0
+for s in socks:
+    buf = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    size = largest(s, sizes.get(buf, buf))
+    if size:
+        sizes[buf] = size
+        total += size
+        sent += 1
+for s in socks[:big]:
+    size = sizes[s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)]
     try:
-        s.sendall(frame.to_bytes(4, 'big'))
-        while sent < frame - len(chunk):
-            sent += s.send(chunk)
+        while True:
+            s.send(b'\1' * size)
+            total += size
+            sent += 1
     except OSError:
         pass
-    total += sent
-    socks.append(s)
-print('sent', total, flush=True)
+print('sent', sent, 'messages,', total, 'bytes; largest', max(sizes.values()), flush=True)
 time.sleep(hold)
 "#;
 
@@ -252,10 +317,12 @@ fn hub_peers_announcing_huge_frames_cost_the_agent_little() {
     let mut command = Command::new("nsenter");
     command
         .args(["-t", &bed.target_pid.to_string(), "-n", "--"])
-        .args([python(), "-c", HUB_FLOOD, "30", "2"]);
+        .args([python(), "-c", HUB_FLOOD, "400", "30", "6"]);
     let out = bed.finish(bed.spawn(command, "hub flood"), Duration::from_secs(120));
     assert!(out.stdout.contains("sent"), "the flood did not run:\n{out}");
+    eprintln!("hub flood: {}", out.stdout.trim());
     for pid in bed.agent_pids() {
+        eprintln!("agent {pid} peaked at {} KiB", peak_rss_kib(pid));
         assert_peak_under_limit(pid, "the hub flood");
     }
     assert!(

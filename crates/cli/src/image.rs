@@ -2,9 +2,10 @@
 //!
 //! The image has one layer, a tar of a root filesystem holding the agent, the
 //! shared libraries it needs (as `ldd` resolves them, at their paths, with the
-//! dynamic loader), and this machine's `iptables`/`ip6tables` with their
-//! libraries and xtables extension modules, so the agent runs in an otherwise
-//! empty image. Symbolic links met on the way (`/lib -> usr/lib`, Debian's
+//! dynamic loader), this machine's `iptables`/`ip6tables` with their
+//! libraries and xtables extension modules, and its `ip` (iproute2, for the
+//! policy routing of pass-through connections) with its libraries, so the
+//! agent runs in an otherwise empty image. Symbolic links met on the way (`/lib -> usr/lib`, Debian's
 //! `/usr/sbin/iptables -> /etc/alternatives/iptables -> /usr/sbin/iptables-nft`)
 //! are kept as links, so the image looks like this machine where it matters.
 //!
@@ -78,7 +79,7 @@ const IPTABLES_NAMES: &[&str] = &[
 ];
 /// The multi-call binaries behind the names above; both when present.
 const XTABLES_MULTI: &[&str] = &["xtables-nft-multi", "xtables-legacy-multi"];
-/// Where `iptables` is looked for besides `PATH`.
+/// Where `iptables` and `ip` are looked for besides `PATH`.
 const SBIN_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/bin"];
 /// Where the xtables extension modules may live when not beside `libxtables`.
 const XTABLES_DIRS: &[&str] = &[
@@ -461,6 +462,10 @@ pub fn collect(agent: &Path) -> Result<Rootfs, Failure> {
             }
         }
     }
+    // The agent runs `ip rule` and `ip route` (iproute2) so that pass-through
+    // connections reach the target from the client's address (transparent.rs).
+    let ip = find_program("ip").ok_or_else(missing_ip)?;
+    elf.push(rootfs.add_host_path(&ip).map_err(|e| copy_failed(&ip, e))?);
     elf.sort();
     elf.dedup();
     let iptables_libraries = ldd(&elf)?;
@@ -541,15 +546,31 @@ pub fn add_basics(rootfs: &mut Rootfs) {
 
 /// `iptables` on `PATH` or in the usual sbin directories.
 fn find_iptables() -> Result<PathBuf, Failure> {
+    find_program("iptables")
+        .ok_or_else(|| missing_iptables("iptables is not installed on this machine"))
+}
+
+/// The program `name` on `PATH` or in the usual sbin directories.
+fn find_program(name: &str) -> Option<PathBuf> {
     let path_dirs = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();
     path_dirs
         .into_iter()
         .chain(SBIN_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join("iptables"))
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-        .ok_or_else(|| missing_iptables("iptables is not installed on this machine"))
+}
+
+fn missing_ip() -> Failure {
+    Failure::session(
+        "ip (iproute2) is not installed on this machine; the agent image takes it from \
+         this machine, for the client's address on pass-through connections",
+    )
+    .hint(
+        "install iproute2 (Debian/Ubuntu: `apt-get install iproute2`, \
+         Fedora: `dnf install iproute`), then run graft agent-image again",
+    )
 }
 
 fn missing_iptables(what: &str) -> Failure {
@@ -1217,6 +1238,9 @@ mod tests {
             );
             assert_ne!(mode & 0o111, 0, "{path} is not executable");
         }
+        let ip = find_program("ip").unwrap();
+        let (_, mode) = file(&ip.display().to_string());
+        assert_ne!(mode & 0o111, 0, "ip is not executable");
         // Every library ldd names for the agent, and the loader, is there.
         let out = Command::new("ldd").arg(&agent).output().unwrap();
         let libraries = parse_ldd(&String::from_utf8_lossy(&out.stdout)).unwrap();

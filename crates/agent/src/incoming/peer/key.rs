@@ -63,6 +63,14 @@ const NFTA_TABLE_USERDATA: u16 = 6;
 const NFT_TABLE_F_OWNER: u32 = 0x2;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+/// `NF_INET_PRE_ROUTING` (include/uapi/linux/netfilter.h).
+const NF_INET_PRE_ROUTING: u32 = 0;
+/// `NF_IP_PRI_NAT_DST` (include/uapi/linux/netfilter_ipv4.h): `dstnat`.
+const NF_IP_PRI_NAT_DST: i32 = -100;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
@@ -260,14 +268,19 @@ pub fn publish() -> Result<Option<Published>, KeyError> {
 
 /// Keeps connection tracking on in the target's network namespace while it
 /// lives: an nf_tables table owned by this agent (deleted by the kernel with it)
-/// whose one rule, in a chain no packet passes, loads the connection state.
+/// with a `nat` chain at `prerouting` whose one rule loads the
+/// connection state.
 ///
-/// Redirected connections depend on conntrack to translate their packets, and
-/// the kernel turns conntrack off in a network namespace (`nf_ct_netns_put`) as
-/// soon as the last rule that uses it goes: when the hub's owner ended and its
-/// `REDIRECT` rules were removed, connections it had handed to other agents were
-/// reset. Every agent on the hub holds one of these, so connections handed over
-/// whole keep flowing whoever owns the hub.
+/// Redirected connections depend on conntrack and on NAT to translate their
+/// packets, and the kernel turns conntrack off in a network namespace
+/// (`nf_ct_netns_put`) as soon as the last rule that uses it goes, and its NAT
+/// hooks off as soon as the last `nat` chain goes (`nf_nat_unregister_fn`, which
+/// stops translating established connections too): when the hub's owner ended
+/// and its `REDIRECT` rules were removed, connections it had handed to other
+/// agents were reset, the NAT case whenever a packet crossed before the next
+/// owner's rules came. Every agent on the hub holds one of these, so connections
+/// handed over whole keep flowing whoever owns the hub. The chain sees only the
+/// first packet of each connection and lets it pass (its policy is accept).
 #[derive(Debug)]
 pub struct ConntrackHold {
     _owner: OwnedFd,
@@ -308,6 +321,19 @@ pub fn hold_conntrack() -> Result<ConntrackHold, KeyError> {
     );
     put_attr(&mut buf, NFTA_CHAIN_TABLE, &table);
     put_attr(&mut buf, NFTA_CHAIN_NAME, &chain);
+    let mut hook = Vec::new();
+    put_attr(
+        &mut hook,
+        NFTA_HOOK_HOOKNUM,
+        &NF_INET_PRE_ROUTING.to_be_bytes(),
+    );
+    put_attr(
+        &mut hook,
+        NFTA_HOOK_PRIORITY,
+        &NF_IP_PRI_NAT_DST.to_be_bytes(),
+    );
+    put_attr(&mut buf, NFTA_CHAIN_HOOK | NLA_F_NESTED, &hook);
+    put_attr(&mut buf, NFTA_CHAIN_TYPE, b"nat\0");
     end_message(&mut buf, start);
     let start = begin_message(
         &mut buf,

@@ -143,10 +143,13 @@ impl Link {
     /// `InvalidData` for a message that does not decode, is truncated, or carries
     /// more than one descriptor; others as `recvmsg` fails.
     pub async fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Option<OwnedFd>)>> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let (len, fds) = self
+        // The buffer exists only while a packet is being taken: a link waiting
+        // for its peer holds none, so many idle peers cost no memory, and only
+        // the bytes received are kept.
+        let (bytes, fds) = self
             .0
             .async_io(Interest::READABLE, || {
+                let mut buf = vec![0u8; MAX_MESSAGE];
                 let sock = self.0.as_fd();
                 let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
                 let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -171,10 +174,10 @@ impl Link {
                         "truncated hub message",
                     ));
                 }
-                Ok((got.bytes, fds))
+                Ok((buf[..got.bytes].to_vec(), fds))
             })
             .await?;
-        if len == 0 && fds.is_empty() {
+        if bytes.is_empty() && fds.is_empty() {
             return Ok(None);
         }
         if fds.len() > 1 {
@@ -183,7 +186,7 @@ impl Link {
                 "a hub message with more than one descriptor",
             ));
         }
-        let message = postcard::from_bytes(&buf[..len])
+        let message = postcard::from_bytes(&bytes)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         Ok(Some((message, fds.into_iter().next())))
     }
