@@ -520,7 +520,13 @@ pub fn app_pod_serving(live: &Live, server: &[&str]) -> Value {
     };
     let mut app = container("app", server.to_vec());
     app["ports"] = json!([{"containerPort": APP_PORT}]);
-    app["readinessProbe"] = json!({"tcpSocket": {"port": APP_PORT}, "periodSeconds": 1});
+    // An exec probe: a probe over the network makes graft keep the node's own
+    // connections (this machine's test clients) on the target, as it does for
+    // the kubelet's probes (tests/tests/e2e_probes.rs covers those).
+    app["readinessProbe"] = json!({"exec": {"command": [
+        "python3", "-S", "-c",
+        format!("import socket; socket.create_connection(('127.0.0.1', {APP_PORT}), 1)"),
+    ]}, "periodSeconds": 1});
     let side = container(
         "side",
         vec!["python3", "-c", "import signal; signal.pause()"],

@@ -72,7 +72,9 @@ fn web(image: &str) -> Deployment {
                     "command": ["sh", "-c", "exec python3 -c \"$SERVER\" pod 8080"],
                     "env": [{"name": "SERVER", "value": SERVER}],
                     "ports": [{"containerPort": 8080}],
-                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                    // exec: a network probe keeps the node's connections (this
+                    // machine's test clients) on the target.
+                    "readinessProbe": {"exec": {"command": ["python3", "-S", "-c", "import socket; socket.create_connection(('127.0.0.1', 8080), 1)"]}, "periodSeconds": 1},
                 }]},
             },
         },

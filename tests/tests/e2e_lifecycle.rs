@@ -142,7 +142,9 @@ async fn create_app(client: &Client, ns: &str, e2e: &E2e) {
         "app",
         &e2e.app_image,
         &["sh", "-c", "exec python3 -c \"$SERVER\" pod"],
-        json!({"tcpSocket": {"port": 8080}, "periodSeconds": 1}),
+        // exec: a network probe keeps the node's connections (this machine's
+        // test clients) on the target.
+        json!({"exec": {"command": ["python3", "-S", "-c", "import socket; socket.create_connection(('127.0.0.1', 8080), 1)"]}, "periodSeconds": 1}),
     );
     deployments.create(&pp, &app).await.expect("deploy/app");
     let services: Api<Service> = Api::namespaced(client.clone(), ns);

@@ -343,7 +343,12 @@ fn mesh_opt_outs() -> BTreeMap<String, String> {
 /// `--probe-source` arguments for a pod target: its default gateway and its
 /// node's `hostIP`, the addresses the kubelet's probes come from, which the
 /// agent never redirects (so probes always reach the target's container).
+/// None when no container of the pod is probed over the network: then
+/// nothing needs protecting, and the node's own traffic is stolen too.
 fn probe_source_args(target: &ResolvedTarget) -> Vec<String> {
+    if !target.probed_over_network {
+        return Vec::new();
+    }
     let mut args = vec!["--probe-source".to_owned(), "gateway".to_owned()];
     if let Some(ip) = &target.host_ip {
         args.extend(["--probe-source".to_owned(), ip.clone()]);
@@ -517,6 +522,7 @@ mod tests {
             node: "node-a".into(),
             shares_process_namespace: false,
             host_ip: Some("10.0.0.7".into()),
+            probed_over_network: true,
         }
     }
 

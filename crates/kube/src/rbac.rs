@@ -157,8 +157,14 @@ pub const LIST_REPLICASETS: Permission = grouped(
 );
 /// Read a Job target.
 pub const GET_JOBS: Permission = grouped("batch", "jobs", "get", "resolve job/NAME");
-/// List Jobs: a CronJob's running jobs, or which exist when a name is not found.
-pub const LIST_JOBS: Permission = grouped("batch", "jobs", "list", "find a cronjob's running job");
+/// List Jobs: a CronJob's running jobs, which exist when a name is not found,
+/// and graft's own agent Jobs (`graft clean`, the wait for an agent's pod).
+pub const LIST_JOBS: Permission = grouped(
+    "batch",
+    "jobs",
+    "list",
+    "find a cronjob's running job or graft's agent jobs",
+);
 /// Read a CronJob target.
 pub const GET_CRONJOBS: Permission = grouped("batch", "cronjobs", "get", "resolve cronjob/NAME");
 /// List CronJobs when a name is not found.

@@ -93,6 +93,27 @@ pub struct ResolvedTarget {
     /// The node's address as the pod's status reports it (`status.hostIP`):
     /// one of the sources the kubelet's probes may come from.
     pub host_ip: Option<String>,
+    /// Whether a container of the pod has a kubelet probe that reaches it over
+    /// the network (`httpGet`, `tcpSocket` or `grpc` liveness, readiness or
+    /// startup probe). Only then does the agent keep the node's connections
+    /// away from the session; without such probes, traffic from the node (a
+    /// NodePort, a developer's `curl` on a local cluster) is stolen too.
+    pub probed_over_network: bool,
+}
+
+/// Whether any container of `pod` has a probe the kubelet sends over the
+/// network (Kubernetes docs, "Configure Liveness, Readiness and Startup
+/// Probes": `httpGet`, `tcpSocket`, `grpc`; `exec` runs inside the container).
+fn probed_over_network(pod: &Pod) -> bool {
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    spec.containers.iter().any(|c| {
+        [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+            .into_iter()
+            .flatten()
+            .any(|p| p.http_get.is_some() || p.tcp_socket.is_some() || p.grpc.is_some())
+    })
 }
 
 /// Whether a pod can serve as a workload's target: running, `Ready`, and not
@@ -402,6 +423,7 @@ pub fn resolved_target(pod: &Pod, container: ContainerChoice) -> Result<Resolved
         node,
         shares_process_namespace: spec.and_then(|s| s.share_process_namespace) == Some(true),
         host_ip: pod.status.as_ref().and_then(|s| s.host_ip.clone()),
+        probed_over_network: probed_over_network(pod),
         container,
     })
 }
