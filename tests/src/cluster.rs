@@ -368,6 +368,20 @@ impl Ns<'_> {
         addr_of(&pods[0])
     }
 
+    /// [`Ns::agent_pods`] once it reaches 0, or its count after 30 s: graft
+    /// deletes an agent Job with background propagation, so its pod goes a
+    /// moment later (the garbage collector's work).
+    pub fn agent_pods_after_cleanup(&self) -> usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = self.agent_pods();
+            if n == 0 || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// How many of graft's node-mode agent pods exist and are not being deleted.
     pub fn agent_pods(&self) -> usize {
         self.live

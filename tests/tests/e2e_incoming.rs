@@ -361,7 +361,7 @@ fn grpc(mode: &str) {
     }
     println!("{}", interrupt(graft));
     ns.wait_ready("app=web", 1);
-    assert_eq!(ns.agent_pods(), 0);
+    assert_eq!(ns.agent_pods_after_cleanup(), 0);
     let reply = call("alice").expect("the pod answers gRPC after the session");
     assert_eq!(reply["unary"], "web unary hello");
 }

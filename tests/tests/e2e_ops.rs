@@ -105,7 +105,11 @@ fn e2e_ls_lists_node_mode_sessions() {
         ls_rows(&ns, &live.kubeconfig, "pod/web"),
         Vec::<String>::new()
     );
-    assert_eq!(ns.agent_pods(), 0, "graft ls left its agent pod");
+    assert_eq!(
+        ns.agent_pods_after_cleanup(),
+        0,
+        "graft ls left its agent pod"
+    );
 }
 
 /// The sample pod `web` without hostPath volumes (which the `baseline` level
@@ -178,7 +182,11 @@ fn e2e_doctor_passes_and_names_a_forbidding_pod_security_level() {
             out.stderr.contains("privileged"),
             "{mode}: graft's error does not name the Pod Security level\n{out}"
         );
-        assert_eq!(strict.agent_pods(), 0, "{mode}: an agent pod was left");
+        assert_eq!(
+            strict.agent_pods_after_cleanup(),
+            0,
+            "{mode}: an agent pod was left"
+        );
         assert_eq!(served_by(addr, "/"), "web");
     }
 }
@@ -550,5 +558,5 @@ fn e2e_port_forward_cut_mid_download_loses_nothing() {
             .contains(&format!("done {} bad None", 32 << 20)),
         "bytes lost or changed across the cut\n{outcome}"
     );
-    assert_eq!(ns.agent_pods(), 0);
+    assert_eq!(ns.agent_pods_after_cleanup(), 0);
 }
