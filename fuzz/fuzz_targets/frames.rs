@@ -33,8 +33,14 @@ pub fn check<T: DeserializeOwned + Serialize + PartialEq + Debug>(data: &[u8]) {
                 assert!(e.is_closed(), "partial frame but {e:?}");
                 return;
             }
-            (Err(FrameError::TooLarge { len }), Err(FrameError::TooLarge { len: len2 })) => {
-                assert!(len > MAX_FRAME_LEN && len == len2);
+            (
+                Err(FrameError::TooLarge { len, max }),
+                Err(FrameError::TooLarge {
+                    len: len2,
+                    max: max2,
+                }),
+            ) => {
+                assert!(len > max && len == len2 && max == max2 && max <= MAX_FRAME_LEN);
                 return;
             }
             (Err(_), Err(_)) => return,
