@@ -20,8 +20,8 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 
 use crate::KubeError;
-use crate::manifest::{AGENT_POD_SELECTOR, SESSION_LABEL};
-use crate::place::FIELD_MANAGER;
+use crate::manifest::SESSION_LABEL;
+use crate::place::{FIELD_MANAGER, delete_agent_object, list_agent_objects};
 use crate::rbac;
 
 /// How long the Job controller may take to create the agent's pod.
@@ -175,18 +175,15 @@ pub async fn delete_agent_job(
     namespace: &str,
     name: &str,
 ) -> Result<(), KubeError> {
-    let api: Api<Job> = Api::namespaced(client.clone(), namespace);
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(KubeError::from_api(
-            e,
-            rbac::DELETE_JOBS,
-            namespace,
-            "job",
-            name,
-        )),
-    }
+    delete_agent_object::<Job>(
+        client,
+        namespace,
+        name,
+        &DeleteParams::background(),
+        rbac::DELETE_JOBS,
+        "job",
+    )
+    .await
 }
 
 /// The agent Jobs in `namespace` (all namespaces with `None`), for `graft
@@ -196,23 +193,7 @@ pub async fn delete_agent_job(
 ///
 /// [`KubeError::Forbidden`] without `list jobs`, or another API failure.
 pub async fn agent_jobs(client: &Client, namespace: Option<&str>) -> Result<Vec<Job>, KubeError> {
-    let api: Api<Job> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let list = api
-        .list(&ListParams::default().labels(AGENT_POD_SELECTOR))
-        .await
-        .map_err(|e| {
-            KubeError::from_api(
-                e,
-                rbac::LIST_JOBS,
-                namespace.unwrap_or("(all)"),
-                "job",
-                AGENT_POD_SELECTOR,
-            )
-        })?;
-    Ok(list.items)
+    list_agent_objects(client, namespace, rbac::LIST_JOBS, "job").await
 }
 
 /// Whether a Job has finished (condition `Complete` or `Failed` true), with

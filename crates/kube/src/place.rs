@@ -346,18 +346,15 @@ pub async fn delete_node_agent(
     namespace: &str,
     pod: &str,
 ) -> Result<(), KubeError> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    match api.delete(pod, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(KubeError::from_api(
-            e,
-            rbac::DELETE_PODS,
-            namespace,
-            "pod",
-            pod,
-        )),
-    }
+    delete_agent_object::<Pod>(
+        client,
+        namespace,
+        pod,
+        &DeleteParams::default(),
+        rbac::DELETE_PODS,
+        "pod",
+    )
+    .await
 }
 
 /// The node-mode agent pods graft left in `namespace` (all namespaces with
@@ -367,7 +364,52 @@ pub async fn delete_node_agent(
 ///
 /// [`KubeError::Forbidden`] without `list pods`, or another API failure.
 pub async fn agent_pods(client: &Client, namespace: Option<&str>) -> Result<Vec<Pod>, KubeError> {
-    let api: Api<Pod> = match namespace {
+    list_agent_objects(client, namespace, rbac::LIST_PODS, "pod").await
+}
+
+/// Deletes the `K` named `name` (an agent pod or Job); one already gone is
+/// fine. `permission` names the verb a refusal lacks, `kind` the object
+/// (`pod`, `job`) in its message.
+pub(crate) async fn delete_agent_object<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    params: &DeleteParams,
+    permission: Permission,
+    kind: &str,
+) -> Result<(), KubeError>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    match api.delete(name, params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(KubeError::from_api(e, permission, namespace, kind, name)),
+    }
+}
+
+/// The `K`s (agent pods or Jobs) carrying graft's agent label in `namespace`
+/// (all namespaces with `None`). `permission` names the verb a refusal lacks,
+/// `kind` the object (`pod`, `job`) in its message.
+pub(crate) async fn list_agent_objects<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    permission: Permission,
+    kind: &str,
+) -> Result<Vec<K>, KubeError>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -377,9 +419,9 @@ pub async fn agent_pods(client: &Client, namespace: Option<&str>) -> Result<Vec<
         .map_err(|e| {
             KubeError::from_api(
                 e,
-                rbac::LIST_PODS,
+                permission,
                 namespace.unwrap_or(crate::error::ALL_NAMESPACES),
-                "pod",
+                kind,
                 AGENT_POD_SELECTOR,
             )
         })?;
