@@ -68,6 +68,25 @@ pub enum ProxyError {
     /// The link to the agent is gone; nothing more can be sent on it.
     #[error("the link to the agent is gone: {0}")]
     LinkClosed(LinkEnd),
+    /// The target could not open an outgoing connection ([`crate::Session::connect_tcp`],
+    /// [`crate::Session::connect_udp`]).
+    #[error("{message}")]
+    Connect {
+        /// Where the connection was to go.
+        remote: std::net::SocketAddr,
+        /// The `errno` of the target's `connect` (`ECONNABORTED` when the link ended).
+        errno: i32,
+        /// What failed, in words.
+        message: String,
+    },
+    /// The agent refused to subscribe a port ([`crate::Session::steal`]).
+    #[error("port {port}: {message}")]
+    Subscribe {
+        /// The target's port.
+        port: u16,
+        /// The agent's reason (taken by another session, a rule it could not install).
+        message: String,
+    },
     /// The layer socket could not be bound.
     #[error("cannot listen for the layer on {}: {source}", path.display())]
     Bind {

@@ -132,7 +132,10 @@ async fn answer(shared: &Arc<Shared>, request: LayerRequest) -> LayerResponse {
             port,
             deliver_to,
             pid,
-        } => match shared.listen(port, deliver_to, pid).await {
+        } => match shared
+            .listen(port, crate::Delivery::Listener(deliver_to), pid)
+            .await
+        {
             Ok(()) => LayerResponse::Ok,
             Err((errno, message)) => error(errno, message),
         },

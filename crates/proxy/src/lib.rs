@@ -21,13 +21,17 @@
 //! ```
 //!
 //! Modules: `session` (the link, its tasks and shared state), `layer` (the layer
-//! socket), `splice` (byte paths of each connection), `error`.
+//! socket), `flows` (connections for front ends without the layer: a user-space
+//! stack, port-forward, intercept), `splice` (byte paths of each connection),
+//! `error`.
 
 mod error;
+mod flows;
 mod layer;
 mod overlap;
 mod session;
 mod splice;
 
 pub use error::{LinkEnd, ProxyError};
+pub use flows::{Delivery, IncomingTcp, LocalStream, OutgoingTcp, OutgoingUdp};
 pub use session::{AgentInfo, Session, SessionOptions};

@@ -40,7 +40,7 @@ use tokio::{
 };
 use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
-use crate::{LinkEnd, ProxyError, splice};
+use crate::{Delivery, LinkEnd, ProxyError, flows, splice};
 
 type LinkCodec = FrameCodec<AgentMessage, ClientMessage>;
 
@@ -227,6 +227,11 @@ impl Session {
         })
     }
 
+    /// The state the link's tasks share, for the other modules of this crate.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// What the agent said about itself.
     pub fn agent(&self) -> &AgentInfo {
         &self.agent
@@ -332,6 +337,10 @@ pub(crate) enum ConnEvent {
     Credit(u32),
 }
 
+/// The owner "process" of a subscription made through the public API
+/// ([`Session::steal`]): never pruned by `check_owners`.
+pub(crate) const API_OWNER: u32 = 0;
+
 /// The receiving end of a connection's events; closed when the link ends.
 pub(crate) type ConnEvents = mpsc::UnboundedReceiver<ConnEvent>;
 
@@ -342,7 +351,7 @@ pub(crate) type ConnEvents = mpsc::UnboundedReceiver<ConnEvent>;
 /// removed by `Unlisten` from its owner or when the owner process is gone.
 #[derive(Debug)]
 struct Subscription {
-    deliver_to: SocketAddr,
+    deliver_to: Delivery,
     pid: u32,
     state: StealState,
 }
@@ -502,6 +511,20 @@ impl Shared {
         }
     }
 
+    /// Queues `Close` for `conn` without waiting (for `Drop`): when the outbox is
+    /// full, a task sends it once there is room.
+    pub(crate) fn close_soon(self: &Arc<Self>, conn: ConnectionId, reset: bool) {
+        let message = ClientMessage::Close { conn, reset };
+        if let Err(mpsc::error::TrySendError::Full(message)) = self.outbox.try_send(message)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let shared = self.clone();
+            runtime.spawn(async move {
+                let _ = shared.send(message).await;
+            });
+        }
+    }
+
     /// Forgets a connection: later frames about it are dropped.
     pub(crate) fn forget(&self, conn: ConnectionId) {
         self.state().conns.remove(&conn);
@@ -512,13 +535,13 @@ impl Shared {
     pub(crate) async fn listen(
         &self,
         port: u16,
-        deliver_to: SocketAddr,
+        deliver_to: Delivery,
         pid: u32,
     ) -> Result<(), (i32, String)> {
-        self.listen_here(port, deliver_to, pid).await?;
+        self.listen_here(port, deliver_to.clone(), pid).await?;
         let secondaries = lock(&self.secondaries).clone();
         for (i, secondary) in secondaries.iter().enumerate() {
-            if let Err((_, message)) = secondary.listen_here(port, deliver_to, pid).await {
+            if let Err((_, message)) = secondary.listen_here(port, deliver_to.clone(), pid).await {
                 eprintln!("graft: port {port} on pod #{}: {message}", i + 2);
             }
         }
@@ -529,7 +552,7 @@ impl Shared {
     async fn listen_here(
         &self,
         port: u16,
-        deliver_to: SocketAddr,
+        deliver_to: Delivery,
         pid: u32,
     ) -> Result<(), (i32, String)> {
         let (tx, rx) = oneshot::channel();
@@ -697,7 +720,7 @@ impl Shared {
                 tracing::debug!(port, "steal result for a port nobody listens on");
                 return;
             };
-            let deliver_to = sub.deliver_to;
+            let deliver_to = sub.deliver_to.clone();
             let waiters = match std::mem::replace(&mut sub.state, StealState::Active) {
                 StealState::Pending(waiters) => waiters,
                 StealState::Active => Vec::new(),
@@ -724,9 +747,7 @@ impl Shared {
                     } else {
                         ""
                     };
-                    eprintln!(
-                        "graft: {what} port {port} of the target → local {deliver_to}{default}"
-                    );
+                    eprintln!("graft: {what} port {port} of the target → {deliver_to}{default}");
                     if let (IncomingMode::Steal, Some(mine)) =
                         (self.options.incoming_mode, self.options.filter.clone())
                     {
@@ -770,16 +791,24 @@ impl Shared {
                 .steals
                 .get(&port)
                 .filter(|sub| matches!(sub.state, StealState::Active))
-                .map(|sub| sub.deliver_to);
+                .map(|sub| sub.deliver_to.clone());
             target.map(|target| {
                 let (events_tx, events) = mpsc::unbounded_channel();
                 state.conns.insert(conn, events_tx);
-                (delivery_address(target), events)
+                (target, events)
             })
         };
         match registered {
-            Some((target, events)) => {
+            Some((Delivery::Listener(target), events)) => {
+                let target = delivery_address(target);
                 tokio::spawn(splice::deliver(self.clone(), conn, target, peer, events));
+            }
+            Some((Delivery::Channel(deliveries), events)) => {
+                let incoming = flows::incoming(self.clone(), conn, port, peer, events);
+                // A full or closed channel drops the connection, which resets it.
+                if let Err(e) = deliveries.try_send(incoming) {
+                    tracing::info!(%conn, port, error = %e, "the caller takes no more incoming connections; reset");
+                }
             }
             None => {
                 tracing::info!(%conn, port, "incoming connection for a port nobody listens on; reset");
@@ -928,6 +957,7 @@ async fn check_owners(shared: Arc<Shared>) {
                 .iter()
                 .filter(|(_, sub)| {
                     matches!(sub.state, StealState::Active)
+                        && sub.pid != API_OWNER
                         && !Path::new(&format!("/proc/{}", sub.pid)).exists()
                 })
                 .map(|(port, _)| *port)

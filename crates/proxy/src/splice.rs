@@ -32,12 +32,15 @@ use graft_protocol::{
     link::{CREDIT_BATCH, ClientMessage, TCP_WINDOW},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
     sync::Notify,
 };
 
-use crate::session::{ConnEvent, ConnEvents, Shared};
+use crate::{
+    flows::LocalStream,
+    session::{ConnEvent, ConnEvents, Shared},
+};
 
 /// The largest chunk read from a local socket into one `Data` frame.
 pub(crate) const CHUNK_LEN: usize = 64 * 1024;
@@ -140,10 +143,46 @@ pub(crate) async fn splice_tcp(
     shared: Arc<Shared>,
     conn: ConnectionId,
     mut stream: TcpStream,
-    mut events: ConnEvents,
+    events: ConnEvents,
 ) {
+    // `TcpStream::split` borrows both halves without the lock `tokio::io::split` takes.
+    let (mut from_program, mut to_program) = stream.split();
+    let outcome = splice_halves(&shared, conn, &mut from_program, &mut to_program, events).await;
+    if finish(&shared, conn, outcome).await {
+        let _ = stream.set_zero_linger();
+    }
+}
+
+/// [`splice_tcp`] for any [`LocalStream`]: a user-space stack's socket, a pipe.
+pub(crate) async fn splice_stream<S: LocalStream>(
+    shared: Arc<Shared>,
+    conn: ConnectionId,
+    stream: S,
+    events: ConnEvents,
+) {
+    let (mut from_program, mut to_program) = tokio::io::split(stream);
+    let outcome = splice_halves(&shared, conn, &mut from_program, &mut to_program, events).await;
+    // Both halves come from the same `split`, so `unsplit` cannot panic.
+    let mut stream = from_program.unsplit(to_program);
+    if finish(&shared, conn, outcome).await {
+        stream.abort();
+    }
+}
+
+/// Moves bytes both ways between the program's side and `conn` under the link's
+/// flow control, until both directions are done or either breaks.
+async fn splice_halves<R, W>(
+    shared: &Shared,
+    conn: ConnectionId,
+    mut from_program: R,
+    mut to_program: W,
+    mut events: ConnEvents,
+) -> Outcome
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let outcome = {
-        let (mut from_program, mut to_program) = stream.split();
         // Both futures run in this one task; the flags tell each whether the other
         // direction has finished.
         let program_done = AtomicBool::new(false);
@@ -237,6 +276,12 @@ pub(crate) async fn splice_tcp(
             }
         }
     };
+    outcome
+}
+
+/// Tells the agent how the splice of `conn` ended; true when the program's side
+/// must see a failure (RST) rather than a clean end.
+async fn finish(shared: &Shared, conn: ConnectionId, outcome: Outcome) -> bool {
     tracing::debug!(%conn, ?outcome, "connection finished");
     shared.forget(conn);
     match outcome {
@@ -244,19 +289,18 @@ pub(crate) async fn splice_tcp(
             let _ = shared
                 .send(ClientMessage::Close { conn, reset: false })
                 .await;
+            false
         }
         Outcome::LocalError(e) => {
             tracing::debug!(%conn, error = %e, "local socket failed; resetting the connection");
-            let _ = stream.set_zero_linger();
             let _ = shared
                 .send(ClientMessage::Close { conn, reset: true })
                 .await;
+            true
         }
-        Outcome::AgentReset | Outcome::LinkGone => {
-            // The program must see the failure at once, not a clean end of stream.
-            let _ = stream.set_zero_linger();
-        }
-        Outcome::AgentClosed => {}
+        // The program must see the failure at once, not a clean end of stream.
+        Outcome::AgentReset | Outcome::LinkGone => true,
+        Outcome::AgentClosed => false,
     }
 }
 

@@ -2,7 +2,6 @@
 //! connections on a Unix socket and real TCP/UDP sockets on loopback.
 
 use std::{
-    future::Future,
     io::ErrorKind,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -18,113 +17,16 @@ use graft_protocol::{
     link::{AgentMessage, ClientMessage, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
 };
-use graft_proxy::{LinkEnd, ProxyError, Session, SessionOptions};
+use graft_proxy::{LinkEnd, Session, SessionOptions};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket, UnixStream},
 };
 use tokio_util::codec::Framed;
 
-const DEADLINE: Duration = Duration::from_secs(10);
+mod support;
 
-/// Awaits `fut`, failing the test when it takes longer than [`DEADLINE`].
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("graft-proxy-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The agent's end of the link, driven by the test.
-struct FakeAgent {
-    link: Framed<DuplexStream, FrameCodec<ClientMessage, AgentMessage>>,
-}
-
-impl FakeAgent {
-    /// The next message that is not a keepalive ping.
-    async fn recv(&mut self) -> ClientMessage {
-        loop {
-            let message = within("a frame from the proxy", self.link.next())
-                .await
-                .expect("the proxy closed the link")
-                .expect("a valid frame");
-            if !matches!(message, ClientMessage::Ping(_)) {
-                return message;
-            }
-        }
-    }
-
-    async fn send(&mut self, message: AgentMessage) {
-        self.link.send(message).await.unwrap();
-    }
-}
-
-fn test_options() -> SessionOptions {
-    SessionOptions {
-        announce_steals: false,
-        ..SessionOptions::default()
-    }
-}
-
-/// Opens a session whose agent accepts with `reply`.
-async fn session_with(
-    reply: HelloReply,
-    options: SessionOptions,
-) -> (Result<Session, ProxyError>, FakeAgent) {
-    let (client, agent) = tokio::io::duplex(1 << 20);
-    let mut agent = FakeAgent {
-        link: Framed::new(agent, FrameCodec::new()),
-    };
-    let agent_side = async {
-        match agent.recv().await {
-            ClientMessage::Hello(hello) => {
-                assert_eq!(hello.secret, "s3cret");
-                assert_eq!(hello.client, "me@here");
-                assert_eq!(hello.version, PROTOCOL_VERSION);
-            }
-            other => panic!("expected Hello, got {other:?}"),
-        }
-        agent.send(AgentMessage::Hello(reply)).await;
-    };
-    let (session, ()) = tokio::join!(
-        Session::connect_with(client, "s3cret", "me@here", options),
-        agent_side
-    );
-    (session, agent)
-}
-
-async fn open_session(options: SessionOptions) -> (Session, FakeAgent) {
-    let (session, agent) = session_with(
-        HelloReply::Accepted {
-            version: PROTOCOL_VERSION.into(),
-            target_pid: 42,
-        },
-        options,
-    )
-    .await;
-    (session.expect("handshake accepted"), agent)
-}
+use support::*;
 
 type LayerLink = Framed<UnixStream, FrameCodec<LayerResponse, LayerRequest>>;
 
