@@ -41,6 +41,19 @@ pub enum Command {
     /// Remove the node-mode agent pods crashed sessions left behind.
     #[command(after_help = "Example:\n  graft clean -n shop")]
     Clean(crate::clean::CleanArgs),
+    /// List what --target can name in a namespace: deployments, statefulsets,
+    /// daemonsets and pods.
+    #[command(after_help = "Example:\n  graft targets -n shop -o json")]
+    Targets(crate::targets::TargetsArgs),
+    /// The graft.toml JSON Schema, and a check of a config file.
+    #[command(after_help = "Example:\n  graft config check graft.toml")]
+    Config(crate::config::ConfigArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Example:\n  graft completions bash > /etc/bash_completion.d/graft")]
+    Completions(crate::shell::CompletionsArgs),
+    /// Print the man page (or write every page into a directory).
+    #[command(after_help = "Example:\n  graft man | man -l -")]
+    Man(crate::shell::ManArgs),
 }
 
 /// `graft agent-image` flags.
@@ -74,6 +87,9 @@ pub struct LsArgs {
     /// The agent image's pull policy: Always, IfNotPresent or Never.
     #[arg(long, value_name = "POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
     pub agent_pull_policy: Option<String>,
+    /// Output format.
+    #[command(flatten)]
+    pub output: crate::output::OutputFlag,
 }
 
 /// How to reach a Kubernetes cluster, as kubectl's flags (shared by the
@@ -167,7 +183,8 @@ pub struct RunArgs {
     /// Paths matching REGEX are remote (repeatable).
     #[arg(long = "fs-remote", value_name = "REGEX")]
     pub fs_remote: Vec<String>,
-    /// Config file [default: ./graft.toml when it exists].
+    /// Config file: TOML, or JSON / YAML by its extension [default: the first of
+    /// ./graft.toml, ./graft.json, ./graft.yaml that exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The command to run, and its arguments (after `--`).

@@ -23,6 +23,12 @@ pub struct CleanArgs {
     /// Also remove agent pods that still run (their sessions may be live).
     #[arg(long)]
     pub force: bool,
+    /// Say what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: crate::output::OutputFlag,
 }
 
 /// Runs `graft clean`: exit code 0, or 1 when a pod could not be deleted.
@@ -31,14 +37,22 @@ pub async fn clean(args: CleanArgs) -> Result<u8, Failure> {
         .await
         .map_err(|e| Failure::session(e.to_string()))?;
     let namespace = (!args.all_namespaces).then_some(cluster.namespace.as_str());
-    let report = graft_kube::clean::clean(&cluster.client, namespace, args.force)
-        .await
-        .map_err(|e| Failure::session(e.to_string()))?;
-    let scope = match namespace {
-        Some(ns) => format!("namespace {ns:?}"),
-        None => "any namespace".to_owned(),
-    };
-    print!("{}", render_report(&report, &scope));
+    let report = if args.dry_run {
+        graft_kube::clean::dry_run(&cluster.client, namespace, args.force).await
+    } else {
+        graft_kube::clean::clean(&cluster.client, namespace, args.force).await
+    }
+    .map_err(|e| Failure::session(e.to_string()))?;
+    if args.output.json() {
+        let json = crate::output::CleanJson::new(&report, namespace, args.dry_run);
+        crate::output::print_json(&json)?;
+    } else {
+        let scope = match namespace {
+            Some(ns) => format!("namespace {ns:?}"),
+            None => "any namespace".to_owned(),
+        };
+        print!("{}", render_report(&report, &scope, args.dry_run));
+    }
     Ok(if report.failed.is_empty() { 0 } else { 1 })
 }
 
@@ -54,11 +68,13 @@ fn describe(pod: &AgentPod) -> String {
     )
 }
 
-/// What `graft clean` prints.
-pub fn render_report(report: &CleanReport, scope: &str) -> String {
+/// What `graft clean` prints; with `dry_run`, "would remove" for what it would
+/// delete.
+pub fn render_report(report: &CleanReport, scope: &str, dry_run: bool) -> String {
     let mut out = String::new();
+    let removed = if dry_run { "would remove" } else { "removed" };
     for pod in &report.removed {
-        out.push_str(&format!("removed {}\n", describe(pod)));
+        out.push_str(&format!("{removed} {}\n", describe(pod)));
     }
     for (pod, error) in &report.failed {
         out.push_str(&format!("could not remove {}: {error}\n", describe(pod)));
@@ -141,7 +157,9 @@ mod tests {
                 containers: vec!["graft-agent-x".into()],
             }],
         };
-        let text = render_report(&report, "namespace \"shop\"");
+        let text = render_report(&report, "namespace \"shop\"", false);
+        let dry = render_report(&report, "namespace \"shop\"", true);
+        assert!(dry.contains("would remove pod shop/graft-agent-a (session s1, Succeeded)"));
         assert!(text.contains("removed pod shop/graft-agent-a (session s1, Succeeded)"));
         assert!(text.contains("removed job shop/graft-agent-j (session s1, Complete)"));
         assert!(text.contains("could not remove pod shop/graft-agent-c"));
@@ -149,7 +167,7 @@ mod tests {
         assert!(text.contains("--force removes it"));
         assert!(text.contains("Kubernetes cannot remove ephemeral containers"));
         assert_eq!(
-            render_report(&CleanReport::default(), "namespace \"shop\""),
+            render_report(&CleanReport::default(), "namespace \"shop\"", false),
             "nothing to clean in namespace \"shop\"\n"
         );
     }

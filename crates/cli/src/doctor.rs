@@ -27,6 +27,9 @@ pub struct DoctorArgs {
     /// The agent image (default: graft's, tagged with its version).
     #[arg(long, value_name = "IMAGE")]
     pub agent_image: Option<String>,
+    /// Output format.
+    #[command(flatten)]
+    pub output: crate::output::OutputFlag,
 }
 
 /// The kubectl-style flags as `graft_kube` takes them.
@@ -56,6 +59,10 @@ pub async fn doctor(args: DoctorArgs) -> Result<u8, Failure> {
         image: args.agent_image.unwrap_or_else(default_agent_image),
     };
     let checks = run_checks(&client_options(&args.kube), &options).await;
+    if args.output.json() {
+        crate::output::print_json(&crate::output::DoctorJson::new(&checks))?;
+        return Ok(u8::from(any_failed(&checks)));
+    }
     print!("{}", render_table(&checks));
     if any_failed(&checks) {
         println!("\ngraft doctor: some checks FAILED; fix them before running graft");

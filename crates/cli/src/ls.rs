@@ -31,7 +31,11 @@ pub async fn ls(args: LsArgs) -> Result<u8, Failure> {
         Target::Pid(pid) => list_local(pid).await?,
         Target::Kube(text) => list_in_cluster(&text, &args).await?,
     };
-    print!("{}", table(&list));
+    if args.output.json() {
+        crate::output::print_json(&crate::output::LsJson::new(&list))?;
+    } else {
+        print!("{}", table(&list));
+    }
     Ok(0)
 }
 

@@ -6,15 +6,20 @@ mod agent;
 mod args;
 mod clean;
 mod cluster;
+mod config;
 mod doctor;
 mod failure;
 mod image;
+mod kubectl;
 mod locate;
 mod ls;
 mod open;
+mod output;
 mod process;
 mod run;
 mod session_dir;
+mod shell;
+mod targets;
 
 use std::process::ExitCode;
 
@@ -30,7 +35,13 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match kubectl::args(std::env::args_os()) {
+        Ok(argv) => Cli::parse_from(argv),
+        Err(failure) => {
+            failure.print();
+            return ExitCode::from(failure.code);
+        }
+    };
     if let Err(e) = process::raise_nofile() {
         tracing::warn!("could not raise the open file limit to its maximum: {e}");
     }
@@ -42,6 +53,10 @@ async fn main() -> ExitCode {
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Clean(args) => clean::clean(args).await,
         Command::AgentImage(args) => image::agent_image(args),
+        Command::Targets(args) => targets::targets(args).await,
+        Command::Config(args) => config::config(args),
+        Command::Completions(args) => shell::completions(args),
+        Command::Man(args) => shell::man(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

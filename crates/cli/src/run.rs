@@ -98,9 +98,8 @@ fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
     match explicit {
         Some(path) => Ok(ConfigFile::load(path)?),
         None => {
-            let default = Path::new("graft.toml");
-            if default.exists() {
-                Ok(ConfigFile::load(default)?)
+            if let Some(default) = graft_config::schema::default_file(Path::new(".")) {
+                Ok(ConfigFile::load(&default)?)
             } else {
                 Ok(ConfigFile::default())
             }

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::{ConfigError, LayerConfig};
 
 /// How files are handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FsMode {
     /// Remote paths are read in the target; writes stay local (default).

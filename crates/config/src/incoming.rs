@@ -25,7 +25,7 @@ use crate::ConfigError;
 
 /// `[incoming.filter]` of `graft.toml`: either the flat keys `header`, `path`,
 /// `method` (all-of), or `all_of`, or `any_of` — exactly one of the three shapes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterFile {
     /// A header rule: a regex searched in each `name: value` line.
@@ -42,7 +42,7 @@ pub struct FilterFile {
 
 /// One entry of `all_of`/`any_of`: a table with exactly one of `header`, `path`,
 /// `method`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterRuleFile {
     /// A header rule.

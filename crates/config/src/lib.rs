@@ -14,6 +14,7 @@ pub mod env;
 pub mod fs;
 pub mod incoming;
 pub mod outgoing;
+pub mod schema;
 
 use std::path::{Path, PathBuf};
 
@@ -37,13 +38,13 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The config file is not valid TOML of the expected shape.
-    #[error("invalid config file {path}: {message}")]
+    /// The config file is not valid TOML (JSON, YAML) of the expected shape.
+    #[error("invalid config file {}: {problem}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// What is wrong, from the TOML parser.
-        message: String,
+        /// What is wrong and where, from the parser.
+        problem: schema::FileProblem,
     },
     /// A value (flag or file) is malformed.
     #[error("invalid {what} {value:?}: {reason}")]
@@ -117,7 +118,9 @@ impl std::fmt::Display for Target {
 
 /// What happens to the target's incoming traffic; in `graft.toml` `"off"`,
 /// `"steal"` or `"mirror"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum IncomingMode {
     /// Incoming traffic is left alone; the program's listeners are only local.
@@ -256,21 +259,23 @@ impl LayerConfig {
 /// local = ["^/etc/ssl/"]
 /// remote = ["^/home/app/"]
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
-    /// Default target.
+    /// The target when `--target` is not given: `pid:PID` (a local process),
+    /// `KIND/NAME[/container/NAME]` (a Kubernetes workload: pod, deploy, sts,
+    /// ds, rs, job, cronjob, rollout) or `targetless`.
     pub target: Option<String>,
-    /// Incoming traffic settings.
+    /// `[incoming]`: what happens to the target's incoming traffic.
     #[serde(default)]
     pub incoming: IncomingFile,
-    /// Outgoing traffic settings.
+    /// `[outgoing]`: which outgoing connections stay on this machine.
     #[serde(default)]
     pub outgoing: OutgoingFile,
-    /// Environment settings.
+    /// `[env]`: which of the target's environment variables the program gets.
     #[serde(default)]
     pub env: EnvFile,
-    /// File settings.
+    /// `[fs]`: which files are read (or written) in the target.
     #[serde(default)]
     pub fs: FsFile,
     /// Kubernetes access (`[kube]`).
@@ -282,14 +287,15 @@ pub struct ConfigFile {
 }
 
 /// `[kube]` of `graft.toml`: how to reach the cluster, as kubectl's flags.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KubeFile {
-    /// The namespace (`-n`).
+    /// The namespace of the target (`-n`; default: the context's).
     pub namespace: Option<String>,
-    /// The kubeconfig context (`--context`).
+    /// The kubeconfig context (`--context`; default: the current one).
     pub context: Option<String>,
-    /// The kubeconfig file (`--kubeconfig`).
+    /// The kubeconfig file (`--kubeconfig`; default: `KUBECONFIG`, else
+    /// `~/.kube/config`, else the in-cluster service account).
     pub kubeconfig: Option<PathBuf>,
     /// Seconds to wait for a workload whose pods run but none is Ready yet
     /// (default 60).
@@ -297,7 +303,9 @@ pub struct KubeFile {
 }
 
 /// How the agent is placed beside a Kubernetes target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentMode {
     /// An ephemeral container in the target pod.
@@ -324,14 +332,18 @@ impl std::str::FromStr for AgentMode {
 }
 
 /// `[agent]` of `graft.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFile {
-    /// `"ephemeral"` (default) or `"node"`.
+    /// How the agent is placed (`--agent-mode`): `"ephemeral"` (default) or
+    /// `"node"`.
     pub mode: Option<AgentMode>,
-    /// The agent image (default: graft's own, tagged with its version).
+    /// The agent image (`--agent-image`; default: graft's own, tagged with its
+    /// version).
     pub image: Option<String>,
-    /// `Always`, `IfNotPresent` or `Never` (default: the cluster's).
+    /// The agent image's pull policy (`--agent-pull-policy`): `Always`,
+    /// `IfNotPresent` or `Never` (default: the cluster's).
+    #[schemars(extend("enum" = ["Always", "IfNotPresent", "Never"]))]
     pub pull_policy: Option<String>,
     /// Seconds to wait for the agent to start (default 120).
     pub start_timeout: Option<u64>,
@@ -362,58 +374,65 @@ pub struct KubeSettings {
 }
 
 /// `[incoming]` of `graft.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingFile {
-    /// `"mirror"` (the default), `"steal"` or `"off"`.
+    /// `"mirror"` (the default), `"steal"` or `"off"` (`--mirror`, `--steal`).
     pub mode: Option<IncomingMode>,
-    /// `LOCAL:REMOTE` entries.
+    /// `LOCAL:REMOTE` entries (`--port-map`): the program listens on LOCAL, the
+    /// target's REMOTE port is stolen or mirrored.
     #[serde(default)]
     pub port_map: Vec<String>,
-    /// `[incoming.filter]`: which HTTP requests to take (see
-    /// [`incoming::FilterFile`]).
+    /// `[incoming.filter]`: which HTTP requests to take; without it, whole
+    /// connections.
     pub filter: Option<FilterFile>,
 }
 
 /// `[outgoing]` of `graft.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutgoingFile {
-    /// `CIDR[:PORT]` entries that stay local.
+    /// `CIDR[:PORT]` destinations that stay local besides loopback
+    /// (`--outgoing-local`), e.g. `10.0.0.0/8` or `192.168.1.5:5432`.
     #[serde(default)]
     pub local: Vec<String>,
 }
 
 /// `[env]` of `graft.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnvFile {
-    /// Globs of remote variables to take (all when empty).
+    /// Globs of the target's variables to take, e.g. `DATABASE_*` (all when
+    /// empty; `--env-include`).
     #[serde(default)]
     pub include: Vec<String>,
-    /// Globs of remote variables to leave out.
+    /// Globs of the target's variables to leave out (`--env-exclude`).
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// Whether to take the remote environment at all (default true).
+    /// Whether to take the target's environment at all (default true;
+    /// `--no-remote-env` is false).
     pub remote: Option<bool>,
 }
 
 /// `[fs]` of `graft.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FsFile {
-    /// `"read"`, `"write"` or `"local"`.
+    /// `"read"` (default: remote paths are read in the target), `"write"` (also
+    /// written there) or `"local"` (`--fs`).
     pub mode: Option<FsMode>,
-    /// Regexes of paths that stay local.
+    /// Regexes of paths that stay local; they win over everything
+    /// (`--fs-local`).
     #[serde(default)]
     pub local: Vec<String>,
-    /// Regexes of paths that are remote.
+    /// Regexes of paths that are remote (`--fs-remote`).
     #[serde(default)]
     pub remote: Vec<String>,
 }
 
 impl ConfigFile {
-    /// Loads `path`.
+    /// Loads `path`: TOML, or JSON / YAML by its extension
+    /// ([`schema::Format::of`]).
     ///
     /// # Errors
     ///
@@ -423,9 +442,9 @@ impl ConfigFile {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        schema::parse(&text, schema::Format::of(path)).map_err(|problem| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            problem,
         })
     }
 }

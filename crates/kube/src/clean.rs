@@ -240,13 +240,43 @@ pub async fn clean(
     namespace: Option<&str>,
     force: bool,
 ) -> Result<CleanReport, KubeError> {
+    clean_or_plan(client, namespace, force, false).await
+}
+
+/// What [`clean`] would do, deleting nothing (`graft clean --dry-run`): the
+/// report's [`CleanReport::removed`] holds what it would delete, `failed` stays
+/// empty.
+///
+/// # Errors
+///
+/// As [`clean`]: it lists the same objects.
+pub async fn dry_run(
+    client: &Client,
+    namespace: Option<&str>,
+    force: bool,
+) -> Result<CleanReport, KubeError> {
+    clean_or_plan(client, namespace, force, true).await
+}
+
+async fn clean_or_plan(
+    client: &Client,
+    namespace: Option<&str>,
+    force: bool,
+    dry_run: bool,
+) -> Result<CleanReport, KubeError> {
     let jobs = agent_jobs(client, namespace).await?;
     let plan = plan_clean(&jobs, &agent_pods(client, namespace).await?, force);
     let mut report = CleanReport {
         kept: plan.keep,
         ..CleanReport::default()
     };
-    for pod in plan.delete {
+    let delete = if dry_run {
+        report.removed = plan.delete;
+        Vec::new()
+    } else {
+        plan.delete
+    };
+    for pod in delete {
         let deleted = match pod.kind {
             "job" => delete_agent_job(client, &pod.namespace, &pod.name).await,
             _ => delete_node_agent(client, &pod.namespace, &pod.name).await,

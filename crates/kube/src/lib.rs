@@ -31,7 +31,8 @@
 //!
 //! Besides sessions, [`doctor`] checks a cluster and namespace before one
 //! (`graft doctor`) and [`clean`] removes what crashed sessions left
-//! (`graft clean`).
+//! (`graft clean`); [`targets`] lists what `--target` can name (`graft
+//! targets`).
 //!
 //! Only APIs that are GA since Kubernetes 1.25 are used. `deploy/rbac.yaml`
 //! grants exactly the permissions in [`rbac::ALL`].
@@ -47,6 +48,7 @@ pub mod rbac;
 mod resolve;
 pub mod select;
 mod target;
+pub mod targets;
 
 pub use clean::{CleanReport, clean};
 pub use doctor::{Check, DoctorOptions, Outcome, Verdict, run_checks, run_checks_on};

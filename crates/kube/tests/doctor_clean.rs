@@ -442,6 +442,25 @@ async fn clean_deletes_exactly_the_terminated_agent_pods() {
 }
 
 #[tokio::test]
+async fn clean_dry_run_deletes_nothing_and_reports_the_plan() {
+    let (client, seen) = clean_cluster();
+    let report = clean::dry_run(&client, Some("shop"), false).await.unwrap();
+    assert!(deletes(&seen).is_empty(), "{:?}", deletes(&seen));
+    let planned: Vec<&str> = report.removed.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        planned,
+        [
+            "graft-agent-jobdone",
+            "graft-agent-done",
+            "graft-agent-crashed"
+        ]
+    );
+    let kept: Vec<&str> = report.kept.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(kept, ["graft-agent-joblive", "graft-agent-live"]);
+    assert_eq!(report.ephemeral.len(), 1);
+}
+
+#[tokio::test]
 async fn clean_with_force_also_deletes_running_agents_in_every_namespace() {
     let (client, seen) = clean_cluster();
     let report = clean::clean(&client, None, true).await.unwrap();
