@@ -29,9 +29,12 @@ use crate::{
 pub const SCHEMA_ID: &str =
     "https://raw.githubusercontent.com/graft-dev/graft/main/docs/graft.schema.json";
 
-/// The JSON Schema (draft 2020-12) of `graft.toml`.
+/// The JSON Schema of `graft.toml`, in draft 7: the newest draft every editor
+/// integration reads (taplo, VS Code's JSON and the YAML language server).
 pub fn json_schema() -> serde_json::Value {
-    let mut schema = schemars::schema_for!(ConfigFile);
+    let mut schema = schemars::generate::SchemaSettings::draft07()
+        .into_generator()
+        .into_root_schema_for::<ConfigFile>();
     schema.insert("$id".into(), SCHEMA_ID.into());
     schema.insert("title".into(), "graft.toml".into());
     schema.to_value()
@@ -331,7 +334,8 @@ mod tests {
     #[test]
     fn the_schema_carries_descriptions() {
         let schema = json_schema();
-        let kube = &schema["$defs"]["KubeFile"]["properties"]["ready_timeout"];
+        assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");
+        let kube = &schema["definitions"]["KubeFile"]["properties"]["ready_timeout"];
         let text = kube["description"].as_str().unwrap_or_default();
         assert!(text.contains("Seconds"), "{schema:#}");
         assert_eq!(schema["$id"], SCHEMA_ID);
