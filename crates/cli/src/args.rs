@@ -41,6 +41,12 @@ pub enum Command {
     /// Remove the node-mode agent pods crashed sessions left behind.
     #[command(after_help = "Example:\n  graft clean -n shop")]
     Clean(crate::clean::CleanArgs),
+    /// Mount the target's filesystem at an empty local directory (FUSE) until
+    /// Ctrl-C, for programs graft's layer does not reach.
+    #[command(
+        after_help = "Example:\n  graft mount --target pid:$(pgrep -f server) /tmp/target-fs"
+    )]
+    Mount(crate::mount::MountArgs),
 }
 
 /// `graft agent-image` flags.

@@ -11,6 +11,7 @@ mod failure;
 mod image;
 mod locate;
 mod ls;
+mod mount;
 mod open;
 mod process;
 mod run;
@@ -41,6 +42,7 @@ async fn main() -> ExitCode {
         Command::Ls(args) => ls::ls(args).await,
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Clean(args) => clean::clean(args).await,
+        Command::Mount(args) => mount::mount(args).await,
         Command::AgentImage(args) => image::agent_image(args),
     };
     match result {
