@@ -25,6 +25,7 @@ use graft_protocol::remote::{
 };
 use graft_proxy::Session;
 
+use crate::links;
 use crate::nodes::Nodes;
 
 /// How long the kernel may cache a file's attributes and a name's lookup before
@@ -35,9 +36,6 @@ pub const ATTR_TTL: Duration = Duration::from_secs(1);
 /// The longest one request may wait for the agent's answer; after it the
 /// program's system call fails with `EIO`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// `d_type` of a symlink (`DT_LNK`, `dirent.h`).
-const DT_LNK: u8 = 10;
 
 /// One listed directory entry: name, node id hint, kind.
 type Listed = (String, u64, FileType);
@@ -100,14 +98,35 @@ impl RemoteFs {
         }
     }
 
-    /// Metadata of a mount-relative path, symlinks followed inside the target's root.
+    /// Metadata of a mount-relative path (`lstat`: a symlink is shown as one).
     fn stat(&self, path: &str) -> Result<FileStat, Errno> {
+        self.lstat_remote(&self.nodes.remote(path))
+    }
+
+    fn lstat_remote(&self, remote: &str) -> Result<FileStat, Errno> {
         match self.call(RemoteRequest::Stat {
-            path: self.nodes.remote(path),
-            follow: true,
+            path: remote.to_owned(),
+            follow: false,
         })? {
             RemoteResponse::Stat(stat) => Ok(stat),
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// What [`links::resolve`] needs to know about one absolute target path.
+    fn probe(&self, remote: &str) -> Result<links::Probe, Errno> {
+        match self.lstat_remote(remote) {
+            Ok(stat) if stat.mode & libc::S_IFMT == libc::S_IFLNK => {
+                match self.call(RemoteRequest::ReadLink {
+                    path: remote.to_owned(),
+                })? {
+                    RemoteResponse::Link(text) => Ok(links::Probe::Link(text)),
+                    other => Err(unexpected(&other)),
+                }
+            }
+            Ok(_) => Ok(links::Probe::Other),
+            Err(e) if e == Errno::ENOENT || e == Errno::ENOTDIR => Ok(links::Probe::Missing),
+            Err(e) => Err(e),
         }
     }
 
@@ -154,16 +173,7 @@ impl RemoteFs {
             } else {
                 format!("{path}/{name}")
             };
-            let kind = if kind == DT_LNK {
-                // Shown as what it points to (inside the target's root); a
-                // dangling link is left out, as lookup would not find it.
-                match self.stat(&full) {
-                    Ok(stat) => file_type(stat.mode),
-                    Err(_) => continue,
-                }
-            } else {
-                file_type_of_dtype(kind)
-            };
+            let kind = file_type_of_dtype(kind);
             let ino = self.nodes.known(&full).unwrap_or(ino.max(2));
             out.push((name, ino, kind));
         }
@@ -356,6 +366,20 @@ impl Filesystem for RemoteFs {
         })();
         match result {
             Ok(stat) => reply.attr(&ATTR_TTL, &attr(ino.0, &stat)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let result = (|| {
+            let path = self.path(ino)?;
+            let resolved = links::resolve(&self.nodes.remote(&path), |p| self.probe(p))?;
+            // A link out of the mounted subtree has nothing to point to here.
+            let inside = links::within(self.nodes.root(), &resolved).ok_or(Errno::EXDEV)?;
+            Ok(links::relative(&path, &inside))
+        })();
+        match result {
+            Ok(text) => reply.data(text.as_bytes()),
             Err(e) => reply.error(e),
         }
     }

@@ -14,11 +14,14 @@
 //! * **Caching.** Attributes and lookups are cached by the kernel for
 //!   [`ATTR_TTL`] (1 s): a change made in the target shows within that time.
 //!   File data goes through the page cache, dropped at each open.
-//! * **Symlinks are resolved in the target.** A symlink in the target is shown as
-//!   the file or directory it points to, resolved by the agent inside the target's
-//!   root (`..` stops at the root, absolute links start at it). Shown as a link,
-//!   the local kernel would resolve `/etc/shadow` or `../../..` against this
-//!   machine's root instead. A dangling link is not shown.
+//! * **Symlinks are resolved in the target.** The kernel resolves a FUSE
+//!   symlink's text itself, so an absolute `/etc/shadow` would be this machine's
+//!   and `../../..` would climb out of the mount. A symlink is shown as a link
+//!   whose text is rewritten: the link is resolved in the target's root (`..`
+//!   stops at the root, absolute links start at it) and the result is written
+//!   relative to the link's directory, never climbing above the mount's root. A
+//!   link that resolves outside the mounted subtree (with a `root` other than
+//!   `/`) reads as `EXDEV`.
 //! * **Read-only unless `writable`**: every change fails with `EROFS` (the mount
 //!   is also `ro` in the kernel). Writable mounts create, write, truncate, make
 //!   and remove directories, unlink and rename; `chmod`, `chown`, `utimes`
@@ -39,6 +42,7 @@
 //! setuid `fusermount3` helper (Debian package `fuse3`) otherwise.
 
 mod fs;
+mod links;
 mod nodes;
 mod stale;
 

@@ -64,6 +64,11 @@ impl Nodes {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The remote directory the mount shows (absolute).
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
     /// The mount-relative path of node `id`, if the kernel still knows it.
     pub fn path(&self, id: u64) -> Option<String> {
         self.lock().by_id.get(&id).map(|n| n.path.clone())

@@ -77,11 +77,13 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Whether the mount at `dir` has lost its server (`ENOTCONN` on `stat`).
+/// Whether the mount at `dir` has lost its server: `statfs(2)` fails with
+/// `ENOTCONN` (`stat` may still answer from the kernel's attribute cache for
+/// [`crate::ATTR_TTL`]; FUSE never caches `statfs`).
 pub fn is_dead(dir: &Path) -> bool {
     matches!(
-        std::fs::metadata(dir),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)
+        nix::sys::statfs::statfs(dir),
+        Err(nix::errno::Errno::ENOTCONN)
     )
 }
 
