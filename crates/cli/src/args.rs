@@ -38,7 +38,8 @@ pub enum Command {
     /// the agent.
     #[command(after_help = "Example:\n  graft doctor -n shop --target deploy/api")]
     Doctor(crate::doctor::DoctorArgs),
-    /// Remove the node-mode agent pods crashed sessions left behind.
+    /// Remove the node-mode agent pods crashed sessions left behind, and this
+    /// machine's dead graft mounts.
     #[command(after_help = "Example:\n  graft clean -n shop")]
     Clean(crate::clean::CleanArgs),
     /// Mount the target's filesystem at an empty local directory (FUSE) until
