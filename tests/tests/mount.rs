@@ -289,6 +289,17 @@ fn write_mode_creates_appends_renames_and_deletes_in_the_target() {
     run("sh", &["-c", &script]).assert_success();
     let py = format!("open('{d}/made/py.txt', 'w').write('from python\\n')");
     run(python(), &["-c", &py]).assert_success();
+    // 5 MiB in one write(2): several FUSE writes of at most 1 MiB each.
+    let big: Vec<u8> = (0..5 * 1024 * 1024)
+        .map(|i| big_file_byte(i * 3 + 1))
+        .collect();
+    std::fs::write(m.dir.join("made/big.out"), &big).unwrap();
+    let sum = bed.in_target(&["sha256sum", &bed.remote("made/big.out")]);
+    let want = hex(&Sha256::digest(&big));
+    assert_eq!(
+        sum.assert_success().out().split(' ').next(),
+        Some(want.as_str())
+    );
 
     let moved = bed.in_target(&["cat", &bed.remote("made/moved.txt")]);
     assert_eq!(moved.assert_success().stdout, "first\nsecond\n");
@@ -300,6 +311,11 @@ fn write_mode_creates_appends_renames_and_deletes_in_the_target() {
     assert_eq!(
         ls.assert_success().lines(),
         ["big.bin", "hosts-link", "made", "secret-link", "sub", "up"]
+    );
+    let made = bed.in_target(&["ls", "-1", &bed.remote("made")]);
+    assert_eq!(
+        made.assert_success().lines(),
+        ["big.out", "moved.txt", "py.txt"]
     );
     // Nothing of it landed on this machine.
     assert_eq!(std::fs::read_dir(&bed.remote_dir).unwrap().count(), 0);
