@@ -15,7 +15,7 @@ use crate::{
     args::KubeFlags,
     cluster,
     failure::{EXIT_SESSION, Failure},
-    locate::locate,
+    locate::locate_agent,
     open::{self, OpenRequest},
     process::Signals,
     run::load_file,
@@ -106,7 +106,8 @@ pub async fn mount(args: MountArgs) -> Result<u8, Failure> {
     graft_mount::preflight(&args.dir, &options).map_err(mount_failure)?;
 
     let exe = std::env::current_exe().ok();
-    let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
+    // A mount needs no layer: only the agent (for a `pid:` target).
+    let agent = locate_agent(exe.as_deref(), &|name| std::env::var_os(name))?;
     let uid = nix::unistd::getuid().as_raw();
     let dir = SessionDir::create(uid, std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))?;
     let secret = random_hex(32)?;
@@ -116,7 +117,7 @@ pub async fn mount(args: MountArgs) -> Result<u8, Failure> {
     let opened = open::open(OpenRequest {
         config: &config,
         dir: dir.path(),
-        agent_binary: &pieces.agent,
+        agent_binary: &agent,
         secret: &secret,
         graft_log: graft_log.as_deref(),
         options: SessionOptions {
