@@ -21,7 +21,10 @@
 //!   stops at the root, absolute links start at it) and the result is written
 //!   relative to the link's directory, never climbing above the mount's root. A
 //!   link that resolves outside the mounted subtree (with a `root` other than
-//!   `/`) reads as `EXDEV`.
+//!   `/`) reads as `EXDEV`. The rewritten text is safe relative to the mount's
+//!   own root only: bind-mounting a *subdirectory* of a mount elsewhere lets a
+//!   `..` climb into whatever surrounds the bind. To place a remote subtree at
+//!   its own path, mount it with that `root` instead (one mount per subtree).
 //! * **Read-only unless `writable`**: every change fails with `EROFS` (the mount
 //!   is also `ro` in the kernel). Writable mounts create, write, truncate, make
 //!   and remove directories, unlink and rename; `chmod`, `chown`, `utimes`
