@@ -414,10 +414,10 @@ impl Ns<'_> {
             "-n",
             &self.name,
         ]);
-        if matches!(subcommand, "run" | "ls" | "doctor") {
+        if matches!(subcommand, "run" | "ls" | "doctor" | "mount") {
             command.args(["--agent-image", &self.live.agent_image]);
         }
-        if matches!(subcommand, "run" | "ls") {
+        if matches!(subcommand, "run" | "ls" | "mount") {
             command.args(["--agent-pull-policy", "IfNotPresent"]);
         }
         command

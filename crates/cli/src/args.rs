@@ -38,7 +38,8 @@ pub enum Command {
     /// the agent.
     #[command(after_help = "Example:\n  graft doctor -n shop --target deploy/api")]
     Doctor(crate::doctor::DoctorArgs),
-    /// Remove the node-mode agent pods crashed sessions left behind.
+    /// Remove the node-mode agent pods crashed sessions left behind, and this
+    /// machine's dead graft mounts.
     #[command(after_help = "Example:\n  graft clean -n shop")]
     Clean(crate::clean::CleanArgs),
     /// List what --target can name in a namespace: deployments, statefulsets,
@@ -54,6 +55,12 @@ pub enum Command {
     /// Print the man page (or write every page into a directory).
     #[command(after_help = "Example:\n  graft man | man -l -")]
     Man(crate::shell::ManArgs),
+    /// Mount the target's filesystem at an empty local directory (FUSE) until
+    /// Ctrl-C, for programs graft's layer does not reach.
+    #[command(
+        after_help = "Example:\n  graft mount --target pid:$(pgrep -f server) /tmp/target-fs"
+    )]
+    Mount(crate::mount::MountArgs),
 }
 
 /// `graft agent-image` flags.

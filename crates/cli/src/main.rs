@@ -13,6 +13,7 @@ mod image;
 mod kubectl;
 mod locate;
 mod ls;
+mod mount;
 mod open;
 mod output;
 mod process;
@@ -52,6 +53,7 @@ async fn main() -> ExitCode {
         Command::Ls(args) => ls::ls(args).await,
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Clean(args) => clean::clean(args).await,
+        Command::Mount(args) => mount::mount(args).await,
         Command::AgentImage(args) => image::agent_image(args),
         Command::Targets(args) => targets::targets(args).await,
         Command::Config(args) => config::config(args),
