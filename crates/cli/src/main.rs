@@ -11,6 +11,7 @@ mod failure;
 mod image;
 mod locate;
 mod ls;
+mod open;
 mod process;
 mod run;
 mod session_dir;

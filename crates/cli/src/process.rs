@@ -17,7 +17,12 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use tokio::process::{Child, Command};
+use tokio::{
+    process::{Child, Command},
+    signal::unix::SignalKind,
+};
+
+use crate::failure::Failure;
 
 /// The soft `RLIMIT_NOFILE` graft started with, once [`raise_nofile`] raised it.
 static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
@@ -112,6 +117,41 @@ pub fn exit_code(status: ExitStatus) -> u8 {
 /// Ctrl-C reaches every process of the group (CMD included) by itself.
 pub fn in_foreground() -> bool {
     nix::unistd::tcgetpgrp(std::io::stdin()).is_ok_and(|pgrp| pgrp == nix::unistd::getpgrp())
+}
+
+/// SIGINT, SIGTERM and SIGHUP to graft.
+pub struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Registers the handlers.
+    ///
+    /// # Errors
+    ///
+    /// A [`Failure`] when tokio cannot register a handler.
+    pub fn new() -> Result<Signals, Failure> {
+        let register = |kind| {
+            tokio::signal::unix::signal(kind)
+                .map_err(|e| Failure::session(format!("cannot handle signals: {e}")))
+        };
+        Ok(Signals {
+            interrupt: register(SignalKind::interrupt())?,
+            terminate: register(SignalKind::terminate())?,
+            hangup: register(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next of the three signals to arrive.
+    pub async fn recv(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.interrupt.recv() => Signal::SIGINT,
+            _ = self.terminate.recv() => Signal::SIGTERM,
+            _ = self.hangup.recv() => Signal::SIGHUP,
+        }
+    }
 }
 
 #[cfg(test)]

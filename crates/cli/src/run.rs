@@ -17,25 +17,21 @@ use graft_protocol::{
 };
 use graft_proxy::{Session, SessionOptions};
 use nix::sys::signal::Signal;
-use tokio::{
-    process::{Child, Command},
-    signal::unix::{SignalKind, signal},
-};
+use tokio::process::{Child, Command};
 
 use crate::{
-    agent::{LocalAgent, simple_level},
+    agent::simple_level,
     args::RunArgs,
     cluster,
     failure::{EXIT_SESSION, Failure},
     locate::locate,
-    process,
+    open::{self, OpenRequest},
+    process::{self, Signals},
     session_dir::{SessionDir, random_hex},
 };
 
 /// How long CMD may take to stop after SIGTERM before it is killed.
 const CMD_GRACE: Duration = Duration::from_secs(5);
-/// How long the agent may take to clean up and exit after the link closes.
-const AGENT_GRACE: Duration = Duration::from_secs(3);
 
 /// Runs `graft run`; returns the exit code (CMD's, or 1 when the link was lost).
 pub async fn run(args: RunArgs) -> Result<u8, Failure> {
@@ -62,12 +58,6 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
 
     let exe = std::env::current_exe().ok();
     let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
-    if let Target::Pid(pid) = config.target
-        && !Path::new(&format!("/proc/{pid}")).exists()
-    {
-        return Err(Failure::usage(format!("no process with PID {pid}"))
-            .hint("pick a running process (e.g. `pgrep -f server`)"));
-    }
 
     let uid = nix::unistd::getuid().as_raw();
     let dir = SessionDir::create(uid, std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))?;
@@ -84,121 +74,24 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         command: &args.command,
         graft_log: graft_log.as_deref(),
     };
-    let result = match &config.target {
-        Target::Pid(pid) => {
-            let mut agent = LocalAgent::start(
-                &pieces.agent,
-                *pid,
-                dir.path(),
-                &secret,
-                graft_log.as_deref(),
-            )
-            .await?;
-            let result = match agent
-                .connect(&secret, &client_name(), plan.session_options())
-                .await
-            {
-                Ok(session) => plan.run(session).await,
-                Err(failure) => Err(failure),
-            };
-            // The link is closed by now: the agent removes its rules and exits.
-            let agent_code = agent.stop(AGENT_GRACE).await;
-            let link_lost = matches!(result, Ok(Ended::LinkLost) | Err(_));
-            if link_lost && agent_code.is_some_and(|c| c != 0) {
-                for line in agent.log_tail() {
-                    eprintln!("{line}");
-                }
-            }
-            result
-        }
-        Target::Kube(text) => run_in_cluster(text, &plan, &secret).await,
-    };
+    let opened = open::open(OpenRequest {
+        config: &config,
+        dir: dir.path(),
+        agent_binary: &pieces.agent,
+        secret: &secret,
+        graft_log: graft_log.as_deref(),
+        options: plan.session_options(),
+    })
+    .await?;
+    let result = plan.run(opened.session).await;
+    // The link is closed by now: the agents remove their rules and exit.
+    let link_lost = matches!(result, Ok(Ended::LinkLost) | Err(_));
+    opened.agents.stop(link_lost).await;
     drop(dir);
     result.map(|ended| match ended {
         Ended::Command(status) => process::exit_code(status),
         Ended::LinkLost => EXIT_SESSION,
     })
-}
-
-/// The Kubernetes path: place the agent, run the session over the port-forward,
-/// remove what was created on every way out (a signal during the start included).
-async fn run_in_cluster(text: &str, plan: &Plan<'_>, secret: &str) -> Result<Ended, Failure> {
-    let mut signals = Signals::new()?;
-    let mut progress = cluster::Progress::new();
-    let started = tokio::select! {
-        started = cluster::start(text, &plan.config.kube, secret, &mut progress) => started,
-        received = signals.recv() => {
-            progress.finish();
-            return Err(Failure::session(format!(
-                "stopped by {received:?} while starting the agent"
-            )));
-        }
-    };
-    let started = match started {
-        Ok(started) => started,
-        Err(failure) => {
-            progress.finish();
-            return Err(failure);
-        }
-    };
-    let cluster::Started {
-        primary: (agent, stream),
-        others,
-    } = started;
-    let mut agents = vec![agent];
-    progress.phase("opening the session");
-    let client = client_name();
-    let session = tokio::select! {
-        session = Session::connect_with(stream, secret, &client, plan.session_options()) => {
-            session.map_err(|e| Failure::session(format!(
-                "cannot open the session with the agent: {e}"
-            )))
-        }
-        received = signals.recv() => Err(Failure::session(format!(
-            "stopped by {received:?} while opening the session"
-        ))),
-    };
-    // --all-pods: the other pods' agents serve incoming traffic only.
-    let mut secondaries = Vec::new();
-    for (other, stream) in others {
-        if let Ok(primary) = &session {
-            match Session::connect_with(stream, secret, &client, plan.session_options()).await {
-                Ok(secondary) => {
-                    primary.add_secondary(&secondary);
-                    let closed = secondary.closed();
-                    tokio::spawn(async move {
-                        let reason = closed.await;
-                        eprintln!(
-                            "graft: lost the link to one of the --all-pods agents ({reason}); \
-                             that pod keeps its own traffic"
-                        );
-                    });
-                    secondaries.push(secondary);
-                }
-                Err(e) => eprintln!("graft: an --all-pods agent refused the session: {e}"),
-            }
-        }
-        agents.push(other);
-    }
-    if !secondaries.is_empty() {
-        eprintln!(
-            "graft: --all-pods: incoming traffic of {} pods",
-            secondaries.len() + 1
-        );
-    }
-    progress.finish();
-    drop(signals);
-    let result = match session {
-        Ok(session) => plan.run(session).await,
-        Err(failure) => Err(failure),
-    };
-    for secondary in secondaries {
-        secondary.close().await;
-    }
-    for agent in agents {
-        agent.stop().await;
-    }
-    result
 }
 
 fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
@@ -388,34 +281,6 @@ async fn stop(child: &mut Child, signals: &mut Signals) -> Result<ExitStatus, Fa
         }
     };
     status.map_err(|e| Failure::session(format!("cannot wait for the command: {e}")))
-}
-
-/// SIGINT, SIGTERM and SIGHUP to graft.
-struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> Result<Signals, Failure> {
-        let register = |kind| {
-            signal(kind).map_err(|e| Failure::session(format!("cannot handle signals: {e}")))
-        };
-        Ok(Signals {
-            interrupt: register(SignalKind::interrupt())?,
-            terminate: register(SignalKind::terminate())?,
-            hangup: register(SignalKind::hangup())?,
-        })
-    }
-
-    async fn recv(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.interrupt.recv() => Signal::SIGINT,
-            _ = self.terminate.recv() => Signal::SIGTERM,
-            _ = self.hangup.recv() => Signal::SIGHUP,
-        }
-    }
 }
 
 /// `user@host`, for the agent's messages.

@@ -182,7 +182,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let outcome = {
+    {
         // Both futures run in this one task; the flags tell each whether the other
         // direction has finished.
         let program_done = AtomicBool::new(false);
@@ -275,8 +275,7 @@ where
                 outcome = &mut down => break outcome,
             }
         }
-    };
-    outcome
+    }
 }
 
 /// Tells the agent how the splice of `conn` ended; true when the program's side
