@@ -272,6 +272,48 @@ fn the_go_server_serves_only_filter_matched_requests() {
 }
 
 #[test]
+fn port_maps_apply_and_a_closed_listener_gives_the_port_back() {
+    let bed = Bed::new();
+    let go = go_app(&bed);
+    let map = format!("{}:{}", bed.map_port, bed.app_port);
+    let local = bed.map_port.to_string();
+    // The Go server listens on the map's local port for 8 s, then closes.
+    let session = bed.spawn(
+        bed.graft_run(
+            &["--steal", "--port-map", &map],
+            &[&go, "serve", &local, "8"],
+        ),
+        "graft run --steal --port-map -- goapp serve",
+    );
+    let url = bed.target_url(bed.app_port);
+    let reply = wait_until(STEAL_TIMEOUT, Duration::from_millis(100), || {
+        Some(curl_with(&[&url])).filter(|b| b.starts_with("local go"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the mapped port was never stolen\n{}",
+            session.output_report()
+        )
+    });
+    assert!(reply.contains(&format!("port={local} ")), "{reply}");
+    // Once the listener is gone, the target serves its port again.
+    let back = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        Some(curl_with(&[&url])).filter(|b| b.trim() == bed.target_reply())
+    });
+    assert!(
+        back.is_some(),
+        "the port was not released after the listener closed\n{}",
+        session.output_report()
+    );
+    assert!(
+        session.stdout().contains("closed"),
+        "{}",
+        session.output_report()
+    );
+    stop(&bed, session);
+}
+
+#[test]
 fn the_layer_path_is_unchanged_for_dynamic_programs() {
     let bed = Bed::new();
     let out = bed.run(
