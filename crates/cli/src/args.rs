@@ -190,6 +190,15 @@ pub struct RunArgs {
     /// Paths matching REGEX are remote (repeatable).
     #[arg(long = "fs-remote", value_name = "REGEX")]
     pub fs_remote: Vec<String>,
+    /// Run CMD in its own network and mount namespace whose traffic graft's
+    /// user-space TCP/IP stack sends out from the target: reaches any program,
+    /// static and Go binaries included (the default for those). Needs
+    /// unprivileged user namespaces, or root.
+    #[arg(long, conflicts_with = "no_isolate")]
+    pub isolate: bool,
+    /// Always run CMD with the LD_PRELOAD layer, even a static or Go binary.
+    #[arg(long = "no-isolate")]
+    pub no_isolate: bool,
     /// Config file: TOML, or JSON / YAML by its extension [default: the first of
     /// ./graft.toml, ./graft.json, ./graft.yaml that exists].
     #[arg(long, value_name = "FILE")]
@@ -242,6 +251,11 @@ impl RunArgs {
             env_exclude: self.env_exclude.clone(),
             no_remote_env: self.no_remote_env,
             fs: self.fs.map(FsMode::from),
+            isolate: match (self.isolate, self.no_isolate) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
             fs_local: self.fs_local.clone(),
             fs_remote: self.fs_remote.clone(),
             namespace: self.kube.namespace.clone(),

@@ -10,6 +10,7 @@ mod config;
 mod doctor;
 mod failure;
 mod image;
+mod isolate;
 mod kubectl;
 mod locate;
 mod ls;
@@ -29,8 +30,26 @@ use tracing_subscriber::EnvFilter;
 
 use crate::args::{Cli, Command};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // The isolated namespace's helper must still be single-threaded when it
+    // enters a user namespace: it starts before any runtime.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == isolate::HELPER_ARG) {
+        return isolate::helper_main(args.collect());
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(graft()),
+        Err(e) => {
+            eprintln!("graft: cannot start: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn graft() -> ExitCode {
     let filter = EnvFilter::try_from_env("GRAFT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,9 +1,11 @@
 //! Child processes: dying with graft, stopping them, and reading their exit; and
 //! graft's own limit on open descriptors.
 //!
-//! The only `unsafe` of the binary is here: the `pre_exec` hook that asks the
+//! The `unsafe` of the binary is here (and in `isolate`, for descriptors received
+//! over `SCM_RIGHTS`): the `pre_exec` hook that asks the
 //! kernel to send SIGTERM to a child when graft dies, so neither CMD nor the agent
-//! outlives a `kill -9` of graft, and the `getrlimit`/`setrlimit` calls. graft
+//! outlives a `kill -9` of graft, the one that passes a descriptor to a child
+//! ([`pass_fd`]), and the `getrlimit`/`setrlimit` calls. graft
 //! relays every connection of CMD, so it raises its soft `RLIMIT_NOFILE` to the
 //! hard limit at start ([`raise_nofile`]); the hook gives children the soft limit
 //! graft started with, so CMD runs with the limits it would have had without
@@ -56,6 +58,28 @@ pub fn raise_nofile() -> std::io::Result<u64> {
         let _ = ORIGINAL_NOFILE.set(limit);
     }
     Ok(limit.rlim_max)
+}
+
+/// Gives the child `fd` as descriptor number `target` (without `FD_CLOEXEC`): how
+/// graft hands the isolated namespace's helper its end of the socket pair. The
+/// caller keeps `fd` open until the child is spawned.
+#[allow(unsafe_code)]
+pub fn pass_fd(command: &mut Command, fd: std::os::fd::RawFd, target: std::os::fd::RawFd) {
+    // SAFETY: the hook runs between fork and exec and calls only dup2 and fcntl,
+    // both async-signal-safe; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if fd == target {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it.
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Makes the child receive SIGTERM when graft dies.

@@ -24,6 +24,7 @@ use crate::{
     args::RunArgs,
     cluster,
     failure::{EXIT_SESSION, Failure},
+    isolate,
     locate::locate,
     open::{self, OpenRequest},
     process::{self, Signals},
@@ -73,6 +74,7 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         dir: dir.path(),
         command: &args.command,
         graft_log: graft_log.as_deref(),
+        isolate: isolate::chosen(&config, &args.command),
     };
     let opened = open::open(OpenRequest {
         config: &config,
@@ -108,7 +110,7 @@ pub(crate) fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> 
 }
 
 /// How a session ended.
-enum Ended {
+pub(crate) enum Ended {
     /// CMD exited (by itself, or stopped after a signal to graft).
     Command(ExitStatus),
     /// The link to the agent died; CMD was stopped.
@@ -125,6 +127,8 @@ struct Plan<'a> {
     dir: &'a Path,
     command: &'a [OsString],
     graft_log: Option<&'a str>,
+    /// Run CMD in an isolated namespace instead of with the layer.
+    isolate: bool,
 }
 
 impl Plan<'_> {
@@ -145,6 +149,15 @@ impl Plan<'_> {
     async fn run(&self, session: Session) -> Result<Ended, Failure> {
         eprintln!("graft: agent ready for {}", self.target);
         let env = self.environment(&session).await?;
+        if self.isolate {
+            let isolated = isolate::Isolated {
+                config: self.config,
+                dir: self.dir,
+                command: self.command,
+                env,
+            };
+            return isolate::run(isolated, session).await;
+        }
         let layer_socket = self.dir.join("layer.sock");
         session
             .serve_layer(&layer_socket)
@@ -271,7 +284,7 @@ fn ld_preload(layer: &Path, existing: Option<&OsString>) -> OsString {
 
 /// Waits for CMD to stop after it was asked to; kills it after [`CMD_GRACE`], or at
 /// once on a second signal.
-async fn stop(child: &mut Child, signals: &mut Signals) -> Result<ExitStatus, Failure> {
+pub(crate) async fn stop(child: &mut Child, signals: &mut Signals) -> Result<ExitStatus, Failure> {
     let status = tokio::select! {
         status = process::wait_or_kill(child, CMD_GRACE) => status,
         _ = signals.recv() => {

@@ -284,6 +284,20 @@ pub struct ConfigFile {
     /// The agent in a cluster (`[agent]`).
     #[serde(default)]
     pub agent: AgentFile,
+    /// How CMD is run (`[run]`).
+    #[serde(default)]
+    pub run: RunFile,
+}
+
+/// `[run]` of `graft.toml`: how CMD is run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// `true`: always in an isolated network and mount namespace served by
+    /// graft's own TCP/IP stack (`--isolate`); `false`: always with the
+    /// LD_PRELOAD layer (`--no-isolate`); unset: isolated only when CMD is a
+    /// static or Go binary, which the layer cannot reach.
+    pub isolate: Option<bool>,
 }
 
 /// `[kube]` of `graft.toml`: how to reach the cluster, as kubectl's flags.
@@ -494,6 +508,8 @@ pub struct RunOverrides {
     pub agent_pull_policy: Option<String>,
     /// `--all-pods`.
     pub all_pods: bool,
+    /// `--isolate` (`Some(true)`) or `--no-isolate` (`Some(false)`).
+    pub isolate: Option<bool>,
 }
 
 /// The resolved configuration of one `graft run`.
@@ -510,6 +526,9 @@ pub struct Config {
     pub incoming_defaulted: bool,
     /// Kubernetes settings (used with [`Target::Kube`]).
     pub kube: KubeSettings,
+    /// Whether CMD runs in an isolated namespace (`--isolate`, `[run] isolate`);
+    /// `None`: chosen by what CMD is (static and Go binaries are isolated).
+    pub isolate: Option<bool>,
 }
 
 impl Config {
@@ -609,6 +628,7 @@ impl Config {
             layer,
             incoming_defaulted,
             kube,
+            isolate: flags.isolate.or(file.run.isolate),
         })
     }
 }
