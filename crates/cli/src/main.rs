@@ -7,11 +7,14 @@ mod args;
 mod clean;
 mod cluster;
 mod doctor;
+mod expose;
 mod failure;
+mod front;
 mod image;
 mod locate;
 mod ls;
 mod open;
+mod port_forward;
 mod process;
 mod run;
 mod session_dir;
@@ -42,6 +45,8 @@ async fn main() -> ExitCode {
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Clean(args) => clean::clean(args).await,
         Command::AgentImage(args) => image::agent_image(args),
+        Command::PortForward(args) => port_forward::port_forward(*args).await,
+        Command::Expose(args) => expose::expose(*args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),
