@@ -38,7 +38,8 @@ pub enum Command {
     /// the agent.
     #[command(after_help = "Example:\n  graft doctor -n shop --target deploy/api")]
     Doctor(crate::doctor::DoctorArgs),
-    /// Remove the node-mode agent pods crashed sessions left behind.
+    /// Remove the node-mode agent pods (and `graft expose` Services) crashed
+    /// sessions left behind.
     #[command(after_help = "Example:\n  graft clean -n shop")]
     Clean(crate::clean::CleanArgs),
     /// Forward local ports to addresses and names as the target reaches them

@@ -10,7 +10,11 @@
 //! [`agent_pods`](crate::agent_pods) find, those whose agent has terminated
 //! (a Job `Complete`/`Failed`, pod phase `Succeeded`/`Failed`, or its agent
 //! container terminated); with `force`, running ones too (they may belong
-//! to live sessions). A pod a Job owns goes with its Job.
+//! to live sessions). A pod a Job owns goes with its Job. The Services of
+//! `graft expose` ([`crate::expose`]) go with their agent's Job too (an owner
+//! reference); those whose session has no running agent left (every one with
+//! `force`) are deleted here as well, and a Service without graft's expose
+//! labels never is.
 //!
 //! Ephemeral containers cannot be removed: Kubernetes keeps them in the pod
 //! until the pod is deleted. [`exited_ephemeral_agents`] lists the pods that
