@@ -38,8 +38,8 @@ pub enum Command {
     /// the agent.
     #[command(after_help = "Example:\n  graft doctor -n shop --target deploy/api")]
     Doctor(crate::doctor::DoctorArgs),
-    /// Remove the node-mode agent pods crashed sessions left behind, and this
-    /// machine's dead graft mounts.
+    /// Remove the node-mode agent pods and `graft expose` Services crashed
+    /// sessions left behind, and this machine's dead graft mounts.
     #[command(after_help = "Example:\n  graft clean -n shop")]
     Clean(crate::clean::CleanArgs),
     /// List what --target can name in a namespace: deployments, statefulsets,
@@ -61,6 +61,16 @@ pub enum Command {
         after_help = "Example:\n  graft mount --target pid:$(pgrep -f server) /tmp/target-fs"
     )]
     Mount(crate::mount::MountArgs),
+    /// Forward local ports to addresses and names as the target reaches them
+    /// (`-L [ADDR:]PORT:HOST:PORT`, many at once), until Ctrl-C.
+    #[command(
+        after_help = "Example:\n  graft port-forward -n shop -L 8080:api.shop:80 -L 5432:db.shop:5432"
+    )]
+    PortForward(Box<crate::port_forward::PortForwardArgs>),
+    /// Make a Service NAME in the cluster whose traffic reaches a local port,
+    /// until Ctrl-C (its pod and Service are deleted on the way out).
+    #[command(after_help = "Example:\n  graft expose 3000 --as web-dev -n shop --port 80")]
+    Expose(Box<crate::expose::ExposeArgs>),
 }
 
 /// `graft agent-image` flags.

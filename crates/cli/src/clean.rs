@@ -1,8 +1,9 @@
 //! `graft clean`: removes the node-mode agent Jobs (and bare agent pods) that
-//! crashed sessions left where the cluster did not (`graft_kube::clean`
-//! chooses them), and lists the pods that carry exited
-//! ephemeral agents, which Kubernetes cannot remove. On this machine it first
-//! unmounts the dead FUSE mounts a killed `graft mount` left.
+//! crashed sessions left where the cluster did not, and the Services of
+//! `graft expose` sessions whose agent is gone (`graft_kube::clean` chooses
+//! them), and lists the pods that carry exited ephemeral agents, which
+//! Kubernetes cannot remove. On this machine it first unmounts the dead FUSE
+//! mounts a killed `graft mount` left.
 
 use clap::Args;
 use graft_kube::clean::{AgentPod, CleanReport};

@@ -369,6 +369,11 @@ async fn start_on_pod(
 }
 
 impl ClusterAgent {
+    /// Where the agent was placed (its pod, Job and namespace).
+    pub fn placement(&self) -> &AgentPlacement {
+        &self.placement
+    }
+
     /// Waits for the agent and opens the port-forward.
     async fn connect(
         &mut self,

@@ -8,7 +8,9 @@ mod clean;
 mod cluster;
 mod config;
 mod doctor;
+mod expose;
 mod failure;
+mod front;
 mod image;
 mod isolate;
 mod kubectl;
@@ -17,6 +19,7 @@ mod ls;
 mod mount;
 mod open;
 mod output;
+mod port_forward;
 mod process;
 mod run;
 mod session_dir;
@@ -78,6 +81,8 @@ async fn graft() -> ExitCode {
         Command::Config(args) => config::config(args),
         Command::Completions(args) => shell::completions(args),
         Command::Man(args) => shell::man(args),
+        Command::PortForward(args) => port_forward::port_forward(*args).await,
+        Command::Expose(args) => expose::expose(*args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -61,6 +61,14 @@ enum Placed {
 }
 
 impl Agents {
+    /// Where the session's own cluster agent was placed; `None` for a local agent.
+    pub fn cluster_placement(&self) -> Option<&graft_kube::AgentPlacement> {
+        match &self.placed {
+            Placed::Cluster(agents) => agents.first().map(ClusterAgent::placement),
+            Placed::Local(_) => None,
+        }
+    }
+
     /// Closes the secondaries and stops every agent: a local agent is given
     /// [`AGENT_GRACE`] to remove its rules after the link closed (its log tail is
     /// printed when `link_lost` and it failed), cluster agents' pods or Jobs are

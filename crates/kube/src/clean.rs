@@ -10,7 +10,11 @@
 //! [`agent_pods`](crate::agent_pods) find, those whose agent has terminated
 //! (a Job `Complete`/`Failed`, pod phase `Succeeded`/`Failed`, or its agent
 //! container terminated); with `force`, running ones too (they may belong
-//! to live sessions). A pod a Job owns goes with its Job.
+//! to live sessions). A pod a Job owns goes with its Job. The Services of
+//! `graft expose` ([`crate::expose`]) go with their agent's Job too (an owner
+//! reference); those whose session has no running agent left (every one with
+//! `force`) are deleted here as well, and a Service without graft's expose
+//! labels never is.
 //!
 //! Ephemeral containers cannot be removed: Kubernetes keeps them in the pod
 //! until the pod is deleted. [`exited_ephemeral_agents`] lists the pods that
@@ -32,7 +36,7 @@ use crate::rbac;
 /// in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentPod {
-    /// `job` or `pod`: what is deleted.
+    /// `job`, `pod` or `service` (of `graft expose`): what is deleted.
     pub kind: &'static str,
     /// Its namespace.
     pub namespace: String,
@@ -289,6 +293,7 @@ async fn clean_or_plan(
             }
         }
     }
+    clean_services(client, namespace, force, &mut report).await?;
     let api: Api<Pod> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -304,6 +309,52 @@ async fn clean_or_plan(
     })?;
     report.ephemeral = exited_ephemeral_agents(&pods.items);
     Ok(report)
+}
+
+/// Deletes the Services of `graft expose` whose session has no agent left
+/// running (every one with `force`). They normally go with their agent's Job
+/// (an owner reference); this covers a Job deleted with orphaning, or a
+/// cluster whose garbage collector lags.
+async fn clean_services(
+    client: &Client,
+    namespace: Option<&str>,
+    force: bool,
+    report: &mut CleanReport,
+) -> Result<(), KubeError> {
+    let live: Vec<String> = report
+        .kept
+        .iter()
+        .filter_map(|kept| kept.session.clone())
+        .collect();
+    for service in crate::expose::expose_services(client, namespace).await? {
+        // Never a Service that is not labelled as graft expose's.
+        let Some(session) = crate::expose::graft_session(&service).map(str::to_owned) else {
+            continue;
+        };
+        let entry = AgentPod {
+            kind: "service",
+            namespace: service.metadata.namespace.clone().unwrap_or_default(),
+            name: service.metadata.name.clone().unwrap_or_default(),
+            session: Some(session.clone()),
+            state: "graft expose".into(),
+            terminated: false,
+        };
+        if service.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if !force && live.contains(&session) {
+            report.kept.push(entry);
+            continue;
+        }
+        match crate::expose::delete_service(client, &entry.namespace, &entry.name).await {
+            Ok(()) => report.removed.push(entry),
+            Err(e) => {
+                let message = e.to_string();
+                report.failed.push((entry, message));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

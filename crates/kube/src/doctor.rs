@@ -287,8 +287,13 @@ pub fn pod_security_verdict(labels: &BTreeMap<String, String>, mode: AgentMode) 
 /// Whether `permission` is needed with `mode`: the node-mode agent Job's
 /// create and delete, and the deletion of left-over pods, are not needed in
 /// ephemeral mode (except by `graft ls` and `graft clean`); the
-/// ephemeral-container patch is not needed in node mode.
+/// ephemeral-container patch is not needed in node mode; Services are only
+/// needed by `graft expose`, so their absence warns.
 fn needed_in(permission: &Permission, mode: AgentMode) -> bool {
+    // Only `graft expose` (and `graft clean` of its leftovers) touches Services.
+    if permission.resource == "services" {
+        return false;
+    }
     match mode {
         AgentMode::Ephemeral => {
             ![rbac::CREATE_JOBS, rbac::DELETE_JOBS, rbac::DELETE_PODS].contains(permission)

@@ -261,6 +261,21 @@ pub enum KubeError {
         events: Vec<String>,
     },
 
+    /// `graft expose` found a Service of that name that it must not replace.
+    #[error(
+        "a Service {name:?} already exists in namespace {namespace:?} and {owner}: graft \
+         expose does not replace it"
+    )]
+    ServiceTaken {
+        /// The Service's namespace.
+        namespace: String,
+        /// The Service's name.
+        name: String,
+        /// Who holds it, in words (`graft did not create it`, `graft session S
+        /// serves it`).
+        owner: String,
+    },
+
     /// Any other API failure.
     #[error("Kubernetes API request failed ({action}): {source}")]
     Api {

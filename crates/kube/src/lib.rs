@@ -41,6 +41,7 @@ pub mod clean;
 pub mod doctor;
 mod error;
 pub mod events;
+pub mod expose;
 pub mod job;
 pub mod manifest;
 pub mod place;

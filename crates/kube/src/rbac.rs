@@ -193,6 +193,31 @@ pub const GET_NAMESPACES: Permission = core(
     "read the namespace's Pod Security labels (graft doctor)",
 );
 
+/// `graft expose`: find whether a Service of that name exists, and whose.
+pub const GET_SERVICES: Permission = core(
+    "services",
+    "get",
+    "check that graft expose does not take over a Service it did not create",
+);
+
+/// `graft expose`: create the Service that leads to the local port.
+pub const CREATE_SERVICES: Permission =
+    core("services", "create", "create the Service of graft expose");
+
+/// `graft expose` and `graft clean`: delete the Service at the end.
+pub const DELETE_SERVICES: Permission = core(
+    "services",
+    "delete",
+    "delete the Service of graft expose (and what graft clean finds)",
+);
+
+/// `graft clean`: find the Services of crashed `graft expose` sessions.
+pub const LIST_SERVICES: Permission = core(
+    "services",
+    "list",
+    "find the Services crashed graft expose sessions left (graft clean)",
+);
+
 /// Every permission graft uses; `deploy/rbac.yaml` grants exactly these.
 pub const ALL: &[Permission] = &[
     GET_PODS,
@@ -221,6 +246,10 @@ pub const ALL: &[Permission] = &[
     GET_ROLLOUTS,
     LIST_ROLLOUTS,
     GET_NAMESPACES,
+    GET_SERVICES,
+    CREATE_SERVICES,
+    DELETE_SERVICES,
+    LIST_SERVICES,
 ];
 
 #[cfg(test)]
@@ -313,6 +342,7 @@ mod tests {
             include_str!("clean.rs"),
             include_str!("events.rs"),
             include_str!("doctor.rs"),
+            include_str!("expose.rs"),
         ]
         .concat();
         for name in declared {

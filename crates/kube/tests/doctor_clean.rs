@@ -337,8 +337,27 @@ fn list(items: Vec<Value>) -> (u16, Value) {
     )
 }
 
+fn expose_service(name: &str, session: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "graft",
+                                "graft.dev/expose": "3000",
+                                "graft.dev/session": session}},
+        "spec": {"selector": {"graft.dev/session": session}},
+    })
+}
+
 fn clean_cluster() -> (Client, Arc<Mutex<Vec<Seen>>>) {
     fake_client(|r| match (r.method.as_str(), r.path.as_str()) {
+        // graft expose: one Service of a live session ("s"), one of a gone one.
+        ("GET", "/api/v1/namespaces/shop/services" | "/api/v1/services")
+            if r.query.contains("graft.dev%2Fexpose") =>
+        {
+            list(vec![
+                expose_service("web-dev", "s"),
+                expose_service("old-dev", "gone"),
+            ])
+        }
         // One finished agent Job (its pod already gone) and one that runs.
         ("GET", "/apis/batch/v1/namespaces/shop/jobs" | "/apis/batch/v1/jobs") => list(vec![
             agent_job(
@@ -409,6 +428,8 @@ async fn clean_deletes_exactly_the_terminated_agent_pods() {
             "/apis/batch/v1/namespaces/shop/jobs/graft-agent-jobdone",
             "/api/v1/namespaces/shop/pods/graft-agent-done",
             "/api/v1/namespaces/shop/pods/graft-agent-crashed",
+            // graft expose's Service of a session whose agent is gone.
+            "/api/v1/namespaces/shop/services/old-dev",
         ]
     );
     // A Job's pods go with it, not before (background propagation).
@@ -430,11 +451,13 @@ async fn clean_deletes_exactly_the_terminated_agent_pods() {
         [
             "graft-agent-jobdone",
             "graft-agent-done",
-            "graft-agent-crashed"
+            "graft-agent-crashed",
+            "old-dev"
         ]
     );
     let kept: Vec<&str> = report.kept.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(kept, ["graft-agent-joblive", "graft-agent-live"]);
+    // The live session's Service stays with its agent.
+    assert_eq!(kept, ["graft-agent-joblive", "graft-agent-live", "web-dev"]);
     assert!(report.failed.is_empty());
     assert_eq!(report.ephemeral.len(), 1);
     assert_eq!(report.ephemeral[0].pod, "api-1");
@@ -464,7 +487,7 @@ async fn clean_dry_run_deletes_nothing_and_reports_the_plan() {
 async fn clean_with_force_also_deletes_running_agents_in_every_namespace() {
     let (client, seen) = clean_cluster();
     let report = clean::clean(&client, None, true).await.unwrap();
-    assert_eq!(deletes(&seen).len(), 5);
+    assert_eq!(deletes(&seen).len(), 7);
     assert!(deletes(&seen).contains(&"/api/v1/namespaces/shop/pods/graft-agent-live".to_owned()));
     assert!(report.kept.is_empty());
     let lists: Vec<String> = seen
@@ -477,7 +500,7 @@ async fn clean_with_force_also_deletes_running_agents_in_every_namespace() {
     assert!(
         lists
             .iter()
-            .all(|p| p == "/api/v1/pods" || p == "/apis/batch/v1/jobs"),
+            .all(|p| p == "/api/v1/pods" || p == "/apis/batch/v1/jobs" || p == "/api/v1/services"),
         "{lists:?}"
     );
 }
