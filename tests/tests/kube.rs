@@ -1167,6 +1167,24 @@ fn stop_all_pods_session(bed: &Bed, bed2: &Bed, kube: &FakeKube, mut session: Pr
     );
     assert_cleaned_up(bed, kube);
     assert_cleaned_up(bed2, kube);
+    // A normal end is no lost link (issue 15), and each port was announced once.
+    let stderr = session.stderr();
+    assert!(
+        !stderr.contains("lost the link"),
+        "a spurious warning at the end\n{}",
+        session.output_report()
+    );
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains(" port ") && l.contains("of the target"))
+    {
+        assert_eq!(
+            stderr.matches(line).count(),
+            1,
+            "announced twice: {line}\n{}",
+            session.output_report()
+        );
+    }
     for b in [bed, bed2] {
         assert_eq!(
             curl(&b.target_url(80)).unwrap(),

@@ -60,6 +60,9 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         remote_env = false;
     }
 
+    // Before anything is placed: a failed start in a cluster costs an
+    // ephemeral container that Kubernetes never removes.
+    check_program(&args.command)?;
     let exe = std::env::current_exe().ok();
     let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
     if let Target::Pid(pid) = config.target
@@ -116,8 +119,47 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     drop(dir);
     result.map(|ended| match ended {
         Ended::Command(status) => process::exit_code(status),
+        Ended::Stopped(signal) => 128u8.wrapping_add(signal as u8),
         Ended::LinkLost => EXIT_SESSION,
     })
+}
+
+/// Checks that CMD's program exists and may be executed, as `execvp(3)` would
+/// look for it (a name without `/` in each directory of `PATH`).
+///
+/// # Errors
+///
+/// A usage failure naming the program, with what to do.
+fn check_program(command: &[OsString]) -> Result<(), Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(program) = command.first() else {
+        return Err(Failure::usage("no command to run: add it after `--`"));
+    };
+    let runnable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let shown = Path::new(program).display().to_string();
+    if program.as_encoded_bytes().contains(&b'/') {
+        let path = Path::new(program);
+        if runnable(path) {
+            return Ok(());
+        }
+        let why = if path.exists() {
+            "is not an executable file"
+        } else {
+            "does not exist"
+        };
+        return Err(Failure::usage(format!("cannot run {shown}: it {why}"))
+            .hint("check the path of the command after `--`"));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| runnable(&dir.join(program))) {
+        return Ok(());
+    }
+    Err(
+        Failure::usage(format!("cannot run {shown}: command not found in PATH"))
+            .hint("install it, or give its path (e.g. ./app); nothing was started"),
+    )
 }
 
 /// The Kubernetes path: place the agent, run the session over the port-forward,
@@ -160,19 +202,25 @@ async fn run_in_cluster(text: &str, plan: &Plan<'_>, secret: &str) -> Result<End
     };
     // --all-pods: the other pods' agents serve incoming traffic only.
     let mut secondaries = Vec::new();
+    let mut watchers = Vec::new();
+    // The primary announces each port once; secondaries report only refusals.
+    let secondary_options = SessionOptions {
+        announce_steals: false,
+        ..plan.session_options()
+    };
     for (other, stream) in others {
         if let Ok(primary) = &session {
-            match Session::connect_with(stream, secret, &client, plan.session_options()).await {
+            match Session::connect_with(stream, secret, &client, secondary_options.clone()).await {
                 Ok(secondary) => {
                     primary.add_secondary(&secondary);
                     let closed = secondary.closed();
-                    tokio::spawn(async move {
+                    watchers.push(tokio::spawn(async move {
                         let reason = closed.await;
                         eprintln!(
                             "graft: lost the link to one of the --all-pods agents ({reason}); \
                              that pod keeps its own traffic"
                         );
-                    });
+                    }));
                     secondaries.push(secondary);
                 }
                 Err(e) => eprintln!("graft: an --all-pods agent refused the session: {e}"),
@@ -192,6 +240,10 @@ async fn run_in_cluster(text: &str, plan: &Plan<'_>, secret: &str) -> Result<End
         Ok(session) => plan.run(session).await,
         Err(failure) => Err(failure),
     };
+    // The session is over: its links end on purpose.
+    for watcher in watchers {
+        watcher.abort();
+    }
     for secondary in secondaries {
         secondary.close().await;
     }
@@ -207,7 +259,15 @@ fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
         None => {
             let default = Path::new("graft.toml");
             if default.exists() {
-                Ok(ConfigFile::load(default)?)
+                let file = ConfigFile::load(default)?;
+                // A forgotten file would silently change what a run does.
+                let shown =
+                    std::fs::canonicalize(default).unwrap_or_else(|_| default.to_path_buf());
+                eprintln!(
+                    "graft: using {} (--config FILE picks another)",
+                    shown.display()
+                );
+                Ok(file)
             } else {
                 Ok(ConfigFile::default())
             }
@@ -217,8 +277,11 @@ fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
 
 /// How a session ended.
 enum Ended {
-    /// CMD exited (by itself, or stopped after a signal to graft).
+    /// CMD exited by itself.
     Command(ExitStatus),
+    /// graft was told to stop by this signal (Ctrl-C: SIGINT) and stopped CMD:
+    /// graft exits with 128 + its number, as shells report it.
+    Stopped(Signal),
     /// The link to the agent died; CMD was stopped.
     LinkLost,
 }
@@ -263,16 +326,28 @@ impl Plan<'_> {
         let mut child = self.spawn(env, &layer_socket)?;
         let closed = session.closed();
         let ended = tokio::select! {
-            status = child.wait() => Ended::Command(status.map_err(|e| {
-                Failure::session(format!("cannot wait for the command: {e}"))
-            })?),
+            status = child.wait() => {
+                let status = status.map_err(|e| {
+                    Failure::session(format!("cannot wait for the command: {e}"))
+                })?;
+                // A terminal's Ctrl-C reaches CMD and graft together: CMD may
+                // end before graft reads its signal.
+                match tokio::time::timeout(Duration::from_millis(50), signals.recv()).await {
+                    Ok(received) => Ended::Stopped(received),
+                    Err(_) => {
+                        self.explain_exit(&session, status);
+                        Ended::Command(status)
+                    }
+                }
+            }
             received = signals.recv() => {
                 tracing::info!(signal = ?received, "stopping the command");
                 // A terminal's Ctrl-C has reached CMD already (same process group).
                 if !(received == Signal::SIGINT && process::in_foreground()) {
                     process::signal(&child, Signal::SIGTERM);
                 }
-                Ended::Command(stop(&mut child, &mut signals).await?)
+                stop(&mut child, &mut signals).await?;
+                Ended::Stopped(received)
             }
             reason = closed => {
                 eprintln!("graft: lost the link to the agent ({reason}); stopping CMD");
@@ -283,6 +358,28 @@ impl Plan<'_> {
         };
         session.close().await;
         Ok(ended)
+    }
+
+    /// Says when CMD failed after the agent refused one of its ports: a program
+    /// whose `listen` failed usually exits on that, and the refusal is the cause.
+    fn explain_exit(&self, session: &Session, status: ExitStatus) {
+        let refused = session.refused_ports();
+        if status.success() || refused.is_empty() {
+            return;
+        }
+        let ports: Vec<String> = refused.iter().map(u16::to_string).collect();
+        let how = match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(code), _) => format!("with code {code}"),
+            (None, Some(signal)) => format!("on signal {signal}"),
+            (None, None) => "abnormally".to_owned(),
+        };
+        eprintln!(
+            "graft: CMD exited {how} after the target's port {} was refused to it (see above)",
+            ports.join(", ")
+        );
     }
 
     /// The local environment with the target's laid over it by the rules.

@@ -211,6 +211,7 @@ impl Session {
             end_tx,
             options,
             secondaries: Mutex::new(Vec::new()),
+            refused: Mutex::new(Vec::new()),
         });
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
         let tasks = vec![
@@ -244,6 +245,12 @@ impl Session {
     /// skipped; the program's `listen` follows this session's agent only.
     pub fn add_secondary(&self, other: &Session) {
         lock(&self.shared.secondaries).push(other.shared.clone());
+    }
+
+    /// The target's ports whose subscription the agent refused during this
+    /// session (a steal conflict, a bad filter, a failed redirect), in order.
+    pub fn refused_ports(&self) -> Vec<u16> {
+        lock(&self.shared.refused).clone()
     }
 
     /// Sends one remote operation to the agent and waits for its answer.
@@ -391,6 +398,8 @@ pub(crate) struct Shared {
     /// every port this session subscribes is subscribed there too, delivered to
     /// the same local listener.
     secondaries: Mutex<Vec<Arc<Shared>>>,
+    /// The target's ports whose subscription the agent refused, in order.
+    refused: Mutex<Vec<u16>>,
 }
 
 impl Shared {
@@ -759,7 +768,12 @@ impl Shared {
                 if self.options.announce_steals {
                     eprintln!("graft: port {port}: {message}");
                 }
-                tracing::warn!(port, %message, "the agent refused the subscription");
+                // Said above in graft's words; the log has it for GRAFT_LOG.
+                tracing::debug!(port, %message, "the agent refused the subscription");
+                let mut refused = lock(&self.refused);
+                if !refused.contains(&port) {
+                    refused.push(port);
+                }
             }
         }
         for waiter in waiters {
