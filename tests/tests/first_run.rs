@@ -8,7 +8,8 @@
 //! - a refused subscription is reported once, in graft's words (no raw log
 //!   line, no colour codes), and graft says when COMMAND then exits because of
 //!   it;
-//! - the usage line of `graft run` does not show optional flags as required.
+//! - the usage line of `graft run` does not show optional flags as required;
+//! - a local port CMD asks for that another program holds is said loudly.
 
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -201,4 +202,25 @@ fn the_usage_line_of_graft_run_shows_no_optional_flag_as_required() {
         usage, "Usage: graft run [OPTIONS] [--] <CMD>...",
         "{stderr}"
     );
+}
+
+#[test]
+fn a_busy_local_port_is_said_loudly_and_the_steal_still_works() {
+    let bed = Bed::new();
+    // Another program of this machine holds the port CMD asks for.
+    let _other = std::net::TcpListener::bind(("0.0.0.0", bed.app_port)).unwrap();
+    let url = bed.target_url(bed.app_port);
+    let (mut session, reply) = bed.steal(&[], bed.app_port, &url);
+    assert!(reply.starts_with("local"), "{reply}");
+    let warning = format!(
+        "graft: warning: port {} is busy on this machine",
+        bed.app_port
+    );
+    let said = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        session.stderr().contains(&warning).then_some(())
+    });
+    assert!(said.is_some(), "no warning\n{}", session.output_report());
+    assert_eq!(session.stderr().matches(&warning).count(), 1);
+    session.signal(Signal::SIGTERM);
+    assert!(session.wait_timeout(Duration::from_secs(10)).is_some());
 }

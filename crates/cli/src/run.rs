@@ -309,6 +309,7 @@ impl Plan<'_> {
                 .unwrap_or(PortMode::Steal),
             filter: layer.filter.clone(),
             incoming_defaulted: self.config.incoming_defaulted,
+            port_map: layer.port_map.iter().map(|m| (m.local, m.remote)).collect(),
             ..SessionOptions::default()
         }
     }

@@ -72,6 +72,10 @@ pub struct SessionOptions {
     pub filter: Option<HttpFilterSpec>,
     /// The mode is the default one (nobody chose it): the announcement says so.
     pub incoming_defaulted: bool,
+    /// `--port-map`: (local port, target port) pairs. With it the announcement
+    /// knows which local port the program asked for, and says loudly when the
+    /// layer had to move the program to another one (the asked port was busy).
+    pub port_map: Vec<(u16, u16)>,
 }
 
 impl Default for SessionOptions {
@@ -87,6 +91,7 @@ impl Default for SessionOptions {
             incoming_mode: IncomingMode::Steal,
             filter: None,
             incoming_defaulted: false,
+            port_map: Vec::new(),
         }
     }
 }
@@ -757,6 +762,23 @@ impl Shared {
                         ""
                     };
                     eprintln!("graft: {what} port {port} of the target → {deliver_to}{default}");
+                    let asked = self
+                        .options
+                        .port_map
+                        .iter()
+                        .find(|(_, remote)| *remote == port)
+                        .map_or(port, |(local, _)| *local);
+                    if let Delivery::Listener(local) = &deliver_to
+                        && local.port() != asked
+                    {
+                        eprintln!(
+                            "graft: warning: port {asked} is busy on this machine (another \
+                             program listens there), so CMD listens on port {} instead: the \
+                             target's port {port} comes to CMD, but connections to port \
+                             {asked} on this machine reach the other program",
+                            local.port()
+                        );
+                    }
                     if let (IncomingMode::Steal, Some(mine)) =
                         (self.options.incoming_mode, self.options.filter.clone())
                     {
