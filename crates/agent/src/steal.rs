@@ -12,8 +12,8 @@
 //!
 //! An accepted connection's original destination (`SO_ORIGINAL_DST` /
 //! `IP6T_SO_ORIGINAL_DST`) says which port the client meant; the connection goes
-//! to the [`Accepted`] channel with it, and the hub passes it to the target when
-//! that port has no subscription any more.
+//! to the [`Accepted`] channel with it, and the hub refuses it when that port has
+//! no subscription any more.
 
 use std::collections::HashSet;
 use std::io;

@@ -426,12 +426,11 @@ async fn route(accepted: Accepted, subs: Option<Arc<PortSubs>>, in_flight: TaskT
         peer,
         local: original,
     };
-    // Accepted just as its port's last subscription went (its rules go right
-    // after): the client meant the target, so the target gets it.
-    let subs = subs.unwrap_or_else(|| {
-        tracing::debug!(%peer, %original, "port no longer subscribed; passed to the target");
-        Arc::default()
-    });
+    let Some(subs) = subs else {
+        tracing::debug!(%peer, %original, "port no longer subscribed; connection refused");
+        let _ = stream.set_zero_linger();
+        return;
+    };
     if subs.has_filters() {
         match http::detect(&stream).await {
             http::Detected::Http => {
