@@ -110,6 +110,13 @@ fn sigterm_to_graft_stops_cmd_and_ends_the_session() {
         "graft did not exit on SIGTERM\n{}",
         session.output_report()
     );
+    // 128 + SIGTERM, as shells report it (issue 15).
+    assert_eq!(
+        status.unwrap().code(),
+        Some(143),
+        "{}",
+        session.output_report()
+    );
     let stopped = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
         apps.iter().all(|pid| !alive(*pid)).then_some(())
     });
@@ -132,6 +139,13 @@ fn ctrl_c_stops_cmd_and_ends_the_session() {
     assert!(
         status.is_some(),
         "graft did not exit on Ctrl-C\n{}",
+        session.output_report()
+    );
+    // 130 after Ctrl-C, whatever CMD made of its SIGINT (issue 15).
+    assert_eq!(
+        status.unwrap().code(),
+        Some(130),
+        "{}",
         session.output_report()
     );
     let stopped = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {

@@ -161,6 +161,38 @@ fn writes_stay_local_by_default() {
 }
 
 #[test]
+fn a_file_written_locally_is_read_back_locally_under_fs_read() {
+    // Issue 15: under `--fs read` a write goes to this machine, and the
+    // program's next open of the same path must find what it wrote, not the
+    // target's copy (or ENOENT when the target has none).
+    let bed = Bed::new();
+    let fresh = bed.remote("fresh.txt");
+    let hello_path = bed.remote("hello.txt");
+    let script = format!(
+        "p, q = {fresh:?}, {hello_path:?}\n\
+         open(p, 'w').write('mine\\n')\n\
+         print('fresh', open(p).read().strip())\n\
+         open(q, 'w').write('local hello\\n')\n\
+         print('hello', open(q).read().strip())\n\
+         import os\n\
+         print('size', os.stat(q).st_size)\n"
+    );
+    let out = bed.run(&[], &[graft_tests::python(), "-c", &script]);
+    out.assert_success();
+    assert!(out.stdout.contains("fresh mine\n"), "{out}");
+    assert!(out.stdout.contains("hello local hello\n"), "{out}");
+    assert!(out.stdout.contains("size 12\n"), "{out}");
+    // The same with a shell's builtins (one process): `>` then `<`.
+    let script = format!("echo shell-wrote > {fresh}; read x < {fresh}; echo \"got $x\"");
+    let out = bed.run(&[], &["sh", "-c", &script]);
+    assert!(out.stdout.contains("got shell-wrote"), "{out}");
+    // The target's files are untouched, and other paths still read remotely.
+    let cat = bed.in_target(&["cat", &hello_path]);
+    assert_eq!(cat.assert_success().stdout, hello(&bed));
+    assert!(!bed.in_target(&["test", "-e", &fresh]).success());
+}
+
+#[test]
 fn fs_write_creates_files_in_the_target_root() {
     let bed = Bed::new();
     let path = bed.remote("created.txt");

@@ -872,6 +872,35 @@ fn graft_names_the_missing_permission_when_rbac_forbids_the_port_forward() {
 }
 
 #[test]
+fn graft_suggests_node_mode_once_a_pod_carries_exited_agents() {
+    // Each ephemeral session leaves an exited container in the pod (issue 15):
+    // from the third on, graft says so before it adds another.
+    let bed = Bed::new();
+    let kube = FakeKube::for_bed(&bed);
+    for session in 1..=4 {
+        let out = kube_run(&bed, &kube, "deploy/api", &[], &["true"]);
+        out.assert_success();
+        let warned = out.stderr.contains("exited graft agents");
+        assert_eq!(warned, session == 4, "session {session}\n{out}");
+        if warned {
+            assert!(
+                out.stderr.contains("already carries 3 exited graft agents")
+                    && out.stderr.contains("--agent-mode node"),
+                "{out}"
+            );
+        }
+        // The agent exits once the link closes; its container is then terminated.
+        let exited = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            kube.agent_pids().is_empty().then_some(())
+        });
+        assert!(
+            exited.is_some(),
+            "the agent of session {session} still runs"
+        );
+    }
+}
+
+#[test]
 fn graft_names_a_missing_target_and_creates_nothing() {
     let bed = Bed::new();
     let kube = FakeKube::for_bed(&bed);
@@ -1167,6 +1196,24 @@ fn stop_all_pods_session(bed: &Bed, bed2: &Bed, kube: &FakeKube, mut session: Pr
     );
     assert_cleaned_up(bed, kube);
     assert_cleaned_up(bed2, kube);
+    // A normal end is no lost link (issue 15), and each port was announced once.
+    let stderr = session.stderr();
+    assert!(
+        !stderr.contains("lost the link"),
+        "a spurious warning at the end\n{}",
+        session.output_report()
+    );
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains(" port ") && l.contains("of the target"))
+    {
+        assert_eq!(
+            stderr.matches(line).count(),
+            1,
+            "announced twice: {line}\n{}",
+            session.output_report()
+        );
+    }
     for b in [bed, bed2] {
         assert_eq!(
             curl(&b.target_url(80)).unwrap(),

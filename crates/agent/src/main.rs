@@ -327,6 +327,35 @@ async fn stop_signal(pid: u32, pidfd: Option<std::os::fd::OwnedFd>) -> Stop {
     }
 }
 
+/// Hands the hub this agent owned over to the other sessions' agents and
+/// relays what it holds until that ends (`incoming::peer::handover`), unless
+/// `stop` comes first.
+///
+/// graft stops waiting for this agent when it reads the `draining` line, and
+/// the agent no longer asks to be signalled when graft exits: the drain
+/// outlives graft's session, bounded by `handover::DRAIN_MAX`.
+async fn hand_over(
+    handover: incoming::peer::Handover,
+    stop: std::pin::Pin<&mut impl std::future::Future<Output = Stop>>,
+) {
+    if let Err(e) = rustix::process::set_parent_process_death_signal(None) {
+        tracing::warn!("could not outlive graft to hand the hub over: {e}");
+    }
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(
+            stdout,
+            "draining: handing the target's hub over to {} other sessions' agents",
+            handover.peers()
+        )
+        .and_then(|()| stdout.flush());
+    }
+    tokio::select! {
+        () = handover.run() => {}
+        stopped = stop => tracing::info!(?stopped, "stopped while handing the hub over"),
+    }
+}
+
 /// A listener for either kind of address.
 enum Listener {
     /// The socket file goes with the listener.
@@ -448,7 +477,7 @@ async fn serve(
             };
             // Exactly one client: stop listening (and remove the socket file) now.
             drop((l, socket_file));
-            session::run(stream, config, stop).await
+            session::run(stream, config, stop.as_mut()).await
         }
         Listener::Tcp(l, acceptor) => {
             // The link survives new transports (a port-forward the API server
@@ -474,11 +503,24 @@ async fn serve(
                 attached: Some(attached),
                 ..config
             };
-            let end = session::run(link, config, stop).await;
+            let end = session::run(link, config, stop.as_mut()).await;
             accepter.abort();
             end
         }
     };
+    let session::Ended { end, handover } = end;
+    if let Some(handover) = handover {
+        if matches!(end, SessionEnd::Stopped(_)) {
+            // Told to stop (or the target is gone): the peers take over the
+            // old way, when this agent's links close.
+            tracing::info!(
+                peers = handover.peers(),
+                "stopped: the target's hub is not handed over"
+            );
+        } else {
+            hand_over(handover, stop.as_mut()).await;
+        }
+    }
     Ok(match end {
         SessionEnd::Refused(reason) => {
             eprintln!("graft-agent: session refused: {reason}");

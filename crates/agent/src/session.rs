@@ -32,7 +32,7 @@ use tokio_util::codec::Framed;
 
 use crate::dns::Dns;
 use crate::files::{Files, TargetRoot};
-use crate::incoming::peer::{Access, Delivery};
+use crate::incoming::peer::{Access, Delivery, Handover};
 use crate::incoming::{BoxFuture, BoxIo, ConnMeta, Subscriber};
 use crate::relay::{self, ConnCommand, ConnTable};
 use graft_protocol::incoming::Subscription;
@@ -249,19 +249,37 @@ where
     })
 }
 
+/// How a session ended, and the hub it leaves to hand over.
+pub struct Ended {
+    /// Why it ended.
+    pub end: SessionEnd,
+    /// The hub this session's agent owned, when other sessions are on it: to be
+    /// handed over to them ([`Handover::run`]) or dropped to end it at once.
+    pub handover: Option<Handover>,
+}
+
+impl From<SessionEnd> for Ended {
+    fn from(end: SessionEnd) -> Ended {
+        Ended {
+            end,
+            handover: None,
+        }
+    }
+}
+
 /// Serves one client on `io` until the session ends: the handshake, then the
 /// session.
-pub async fn run<S>(io: S, config: SessionConfig, stop: impl Future<Output = Stop>) -> SessionEnd
+pub async fn run<S>(io: S, config: SessionConfig, stop: impl Future<Output = Stop>) -> Ended
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let mut stop = std::pin::pin!(stop);
     let handshake = handshake(io, &config.secret, config.target_pid, config.hello_timeout);
     let admitted = tokio::select! {
-        stopped = &mut stop => return SessionEnd::Stopped(stopped),
+        stopped = &mut stop => return SessionEnd::Stopped(stopped).into(),
         admitted = handshake => match admitted {
             Ok(admitted) => admitted,
-            Err(end) => return end,
+            Err(end) => return end.into(),
         },
     };
     serve(admitted, config, stop).await
@@ -272,7 +290,7 @@ pub async fn serve<S>(
     admitted: Admitted<S>,
     config: SessionConfig,
     stop: impl Future<Output = Stop>,
-) -> SessionEnd
+) -> Ended
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -392,13 +410,13 @@ where
     }
     table.clear();
     drop(steal_tx);
-    access.close().await;
+    let handover = access.close().await;
     let _ = control_tx.try_send(Outbound::Finish);
     if !writer.is_finished() {
         let _ = tokio::time::timeout(FINAL_FLUSH, &mut writer).await;
     }
     writer.abort();
-    end
+    Ended { end, handover }
 }
 
 /// Sends the last message of a refused session and closes the link.

@@ -58,6 +58,9 @@ pub struct LocalAgent {
     child: Child,
     log: Option<PathBuf>,
     address: AgentAddress,
+    /// Set when the agent says `draining`: its session is over, and it stays to
+    /// hand the target's hub over to other sessions (docs/architecture.md).
+    draining: tokio::sync::watch::Receiver<bool>,
 }
 
 impl LocalAgent {
@@ -118,10 +121,12 @@ impl LocalAgent {
             None
         })
         .await;
+        let (draining_tx, draining) = tokio::sync::watch::channel(false);
         let mut agent = LocalAgent {
             child,
             log,
             address: AgentAddress::Unix(socket),
+            draining,
         };
         match ready {
             Ok(Some(address)) => {
@@ -130,6 +135,9 @@ impl LocalAgent {
                 tokio::spawn(async move {
                     while let Ok(Some(line)) = lines.next_line().await {
                         tracing::debug!(line, "agent stdout");
+                        if line.starts_with("draining") {
+                            let _ = draining_tx.send(true);
+                        }
                     }
                 });
                 Ok(agent)
@@ -191,12 +199,23 @@ impl LocalAgent {
     }
 
     /// Waits up to `grace` for the agent to exit (after the link closed), then
-    /// kills it. Returns its exit code when it exited by itself.
+    /// kills it. Returns its exit code when it exited by itself, or 0 when it
+    /// said it stays to hand the target's hub over to other sessions: it then
+    /// ends by itself when the connections it relays for them end (at most
+    /// 10 min), and graft does not wait for it.
     pub async fn stop(&mut self, grace: Duration) -> Option<i32> {
-        process::wait_or_kill(&mut self.child, grace)
-            .await
-            .ok()
-            .and_then(|s| s.code())
+        let mut draining = self.draining.clone();
+        tokio::select! {
+            status = process::wait_or_kill(&mut self.child, grace) => {
+                status.ok().and_then(|s| s.code())
+            }
+            Ok(_) = draining.wait_for(|d| *d) => {
+                tracing::info!(
+                    "the agent stays to hand the target's hub over to other sessions"
+                );
+                Some(0)
+            }
+        }
     }
 
     /// The last lines of the agent's log, each prefixed for the user.

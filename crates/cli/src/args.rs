@@ -21,6 +21,7 @@ pub struct Cli {
 pub enum Command {
     /// Run CMD on this machine as if it were inside the target.
     #[command(
+        override_usage = "graft run [OPTIONS] [--] <CMD>...",
         after_help = "Example:\n  sudo graft run --target pid:$(pgrep -f server) --steal -- python3 app.py"
     )]
     Run(Box<RunArgs>),

@@ -319,6 +319,10 @@ pub struct Started {
     pub others: Vec<(ClusterAgent, Box<dyn graft_kube::place::AgentStream>)>,
 }
 
+/// From this many exited graft agents in one pod on, `graft run` suggests node
+/// mode before it adds another.
+const EXITED_AGENTS_WARN: usize = 3;
+
 /// Places an agent beside `target` the way `mode` says.
 async fn place(
     cluster: &Cluster,
@@ -327,10 +331,38 @@ async fn place(
     mode: ConfigAgentMode,
 ) -> Result<AgentPlacement, KubeError> {
     match mode {
-        ConfigAgentMode::Ephemeral => add_ephemeral_agent(&cluster.client, target, options).await,
+        ConfigAgentMode::Ephemeral => {
+            warn_exited_agents(cluster, target).await;
+            add_ephemeral_agent(&cluster.client, target, options).await
+        }
         ConfigAgentMode::Node => {
             create_node_agent(&cluster.client, target, options, &target.namespace).await
         }
+    }
+}
+
+/// Says how many exited graft agents the target pod already carries when they
+/// are [`EXITED_AGENTS_WARN`] or more: Kubernetes never removes an ephemeral
+/// container, so each session adds one to the pod's spec and status until the
+/// pod is re-created. A failure to read the pod says nothing: placing the agent
+/// reports what matters.
+async fn warn_exited_agents(cluster: &Cluster, target: &graft_kube::ResolvedTarget) {
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &target.namespace);
+    let Ok(pod) = api.get(&target.pod).await else {
+        return;
+    };
+    let exited: usize = graft_kube::clean::exited_ephemeral_agents(std::slice::from_ref(&pod))
+        .iter()
+        .map(|leftover| leftover.containers.len())
+        .sum();
+    if exited >= EXITED_AGENTS_WARN {
+        eprintln!(
+            "graft: warning: pod {}/{} already carries {exited} exited graft agents \
+             (Kubernetes keeps every ephemeral container until the pod is re-created; \
+             each session adds one): --agent-mode node places the agent in a pod of its \
+             own, removed when the session ends",
+            target.namespace, target.pod
+        );
     }
 }
 

@@ -53,11 +53,19 @@ fn main() -> ExitCode {
 }
 
 async fn graft() -> ExitCode {
-    let filter = EnvFilter::try_from_env("GRAFT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Without GRAFT_LOG, graft speaks through its own `graft: …` lines; the log
+    // adds only warnings, plainly (no colours, times or module paths).
+    let logging = EnvFilter::try_from_env("GRAFT_LOG").ok();
+    let plain = logging.is_none();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(logging.unwrap_or_else(|| EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(!plain && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if plain {
+        subscriber.without_time().with_target(false).init();
+    } else {
+        subscriber.init();
+    }
     let cli = match kubectl::args(std::env::args_os()) {
         Ok(argv) => Cli::parse_from(argv),
         Err(failure) => {

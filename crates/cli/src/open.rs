@@ -53,6 +53,9 @@ pub struct Opened {
 pub struct Agents {
     placed: Placed,
     secondaries: Vec<Session>,
+    /// Tasks that report a secondary's lost link; aborted at the end, when the
+    /// links end on purpose.
+    watchers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 enum Placed {
@@ -74,6 +77,9 @@ impl Agents {
     /// printed when `link_lost` and it failed), cluster agents' pods or Jobs are
     /// deleted. Call after the primary session is closed.
     pub async fn stop(self, link_lost: bool) {
+        for watcher in self.watchers {
+            watcher.abort();
+        }
         for secondary in self.secondaries {
             secondary.close().await;
         }
@@ -126,6 +132,7 @@ pub async fn open(request: OpenRequest<'_>) -> Result<Opened, Failure> {
                     agents: Agents {
                         placed: Placed::Local(Box::new(agent)),
                         secondaries: Vec::new(),
+                        watchers: Vec::new(),
                     },
                 }),
                 Err(failure) => {
@@ -183,21 +190,27 @@ async fn open_in_cluster(text: &str, request: &OpenRequest<'_>) -> Result<Opened
     };
     // --all-pods: the other pods' agents serve incoming traffic only.
     let mut secondaries = Vec::new();
+    let mut watchers = Vec::new();
+    // The primary announces each port once; secondaries report only refusals.
+    let secondary_options = SessionOptions {
+        announce_steals: false,
+        ..request.options.clone()
+    };
     for (other, stream) in others {
         if let Ok(primary) = &session {
-            match Session::connect_with(stream, request.secret, &client, request.options.clone())
+            match Session::connect_with(stream, request.secret, &client, secondary_options.clone())
                 .await
             {
                 Ok(secondary) => {
                     primary.add_secondary(&secondary);
                     let closed = secondary.closed();
-                    tokio::spawn(async move {
+                    watchers.push(tokio::spawn(async move {
                         let reason = closed.await;
                         eprintln!(
                             "graft: lost the link to one of the --all-pods agents ({reason}); \
                              that pod keeps its own traffic"
                         );
-                    });
+                    }));
                     secondaries.push(secondary);
                 }
                 Err(e) => eprintln!("graft: an --all-pods agent refused the session: {e}"),
@@ -215,6 +228,7 @@ async fn open_in_cluster(text: &str, request: &OpenRequest<'_>) -> Result<Opened
     let agents = Agents {
         placed: Placed::Cluster(agents),
         secondaries,
+        watchers,
     };
     match session {
         Ok(session) => Ok(Opened { session, agents }),

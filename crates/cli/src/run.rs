@@ -57,6 +57,9 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         remote_env = false;
     }
 
+    // Before anything is placed: a failed start in a cluster costs an
+    // ephemeral container that Kubernetes never removes.
+    check_program(&args.command)?;
     let exe = std::env::current_exe().ok();
     let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
 
@@ -92,8 +95,47 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     drop(dir);
     result.map(|ended| match ended {
         Ended::Command(status) => process::exit_code(status),
+        Ended::Stopped(signal) => 128u8.wrapping_add(signal as u8),
         Ended::LinkLost => EXIT_SESSION,
     })
+}
+
+/// Checks that CMD's program exists and may be executed, as `execvp(3)` would
+/// look for it (a name without `/` in each directory of `PATH`).
+///
+/// # Errors
+///
+/// A usage failure naming the program, with what to do.
+fn check_program(command: &[OsString]) -> Result<(), Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(program) = command.first() else {
+        return Err(Failure::usage("no command to run: add it after `--`"));
+    };
+    let runnable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let shown = Path::new(program).display().to_string();
+    if program.as_encoded_bytes().contains(&b'/') {
+        let path = Path::new(program);
+        if runnable(path) {
+            return Ok(());
+        }
+        let why = if path.exists() {
+            "is not an executable file"
+        } else {
+            "does not exist"
+        };
+        return Err(Failure::usage(format!("cannot run {shown}: it {why}"))
+            .hint("check the path of the command after `--`"));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| runnable(&dir.join(program))) {
+        return Ok(());
+    }
+    Err(
+        Failure::usage(format!("cannot run {shown}: command not found in PATH"))
+            .hint("install it, or give its path (e.g. ./app); nothing was started"),
+    )
 }
 
 pub(crate) fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
@@ -101,7 +143,14 @@ pub(crate) fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> 
         Some(path) => Ok(ConfigFile::load(path)?),
         None => {
             if let Some(default) = graft_config::schema::default_file(Path::new(".")) {
-                Ok(ConfigFile::load(&default)?)
+                let file = ConfigFile::load(&default)?;
+                // A forgotten file would silently change what a run does.
+                let shown = std::fs::canonicalize(&default).unwrap_or(default);
+                eprintln!(
+                    "graft: using {} (--config FILE picks another)",
+                    shown.display()
+                );
+                Ok(file)
             } else {
                 Ok(ConfigFile::default())
             }
@@ -111,8 +160,11 @@ pub(crate) fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> 
 
 /// How a session ended.
 pub(crate) enum Ended {
-    /// CMD exited (by itself, or stopped after a signal to graft).
+    /// CMD exited by itself.
     Command(ExitStatus),
+    /// graft was told to stop by this signal (Ctrl-C: SIGINT) and stopped CMD:
+    /// graft exits with 128 + its number, as shells report it.
+    Stopped(Signal),
     /// The link to the agent died; CMD was stopped.
     LinkLost,
 }
@@ -142,6 +194,7 @@ impl Plan<'_> {
                 .unwrap_or(PortMode::Steal),
             filter: layer.filter.clone(),
             incoming_defaulted: self.config.incoming_defaulted,
+            port_map: layer.port_map.iter().map(|m| (m.local, m.remote)).collect(),
             ..SessionOptions::default()
         }
     }
@@ -168,16 +221,28 @@ impl Plan<'_> {
         let mut child = self.spawn(env, &layer_socket)?;
         let closed = session.closed();
         let ended = tokio::select! {
-            status = child.wait() => Ended::Command(status.map_err(|e| {
-                Failure::session(format!("cannot wait for the command: {e}"))
-            })?),
+            status = child.wait() => {
+                let status = status.map_err(|e| {
+                    Failure::session(format!("cannot wait for the command: {e}"))
+                })?;
+                // A terminal's Ctrl-C reaches CMD and graft together: CMD may
+                // end before graft reads its signal.
+                match tokio::time::timeout(Duration::from_millis(50), signals.recv()).await {
+                    Ok(received) => Ended::Stopped(received),
+                    Err(_) => {
+                        self.explain_exit(&session, status);
+                        Ended::Command(status)
+                    }
+                }
+            }
             received = signals.recv() => {
                 tracing::info!(signal = ?received, "stopping the command");
                 // A terminal's Ctrl-C has reached CMD already (same process group).
                 if !(received == Signal::SIGINT && process::in_foreground()) {
                     process::signal(&child, Signal::SIGTERM);
                 }
-                Ended::Command(stop(&mut child, &mut signals).await?)
+                stop(&mut child, &mut signals).await?;
+                Ended::Stopped(received)
             }
             reason = closed => {
                 eprintln!("graft: lost the link to the agent ({reason}); stopping CMD");
@@ -188,6 +253,28 @@ impl Plan<'_> {
         };
         session.close().await;
         Ok(ended)
+    }
+
+    /// Says when CMD failed after the agent refused one of its ports: a program
+    /// whose `listen` failed usually exits on that, and the refusal is the cause.
+    fn explain_exit(&self, session: &Session, status: ExitStatus) {
+        let refused = session.refused_ports();
+        if status.success() || refused.is_empty() {
+            return;
+        }
+        let ports: Vec<String> = refused.iter().map(u16::to_string).collect();
+        let how = match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(code), _) => format!("with code {code}"),
+            (None, Some(signal)) => format!("on signal {signal}"),
+            (None, None) => "abnormally".to_owned(),
+        };
+        eprintln!(
+            "graft: CMD exited {how} after the target's port {} was refused to it (see above)",
+            ports.join(", ")
+        );
     }
 
     /// The local environment with the target's laid over it by the rules.

@@ -45,7 +45,7 @@ use crate::{
     client,
     fds::{self, FdKind, RemoteFile},
     guard::{self, hooked, set_errno},
-    state,
+    local_writes, state,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -125,7 +125,8 @@ unsafe fn remote_path(dirfd: c_int, path: *const c_char) -> Option<String> {
     let path = std::str::from_utf8(bytes).ok()?;
     if path.starts_with('/') {
         let path = normalize(path);
-        return state()?.fs_rules().is_remote(&path).then_some(path);
+        return (state()?.fs_rules().is_remote(&path) && !local_writes::contains(&path))
+            .then_some(path);
     }
     if path.is_empty() || dirfd == libc::AT_FDCWD {
         return None;
@@ -456,10 +457,25 @@ unsafe fn open_hook(
             return real();
         };
         match open_remote(&path, flags, mode) {
-            Outcome::Local => real(),
+            Outcome::Local => {
+                let fd = real();
+                if fd >= 0 && writes_locally(flags) {
+                    local_writes::record(&path);
+                }
+                fd
+            }
             Outcome::Done(r) => ret(r),
         }
     })
+}
+
+/// Whether an open with `flags` of a remote path was kept local because it
+/// writes under `--fs read` ([`open_remote`]): the path is the program's local
+/// file from then on ([`local_writes`]).
+fn writes_locally(flags: c_int) -> bool {
+    let writing =
+        flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_CREAT | libc::O_TRUNC) != 0;
+    writing && flags & libc::O_TMPFILE != libc::O_TMPFILE && !write_mode()
 }
 
 macro_rules! export_open {
@@ -721,7 +737,14 @@ unsafe fn fopen_remote(path: *const c_char, mode: *const c_char) -> Option<Resul
     // SAFETY: the caller guarantees a C string.
     let flags = fopen_flags(unsafe { CStr::from_ptr(mode) }.to_bytes())?;
     match open_remote(&path, flags, 0o666) {
-        Outcome::Local => None,
+        Outcome::Local => {
+            if writes_locally(flags) {
+                // Recorded before the local fopen, which happens in the caller:
+                // should it fail, the path stays local anyway.
+                local_writes::record(&path);
+            }
+            None
+        }
         Outcome::Done(r) => Some(r),
     }
 }

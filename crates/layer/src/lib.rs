@@ -31,6 +31,7 @@ mod exec;
 pub mod fds;
 mod files;
 pub mod guard;
+mod local_writes;
 mod socket;
 
 use std::{path::PathBuf, sync::OnceLock};

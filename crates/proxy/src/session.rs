@@ -72,6 +72,10 @@ pub struct SessionOptions {
     pub filter: Option<HttpFilterSpec>,
     /// The mode is the default one (nobody chose it): the announcement says so.
     pub incoming_defaulted: bool,
+    /// `--port-map`: (local port, target port) pairs. With it the announcement
+    /// knows which local port the program asked for, and says loudly when the
+    /// layer had to move the program to another one (the asked port was busy).
+    pub port_map: Vec<(u16, u16)>,
 }
 
 impl Default for SessionOptions {
@@ -87,6 +91,7 @@ impl Default for SessionOptions {
             incoming_mode: IncomingMode::Steal,
             filter: None,
             incoming_defaulted: false,
+            port_map: Vec::new(),
         }
     }
 }
@@ -211,6 +216,7 @@ impl Session {
             end_tx,
             options,
             secondaries: Mutex::new(Vec::new()),
+            refused: Mutex::new(Vec::new()),
         });
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
         let tasks = vec![
@@ -244,6 +250,12 @@ impl Session {
     /// skipped; the program's `listen` follows this session's agent only.
     pub fn add_secondary(&self, other: &Session) {
         lock(&self.shared.secondaries).push(other.shared.clone());
+    }
+
+    /// The target's ports whose subscription the agent refused during this
+    /// session (a steal conflict, a bad filter, a failed redirect), in order.
+    pub fn refused_ports(&self) -> Vec<u16> {
+        lock(&self.shared.refused).clone()
     }
 
     /// Sends one remote operation to the agent and waits for its answer.
@@ -391,6 +403,8 @@ pub(crate) struct Shared {
     /// every port this session subscribes is subscribed there too, delivered to
     /// the same local listener.
     secondaries: Mutex<Vec<Arc<Shared>>>,
+    /// The target's ports whose subscription the agent refused, in order.
+    refused: Mutex<Vec<u16>>,
 }
 
 impl Shared {
@@ -748,6 +762,23 @@ impl Shared {
                         ""
                     };
                     eprintln!("graft: {what} port {port} of the target → {deliver_to}{default}");
+                    let asked = self
+                        .options
+                        .port_map
+                        .iter()
+                        .find(|(_, remote)| *remote == port)
+                        .map_or(port, |(local, _)| *local);
+                    if let Delivery::Listener(local) = &deliver_to
+                        && local.port() != asked
+                    {
+                        eprintln!(
+                            "graft: warning: port {asked} is busy on this machine (another \
+                             program listens there), so CMD listens on port {} instead: the \
+                             target's port {port} comes to CMD, but connections to port \
+                             {asked} on this machine reach the other program",
+                            local.port()
+                        );
+                    }
                     if let (IncomingMode::Steal, Some(mine)) =
                         (self.options.incoming_mode, self.options.filter.clone())
                     {
@@ -759,7 +790,12 @@ impl Shared {
                 if self.options.announce_steals {
                     eprintln!("graft: port {port}: {message}");
                 }
-                tracing::warn!(port, %message, "the agent refused the subscription");
+                // Said above in graft's words; the log has it for GRAFT_LOG.
+                tracing::debug!(port, %message, "the agent refused the subscription");
+                let mut refused = lock(&self.refused);
+                if !refused.contains(&port) {
+                    refused.push(port);
+                }
             }
         }
         for waiter in waiters {

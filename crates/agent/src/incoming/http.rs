@@ -35,6 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use super::tee::{self, Tee};
 use super::{BoxIo, ConnMeta, DETECT_TIMEOUT, PortSubs, Sub};
@@ -150,16 +151,21 @@ struct Conn {
     meta: ConnMeta,
     subs: Arc<PortSubs>,
     upstreams: tokio::sync::Mutex<HashMap<Dest, Sender>>,
+    /// Where the tasks that outlive a request run (mirror copies, upgraded
+    /// connections), so a draining hub waits for them.
+    in_flight: TaskTracker,
 }
 
-/// Serves the HTTP client connection `stream` until it ends.
-pub async fn serve(stream: TcpStream, meta: ConnMeta, subs: Arc<PortSubs>) {
-    let mirrors = tee::start_mirrors(meta, subs.plain_mirrors());
+/// Serves the HTTP client connection `stream` until it ends; tasks that relay
+/// parts of it run under `in_flight`.
+pub async fn serve(stream: TcpStream, meta: ConnMeta, subs: Arc<PortSubs>, in_flight: TaskTracker) {
+    let mirrors = tee::start_mirrors(meta, subs.plain_mirrors(), &in_flight);
     let io = Tee::new(stream, mirrors);
     let conn = Arc::new(Conn {
         meta,
         subs,
         upstreams: tokio::sync::Mutex::default(),
+        in_flight,
     });
     let service = service_fn(move |req| {
         let conn = conn.clone();
@@ -238,7 +244,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
             (Some(tx), Some(rx))
         };
         copies.extend(tx);
-        tokio::spawn(mirror_request(conn.clone(), sub, head, rx));
+        conn.in_flight
+            .spawn(mirror_request(conn.clone(), sub, head, rx));
     }
     let req = req.map(|body| -> ProxyBody {
         if copies.is_empty() {
@@ -417,7 +424,7 @@ async fn forward_upgrade(
     let mut resp = sender.send_request(req).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let up = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
+        conn.in_flight.spawn(async move {
             match tokio::try_join!(down, up) {
                 Ok((down, up)) => {
                     let mut down = TokioIo::new(down);

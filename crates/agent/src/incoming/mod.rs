@@ -21,6 +21,15 @@
 //! When the filters of several sessions match one request, the session that
 //! subscribed first (oldest `since`, kept across a hub take-over) gets it; the
 //! later session is told so when it starts (by graft, from the listing).
+//!
+//! Rules and in-flight connections: the hub's redirect rules are
+//! [`RulesState::Live`] normally; a hub started to take over from an owner that
+//! hands over ([`peer::handover`]) keeps its subscriptions without rules
+//! ([`RulesState::Staged`]) until the old owner, whose rules still catch every new
+//! connection with every session's subscription, lets it go live; the old owner's
+//! hub then retires its rules ([`RulesState::Retired`]) and relays the
+//! connections it holds until they end ([`Hub::drain`]). Every routed connection
+//! runs under the hub's [`TaskTracker`], which is what the drain waits for.
 
 pub mod http;
 pub mod peer;
@@ -40,6 +49,7 @@ use graft_protocol::incoming::{IncomingMode, SessionListing, Subscription, clock
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use crate::steal::{Accepted, Redirector};
 
@@ -145,32 +155,123 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether a hub's subscriptions have redirect rules.
+///
+/// `Staged` → `Live` ([`Hub::go_live`]) → `Retired` ([`Hub::retire_rules`]); a hub
+/// that takes nothing over starts `Live`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesState {
+    /// Subscriptions are kept and routed, but no rule redirects their ports: the
+    /// previous owner's rules still do, until it lets this hub go live.
+    Staged,
+    /// Every subscribed port is redirected to this hub.
+    Live,
+    /// This hub's owner handed the hub over: its rules are gone and never come
+    /// back; it only relays the connections it already holds.
+    Retired,
+}
+
+/// The redirector and the state of its rules, changed together.
+struct Rules {
+    redirector: Redirector,
+    state: RulesState,
+}
+
 /// The hub of one target: subscriptions, redirects and routing.
 pub struct Hub {
     ports: RwLock<HashMap<u16, Arc<PortSubs>>>,
-    redirector: tokio::sync::Mutex<Redirector>,
+    rules: tokio::sync::Mutex<Rules>,
     next_owner: AtomicU64,
+    /// Every routed connection, and the tasks that relay its parts.
+    in_flight: TaskTracker,
 }
 
 impl Hub {
     /// Starts a hub whose rules live in `chain`; `rules_touched` is set before the
-    /// first rule is installed.
-    pub fn start(chain: String, rules_touched: Arc<std::sync::atomic::AtomicBool>) -> Arc<Hub> {
+    /// first rule is installed. `rules` is [`RulesState::Live`], or
+    /// [`RulesState::Staged`] for a hub that takes over from an owner handing it
+    /// over.
+    pub fn start(
+        chain: String,
+        rules_touched: Arc<std::sync::atomic::AtomicBool>,
+        rules: RulesState,
+    ) -> Arc<Hub> {
         let (tx, mut rx) = mpsc::channel::<Accepted>(1024);
         let hub = Arc::new(Hub {
             ports: RwLock::default(),
-            redirector: tokio::sync::Mutex::new(Redirector::new(chain, rules_touched, tx)),
+            rules: tokio::sync::Mutex::new(Rules {
+                redirector: Redirector::new(chain, rules_touched, tx),
+                state: rules,
+            }),
             next_owner: AtomicU64::new(1),
+            in_flight: TaskTracker::new(),
         });
         let weak = Arc::downgrade(&hub);
         tokio::spawn(async move {
             while let Some(accepted) = rx.recv().await {
                 let Some(hub) = weak.upgrade() else { break };
                 let subs = hub.port_subs(accepted.original.port());
-                tokio::spawn(route(accepted, subs));
+                let tracker = hub.in_flight.clone();
+                hub.in_flight.spawn(route(accepted, subs, tracker));
             }
         });
         hub
+    }
+
+    /// Redirects every subscribed port of a [`RulesState::Staged`] hub; nothing
+    /// for a hub in another state. Failures are logged: the port's subscriptions
+    /// stay, and their connections keep reaching the target.
+    pub async fn go_live(&self) {
+        let mut rules = self.rules.lock().await;
+        if rules.state != RulesState::Staged {
+            return;
+        }
+        rules.state = RulesState::Live;
+        let ports: Vec<u16> = self
+            .ports
+            .read()
+            .expect("hub ports lock poisoned")
+            .keys()
+            .copied()
+            .collect();
+        for port in ports {
+            if let Err(e) = rules.redirector.redirect(port).await {
+                tracing::warn!(port, "could not redirect after the hub's take-over: {e}");
+            }
+        }
+        tracing::info!("the hub's rules are live");
+    }
+
+    /// Removes every redirect rule for good (the hub was handed over); the
+    /// subscriptions stay, so connections already accepted are still routed.
+    pub async fn retire_rules(&self) {
+        let mut rules = self.rules.lock().await;
+        rules.state = RulesState::Retired;
+        let ports: Vec<u16> = self
+            .ports
+            .read()
+            .expect("hub ports lock poisoned")
+            .keys()
+            .copied()
+            .collect();
+        for port in ports {
+            rules.redirector.release(port).await;
+        }
+    }
+
+    /// How many routed connections (and parts of them) are still relayed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Waits until every connection this hub routed has ended, at most `max`;
+    /// returns how many were still relayed when `max` ran out (0 when all ended).
+    pub async fn drain(&self, max: Duration) -> usize {
+        self.in_flight.close();
+        match tokio::time::timeout(max, self.in_flight.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.in_flight.len(),
+        }
     }
 
     /// A new owner id for a session's subscriptions.
@@ -216,7 +317,7 @@ impl Hub {
             filter,
             to,
         });
-        let mut redirector = self.redirector.lock().await;
+        let mut rules = self.rules.lock().await;
         let current = self.port_subs(port).unwrap_or_default();
         if sub.is_plain_steal()
             && let Some(holder) = current
@@ -231,8 +332,8 @@ impl Hub {
                 clock(holder.since_unix)
             ));
         }
-        if current.subs.is_empty() {
-            redirector.redirect(port).await?;
+        if current.subs.is_empty() && rules.state == RulesState::Live {
+            rules.redirector.redirect(port).await?;
         }
         let mut subs: Vec<Arc<Sub>> = current
             .subs
@@ -261,7 +362,7 @@ impl Hub {
     /// Drops `owner`'s subscription of `port`; the port's redirect goes when no
     /// subscription is left.
     pub async fn unsubscribe(&self, owner: OwnerId, port: u16) {
-        let mut redirector = self.redirector.lock().await;
+        let mut rules = self.rules.lock().await;
         let Some(current) = self.port_subs(port) else {
             return;
         };
@@ -277,7 +378,7 @@ impl Hub {
         let empty = subs.is_empty();
         self.publish(port, subs);
         if empty {
-            redirector.release(port).await;
+            rules.redirector.release(port).await;
         }
     }
 
@@ -313,39 +414,39 @@ impl Hub {
     }
 }
 
-/// Routes one redirected connection.
-async fn route(accepted: Accepted, subs: Option<Arc<PortSubs>>) {
+/// Routes one redirected connection; the parts it spawns run under `in_flight`.
+async fn route(accepted: Accepted, subs: Option<Arc<PortSubs>>, in_flight: TaskTracker) {
     let Accepted {
         stream,
         peer,
         original,
     } = accepted;
-    let Some(subs) = subs else {
-        tracing::debug!(%peer, %original, "port no longer subscribed; connection refused");
-        let _ = stream.set_zero_linger();
-        return;
-    };
     let meta = ConnMeta {
         port: original.port(),
         peer,
         local: original,
     };
+    let Some(subs) = subs else {
+        tracing::debug!(%peer, %original, "port no longer subscribed; connection refused");
+        let _ = stream.set_zero_linger();
+        return;
+    };
     if subs.has_filters() {
         match http::detect(&stream).await {
             http::Detected::Http => {
-                http::serve(stream, meta, subs).await;
+                http::serve(stream, meta, subs, in_flight).await;
                 return;
             }
             http::Detected::Other => {}
         }
     }
-    pass_whole(stream, meta, &subs).await;
+    pass_whole(stream, meta, &subs, &in_flight).await;
 }
 
 /// Sends a whole connection to the unfiltered stealer or to the target, with a
 /// copy to every unfiltered mirror.
-async fn pass_whole(stream: TcpStream, meta: ConnMeta, subs: &PortSubs) {
-    let mirrors = tee::start_mirrors(meta, subs.plain_mirrors());
+async fn pass_whole(stream: TcpStream, meta: ConnMeta, subs: &PortSubs, in_flight: &TaskTracker) {
+    let mirrors = tee::start_mirrors(meta, subs.plain_mirrors(), in_flight);
     match subs.plain_steal() {
         Some(stealer) if mirrors.is_empty() => {
             if let Err(e) = stealer.to.clone().hand_over(meta, stream).await {

@@ -40,7 +40,9 @@
 //! # The link
 //!
 //! A `SOCK_SEQPACKET` Unix socket ([`link`]): `Challenge` → `Proof` → `Proof` →
-//! `Done`, then `Subscribe` / `Unsubscribe` / `List`, each answered in order. Each
+//! `Done`, then `Subscribe` / `Unsubscribe` / `List` (and `Moved` / `Live`
+//! during a [`handover`], which the hub starts with `Handover` / `Release`),
+//! each answered in order. Each
 //! connection routed to a peer's session arrives on the same link as a
 //! `Delivery` carrying a descriptor: the client's TCP socket itself when the
 //! whole connection is the peer's, else one end of a socket pair the hub relays
@@ -51,16 +53,24 @@
 //!
 //! The agent whose `NLM_F_EXCL` creation of the key's table succeeds owns the hub
 //! (the kernel lets exactly one win). When its link to a peer closes, that peer's
-//! subscriptions go at once. When the owner goes (its session ended, or it was
-//! killed) the kernel deletes the table with the owner's netlink socket; the
-//! others race to publish a new key, one wins, and each re-subscribes.
+//! subscriptions go at once. When the owner's session ends normally it hands the
+//! hub over ([`handover`]): the others elect a new owner and move their
+//! subscriptions to it while the old owner's rules still catch every new
+//! connection, and the old owner then relays the connections it holds until they
+//! end (at most [`handover::DRAIN_MAX`]). When the owner is killed, the kernel
+//! deletes the table with the owner's netlink socket; the others race to publish
+//! a new key, one wins, and each re-subscribes; connections the dead owner
+//! relayed are reset.
 
 mod access;
+pub mod handover;
 pub mod key;
 pub mod link;
 
 pub use access::Access;
+pub use handover::Handover;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -74,7 +84,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use self::key::{Key, Role as Prover};
 use self::link::{Link, Listener};
-use super::{BoxFuture, BoxIo, ConnMeta, Hub, Subscriber};
+use super::{BoxFuture, BoxIo, ConnMeta, Hub, OwnerId, Subscriber};
 
 /// How long each step of the hub handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,6 +121,11 @@ pub enum ToHub {
     },
     /// List every subscription.
     List,
+    /// After [`FromHub::Handover`]: the peer's subscriptions are in the next hub
+    /// (or could not be); deliveries of this hub still arrive on the link.
+    Moved,
+    /// After [`FromHub::Release`]: the peer's hub has its rules (or it is no owner).
+    Live,
 }
 
 /// The hub's messages: one answer per [`ToHub`] message, in order, and
@@ -130,6 +145,15 @@ pub enum FromHub {
     Listing(Vec<SessionListing>),
     /// A connection for the peer's session; the message carries its descriptor.
     Delivery(Delivery),
+    /// The owner's session ended and it hands the hub over: its key is withdrawn
+    /// and its socket closed; elect or join the next hub, subscribe there
+    /// (its rules stay staged) and answer [`ToHub::Moved`]. Until then, and
+    /// while it relays connections it holds, this hub's rules and deliveries go
+    /// on.
+    Handover,
+    /// Every peer has moved (or the wait ran out): the next hub may install its
+    /// rules; answer [`ToHub::Live`] when they are in.
+    Release,
 }
 
 /// What a delivered descriptor is.
@@ -154,8 +178,83 @@ pub struct Delivery {
     pub local: SocketAddr,
 }
 
-/// Serves peer agents on `listener` for `hub`, keyed by `key`, until dropped.
-pub async fn serve_peers(listener: Listener, hub: Arc<Hub>, key: Key) {
+/// The peer agents of a hub, as its owner sees them: their links, and how far
+/// each has come in a [`handover`].
+#[derive(Default)]
+pub struct Peers {
+    links: std::sync::Mutex<HashMap<OwnerId, PeerState>>,
+    /// Bumped at every change of `links`.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// One admitted peer.
+struct PeerState {
+    link: Arc<Link>,
+    moved: bool,
+    live: bool,
+}
+
+impl Peers {
+    fn update(&self, change: impl FnOnce(&mut HashMap<OwnerId, PeerState>)) {
+        change(&mut self.links.lock().expect("hub peers lock poisoned"));
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// How many peers are linked.
+    pub fn len(&self) -> usize {
+        self.links.lock().expect("hub peers lock poisoned").len()
+    }
+
+    /// Whether no peer is linked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sends `message` to every peer; a peer that cannot be reached is left to
+    /// its link's end.
+    async fn tell_all(&self, message: &FromHub) {
+        let links: Vec<Arc<Link>> = self
+            .links
+            .lock()
+            .expect("hub peers lock poisoned")
+            .values()
+            .map(|p| p.link.clone())
+            .collect();
+        for link in links {
+            if let Err(e) = link.send(message, None).await {
+                tracing::debug!("could not tell a peer agent {message:?}: {e}");
+            }
+        }
+    }
+
+    /// Waits until `done` holds for every linked peer (peers that leave count as
+    /// done), at most `max`; returns whether it did.
+    async fn wait_all(&self, max: Duration, done: impl Fn(&PeerState) -> bool) -> bool {
+        let mut changed = self.changed.subscribe();
+        let all = changed.wait_for(|_| {
+            self.links
+                .lock()
+                .expect("hub peers lock poisoned")
+                .values()
+                .all(&done)
+        });
+        tokio::time::timeout(max, all).await.is_ok()
+    }
+
+    /// Drops every link: the peers see this hub end.
+    fn close_all(&self) {
+        self.update(|links| {
+            for peer in links.values() {
+                peer.link.shutdown();
+            }
+            links.clear();
+        });
+    }
+}
+
+/// Serves peer agents on `listener` for `hub`, keyed by `key`, until dropped;
+/// admitted peers are kept in `peers`.
+pub async fn serve_peers(listener: Listener, hub: Arc<Hub>, key: Key, peers: Arc<Peers>) {
     loop {
         let link = match listener.accept().await {
             Ok(link) => link,
@@ -165,7 +264,7 @@ pub async fn serve_peers(listener: Listener, hub: Arc<Hub>, key: Key) {
                 continue;
             }
         };
-        tokio::spawn(serve_peer(link, hub.clone(), key.clone()));
+        tokio::spawn(serve_peer(link, hub.clone(), key.clone(), peers.clone()));
     }
 }
 
@@ -230,7 +329,7 @@ async fn admit(link: &Link, key: &Key) -> io::Result<()> {
     link.send(&FromHub::Done(None), None).await
 }
 
-async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key) {
+async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key, peers: Arc<Peers>) {
     let who = describe(&link);
     if let Err(e) = admit(&link, &key).await {
         tracing::warn!("refused {who} at the hub: {e}");
@@ -238,6 +337,16 @@ async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key) {
     }
     let link = Arc::new(link);
     let owner = hub.new_owner();
+    peers.update(|links| {
+        links.insert(
+            owner,
+            PeerState {
+                link: link.clone(),
+                moved: false,
+                live: false,
+            },
+        );
+    });
     let to: Arc<dyn Subscriber> = Arc::new(PeerSubscriber { link: link.clone() });
     let mut ports: Vec<u16> = Vec::new();
     tracing::info!(owner, "peer agent ({who}) joined the hub");
@@ -284,12 +393,31 @@ async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key) {
                 FromHub::Done(None)
             }
             ToHub::List => FromHub::Listing(hub.list()),
+            ToHub::Moved => {
+                peers.update(|links| {
+                    if let Some(peer) = links.get_mut(&owner) {
+                        peer.moved = true;
+                    }
+                });
+                FromHub::Done(None)
+            }
+            ToHub::Live => {
+                peers.update(|links| {
+                    if let Some(peer) = links.get_mut(&owner) {
+                        peer.live = true;
+                    }
+                });
+                FromHub::Done(None)
+            }
         };
         if link.send(&reply, None).await.is_err() {
             break;
         }
     }
     tracing::info!(owner, "peer agent left the hub");
+    peers.update(|links| {
+        links.remove(&owner);
+    });
     hub.drop_owner(owner).await;
 }
 
@@ -359,12 +487,26 @@ enum JoinError {
     Refused(String),
 }
 
+/// How far the hub at the other end of a [`HubConn`] has come; only moves
+/// forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HubState {
+    /// The hub serves as usual.
+    Open,
+    /// Its owner hands it over ([`FromHub::Handover`]).
+    HandingOver,
+    /// Every peer has moved: the next hub may go live ([`FromHub::Release`]).
+    Released,
+    /// The link ended.
+    Closed,
+}
+
 /// A connection to the hub of another agent.
 pub struct HubConn {
     /// The link and the answers, taken together by one call at a time.
     calls: Mutex<mpsc::UnboundedReceiver<FromHub>>,
     link: Arc<Link>,
-    gone: tokio::sync::watch::Receiver<bool>,
+    state: tokio::sync::watch::Receiver<HubState>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -431,11 +573,22 @@ impl HubConn {
 
         let link = Arc::new(link);
         let (tx, rx) = mpsc::unbounded_channel();
-        let (gone_tx, gone) = tokio::sync::watch::channel(false);
+        let (state_tx, state) = tokio::sync::watch::channel(HubState::Open);
+        let advance = move |to: HubState| {
+            state_tx.send_if_modified(|s| {
+                let later = to > *s;
+                if later {
+                    *s = to;
+                }
+                later
+            });
+        };
         let reader_link = link.clone();
         let reader = tokio::spawn(async move {
             loop {
                 match reader_link.recv::<FromHub>().await {
+                    Ok(Some((FromHub::Handover, None))) => advance(HubState::HandingOver),
+                    Ok(Some((FromHub::Release, None))) => advance(HubState::Released),
                     Ok(Some((FromHub::Delivery(delivery), Some(fd)))) => {
                         let Some(accept) = &accept else { continue };
                         match delivered_stream(delivery.kind, fd) {
@@ -458,12 +611,12 @@ impl HubConn {
                     }
                 }
             }
-            let _ = gone_tx.send(true);
+            advance(HubState::Closed);
         });
         Ok(HubConn {
             calls: Mutex::new(rx),
             link,
-            gone,
+            state,
             reader,
         })
     }
@@ -482,10 +635,13 @@ impl HubConn {
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the hub agent is gone"))
     }
 
-    /// Resolves when the hub closes the link (its owner went away).
-    pub async fn closed(&self) {
-        let mut gone = self.gone.clone();
-        let _ = gone.wait_for(|g| *g).await;
+    /// Resolves when the hub is at `state` or later, and returns where it is.
+    pub async fn reached(&self, state: HubState) -> HubState {
+        let mut states = self.state.clone();
+        states
+            .wait_for(|s| *s >= state)
+            .await
+            .map_or(HubState::Closed, |s| *s)
     }
 }
 

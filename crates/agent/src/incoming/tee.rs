@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use super::{BoxIo, ConnMeta, Sub};
 
@@ -39,16 +40,17 @@ pub async fn connect_target(addr: SocketAddr, client: SocketAddr) -> io::Result<
     Ok(stream)
 }
 
-/// Starts one copy task per mirror; returns the queues to feed.
+/// Starts one copy task per mirror, under `in_flight`; returns the queues to feed.
 pub fn start_mirrors<'a>(
     meta: ConnMeta,
     mirrors: impl Iterator<Item = &'a Arc<Sub>>,
+    in_flight: &TaskTracker,
 ) -> Vec<mpsc::Sender<Bytes>> {
     mirrors
         .map(|sub| {
             let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
             let to = sub.to.clone();
-            tokio::spawn(async move {
+            in_flight.spawn(async move {
                 match to.open(meta).await {
                     Ok(io) => feed_mirror(io, rx).await,
                     Err(e) => tracing::debug!(port = meta.port, "mirror not opened: {e}"),

@@ -1,6 +1,8 @@
 //! A session's access to the hub of its target, wherever the hub lives: this
 //! agent becomes its owner when it wins the election (publishing the hub key),
-//! else it joins the owner's hub; it takes over when the owner goes.
+//! else it joins the owner's hub; it takes over when the owner goes, and moves
+//! its subscriptions to the next hub when the owner hands it over
+//! ([`super::handover`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,10 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use graft_protocol::incoming::{SessionListing, Subscription};
 use tokio::sync::Mutex;
 
+use super::handover::{Handover, LIVE_WAIT, MOVE_WAIT};
 use super::key::{self, Published};
 use super::link::Listener;
-use super::{AcceptDelivery, FromHub, HubConn, ToHub, join_existing, serve_peers};
-use crate::incoming::{Hub, OwnerId, Subscriber};
+use super::{AcceptDelivery, FromHub, HubConn, HubState, Peers, ToHub, join_existing, serve_peers};
+use crate::incoming::{Hub, OwnerId, RulesState, Subscriber};
 
 /// How this agent reaches the hub of its target.
 enum Role {
@@ -24,6 +27,7 @@ enum Role {
         owner: OwnerId,
         server: Option<tokio::task::JoinHandle<()>>,
         key: Option<Published>,
+        peers: Arc<Peers>,
     },
     /// Another agent owns it.
     Client { conn: Arc<HubConn> },
@@ -45,6 +49,9 @@ pub struct Access {
     /// Set while the session's client is detached ([`Access::suspend`]): the
     /// subscriptions are kept here but are not in the hub.
     suspended: AtomicBool,
+    /// Links to hubs handed over by their owners: kept until those owners close
+    /// them, since connections they still relay may be delivered over them.
+    leaving: std::sync::Mutex<Vec<Arc<HubConn>>>,
 }
 
 impl Access {
@@ -68,13 +75,17 @@ impl Access {
             accept_delivery,
             conntrack: std::sync::Mutex::default(),
             suspended: AtomicBool::new(false),
+            leaving: std::sync::Mutex::default(),
         })
     }
 
-    /// Makes sure the role is settled: owner or client.
+    /// Makes sure the role is settled: owner or client. A hub this agent comes
+    /// to own starts with `rules` ([`RulesState::Staged`] when it takes over from
+    /// an owner that hands its hub over).
     async fn ensure<'a>(
         self: &Arc<Self>,
         role: &mut tokio::sync::MutexGuard<'a, Role>,
+        rules: RulesState,
     ) -> Result<(), String> {
         if !matches!(**role, Role::Idle) {
             return Ok(());
@@ -86,13 +97,18 @@ impl Access {
                 Err(e @ key::KeyError::Unsupported(_)) => {
                     // Better one session than none: this one works, alone.
                     tracing::warn!("this session cannot share the target with other sessions: {e}");
-                    let hub = Hub::start(self.chain.clone(), self.rules_touched.clone());
+                    let hub = Hub::start(
+                        self.chain.clone(),
+                        self.rules_touched.clone(),
+                        RulesState::Live,
+                    );
                     let owner = hub.new_owner();
                     **role = Role::Owner {
                         hub,
                         owner,
                         server: None,
                         key: None,
+                        peers: Arc::default(),
                     };
                     return Ok(());
                 }
@@ -107,16 +123,22 @@ impl Access {
                              process that can read the hub key holds the name"
                         )
                     })?;
-                    let hub = Hub::start(self.chain.clone(), self.rules_touched.clone());
+                    let hub = Hub::start(self.chain.clone(), self.rules_touched.clone(), rules);
                     let owner = hub.new_owner();
-                    let server =
-                        tokio::spawn(serve_peers(listener, hub.clone(), published.key.clone()));
-                    tracing::info!("this agent owns the target's hub");
+                    let peers = Arc::new(Peers::default());
+                    let server = tokio::spawn(serve_peers(
+                        listener,
+                        hub.clone(),
+                        published.key.clone(),
+                        peers.clone(),
+                    ));
+                    tracing::info!(?rules, "this agent owns the target's hub");
                     **role = Role::Owner {
                         hub,
                         owner,
                         server: Some(server),
                         key: Some(published),
+                        peers,
                     };
                     return Ok(());
                 }
@@ -154,12 +176,17 @@ impl Access {
         }
     }
 
-    /// When the hub's owner goes, take over and subscribe again.
+    /// When the hub's owner goes, take over and subscribe again; when it hands
+    /// the hub over, move to the next hub ([`Access::move_on`]).
     fn watch(self: &Arc<Self>, conn: Arc<HubConn>) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            conn.closed().await;
+            let state = conn.reached(HubState::HandingOver).await;
             let Some(this) = this.upgrade() else { return };
+            if state < HubState::Closed {
+                this.move_on(conn).await;
+                return;
+            }
             tracing::warn!("the target's hub went away; taking over");
             let mut role = this.role.lock().await;
             if matches!(&*role, Role::Client { conn: c } if Arc::ptr_eq(c, &conn)) {
@@ -167,26 +194,81 @@ impl Access {
             } else {
                 return;
             }
-            if let Err(e) = this.ensure(&mut role).await {
-                tracing::warn!("could not take over the hub: {e}");
-                return;
-            }
-            if this.suspended.load(Ordering::SeqCst) {
-                // Subscribed again by `resume`.
-                return;
-            }
-            let subs = this
-                .subscriptions
-                .lock()
-                .expect("subscriptions lock poisoned")
-                .clone();
-            for (sub, since) in subs {
-                let port = sub.port;
-                if let Err(e) = this.subscribe_in(&role, sub, since).await {
-                    tracing::warn!(port, "could not subscribe again: {e}");
-                }
-            }
+            this.settle(&mut role, RulesState::Live).await;
         });
+    }
+
+    /// Settles the role again after the hub's owner went, and subscribes again.
+    async fn settle<'a>(
+        self: &Arc<Self>,
+        role: &mut tokio::sync::MutexGuard<'a, Role>,
+        rules: RulesState,
+    ) {
+        if let Err(e) = self.ensure(role, rules).await {
+            tracing::warn!("could not take over the hub: {e}");
+            return;
+        }
+        if self.suspended.load(Ordering::SeqCst) {
+            // Subscribed again by `resume`.
+            return;
+        }
+        let subs = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock poisoned")
+            .clone();
+        for (sub, since) in subs {
+            let port = sub.port;
+            if let Err(e) = self.subscribe_in(role, sub, since).await {
+                tracing::warn!(port, "could not subscribe again: {e}");
+            }
+        }
+    }
+
+    /// The owner of the hub behind `old` hands it over: elect or join the next
+    /// hub (staged: its rules wait), subscribe there, tell `old` we moved, let
+    /// the next hub's rules in when `old` releases it, and keep `old` for the
+    /// deliveries of the connections it still relays until it closes the link.
+    async fn move_on(self: &Arc<Self>, old: Arc<HubConn>) {
+        tracing::info!("the target's hub is handed over; moving to the next one");
+        {
+            let mut role = self.role.lock().await;
+            if !matches!(&*role, Role::Client { conn: c } if Arc::ptr_eq(c, &old)) {
+                return;
+            }
+            *role = Role::Idle;
+            self.leaving
+                .lock()
+                .expect("leaving lock poisoned")
+                .push(old.clone());
+            self.settle(&mut role, RulesState::Staged).await;
+        }
+        let _ = old.call(ToHub::Moved).await;
+        // The old owner bounds its own waits; this bound only guards against an
+        // owner that stops answering without closing the link.
+        let released =
+            tokio::time::timeout(MOVE_WAIT + LIVE_WAIT, old.reached(HubState::Released)).await;
+        if released.is_err() {
+            tracing::warn!("the old hub did not release the target in time; taking it");
+        }
+        if let Role::Owner { hub, .. } = &*self.role.lock().await {
+            hub.go_live().await;
+        }
+        if *old.state.borrow() < HubState::Closed {
+            let _ = old.call(ToHub::Live).await;
+        }
+        let closed = {
+            let mut closed = old.state.clone();
+            drop(old);
+            async move {
+                let _ = closed.wait_for(|s| *s == HubState::Closed).await;
+            }
+        };
+        closed.await;
+        self.leaving
+            .lock()
+            .expect("leaving lock poisoned")
+            .retain(|c| *c.state.borrow() != HubState::Closed);
     }
 
     async fn subscribe_in(
@@ -235,7 +317,7 @@ impl Access {
             .map_or_else(crate::incoming::now_unix, |(_, since)| *since);
         // While suspended it is only kept, for `resume`.
         if !self.suspended.load(Ordering::SeqCst) {
-            self.ensure(&mut role).await?;
+            self.ensure(&mut role, RulesState::Live).await?;
             self.subscribe_in(&role, subscription.clone(), since)
                 .await?;
         }
@@ -312,7 +394,7 @@ impl Access {
         if subs.is_empty() {
             return refused;
         }
-        if let Err(e) = self.ensure(&mut role).await {
+        if let Err(e) = self.ensure(&mut role, RulesState::Live).await {
             refused.extend(subs.iter().map(|(s, _)| (s.port, e.clone())));
         } else {
             for (sub, since) in subs {
@@ -354,30 +436,48 @@ impl Access {
     }
 
     /// Ends this session's part: its subscriptions go at once; an owned hub's key
-    /// is withdrawn (the kernel deletes its table with the netlink socket).
-    pub async fn close(&self) {
+    /// is withdrawn (the kernel deletes its table with the netlink socket) and its
+    /// socket closed. When other agents' sessions are on an owned hub, the hub
+    /// is returned to be handed over to them ([`Handover::run`]) or, dropped,
+    /// ended at once.
+    pub async fn close(&self) -> Option<Handover> {
         let mut role = self.role.lock().await;
+        self.leaving.lock().expect("leaving lock poisoned").clear();
+        let conntrack = self
+            .conntrack
+            .lock()
+            .expect("conntrack lock poisoned")
+            .take();
         match std::mem::replace(&mut *role, Role::Idle) {
             Role::Owner {
                 hub,
                 owner,
                 server,
                 key,
+                peers,
             } => {
+                // Nobody joins this hub any more; then the key goes, so the
+                // peers elect the next owner among themselves.
                 if let Some(server) = server {
                     server.abort();
+                    let _ = server.await;
                 }
                 hub.drop_owner(owner).await;
                 drop(key);
+                if peers.is_empty() {
+                    return None;
+                }
+                Some(Handover {
+                    hub,
+                    peers,
+                    conntrack,
+                })
             }
-            Role::Client { conn } => drop(conn),
-            Role::Idle => {}
+            Role::Client { conn } => {
+                drop(conn);
+                None
+            }
+            Role::Idle => None,
         }
-        drop(
-            self.conntrack
-                .lock()
-                .expect("conntrack lock poisoned")
-                .take(),
-        );
     }
 }
