@@ -6,9 +6,11 @@ mod agent;
 mod args;
 mod clean;
 mod cluster;
+mod connect;
 mod doctor;
 mod failure;
 mod image;
+mod intercept;
 mod locate;
 mod ls;
 mod open;
@@ -42,6 +44,11 @@ async fn main() -> ExitCode {
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Clean(args) => clean::clean(args).await,
         Command::AgentImage(args) => image::agent_image(args),
+        Command::Connect(args) => connect::connect(*args).await,
+        Command::Status(args) => connect::status(args).await,
+        Command::Quit(args) => connect::quit(args).await,
+        Command::Intercept(args) => intercept::intercept(*args).await,
+        Command::Leave(args) => intercept::leave(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -94,7 +94,7 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     })
 }
 
-fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
+pub(crate) fn load_file(explicit: Option<&Path>) -> Result<ConfigFile, Failure> {
     match explicit {
         Some(path) => Ok(ConfigFile::load(path)?),
         None => {
