@@ -59,6 +59,12 @@ pub enum Command {
     Intercept(Box<crate::intercept::InterceptArgs>),
     /// End an intercept by name.
     Leave(crate::intercept::LeaveArgs),
+    /// Mount the target's filesystem at an empty local directory (FUSE) until
+    /// Ctrl-C, for programs graft's layer does not reach.
+    #[command(
+        after_help = "Example:\n  graft mount --target pid:$(pgrep -f server) /tmp/target-fs"
+    )]
+    Mount(crate::mount::MountArgs),
 }
 
 /// `graft agent-image` flags.

@@ -1,7 +1,8 @@
 //! `graft clean`: removes the node-mode agent Jobs (and bare agent pods) that
 //! crashed sessions left where the cluster did not (`graft_kube::clean`
 //! chooses them), and lists the pods that carry exited
-//! ephemeral agents, which Kubernetes cannot remove.
+//! ephemeral agents, which Kubernetes cannot remove. On this machine it first
+//! unmounts the dead FUSE mounts a killed `graft mount` left.
 
 use clap::Args;
 use graft_kube::clean::{AgentPod, CleanReport};
@@ -27,6 +28,10 @@ pub struct CleanArgs {
 
 /// Runs `graft clean`: exit code 0, or 1 when a pod could not be deleted.
 pub async fn clean(args: CleanArgs) -> Result<u8, Failure> {
+    // This machine first: the dead FUSE mounts of a killed `graft mount`.
+    for swept in graft_mount::sweep_stale() {
+        println!("removed dead graft mount {}", swept.display());
+    }
     let cluster = connect(&client_options(&args.kube))
         .await
         .map_err(|e| Failure::session(e.to_string()))?;

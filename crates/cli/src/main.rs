@@ -13,6 +13,7 @@ mod image;
 mod intercept;
 mod locate;
 mod ls;
+mod mount;
 mod open;
 mod process;
 mod run;
@@ -43,6 +44,7 @@ async fn main() -> ExitCode {
         Command::Ls(args) => ls::ls(args).await,
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Clean(args) => clean::clean(args).await,
+        Command::Mount(args) => mount::mount(args).await,
         Command::AgentImage(args) => image::agent_image(args),
         Command::Connect(args) => connect::connect(*args).await,
         Command::Status(args) => connect::status(args).await,
