@@ -82,6 +82,8 @@ fn intercept_steals_to_a_local_port_writes_the_env_and_leave_ends_it() {
     let _server = local_server(&bed);
     let env_file = bed.work_dir().join("target.env");
     let env_json = bed.work_dir().join("target.json");
+    let mount = bed.work_dir().join("mnt");
+    std::fs::create_dir(&mount).unwrap();
     let name = format!("it-{}", bed.n);
     let mut session = intercept(
         &bed,
@@ -92,9 +94,24 @@ fn intercept_steals_to_a_local_port_writes_the_env_and_leave_ends_it() {
             env_file.to_str().unwrap(),
             "--env-json",
             env_json.to_str().unwrap(),
+            "--mount",
+            mount.to_str().unwrap(),
         ],
     );
     wait_for(&bed, &mut session, LOCAL);
+
+    // --mount: a file that exists only in the target, through the mount.
+    let hello = mount.join(bed.remote("hello.txt").trim_start_matches('/'));
+    let text = std::fs::read_to_string(&hello)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", hello.display(), session.output_report()));
+    assert!(
+        text.starts_with(&format!("hello from target {}", bed.n)),
+        "{text}"
+    );
+    assert!(
+        std::fs::write(&hello, "x").is_err(),
+        "the mount is read-only"
+    );
 
     let text = std::fs::read_to_string(&env_file).unwrap();
     assert!(

@@ -6,7 +6,8 @@
 //! delivered to `127.0.0.1:LOCAL`, where any program of this machine may listen
 //! (`Session::steal` with `Delivery::Listener`: no process runs under graft).
 //! `--env-file` / `--env-json` write the target's environment for docker and
-//! IDE run configurations. The intercept runs until Ctrl-C, `graft leave NAME`
+//! IDE run configurations, `--mount DIR` shows its filesystem (`graft-mount`,
+//! read-only). The intercept runs until Ctrl-C, `graft leave NAME`
 //! or `graft quit` (both signal the process named in its file under
 //! `/run/graft/connect/intercepts`), or the link's end.
 
@@ -69,6 +70,10 @@ pub struct InterceptArgs {
     /// Write the target's environment to FILE as one JSON object.
     #[arg(long = "env-json", value_name = "FILE")]
     pub env_json: Option<PathBuf>,
+    /// Mount the target's filesystem (read-only, FUSE) at DIR, an empty
+    /// directory, while the intercept runs.
+    #[arg(long, value_name = "DIR")]
+    pub mount: Option<PathBuf>,
     /// Kubernetes access.
     #[command(flatten)]
     pub kube: KubeFlags,
@@ -168,7 +173,7 @@ pub async fn intercept(args: InterceptArgs) -> Result<u8, Failure> {
         },
     })
     .await?;
-    let session = opened.session;
+    let session = std::sync::Arc::new(opened.session);
     let result = async {
         if args.env_file.is_some() || args.env_json.is_some() {
             let env = match session.remote(RemoteRequest::Env).await {
@@ -199,6 +204,10 @@ pub async fn intercept(args: InterceptArgs) -> Result<u8, Failure> {
             )
             .await
             .map_err(|e| Failure::session(format!("cannot intercept port {remote}: {e}")))?;
+        let mounted = match &args.mount {
+            Some(dir) => Some(mount(&session, dir).await?),
+            None => None,
+        };
         let entry = InterceptEntry {
             name: name.clone(),
             pid: std::process::id(),
@@ -233,14 +242,56 @@ pub async fn intercept(args: InterceptArgs) -> Result<u8, Failure> {
         if let Some(path) = registered {
             let _ = std::fs::remove_file(path);
         }
+        if let Some(handle) = mounted {
+            let dir = handle.mount_point().to_owned();
+            match tokio::task::spawn_blocking(move || handle.unmount()).await {
+                Ok(Ok(())) => {}
+                _ => eprintln!(
+                    "graft: could not unmount {}: run `fusermount3 -u {}`",
+                    dir.display(),
+                    dir.display()
+                ),
+            }
+        }
         ended
     }
     .await;
     let link_lost = matches!(result, Ok(1) | Err(_));
-    session.close().await;
+    match std::sync::Arc::try_unwrap(session) {
+        Ok(session) => session.close().await,
+        Err(session) => drop(session),
+    }
     opened.agents.stop(link_lost).await;
     drop(dir);
     result
+}
+
+/// Mounts the target's filesystem read-only at `dir`.
+async fn mount(
+    session: &std::sync::Arc<graft_proxy::Session>,
+    dir: &Path,
+) -> Result<graft_mount::MountHandle, Failure> {
+    for swept in graft_mount::sweep_stale() {
+        tracing::info!(?swept, "removed a dead graft mount");
+    }
+    let (shared, dir) = (session.clone(), dir.to_owned());
+    let runtime = tokio::runtime::Handle::current();
+    let handle = tokio::task::spawn_blocking(move || {
+        graft_mount::mount(shared, runtime, &dir, graft_mount::MountOptions::default())
+    })
+    .await
+    .map_err(|e| Failure::session(format!("mounting failed: {e}")))?
+    .map_err(|e| match e {
+        graft_mount::MountError::MountPoint { .. } | graft_mount::MountError::BadRoot(_) => {
+            Failure::usage(e.to_string())
+        }
+        _ => Failure::session(e.to_string()),
+    })?;
+    eprintln!(
+        "graft: the target's filesystem is mounted at {} (read-only)",
+        handle.mount_point().display()
+    );
+    Ok(handle)
 }
 
 fn resolve_config(args: &InterceptArgs) -> Result<Config, Failure> {
