@@ -219,8 +219,31 @@ fn as_nobody(script: &str) -> std::process::Output {
 fn another_user_cannot_control_the_connection_and_hostile_dns_does_not_kill_it() {
     let bed = bed();
     let _machine = Connected::lock();
-    connect(&bed);
-    let pid = status(&bed)["pid"].as_u64().unwrap() as u32;
+    // `[connect] also_proxy` of graft.toml adds a range (a documentation address).
+    let config = bed.work_dir().join("graft.toml");
+    std::fs::write(&config, "[connect]\nalso_proxy = [\"198.51.100.7/32\"]\n").unwrap();
+    let target = format!("pid:{}", bed.target_pid);
+    run(
+        &bed,
+        &[
+            "connect",
+            "--target",
+            &target,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+    .assert_success();
+    let shown = status(&bed);
+    assert!(
+        shown["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "198.51.100.7/32"),
+        "{shown}"
+    );
+    let pid = shown["pid"].as_u64().unwrap() as u32;
 
     // Attack 1: another local user talks to the control socket to quit it.
     let attack = as_nobody(
@@ -255,7 +278,7 @@ fn another_user_cannot_control_the_connection_and_hostile_dns_does_not_kill_it()
     let hostile = "import socket, os\n\
          u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          for m in [b'', b'\\x00', os.urandom(11), os.urandom(12), os.urandom(600), \
-                   b'\\xab\\xcd\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00' + b'\\x3f' + b'a'*63 * 40 + b'\\x00\\x00\\x01\\x00\\x01', \
+                   b'\\xab\\xcd\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00' + (b'\\x3f' + b'a'*63) * 40 + b'\\x00\\x00\\x01\\x00\\x01', \
                    b'\\xab\\xcd\\x81\\x80' + bytes(8), os.urandom(65000)]:\n\
          \x20   u.sendto(m, ('169.254.53.53', 53))\n\
          for i in range(3000):\n\

@@ -78,7 +78,8 @@ pub struct ConnectArgs {
     #[arg(long, value_name = "POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
     pub agent_pull_policy: Option<String>,
     /// Also route CIDR through graft (repeatable), e.g. a range graft could not
-    /// discover or one this machine routes elsewhere.
+    /// discover or one this machine routes elsewhere; adds to `[connect]
+    /// also_proxy` of graft.toml.
     #[arg(long = "also-proxy", value_name = "CIDR")]
     pub also_proxy: Vec<String>,
     /// How cluster names reach graft's DNS server.

@@ -279,6 +279,19 @@ pub struct ConfigFile {
     /// The agent in a cluster (`[agent]`).
     #[serde(default)]
     pub agent: AgentFile,
+    /// `graft connect` (`[connect]`).
+    #[serde(default)]
+    pub connect: ConnectFile,
+}
+
+/// `[connect]` of `graft.toml`: the machine scope.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectFile {
+    /// CIDRs routed through graft besides the discovered ranges (as
+    /// `--also-proxy`, which adds to them).
+    #[serde(default)]
+    pub also_proxy: Vec<String>,
 }
 
 /// `[kube]` of `graft.toml`: how to reach the cluster, as kubectl's flags.
@@ -863,6 +876,13 @@ mod tests {
 
     fn file(text: &str) -> ConfigFile {
         toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn connect_also_proxy_is_read_from_the_file() {
+        let f = file("[connect]\nalso_proxy = [\"10.96.0.0/12\", \"10.1.2.3/32\"]\n");
+        assert_eq!(f.connect.also_proxy, ["10.96.0.0/12", "10.1.2.3/32"]);
+        assert!(toml::from_str::<ConfigFile>("[connect]\nbogus = 1\n").is_err());
     }
 
     fn resolve(flags: &RunOverrides, file: &ConfigFile) -> Result<Config, ConfigError> {

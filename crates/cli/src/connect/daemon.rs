@@ -122,7 +122,7 @@ async fn connected(
     args: &ConnectArgs,
     undo: &mut Undo,
 ) -> Result<(u8, Option<UnixStream>), Failure> {
-    let config = resolve_config(args)?;
+    let (config, file_also_proxy) = resolve_config(args)?;
     let exe = std::env::current_exe().ok();
     let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
     let dir = SessionDir::create(0, None)?;
@@ -143,7 +143,7 @@ async fn connected(
     })
     .await?;
     let session = Arc::new(opened.session);
-    let result = serve(args, &config, session.clone(), undo).await;
+    let result = serve(args, &file_also_proxy, &config, session.clone(), undo).await;
     let link_lost = matches!(result, Ok((1, _)) | Err(_));
     match Arc::try_unwrap(session) {
         Ok(session) => session.close().await,
@@ -157,7 +157,8 @@ async fn connected(
 
 /// graft's flags and `graft.toml` for the connection: the target defaults to
 /// `targetless` (never the file's target, which names a workload to run as).
-fn resolve_config(args: &ConnectArgs) -> Result<Config, Failure> {
+/// Also returns `[connect] also_proxy` of the file.
+fn resolve_config(args: &ConnectArgs) -> Result<(Config, Vec<String>), Failure> {
     let flags = RunOverrides {
         target: Some(
             args.target
@@ -175,12 +176,8 @@ fn resolve_config(args: &ConnectArgs) -> Result<Config, Failure> {
     let file = crate::run::load_file(args.config.as_deref())?;
     let cwd = std::env::current_dir().ok();
     let home = std::env::var_os("HOME").map(PathBuf::from);
-    Ok(Config::resolve(
-        &flags,
-        &file,
-        cwd.as_deref(),
-        home.as_deref(),
-    )?)
+    let config = Config::resolve(&flags, &file, cwd.as_deref(), home.as_deref())?;
+    Ok((config, file.connect.also_proxy))
 }
 
 /// What the target says about names: its resolver's search list and its hosts.
@@ -300,13 +297,14 @@ async fn discover(config: &Config, session: &Session) -> Result<Discovered, Fail
 /// Sets up the machine and answers the control socket until the end.
 async fn serve(
     args: &ConnectArgs,
+    file_also_proxy: &[String],
     config: &Config,
     session: Arc<Session>,
     undo: &mut Undo,
 ) -> Result<(u8, Option<UnixStream>), Failure> {
     let discovered = discover(config, &session).await?;
     let mut forced = Vec::new();
-    for text in &args.also_proxy {
+    for text in args.also_proxy.iter().chain(file_also_proxy) {
         forced.push(text.parse::<IpNet>().map_err(|e| {
             Failure::usage(format!("invalid --also-proxy {text:?}: {e}"))
                 .hint("give a CIDR such as 10.96.0.0/12 or 10.1.2.3/32")
