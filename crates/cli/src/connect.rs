@@ -134,7 +134,7 @@ pub async fn connect(args: ConnectArgs) -> Result<u8, Failure> {
         .hint("run `graft quit` first, or `graft status` to see the connection"));
     }
     {
-        let Some(_lock) = state::try_lock()? else {
+        let Some(_lock) = state::lock_within(Duration::from_secs(5)).await? else {
             return Err(Failure::usage("another graft connect is starting")
                 .hint("wait for it, then see `graft status`"));
         };
@@ -259,7 +259,7 @@ pub async fn quit(_args: QuitArgs) -> Result<u8, Failure> {
         }
         Some(Response::Error(e)) => Err(Failure::session(e)),
         _ => {
-            let Some(_lock) = state::try_lock()? else {
+            let Some(_lock) = state::lock_within(Duration::from_secs(5)).await? else {
                 return Err(Failure::session(
                     "graft connect is running but does not answer its control socket",
                 )

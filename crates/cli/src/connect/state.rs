@@ -79,6 +79,25 @@ pub fn try_lock() -> Result<Option<Flock<File>>, Failure> {
     Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
 }
 
+/// [`try_lock`], retried for up to `wait`: a daemon that was just killed holds
+/// the lock until its last thread is gone.
+///
+/// # Errors
+///
+/// As [`try_lock`].
+pub async fn lock_within(wait: Duration) -> Result<Option<Flock<File>>, Failure> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Some(lock) = try_lock()? {
+            return Ok(Some(lock));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What one `graft intercept` wrote about itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InterceptEntry {
