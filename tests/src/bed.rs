@@ -105,10 +105,20 @@ impl Bed {
     // `Default::default()` call site would hide.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Bed {
+        Bed::new_in_slot(|_| true)
+    }
+
+    /// [`Bed::new`] in a slot `N` that `usable` accepts (e.g. one whose
+    /// 198.19.N.0/24 stays clear of a local cluster's ranges).
+    ///
+    /// # Panics
+    ///
+    /// As [`Bed::new`], and when no accepted slot is free.
+    pub fn new_in_slot(usable: impl Fn(u8) -> bool) -> Bed {
         require_root();
         ensure_host_routes();
         sweep_abandoned();
-        let slot = Slot::acquire();
+        let slot = Slot::acquire_where(usable);
         let n = slot.n();
         teardown(n, None);
         let link6 = format!("2001:2:0:1{n:03}");

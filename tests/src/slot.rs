@@ -24,18 +24,18 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    /// Takes the first free slot, starting from one derived from this process's id
+    /// Takes the first free slot that `usable` accepts, starting from one derived from this process's id
     /// so that parallel test processes rarely contend for the same lock.
     ///
     /// # Panics
     ///
     /// When the slot directory cannot be created or every slot is busy.
-    pub(crate) fn acquire() -> Slot {
+    pub(crate) fn acquire_where(usable: impl Fn(u8) -> bool) -> Slot {
         let start = std::process::id() % u32::from(SLOTS);
         (0..u32::from(SLOTS))
             .find_map(|i| {
                 let n = u8::try_from((start + i) % u32::from(SLOTS)).expect("slots fit in a u8");
-                Slot::try_take(n)
+                if usable(n) { Slot::try_take(n) } else { None }
             })
             .unwrap_or_else(|| panic!("all {SLOTS} test-bed slots under {BED_ROOT}/slots are busy"))
     }

@@ -71,6 +71,8 @@ fn bed_target_has_its_own_hosts_resolver_and_files() {
         search.assert_success().out().starts_with(&service),
         "{search}"
     );
+    // Not while a machine-scope test has this machine resolve the target's names.
+    let _machine = graft_tests::machine::Connected::lock();
     let on_host = std::process::Command::new("getent")
         .args(["hosts", "only-target.graft.test"])
         .output()

@@ -56,6 +56,24 @@ pub enum Command {
     /// Print the man page (or write every page into a directory).
     #[command(after_help = "Example:\n  graft man | man -l -")]
     Man(crate::shell::ManArgs),
+    /// Connect this whole machine to the cluster (or a `pid:` target's network):
+    /// routes to its pod and Service ranges and its names, until `graft quit`.
+    /// Needs root.
+    #[command(after_help = "Example:\n  sudo graft connect -n shop && curl http://web.shop/")]
+    Connect(Box<crate::connect::ConnectArgs>),
+    /// Show what `graft connect` connected, and the running intercepts.
+    Status(crate::connect::StatusArgs),
+    /// End the connection and every intercept; restores DNS, removes the tun and
+    /// its routes (also after a crash).
+    Quit(crate::connect::QuitArgs),
+    /// Send a target's incoming traffic on a port to a local port, for any
+    /// program on this machine, until Ctrl-C or `graft leave`.
+    #[command(
+        after_help = "Example:\n  sudo graft intercept deploy/api --port 8080:80 --env-file api.env"
+    )]
+    Intercept(Box<crate::intercept::InterceptArgs>),
+    /// End an intercept by name.
+    Leave(crate::intercept::LeaveArgs),
     /// Mount the target's filesystem at an empty local directory (FUSE) until
     /// Ctrl-C, for programs graft's layer does not reach.
     #[command(

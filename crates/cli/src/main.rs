@@ -7,11 +7,13 @@ mod args;
 mod clean;
 mod cluster;
 mod config;
+mod connect;
 mod doctor;
 mod expose;
 mod failure;
 mod front;
 mod image;
+mod intercept;
 mod isolate;
 mod kubectl;
 mod locate;
@@ -91,6 +93,11 @@ async fn graft() -> ExitCode {
         Command::Man(args) => shell::man(args),
         Command::PortForward(args) => port_forward::port_forward(*args).await,
         Command::Expose(args) => expose::expose(*args).await,
+        Command::Connect(args) => connect::connect(*args).await,
+        Command::Status(args) => connect::status(args).await,
+        Command::Quit(args) => connect::quit(args).await,
+        Command::Intercept(args) => intercept::intercept(*args).await,
+        Command::Leave(args) => intercept::leave(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

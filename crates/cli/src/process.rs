@@ -109,6 +109,23 @@ pub fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// Makes the child the leader of a new session (`setsid(2)`): no terminal, not
+/// in graft's process group, so it outlives the terminal and graft (the
+/// detached `graft connect` daemon).
+#[allow(unsafe_code)]
+pub fn detach(command: &mut Command) {
+    // SAFETY: the hook runs between fork and exec and calls only setsid, which
+    // is async-signal-safe; it allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sends `signal` to `child` if it is still running.
 pub fn signal(child: &Child, signal: Signal) {
     if let Some(pid) = child.id() {

@@ -287,6 +287,9 @@ pub struct ConfigFile {
     /// How CMD is run (`[run]`).
     #[serde(default)]
     pub run: RunFile,
+    /// `graft connect` (`[connect]`).
+    #[serde(default)]
+    pub connect: ConnectFile,
 }
 
 /// `[run]` of `graft.toml`: how CMD is run.
@@ -298,6 +301,16 @@ pub struct RunFile {
     /// LD_PRELOAD layer (`--no-isolate`); unset: isolated only when CMD is a
     /// static or Go binary, which the layer cannot reach.
     pub isolate: Option<bool>,
+}
+
+/// `[connect]` of `graft.toml`: the machine scope.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectFile {
+    /// CIDRs routed through graft besides the discovered ranges (as
+    /// `--also-proxy`, which adds to them).
+    #[serde(default)]
+    pub also_proxy: Vec<String>,
 }
 
 /// `[kube]` of `graft.toml`: how to reach the cluster, as kubectl's flags.
@@ -902,6 +915,13 @@ mod tests {
 
     fn file(text: &str) -> ConfigFile {
         toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn connect_also_proxy_is_read_from_the_file() {
+        let f = file("[connect]\nalso_proxy = [\"10.96.0.0/12\", \"10.1.2.3/32\"]\n");
+        assert_eq!(f.connect.also_proxy, ["10.96.0.0/12", "10.1.2.3/32"]);
+        assert!(toml::from_str::<ConfigFile>("[connect]\nbogus = 1\n").is_err());
     }
 
     fn resolve(flags: &RunOverrides, file: &ConfigFile) -> Result<Config, ConfigError> {
