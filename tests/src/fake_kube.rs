@@ -340,6 +340,13 @@ const KINDS: &[Kind] = &[
     Kind {
         group: "",
         version: "v1",
+        resource: "services",
+        kind: "Service",
+        namespaced: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
         resource: "namespaces",
         kind: "Namespace",
         namespaced: false,

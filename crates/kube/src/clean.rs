@@ -293,7 +293,7 @@ async fn clean_or_plan(
             }
         }
     }
-    clean_services(client, namespace, force, &mut report).await?;
+    clean_services(client, namespace, force, dry_run, &mut report).await?;
     let api: Api<Pod> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -319,6 +319,7 @@ async fn clean_services(
     client: &Client,
     namespace: Option<&str>,
     force: bool,
+    dry_run: bool,
     report: &mut CleanReport,
 ) -> Result<(), KubeError> {
     let live: Vec<String> = report
@@ -344,6 +345,10 @@ async fn clean_services(
         }
         if !force && live.contains(&session) {
             report.kept.push(entry);
+            continue;
+        }
+        if dry_run {
+            report.removed.push(entry);
             continue;
         }
         match crate::expose::delete_service(client, &entry.namespace, &entry.name).await {

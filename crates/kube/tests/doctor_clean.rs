@@ -475,11 +475,12 @@ async fn clean_dry_run_deletes_nothing_and_reports_the_plan() {
         [
             "graft-agent-jobdone",
             "graft-agent-done",
-            "graft-agent-crashed"
+            "graft-agent-crashed",
+            "old-dev"
         ]
     );
     let kept: Vec<&str> = report.kept.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(kept, ["graft-agent-joblive", "graft-agent-live"]);
+    assert_eq!(kept, ["graft-agent-joblive", "graft-agent-live", "web-dev"]);
     assert_eq!(report.ephemeral.len(), 1);
 }
 
