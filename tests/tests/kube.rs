@@ -1253,7 +1253,15 @@ fn graft_all_pods_steals_on_every_ready_pod() {
     assert_eq!(kube.agent_pids().len(), 2, "{}", report(&kube));
     assert!(!bed.agent_pids().is_empty(), "no agent on {TARGET_POD}");
     assert!(!bed2.agent_pids().is_empty(), "no agent on {SECOND_POD}");
-    assert!(bed.has_graft_rules() && bed2.has_graft_rules());
+    // A rule listing can miss while another tool rewrites the ruleset: retry.
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            (bed.has_graft_rules() && bed2.has_graft_rules()).then_some(())
+        })
+        .is_some(),
+        "graft's rules missing on a pod\n{}",
+        session.output_report()
+    );
     stop_all_pods_session(&bed, &bed2, &kube, session);
     for pod in [TARGET_POD, SECOND_POD] {
         let pod = kube.pod(NAMESPACE, pod).unwrap();
@@ -1305,7 +1313,15 @@ fn graft_all_pods_in_node_mode_creates_and_deletes_one_agent_job_per_pod() {
         );
     }
     assert_eq!(kube.agent_pids().len(), 2, "{}", report(&kube));
-    assert!(bed.has_graft_rules() && bed2.has_graft_rules());
+    // A rule listing can miss while another tool rewrites the ruleset: retry.
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            (bed.has_graft_rules() && bed2.has_graft_rules()).then_some(())
+        })
+        .is_some(),
+        "graft's rules missing on a pod\n{}",
+        session.output_report()
+    );
     stop_all_pods_session(&bed, &bed2, &kube, session);
     for post in posts {
         let name = post.body["metadata"]["name"].as_str().unwrap().to_owned();

@@ -135,8 +135,12 @@ fn a_refused_port_is_refused_locally_not_an_empty_reply_or_a_hang() {
     // 56: "Connection reset by peer" (52 would be an empty reply, 28 a timeout).
     assert_eq!(code, Some(56), "curl: {stderr}");
     assert!(stderr.contains("reset"), "{stderr}");
+    // graft writes its line after the reset went out: wait for it (bounded).
+    let said = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        session.stderr().contains("refused").then_some(())
+    });
     assert!(
-        session.stderr().contains("refused"),
+        said.is_some(),
         "graft does not say why:\n{}",
         session.output_report()
     );
