@@ -174,3 +174,119 @@ fn passed_through_connections_reach_the_target_from_the_client_address() {
     );
     drop(session);
 }
+
+/// The `ip rule` lines of both families in the target's namespace.
+fn policy_rules(bed: &Bed) -> String {
+    ["-4", "-6"]
+        .iter()
+        .map(|family| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &bed.target_ns, "ip", family, "rule"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
+}
+
+/// The `GRAFT-` chains of the target's mangle table (both families).
+fn mangle_chains(bed: &Bed) -> Vec<String> {
+    ["iptables-save", "ip6tables-save"]
+        .iter()
+        .flat_map(|save| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &bed.target_ns, save, "-t", "mangle"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.strip_prefix(":GRAFT-"))
+                .filter_map(|l| l.split_whitespace().next())
+                .map(|hex| format!("GRAFT-{hex}"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_agent_removes_the_client_address_rules_of_an_agent_killed_with_its_watchdog() {
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let mut server = Command::new("nsenter");
+    server
+        .args(["-t", &bed.target_pid.to_string(), "-n", "--"])
+        .args([python(), "-c", PEER_SERVER, &port.to_string()]);
+    let server = bed.spawn(server, "peer server");
+    wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        server.stdout().contains("listening").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the peer server did not start\n{}", server.output_report()));
+    let url = bed.target_url(port);
+    let real = curl(&url).unwrap();
+
+    let app = fixture_str("http_app.py");
+    let command = bed.graft_run(
+        &["--steal", "--filter-header", "x-graft: yes"],
+        &[python(), &app, &port.to_string()],
+    );
+    let mut session = bed.spawn(command, "graft run --steal --filter-header");
+    wait_until(STEAL_TIMEOUT, Duration::from_millis(100), || {
+        if let Some(status) = session.try_status() {
+            panic!("graft exited ({status})\n{}", session.output_report());
+        }
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-H", "x-graft: yes", &url])
+            .output()
+            .ok()?;
+        String::from_utf8(out.stdout)
+            .ok()
+            .filter(|r| r.starts_with("local"))
+    })
+    .unwrap_or_else(|| panic!("the filter never took effect\n{}", session.output_report()));
+    // A passed-through request sets the client-address rules up.
+    assert_eq!(curl(&url).unwrap(), real, "{}", session.output_report());
+    let chains = mangle_chains(&bed);
+    assert!(
+        policy_rules(&bed).contains("fwmark") && !chains.is_empty(),
+        "no client-address rules were set up:\n{}\n{}",
+        policy_rules(&bed),
+        bed.packet_rules()
+    );
+
+    // What an OOM kill of the whole container does: the agent and its watchdog
+    // die at once and nobody cleans up.
+    for pid in bed.agent_pids() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    session.signal(nix::sys::signal::Signal::SIGKILL);
+    wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        bed.agent_pids().is_empty().then_some(())
+    })
+    .unwrap_or_else(|| panic!("agents left: {:?}", bed.agent_pids()));
+    assert!(
+        policy_rules(&bed).contains("fwmark"),
+        "the killed agent's policy rule vanished by itself?"
+    );
+
+    // The next agent on the target sweeps the dead agent's rules at start.
+    let next = bed.spawn(
+        bed.graft_run(&["--steal"], &["sleep", "30"]),
+        "graft run --steal -- sleep 30",
+    );
+    let swept = wait_until(STEAL_TIMEOUT, Duration::from_millis(100), || {
+        let now = mangle_chains(&bed);
+        (!policy_rules(&bed).contains("fwmark") && chains.iter().all(|c| !now.contains(c)))
+            .then_some(())
+    });
+    assert!(
+        swept.is_some(),
+        "the dead agent's client-address rules remain:\n{}\n{}\n{}",
+        policy_rules(&bed),
+        bed.packet_rules(),
+        next.output_report()
+    );
+    drop(next);
+}

@@ -10,7 +10,9 @@
 //! once both are gone, binding it succeeds, and the chain is stale.
 //!
 //! [`sweep`] lists the `GRAFT-` chains of both iptables flavours and both
-//! families and removes each whose lock it can take. A process in the pod that
+//! families (every table, so the client-address `mangle` chain is found too)
+//! and removes each whose lock it can take, with the policy rule and route
+//! table that go with it. A process in the pod that
 //! binds a lock name itself only keeps a dead chain in place — it could break
 //! its own pod's traffic more simply — and can never make the agent remove a
 //! live agent's chain.
@@ -120,6 +122,14 @@ pub async fn sweep() -> usize {
             // holding it while removing keeps a new agent from reusing the name.
             let Ok(_held) = lock(&chain) else { continue };
             iptables::cleanup(flavour, &chain).await;
+            // The chain's client-address rules (a mangle chain of the same name,
+            // a policy rule and a route table derived from it) are not part of the
+            // nat rules; without this they outlive the agent and mark the pod's
+            // replies for a table nobody serves.
+            let same = chain.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || crate::transparent::cleanup_blocking(&same))
+                    .await;
             tracing::info!(%chain, ?flavour, "removed the packet rules of a dead agent");
             removed += 1;
         }
