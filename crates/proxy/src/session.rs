@@ -217,6 +217,7 @@ impl Session {
             options,
             secondaries: Mutex::new(Vec::new()),
             refused: Mutex::new(Vec::new()),
+            announced: Mutex::new(Vec::new()),
         });
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
         let tasks = vec![
@@ -405,6 +406,9 @@ pub(crate) struct Shared {
     secondaries: Mutex<Vec<Arc<Shared>>>,
     /// The target's ports whose subscription the agent refused, in order.
     refused: Mutex<Vec<u16>>,
+    /// The target's ports whose steal or mirror was announced on stderr: once
+    /// per port, also when CMD closes its listener and listens again.
+    announced: Mutex<Vec<u16>>,
 }
 
 impl Shared {
@@ -746,7 +750,7 @@ impl Shared {
         };
         match &error {
             None => {
-                if self.options.announce_steals {
+                if self.options.announce_steals && self.first_announcement(port) {
                     let what = match (self.options.incoming_mode, &self.options.filter) {
                         (IncomingMode::Steal, None) => "stealing".to_owned(),
                         (IncomingMode::Mirror, None) => "mirroring".to_owned(),
@@ -804,6 +808,16 @@ impl Shared {
                 Some(message) => Err(message.clone()),
             });
         }
+    }
+
+    /// Whether `port` is announced now for the first time (and notes it).
+    fn first_announcement(&self, port: u16) -> bool {
+        let mut announced = lock(&self.announced);
+        if announced.contains(&port) {
+            return false;
+        }
+        announced.push(port);
+        true
     }
 
     /// Says which older sessions win the requests that their filters and `mine`
