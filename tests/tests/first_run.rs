@@ -9,7 +9,8 @@
 //!   line, no colour codes), and graft says when COMMAND then exits because of
 //!   it;
 //! - the usage line of `graft run` does not show optional flags as required;
-//! - a local port CMD asks for that another program holds is said loudly.
+//! - a local port CMD asks for that another program holds is said loudly;
+//! - "stealing port …" is said once per port, also when CMD listens again.
 
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -223,4 +224,54 @@ fn a_busy_local_port_is_said_loudly_and_the_steal_still_works() {
     assert_eq!(session.stderr().matches(&warning).count(), 1);
     session.signal(Signal::SIGTERM);
     assert!(session.wait_timeout(Duration::from_secs(10)).is_some());
+}
+
+/// A server that answers one request, closes its listener, listens again on the
+/// same port and answers one more (a dev server's reload does that).
+const RELISTEN_APP: &str = r#"
+import http.server, sys
+port = int(sys.argv[1])
+class Local(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"local\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+for _ in range(2):
+    server = http.server.HTTPServer(("0.0.0.0", port), Local)
+    server.handle_request()
+    server.server_close()
+"#;
+
+#[test]
+fn stealing_a_port_is_said_once_when_cmd_listens_again() {
+    let bed = Bed::new();
+    let port = bed.app_port.to_string();
+    let url = bed.target_url(bed.app_port);
+    let command = bed.graft_run(&["--steal"], &[python(), "-c", RELISTEN_APP, &port]);
+    let mut session = bed.spawn(command, "graft run --steal -- python relisten");
+    for round in 1..=2 {
+        let reply = wait_until(STEAL_TIMEOUT, Duration::from_millis(100), || {
+            graft_tests::curl(&url)
+                .ok()
+                .filter(|body| body.starts_with("local"))
+        });
+        assert!(
+            reply.is_some(),
+            "round {round}: the local server was not reached\n{}",
+            session.output_report()
+        );
+    }
+    let status = session.wait_timeout(Duration::from_secs(10));
+    assert!(status.is_some(), "{}", session.output_report());
+    let line = format!("graft: stealing port {port} of the target");
+    assert_eq!(
+        session.stderr().matches(&line).count(),
+        1,
+        "{}",
+        session.output_report()
+    );
 }

@@ -35,7 +35,7 @@ use crate::files::{Files, TargetRoot};
 use crate::incoming::peer::{Access, Delivery, Handover};
 use crate::incoming::{BoxFuture, BoxIo, ConnMeta, Subscriber};
 use crate::relay::{self, ConnCommand, ConnTable};
-use graft_protocol::incoming::Subscription;
+use graft_protocol::incoming::{SubscribeError, Subscription};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Capacity of the bounded channel from the tasks to the link writer.
@@ -494,10 +494,9 @@ fn spawn_subscriber(
                     // refused subscription.
                     for (port, reason) in access.resume().await {
                         tracing::warn!(port, "could not subscribe again: {reason}");
-                        let error = Some(format!(
-                            "no longer stolen or mirrored: the link to the agent was down, and \
-                             taking the port back failed: {reason}"
-                        ));
+                        let error = Some(SubscribeError::Lost {
+                            cause: Box::new(reason),
+                        });
                         if to_link
                             .send(AgentMessage::SubscribeResult { port, error })
                             .await

@@ -115,6 +115,70 @@ pub fn clock(unix: u64) -> String {
     format!("{:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// Why the agent refused a [`Subscription`] (the error of
+/// `AgentMessage::SubscribeResult`). Callers branch on the kind: a port held by
+/// another session is `EADDRINUSE` to the program, anything else `EACCES`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum SubscribeError {
+    /// Another session already steals the port without a filter (a steal
+    /// conflict).
+    #[error(
+        "port {port} is already stolen by {holder} (since {}); steal only some requests \
+         with --filter-header/--filter-path/--filter-method, or use --mirror",
+        clock(*since_unix)
+    )]
+    PortInUse {
+        /// The port asked for.
+        port: u16,
+        /// The session that holds it (`user@host`, from its `Hello`).
+        holder: String,
+        /// When that session subscribed, in seconds since the Unix epoch.
+        since_unix: u64,
+    },
+    /// The HTTP filter does not compile.
+    #[error("the HTTP filter is not valid: {reason}")]
+    BadFilter {
+        /// What is wrong with it, as the filter compiler says.
+        reason: String,
+    },
+    /// The agent could not redirect the port's traffic to itself (its listeners
+    /// or the packet rules).
+    #[error("{reason}")]
+    Redirect {
+        /// What failed, as the packet rules reported it.
+        reason: String,
+    },
+    /// The target's hub (the agent that shares the port among sessions) refused
+    /// or could not be reached.
+    #[error("{reason}")]
+    Hub {
+        /// What failed.
+        reason: String,
+    },
+    /// After an outage of the link, taking the port back failed: the port is no
+    /// longer stolen or mirrored.
+    #[error(
+        "no longer stolen or mirrored: the link to the agent was down, and taking the port \
+         back failed: {cause}"
+    )]
+    Lost {
+        /// Why taking it back failed.
+        cause: Box<SubscribeError>,
+    },
+}
+
+impl SubscribeError {
+    /// Whether the port is held by another session (also when that is why a
+    /// port was lost after an outage).
+    pub fn is_port_in_use(&self) -> bool {
+        match self {
+            SubscribeError::PortInUse { .. } => true,
+            SubscribeError::Lost { cause } => cause.is_port_in_use(),
+            _ => false,
+        }
+    }
+}
+
 /// One subscription of one session on a target, as `graft ls` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionListing {

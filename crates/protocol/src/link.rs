@@ -162,7 +162,7 @@ pub enum AgentMessage {
         port: u16,
         /// `None` on success, else what failed and what to do (e.g. the port is
         /// already stolen by another session, named with its user and start).
-        error: Option<String>,
+        error: Option<crate::incoming::SubscribeError>,
     },
     /// The answer to a successful [`ClientMessage::Connect`].
     Connected {

@@ -9,7 +9,7 @@
 use semver::Version;
 
 /// This build's protocol version.
-pub const PROTOCOL_VERSION: &str = "0.3.0";
+pub const PROTOCOL_VERSION: &str = "0.4.0";
 
 /// Why a peer's version was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,13 +62,13 @@ mod tests {
 
     #[test]
     fn patch_difference_is_compatible() {
-        assert_eq!(check_compatible("0.3.7"), Ok(()));
+        assert_eq!(check_compatible("0.4.7"), Ok(()));
     }
 
     #[test]
     fn other_minor_in_zero_major_is_refused() {
         assert!(matches!(
-            check_compatible("0.2.0"),
+            check_compatible("0.3.0"),
             Err(VersionError::Incompatible { .. })
         ));
     }

@@ -27,7 +27,7 @@ use futures::{SinkExt, StreamExt};
 use graft_protocol::{
     ConnectionId, PROTOCOL_VERSION, RequestId, Transport,
     codec::FrameCodec,
-    incoming::{HttpFilterSpec, IncomingMode, Subscription as PortSubscription},
+    incoming::{HttpFilterSpec, IncomingMode, SubscribeError, Subscription as PortSubscription},
     layer::DeliveredPeer,
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
@@ -217,6 +217,7 @@ impl Session {
             options,
             secondaries: Mutex::new(Vec::new()),
             refused: Mutex::new(Vec::new()),
+            announced: Mutex::new(Vec::new()),
         });
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
         let tasks = vec![
@@ -371,7 +372,7 @@ struct Subscription {
 #[derive(Debug)]
 enum StealState {
     /// `Steal` sent; these `Listen`s wait for the agent's answer.
-    Pending(Vec<oneshot::Sender<Result<(), String>>>),
+    Pending(Vec<oneshot::Sender<Result<(), SubscribeError>>>),
     /// The agent steals the port.
     Active,
 }
@@ -405,6 +406,9 @@ pub(crate) struct Shared {
     secondaries: Mutex<Vec<Arc<Shared>>>,
     /// The target's ports whose subscription the agent refused, in order.
     refused: Mutex<Vec<u16>>,
+    /// The target's ports whose steal or mirror was announced on stderr: once
+    /// per port, also when CMD closes its listener and listens again.
+    announced: Mutex<Vec<u16>>,
 }
 
 impl Shared {
@@ -611,7 +615,7 @@ impl Shared {
         }
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err((steal_errno(&message), message)),
+            Ok(Err(error)) => Err((steal_errno(&error), error.to_string())),
             Err(_) => Err(aborted(
                 self.state().ended.as_ref().unwrap_or(&LinkEnd::Closed),
             )),
@@ -727,7 +731,7 @@ impl Shared {
         }
     }
 
-    fn steal_result(self: &Arc<Self>, port: u16, error: Option<String>) {
+    fn steal_result(self: &Arc<Self>, port: u16, error: Option<SubscribeError>) {
         let (waiters, deliver_to) = {
             let mut state = self.state();
             let Some(sub) = state.steals.get_mut(&port) else {
@@ -746,7 +750,7 @@ impl Shared {
         };
         match &error {
             None => {
-                if self.options.announce_steals {
+                if self.options.announce_steals && self.first_announcement(port) {
                     let what = match (self.options.incoming_mode, &self.options.filter) {
                         (IncomingMode::Steal, None) => "stealing".to_owned(),
                         (IncomingMode::Mirror, None) => "mirroring".to_owned(),
@@ -804,6 +808,16 @@ impl Shared {
                 Some(message) => Err(message.clone()),
             });
         }
+    }
+
+    /// Whether `port` is announced now for the first time (and notes it).
+    fn first_announcement(&self, port: u16) -> bool {
+        let mut announced = lock(&self.announced);
+        if announced.contains(&port) {
+            return false;
+        }
+        announced.push(port);
+        true
     }
 
     /// Says which older sessions win the requests that their filters and `mine`
@@ -883,9 +897,8 @@ fn aborted(reason: &LinkEnd) -> (i32, String) {
 
 /// The `errno` for a refused steal: `EADDRINUSE` when the port is taken (another
 /// session steals it), else `EACCES` (the agent may not install the rule).
-fn steal_errno(message: &str) -> i32 {
-    let lower = message.to_ascii_lowercase();
-    if lower.contains("in use") || lower.contains("already") {
+fn steal_errno(error: &SubscribeError) -> i32 {
+    if error.is_port_in_use() {
         libc::EADDRINUSE
     } else {
         libc::EACCES
@@ -1038,12 +1051,22 @@ mod tests {
 
     #[test]
     fn steal_errors_map_to_errno() {
+        let in_use = SubscribeError::PortInUse {
+            port: 80,
+            holder: "alice@laptop".into(),
+            since_unix: 0,
+        };
+        assert_eq!(steal_errno(&in_use), libc::EADDRINUSE);
         assert_eq!(
-            steal_errno("port 80 is already stolen by another session"),
+            steal_errno(&SubscribeError::Lost {
+                cause: Box::new(in_use)
+            }),
             libc::EADDRINUSE
         );
         assert_eq!(
-            steal_errno("iptables failed: permission denied"),
+            steal_errno(&SubscribeError::Redirect {
+                reason: "iptables failed: permission denied".into()
+            }),
             libc::EACCES
         );
     }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures::{SinkExt, StreamExt};
-use graft_protocol::incoming::{IncomingMode, Subscription};
+use graft_protocol::incoming::{IncomingMode, SubscribeError, Subscription};
 use graft_protocol::{
     ConnectionId, PROTOCOL_VERSION, Transport,
     codec::FrameCodec,
@@ -612,13 +612,17 @@ async fn refused_steal_is_eaddrinuse() {
         agent
             .send(AgentMessage::SubscribeResult {
                 port: 80,
-                error: Some("port 80 is already stolen by another session".into()),
+                error: Some(SubscribeError::PortInUse {
+                    port: 80,
+                    holder: "bob@other-laptop".into(),
+                    since_unix: 0,
+                }),
             })
             .await;
     };
     let (response, ()) = tokio::join!(request, agent_side);
     assert!(
-        matches!(&response, LayerResponse::Error { errno, message } if *errno == libc::EADDRINUSE && message.contains("another session")),
+        matches!(&response, LayerResponse::Error { errno, message } if *errno == libc::EADDRINUSE && message.contains("bob@other-laptop")),
         "{response:?}"
     );
 }

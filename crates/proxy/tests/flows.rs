@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use graft_protocol::{
     ConnectionId, Transport,
-    incoming::IncomingMode,
+    incoming::{IncomingMode, SubscribeError},
     link::{AgentMessage, ClientMessage},
 };
 use graft_proxy::{Delivery, ProxyError};
@@ -264,7 +264,11 @@ async fn a_refused_steal_is_a_subscribe_error_with_the_agents_reason() {
                 agent
                     .send(AgentMessage::SubscribeResult {
                         port: 9090,
-                        error: Some("port 9090 is already stolen by another session".into()),
+                        error: Some(SubscribeError::PortInUse {
+                            port: 9090,
+                            holder: "bob@other-laptop".into(),
+                            since_unix: 0,
+                        }),
                     })
                     .await;
             }

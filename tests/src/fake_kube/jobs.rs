@@ -26,7 +26,9 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-use super::{Shared, admit_pod, delete_object, new_metadata, random_hex, rfc3339, start_pod};
+use super::Shared;
+use super::objects::{admit_pod, delete_object, new_metadata, start_pod};
+use super::select::{random_hex, rfc3339};
 
 /// The Job controller's reaction to a new Job: its defaults and its pod.
 pub(super) fn created(shared: &Arc<Shared>, job: &Value) {
@@ -89,7 +91,7 @@ fn job_event(s: &mut super::State, ns: &str, job: &str, message: &str) {
         json!({
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": format!("{job}.{}", random_hex(8)), "namespace": ns,
-                         "uid": super::uid(), "creationTimestamp": now},
+                         "uid": super::select::uid(), "creationTimestamp": now},
             "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": job,
                                "namespace": ns, "uid": uid},
             "reason": "FailedCreate", "message": message, "type": "Warning", "count": 1,

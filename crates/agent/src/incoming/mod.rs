@@ -45,7 +45,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use graft_filter::HttpFilter;
-use graft_protocol::incoming::{IncomingMode, SessionListing, Subscription, clock};
+use graft_protocol::incoming::{IncomingMode, SessionListing, SubscribeError, Subscription};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -303,9 +303,15 @@ impl Hub {
         subscription: Subscription,
         to: Arc<dyn Subscriber>,
         since: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SubscribeError> {
         let filter = match &subscription.filter {
-            Some(spec) => Some(HttpFilter::compile(spec).map_err(|e| e.to_string())?),
+            Some(spec) => {
+                Some(
+                    HttpFilter::compile(spec).map_err(|e| SubscribeError::BadFilter {
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
             None => None,
         };
         let port = subscription.port;
@@ -325,15 +331,18 @@ impl Hub {
                 .iter()
                 .find(|s| s.owner != owner && s.is_plain_steal())
         {
-            return Err(format!(
-                "port {port} is already stolen by {} (since {}); steal only some requests \
-                 with --filter-header/--filter-path/--filter-method, or use --mirror",
-                holder.client,
-                clock(holder.since_unix)
-            ));
+            return Err(SubscribeError::PortInUse {
+                port,
+                holder: holder.client.clone(),
+                since_unix: holder.since_unix,
+            });
         }
         if current.subs.is_empty() && rules.state == RulesState::Live {
-            rules.redirector.redirect(port).await?;
+            rules
+                .redirector
+                .redirect(port)
+                .await
+                .map_err(|reason| SubscribeError::Redirect { reason })?;
         }
         let mut subs: Vec<Arc<Sub>> = current
             .subs

@@ -77,7 +77,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use graft_protocol::incoming::{SessionListing, Subscription};
+use graft_protocol::incoming::{SessionListing, SubscribeError, Subscription};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
@@ -154,6 +154,8 @@ pub enum FromHub {
     /// Every peer has moved (or the wait ran out): the next hub may install its
     /// rules; answer [`ToHub::Live`] when they are in.
     Release,
+    /// The answer to a refused `Subscribe`: why, as the client is told.
+    Refused(SubscribeError),
 }
 
 /// What a delivered descriptor is.
@@ -374,9 +376,11 @@ async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key, peers: Arc<Peers>) {
             } => {
                 let port = subscription.port;
                 if !ports.contains(&port) && ports.len() >= MAX_PORTS_PER_PEER {
-                    FromHub::Done(Some(format!(
-                        "a session may hold at most {MAX_PORTS_PER_PEER} ports of a target"
-                    )))
+                    FromHub::Refused(SubscribeError::Hub {
+                        reason: format!(
+                            "a session may hold at most {MAX_PORTS_PER_PEER} ports of a target"
+                        ),
+                    })
                 } else {
                     let result = hub
                         .subscribe(owner, &client, subscription, to.clone(), Some(since_unix))
@@ -384,7 +388,10 @@ async fn serve_peer(link: Link, hub: Arc<Hub>, key: Key, peers: Arc<Peers>) {
                     if result.is_ok() && !ports.contains(&port) {
                         ports.push(port);
                     }
-                    FromHub::Done(result.err())
+                    match result {
+                        Ok(()) => FromHub::Done(None),
+                        Err(e) => FromHub::Refused(e),
+                    }
                 }
             }
             ToHub::Unsubscribe { port } => {

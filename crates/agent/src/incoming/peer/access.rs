@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use graft_protocol::incoming::{SessionListing, Subscription};
+use graft_protocol::incoming::{SessionListing, SubscribeError, Subscription};
 use tokio::sync::Mutex;
 
 use super::handover::{Handover, LIVE_WAIT, MOVE_WAIT};
@@ -276,9 +276,10 @@ impl Access {
         role: &Role,
         subscription: Subscription,
         since: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), SubscribeError> {
+        let hub_error = |reason: String| SubscribeError::Hub { reason };
         match role {
-            Role::Idle => Err("no hub".into()),
+            Role::Idle => Err(hub_error("no hub".into())),
             Role::Owner { hub, owner, .. } => {
                 let to = self.local.clone();
                 hub.subscribe(*owner, &self.client, subscription, to, Some(since))
@@ -292,9 +293,10 @@ impl Access {
                 };
                 match conn.call(message).await {
                     Ok(FromHub::Done(None)) => Ok(()),
-                    Ok(FromHub::Done(Some(e))) => Err(e),
-                    Ok(_) => Err("the hub answered out of turn".into()),
-                    Err(e) => Err(format!("the target's hub is unreachable: {e}")),
+                    Ok(FromHub::Refused(e)) => Err(e),
+                    Ok(FromHub::Done(Some(e))) => Err(hub_error(e)),
+                    Ok(_) => Err(hub_error("the hub answered out of turn".into())),
+                    Err(e) => Err(hub_error(format!("the target's hub is unreachable: {e}"))),
                 }
             }
         }
@@ -306,7 +308,10 @@ impl Access {
     ///
     /// The hub's refusal (conflict, bad filter, rules failed), its absence, or a
     /// hub that is not graft's (it could not prove it knows the hub key).
-    pub async fn subscribe(self: &Arc<Self>, subscription: Subscription) -> Result<(), String> {
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        subscription: Subscription,
+    ) -> Result<(), SubscribeError> {
         let mut role = self.role.lock().await;
         let since = self
             .subscriptions
@@ -317,7 +322,9 @@ impl Access {
             .map_or_else(crate::incoming::now_unix, |(_, since)| *since);
         // While suspended it is only kept, for `resume`.
         if !self.suspended.load(Ordering::SeqCst) {
-            self.ensure(&mut role, RulesState::Live).await?;
+            self.ensure(&mut role, RulesState::Live)
+                .await
+                .map_err(|reason| SubscribeError::Hub { reason })?;
             self.subscribe_in(&role, subscription.clone(), since)
                 .await?;
         }
@@ -380,7 +387,7 @@ impl Access {
     /// each with its first subscription time, so its place among overlapping
     /// filters is kept. Returns those the hub refused now (e.g. another session
     /// stole the port meanwhile), with the reason; they are dropped.
-    pub async fn resume(self: &Arc<Self>) -> Vec<(u16, String)> {
+    pub async fn resume(self: &Arc<Self>) -> Vec<(u16, SubscribeError)> {
         let mut role = self.role.lock().await;
         if !self.suspended.swap(false, Ordering::SeqCst) {
             return Vec::new();
@@ -394,7 +401,8 @@ impl Access {
         if subs.is_empty() {
             return refused;
         }
-        if let Err(e) = self.ensure(&mut role, RulesState::Live).await {
+        if let Err(reason) = self.ensure(&mut role, RulesState::Live).await {
+            let e = SubscribeError::Hub { reason };
             refused.extend(subs.iter().map(|(s, _)| (s.port, e.clone())));
         } else {
             for (sub, since) in subs {
