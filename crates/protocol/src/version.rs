@@ -4,12 +4,14 @@
 //! versions match and, while the major version is 0, their minor versions match too.
 //! New message variants are appended to the end of their enums (postcard encodes a
 //! variant by its index), and a peer sends a variant only when the other peer's
-//! version is new enough to know it.
+//! version is new enough to know it. A field added to a struct changes its
+//! encoding (postcard is not self-describing), so it takes a new minor version:
+//! 0.4 added `Subscription::responses`.
 
 use semver::Version;
 
 /// This build's protocol version.
-pub const PROTOCOL_VERSION: &str = "0.3.0";
+pub const PROTOCOL_VERSION: &str = "0.4.0";
 
 /// Why a peer's version was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,13 +64,13 @@ mod tests {
 
     #[test]
     fn patch_difference_is_compatible() {
-        assert_eq!(check_compatible("0.3.7"), Ok(()));
+        assert_eq!(check_compatible("0.4.7"), Ok(()));
     }
 
     #[test]
     fn other_minor_in_zero_major_is_refused() {
         assert!(matches!(
-            check_compatible("0.2.0"),
+            check_compatible("0.3.0"),
             Err(VersionError::Incompatible { .. })
         ));
     }
