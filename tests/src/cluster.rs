@@ -414,10 +414,10 @@ impl Ns<'_> {
             "-n",
             &self.name,
         ]);
-        if matches!(subcommand, "run" | "ls" | "doctor" | "mount") {
+        if matches!(subcommand, "run" | "ls" | "doctor" | "mount" | "record") {
             command.args(["--agent-image", &self.live.agent_image]);
         }
-        if matches!(subcommand, "run" | "ls" | "mount") {
+        if matches!(subcommand, "run" | "ls" | "mount" | "record") {
             command.args(["--agent-pull-policy", "IfNotPresent"]);
         }
         command

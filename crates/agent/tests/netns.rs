@@ -596,6 +596,7 @@ async fn steal_delivers_curl_to_the_client_and_rules_go_with_the_link() {
         port: HTTP_PORT,
         mode: IncomingMode::Steal,
         filter: None,
+        responses: false,
     }))
     .await
     .unwrap();
@@ -668,6 +669,7 @@ async fn steal_delivers_curl_to_the_client_and_rules_go_with_the_link() {
         port: HTTP_PORT,
         mode: IncomingMode::Steal,
         filter: None,
+        responses: false,
     }))
     .await
     .unwrap();
@@ -704,6 +706,7 @@ async fn watchdog_removes_rules_after_kill_9() {
         port: HTTP_PORT,
         mode: IncomingMode::Steal,
         filter: None,
+        responses: false,
     }))
     .await
     .unwrap();
@@ -854,6 +857,7 @@ async fn sigterm_removes_rules_and_exits_zero() {
         port: HTTP_PORT,
         mode: IncomingMode::Steal,
         filter: None,
+        responses: false,
     }))
     .await
     .unwrap();

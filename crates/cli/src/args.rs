@@ -90,6 +90,18 @@ pub enum Command {
     /// until Ctrl-C (its pod and Service are deleted on the way out).
     #[command(after_help = "Example:\n  graft expose 3000 --as web-dev -n shop --port 80")]
     Expose(Box<crate::expose::ExposeArgs>),
+    /// Record the requests reaching a port of the target and the target's
+    /// responses as a HAR 1.2 file (mirrored: the target keeps serving).
+    #[command(
+        after_help = "Example:\n  graft record --target deploy/api -n shop --port 8080 --duration 5m -o api.har"
+    )]
+    Record(Box<crate::record::RecordArgs>),
+    /// Send the requests of a HAR file to a server and compare each answer with
+    /// the recorded one; exit 1 when any differs.
+    #[command(
+        after_help = "Example:\n  graft replay api.har --to http://127.0.0.1:8080 --ignore-header Date --ignore-json-path '$.id'"
+    )]
+    Replay(Box<crate::replay::ReplayArgs>),
 }
 
 /// `graft agent-image` flags.

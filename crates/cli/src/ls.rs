@@ -194,6 +194,7 @@ mod tests {
                         combine: Combine::AllOf,
                         rules: vec![FilterRule::Header("x-user: alice".into())],
                     }),
+                    responses: false,
                 },
             },
             SessionListing {
@@ -203,6 +204,7 @@ mod tests {
                     port: 8080,
                     mode: IncomingMode::Mirror,
                     filter: None,
+                    responses: false,
                 },
             },
         ];

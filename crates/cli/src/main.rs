@@ -23,6 +23,8 @@ mod open;
 mod output;
 mod port_forward;
 mod process;
+mod record;
+mod replay;
 mod run;
 mod session_dir;
 mod shell;
@@ -98,6 +100,8 @@ async fn graft() -> ExitCode {
         Command::Quit(args) => connect::quit(args).await,
         Command::Intercept(args) => intercept::intercept(*args).await,
         Command::Leave(args) => intercept::leave(args),
+        Command::Record(args) => record::record(*args).await,
+        Command::Replay(args) => replay::replay(*args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

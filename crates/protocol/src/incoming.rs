@@ -106,6 +106,69 @@ pub struct Subscription {
     pub mode: IncomingMode,
     /// Only the HTTP requests this filter matches; `None` takes whole connections.
     pub filter: Option<HttpFilterSpec>,
+    /// Mirror only: the session also wants the target's answers. Each mirrored
+    /// connection then carries [`tap`] frames (the client's bytes and the target's
+    /// bytes, told apart) instead of the client's bytes alone. Added in protocol
+    /// 0.4; absent (false) from older peers' JSON.
+    #[serde(default)]
+    pub responses: bool,
+}
+
+/// The framing of a mirrored connection whose subscription asked for
+/// [`Subscription::responses`]: the agent writes a sequence of frames, each a
+/// 1-byte direction ([`tap::Direction`]), a 4-byte big-endian length of at most
+/// [`tap::MAX_CHUNK`], then that many bytes. Bytes of one direction arrive in order;
+/// the two directions interleave in the order the agent read them.
+pub mod tap {
+    /// The largest chunk one frame carries, in bytes.
+    pub const MAX_CHUNK: usize = 64 * 1024;
+    /// The length of a frame's header, in bytes.
+    pub const HEADER_LEN: usize = 5;
+
+    /// Which way a frame's bytes went.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Direction {
+        /// From the client to the target's server.
+        Request,
+        /// From the target's server to the client.
+        Response,
+    }
+
+    /// The header of a frame carrying `len` bytes (at most [`MAX_CHUNK`]) sent
+    /// `direction`.
+    ///
+    /// # Panics
+    ///
+    /// When `len` exceeds [`MAX_CHUNK`]: callers split larger reads.
+    pub fn header(direction: Direction, len: usize) -> [u8; HEADER_LEN] {
+        assert!(len <= MAX_CHUNK, "tap chunks are split to MAX_CHUNK");
+        let mut out = [0u8; HEADER_LEN];
+        out[0] = match direction {
+            Direction::Request => 0,
+            Direction::Response => 1,
+        };
+        out[1..].copy_from_slice(&(len as u32).to_be_bytes());
+        out
+    }
+
+    /// Decodes a frame's header: the direction and the length that follows.
+    ///
+    /// # Errors
+    ///
+    /// A message when the direction byte is unknown or the length exceeds
+    /// [`MAX_CHUNK`] (a peer that does not speak this framing).
+    pub fn parse_header(bytes: [u8; HEADER_LEN]) -> Result<(Direction, usize), String> {
+        let direction = match bytes[0] {
+            0 => Direction::Request,
+            1 => Direction::Response,
+            other => return Err(format!("unknown tap direction byte {other}")),
+        };
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        if len > MAX_CHUNK {
+            return Err(format!("a tap frame of {len} bytes exceeds {MAX_CHUNK}"));
+        }
+        Ok((direction, len))
+    }
 }
 
 /// A Unix time (seconds) as the time of day, `HH:MM:SS UTC`: when a session
@@ -209,5 +272,20 @@ mod tests {
             rules: vec![FilterRule::Path("^/a".into())],
         };
         assert_eq!(any.to_string(), r#"path~"^/a""#);
+    }
+
+    #[test]
+    fn tap_headers_round_trip_and_refuse_garbage() {
+        use tap::{Direction, header, parse_header};
+        assert_eq!(
+            parse_header(header(Direction::Response, 70)),
+            Ok((Direction::Response, 70))
+        );
+        assert_eq!(
+            parse_header(header(Direction::Request, tap::MAX_CHUNK)),
+            Ok((Direction::Request, tap::MAX_CHUNK))
+        );
+        assert!(parse_header([2, 0, 0, 0, 1]).is_err());
+        assert!(parse_header([0, 0, 1, 0, 1]).is_err());
     }
 }

@@ -4,7 +4,9 @@
 //! versions match and, while the major version is 0, their minor versions match too.
 //! New message variants are appended to the end of their enums (postcard encodes a
 //! variant by its index), and a peer sends a variant only when the other peer's
-//! version is new enough to know it.
+//! version is new enough to know it. A field added to a struct changes its
+//! encoding (postcard is not self-describing), so it takes a new minor version:
+//! 0.4 added `Subscription::responses`.
 
 use semver::Version;
 

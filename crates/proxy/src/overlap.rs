@@ -65,6 +65,7 @@ mod tests {
                     combine: Combine::AllOf,
                     rules: vec![FilterRule::Header(re.into())],
                 }),
+                responses: false,
             },
         }
     }

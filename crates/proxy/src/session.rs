@@ -76,6 +76,10 @@ pub struct SessionOptions {
     /// knows which local port the program asked for, and says loudly when the
     /// layer had to move the program to another one (the asked port was busy).
     pub port_map: Vec<(u16, u16)>,
+    /// Mirror only: ask the agent for the target's answers too; each mirrored
+    /// connection then carries `graft_protocol::incoming::tap` frames (see
+    /// `Subscription::responses`). For `graft record` and the shadow diff.
+    pub tap_responses: bool,
 }
 
 impl Default for SessionOptions {
@@ -92,6 +96,7 @@ impl Default for SessionOptions {
             filter: None,
             incoming_defaulted: false,
             port_map: Vec::new(),
+            tap_responses: false,
         }
     }
 }
@@ -604,6 +609,7 @@ impl Shared {
             port,
             mode: self.options.incoming_mode,
             filter: self.options.filter.clone(),
+            responses: self.options.tap_responses,
         };
         if first
             && self

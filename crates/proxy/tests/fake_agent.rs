@@ -470,7 +470,8 @@ async fn steal(link: &mut LayerLink, agent: &mut FakeAgent, port: u16, deliver_t
             ClientMessage::Subscribe(Subscription {
                 port,
                 mode: IncomingMode::Steal,
-                filter: None
+                filter: None,
+                responses: false,
             })
         );
         agent
@@ -606,7 +607,8 @@ async fn refused_steal_is_eaddrinuse() {
             ClientMessage::Subscribe(Subscription {
                 port: 80,
                 mode: IncomingMode::Steal,
-                filter: None
+                filter: None,
+                responses: false,
             })
         );
         agent
@@ -654,7 +656,8 @@ async fn steal_of_a_dead_owner_is_dropped() {
             ClientMessage::Subscribe(Subscription {
                 port: 8000,
                 mode: IncomingMode::Steal,
-                filter: None
+                filter: None,
+                responses: false,
             })
         );
         agent
@@ -787,6 +790,7 @@ async fn secondary_sessions_subscribe_and_deliver_to_the_same_listener() {
         port: 80,
         mode: IncomingMode::Steal,
         filter: None,
+        responses: false,
     });
     let agents = async {
         assert_eq!(agent.recv().await, subscription);

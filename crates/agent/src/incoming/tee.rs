@@ -3,6 +3,15 @@
 //! through a bounded queue. A mirror that falls behind by more than
 //! [`MIRROR_QUEUE`] chunks is dropped; the original connection never waits for a
 //! mirror. What a mirror's program answers is read and thrown away.
+//!
+//! A mirror whose subscription asked for the target's answers
+//! ([`Subscription::responses`]) gets both directions as
+//! [`graft_protocol::incoming::tap`] frames: the client's bytes as they are read
+//! from the client, the target's as they are read from the target. On a port
+//! where HTTP filters route each request ([`super::http`]) such a mirror gets the
+//! client's bytes only, still framed.
+//!
+//! [`Subscription::responses`]: graft_protocol::incoming::Subscription::responses
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,7 +20,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use graft_protocol::incoming::tap::{self, Direction};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -40,15 +50,24 @@ pub async fn connect_target(addr: SocketAddr, client: SocketAddr) -> io::Result<
     Ok(stream)
 }
 
+/// The queue of one mirror: the copy task writes what it receives to the session.
+#[derive(Clone)]
+pub struct Mirror {
+    tx: mpsc::Sender<Bytes>,
+    /// The session asked for both directions, as tap frames.
+    framed: bool,
+}
+
 /// Starts one copy task per mirror, under `in_flight`; returns the queues to feed.
 pub fn start_mirrors<'a>(
     meta: ConnMeta,
     mirrors: impl Iterator<Item = &'a Arc<Sub>>,
     in_flight: &TaskTracker,
-) -> Vec<mpsc::Sender<Bytes>> {
+) -> Vec<Mirror> {
     mirrors
         .map(|sub| {
             let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
+            let framed = sub.subscription.responses;
             let to = sub.to.clone();
             in_flight.spawn(async move {
                 match to.open(meta).await {
@@ -56,7 +75,7 @@ pub fn start_mirrors<'a>(
                     Err(e) => tracing::debug!(port = meta.port, "mirror not opened: {e}"),
                 }
             });
-            tx
+            Mirror { tx, framed }
         })
         .collect()
 }
@@ -90,33 +109,78 @@ async fn feed_mirror(io: BoxIo, mut rx: mpsc::Receiver<Bytes>) {
     let _ = tokio::time::timeout(MIRROR_LINGER, drain).await;
 }
 
-/// Sends a copy of `bytes` to every mirror; a mirror whose queue is full or gone
-/// is dropped.
-pub fn copy_to(mirrors: &mut Vec<mpsc::Sender<Bytes>>, bytes: &[u8]) {
+/// `bytes` as tap frames of at most [`tap::MAX_CHUNK`] bytes each.
+fn framed(direction: Direction, bytes: &[u8]) -> Bytes {
+    let frames = bytes.len().div_ceil(tap::MAX_CHUNK);
+    let mut out = BytesMut::with_capacity(bytes.len() + frames * tap::HEADER_LEN);
+    for chunk in bytes.chunks(tap::MAX_CHUNK) {
+        out.put_slice(&tap::header(direction, chunk.len()));
+        out.put_slice(chunk);
+    }
+    out.freeze()
+}
+
+/// Sends a copy of `bytes`, read in `direction`, to every mirror (framed for the
+/// mirrors that asked for both directions; only those get responses); a mirror
+/// whose queue is full or gone is dropped.
+pub fn copy_to(mirrors: &mut Vec<Mirror>, direction: Direction, bytes: &[u8]) {
     if mirrors.is_empty() || bytes.is_empty() {
         return;
     }
-    let chunk = Bytes::copy_from_slice(bytes);
-    mirrors.retain(|tx| match tx.try_send(chunk.clone()) {
+    let mut raw = None;
+    let mut frames = None;
+    mirrors.retain(|mirror| {
+        let chunk = match (mirror.framed, direction) {
+            (true, _) => frames
+                .get_or_insert_with(|| framed(direction, bytes))
+                .clone(),
+            (false, Direction::Request) => raw
+                .get_or_insert_with(|| Bytes::copy_from_slice(bytes))
+                .clone(),
+            (false, Direction::Response) => return true,
+        };
+        send_chunk(&mirror.tx, chunk)
+    });
+}
+
+/// Queues one chunk; false when the mirror is to be dropped.
+fn send_chunk(tx: &mpsc::Sender<Bytes>, chunk: Bytes) -> bool {
+    match tx.try_send(chunk) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             tracing::debug!("a mirror fell behind; its copy is dropped");
             false
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,
-    });
+    }
 }
 
 /// A stream whose received bytes are copied to mirrors as they are read.
 pub struct Tee<S> {
     inner: S,
-    mirrors: Vec<mpsc::Sender<Bytes>>,
+    mirrors: Vec<Mirror>,
+    direction: Direction,
 }
 
 impl<S> Tee<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S, mirrors: Vec<mpsc::Sender<Bytes>>) -> Tee<S> {
-        Tee { inner, mirrors }
+    /// Wraps the client's stream `inner`: what it reads is the request direction.
+    pub fn new(inner: S, mirrors: Vec<Mirror>) -> Tee<S> {
+        Tee {
+            inner,
+            mirrors,
+            direction: Direction::Request,
+        }
+    }
+
+    /// Wraps the target's stream `inner`: what it reads is the response direction,
+    /// copied only to the mirrors that asked for it.
+    pub fn responses(inner: S, mut mirrors: Vec<Mirror>) -> Tee<S> {
+        mirrors.retain(|m| m.framed);
+        Tee {
+            inner,
+            mirrors,
+            direction: Direction::Response,
+        }
     }
 
     /// The wrapped stream.
@@ -135,7 +199,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tee<S> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            copy_to(&mut this.mirrors, &buf.filled()[before..]);
+            copy_to(&mut this.mirrors, this.direction, &buf.filled()[before..]);
         }
         polled
     }
@@ -172,8 +236,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tee<S> {
 }
 
 /// Splices the client connection and `dest` both ways, copying the client's
-/// bytes to `mirrors`; a failure resets the client.
-pub async fn pipe(stream: TcpStream, mut dest: BoxIo, mirrors: Vec<mpsc::Sender<Bytes>>) {
+/// bytes to `mirrors` (and `dest`'s to those that asked for responses); a failure
+/// resets the client.
+pub async fn pipe(stream: TcpStream, dest: BoxIo, mirrors: Vec<Mirror>) {
+    let mut dest = Tee::responses(dest, mirrors.clone());
     let mut client = Tee::new(stream, mirrors);
     if tokio::io::copy_bidirectional_with_sizes(&mut client, &mut dest, 64 * 1024, 64 * 1024)
         .await

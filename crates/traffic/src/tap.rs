@@ -1,0 +1,208 @@
+//! Reading a tapped connection: the stream of
+//! [`graft_protocol::incoming::tap`] frames the agent sends for a mirror that asked
+//! for responses, demultiplexed into the two directions, each parsed by
+//! [`crate::http1`], and requests paired with their responses in order
+//! (HTTP/1.1 answers requests in the order they came, RFC 9112 §9.3.2).
+
+use std::{collections::VecDeque, sync::Arc, time::Instant};
+
+use graft_protocol::incoming::tap::{self, Direction};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::{
+    exchange::{Exchange, Origin},
+    http1::{Message, Parser, Side},
+};
+
+/// Why a tapped connection could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// Reading the stream failed.
+    #[error("reading a tapped connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The stream does not carry tap frames (an agent that does not speak
+    /// protocol 0.4, or a corrupted stream).
+    #[error(
+        "a tapped connection sent a bad frame ({0}); are graft and graft-agent from the same release?"
+    )]
+    Frame(String),
+}
+
+/// The two directions of one connection and the pairing of their messages.
+#[derive(Debug)]
+pub struct Pairing {
+    origin: Arc<Origin>,
+    requests: Parser,
+    responses: Parser,
+    /// Whether each request whose head was seen, not yet answered, was a `HEAD`.
+    heads: VecDeque<bool>,
+    /// Whole requests not yet answered, oldest first.
+    waiting: VecDeque<Message>,
+    /// Whole responses whose request is not whole yet (an early answer).
+    early: VecDeque<Message>,
+}
+
+impl Pairing {
+    /// A connection at `origin` with nothing read yet.
+    pub fn new(origin: Arc<Origin>) -> Pairing {
+        Pairing {
+            origin,
+            requests: Parser::new(Side::Request),
+            responses: Parser::new(Side::Response),
+            heads: VecDeque::new(),
+            waiting: VecDeque::new(),
+            early: VecDeque::new(),
+        }
+    }
+
+    /// Feeds bytes read in `direction` at `now`; returns the exchanges they completed.
+    pub fn feed(&mut self, direction: Direction, bytes: &[u8], now: Instant) -> Vec<Exchange> {
+        match direction {
+            Direction::Request => {
+                for request in self.requests.feed(bytes, now, &mut || false) {
+                    self.heads.push_back(request.head.method == "HEAD");
+                    self.waiting.push_back(request);
+                }
+            }
+            Direction::Response => {
+                let heads = &self.heads;
+                // Responses already whole but not paired answer the first requests.
+                let mut answered = self.early.len();
+                let responses = self.responses.feed(bytes, now, &mut || {
+                    let head = heads.get(answered).copied().unwrap_or(false);
+                    answered += 1;
+                    head
+                });
+                self.early.extend(responses);
+            }
+        }
+        self.pair()
+    }
+
+    /// The end of the connection: requests cut short or left unanswered come out
+    /// with what there is.
+    pub fn finish(&mut self, now: Instant) -> Vec<Exchange> {
+        if let Some(request) = self.requests.finish(now) {
+            self.waiting.push_back(request);
+        }
+        if let Some(response) = self.responses.finish(now) {
+            self.early.push_back(response);
+        }
+        let mut out = self.pair();
+        while let Some(request) = self.waiting.pop_front() {
+            out.push(Exchange::new(self.origin.clone(), request, None));
+        }
+        out
+    }
+
+    fn pair(&mut self) -> Vec<Exchange> {
+        let mut out = Vec::new();
+        while !self.waiting.is_empty() && !self.early.is_empty() {
+            let (Some(request), Some(response)) =
+                (self.waiting.pop_front(), self.early.pop_front())
+            else {
+                break;
+            };
+            self.heads.pop_front();
+            out.push(Exchange::new(self.origin.clone(), request, Some(response)));
+        }
+        out
+    }
+}
+
+/// Reads the tap frames of one connection from `stream` until it ends, calling
+/// `each` with every exchange as soon as its response is whole.
+///
+/// # Errors
+///
+/// [`TapError::Io`] when reading fails, [`TapError::Frame`] on a bad frame; the
+/// exchanges completed before were already passed to `each`.
+///
+/// # Cancel safety
+///
+/// Not cancel safe: bytes read but not yet parsed are lost.
+pub async fn read_tapped<R: AsyncRead + Unpin>(
+    mut stream: R,
+    origin: Arc<Origin>,
+    mut each: impl FnMut(Exchange),
+) -> Result<(), TapError> {
+    let mut pairing = Pairing::new(origin);
+    let mut chunk = vec![0u8; tap::MAX_CHUNK];
+    loop {
+        let mut header = [0u8; tap::HEADER_LEN];
+        match stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => {
+                pairing
+                    .finish(Instant::now())
+                    .into_iter()
+                    .for_each(&mut each);
+                return Err(e.into());
+            }
+        }
+        let (direction, len) = tap::parse_header(header).map_err(TapError::Frame)?;
+        stream.read_exact(&mut chunk[..len]).await?;
+        for exchange in pairing.feed(direction, &chunk[..len], Instant::now()) {
+            each(exchange);
+        }
+    }
+    pairing.finish(Instant::now()).into_iter().for_each(each);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::Route;
+    use graft_protocol::incoming::IncomingMode;
+
+    fn origin() -> Arc<Origin> {
+        Arc::new(Origin {
+            target: "pid:1".into(),
+            port: 80,
+            mode: IncomingMode::Mirror,
+            client: None,
+            route: Route::Target,
+            filter: None,
+        })
+    }
+
+    fn frame(direction: Direction, bytes: &[u8]) -> Vec<u8> {
+        let mut out = tap::header(direction, bytes.len()).to_vec();
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_pair_with_their_responses_in_order() {
+        let mut wire = frame(
+            Direction::Request,
+            b"GET /a HTTP/1.1\r\n\r\nHEAD /b HTTP/1.1\r\n\r\n",
+        );
+        wire.extend(frame(
+            Direction::Response,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 404 Not Found\r\nContent-Length: 7\r\n\r\n",
+        ));
+        wire.extend(frame(Direction::Request, b"GET /c HTTP/1.1\r\n\r\n"));
+        let mut seen = Vec::new();
+        read_tapped(&wire[..], origin(), |e| seen.push(e))
+            .await
+            .unwrap();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].request.target, "/a");
+        assert_eq!(seen[0].response.as_ref().unwrap().body.bytes, b"a");
+        assert_eq!(seen[1].request.target, "/b");
+        assert_eq!(seen[1].response.as_ref().unwrap().status, 404);
+        assert_eq!(seen[2].request.target, "/c");
+        assert!(seen[2].response.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_is_not_tap_frames_is_an_error() {
+        let err = read_tapped(&b"GET / HTTP/1.1\r\n\r\n"[..], origin(), |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TapError::Frame(_)), "{err}");
+    }
+}
