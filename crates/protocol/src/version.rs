@@ -9,7 +9,7 @@
 use semver::Version;
 
 /// This build's protocol version.
-pub const PROTOCOL_VERSION: &str = "0.3.0";
+pub const PROTOCOL_VERSION: &str = "0.3.1";
 
 /// Why a peer's version was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

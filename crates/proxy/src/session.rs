@@ -27,7 +27,10 @@ use futures::{SinkExt, StreamExt};
 use graft_protocol::{
     ConnectionId, PROTOCOL_VERSION, RequestId, Transport,
     codec::FrameCodec,
-    incoming::{HttpFilterSpec, IncomingMode, Subscription as PortSubscription},
+    incoming::{
+        HttpFilterSpec, IncomingMode, Subscription as PortSubscription, TLS_STEAL_SINCE,
+        TlsTermination, knows_tls_steal,
+    },
     layer::DeliveredPeer,
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
@@ -76,6 +79,9 @@ pub struct SessionOptions {
     /// knows which local port the program asked for, and says loudly when the
     /// layer had to move the program to another one (the asked port was busy).
     pub port_map: Vec<(u16, u16)>,
+    /// `--tls-cert`/`--tls-key`: the agent terminates TLS on filtered ports
+    /// with this certificate (sent with each subscription, never logged).
+    pub tls: Option<TlsTermination>,
 }
 
 impl Default for SessionOptions {
@@ -92,6 +98,7 @@ impl Default for SessionOptions {
             filter: None,
             incoming_defaulted: false,
             port_map: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -191,6 +198,15 @@ impl Session {
                 target_pid,
             } => {
                 check_compatible(&version)?;
+                if options.tls.is_some() && !knows_tls_steal(&version) {
+                    return Err(ProxyError::Rejected {
+                        reason: format!(
+                            "the agent speaks protocol {version}, which cannot terminate TLS \
+                             (--tls-cert needs {TLS_STEAL_SINCE} or later): use graft-agent \
+                             from the same release as graft"
+                        ),
+                    });
+                }
                 AgentInfo {
                     version,
                     target_pid,
@@ -601,12 +617,14 @@ impl Shared {
             mode: self.options.incoming_mode,
             filter: self.options.filter.clone(),
         };
-        if first
-            && self
-                .send(ClientMessage::Subscribe(subscription))
-                .await
-                .is_err()
-        {
+        let message = match &self.options.tls {
+            Some(tls) => ClientMessage::SubscribeTls {
+                subscription,
+                tls: tls.clone(),
+            },
+            None => ClientMessage::Subscribe(subscription),
+        };
+        if first && self.send(message).await.is_err() {
             self.state().steals.remove(&port);
         }
         match rx.await {
