@@ -36,6 +36,7 @@ pub mod fake_kube;
 pub mod link;
 pub mod machine;
 mod net;
+pub mod pki;
 mod process;
 mod slot;
 

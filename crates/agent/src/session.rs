@@ -35,7 +35,7 @@ use crate::files::{Files, TargetRoot};
 use crate::incoming::peer::{Access, Delivery, Handover};
 use crate::incoming::{BoxFuture, BoxIo, ConnMeta, Subscriber};
 use crate::relay::{self, ConnCommand, ConnTable};
-use graft_protocol::incoming::{SubscribeError, Subscription};
+use graft_protocol::incoming::{SubscribeError, Subscription, TlsTermination};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Capacity of the bounded channel from the tasks to the link writer.
@@ -313,6 +313,7 @@ where
         to_link: to_link.clone(),
         table: table.clone(),
         next_id: AtomicU64::new(1),
+        steal_tx: std::sync::OnceLock::new(),
     });
     let delivered = sink.clone();
     let access = Access::new(
@@ -341,6 +342,7 @@ where
         access: access.clone(),
     });
     let steal_tx = spawn_subscriber(access.clone(), to_link.clone());
+    let _ = sink.steal_tx.set(steal_tx.clone());
     let control_full = std::cell::Cell::new(false);
     let control = |message: AgentMessage| {
         if let Err(mpsc::error::TrySendError::Full(_)) =
@@ -443,7 +445,8 @@ struct Services {
 
 /// A subscription change, processed in order.
 enum SubCommand {
-    Subscribe(Subscription),
+    /// With the TLS termination of a `SubscribeTls`.
+    Subscribe(Subscription, Option<TlsTermination>),
     Unsubscribe(u16),
     /// The client is detached: take the subscriptions out of the hub.
     Suspend,
@@ -474,10 +477,17 @@ fn spawn_subscriber(
     tokio::spawn(async move {
         while let Some(command) = rx.recv().await {
             match command {
-                SubCommand::Subscribe(subscription) => {
+                SubCommand::Subscribe(subscription, tls) => {
                     let port = subscription.port;
                     let mode = subscription.mode;
-                    let error = access.subscribe(subscription).await.err();
+                    let error = match tls.as_ref().map(crate::incoming::tls::TlsSetup::new) {
+                        Some(Err(reason)) => Some(SubscribeError::Tls { reason }),
+                        setup => {
+                            access.set_tls(port, setup.and_then(Result::ok).map(Arc::new));
+                            access.subscribe(subscription).await.err()
+                        }
+                    };
+                    drop(tls);
                     match &error {
                         None => tracing::info!(port, %mode, "subscribed"),
                         Some(e) => tracing::warn!(port, "subscription refused: {e}"),
@@ -515,6 +525,9 @@ fn spawn_subscriber(
 /// Delivers incoming connections to this session's client as `Incoming`.
 struct SessionSink {
     to_link: mpsc::Sender<AgentMessage>,
+    /// Where a refused subscription is dropped ([`Subscriber::refuse`]); set once
+    /// the subscriber task runs.
+    steal_tx: std::sync::OnceLock<mpsc::UnboundedSender<SubCommand>>,
     table: Arc<ConnTable>,
     next_id: AtomicU64,
 }
@@ -573,6 +586,23 @@ impl Subscriber for SessionSink {
         })
     }
 
+    fn refuse(self: Arc<Self>, port: u16, reason: String) {
+        tracing::warn!(port, "subscription refused: {reason}");
+        if let Some(steal_tx) = self.steal_tx.get() {
+            let _ = steal_tx.send(SubCommand::Unsubscribe(port));
+        }
+        let refused = AgentMessage::SubscribeResult {
+            port,
+            error: Some(SubscribeError::Tls { reason }),
+        };
+        if self.to_link.try_send(refused).is_err() {
+            tracing::debug!(
+                port,
+                "the refusal could not be sent: the session is gone or busy"
+            );
+        }
+    }
+
     fn hand_over(
         self: Arc<Self>,
         meta: ConnMeta,
@@ -607,7 +637,10 @@ fn dispatch(
             unreachable!("the link reader serves requests itself, once one may start")
         }
         ClientMessage::Subscribe(subscription) => {
-            let _ = steal_tx.send(SubCommand::Subscribe(subscription));
+            let _ = steal_tx.send(SubCommand::Subscribe(subscription, None));
+        }
+        ClientMessage::SubscribeTls { subscription, tls } => {
+            let _ = steal_tx.send(SubCommand::Subscribe(subscription, Some(tls)));
         }
         ClientMessage::Unsubscribe { port } => {
             let _ = steal_tx.send(SubCommand::Unsubscribe(port));

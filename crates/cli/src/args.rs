@@ -205,6 +205,21 @@ pub struct RunArgs {
     /// (repeatable; every filter flag must match).
     #[arg(long = "filter-method", value_name = "METHOD")]
     pub filter_method: Vec<String>,
+    /// The server's PEM certificate for a filtered port that serves HTTPS, or
+    /// `secret/NAME` (a kubernetes.io/tls Secret of the target's namespace): the
+    /// agent decrypts with it so the filters read each request.
+    #[arg(long = "tls-cert", value_name = "FILE|secret/NAME")]
+    pub tls_cert: Option<String>,
+    /// The PEM private key of --tls-cert FILE.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept any certificate from the target's own server when passing it the
+    /// unmatched requests (default: it must be --tls-cert's or chain to it).
+    #[arg(long = "tls-insecure-upstream")]
+    pub tls_insecure_upstream: bool,
+    /// Deliver matched HTTPS requests to CMD over TLS (default: plain HTTP).
+    #[arg(long = "tls-local")]
+    pub tls_local: bool,
     /// CMD listens on LOCAL; the target's REMOTE port is stolen or mirrored
     /// (repeatable).
     #[arg(long = "port-map", value_name = "LOCAL:REMOTE")]
@@ -306,6 +321,12 @@ impl RunArgs {
             agent_image: self.agent_image.clone(),
             agent_pull_policy: self.agent_pull_policy.clone(),
             all_pods: self.all_pods,
+            tls: graft_config::tls::TlsFlags {
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                insecure_upstream: self.tls_insecure_upstream,
+                local: self.tls_local,
+            },
         }
     }
 }

@@ -27,6 +27,10 @@ pub struct DoctorArgs {
     /// The agent image (default: graft's, tagged with its version).
     #[arg(long, value_name = "IMAGE")]
     pub agent_image: Option<String>,
+    /// `secret/NAME`: check that this kubernetes.io/tls Secret (for TLS steal)
+    /// may be read in the namespace.
+    #[arg(long = "tls-cert", value_name = "secret/NAME")]
+    pub tls_cert: Option<String>,
     /// Output format.
     #[command(flatten)]
     pub output: crate::output::OutputFlag,
@@ -58,7 +62,21 @@ pub async fn doctor(args: DoctorArgs) -> Result<u8, Failure> {
         mode,
         image: args.agent_image.unwrap_or_else(default_agent_image),
     };
-    let checks = run_checks(&client_options(&args.kube), &options).await;
+    let mut checks = run_checks(&client_options(&args.kube), &options).await;
+    if let Some(cert) = &args.tls_cert {
+        let name = cert.strip_prefix("secret/").ok_or_else(|| {
+            Failure::usage(format!(
+                "--tls-cert {cert}: graft doctor checks Secrets only: pass secret/NAME"
+            ))
+        })?;
+        match graft_kube::connect(&client_options(&args.kube)).await {
+            Ok(cluster) => checks.push(graft_kube::tls_secret::check(&cluster, name).await),
+            Err(e) => checks.push(Check {
+                name: format!("TLS secret {name}"),
+                verdict: graft_kube::Verdict::fail(e.to_string(), "fix the cluster access first"),
+            }),
+        }
+    }
     if args.output.json() {
         crate::output::print_json(&crate::output::DoctorJson::new(&checks))?;
         return Ok(u8::from(any_failed(&checks)));

@@ -29,6 +29,7 @@ mod run;
 mod session_dir;
 mod shell;
 mod targets;
+mod tls;
 
 use std::process::ExitCode;
 

@@ -79,13 +79,15 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         graft_log: graft_log.as_deref(),
         isolate: isolate::chosen(&config, &args.command),
     };
+    let mut options = plan.session_options();
+    options.tls = crate::tls::load(&config).await?;
     let opened = open::open(OpenRequest {
         config: &config,
         dir: dir.path(),
         agent_binary: &pieces.agent,
         secret: &secret,
         graft_log: graft_log.as_deref(),
-        options: plan.session_options(),
+        options,
     })
     .await?;
     let result = plan.run(opened.session).await;

@@ -15,6 +15,7 @@ pub mod fs;
 pub mod incoming;
 pub mod outgoing;
 pub mod schema;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 
@@ -413,6 +414,9 @@ pub struct IncomingFile {
     /// `[incoming.filter]`: which HTTP requests to take; without it, whole
     /// connections.
     pub filter: Option<FilterFile>,
+    /// `[incoming.tls]`: the certificate with which the agent decrypts a
+    /// filtered port that serves HTTPS.
+    pub tls: Option<tls::TlsFile>,
 }
 
 /// `[outgoing]` of `graft.toml`.
@@ -523,6 +527,8 @@ pub struct RunOverrides {
     pub all_pods: bool,
     /// `--isolate` (`Some(true)`) or `--no-isolate` (`Some(false)`).
     pub isolate: Option<bool>,
+    /// `--tls-cert`, `--tls-key`, `--tls-insecure-upstream`, `--tls-local`.
+    pub tls: tls::TlsFlags,
 }
 
 /// The resolved configuration of one `graft run`.
@@ -542,6 +548,8 @@ pub struct Config {
     /// Whether CMD runs in an isolated namespace (`--isolate`, `[run] isolate`);
     /// `None`: chosen by what CMD is (static and Go binaries are isolated).
     pub isolate: Option<bool>,
+    /// TLS steal: the certificate that decrypts filtered HTTPS ports.
+    pub tls: Option<tls::TlsSettings>,
 }
 
 impl Config {
@@ -642,6 +650,7 @@ impl Config {
             incoming_defaulted,
             kube,
             isolate: flags.isolate.or(file.run.isolate),
+            tls: tls::resolve(&flags.tls, file.incoming.tls.as_ref())?,
         })
     }
 }

@@ -50,6 +50,7 @@ mod resolve;
 pub mod select;
 mod target;
 pub mod targets;
+pub mod tls_secret;
 
 pub use clean::{CleanReport, clean};
 pub use doctor::{Check, DoctorOptions, Outcome, Verdict, run_checks, run_checks_on};

@@ -227,6 +227,13 @@ pub enum SubscribeError {
     Lost {
         /// Why taking it back failed.
         cause: Box<SubscribeError>,
+    },    /// TLS termination (`--tls-cert`) cannot be set up for the port: a bad
+    /// certificate or key, a ClientHello on a filtered port without one, or a
+    /// hub owned by another session's agent.
+    #[error("{reason}")]
+    Tls {
+        /// What failed, and the flag that fixes it.
+        reason: String,
     },
 }
 
@@ -251,6 +258,60 @@ pub struct SessionListing {
     pub since_unix: u64,
     /// The subscription.
     pub subscription: Subscription,
+}
+
+/// Bytes that must not leak: zeroed when dropped, never printed by `Debug`.
+///
+/// Carries a TLS private key (PEM) from the CLI to the agent; the link is
+/// authenticated and encrypted (see [`crate::link`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretBytes(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// TLS termination for a filtered port that serves HTTPS: the agent decrypts the
+/// client's connection with the target's certificate, applies the HTTP filter to
+/// the decrypted requests, sends the unmatched ones on to the target over TLS and
+/// the matched ones to the session's program.
+///
+/// Sent with [`crate::link::ClientMessage::SubscribeTls`] only to agents whose
+/// protocol version is at least [`TLS_STEAL_SINCE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsTermination {
+    /// The certificate chain the agent presents to clients, PEM (end-entity
+    /// first, RFC 7468), as in a `kubernetes.io/tls` Secret's `tls.crt`.
+    pub cert_chain_pem: String,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1), as in
+    /// `tls.key`.
+    pub key_pem: SecretBytes,
+    /// Accept any certificate from the target's server (`--tls-insecure-upstream`);
+    /// otherwise its certificate must be the given end-entity certificate or
+    /// chain to a certificate of the given chain.
+    pub insecure_upstream: bool,
+    /// Deliver matched requests to the program over TLS again (`--tls-local`)
+    /// rather than as plain HTTP.
+    pub local: bool,
+}
+
+/// The first protocol version whose agents know
+/// [`crate::link::ClientMessage::SubscribeTls`].
+pub const TLS_STEAL_SINCE: &str = "0.4.0";
+
+/// Whether an agent speaking protocol `version` knows
+/// [`crate::link::ClientMessage::SubscribeTls`] (false when it does not parse).
+pub fn knows_tls_steal(version: &str) -> bool {
+    let since = semver::Version::parse(TLS_STEAL_SINCE).expect("a valid semver literal");
+    semver::Version::parse(version).is_ok_and(|v| v >= since)
 }
 
 #[cfg(test)]
@@ -287,5 +348,14 @@ mod tests {
         );
         assert!(parse_header([2, 0, 0, 0, 1]).is_err());
         assert!(parse_header([0, 0, 1, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn tls_steal_needs_a_new_enough_agent_and_keys_never_print() {
+        assert!(!knows_tls_steal("0.3.9"));
+        assert!(knows_tls_steal("0.4.0"));
+        assert!(!knows_tls_steal("banana"));
+        let key = SecretBytes(b"-----BEGIN PRIVATE KEY-----".to_vec());
+        assert!(!format!("{key:?}").contains("PRIVATE"));
     }
 }

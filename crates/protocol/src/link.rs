@@ -40,7 +40,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::incoming::Subscription;
+use crate::incoming::{Subscription, TlsTermination};
 
 /// The most bytes of one TCP connection's `Data` a side may have in flight.
 pub const TCP_WINDOW: u32 = 4 * 1024 * 1024;
@@ -141,6 +141,16 @@ pub enum ClientMessage {
         conn: ConnectionId,
         /// How many bytes.
         bytes: u32,
+    },
+    /// [`ClientMessage::Subscribe`] of a filtered port that serves HTTPS: the
+    /// agent terminates TLS with `tls` (since protocol
+    /// [`crate::incoming::TLS_STEAL_SINCE`]). Answered by
+    /// [`AgentMessage::SubscribeResult`].
+    SubscribeTls {
+        /// What is asked.
+        subscription: Subscription,
+        /// The certificate, key and choices of the termination.
+        tls: TlsTermination,
     },
 }
 

@@ -6,7 +6,8 @@
 //! variant by its index), and a peer sends a variant only when the other peer's
 //! version is new enough to know it. A field added to a struct changes its
 //! encoding (postcard is not self-describing), so it takes a new minor version:
-//! 0.4 added `Subscription::responses`.
+//! 0.4 added `Subscription::responses`, the typed `SubscribeError` and
+//! `ClientMessage::SubscribeTls`.
 
 use semver::Version;
 

@@ -27,7 +27,10 @@ use futures::{SinkExt, StreamExt};
 use graft_protocol::{
     ConnectionId, PROTOCOL_VERSION, RequestId, Transport,
     codec::FrameCodec,
-    incoming::{HttpFilterSpec, IncomingMode, SubscribeError, Subscription as PortSubscription},
+    incoming::{
+        HttpFilterSpec, IncomingMode, SubscribeError, Subscription as PortSubscription,
+        TLS_STEAL_SINCE, TlsTermination, knows_tls_steal,
+    },
     layer::DeliveredPeer,
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
@@ -80,6 +83,9 @@ pub struct SessionOptions {
     /// connection then carries `graft_protocol::incoming::tap` frames (see
     /// `Subscription::responses`). For `graft record` and the shadow diff.
     pub tap_responses: bool,
+    /// `--tls-cert`/`--tls-key`: the agent terminates TLS on filtered ports
+    /// with this certificate (sent with each subscription, never logged).
+    pub tls: Option<TlsTermination>,
 }
 
 impl Default for SessionOptions {
@@ -97,6 +103,7 @@ impl Default for SessionOptions {
             incoming_defaulted: false,
             port_map: Vec::new(),
             tap_responses: false,
+            tls: None,
         }
     }
 }
@@ -196,6 +203,15 @@ impl Session {
                 target_pid,
             } => {
                 check_compatible(&version)?;
+                if options.tls.is_some() && !knows_tls_steal(&version) {
+                    return Err(ProxyError::Rejected {
+                        reason: format!(
+                            "the agent speaks protocol {version}, which cannot terminate TLS \
+                             (--tls-cert needs {TLS_STEAL_SINCE} or later): use graft-agent \
+                             from the same release as graft"
+                        ),
+                    });
+                }
                 AgentInfo {
                     version,
                     target_pid,
@@ -611,12 +627,14 @@ impl Shared {
             filter: self.options.filter.clone(),
             responses: self.options.tap_responses,
         };
-        if first
-            && self
-                .send(ClientMessage::Subscribe(subscription))
-                .await
-                .is_err()
-        {
+        let message = match &self.options.tls {
+            Some(tls) => ClientMessage::SubscribeTls {
+                subscription,
+                tls: tls.clone(),
+            },
+            None => ClientMessage::Subscribe(subscription),
+        };
+        if first && self.send(message).await.is_err() {
             self.state().steals.remove(&port);
         }
         match rx.await {

@@ -32,13 +32,11 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::tee::{self, Tee};
-use super::{BoxIo, ConnMeta, DETECT_TIMEOUT, PortSubs, Sub};
+use super::{BoxIo, ConnMeta, Io, PortSubs, Sub};
 
 /// The error type of forwarded bodies.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -50,15 +48,6 @@ const MIRROR_FRAMES: usize = 32;
 /// How long a request waits for a busy HTTP/1 upstream connection before it
 /// opens another.
 const READY_WAIT: Duration = Duration::from_millis(50);
-
-/// What the first bytes of a connection say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Detected {
-    /// HTTP/1.x request line or the HTTP/2 connection preface.
-    Http,
-    /// Something else, or nothing within [`DETECT_TIMEOUT`].
-    Other,
-}
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -93,32 +82,6 @@ pub fn classify(first: &[u8]) -> Option<bool> {
     if undecided { None } else { Some(false) }
 }
 
-/// Peeks at a connection's first bytes, for at most [`DETECT_TIMEOUT`].
-pub async fn detect(stream: &TcpStream) -> Detected {
-    let deadline = Instant::now() + DETECT_TIMEOUT;
-    let mut buf = [0u8; 24];
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            _ => return Detected::Other,
-        };
-        if n == 0 {
-            return Detected::Other;
-        }
-        match classify(&buf[..n]) {
-            Some(true) => return Detected::Http,
-            Some(false) => return Detected::Other,
-            None if n == buf.len() => return Detected::Other,
-            None => {
-                if Instant::now() >= deadline {
-                    return Detected::Other;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    }
-}
-
 /// An upstream destination of a client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Dest {
@@ -150,21 +113,32 @@ enum Sender {
 struct Conn {
     meta: ConnMeta,
     subs: Arc<PortSubs>,
-    upstreams: tokio::sync::Mutex<HashMap<Dest, Sender>>,
+    upstreams: tokio::sync::Mutex<HashMap<(Dest, Version), Sender>>,
+    /// How upstream connections are opened when the client's was decrypted
+    /// ([`super::tls`]); `None` on a plain port.
+    hops: Option<Arc<super::tls::Hops>>,
     /// Where the tasks that outlive a request run (mirror copies, upgraded
     /// connections), so a draining hub waits for them.
     in_flight: TaskTracker,
 }
 
 /// Serves the HTTP client connection `stream` until it ends; tasks that relay
-/// parts of it run under `in_flight`.
-pub async fn serve(stream: TcpStream, meta: ConnMeta, subs: Arc<PortSubs>, in_flight: TaskTracker) {
+/// parts of it run under `in_flight`. `hops` opens the upstream connections of a
+/// decrypted (TLS) connection.
+pub async fn serve<S: Io>(
+    stream: S,
+    meta: ConnMeta,
+    subs: Arc<PortSubs>,
+    in_flight: TaskTracker,
+    hops: Option<Arc<super::tls::Hops>>,
+) {
     let mirrors = tee::start_mirrors(meta, subs.plain_mirrors(), &in_flight);
     let io = Tee::new(stream, mirrors);
     let conn = Arc::new(Conn {
         meta,
         subs,
         upstreams: tokio::sync::Mutex::default(),
+        hops,
         in_flight,
     });
     let service = service_fn(move |req| {
@@ -285,14 +259,33 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
     }
 }
 
-/// Opens a byte stream to `dest`.
-async fn open(conn: &Conn, stealer: Option<&Arc<Sub>>, dest: Dest) -> Result<BoxIo, BoxError> {
-    match (dest, stealer) {
-        (Dest::Target, _) => Ok(Box::new(
-            tee::connect_target(conn.meta.local, conn.meta.peer).await?,
+/// Opens a byte stream to `dest`, and the HTTP version it must speak when its
+/// TLS handshake fixed one (ALPN).
+async fn open(
+    conn: &Conn,
+    stealer: Option<&Arc<Sub>>,
+    dest: Dest,
+) -> Result<(BoxIo, Option<Version>), BoxError> {
+    match (dest, stealer, &conn.hops) {
+        (Dest::Target, _, Some(hops)) => Ok(hops.open_target(conn.meta).await?),
+        (Dest::Target, _, None) => Ok((
+            Box::new(tee::connect_target(conn.meta.local, conn.meta.peer).await?),
+            None,
         )),
-        (_, Some(sub)) => Ok(sub.to.clone().open(conn.meta).await?),
-        (_, None) => Err("no session for this request".into()),
+        (_, Some(sub), Some(hops)) => {
+            let io = sub.to.clone().open(conn.meta).await?;
+            Ok(hops.open_session(sub, io).await?)
+        }
+        (_, Some(sub), None) => Ok((sub.to.clone().open(conn.meta).await?, None)),
+        (_, None, _) => Err("no session for this request".into()),
+    }
+}
+
+/// The HTTP version a request of `version` with `headers` is sent in to `dest`.
+fn wanted_version(conn: &Conn, dest: Dest, version: Version, headers: &HeaderMap) -> Version {
+    match &conn.hops {
+        Some(hops) => hops.wanted(dest == Dest::Target, version, headers),
+        None => version,
     }
 }
 
@@ -303,8 +296,9 @@ async fn connect(
     dest: Dest,
     version: Version,
 ) -> Result<Sender, BoxError> {
-    let io = TokioIo::new(open(conn, stealer, dest).await?);
-    if version == Version::HTTP_2 {
+    let (io, fixed) = open(conn, stealer, dest).await?;
+    let io = TokioIo::new(io);
+    if fixed.unwrap_or(version) == Version::HTTP_2 {
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(io)
@@ -332,11 +326,11 @@ async fn take_sender(
 ) -> Result<Option<Sender>, BoxError> {
     let cached = {
         let mut upstreams = conn.upstreams.lock().await;
-        match upstreams.get(&dest) {
+        match upstreams.get(&(dest, version)) {
             // An HTTP/2 connection carries many requests at once: share it.
             Some(Sender::H2(sender)) if !sender.is_closed() => Some(Sender::H2(sender.clone())),
             // An HTTP/1 connection carries one at a time: take it.
-            Some(Sender::H1(_)) => upstreams.remove(&dest),
+            Some(Sender::H1(_)) => upstreams.remove(&(dest, version)),
             _ => None,
         }
     };
@@ -358,7 +352,10 @@ async fn take_sender(
                 return Ok(Some(Sender::H1(sender)));
             }
             if !wait {
-                conn.upstreams.lock().await.insert(dest, Sender::H1(sender));
+                conn.upstreams
+                    .lock()
+                    .await
+                    .insert((dest, version), Sender::H1(sender));
                 return Ok(None);
             }
         }
@@ -369,7 +366,7 @@ async fn take_sender(
         conn.upstreams
             .lock()
             .await
-            .insert(dest, Sender::H2(shared.clone()));
+            .insert((dest, version), Sender::H2(shared.clone()));
     }
     Ok(Some(sender))
 }
@@ -381,25 +378,26 @@ async fn forward(
     stealer: Option<&Arc<Sub>>,
     req: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, BoxError> {
-    let version = req.version();
+    let version = wanted_version(conn, dest, req.version(), req.headers());
     let sender = take_sender(conn, stealer, dest, version, true)
         .await?
         .ok_or("no upstream connection")?;
-    send(conn, dest, sender, req).await
+    send(conn, (dest, version), sender, req).await
 }
 
-/// Sends on `sender` and puts it back for the next request.
+/// Sends on `sender` (kept under `key`) and puts it back for the next request.
 async fn send(
     conn: &Conn,
-    dest: Dest,
+    key: (Dest, Version),
     sender: Sender,
-    req: Request<ProxyBody>,
+    mut req: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, BoxError> {
     match sender {
         Sender::H1(mut sender) => {
+            super::tls::adapt_version(&mut req, Version::HTTP_11);
             let resp = sender.send_request(req);
             let resp = resp.await;
-            conn.upstreams.lock().await.insert(dest, Sender::H1(sender));
+            conn.upstreams.lock().await.insert(key, Sender::H1(sender));
             Ok(resp?)
         }
         Sender::H2(mut sender) => Ok(sender.send_request(req).await?),
@@ -415,7 +413,7 @@ async fn forward_upgrade(
     req: Request<ProxyBody>,
     down: hyper::upgrade::OnUpgrade,
 ) -> Result<Response<Incoming>, BoxError> {
-    let io = TokioIo::new(open(conn, stealer, dest).await?);
+    let io = TokioIo::new(open(conn, stealer, dest).await?.0);
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
         .handshake(io)
@@ -466,7 +464,8 @@ async fn mirror_request(
     body: Option<mpsc::Receiver<Frame<Bytes>>>,
 ) {
     let dest = Dest::Mirror(Arc::as_ptr(&sub) as usize);
-    let sender = match take_sender(&conn, Some(&sub), dest, head.version, false).await {
+    let version = wanted_version(&conn, dest, head.version, &head.headers);
+    let sender = match take_sender(&conn, Some(&sub), dest, version, false).await {
         Ok(Some(sender)) => sender,
         Ok(None) => {
             tracing::debug!("mirror busy; copy of a request dropped");
@@ -491,7 +490,7 @@ async fn mirror_request(
     *req.uri_mut() = head.uri;
     *req.version_mut() = head.version;
     *req.headers_mut() = head.headers;
-    match send(&conn, dest, sender, req).await {
+    match send(&conn, (dest, version), sender, req).await {
         Ok(resp) => {
             let _ = resp.into_body().collect().await;
         }

@@ -34,6 +34,8 @@
 pub mod http;
 pub mod peer;
 pub mod tee;
+pub mod tls;
+pub mod tls_verify;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -93,6 +95,18 @@ pub trait Subscriber: Send + Sync + 'static {
             Ok(())
         })
     }
+
+    /// The TLS termination this subscription brought ([`tls`]); none by default.
+    fn tls(&self) -> Option<Arc<tls::TlsSetup>> {
+        None
+    }
+
+    /// Tells the session that the hub refused its subscription of `port` after
+    /// it started (e.g. [`tls::refusal`]), and drops that subscription. The
+    /// default only logs it.
+    fn refuse(self: Arc<Self>, port: u16, reason: String) {
+        tracing::warn!(port, "subscription refused: {reason}");
+    }
 }
 
 /// Who holds subscriptions: a session of this agent, or another agent's.
@@ -144,6 +158,11 @@ impl PortSubs {
     /// Whether some subscription filters HTTP requests.
     pub fn has_filters(&self) -> bool {
         self.subs.iter().any(|s| s.filter.is_some())
+    }
+
+    /// The TLS termination of the oldest subscription that brought one.
+    pub fn tls(&self) -> Option<Arc<tls::TlsSetup>> {
+        self.subs.iter().find_map(|s| s.to.tls())
     }
 }
 
@@ -441,12 +460,19 @@ async fn route(accepted: Accepted, subs: Option<Arc<PortSubs>>, in_flight: TaskT
         return;
     };
     if subs.has_filters() {
-        match http::detect(&stream).await {
-            http::Detected::Http => {
-                http::serve(stream, meta, subs, in_flight).await;
+        match tls::detect(&stream).await {
+            tls::Sniffed::Http => {
+                http::serve(stream, meta, subs, in_flight, None).await;
                 return;
             }
-            http::Detected::Other => {}
+            tls::Sniffed::Tls => match subs.tls() {
+                Some(setup) => {
+                    tls::serve(stream, meta, subs, in_flight, setup).await;
+                    return;
+                }
+                None => tls::refuse_filters(&subs, meta.port),
+            },
+            tls::Sniffed::Other => {}
         }
     }
     pass_whole(stream, meta, &subs, &in_flight).await;

@@ -14,6 +14,7 @@ use super::handover::{Handover, LIVE_WAIT, MOVE_WAIT};
 use super::key::{self, Published};
 use super::link::Listener;
 use super::{AcceptDelivery, FromHub, HubConn, HubState, Peers, ToHub, join_existing, serve_peers};
+use crate::incoming::tls::{TlsSetup, TlsSubscriber};
 use crate::incoming::{Hub, OwnerId, RulesState, Subscriber};
 
 /// How this agent reaches the hub of its target.
@@ -43,6 +44,8 @@ pub struct Access {
     role: Mutex<Role>,
     /// Each port's subscription and when it was first made.
     subscriptions: std::sync::Mutex<Vec<(Subscription, u64)>>,
+    /// The TLS termination of each port subscribed with one ([`Access::set_tls`]).
+    tls: std::sync::Mutex<std::collections::HashMap<u16, Arc<TlsSetup>>>,
     accept_delivery: AcceptDelivery,
     /// Keeps conntrack on while this session takes part in the hub.
     conntrack: std::sync::Mutex<Option<key::ConntrackHold>>,
@@ -72,6 +75,7 @@ impl Access {
             local,
             role: Mutex::new(Role::Idle),
             subscriptions: std::sync::Mutex::default(),
+            tls: std::sync::Mutex::default(),
             accept_delivery,
             conntrack: std::sync::Mutex::default(),
             suspended: AtomicBool::new(false),
@@ -281,9 +285,36 @@ impl Access {
         match role {
             Role::Idle => Err(hub_error("no hub".into())),
             Role::Owner { hub, owner, .. } => {
-                let to = self.local.clone();
+                let tls = self
+                    .tls
+                    .lock()
+                    .expect("tls lock poisoned")
+                    .get(&subscription.port)
+                    .cloned();
+                let to: Arc<dyn Subscriber> = match tls {
+                    Some(setup) => Arc::new(TlsSubscriber {
+                        inner: self.local.clone(),
+                        setup,
+                    }),
+                    None => self.local.clone(),
+                };
                 hub.subscribe(*owner, &self.client, subscription, to, Some(since))
                     .await
+            }
+            Role::Client { .. }
+                if self
+                    .tls
+                    .lock()
+                    .expect("tls lock poisoned")
+                    .contains_key(&subscription.port) =>
+            {
+                Err(SubscribeError::Tls {
+                    reason: "another session's agent owns this target's hub (graft ls lists its \
+                             sessions), and TLS termination (--tls-cert) works only in the hub \
+                             owner's agent: run this session when the other has ended, or give \
+                             the certificate to the older session"
+                        .to_owned(),
+                })
             }
             Role::Client { conn } => {
                 let message = ToHub::Subscribe {
@@ -335,6 +366,16 @@ impl Access {
         subs.retain(|(s, _)| s.port != subscription.port);
         subs.push((subscription, since));
         Ok(())
+    }
+
+    /// Sets (or, with `None`, clears) the TLS termination that the next
+    /// subscriptions of `port` carry.
+    pub fn set_tls(&self, port: u16, setup: Option<Arc<TlsSetup>>) {
+        let mut tls = self.tls.lock().expect("tls lock poisoned");
+        match setup {
+            Some(setup) => tls.insert(port, setup),
+            None => tls.remove(&port),
+        };
     }
 
     /// Drops the subscription of `port`.
