@@ -183,6 +183,21 @@ pub struct RunArgs {
     /// pod graft picks.
     #[arg(long)]
     pub all_pods: bool,
+    /// Run the session against a copy of the target pod that graft creates (and
+    /// deletes at the end) instead of the original: same spec, graft's labels
+    /// (no Service selects it), no probes; a Job's or CronJob's copy is made from
+    /// its pod template and sleeps instead of running the job.
+    #[arg(long)]
+    pub copy_target: bool,
+    /// With --copy-target: scale the original Deployment, StatefulSet or
+    /// ReplicaSet to 0 for the session, and back on every way out (`graft
+    /// clean` restores it after a crash).
+    #[arg(long, requires = "copy_target")]
+    pub scale_down: bool,
+    /// With --copy-target: the copy keeps the original's labels, so the Services
+    /// that select the original send it traffic too.
+    #[arg(long, requires = "copy_target")]
+    pub copy_keep_labels: bool,
     /// Steal the target's incoming TCP traffic to the ports CMD listens on: it goes
     /// to CMD instead of the target.
     #[arg(long)]
@@ -327,6 +342,9 @@ impl RunArgs {
                 insecure_upstream: self.tls_insecure_upstream,
                 local: self.tls_local,
             },
+            copy_target: self.copy_target,
+            scale_down: self.scale_down,
+            copy_keep_labels: self.copy_keep_labels,
         }
     }
 }
@@ -375,6 +393,31 @@ mod tests {
         assert!(
             Cli::try_parse_from(["graft", "run", "--agent-mode", "sidecar", "--", "x"]).is_err()
         );
+    }
+
+    #[test]
+    fn copy_target_flags_parse_and_scale_down_needs_it() {
+        let args = run(&[
+            "graft",
+            "run",
+            "--target",
+            "deploy/api",
+            "--copy-target",
+            "--scale-down",
+            "--copy-keep-labels",
+            "--",
+            "true",
+        ]);
+        let o = args.overrides();
+        assert!(o.copy_target && o.scale_down && o.copy_keep_labels);
+        for bad in ["--scale-down", "--copy-keep-labels"] {
+            let err = Cli::try_parse_from(["graft", "run", bad, "--", "true"]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{err}"
+            );
+        }
     }
 
     #[test]

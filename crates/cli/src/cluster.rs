@@ -147,7 +147,7 @@ pub struct ClusterAgent {
     placement: AgentPlacement,
 }
 
-fn kube_failure(e: KubeError) -> Failure {
+pub(crate) fn kube_failure(e: KubeError) -> Failure {
     let hint = if e.is_forbidden() {
         Some("ask for the permissions in deploy/rbac.yaml, or run `graft doctor`")
     } else if e.is_agent_failure() {
@@ -198,6 +198,28 @@ pub async fn start(
     secret: &str,
     progress: &mut Progress,
 ) -> Result<Started, Failure> {
+    let mut teardown = crate::copy::Teardown::default();
+    let started = start_with(target_text, settings, secret, progress, &mut teardown).await;
+    if started.is_err() {
+        teardown.run().await;
+    }
+    started
+}
+
+/// [`start`], with `--copy-target`: the copy (and the workload `--scale-down`
+/// scaled) go into `teardown` as they are made, for the caller to undo at the
+/// end of the session, or at once when this fails or is interrupted.
+///
+/// # Errors
+///
+/// As [`start`]; `teardown` then holds what is left to undo.
+pub async fn start_with(
+    target_text: &str,
+    settings: &KubeSettings,
+    secret: &str,
+    progress: &mut Progress,
+    teardown: &mut crate::copy::Teardown,
+) -> Result<Started, Failure> {
     let targetless = target_text == TARGETLESS;
     let target: Option<KubeTarget> = if targetless {
         None
@@ -230,6 +252,18 @@ pub async fn start(
                 cluster.namespace
             ));
             create_targetless_agent(&cluster.client, &options, &cluster.namespace).await
+        }
+        Some(target) if settings.copy_target => {
+            if settings.scale_down {
+                crate::copy::check_scalable(target)?;
+            }
+            let resolution =
+                crate::copy::make_copy(&cluster, target, settings, &options, progress, teardown)
+                    .await?;
+            progress.phase(&format!("creating the agent ({})", options.image));
+            let placed = place(&cluster, &resolution.target, &options, settings.agent_mode).await;
+            resolved = Some(resolution);
+            placed
         }
         Some(target) => {
             progress.phase(&format!(
@@ -288,6 +322,15 @@ pub async fn start(
             return Err(failure);
         }
     };
+    if let (true, Some(target)) = (settings.scale_down, &target) {
+        let session = options.session.as_str();
+        if let Err(failure) =
+            crate::copy::scale_original(&cluster, target, session, progress, teardown).await
+        {
+            agent.stop().await;
+            return Err(failure);
+        }
+    }
     let mut started = Started {
         primary: (agent, stream),
         others: Vec::new(),

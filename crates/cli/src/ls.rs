@@ -100,6 +100,7 @@ async fn list_in_cluster(text: &str, args: &LsArgs) -> Result<Vec<SessionListing
         start_timeout_secs: graft_config::DEFAULT_START_TIMEOUT_SECS,
         ready_timeout_secs: graft_config::DEFAULT_READY_TIMEOUT_SECS,
         all_pods: false,
+        ..KubeSettings::default()
     };
     let secret = random_hex(32)?;
     let mut progress = crate::cluster::Progress::new();

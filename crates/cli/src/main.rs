@@ -8,6 +8,7 @@ mod clean;
 mod cluster;
 mod config;
 mod connect;
+mod copy;
 mod doctor;
 mod expose;
 mod failure;

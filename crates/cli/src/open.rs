@@ -53,6 +53,9 @@ pub struct Opened {
 pub struct Agents {
     placed: Placed,
     secondaries: Vec<Session>,
+    /// What `--copy-target` made (the copy, a scaled-down workload), undone
+    /// last.
+    teardown: Option<crate::copy::Teardown>,
     /// Tasks that report a secondary's lost link; aborted at the end, when the
     /// links end on purpose.
     watchers: Vec<tokio::task::JoinHandle<()>>,
@@ -98,6 +101,9 @@ impl Agents {
                 }
             }
         }
+        if let Some(mut teardown) = self.teardown {
+            teardown.run().await;
+        }
     }
 }
 
@@ -132,6 +138,7 @@ pub async fn open(request: OpenRequest<'_>) -> Result<Opened, Failure> {
                     agents: Agents {
                         placed: Placed::Local(Box::new(agent)),
                         secondaries: Vec::new(),
+                        teardown: None,
                         watchers: Vec::new(),
                     },
                 }),
@@ -155,19 +162,21 @@ pub async fn open(request: OpenRequest<'_>) -> Result<Opened, Failure> {
 async fn open_in_cluster(text: &str, request: &OpenRequest<'_>) -> Result<Opened, Failure> {
     let mut signals = Signals::new()?;
     let mut progress = cluster::Progress::new();
+    let mut teardown = crate::copy::Teardown::default();
     let started = tokio::select! {
-        started = cluster::start(text, &request.config.kube, request.secret, &mut progress) => started,
-        received = signals.recv() => {
-            progress.finish();
-            return Err(Failure::session(format!(
-                "stopped by {received:?} while starting the agent"
-            )));
-        }
+        started = cluster::start_with(
+            text, &request.config.kube, request.secret, &mut progress, &mut teardown,
+        ) => started,
+        received = signals.recv() => Err(Failure::session(format!(
+            "stopped by {received:?} while starting the agent"
+        ))),
     };
     let started = match started {
         Ok(started) => started,
         Err(failure) => {
             progress.finish();
+            // A copy made, or a workload scaled down, before the failure.
+            teardown.run().await;
             return Err(failure);
         }
     };
@@ -227,6 +236,7 @@ async fn open_in_cluster(text: &str, request: &OpenRequest<'_>) -> Result<Opened
     progress.finish();
     let agents = Agents {
         placed: Placed::Cluster(agents),
+        teardown: Some(teardown),
         secondaries,
         watchers,
     };

@@ -328,6 +328,17 @@ pub struct KubeFile {
     /// Seconds to wait for a workload whose pods run but none is Ready yet
     /// (default 60).
     pub ready_timeout: Option<u64>,
+    /// Run the session against a copy of the target pod that graft creates
+    /// and deletes at the end (`--copy-target`); a Job's or CronJob's copy
+    /// sleeps instead of running the job.
+    pub copy_target: Option<bool>,
+    /// With `copy_target`: scale the original Deployment, StatefulSet or
+    /// ReplicaSet to 0 for the session, and back at the end (`--scale-down`).
+    pub scale_down: Option<bool>,
+    /// With `copy_target`: the copy keeps the original's labels, so the
+    /// Services that select the original select it too
+    /// (`--copy-keep-labels`).
+    pub copy_keep_labels: Option<bool>,
 }
 
 /// How the agent is placed beside a Kubernetes target.
@@ -399,6 +410,15 @@ pub struct KubeSettings {
     /// `--all-pods`: an agent on every ready pod of the workload, stealing (or
     /// mirroring) on all of them.
     pub all_pods: bool,
+    /// `--copy-target`: the session runs against a copy of the target pod.
+    #[serde(default)]
+    pub copy_target: bool,
+    /// `--scale-down`: the original workload is at 0 for the session.
+    #[serde(default)]
+    pub scale_down: bool,
+    /// `--copy-keep-labels`: the copy keeps the original's labels.
+    #[serde(default)]
+    pub copy_keep_labels: bool,
 }
 
 /// `[incoming]` of `graft.toml`.
@@ -525,6 +545,12 @@ pub struct RunOverrides {
     pub agent_pull_policy: Option<String>,
     /// `--all-pods`.
     pub all_pods: bool,
+    /// `--copy-target`.
+    pub copy_target: bool,
+    /// `--scale-down`.
+    pub scale_down: bool,
+    /// `--copy-keep-labels`.
+    pub copy_keep_labels: bool,
     /// `--isolate` (`Some(true)`) or `--no-isolate` (`Some(false)`).
     pub isolate: Option<bool>,
     /// `--tls-cert`, `--tls-key`, `--tls-insecure-upstream`, `--tls-local`.
@@ -686,7 +712,33 @@ fn resolve_kube(flags: &RunOverrides, file: &ConfigFile) -> Result<KubeSettings,
             reason: "expected Always, IfNotPresent or Never".into(),
         });
     }
+    let copy_target = flags.copy_target || file.kube.copy_target.unwrap_or(false);
+    let scale_down = flags.scale_down || file.kube.scale_down.unwrap_or(false);
+    let copy_keep_labels = flags.copy_keep_labels || file.kube.copy_keep_labels.unwrap_or(false);
+    let needs_copy = |what: &'static str| ConfigError::Invalid {
+        what,
+        value: "true".into(),
+        reason: "it works on the copy of --copy-target: add --copy-target (or \
+                 `copy_target = true` under [kube])"
+            .into(),
+    };
+    if scale_down && !copy_target {
+        return Err(needs_copy("scale-down"));
+    }
+    if copy_keep_labels && !copy_target {
+        return Err(needs_copy("copy-keep-labels"));
+    }
+    if copy_target && flags.all_pods {
+        return Err(ConfigError::Invalid {
+            what: "all-pods",
+            value: "true".into(),
+            reason: "--copy-target makes one copy of one pod: drop --all-pods".into(),
+        });
+    }
     Ok(KubeSettings {
+        copy_target,
+        scale_down,
+        copy_keep_labels,
         namespace: flags
             .namespace
             .clone()
@@ -744,6 +796,47 @@ mod tests {
     use graft_protocol::incoming::{Combine, FilterRule};
 
     use super::*;
+
+    #[test]
+    fn copy_target_keys_resolve_and_scale_down_needs_a_copy() {
+        let file: ConfigFile = toml::from_str(
+            "target = \"deploy/api\"\n[kube]\ncopy_target = true\nscale_down = true\n",
+        )
+        .unwrap();
+        let cfg = Config::resolve(&RunOverrides::default(), &file, None, None).unwrap();
+        assert!(cfg.kube.copy_target && cfg.kube.scale_down);
+        assert!(!cfg.kube.copy_keep_labels);
+        let flags = RunOverrides {
+            target: Some("job/nightly".into()),
+            copy_target: true,
+            copy_keep_labels: true,
+            ..RunOverrides::default()
+        };
+        let cfg = Config::resolve(&flags, &ConfigFile::default(), None, None).unwrap();
+        assert!(cfg.kube.copy_target && cfg.kube.copy_keep_labels && !cfg.kube.scale_down);
+        for flags in [
+            RunOverrides {
+                target: Some("deploy/api".into()),
+                scale_down: true,
+                ..RunOverrides::default()
+            },
+            RunOverrides {
+                target: Some("deploy/api".into()),
+                copy_keep_labels: true,
+                ..RunOverrides::default()
+            },
+        ] {
+            let err = Config::resolve(&flags, &ConfigFile::default(), None, None).unwrap_err();
+            assert!(err.to_string().contains("--copy-target"), "{err}");
+        }
+        let flags = RunOverrides {
+            target: Some("deploy/api".into()),
+            copy_target: true,
+            all_pods: true,
+            ..RunOverrides::default()
+        };
+        assert!(Config::resolve(&flags, &ConfigFile::default(), None, None).is_err());
+    }
 
     #[test]
     fn kubernetes_targets_and_settings_resolve() {

@@ -16,6 +16,9 @@
 //! `force`) are deleted here as well, and a Service without graft's expose
 //! labels never is.
 //!
+//! The copies of `--copy-target` sessions that were killed, and the workloads
+//! their `--scale-down` left at 0, are [`crate::clean_copy`]'s.
+//!
 //! Ephemeral containers cannot be removed: Kubernetes keeps them in the pod
 //! until the pod is deleted. [`exited_ephemeral_agents`] lists the pods that
 //! carry exited graft agents, so `graft clean` can say so; they cost nothing
@@ -187,7 +190,7 @@ pub fn plan_clean(jobs: &[Job], pods: &[Pod], force: bool) -> CleanPlan {
     });
     let pods = pods
         .iter()
-        .filter(|pod| owner_job(pod).is_none())
+        .filter(|pod| owner_job(pod).is_none() && !crate::copy::is_copy(pod))
         .map(|pod| (agent_pod(pod), pod.metadata.deletion_timestamp.is_some()));
     for (mut entry, deleting) in jobs.chain(pods) {
         if deleting {
@@ -294,6 +297,7 @@ async fn clean_or_plan(
         }
     }
     clean_services(client, namespace, force, dry_run, &mut report).await?;
+    crate::clean_copy::clean_copies(client, namespace, force, dry_run, &mut report).await?;
     let api: Api<Pod> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),

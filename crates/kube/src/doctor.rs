@@ -290,8 +290,9 @@ pub fn pod_security_verdict(labels: &BTreeMap<String, String>, mode: AgentMode) 
 /// ephemeral-container patch is not needed in node mode; Services are only
 /// needed by `graft expose`, so their absence warns.
 fn needed_in(permission: &Permission, mode: AgentMode) -> bool {
-    // Only `graft expose` (and `graft clean` of its leftovers) touches Services.
-    if permission.resource == "services" {
+    // Only `graft expose` (and `graft clean` of its leftovers) touches Services;
+    // only --copy-target and --scale-down create pods and scale workloads.
+    if permission.resource == "services" || rbac::COPY_ONLY.contains(permission) {
         return false;
     }
     match mode {
@@ -325,6 +326,7 @@ pub fn permission_verdict(
         Verdict::fail(detail, fix)
     } else {
         let other = match mode {
+            _ if rbac::COPY_ONLY.contains(permission) => "--copy-target / --scale-down",
             AgentMode::Ephemeral => "--agent-mode node and graft clean",
             AgentMode::Node => "the default --agent-mode ephemeral",
         };
@@ -736,6 +738,14 @@ mod tests {
             permission_verdict(&rbac::GET_PODS, true, "shop", AgentMode::Node).outcome,
             Outcome::Ok
         );
+        let copy = permission_verdict(
+            &rbac::PATCH_DEPLOYMENTS_SCALE,
+            false,
+            "shop",
+            AgentMode::Ephemeral,
+        );
+        assert_eq!(copy.outcome, Outcome::Warn);
+        assert!(copy.detail.contains("--scale-down"), "{copy:?}");
     }
 
     #[test]

@@ -276,6 +276,46 @@ pub enum KubeError {
         owner: String,
     },
 
+    /// `--copy-target`: the copy of the target did not start.
+    #[error(
+        "the copy {pod:?} of the target did not start: {reason}{}; check `kubectl describe pod \
+         {pod}` (graft deleted the copy)",
+        events_list(events)
+    )]
+    CopyFailed {
+        /// The copy.
+        pod: String,
+        /// Why (`waiting: RunContainerError (exec: "sleep": executable file
+        /// not found)`, `Unschedulable: …`).
+        reason: String,
+        /// The copy's recent events, oldest first.
+        events: Vec<String>,
+    },
+
+    /// `--copy-target` / `--scale-down` cannot be used as asked.
+    #[error("{reason}: {fix}")]
+    CopyRefused {
+        /// Why.
+        reason: String,
+        /// What to do instead.
+        fix: String,
+    },
+
+    /// `--scale-down`: the workload carries a scale-down record already.
+    #[error(
+        "{workload} in namespace {namespace:?} is scaled down by graft session {session} \
+         already; wait for that session to end, or run `graft clean -n {namespace}` if it \
+         crashed (it restores the replica count)"
+    )]
+    ScaleDownTaken {
+        /// `deployment/web`.
+        workload: String,
+        /// Its namespace.
+        namespace: String,
+        /// The session that holds it.
+        session: String,
+    },
+
     /// Any other API failure.
     #[error("Kubernetes API request failed ({action}): {source}")]
     Api {

@@ -29,6 +29,10 @@
 //! `GRAFT_AGENT_SECRET_SHA256` instead of `GRAFT_AGENT_SECRET`, and in node
 //! mode `--target-container-id ID` instead of `--target-pid`.
 //!
+//! With `--copy-target` the CLI first makes a [`copy`] of the target pod
+//! (and with `--scale-down` scales the original workload to 0, [`scale`]),
+//! then resolves and places the agent in the copy as above.
+//!
 //! Besides sessions, [`doctor`] checks a cluster and namespace before one
 //! (`graft doctor`) and [`clean`] removes what crashed sessions left
 //! (`graft clean`); [`targets`] lists what `--target` can name (`graft
@@ -38,6 +42,8 @@
 //! grants exactly the permissions in [`rbac::ALL`].
 
 pub mod clean;
+pub mod clean_copy;
+pub mod copy;
 pub mod doctor;
 mod error;
 pub mod events;
@@ -47,6 +53,7 @@ pub mod manifest;
 pub mod place;
 pub mod rbac;
 mod resolve;
+pub mod scale;
 pub mod select;
 mod target;
 pub mod targets;

@@ -218,6 +218,69 @@ pub const LIST_SERVICES: Permission = core(
     "find the Services crashed graft expose sessions left (graft clean)",
 );
 
+/// `--copy-target`: create the copy of the target pod (deleted with
+/// [`DELETE_PODS`]).
+pub const CREATE_PODS: Permission = core(
+    "pods",
+    "create",
+    "create the copy of the target (--copy-target)",
+);
+
+/// `--scale-down`: record the replica count in a Deployment's annotation.
+pub const PATCH_DEPLOYMENTS: Permission = grouped(
+    "apps",
+    "deployments",
+    "patch",
+    "record the replica count of a deployment graft scales down (--scale-down)",
+);
+/// `--scale-down`: record the replica count in a StatefulSet's annotation.
+pub const PATCH_STATEFULSETS: Permission = grouped(
+    "apps",
+    "statefulsets",
+    "patch",
+    "record the replica count of a statefulset graft scales down (--scale-down)",
+);
+/// `--scale-down`: record the replica count in a ReplicaSet's annotation.
+pub const PATCH_REPLICASETS: Permission = grouped(
+    "apps",
+    "replicasets",
+    "patch",
+    "record the replica count of a replicaset graft scales down (--scale-down)",
+);
+/// `--scale-down`: scale a Deployment to 0 and back.
+pub const PATCH_DEPLOYMENTS_SCALE: Permission = grouped(
+    "apps",
+    "deployments/scale",
+    "patch",
+    "scale a deployment to 0 and back (--scale-down)",
+);
+/// `--scale-down`: scale a StatefulSet to 0 and back.
+pub const PATCH_STATEFULSETS_SCALE: Permission = grouped(
+    "apps",
+    "statefulsets/scale",
+    "patch",
+    "scale a statefulset to 0 and back (--scale-down)",
+);
+/// `--scale-down`: scale a ReplicaSet to 0 and back.
+pub const PATCH_REPLICASETS_SCALE: Permission = grouped(
+    "apps",
+    "replicasets/scale",
+    "patch",
+    "scale a replicaset to 0 and back (--scale-down)",
+);
+
+/// The permissions only `--copy-target` and `--scale-down` need (`graft
+/// doctor` warns, rather than fails, when they are missing).
+pub const COPY_ONLY: &[Permission] = &[
+    CREATE_PODS,
+    PATCH_DEPLOYMENTS,
+    PATCH_STATEFULSETS,
+    PATCH_REPLICASETS,
+    PATCH_DEPLOYMENTS_SCALE,
+    PATCH_STATEFULSETS_SCALE,
+    PATCH_REPLICASETS_SCALE,
+];
+
 /// Every permission graft uses; `deploy/rbac.yaml` grants exactly these.
 pub const ALL: &[Permission] = &[
     GET_PODS,
@@ -250,6 +313,13 @@ pub const ALL: &[Permission] = &[
     CREATE_SERVICES,
     DELETE_SERVICES,
     LIST_SERVICES,
+    CREATE_PODS,
+    PATCH_DEPLOYMENTS,
+    PATCH_STATEFULSETS,
+    PATCH_REPLICASETS,
+    PATCH_DEPLOYMENTS_SCALE,
+    PATCH_STATEFULSETS_SCALE,
+    PATCH_REPLICASETS_SCALE,
 ];
 
 #[cfg(test)]
@@ -343,6 +413,8 @@ mod tests {
             include_str!("events.rs"),
             include_str!("doctor.rs"),
             include_str!("expose.rs"),
+            include_str!("copy.rs"),
+            include_str!("scale.rs"),
         ]
         .concat();
         for name in declared {

@@ -499,9 +499,16 @@ async fn clean_with_force_also_deletes_running_agents_in_every_namespace() {
         .map(|r| r.path.clone())
         .collect();
     assert!(
-        lists
-            .iter()
-            .all(|p| p == "/api/v1/pods" || p == "/apis/batch/v1/jobs" || p == "/api/v1/services"),
+        lists.iter().all(|p| [
+            "/api/v1/pods",
+            "/apis/batch/v1/jobs",
+            "/api/v1/services",
+            // The workloads a killed --scale-down session left at 0.
+            "/apis/apps/v1/deployments",
+            "/apis/apps/v1/statefulsets",
+            "/apis/apps/v1/replicasets",
+        ]
+        .contains(&p.as_str())),
         "{lists:?}"
     );
 }
