@@ -1,13 +1,15 @@
 //! Fuzzes graft's HTTP filters. The first byte picks where the filter comes from:
 //! a postcard-encoded `HttpFilterSpec` (as a `Subscribe` frame carries it to the
-//! agent), rules written as text (one per line, `h:`/`p:`/`m:` then the pattern,
-//! as the flags give them), or an `[incoming.filter]` table of `graft.toml`. Each
-//! spec that compiles is matched against a fixed request. Refusals are fine;
-//! panics, and compiles that blow the memory limit, are not.
+//! agent), rules written as text (one per line, `h:`/`p:`/`m:`/`b:`/`j:` then the
+//! pattern, as the flags give them; `j:` takes `POINTER=VALUE`), or an
+//! `[incoming.filter]` table of `graft.toml`. Each spec that compiles is matched
+//! against a fixed request, without a body and with fixed JSON, non-JSON,
+//! deeply nested and invalid UTF-8 bodies. Refusals are fine; panics, and
+//! compiles that blow the memory limit, are not.
 #![no_main]
 
 use graft_config::FilterFile;
-use graft_filter::HttpFilter;
+use graft_filter::{HttpFilter, RequestBody, parse_json_rule};
 use graft_protocol::incoming::{Combine, FilterRule, HttpFilterSpec};
 use http::{HeaderValue, Request};
 use libfuzzer_sys::fuzz_target;
@@ -37,6 +39,25 @@ fn check(spec: &HttpFilterSpec) {
         filter.matches(&parts.method, &parts.uri, &parts.headers)
     );
     assert_eq!(filter.spec(), spec);
+    let deep = "[".repeat(4096);
+    let bodies: [&[u8]; 5] = [
+        br#"{"user":{"id":42,"name":"alice"},"tags":["a","b"]}"#,
+        b"user=alice&id=42",
+        deep.as_bytes(),
+        b"{\"a\":\"\xff\xfe\"}",
+        b"",
+    ];
+    for bytes in bodies {
+        let body = RequestBody::complete(bytes);
+        let hit = filter.matches_request(&parts.method, &parts.uri, &parts.headers, &body);
+        assert_eq!(
+            hit,
+            filter.matches_request(&parts.method, &parts.uri, &parts.headers, &body)
+        );
+        if let Some(decided) = filter.decide_head(&parts.method, &parts.uri, &parts.headers) {
+            assert_eq!(decided, hit, "the head decided otherwise than the whole request");
+        }
+    }
 }
 
 fn text_spec(text: &str, combine: Combine) -> HttpFilterSpec {
@@ -47,6 +68,18 @@ fn text_spec(text: &str, combine: Combine) -> HttpFilterSpec {
             Some(match kind {
                 "h:" => FilterRule::Header(pattern.to_owned()),
                 "p:" => FilterRule::Path(pattern.to_owned()),
+                "b:" => FilterRule::Body {
+                    regex: pattern.to_owned(),
+                    limit: 1024,
+                },
+                "j:" => {
+                    let (pointer, value) = parse_json_rule(pattern).ok()?;
+                    FilterRule::Json {
+                        pointer,
+                        value,
+                        limit: 1024,
+                    }
+                }
                 _ => FilterRule::Method(pattern.to_owned()),
             })
         })

@@ -62,7 +62,7 @@ fn a_graft_toml_in_the_working_directory_is_named_and_every_documented_key_is_ac
         let variant: String = example
             .lines()
             .filter(|l| {
-                !["header = ", "path = ", "method = "]
+                !["header = ", "path = ", "method = ", "body = ", "json = "]
                     .iter()
                     .any(|k| l.starts_with(k))
             })

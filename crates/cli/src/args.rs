@@ -220,6 +220,21 @@ pub struct RunArgs {
     /// (repeatable; every filter flag must match).
     #[arg(long = "filter-method", value_name = "METHOD")]
     pub filter_method: Vec<String>,
+    /// Take only HTTP requests whose body matches REGEX (`regex` crate syntax,
+    /// searched in the raw bytes); a body longer than `--filter-body-limit` is
+    /// routed by the other filter flags (repeatable; every filter flag must
+    /// match).
+    #[arg(long = "filter-body", value_name = "REGEX")]
+    pub filter_body: Vec<String>,
+    /// Take only HTTP requests whose JSON body holds VALUE at POINTER (RFC 6901),
+    /// e.g. `/user/id=42` or `/user/name=alice` (VALUE is JSON, else a string;
+    /// repeatable; every filter flag must match).
+    #[arg(long = "filter-json", value_name = "POINTER=VALUE")]
+    pub filter_json: Vec<String>,
+    /// How much of a request body `--filter-body` and `--filter-json` look at,
+    /// in KiB (1 to 1024) [default: 64].
+    #[arg(long = "filter-body-limit", value_name = "KIB")]
+    pub filter_body_limit: Option<u32>,
     /// The server's PEM certificate for a filtered port that serves HTTPS, or
     /// `secret/NAME` (a kubernetes.io/tls Secret of the target's namespace): the
     /// agent decrypts with it so the filters read each request.
@@ -239,9 +254,26 @@ pub struct RunArgs {
     /// (repeatable).
     #[arg(long = "port-map", value_name = "LOCAL:REMOTE")]
     pub port_map: Vec<String>,
-    /// Outgoing destinations that stay local besides loopback (repeatable).
-    #[arg(long = "outgoing-local", value_name = "CIDR[:PORT]")]
+    /// Outgoing destinations that stay local besides loopback: a CIDR, an
+    /// address, a name (`db.internal`, `*.corp.example`) or nothing, with an
+    /// optional `:PORT` and `tcp://`/`udp://` prefix, e.g. `10.0.0.0/8`,
+    /// `db.internal:5432`, `udp://:53` (repeatable; wins over
+    /// `--outgoing-remote`).
+    #[arg(long = "outgoing-local", value_name = "[PROTO://]HOST[:PORT]")]
     pub outgoing_local: Vec<String>,
+    /// When given, only these outgoing destinations go through the target and
+    /// the rest stay local; same forms as `--outgoing-local`, e.g.
+    /// `*.svc.cluster.local` or `10.96.0.0/12` (repeatable).
+    #[arg(long = "outgoing-remote", value_name = "[PROTO://]HOST[:PORT]")]
+    pub outgoing_remote: Vec<String>,
+    /// Names resolved by this machine's resolver instead of the target's:
+    /// `host.example` or `*.example` (repeatable; wins over `--dns-remote`).
+    #[arg(long = "dns-local", value_name = "NAME")]
+    pub dns_local: Vec<String>,
+    /// When given, only these names are resolved by the target's resolver and
+    /// the rest by this machine's, e.g. `*.svc.cluster.local` (repeatable).
+    #[arg(long = "dns-remote", value_name = "NAME")]
+    pub dns_remote: Vec<String>,
     /// Take only the target's environment variables matching GLOB (repeatable).
     #[arg(long = "env-include", value_name = "GLOB")]
     pub env_include: Vec<String>,
@@ -316,8 +348,14 @@ impl RunArgs {
             filter_header: self.filter_header.clone(),
             filter_path: self.filter_path.clone(),
             filter_method: self.filter_method.clone(),
+            filter_body: self.filter_body.clone(),
+            filter_json: self.filter_json.clone(),
+            filter_body_limit_kib: self.filter_body_limit,
             port_map: self.port_map.clone(),
             outgoing_local: self.outgoing_local.clone(),
+            outgoing_remote: self.outgoing_remote.clone(),
+            dns_local: self.dns_local.clone(),
+            dns_remote: self.dns_remote.clone(),
             env_include: self.env_include.clone(),
             env_exclude: self.env_exclude.clone(),
             no_remote_env: self.no_remote_env,

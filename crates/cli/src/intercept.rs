@@ -59,6 +59,16 @@ pub struct InterceptArgs {
     /// Take only HTTP requests with this method (repeatable).
     #[arg(long = "filter-method", value_name = "METHOD")]
     pub filter_method: Vec<String>,
+    /// Take only HTTP requests whose body matches REGEX (repeatable).
+    #[arg(long = "filter-body", value_name = "REGEX")]
+    pub filter_body: Vec<String>,
+    /// Take only HTTP requests whose JSON body holds VALUE at POINTER (RFC 6901),
+    /// e.g. `/user/id=42` (repeatable).
+    #[arg(long = "filter-json", value_name = "POINTER=VALUE")]
+    pub filter_json: Vec<String>,
+    /// How much of a request body the body filters look at, in KiB [default: 64].
+    #[arg(long = "filter-body-limit", value_name = "KIB")]
+    pub filter_body_limit: Option<u32>,
     /// The intercept's name for `graft leave` [default: derived from the target
     /// and port].
     #[arg(long, value_name = "NAME")]
@@ -302,6 +312,9 @@ fn resolve_config(args: &InterceptArgs) -> Result<Config, Failure> {
         filter_header: args.filter_header.clone(),
         filter_path: args.filter_path.clone(),
         filter_method: args.filter_method.clone(),
+        filter_body: args.filter_body.clone(),
+        filter_json: args.filter_json.clone(),
+        filter_body_limit_kib: args.filter_body_limit,
         namespace: args.kube.namespace.clone(),
         context: args.kube.context.clone(),
         kubeconfig: args.kube.kubeconfig.clone(),

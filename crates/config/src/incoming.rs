@@ -1,23 +1,26 @@
 //! `[incoming.filter]` of `graft.toml`: the file form of an HTTP filter, turned
 //! into the [`HttpFilterSpec`] that the flags (`--filter-header`, `--filter-path`,
-//! `--filter-method`) would give, and checked by compiling it with
+//! `--filter-method`, `--filter-body`, `--filter-json`, `--filter-body-limit`)
+//! would give, and checked by compiling it with
 //! [`graft_filter::HttpFilter::compile`].
 //!
-//! Three shapes, exactly one per file:
+//! Three shapes, exactly one per file (`body_limit_kib` goes with any):
 //!
 //! ```toml
 //! [incoming.filter]              # flat keys: every one given must match
 //! header = "^x-user: alice$"
-//! method = "GET"
+//! method = "POST"
+//! json = "/order/priority=high"  # JSON pointer = value in the body
+//! body_limit_kib = 64            # bodies are looked at up to 64 KiB
 //!
 //! [incoming.filter]              # the same, as a list
 //! all_of = [{ header = "^x-user: alice$" }, { path = "^/api/" }]
 //!
 //! [incoming.filter]              # at least one must match
-//! any_of = [{ path = "^/admin/" }, { method = "DELETE" }]
+//! any_of = [{ path = "^/admin/" }, { method = "DELETE" }, { body = "debug" }]
 //! ```
 
-use graft_filter::{FilterError, HttpFilter};
+use graft_filter::{DEFAULT_BODY_LIMIT, FilterError, HttpFilter, parse_json_rule};
 use graft_protocol::incoming::{Combine, FilterRule, HttpFilterSpec};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +37,16 @@ pub struct FilterFile {
     pub path: Option<String>,
     /// A method rule: the exact method.
     pub method: Option<String>,
+    /// A body rule: a regex searched in the request body (when it is at most
+    /// `body_limit_kib` long).
+    pub body: Option<String>,
+    /// A JSON rule: `POINTER=VALUE`, a JSON pointer (RFC 6901) into the body
+    /// and the value it must hold (JSON, else a string), e.g. `/user/id=42`.
+    pub json: Option<String>,
+    /// How much of a request body the body and JSON rules look at, in KiB
+    /// (default 64, at most 1024); a longer body is routed by the other rules
+    /// (`--filter-body-limit`).
+    pub body_limit_kib: Option<u32>,
     /// Rules that must all match.
     pub all_of: Option<Vec<FilterRuleFile>>,
     /// Rules of which at least one must match.
@@ -41,7 +54,7 @@ pub struct FilterFile {
 }
 
 /// One entry of `all_of`/`any_of`: a table with exactly one of `header`, `path`,
-/// `method`.
+/// `method`, `body`, `json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterRuleFile {
@@ -51,6 +64,10 @@ pub struct FilterRuleFile {
     pub path: Option<String>,
     /// A method rule.
     pub method: Option<String>,
+    /// A body rule.
+    pub body: Option<String>,
+    /// A JSON rule, `POINTER=VALUE`.
+    pub json: Option<String>,
 }
 
 /// The `what` of [`ConfigError::Invalid`] for a malformed `[incoming.filter]`.
@@ -65,11 +82,31 @@ impl FilterFile {
     /// `all_of`/`any_of` entry without exactly one key; [`ConfigError::Filter`]
     /// (with `in_file` set) when a rule does not compile.
     pub fn to_spec(&self) -> Result<HttpFilterSpec, ConfigError> {
+        self.to_spec_limited(None)
+    }
+
+    /// [`FilterFile::to_spec`] with `limit` (bytes; `--filter-body-limit`)
+    /// over `body_limit_kib`.
+    ///
+    /// # Errors
+    ///
+    /// As [`FilterFile::to_spec`].
+    pub fn to_spec_limited(&self, limit: Option<u32>) -> Result<HttpFilterSpec, ConfigError> {
+        let limit = match (limit, self.body_limit_kib) {
+            (Some(bytes), _) => bytes,
+            (None, Some(kib)) => kib_to_bytes(kib),
+            (None, None) => DEFAULT_BODY_LIMIT,
+        };
         let flat = flat_rules(
-            self.header.as_ref(),
-            self.path.as_ref(),
-            self.method.as_ref(),
-        );
+            &Rules {
+                header: self.header.as_ref(),
+                path: self.path.as_ref(),
+                method: self.method.as_ref(),
+                body: self.body.as_ref(),
+                json: self.json.as_ref(),
+            },
+            limit,
+        )?;
         let shapes = [
             !flat.is_empty(),
             self.all_of.is_some(),
@@ -80,20 +117,25 @@ impl FilterFile {
                 combine: Combine::AllOf,
                 rules: flat,
             },
-            [false, true, false] => list_spec(Combine::AllOf, "all_of", self.all_of.as_deref())?,
-            [false, false, true] => list_spec(Combine::AnyOf, "any_of", self.any_of.as_deref())?,
+            [false, true, false] => {
+                list_spec(Combine::AllOf, "all_of", self.all_of.as_deref(), limit)?
+            }
+            [false, false, true] => {
+                list_spec(Combine::AnyOf, "any_of", self.any_of.as_deref(), limit)?
+            }
             [false, false, false] => {
                 return Err(invalid(
                     "[incoming.filter]",
-                    "the table is empty: give `header`, `path` or `method`, or a list \
-                     `all_of = [...]` or `any_of = [...]`",
+                    "the table is empty: give `header`, `path`, `method`, `body` or `json`, \
+                     or a list `all_of = [...]` or `any_of = [...]`",
                 ));
             }
             _ => {
                 return Err(invalid(
                     "[incoming.filter]",
-                    "use exactly one shape: flat `header`/`path`/`method` keys (all must \
-                     match), `all_of = [...]`, or `any_of = [...]`; they cannot be mixed",
+                    "use exactly one shape: flat `header`/`path`/`method`/`body`/`json` keys \
+                     (all must match), `all_of = [...]`, or `any_of = [...]`; they cannot be \
+                     mixed",
                 ));
             }
         };
@@ -105,24 +147,54 @@ impl FilterFile {
     }
 }
 
-fn flat_rules(
-    header: Option<&String>,
-    path: Option<&String>,
-    method: Option<&String>,
-) -> Vec<FilterRule> {
-    header
+/// KiB to bytes, saturating (the filter refuses anything over its maximum).
+pub(crate) fn kib_to_bytes(kib: u32) -> u32 {
+    kib.saturating_mul(1024)
+}
+
+/// The rule keys of one table.
+struct Rules<'a> {
+    header: Option<&'a String>,
+    path: Option<&'a String>,
+    method: Option<&'a String>,
+    body: Option<&'a String>,
+    json: Option<&'a String>,
+}
+
+fn flat_rules(rules: &Rules<'_>, limit: u32) -> Result<Vec<FilterRule>, ConfigError> {
+    let mut out: Vec<FilterRule> = rules
+        .header
         .cloned()
         .map(FilterRule::Header)
         .into_iter()
-        .chain(path.cloned().map(FilterRule::Path))
-        .chain(method.cloned().map(FilterRule::Method))
-        .collect()
+        .chain(rules.path.cloned().map(FilterRule::Path))
+        .chain(rules.method.cloned().map(FilterRule::Method))
+        .chain(
+            rules
+                .body
+                .cloned()
+                .map(|regex| FilterRule::Body { regex, limit }),
+        )
+        .collect();
+    if let Some(text) = rules.json {
+        let (pointer, value) = parse_json_rule(text).map_err(|source| ConfigError::Filter {
+            source,
+            in_file: true,
+        })?;
+        out.push(FilterRule::Json {
+            pointer,
+            value,
+            limit,
+        });
+    }
+    Ok(out)
 }
 
 fn list_spec(
     combine: Combine,
     key: &str,
     entries: Option<&[FilterRuleFile]>,
+    limit: u32,
 ) -> Result<HttpFilterSpec, ConfigError> {
     let rules = entries
         .unwrap_or_default()
@@ -130,17 +202,22 @@ fn list_spec(
         .enumerate()
         .map(|(i, entry)| {
             let mut rules = flat_rules(
-                entry.header.as_ref(),
-                entry.path.as_ref(),
-                entry.method.as_ref(),
-            );
+                &Rules {
+                    header: entry.header.as_ref(),
+                    path: entry.path.as_ref(),
+                    method: entry.method.as_ref(),
+                    body: entry.body.as_ref(),
+                    json: entry.json.as_ref(),
+                },
+                limit,
+            )?;
             match rules.len() {
                 1 => Ok(rules.remove(0)),
                 n => Err(invalid(
                     &format!("[incoming.filter] {key}[{i}]"),
                     &format!(
                         "each entry is a table with exactly one of `header`, `path`, \
-                         `method`; this one has {n}"
+                         `method`, `body`, `json`; this one has {n}"
                     ),
                 )),
             }
@@ -275,6 +352,54 @@ mod tests {
             .to_string();
         assert!(
             err.contains(r#"method = "G T": not an HTTP method"#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn body_and_json_keys_carry_the_limit() {
+        let spec = parse(
+            r#"
+            json = "/user/id=42"
+            body = "needle"
+            body_limit_kib = 2
+            "#,
+        )
+        .to_spec()
+        .unwrap();
+        assert_eq!(
+            spec.rules,
+            vec![
+                FilterRule::Body {
+                    regex: "needle".into(),
+                    limit: 2048
+                },
+                FilterRule::Json {
+                    pointer: "/user/id".into(),
+                    value: "42".into(),
+                    limit: 2048
+                },
+            ]
+        );
+        let any = parse(r#"any_of = [{ json = "/a=x" }, { body = "b" }]"#)
+            .to_spec_limited(Some(10))
+            .unwrap();
+        assert_eq!(
+            any.rules[0],
+            FilterRule::Json {
+                pointer: "/a".into(),
+                value: "\"x\"".into(),
+                limit: 10
+            }
+        );
+        let err = parse("body = \"a\"\nbody_limit_kib = 4096")
+            .to_spec()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("body filter limit"), "{err}");
+        let err = parse("json = \"/a\"").to_spec().unwrap_err().to_string();
+        assert!(
+            err.contains("json = \"/a\": expected POINTER=VALUE"),
             "{err}"
         );
     }

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 pub use env::EnvRules;
 pub use fs::{FsMode, FsRules};
 pub use incoming::{FilterFile, FilterRuleFile};
-pub use outgoing::OutgoingLocal;
+pub use outgoing::{Destination, NamePattern, OutgoingLocal, ResolvedNames};
 
 /// Why a configuration could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +188,15 @@ pub struct LayerConfig {
     pub port_map: Vec<PortMapping>,
     /// Destinations that stay local besides loopback.
     pub outgoing_local: Vec<OutgoingLocal>,
+    /// When not empty, only these destinations go through the target.
+    #[serde(default)]
+    pub outgoing_remote: Vec<Destination>,
+    /// Names resolved locally (win over `dns_remote`).
+    #[serde(default)]
+    pub dns_local: Vec<NamePattern>,
+    /// When not empty, only these names are resolved by the target.
+    #[serde(default)]
+    pub dns_remote: Vec<NamePattern>,
     /// Whether outgoing connections go through the target at all.
     pub outgoing: bool,
     /// Whether name resolution goes through the target.
@@ -217,6 +226,9 @@ impl Default for LayerConfig {
             filter: None,
             port_map: Vec::new(),
             outgoing_local: Vec::new(),
+            outgoing_remote: Vec::new(),
+            dns_local: Vec::new(),
+            dns_remote: Vec::new(),
             outgoing: true,
             dns: true,
             fs: FsMode::Read,
@@ -238,6 +250,39 @@ impl LayerConfig {
             .find(|m| m.local == local_port)
             .map_or(local_port, |m| m.remote)
     }
+
+    /// Whether a `transport` flow to `dest` goes through the target
+    /// ([`outgoing::goes_remote`], never when outgoing traffic is off).
+    pub fn goes_remote(
+        &self,
+        dest: &std::net::SocketAddr,
+        transport: graft_protocol::Transport,
+        names: &ResolvedNames,
+    ) -> bool {
+        self.outgoing
+            && outgoing::goes_remote(
+                &self.outgoing_local,
+                &self.outgoing_remote,
+                dest,
+                transport,
+                names,
+            )
+    }
+
+    /// Whether `name` is resolved by the target ([`outgoing::resolves_remotely`],
+    /// never when DNS is off).
+    pub fn resolves_remotely(&self, name: &str) -> bool {
+        self.dns && outgoing::resolves_remotely(&self.dns_local, &self.dns_remote, name)
+    }
+
+    /// Whether some outgoing rule names a host, so the names behind addresses
+    /// must be recorded.
+    pub fn needs_names(&self) -> bool {
+        self.outgoing_local
+            .iter()
+            .chain(&self.outgoing_remote)
+            .any(|d| matches!(d.host, outgoing::Host::Name(_)))
+    }
 }
 
 /// The `graft.toml` file. Every key is optional; flags win over the file.
@@ -250,7 +295,11 @@ impl LayerConfig {
 /// [incoming.filter]
 /// header = "^x-user: alice$"
 /// [outgoing]
-/// local = ["10.0.0.0/8", "192.168.1.5:5432"]
+/// local = ["10.0.0.0/8", "192.168.1.5:5432", "db.internal:5432"]
+/// remote = ["*.svc.cluster.local", "udp://10.96.0.0/12"]
+/// [dns]
+/// local = ["*.corp.example.com"]
+/// remote = ["*.svc.cluster.local"]
 /// [env]
 /// include = ["DATABASE_*"]
 /// exclude = ["AWS_*"]
@@ -273,6 +322,9 @@ pub struct ConfigFile {
     /// `[outgoing]`: which outgoing connections stay on this machine.
     #[serde(default)]
     pub outgoing: OutgoingFile,
+    /// `[dns]`: which names the target resolves.
+    #[serde(default)]
+    pub dns: DnsFile,
     /// `[env]`: which of the target's environment variables the program gets.
     #[serde(default)]
     pub env: EnvFile,
@@ -443,10 +495,32 @@ pub struct IncomingFile {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutgoingFile {
-    /// `CIDR[:PORT]` destinations that stay local besides loopback
-    /// (`--outgoing-local`), e.g. `10.0.0.0/8` or `192.168.1.5:5432`.
+    /// `[tcp://|udp://]HOST[:PORT]` destinations that stay local besides
+    /// loopback (`--outgoing-local`); HOST is a CIDR, an address, a name, `*.`
+    /// and a domain, or empty (any), e.g. `10.0.0.0/8`, `192.168.1.5:5432`,
+    /// `db.internal:5432`, `udp://:53`. They win over `remote`.
     #[serde(default)]
     pub local: Vec<String>,
+    /// When given, only these destinations go through the target, the rest
+    /// stay local (`--outgoing-remote`); same forms as `local`, e.g.
+    /// `*.svc.cluster.local`, `10.96.0.0/12`, `tcp://db.shop:5432`.
+    #[serde(default)]
+    pub remote: Vec<String>,
+}
+
+/// `[dns]` of `graft.toml`: which names the target's resolver answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DnsFile {
+    /// Names resolved by this machine's resolver (`--dns-local`): a name, or
+    /// `*.` and a domain for every name under it, e.g. `*.corp.example.com`.
+    /// They win over `remote`.
+    #[serde(default)]
+    pub local: Vec<String>,
+    /// When given, only these names are resolved by the target, the rest here
+    /// (`--dns-remote`), e.g. `*.svc.cluster.local`.
+    #[serde(default)]
+    pub remote: Vec<String>,
 }
 
 /// `[env]` of `graft.toml`.
@@ -515,10 +589,22 @@ pub struct RunOverrides {
     pub filter_path: Vec<String>,
     /// `--filter-method` methods.
     pub filter_method: Vec<String>,
+    /// `--filter-body` regexes.
+    pub filter_body: Vec<String>,
+    /// `--filter-json` `POINTER=VALUE` rules.
+    pub filter_json: Vec<String>,
+    /// `--filter-body-limit`, in KiB.
+    pub filter_body_limit_kib: Option<u32>,
     /// `--port-map`.
     pub port_map: Vec<String>,
     /// `--outgoing-local`.
     pub outgoing_local: Vec<String>,
+    /// `--outgoing-remote`.
+    pub outgoing_remote: Vec<String>,
+    /// `--dns-local`.
+    pub dns_local: Vec<String>,
+    /// `--dns-remote`.
+    pub dns_remote: Vec<String>,
     /// `--env-include`.
     pub env_include: Vec<String>,
     /// `--env-exclude`.
@@ -639,6 +725,18 @@ impl Config {
             .iter()
             .map(|s| s.parse())
             .collect::<Result<Vec<OutgoingLocal>, _>>()?;
+        let outgoing_remote = pick(&flags.outgoing_remote, &file.outgoing.remote)
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<Destination>, _>>()?;
+        let names = |flag: &[String], file: &[String]| {
+            pick(flag, file)
+                .iter()
+                .map(|s| outgoing::parse_name(s))
+                .collect::<Result<Vec<NamePattern>, _>>()
+        };
+        let dns_local = names(&flags.dns_local, &file.dns.local)?;
+        let dns_remote = names(&flags.dns_remote, &file.dns.remote)?;
 
         let env = EnvRules::new(
             pick(&flags.env_include, &file.env.include).to_vec(),
@@ -659,6 +757,9 @@ impl Config {
             filter,
             port_map,
             outgoing_local,
+            outgoing_remote,
+            dns_local,
+            dns_remote,
             fs: flags.fs.or(file.fs.mode).unwrap_or_default(),
             fs_local,
             fs_remote,
@@ -771,18 +872,33 @@ fn resolve_filter(
     flags: &RunOverrides,
     file: &IncomingFile,
 ) -> Result<Option<HttpFilterSpec>, ConfigError> {
-    let from_flags = graft_filter::from_flags(
-        &flags.filter_header,
-        &flags.filter_path,
-        &flags.filter_method,
-    )
+    let limit_flag = flags.filter_body_limit_kib.map(incoming::kib_to_bytes);
+    let file_limit = file
+        .filter
+        .as_ref()
+        .and_then(|f| f.body_limit_kib)
+        .map(incoming::kib_to_bytes);
+    let from_flags = graft_filter::from_flags(&graft_filter::FilterFlags {
+        header: &flags.filter_header,
+        path: &flags.filter_path,
+        method: &flags.filter_method,
+        body: &flags.filter_body,
+        json: &flags.filter_json,
+        body_limit: limit_flag
+            .or(file_limit)
+            .unwrap_or(graft_filter::DEFAULT_BODY_LIMIT),
+    })
     .map_err(|source| ConfigError::Filter {
         source,
         in_file: false,
     })?;
     match from_flags {
         Some(spec) => Ok(Some(spec)),
-        None => file.filter.as_ref().map(FilterFile::to_spec).transpose(),
+        None => file
+            .filter
+            .as_ref()
+            .map(|f| f.to_spec_limited(limit_flag))
+            .transpose(),
     }
 }
 
@@ -1172,5 +1288,57 @@ mod tests {
         assert_eq!(IncomingMode::Off.subscription_mode(), None);
         assert_eq!(IncomingMode::Steal.subscription_mode(), Some(Wire::Steal));
         assert_eq!(IncomingMode::Mirror.subscription_mode(), Some(Wire::Mirror));
+    }
+
+    #[test]
+    fn outgoing_and_dns_rules_resolve_flags_over_file() {
+        use graft_protocol::Transport;
+        let f = file(
+            r#"
+            [outgoing]
+            local = ["db.internal:5432"]
+            remote = ["*.svc.cluster.local", "udp://:53"]
+            [dns]
+            local = ["*.corp.example"]
+            remote = ["*.svc.cluster.local"]
+            "#,
+        );
+        let cfg = resolve(&pid7(), &f).unwrap();
+        let names = ResolvedNames::default();
+        names.record(
+            "web.shop.svc.cluster.local",
+            &["10.96.0.7".parse().unwrap()],
+        );
+        names.record("db.internal", &["10.9.0.5".parse().unwrap()]);
+        let l = &cfg.layer;
+        assert!(l.needs_names());
+        assert!(l.goes_remote(&"10.96.0.7:80".parse().unwrap(), Transport::Tcp, &names));
+        assert!(!l.goes_remote(&"10.9.0.5:5432".parse().unwrap(), Transport::Tcp, &names));
+        assert!(l.goes_remote(&"10.9.0.5:53".parse().unwrap(), Transport::Udp, &names));
+        assert!(!l.goes_remote(&"10.9.0.5:53".parse().unwrap(), Transport::Tcp, &names));
+        assert!(l.resolves_remotely("web.shop.svc.cluster.local"));
+        assert!(!l.resolves_remotely("git.corp.example"));
+        assert!(!l.resolves_remotely("example.com"));
+        // The layer gets them as JSON.
+        let json = serde_json::to_string(l).unwrap();
+        assert_eq!(&serde_json::from_str::<LayerConfig>(&json).unwrap(), l);
+
+        let flags = RunOverrides {
+            dns_remote: vec!["example.com".into()],
+            outgoing_remote: vec!["10.0.0.0/8".into()],
+            ..pid7()
+        };
+        let cfg = resolve(&flags, &f).unwrap();
+        assert!(cfg.layer.resolves_remotely("example.com"));
+        assert!(!cfg.layer.needs_names() || !cfg.layer.outgoing_local.is_empty());
+        let bad = RunOverrides {
+            dns_local: vec!["not a name".into()],
+            ..pid7()
+        };
+        let err = resolve(&bad, &ConfigFile::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid DNS name \"not a name\""), "{err}");
+        assert!(toml::from_str::<ConfigFile>("[dns]\nbogus = 1\n").is_err());
     }
 }

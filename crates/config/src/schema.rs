@@ -187,10 +187,21 @@ pub fn check(text: &str, format: Format) -> Result<ConfigFile, FileProblem> {
             });
         }
     }
-    for (i, entry) in file.outgoing.local.iter().enumerate() {
-        entry
-            .parse::<OutgoingLocal>()
-            .map_err(|e| problem(&[Key::Name("outgoing"), Key::Name("local"), Key::At(i)], e))?;
+    for (key, entries) in [
+        ("local", &file.outgoing.local),
+        ("remote", &file.outgoing.remote),
+    ] {
+        for (i, entry) in entries.iter().enumerate() {
+            entry
+                .parse::<OutgoingLocal>()
+                .map_err(|e| problem(&[Key::Name("outgoing"), Key::Name(key), Key::At(i)], e))?;
+        }
+    }
+    for (key, entries) in [("local", &file.dns.local), ("remote", &file.dns.remote)] {
+        for (i, entry) in entries.iter().enumerate() {
+            crate::outgoing::parse_name(entry)
+                .map_err(|e| problem(&[Key::Name("dns"), Key::Name(key), Key::At(i)], e))?;
+        }
     }
     for key in ["include", "exclude"] {
         let globs = if key == "include" {

@@ -6,19 +6,27 @@
 //! `graft-config`) or from a `Subscribe` frame (in the agent); all three go through
 //! [`HttpFilter::compile`], which is where hostile input is refused: at most
 //! [`MAX_RULES`] rules, [`MAX_PATTERN_LEN`] bytes per pattern, and
-//! [`REGEX_SIZE_LIMIT`] bytes for each compiled expression and its lazy DFA.
-//! Matching ([`HttpFilter::matches`]) runs on every request of a filtered
-//! connection, so it allocates nothing in the common case.
+//! [`REGEX_SIZE_LIMIT`] bytes for each compiled expression and its lazy DFA,
+//! and body rules buffer at most [`MAX_BODY_LIMIT`] bytes ([`body`] says how
+//! hostile bodies are handled). Matching ([`HttpFilter::matches`],
+//! [`HttpFilter::matches_request`]) runs on every request of a filtered
+//! connection, so it allocates nothing in the common case (a JSON rule parses
+//! the body once per request).
 //!
 //! The semantics of each rule are those documented on
 //! [`graft_protocol::incoming::FilterRule`]; regular expressions use the syntax
 //! of the Rust `regex` crate (<https://docs.rs/regex/latest/regex/#syntax>).
+
+pub mod body;
 
 use std::{cell::RefCell, fmt};
 
 use graft_protocol::incoming::{Combine, FilterRule, HttpFilterSpec};
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use regex::{Regex, RegexBuilder};
+
+use body::BodyRule;
+pub use body::{DEFAULT_BODY_LIMIT, MAX_BODY_LIMIT, RequestBody, parse_json_rule};
 
 /// The most rules one filter may have.
 pub const MAX_RULES: usize = 64;
@@ -45,6 +53,10 @@ pub enum RuleKind {
     Path,
     /// [`FilterRule::Method`].
     Method,
+    /// [`FilterRule::Body`].
+    Body,
+    /// [`FilterRule::Json`].
+    Json,
 }
 
 impl RuleKind {
@@ -54,6 +66,8 @@ impl RuleKind {
             RuleKind::Header => "--filter-header",
             RuleKind::Path => "--filter-path",
             RuleKind::Method => "--filter-method",
+            RuleKind::Body => "--filter-body",
+            RuleKind::Json => "--filter-json",
         }
     }
 
@@ -64,6 +78,8 @@ impl RuleKind {
             RuleKind::Header => "header",
             RuleKind::Path => "path",
             RuleKind::Method => "method",
+            RuleKind::Body => "body",
+            RuleKind::Json => "json",
         }
     }
 }
@@ -121,15 +137,35 @@ pub enum FilterError {
         /// The method given.
         method: String,
     },
+    /// A body rule whose limit is 0 or over [`MAX_BODY_LIMIT`].
+    #[error(
+        "the body filter limit is {limit} bytes; it must be from 1 byte to {max} bytes ({} KiB)",
+        max / 1024
+    )]
+    BodyLimit {
+        /// The limit asked for, in bytes.
+        limit: u32,
+        /// [`MAX_BODY_LIMIT`].
+        max: u32,
+    },
+    /// A JSON rule whose pointer or value is malformed.
+    #[error("{} {:?}: {reason}", RuleKind::Json, Shortened(rule))]
+    Json {
+        /// The rule as `POINTER=VALUE`.
+        rule: String,
+        /// What is wrong and the expected form.
+        reason: String,
+    },
 }
 
 impl FilterError {
     /// The kind of rule at fault; `None` for [`FilterError::TooManyRules`].
     pub fn rule_kind(&self) -> Option<RuleKind> {
         match self {
-            FilterError::TooManyRules { .. } => None,
+            FilterError::TooManyRules { .. } | FilterError::BodyLimit { .. } => None,
             FilterError::TooLong { kind, .. } | FilterError::Regex { kind, .. } => Some(*kind),
             FilterError::Method { .. } => Some(RuleKind::Method),
+            FilterError::Json { .. } => Some(RuleKind::Json),
         }
     }
 }
@@ -158,6 +194,8 @@ pub struct HttpFilter {
     methods: Vec<Method>,
     paths: Vec<Regex>,
     headers: Vec<Regex>,
+    /// Body rules, tried last: they need the buffered body.
+    bodies: Vec<BodyRule>,
 }
 
 impl HttpFilter {
@@ -171,6 +209,10 @@ impl HttpFilter {
     ///   or whose compiled form exceeds [`REGEX_SIZE_LIMIT`].
     /// - [`FilterError::Method`]: an empty method or one that is not an HTTP
     ///   token.
+    /// - [`FilterError::BodyLimit`]: a body rule whose limit is 0 or over
+    ///   [`MAX_BODY_LIMIT`].
+    /// - [`FilterError::Json`]: a JSON rule whose pointer is not RFC 6901 or
+    ///   whose value is not JSON text.
     pub fn compile(spec: &HttpFilterSpec) -> Result<HttpFilter, FilterError> {
         if spec.rules.len() > MAX_RULES {
             return Err(FilterError::TooManyRules {
@@ -183,12 +225,25 @@ impl HttpFilter {
             methods: Vec::new(),
             paths: Vec::new(),
             headers: Vec::new(),
+            bodies: Vec::new(),
         };
         for rule in &spec.rules {
             let (kind, pattern) = match rule {
                 FilterRule::Header(p) => (RuleKind::Header, p),
                 FilterRule::Path(p) => (RuleKind::Path, p),
                 FilterRule::Method(p) => (RuleKind::Method, p),
+                FilterRule::Body { regex, limit } => {
+                    filter.bodies.push(BodyRule::regex(regex, *limit)?);
+                    continue;
+                }
+                FilterRule::Json {
+                    pointer,
+                    value,
+                    limit,
+                } => {
+                    filter.bodies.push(BodyRule::json(pointer, value, *limit)?);
+                    continue;
+                }
             };
             if pattern.len() > MAX_PATTERN_LEN {
                 return Err(FilterError::TooLong {
@@ -202,6 +257,7 @@ impl HttpFilter {
                 RuleKind::Header => filter.headers.push(compile_regex(kind, pattern, true)?),
                 RuleKind::Path => filter.paths.push(compile_regex(kind, pattern, false)?),
                 RuleKind::Method => filter.methods.push(parse_method(pattern)?),
+                RuleKind::Body | RuleKind::Json => unreachable!("body rules are compiled above"),
             }
         }
         Ok(filter)
@@ -212,7 +268,21 @@ impl HttpFilter {
         &self.spec
     }
 
-    /// Whether a request with this method, target and headers matches.
+    /// Whether some rule looks at the body ([`FilterRule::Body`],
+    /// [`FilterRule::Json`]).
+    pub fn needs_body(&self) -> bool {
+        !self.bodies.is_empty()
+    }
+
+    /// The most body bytes any rule of this filter looks at (0 without body
+    /// rules): how much the agent buffers for it.
+    pub fn body_limit(&self) -> u32 {
+        self.bodies.iter().map(BodyRule::limit).max().unwrap_or(0)
+    }
+
+    /// Whether a request with this method, target and headers matches, its body
+    /// unknown: as [`HttpFilter::matches_request`] with
+    /// [`RequestBody::unknown`], so body rules are left out.
     ///
     /// `uri` is the request target as a server sees it: its path and query are
     /// matched by path rules, or `/` when it has none (an HTTP/2 request whose
@@ -224,47 +294,140 @@ impl HttpFilter {
     /// Allocates nothing unless a header line is longer than any seen before on
     /// this thread.
     pub fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+        self.matches_request(method, uri, headers, &RequestBody::unknown())
+    }
+
+    /// Whether the head alone decides: `Some(hit)` when the body rules cannot
+    /// change the answer (there are none, an all-of head rule failed, or an
+    /// any-of head rule matched), `None` when the body is needed.
+    pub fn decide_head(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<bool> {
+        if self.bodies.is_empty() {
+            return Some(self.matches(method, uri, headers));
+        }
+        match self.spec.combine {
+            Combine::AllOf => (!self.head_all(method, uri, headers)).then_some(false),
+            Combine::AnyOf => self.head_any(method, uri, headers).then_some(true),
+        }
+    }
+
+    /// Whether a request matches, body rules included.
+    ///
+    /// Head rules as in [`HttpFilter::matches`]. A body rule that cannot see the
+    /// body (unknown, not read to its end, or longer than the rule's limit) is
+    /// left out, and the request is routed by the other rules: all-of matches
+    /// when every rule left matches and at least one is left; any-of when one
+    /// rule left matches.
+    pub fn matches_request(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &RequestBody<'_>,
+    ) -> bool {
         if self.spec.rules.is_empty() {
             return true;
         }
-        let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let method_hit = |m: &Method| m == method;
-        let path_hit = |re: &Regex| re.is_match(path);
         match self.spec.combine {
             Combine::AllOf => {
-                self.methods.iter().all(method_hit)
-                    && self.paths.iter().all(path_hit)
-                    && self.headers.iter().all(|re| any_header_line(re, headers))
+                if !self.head_all(method, uri, headers) {
+                    return false;
+                }
+                let mut seen = self.spec.rules.len() - self.bodies.len();
+                for rule in &self.bodies {
+                    match rule.eval(body) {
+                        Some(false) => return false,
+                        Some(true) => seen += 1,
+                        None => {}
+                    }
+                }
+                seen > 0
             }
             Combine::AnyOf => {
-                self.methods.iter().any(method_hit)
-                    || self.paths.iter().any(path_hit)
-                    || self.headers.iter().any(|re| any_header_line(re, headers))
+                self.head_any(method, uri, headers)
+                    || self.bodies.iter().any(|r| r.eval(body) == Some(true))
             }
+        }
+    }
+
+    /// Every head rule matches (true without head rules).
+    fn head_all(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+        let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        self.methods.iter().all(|m| m == method)
+            && self.paths.iter().all(|re| re.is_match(path))
+            && self.headers.iter().all(|re| any_header_line(re, headers))
+    }
+
+    /// Some head rule matches.
+    fn head_any(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+        let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        self.methods.iter().any(|m| m == method)
+            || self.paths.iter().any(|re| re.is_match(path))
+            || self.headers.iter().any(|re| any_header_line(re, headers))
+    }
+}
+
+/// The `graft run` filter flags, raw.
+#[derive(Debug, Clone, Copy)]
+pub struct FilterFlags<'a> {
+    /// `--filter-header` expressions.
+    pub header: &'a [String],
+    /// `--filter-path` expressions.
+    pub path: &'a [String],
+    /// `--filter-method` methods.
+    pub method: &'a [String],
+    /// `--filter-body` expressions.
+    pub body: &'a [String],
+    /// `--filter-json` rules, `POINTER=VALUE` ([`parse_json_rule`]).
+    pub json: &'a [String],
+    /// The body limit of the body rules, in bytes (`--filter-body-limit` is in
+    /// KiB); [`DEFAULT_BODY_LIMIT`] when not given.
+    pub body_limit: u32,
+}
+
+impl Default for FilterFlags<'_> {
+    fn default() -> Self {
+        FilterFlags {
+            header: &[],
+            path: &[],
+            method: &[],
+            body: &[],
+            json: &[],
+            body_limit: DEFAULT_BODY_LIMIT,
         }
     }
 }
 
 /// Builds the spec of the `graft run` filter flags: every rule given, all-of
-/// (headers, then paths, then methods, each in the order given).
+/// (headers, paths, methods, bodies, then JSON rules, each in the order given).
 ///
 /// Returns `Ok(None)` when no flag was given.
 ///
 /// # Errors
 ///
-/// As [`HttpFilter::compile`]: the spec is compiled once to check it.
-pub fn from_flags(
-    header: &[String],
-    path: &[String],
-    method: &[String],
-) -> Result<Option<HttpFilterSpec>, FilterError> {
-    let rules: Vec<FilterRule> = header
+/// As [`HttpFilter::compile`] (the spec is compiled once to check it), and
+/// [`FilterError::Json`] for a `--filter-json` without `=`.
+pub fn from_flags(flags: &FilterFlags<'_>) -> Result<Option<HttpFilterSpec>, FilterError> {
+    let limit = flags.body_limit;
+    let mut rules: Vec<FilterRule> = flags
+        .header
         .iter()
         .cloned()
         .map(FilterRule::Header)
-        .chain(path.iter().cloned().map(FilterRule::Path))
-        .chain(method.iter().cloned().map(FilterRule::Method))
+        .chain(flags.path.iter().cloned().map(FilterRule::Path))
+        .chain(flags.method.iter().cloned().map(FilterRule::Method))
+        .chain(flags.body.iter().map(|regex| FilterRule::Body {
+            regex: regex.clone(),
+            limit,
+        }))
         .collect();
+    for text in flags.json {
+        let (pointer, value) = parse_json_rule(text)?;
+        rules.push(FilterRule::Json {
+            pointer,
+            value,
+            limit,
+        });
+    }
     if rules.is_empty() {
         return Ok(None);
     }
@@ -286,17 +449,22 @@ fn compile_regex(
         .size_limit(REGEX_SIZE_LIMIT)
         .dfa_size_limit(REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|e| FilterError::Regex {
-            kind,
-            pattern: pattern.to_owned(),
-            reason: match e {
-                regex::Error::CompiledTooBig(limit) => format!(
-                    "the expression is too big once compiled (over {limit} bytes); \
-                     simplify it, e.g. smaller repetition counts"
-                ),
-                other => other.to_string(),
-            },
-        })
+        .map_err(|e| regex_error(kind, pattern, e))
+}
+
+/// The [`FilterError::Regex`] of a refused expression.
+fn regex_error(kind: RuleKind, pattern: &str, e: regex::Error) -> FilterError {
+    FilterError::Regex {
+        kind,
+        pattern: pattern.to_owned(),
+        reason: match e {
+            regex::Error::CompiledTooBig(limit) => format!(
+                "the expression is too big once compiled (over {limit} bytes); \
+                 simplify it, e.g. smaller repetition counts"
+            ),
+            other => other.to_string(),
+        },
+    }
 }
 
 fn parse_method(text: &str) -> Result<Method, FilterError> {
@@ -514,10 +682,23 @@ mod tests {
         }
     }
 
+    fn flags<'a>(
+        header: &'a [String],
+        path: &'a [String],
+        method: &'a [String],
+    ) -> FilterFlags<'a> {
+        FilterFlags {
+            header,
+            path,
+            method,
+            ..FilterFlags::default()
+        }
+    }
+
     #[test]
     fn flags_combine_all_of_and_none_is_no_filter() {
-        assert_eq!(from_flags(&[], &[], &[]).unwrap(), None);
-        let spec = from_flags(&["x-a: 1".into()], &["^/p".into()], &["GET".into()])
+        assert_eq!(from_flags(&FilterFlags::default()).unwrap(), None);
+        let spec = from_flags(&flags(&["x-a: 1".into()], &["^/p".into()], &["GET".into()]))
             .unwrap()
             .unwrap();
         assert_eq!(spec.combine, Combine::AllOf);
@@ -529,7 +710,7 @@ mod tests {
                 FilterRule::Method("GET".into()),
             ]
         );
-        assert!(from_flags(&[], &["(".into()], &[]).is_err());
+        assert!(from_flags(&flags(&[], &["(".into()], &[])).is_err());
         let f = HttpFilter::compile(&spec).unwrap();
         assert_eq!(f.spec(), &spec);
     }
@@ -540,5 +721,152 @@ mod tests {
         let big = "a".repeat(KEEP_LINE_CAPACITY * 2);
         assert!(get("/", &headers(&[("x-big", &big)]), &f));
         HEADER_LINE.with_borrow(|line| assert!(line.capacity() <= KEEP_LINE_CAPACITY));
+    }
+
+    fn body_request(f: &HttpFilter, headers_: &HeaderMap, body: &RequestBody<'_>) -> bool {
+        f.matches_request(&Method::POST, &"/api".parse().unwrap(), headers_, body)
+    }
+
+    #[test]
+    fn body_flags_become_rules_with_the_limit() {
+        let body = vec!["alice".to_owned()];
+        let json = vec!["/user/id=42".to_owned(), "/user/name=bob".to_owned()];
+        let spec = from_flags(&FilterFlags {
+            body: &body,
+            json: &json,
+            body_limit: 100,
+            ..FilterFlags::default()
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            spec.rules,
+            vec![
+                FilterRule::Body {
+                    regex: "alice".into(),
+                    limit: 100
+                },
+                FilterRule::Json {
+                    pointer: "/user/id".into(),
+                    value: "42".into(),
+                    limit: 100
+                },
+                FilterRule::Json {
+                    pointer: "/user/name".into(),
+                    value: "\"bob\"".into(),
+                    limit: 100
+                },
+            ]
+        );
+        let f = HttpFilter::compile(&spec).unwrap();
+        assert!(f.needs_body());
+        assert_eq!(f.body_limit(), 100);
+        let h = HeaderMap::new();
+        let hit = br#"{"user":{"id":42,"name":"bob"},"who":"alice"}"#;
+        assert!(body_request(&f, &h, &RequestBody::complete(hit)));
+        let miss = br#"{"user":{"id":43,"name":"bob"},"who":"alice"}"#;
+        assert!(!body_request(&f, &h, &RequestBody::complete(miss)));
+        let bad = ["nope".to_owned()];
+        let err = from_flags(&FilterFlags {
+            json: &bad,
+            ..FilterFlags::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("--filter-json \"nope\""),
+            "{err}"
+        );
+        let err = from_flags(&FilterFlags {
+            body: &body,
+            body_limit: MAX_BODY_LIMIT + 1,
+            ..FilterFlags::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, FilterError::BodyLimit { .. }), "{err}");
+    }
+
+    #[test]
+    fn over_limit_bodies_are_routed_by_the_other_rules() {
+        let body = |regex: &str| FilterRule::Body {
+            regex: regex.into(),
+            limit: 8,
+        };
+        let alice = headers(&[("x-user", "alice")]);
+        let bob = headers(&[("x-user", "bob")]);
+        let big = RequestBody::complete(b"0123456789 needle");
+        let small_hit = RequestBody::complete(b"needle");
+        let small_miss = RequestBody::complete(b"hay");
+
+        let all = HttpFilter::compile(&spec(
+            Combine::AllOf,
+            vec![FilterRule::Header("x-user: alice".into()), body("needle")],
+        ))
+        .unwrap();
+        assert!(body_request(&all, &alice, &small_hit));
+        assert!(!body_request(&all, &alice, &small_miss));
+        assert!(!body_request(&all, &bob, &small_hit));
+        // Over the limit: the header decides.
+        assert!(body_request(&all, &alice, &big));
+        assert!(!body_request(&all, &bob, &big));
+        assert_eq!(
+            all.decide_head(&Method::POST, &"/".parse().unwrap(), &bob),
+            Some(false)
+        );
+        assert_eq!(
+            all.decide_head(&Method::POST, &"/".parse().unwrap(), &alice),
+            None
+        );
+
+        // A filter of body rules only takes no over-limit body.
+        let only = HttpFilter::compile(&spec(Combine::AllOf, vec![body("needle")])).unwrap();
+        assert!(body_request(&only, &bob, &small_hit));
+        assert!(!body_request(&only, &bob, &big));
+        assert!(!body_request(&only, &bob, &RequestBody::unknown()));
+
+        let any = HttpFilter::compile(&spec(
+            Combine::AnyOf,
+            vec![FilterRule::Header("x-user: alice".into()), body("needle")],
+        ))
+        .unwrap();
+        assert!(body_request(&any, &bob, &small_hit));
+        assert!(!body_request(&any, &bob, &small_miss));
+        assert!(!body_request(&any, &bob, &big));
+        assert!(body_request(&any, &alice, &big));
+        assert_eq!(
+            any.decide_head(&Method::GET, &"/".parse().unwrap(), &alice),
+            Some(true)
+        );
+        assert_eq!(
+            any.decide_head(&Method::GET, &"/".parse().unwrap(), &bob),
+            None
+        );
+    }
+
+    #[test]
+    fn hostile_body_rules_are_refused_cleanly() {
+        let huge = FilterRule::Body {
+            regex: r"\w{1000}{1000}".into(),
+            limit: 1024,
+        };
+        let err = HttpFilter::compile(&spec(Combine::AllOf, vec![huge])).unwrap_err();
+        assert!(err.to_string().starts_with("--filter-body"), "{err}");
+        assert!(err.to_string().contains("too big once compiled"), "{err}");
+        let long = FilterRule::Body {
+            regex: "a".repeat(MAX_PATTERN_LEN + 1),
+            limit: 1024,
+        };
+        assert!(matches!(
+            HttpFilter::compile(&spec(Combine::AllOf, vec![long])),
+            Err(FilterError::TooLong { .. })
+        ));
+        let greedy = FilterRule::Json {
+            pointer: "/a".into(),
+            value: "1".into(),
+            limit: u32::MAX,
+        };
+        assert!(matches!(
+            HttpFilter::compile(&spec(Combine::AllOf, vec![greedy])),
+            Err(FilterError::BodyLimit { .. })
+        ));
     }
 }

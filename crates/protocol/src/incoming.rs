@@ -57,6 +57,30 @@ pub enum FilterRule {
     /// A method that must equal the request's (methods are case-sensitive, RFC 9110
     /// §9.1; conventional methods are upper case).
     Method(String),
+    /// A regular expression (Rust `regex::bytes` syntax, so a body that is not
+    /// UTF-8 can still match) searched in the whole request body, as sent (no
+    /// `Content-Encoding` is undone), when the body is at most `limit` bytes; a
+    /// longer body, or one that does not arrive in time, leaves this rule out and
+    /// the request is routed by the filter's other rules.
+    Body {
+        /// The expression.
+        regex: String,
+        /// The most body bytes the agent buffers to match it.
+        limit: u32,
+    },
+    /// A JSON pointer (RFC 6901, e.g. `/user/id`) into the request body parsed as
+    /// JSON, and the value it must point to: `value` is JSON text (`42`,
+    /// `"alice"`, `true`, `{"a":1}`) compared with JSON equality. A body that is
+    /// not JSON, or lacks the pointer, does not match; a body longer than `limit`
+    /// bytes is treated as for [`FilterRule::Body`].
+    Json {
+        /// The pointer, empty (the whole document) or starting with `/`.
+        pointer: String,
+        /// The expected value, as JSON text.
+        value: String,
+        /// The most body bytes the agent buffers to match it.
+        limit: u32,
+    },
 }
 
 /// An HTTP filter: which requests of a connection a subscription takes.
@@ -74,6 +98,8 @@ impl fmt::Display for FilterRule {
             FilterRule::Header(re) => write!(f, "header~{re:?}"),
             FilterRule::Path(re) => write!(f, "path~{re:?}"),
             FilterRule::Method(m) => write!(f, "method={m}"),
+            FilterRule::Body { regex, .. } => write!(f, "body~{regex:?}"),
+            FilterRule::Json { pointer, value, .. } => write!(f, "json{pointer}={value}"),
         }
     }
 }

@@ -9,7 +9,8 @@
 //! connection of the same HTTP version, kept per destination for the life of the
 //! client connection, so keep-alive connections that mix destinations work and
 //! each destination sees a normal client. Bodies and trailers stream through
-//! unbuffered. An `Upgrade` request (WebSocket, RFC 6455) gets its own upstream
+//! unbuffered, except the start of a body that a filter's body rule needs
+//! ([`super::body`], bounded). An `Upgrade` request (WebSocket, RFC 6455) gets its own upstream
 //! connection, and when the destination answers `101 Switching Protocols` the two
 //! connections are spliced: the whole rest of the connection belongs to that
 //! destination.
@@ -26,6 +27,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use graft_filter::RequestBody;
 use graft_protocol::incoming::IncomingMode;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
@@ -35,6 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
+use super::body::{self, Unread};
 use super::tee::{self, Tee};
 use super::{BoxIo, ConnMeta, Io, PortSubs, Sub};
 
@@ -161,10 +164,29 @@ pub async fn serve<S: Io>(
     }
 }
 
-fn matches(sub: &Sub, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+fn matches(
+    sub: &Sub,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &RequestBody<'_>,
+) -> bool {
     sub.filter
         .as_ref()
-        .is_some_and(|f| f.matches(method, uri, headers))
+        .is_some_and(|f| f.matches_request(method, uri, headers, body))
+}
+
+/// How many body bytes the filters of `subs` still need to decide on this
+/// request (the largest limit among those the head does not decide); 0 when
+/// none does.
+fn body_needed(subs: &PortSubs, method: &Method, uri: &Uri, headers: &HeaderMap) -> usize {
+    subs.subs
+        .iter()
+        .filter_map(|s| s.filter.as_ref())
+        .filter(|f| f.decide_head(method, uri, headers).is_none())
+        .map(|f| f.body_limit() as usize)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether a request is a kubelet probe: the kubelet's HTTP probes send
@@ -181,25 +203,67 @@ fn is_kubelet_probe(headers: &HeaderMap) -> bool {
 }
 
 /// Routes and forwards one request.
-async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let probe = is_kubelet_probe(req.headers());
+    let limit = if probe {
+        0
+    } else {
+        body_needed(&conn.subs, req.method(), req.uri(), req.headers())
+    };
+    let (mut req, prefix) = if limit == 0 {
+        (req.map(|b| b.map_err(BoxError::from).boxed()), None)
+    } else {
+        let (req, prefix, unread) = body::buffer(req, limit).await;
+        if let Some(why) = unread {
+            let reason = match why {
+                Unread::OverLimit => format!("is over the {limit}-byte limit of the body filters"),
+                Unread::TooSlow => format!("did not arrive within {:?}", body::BODY_WAIT),
+                Unread::NoBudget => format!(
+                    "cannot be buffered: the agent already holds {} KiB of request bodies",
+                    body::BODY_BUDGET_KIB
+                ),
+                Unread::Broken => "was broken off by the client".to_owned(),
+            };
+            tracing::info!(
+                peer = %conn.meta.peer,
+                "the body of {} {} {reason}; the request is routed by the filters' other rules",
+                req.method(),
+                req.uri().path(),
+            );
+        }
+        (req, Some(prefix))
+    };
     let (method, uri, headers) = (req.method(), req.uri(), req.headers());
-    let probe = is_kubelet_probe(headers);
-    let stealer = conn
-        .subs
-        .subs
-        .iter()
-        .find(|s| s.subscription.mode == IncomingMode::Steal && matches(s, method, uri, headers))
-        .or_else(|| conn.subs.plain_steal())
-        .filter(|_| !probe)
-        .cloned();
-    let mirrors: Vec<Arc<Sub>> = conn
-        .subs
-        .subs
-        .iter()
-        .filter(|s| s.subscription.mode == IncomingMode::Mirror && matches(s, method, uri, headers))
-        .filter(|_| !probe)
-        .cloned()
-        .collect();
+    let (stealer, mirrors) = {
+        let body = match &prefix {
+            Some(p) if p.complete => RequestBody::complete(&p.bytes),
+            _ => RequestBody::unknown(),
+        };
+        let stealer = conn
+            .subs
+            .subs
+            .iter()
+            .find(|s| {
+                s.subscription.mode == IncomingMode::Steal
+                    && matches(s, method, uri, headers, &body)
+            })
+            .or_else(|| conn.subs.plain_steal())
+            .filter(|_| !probe)
+            .cloned();
+        let mirrors: Vec<Arc<Sub>> = conn
+            .subs
+            .subs
+            .iter()
+            .filter(|s| {
+                s.subscription.mode == IncomingMode::Mirror
+                    && matches(s, method, uri, headers, &body)
+            })
+            .filter(|_| !probe)
+            .cloned()
+            .collect();
+        (stealer, mirrors)
+    };
+    drop(prefix);
     let dest = Dest::of(stealer.as_ref());
     tracing::trace!(%method, %uri, ?dest, mirrors = mirrors.len(), "request");
 
@@ -223,7 +287,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
     }
     let req = req.map(|body| -> ProxyBody {
         if copies.is_empty() {
-            body.map_err(BoxError::from).boxed()
+            body
         } else {
             TeeBody {
                 inner: body,
@@ -500,7 +564,7 @@ async fn mirror_request(
 
 /// A request body that copies its frames to mirrors as they pass.
 struct TeeBody {
-    inner: Incoming,
+    inner: ProxyBody,
     copies: Vec<mpsc::Sender<Frame<Bytes>>>,
 }
 
@@ -531,7 +595,7 @@ impl Body for TeeBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.copies.clear();
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.copies.clear();

@@ -31,6 +31,7 @@
 //! connections it holds until they end ([`Hub::drain`]). Every routed connection
 //! runs under the hub's [`TaskTracker`], which is what the drain waits for.
 
+pub mod body;
 pub mod http;
 pub mod peer;
 pub mod tee;
