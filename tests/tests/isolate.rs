@@ -52,6 +52,48 @@ fn musl_static(bed: &Bed, name: &str) -> String {
     out.display().to_string()
 }
 
+/// A static musl C program that prints a file (`read PATH`: open(2), read(2)) or
+/// a directory's names (`dir PATH`: opendir(3)).
+fn musl_reader(bed: &Bed) -> String {
+    let source = bed.work_dir().join("reader.c");
+    std::fs::write(
+        &source,
+        r#"#include <dirent.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc != 3) return 2;
+    if (!strcmp(argv[1], "dir")) {
+        DIR *d = opendir(argv[2]);
+        if (!d) { perror(argv[2]); return 1; }
+        struct dirent *e;
+        while ((e = readdir(d))) printf("%s\n", e->d_name);
+        return 0;
+    }
+    int fd = open(argv[2], O_RDONLY);
+    if (fd < 0) { perror(argv[2]); return 1; }
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0) fwrite(buf, 1, n, stdout);
+    if (n < 0) { perror("read"); return 1; }
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let out = bed.work_dir().join("reader-static");
+    let status = Command::new("musl-gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .expect("musl-gcc (musl-tools)");
+    assert!(status.success(), "musl-gcc reader.c failed");
+    out.display().to_string()
+}
+
 /// A one-shot HTTP server on `addr` of this machine's namespace that answers
 /// every request with the client address it saw; the addresses come out of the
 /// returned channel.
@@ -383,4 +425,188 @@ fn malformed_packets_and_hostile_dns_do_not_stop_graft() {
         flooded > 10_000,
         "only {flooded} packets went into the tun\n{out}"
     );
+}
+
+/// The graft FUSE mounts in this machine's mount table (none may ever show: the
+/// isolated namespace's mounts are its own).
+fn host_graft_mounts() -> Vec<String> {
+    // proc(5): `... - FSTYPE SOURCE OPTIONS`; graft mounts with source `graft`.
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .filter(|line| {
+            line.split_once(" - ").is_some_and(|(_, right)| {
+                let mut fields = right.split(' ');
+                fields.next().is_some_and(|t| t.starts_with("fuse"))
+                    && fields.next() == Some("graft")
+            })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn static_programs_read_the_targets_files_at_their_own_paths() {
+    let bed = Bed::new();
+    let hello = format!("hello from target {}\nsecond line\nthird line\n", bed.n);
+    // Only the target has it: the directory is empty on this machine.
+    assert!(!std::path::Path::new(&bed.remote("hello.txt")).exists());
+    let go = go_app(&bed);
+    let out = bed.run(&[], &[&go, "read", &bed.remote("hello.txt")]);
+    assert_eq!(out.assert_success().stdout, hello, "{out}");
+    let files = musl_reader(&bed);
+    let out = bed.run(&[], &[&files, "read", &bed.remote("sub/nested.txt")]);
+    assert!(
+        out.assert_success()
+            .stdout
+            .contains(&format!("nested in target {}", bed.n)),
+        "{out}"
+    );
+    // A listing is the target's; an absolute link resolves in the target.
+    let out = bed.run(&[], &[&files, "dir", &bed.remote_dir.display().to_string()]);
+    let names = out.assert_success().lines();
+    assert!(
+        names.contains(&"hello.txt") && names.contains(&"sub"),
+        "{out}"
+    );
+    let out = bed.run(&[], &[&go, "read", &bed.remote("hosts-link")]);
+    assert!(
+        out.assert_success()
+            .stdout
+            .contains("only-target.graft.test"),
+        "{out}"
+    );
+    // The program's own world stays local: a dynamic program starts, and a write
+    // under /tmp lands on this machine.
+    let local = bed.work_dir().join("local.txt");
+    let script = format!("echo here > {}", local.display());
+    bed.run(&["--isolate"], &["sh", "-c", &script])
+        .assert_success();
+    assert_eq!(std::fs::read_to_string(&local).unwrap(), "here\n");
+    // --fs read: the target's files cannot be changed.
+    let script = format!("echo x > {}", bed.remote("hello.txt"));
+    let out = bed.run(&["--isolate"], &["sh", "-c", &script]);
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr.contains("Read-only file system"), "{out}");
+    assert!(host_graft_mounts().is_empty(), "{:?}", host_graft_mounts());
+}
+
+#[test]
+fn with_fs_write_an_isolated_write_lands_in_the_target() {
+    let bed = Bed::new();
+    let path = bed.remote("written-isolated.txt");
+    let script = format!("printf 'from the namespace' > {path} && cat {path}");
+    let out = bed.run(&["--isolate", "--fs", "write"], &["sh", "-c", &script]);
+    assert_eq!(out.assert_success().stdout, "from the namespace", "{out}");
+    let cat = bed.in_target(&["cat", &path]);
+    assert_eq!(cat.assert_success().stdout, "from the namespace");
+    assert!(
+        !std::path::Path::new(&path).exists(),
+        "the write landed locally"
+    );
+}
+
+#[test]
+fn fs_local_keeps_a_path_local_in_the_isolated_namespace() {
+    let bed = Bed::new();
+    let secret = bed.hostonly_dir.join("secret.txt").display().to_string();
+    let go = go_app(&bed);
+    // Remote by default: the target's directory is empty.
+    let out = bed.run(&[], &[&go, "read", &secret]);
+    assert!(!out.success(), "{out}");
+    let rule = format!("^{}", bed.hostonly_dir.display());
+    let out = bed.run(&["--fs-local", &rule], &[&go, "read", &secret]);
+    assert_eq!(out.assert_success().out(), format!("host-secret {}", bed.n));
+    // Beside it, the target's files still show.
+    let out = bed.run(
+        &["--fs-local", &rule],
+        &[&go, "read", &bed.remote("hello.txt")],
+    );
+    assert!(
+        out.assert_success().stdout.starts_with("hello from target"),
+        "{out}"
+    );
+    // --fs local: nothing is remote.
+    let out = bed.run(&["--fs", "local"], &[&go, "read", &bed.remote("hello.txt")]);
+    assert!(!out.success(), "{out}");
+}
+
+/// Attack: escape the target's root through the mount (a symlink to this
+/// machine's secret, `..` past the root), and read the mount as another local
+/// user (with CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE, through `/proc/PID/root`).
+#[test]
+fn the_isolated_mounts_keep_to_the_target_root_and_to_their_user() {
+    let bed = Bed::new();
+    let secret = format!("host-secret {}", bed.n);
+    let files = musl_reader(&bed);
+    let hostonly = bed.hostonly_dir.display().to_string();
+    let through_link = bed.remote("secret-link");
+    let through_up = format!("{}/up{hostonly}/secret.txt", bed.remote_dir.display());
+    let dotdots = format!(
+        "{}{}{hostonly}/secret.txt",
+        bed.remote_dir.display(),
+        "/..".repeat(12)
+    );
+    for path in [&through_link, &through_up, &dotdots] {
+        let out = bed.run(&[], &[&files, "read", path]);
+        assert!(
+            !out.stdout.contains(&secret),
+            "escaped through {path}:\n{out}"
+        );
+        assert!(!out.success(), "{out}");
+    }
+    // `up` ends at the target's root: the target's own hosts file.
+    let hosts = format!("{}/up/etc/hosts", bed.remote_dir.display());
+    let out = bed.run(&[], &[&files, "read", &hosts]);
+    assert!(
+        out.assert_success()
+            .stdout
+            .contains("only-target.graft.test"),
+        "{out}"
+    );
+
+    // Another user, who can look into COMMAND's root, cannot read the mount.
+    let session = bed.spawn(
+        bed.graft_run(&["--isolate"], &["sh", "-c", "echo pid $$; exec sleep 120"]),
+        "graft run --isolate -- sleep",
+    );
+    let pid = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        session
+            .stdout()
+            .lines()
+            .find_map(|l| l.strip_prefix("pid ").map(str::to_owned))
+    })
+    .unwrap_or_else(|| panic!("COMMAND never started\n{}", session.output_report()));
+    let inside = format!("/proc/{pid}/root{}", bed.remote("hello.txt"));
+    let owner = Command::new("cat").arg(&inside).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&owner.stdout).starts_with("hello from target"),
+        "the mounting user reads it: {owner:?}"
+    );
+    let other = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=+dac_read_search,+sys_ptrace"])
+        .args(["--ambient-caps=+dac_read_search,+sys_ptrace", "--", "cat"])
+        .arg(&inside)
+        .output()
+        .unwrap();
+    assert!(
+        !other.status.success(),
+        "another user read the mount: {other:?}"
+    );
+    assert!(other.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("Permission denied"),
+        "{other:?}"
+    );
+    assert!(host_graft_mounts().is_empty(), "{:?}", host_graft_mounts());
+
+    // graft killed with SIGKILL: COMMAND and the mounts go with it.
+    let sleep: u32 = pid.parse().unwrap();
+    session.signal(Signal::SIGKILL);
+    let gone = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        (!graft_tests::alive(sleep)).then_some(())
+    });
+    assert!(gone.is_some(), "COMMAND outlived a killed graft");
+    assert!(host_graft_mounts().is_empty(), "{:?}", host_graft_mounts());
+    let _ = bed.finish(session, Duration::from_secs(10));
 }

@@ -19,9 +19,12 @@
 //! Modules: `helper` (inside the namespace), `wire` (graft ↔ helper), `listeners`
 //! (incoming), `detect` (which programs need this).
 
+mod container;
 mod detect;
+mod files;
 mod helper;
 mod listeners;
+mod root;
 mod wire;
 
 use std::{
@@ -72,6 +75,17 @@ pub fn chosen(config: &Config, command: &[OsString]) -> bool {
     if let Some(isolate) = config.isolate {
         return isolate;
     }
+    match container::find_run(command) {
+        Ok(Some(_)) => {
+            eprintln!(
+                "graft: podman run: the container joins an isolated network namespace (--isolate)"
+            );
+            return true;
+        }
+        // `run` says why.
+        Err(_) => return true,
+        Ok(None) => {}
+    }
     let Some(program) = command.first() else {
         return false;
     };
@@ -111,8 +125,49 @@ pub struct Isolated<'a> {
 /// namespaces and not root: the message names the sysctls) or COMMAND cannot start.
 pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Failure> {
     let session = Arc::new(session);
+    let container_run = container::find_run(isolated.command)?;
+    if container_run.is_some() && !nix::unistd::geteuid().is_root() {
+        return Err(Failure::usage(
+            "a podman container joins graft's isolated namespace only when graft runs as root \
+             (rootless podman makes its own user namespace and cannot join graft's)",
+        )
+        .hint("run graft with sudo, or run the program itself under graft (no container)"));
+    }
     let resolver = Resolver::of_target(&session).await;
     let binds = resolver.write(isolated.dir)?;
+    let bound: Vec<&str> = binds.iter().filter_map(|(_, path)| path.to_str()).collect();
+    // A container keeps this machine's files (podman needs them) and gets the
+    // target's as volumes; a program gets a new root with the target's files.
+    let (command, container, layout) = match container_run {
+        Some(run) => {
+            let prepared =
+                container::Container::prepare(&session, isolated.config, isolated.dir).await?;
+            (
+                prepared.command(isolated.command, run),
+                Some(prepared),
+                None,
+            )
+        }
+        None => {
+            let layout = files::plan(
+                &session,
+                isolated.config,
+                isolated.dir,
+                isolated.command.first(),
+                &bound,
+            )
+            .await?;
+            (isolated.command.to_vec(), None, layout)
+        }
+    };
+    let (layout, rules) = layout.unzip();
+    // A link out of one remote directory shows as its absolute path when that path
+    // is remote too (served at its own path by another mount); never a local one.
+    let at_own_path: graft_mount::AtOwnPath = Arc::new(move |path: &str| {
+        rules
+            .as_ref()
+            .is_some_and(|r| r.is_remote(&graft_config::fs::normalize(path)))
+    });
     let helper_config = HelperConfig {
         tun: TUN_NAME.into(),
         mtu: MTU,
@@ -120,6 +175,7 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
         addr6: (TUN_V6, 64),
         user_namespace: !nix::unistd::geteuid().is_root(),
         binds,
+        layout,
     };
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -128,14 +184,50 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| Failure::session(format!("cannot make a socket pair for --isolate: {e}")))?;
-    let mut child = spawn_helper(&helper_config, &isolated, theirs)?;
+    let mut child = spawn_helper(&helper_config, &command, &isolated.env, theirs)?;
     let channel = Channel::new(ours)
         .map_err(|e| Failure::session(format!("cannot talk to the isolated namespace: {e}")))?;
 
-    // The helper's namespace, or why not.
-    let ready = tokio::select! {
-        ready = tokio::time::timeout(SETUP_TIMEOUT, channel.recv()) => ready,
-        _ = child.wait() => Ok(Ok(None)),
+    // The helper's namespace, or why not; the FUSE mounts of its root come first.
+    let mut mounts = Vec::new();
+    let deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
+    let ready = loop {
+        let ready = tokio::select! {
+            ready = tokio::time::timeout_at(deadline, channel.recv()) => ready,
+            _ = child.wait() => Ok(Ok(None)),
+        };
+        let Ok(Ok(Some((Message::Fuse(index), Some(fuse))))) = ready else {
+            break ready;
+        };
+        let planned = helper_config
+            .layout
+            .as_ref()
+            .and_then(|l| l.mounts.get(index));
+        let Some(planned) = planned else {
+            break Ok(Ok(Some((
+                Message::Failed(format!(
+                    "the helper mounted an unplanned remote directory ({index})"
+                )),
+                None,
+            ))));
+        };
+        let options = graft_mount::MountOptions {
+            writable: planned.writable,
+            root: planned.path.clone(),
+            allow_other: false,
+        };
+        let served = graft_mount::serve(
+            session.clone(),
+            tokio::runtime::Handle::current(),
+            fuse,
+            &options,
+            &planned.placeholders(),
+            at_own_path.clone(),
+        )
+        .map_err(|e| {
+            Failure::session(format!("cannot serve the target's {}: {e}", planned.path))
+        })?;
+        mounts.push(served);
     };
     let tun = match ready {
         Ok(Ok(Some((Message::Ready, Some(tun))))) => tun,
@@ -229,6 +321,15 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
     }
     stack.abort();
     let _ = stack.await;
+    // The FUSE connections end with the namespace's mounts (the helper is gone).
+    let _ = tokio::task::spawn_blocking(move || {
+        for served in mounts {
+            served.close(Duration::from_secs(2));
+        }
+    })
+    .await;
+    // The container's volumes: unmounted here, before the session closes.
+    drop(container);
     // The stack's flows let go of the session as their tasks end.
     for _ in 0..50 {
         if Arc::strong_count(&session) == 1 {
@@ -246,7 +347,8 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
 /// and the helper's end of the socket pair at [`CHANNEL_FD`].
 fn spawn_helper(
     config: &HelperConfig,
-    isolated: &Isolated<'_>,
+    command_line: &[OsString],
+    env: &[(OsString, OsString)],
     channel: OwnedFd,
 ) -> Result<tokio::process::Child, Failure> {
     let exe = std::env::current_exe().map_err(|e| {
@@ -258,9 +360,9 @@ fn spawn_helper(
         .arg(HELPER_ARG)
         .arg(json)
         .arg("--")
-        .args(isolated.command)
+        .args(command_line)
         .env_clear()
-        .envs(isolated.env.iter().map(|(k, v)| (k, v)));
+        .envs(env.iter().map(|(k, v)| (k, v)));
     process::pass_fd(&mut command, channel.as_raw_fd(), CHANNEL_FD);
     process::die_with_parent(&mut command);
     let child = command

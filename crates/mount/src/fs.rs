@@ -27,6 +27,7 @@ use graft_proxy::Session;
 
 use crate::links;
 use crate::nodes::Nodes;
+use crate::placeholders::{Placeholder, Placeholders};
 
 /// How long the kernel may cache a file's attributes and a name's lookup before
 /// asking again (`entry_timeout` / `attr_timeout` of `fuse(8)`): changes made in
@@ -51,6 +52,8 @@ pub struct RemoteFs {
     /// Directory listings taken at `opendir`, served by `readdir` by offset.
     listings: Mutex<std::collections::HashMap<u64, Arc<Vec<Listed>>>>,
     next_listing: AtomicU64,
+    /// Paths shown whatever the target holds (mount points for local files).
+    placeholders: Placeholders,
 }
 
 impl RemoteFs {
@@ -60,8 +63,10 @@ impl RemoteFs {
         root: &str,
         writable: bool,
         closing: Arc<AtomicBool>,
+        placeholders: Placeholders,
     ) -> RemoteFs {
         RemoteFs {
+            placeholders,
             session,
             runtime,
             nodes: Nodes::new(root),
@@ -100,7 +105,16 @@ impl RemoteFs {
 
     /// Metadata of a mount-relative path (`lstat`: a symlink is shown as one).
     fn stat(&self, path: &str) -> Result<FileStat, Errno> {
-        self.lstat_remote(&self.nodes.remote(path))
+        match self.placeholders.get(path) {
+            // Always the same answer: a mount point's kind and node never change
+            // under the kernel (a changed kind would detach what is mounted on it).
+            Some(Placeholder::Dir | Placeholder::File) => Ok(self.placeholders.stat(path)),
+            Some(Placeholder::Above) => match self.lstat_remote(&self.nodes.remote(path)) {
+                Ok(stat) if stat.is_dir() => Ok(stat),
+                _ => Ok(self.placeholders.stat(path)),
+            },
+            None => self.lstat_remote(&self.nodes.remote(path)),
+        }
     }
 
     fn lstat_remote(&self, remote: &str) -> Result<FileStat, Errno> {
@@ -158,12 +172,16 @@ impl RemoteFs {
     }
 
     fn list(&self, path: &str) -> Result<Vec<Listed>, Errno> {
-        let entries = match self.call(RemoteRequest::ReadDir {
+        let listed = self.call(RemoteRequest::ReadDir {
             path: self.nodes.remote(path),
-        })? {
-            RemoteResponse::Dir(entries) => entries,
-            other => return Err(unexpected(&other)),
+        });
+        let mut entries = match listed {
+            Ok(RemoteResponse::Dir(entries)) => entries,
+            Ok(other) => return Err(unexpected(&other)),
+            Err(_) if self.placeholders.get(path).is_some() => Vec::new(),
+            Err(e) => return Err(e),
         };
+        self.placeholders.add_children(path, &mut entries);
         let mut out = Vec::with_capacity(entries.len() + 2);
         out.push((".".to_owned(), 1, FileType::Directory));
         out.push(("..".to_owned(), 1, FileType::Directory));
@@ -374,9 +392,14 @@ impl Filesystem for RemoteFs {
         let result = (|| {
             let path = self.path(ino)?;
             let resolved = links::resolve(&self.nodes.remote(&path), |p| self.probe(p))?;
-            // A link out of the mounted subtree has nothing to point to here.
-            let inside = links::within(self.nodes.root(), &resolved).ok_or(Errno::EXDEV)?;
-            Ok(links::relative(&path, &inside))
+            match links::within(self.nodes.root(), &resolved) {
+                Some(inside) => Ok(links::relative(&path, &inside)),
+                // Out of the mounted subtree: where the target's path shows at its
+                // own path (an isolated namespace), the link leads there.
+                None if self.placeholders.shows_at_own_path(&resolved) => Ok(resolved),
+                // Otherwise it has nothing to point to here.
+                None => Err(Errno::EXDEV),
+            }
         })();
         match result {
             Ok(text) => reply.data(text.as_bytes()),

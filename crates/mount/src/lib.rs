@@ -47,6 +47,8 @@
 mod fs;
 mod links;
 mod nodes;
+mod placeholders;
+mod served;
 mod stale;
 
 use std::path::{Path, PathBuf};
@@ -56,6 +58,8 @@ use std::time::{Duration, Instant};
 
 pub use fs::{ATTR_TTL, REQUEST_TIMEOUT};
 use graft_proxy::Session;
+pub use placeholders::{AtOwnPath, Placeholder};
+pub use served::{Served, serve};
 pub use stale::{FSNAME, GraftMount, SUBTYPE, is_dead, parse_mountinfo, sweep_stale, unmount};
 
 /// How many threads serve FUSE requests: several reads in flight at once keep
@@ -235,6 +239,7 @@ pub fn mount(
         &options.root,
         options.writable,
         closing.clone(),
+        placeholders::Placeholders::default(),
     );
     let mut config = fuser::Config::default();
     config.mount_options = vec![

@@ -5,7 +5,8 @@
 //! single-threaded process, unshare(2)), then: new user namespace (unless root;
 //! its own uid and gid mapped to themselves, user_namespaces(7)), network and mount
 //! namespaces; loopback up, a tun device with the configured addresses and
-//! default routes (rtnetlink); mounts private, the resolver files bound over
+//! default routes (rtnetlink); mounts private, the new root with the target's
+//! files built and entered (`root.rs`), the resolver files bound over
 //! `/etc/resolv.conf` and `/etc/hosts`; the tun's descriptor to graft. On graft's
 //! `Start` it runs COMMAND (which keeps the helper's uid, so it has no capability
 //! left, capabilities(7)), then connects sockets to COMMAND's listeners for graft
@@ -31,6 +32,7 @@ use nix::{
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::files::Layout;
 use super::wire::{Channel, Message};
 use crate::process;
 
@@ -56,6 +58,8 @@ pub struct HelperConfig {
     pub user_namespace: bool,
     /// Files bound over paths of the namespace: (file, path it covers).
     pub binds: Vec<(PathBuf, PathBuf)>,
+    /// The new root with the target's files (`None` under `--fs local`).
+    pub layout: Option<Layout>,
 }
 
 /// Runs the helper; `args` are the process's arguments after [`HELPER_ARG`].
@@ -89,6 +93,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                 eprintln!("graft: the isolated namespace's helper lost graft: {e}");
                 return ExitCode::from(125);
             }
+        };
+        let setup = match (setup, &config.layout) {
+            (Ok(()), Some(layout)) => super::root::build(layout, &config.binds, &channel).await,
+            (setup, _) => setup,
         };
         let tun = match setup {
             Ok(()) => configure(&config).await,
@@ -167,7 +175,13 @@ fn enter_namespaces(config: &HelperConfig) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("cannot make the isolated namespace's mounts private: {e}"))?;
-    for (file, path) in &config.binds {
+    // With a new root, the resolver's files are bound into it instead (root.rs).
+    let binds = if config.layout.is_some() {
+        &[][..]
+    } else {
+        &config.binds[..]
+    };
+    for (file, path) in binds {
         nix::mount::mount(
             Some(file),
             path,

@@ -4,6 +4,7 @@
 //! the helper made, and each socket it connected to COMMAND's listeners.
 //!
 //! ```text
+//! helper → graft   Fuse { index } + /dev/fuse fd    (per remote directory, first)
 //! helper → graft   Ready + tun fd | Failed          (namespace set up, or why not)
 //! graft  → helper  Start                            (the stack serves the tun)
 //! helper → graft   Started { pid }                  (COMMAND runs)
@@ -44,6 +45,10 @@ pub enum Message {
     Connected,
     /// The connect failed with this `errno`.
     Refused(i32),
+    /// A FUSE connection for the remote directory of this index in the plan
+    /// (`files::Layout::mounts`) is mounted; its `/dev/fuse` descriptor is
+    /// attached. Sent before `Ready`.
+    Fuse(usize),
 }
 
 /// One end of the socket pair, on the runtime.
