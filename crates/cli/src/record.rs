@@ -136,7 +136,12 @@ pub async fn record(args: RecordArgs) -> Result<u8, Failure> {
         ));
     }
     let filter =
-        graft_filter::from_flags(&args.filter_header, &args.filter_path, &args.filter_method)
+        graft_filter::from_flags(&graft_filter::FilterFlags {
+            header: &args.filter_header,
+            path: &args.filter_path,
+            method: &args.filter_method,
+            ..graft_filter::FilterFlags::default()
+        })
             .map_err(|e| Failure::usage(e.to_string()))?
             .map(|spec| HttpFilter::compile(&spec).map_err(|e| Failure::usage(e.to_string())))
             .transpose()?;
