@@ -39,8 +39,10 @@ pub enum Command {
     /// the agent.
     #[command(after_help = "Example:\n  graft doctor -n shop --target deploy/api")]
     Doctor(crate::doctor::DoctorArgs),
-    /// Remove the node-mode agent pods and `graft expose` Services crashed
-    /// sessions left behind, and this machine's dead graft mounts.
+    /// Remove the node-mode agent pods, `graft expose` Services and
+    /// `--copy-target` copies crashed sessions left behind (restoring the
+    /// workloads their `--scale-down` left at 0), and this machine's dead graft
+    /// mounts.
     #[command(after_help = "Example:\n  graft clean -n shop")]
     Clean(crate::clean::CleanArgs),
     /// List what --target can name in a namespace: deployments, statefulsets,

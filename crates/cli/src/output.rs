@@ -185,7 +185,7 @@ pub struct CleanJson {
 /// A node-mode agent in [`CleanJson`].
 #[derive(Debug, Serialize)]
 pub struct AgentJson {
-    /// `job` or `pod`.
+    /// `job`, `pod`, `service`, `copy` or `scale-down`.
     pub kind: &'static str,
     /// Its namespace.
     pub namespace: String,

@@ -39,7 +39,9 @@ use crate::rbac;
 /// in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentPod {
-    /// `job`, `pod` or `service` (of `graft expose`): what is deleted.
+    /// `job`, `pod` or `service` (of `graft expose`), `copy` (of
+    /// `--copy-target`) or `scale-down` (a workload to restore): what is
+    /// deleted or restored.
     pub kind: &'static str,
     /// Its namespace.
     pub namespace: String,
