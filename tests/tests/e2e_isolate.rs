@@ -145,3 +145,40 @@ fn e2e_isolate_rootless_go_program() {
     println!("{outcome}");
     wait_restored(&ns, addr, "web");
 }
+
+/// Issue 11 point 1, files: rootless, the static Go program reads the pod's own
+/// files at their own paths (its service account's namespace file and
+/// `/etc/hostname`), served by graft FUSE mounts inside the unprivileged user
+/// namespace; this machine's mount table never shows one.
+#[test]
+fn e2e_isolate_rootless_go_program_reads_the_pods_files() {
+    let Some(live) = Live::get() else { return };
+    if !unprivileged_userns() {
+        println!("skipped: this machine does not let nobody create a user namespace");
+        return;
+    }
+    let ns = live.namespace("iso-files");
+    ns.workload("Pod", "web", 1, 1);
+    let dir = nobody_dir(&live);
+    let go = dir.path().join("goapp").display().to_string();
+    let token_ns = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+    let out = run_as_nobody(&ns, dir.path(), "pod/web", &[], &[&go, "read", token_ns])
+        .finish(SESSION_TIMEOUT);
+    assert_eq!(out.assert_success().out(), ns.name, "{out}");
+    let out = run_as_nobody(
+        &ns,
+        dir.path(),
+        "pod/web",
+        &[],
+        &[&go, "read", "/etc/hostname"],
+    )
+    .finish(SESSION_TIMEOUT);
+    assert_eq!(out.assert_success().out(), "web", "{out}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts
+            .lines()
+            .any(|l| l.contains(" - fuse") && l.contains(" graft ")),
+        "{mounts}"
+    );
+}

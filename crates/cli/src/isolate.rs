@@ -12,12 +12,18 @@
 //! ```
 //!
 //! What changes on this machine: nothing outside the namespace (no route, no
-//! address, no file); the namespace dies with COMMAND and the helper. The
+//! address, no file, no mount; a container's volumes excepted); the namespace
+//! dies with COMMAND and the helper. The
 //! namespace's addresses come from 198.18.0.0/15 (benchmarking, RFC 2544), which no
 //! real network uses, so they never hide a target's address: the tun is
 //! [`TUN_V4`]/30 and `fd67:7261:6674::1/64`, graft's resolver [`RESOLVER_V4`].
+//! The target's files show at their own paths in a root of the namespace's own
+//! (FUSE mounts made inside it, see `files`); a `podman run` COMMAND runs its
+//! container in the namespace instead, with the target's directories as volumes
+//! (`container`).
 //! Modules: `helper` (inside the namespace), `wire` (graft ↔ helper), `listeners`
-//! (incoming), `detect` (which programs need this).
+//! (incoming), `detect` (which programs need this), `files` (the root's plan),
+//! `root` (the helper builds it), `container` (podman).
 
 mod container;
 mod detect;
