@@ -260,6 +260,9 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
         dns: Some(IpAddr::V4(RESOLVER_V4)),
         dns_forward: resolver.nameserver.map(|ip| SocketAddr::new(ip, 53)),
         local: isolated.config.layer.outgoing_local.clone(),
+        remote: isolated.config.layer.outgoing_remote.clone(),
+        dns_local: isolated.config.layer.dns_local.clone(),
+        dns_remote: isolated.config.layer.dns_remote.clone(),
         mtu: MTU,
         ..NetstackOptions::default()
     };

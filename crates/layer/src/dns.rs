@@ -3,7 +3,12 @@
 //! resolves with the target's `/etc/hosts` and `/etc/resolv.conf`.
 //!
 //! Left to libc (the fast path, no proxy): DNS off (`--no-dns`), a null name,
-//! numeric addresses (and `AI_NUMERICHOST`), `localhost` and `*.localhost`.
+//! numeric addresses (and `AI_NUMERICHOST`), `localhost` and `*.localhost`,
+//! and the names the `[dns]` rules keep local (`--dns-local`, or not in
+//! `--dns-remote`; decided by `LayerConfig::resolves_remotely`).
+//!
+//! The agent's answers are remembered in [`NAMES`] when an outgoing rule names
+//! a host, so `connect()` can be decided by name (`crate::socket`).
 //!
 //! `addrinfo` lists are allocated the way glibc does (one `malloc` per entry
 //! holding the `addrinfo` and its socket address, the canonical name apart), so
@@ -19,6 +24,7 @@ use std::{
     sync::Mutex,
 };
 
+use graft_config::ResolvedNames;
 use graft_protocol::remote::{AddressFamily, RemoteError, RemoteRequest, RemoteResponse};
 use libc::{addrinfo, hostent, size_t};
 
@@ -39,6 +45,11 @@ fn set_h_errno(value: c_int) {
     // SAFETY: glibc returns a valid pointer to this thread's h_errno.
     unsafe { *__h_errno_location() = value };
 }
+
+/// The names behind the addresses the agent answered (bounded, see
+/// [`ResolvedNames`]).
+pub(crate) static NAMES: std::sync::LazyLock<ResolvedNames> =
+    std::sync::LazyLock::new(ResolvedNames::default);
 
 fn dns_enabled() -> bool {
     state().is_some_and(|s| s.config.dns)
@@ -74,6 +85,10 @@ unsafe fn remote_name(node: *const c_char) -> Option<String> {
     if lower == "localhost" || lower.ends_with(".localhost") {
         return None;
     }
+    if state().is_some_and(|s| !s.config.resolves_remotely(text)) {
+        layer_log!(debug, "resolve {text}: local by the [dns] rules");
+        return None;
+    }
     Some(text.to_owned())
 }
 
@@ -89,6 +104,9 @@ fn resolve(
     layer_log!(debug, "resolve {host} ({family:?}): {answer:?}");
     match answer? {
         RemoteResponse::Resolved { addrs, canonical } if !addrs.is_empty() => {
+            if state().is_some_and(|s| s.config.needs_names()) {
+                NAMES.record(host, &addrs);
+            }
             Ok((addrs, canonical))
         }
         RemoteResponse::Resolved { .. } => Err(RemoteError::NoName),

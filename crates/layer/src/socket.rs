@@ -81,16 +81,25 @@ fn real_peername(fd: c_int) -> Option<SocketAddr> {
     }
 }
 
-/// Whether a destination goes through the target.
-fn is_remote_destination(dest: &SocketAddr) -> bool {
+/// Whether a destination goes through the target: the `[outgoing]` rules,
+/// decided by `LayerConfig::goes_remote` with the names the program resolved
+/// through the agent (`crate::dns::NAMES`). `transport` is asked only when
+/// the destination is not loopback.
+fn is_remote_destination(dest: &SocketAddr, transport: impl FnOnce() -> Transport) -> bool {
     let Some(state) = state() else { return false };
     state.config.outgoing
         && !addr::is_local_only(dest)
-        && !state
+        && state
             .config
-            .outgoing_local
-            .iter()
-            .any(|rule| rule.matches(dest))
+            .goes_remote(dest, transport(), &crate::dns::NAMES)
+}
+
+/// The transport of `fd` for the outgoing rules (TCP unless a datagram socket).
+fn fd_transport(fd: c_int) -> Transport {
+    match socket_type(fd) {
+        Some(libc::SOCK_DGRAM) => Transport::Udp,
+        _ => Transport::Tcp,
+    }
 }
 
 /// Asks the proxy for a connection or flow to `remote`; `Ok((relay, local))`.
@@ -326,7 +335,7 @@ pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: sockl
     let Some(dest) = (unsafe { addr::from_raw(address, len) }) else {
         return real();
     };
-    if !is_remote_destination(&dest) {
+    if !is_remote_destination(&dest, || fd_transport(fd)) {
         return real();
     }
     hooked(real, || connect_hook(fd, dest, real))
@@ -416,7 +425,7 @@ pub unsafe extern "C" fn sendto(
     let Some(dest) = (unsafe { addr::from_raw(address, len) }) else {
         return real();
     };
-    if !is_remote_destination(&dest) {
+    if !is_remote_destination(&dest, || Transport::Udp) {
         return real();
     }
     hooked(real, || {
@@ -452,7 +461,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
     // SAFETY: `msg` is a valid msghdr per sendmsg(2); msg_name is null or msg_namelen bytes.
     let dest = unsafe { addr::from_raw((*msg).msg_name as *const sockaddr, (*msg).msg_namelen) };
     let Some(dest) = dest else { return real() };
-    if !is_remote_destination(&dest) {
+    if !is_remote_destination(&dest, || Transport::Udp) {
         return real();
     }
     hooked(real, || {

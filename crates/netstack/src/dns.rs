@@ -43,6 +43,12 @@ const TCP_IDLE: Duration = Duration::from_secs(30);
 pub(crate) struct Resolver {
     pub(crate) upstream: Arc<dyn Upstream>,
     pub(crate) forward: Option<SocketAddr>,
+    /// This machine's resolver, for the names `dns_local`/`dns_remote` keep here.
+    pub(crate) local: Arc<dyn Upstream>,
+    pub(crate) dns_local: Vec<graft_config::NamePattern>,
+    pub(crate) dns_remote: Vec<graft_config::NamePattern>,
+    /// Where answers are remembered for the outgoing rules by name.
+    pub(crate) names: Arc<graft_config::ResolvedNames>,
 }
 
 impl Resolver {
@@ -105,8 +111,18 @@ impl Resolver {
         };
         let name = question.name().clone();
         let host = name.to_ascii();
-        match self.upstream.resolve(host.clone(), family).await {
+        let upstream = if graft_config::outgoing::resolves_remotely(
+            &self.dns_local,
+            &self.dns_remote,
+            &host,
+        ) {
+            &self.upstream
+        } else {
+            &self.local
+        };
+        match upstream.resolve(host.clone(), family).await {
             Resolved::Addrs(addrs) => {
+                self.names.record(&host, &addrs);
                 for ip in addrs {
                     let data = match (ip, family) {
                         (std::net::IpAddr::V4(v4), AddressFamily::V4) => RData::A(rdata::A(v4)),
@@ -124,7 +140,7 @@ impl Resolver {
                     AddressFamily::V4 => AddressFamily::V6,
                     _ => AddressFamily::V4,
                 };
-                response.metadata.response_code = match self.upstream.resolve(host, other).await {
+                response.metadata.response_code = match upstream.resolve(host, other).await {
                     Resolved::Addrs(_) => ResponseCode::NoError,
                     Resolved::NoName => ResponseCode::NXDomain,
                     Resolved::TryAgain => ResponseCode::ServFail,
@@ -238,6 +254,10 @@ mod tests {
         Resolver {
             upstream: Arc::new(Table),
             forward: None,
+            local: Arc::new(crate::LocalUpstream),
+            dns_local: vec!["*.local-only.example".parse().unwrap()],
+            dns_remote: Vec::new(),
+            names: Arc::default(),
         }
     }
 

@@ -25,9 +25,11 @@
 //! ([`upstream::Upstream`]), its UDP datagrams go through per-flow upstream
 //! sockets ([`udp`]); `egress` writes the stack's packets, and the RSTs graft
 //! makes itself, back into the tun. Which upstream a flow uses: the
-//! `--outgoing-local` rules ([`NetstackOptions::local`]) pick this machine's own
-//! network namespace ([`upstream::LocalUpstream`]), anything else goes to the
-//! target. Modules: `upstream`, `tcp`, `udp`, `dns`, `packet`.
+//! `[outgoing]` rules ([`NetstackOptions::local`], [`NetstackOptions::remote`],
+//! decided by `graft_config::outgoing::goes_remote` with the names the stack's
+//! resolver answered) pick this machine's own network namespace
+//! ([`upstream::LocalUpstream`]) or the target; the `[dns]` rules pick which
+//! resolver answers a name. Modules: `upstream`, `tcp`, `udp`, `dns`, `packet`.
 
 use std::{
     io,
@@ -37,7 +39,8 @@ use std::{
 };
 
 use futures::{SinkExt, StreamExt};
-use graft_config::OutgoingLocal;
+use graft_config::{Destination, NamePattern, OutgoingLocal, ResolvedNames};
+use graft_protocol::Transport;
 use graft_proxy::Session;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tun_rs::AsyncDevice;
@@ -72,6 +75,14 @@ pub struct NetstackOptions {
     /// Destinations connected from this machine's own network namespace instead of
     /// the target (`--outgoing-local`).
     pub local: Vec<OutgoingLocal>,
+    /// When not empty, only these destinations leave from the target
+    /// (`--outgoing-remote`).
+    pub remote: Vec<Destination>,
+    /// Names resolved by this machine's resolver (`--dns-local`).
+    pub dns_local: Vec<NamePattern>,
+    /// When not empty, only these names are resolved by the target
+    /// (`--dns-remote`).
+    pub dns_remote: Vec<NamePattern>,
     /// The tun's MTU in bytes (the largest IP packet read or written).
     pub mtu: u16,
     /// How long a UDP flow lives without a datagram either way.
@@ -84,6 +95,9 @@ impl Default for NetstackOptions {
             dns: None,
             dns_forward: None,
             local: Vec::new(),
+            remote: Vec::new(),
+            dns_local: Vec::new(),
+            dns_remote: Vec::new(),
             mtu: 1500,
             udp_idle: Duration::from_secs(60),
         }
@@ -100,6 +114,8 @@ pub(crate) struct Shared {
     /// Packets graft writes into the tun itself.
     raw_tx: mpsc::Sender<Vec<u8>>,
     sequences: packet::Sequences,
+    /// The names behind the addresses the stack's resolver answered.
+    names: Arc<ResolvedNames>,
 }
 
 impl Shared {
@@ -113,12 +129,19 @@ impl Shared {
         self.options.dns == Some(ip)
     }
 
-    /// The upstream a flow to `remote` uses.
-    fn upstream_for(&self, remote: &SocketAddr) -> Arc<dyn Upstream> {
-        if self.options.local.iter().any(|rule| rule.matches(remote)) {
-            self.local.clone()
-        } else {
+    /// The upstream a `transport` flow to `remote` uses.
+    fn upstream_for(&self, remote: &SocketAddr, transport: Transport) -> Arc<dyn Upstream> {
+        let options = &self.options;
+        if graft_config::outgoing::goes_remote(
+            &options.local,
+            &options.remote,
+            remote,
+            transport,
+            &self.names,
+        ) {
             self.target.clone()
+        } else {
+            self.local.clone()
         }
     }
 }
@@ -177,7 +200,9 @@ async fn run(
     };
     let (to_stack, mut to_stack_rx) = mpsc::channel::<Vec<u8>>(TO_STACK_QUEUE);
     let (raw_tx, mut raw_rx) = mpsc::channel::<Vec<u8>>(RAW_QUEUE);
+    let names = Arc::new(ResolvedNames::default());
     let shared = Arc::new(Shared {
+        names: names.clone(),
         target: target.clone(),
         local: Arc::new(LocalUpstream),
         to_stack,
@@ -188,6 +213,10 @@ async fn run(
     let resolver = Arc::new(dns::Resolver {
         upstream: target,
         forward: options.dns_forward,
+        local: Arc::new(LocalUpstream),
+        dns_local: options.dns_local.clone(),
+        dns_remote: options.dns_remote.clone(),
+        names,
     });
     let gate = tcp::Gate::new(shared.clone());
     let (mut stack_sink, mut stack_stream) = stack.split();

@@ -108,7 +108,9 @@ impl Gate {
 
     async fn connect(self: Arc<Self>, meta: TcpMeta, packet: Vec<u8>) {
         let tuple = (meta.src, meta.dst);
-        let upstream = self.shared.upstream_for(&meta.dst);
+        let upstream = self
+            .shared
+            .upstream_for(&meta.dst, graft_protocol::Transport::Tcp);
         match upstream.connect_tcp(meta.dst).await {
             Ok(relay) => {
                 tracing::debug!(program = %meta.src, remote = %meta.dst, "connected");

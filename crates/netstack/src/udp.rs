@@ -96,7 +96,7 @@ async fn flow(
     mut from_program: mpsc::Receiver<Vec<u8>>,
     to_program: mpsc::Sender<Datagram>,
 ) {
-    let upstream = shared.upstream_for(&remote);
+    let upstream = shared.upstream_for(&remote, graft_protocol::Transport::Udp);
     let mut relay = match upstream.connect_udp(remote).await {
         Ok(relay) => relay,
         Err(e) => {
