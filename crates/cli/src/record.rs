@@ -135,16 +135,15 @@ pub async fn record(args: RecordArgs) -> Result<u8, Failure> {
             "a targetless agent has no incoming traffic to record: give --target",
         ));
     }
-    let filter =
-        graft_filter::from_flags(&graft_filter::FilterFlags {
-            header: &args.filter_header,
-            path: &args.filter_path,
-            method: &args.filter_method,
-            ..graft_filter::FilterFlags::default()
-        })
-            .map_err(|e| Failure::usage(e.to_string()))?
-            .map(|spec| HttpFilter::compile(&spec).map_err(|e| Failure::usage(e.to_string())))
-            .transpose()?;
+    let filter = graft_filter::from_flags(&graft_filter::FilterFlags {
+        header: &args.filter_header,
+        path: &args.filter_path,
+        method: &args.filter_method,
+        ..graft_filter::FilterFlags::default()
+    })
+    .map_err(|e| Failure::usage(e.to_string()))?
+    .map(|spec| HttpFilter::compile(&spec).map_err(|e| Failure::usage(e.to_string())))
+    .transpose()?;
     let redaction = if args.redact_header.is_empty() {
         Redaction::default()
     } else {

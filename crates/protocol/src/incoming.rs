@@ -253,7 +253,8 @@ pub enum SubscribeError {
     Lost {
         /// Why taking it back failed.
         cause: Box<SubscribeError>,
-    },    /// TLS termination (`--tls-cert`) cannot be set up for the port: a bad
+    },
+    /// TLS termination (`--tls-cert`) cannot be set up for the port: a bad
     /// certificate or key, a ClientHello on a filtered port without one, or a
     /// hub owned by another session's agent.
     #[error("{reason}")]
