@@ -197,6 +197,38 @@ pub struct Files {
 type Outcome = Result<RemoteResponse, Errno>;
 
 impl Files {
+    /// Opens the regular file `path` confined to the target's root, for a link
+    /// that passes the descriptor itself ([`RemoteRequest::OpenFd`]). Nothing but a
+    /// regular file is handed out: a directory descriptor would let the program
+    /// walk with `openat` where no rule sends it, and a device's would take
+    /// `ioctl`s the relayed path never forwards (blocking).
+    ///
+    /// # Errors
+    ///
+    /// [`RemoteError::Os`] with the open's errno; [`RemoteError::Unsupported`] for
+    /// anything but a regular file (the caller falls back to [`RemoteRequest::Open`]).
+    pub fn open_fd(
+        &self,
+        path: &str,
+        flags: &OpenFlags,
+        mode: u32,
+    ) -> Result<(OwnedFd, FileStat), RemoteError> {
+        let not_regular = || RemoteError::Unsupported("not a regular file".into());
+        if flags.directory {
+            return Err(not_regular());
+        }
+        let os = |e: Errno| RemoteError::Os(e.raw_os_error());
+        let fd = self
+            .root
+            .open(path, open_flags(flags), Mode::from_bits_truncate(mode))
+            .map_err(os)?;
+        let stat = rustix::fs::fstat(&fd).map_err(os)?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(not_regular());
+        }
+        Ok((fd, file_stat(&stat)))
+    }
+
     /// A session's file table over the target's root.
     pub fn new(root: std::sync::Arc<TargetRoot>) -> Files {
         Files {

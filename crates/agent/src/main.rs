@@ -257,6 +257,7 @@ fn run(args: Args) -> Result<u8, Failure> {
         rules_touched: rules_touched.clone(),
         hello_timeout: Duration::from_secs(args.connect_timeout.max(1)),
         attached: None,
+        fds: None,
     };
     // Chains of agents that died with their watchdog (an OOM-killed container).
     runtime.spawn(rules::stale::sweep());
@@ -477,6 +478,12 @@ async fn serve(
             };
             // Exactly one client: stop listening (and remove the socket file) now.
             drop((l, socket_file));
+            // A client on this machine: files and sockets can pass as descriptors.
+            let (stream, fds) = graft_protocol::fdpass::FdStream::new(stream);
+            let config = SessionConfig {
+                fds: Some(fds),
+                ..config
+            };
             session::run(stream, config, stop.as_mut()).await
         }
         Listener::Tcp(l, acceptor) => {

@@ -23,8 +23,10 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use graft_protocol::codec::FrameCodec;
+use graft_protocol::fdpass::FdQueues;
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
+use graft_protocol::version::{FEATURE_FDS, has_feature, version_with};
 use graft_protocol::{ConnectionId, PROTOCOL_VERSION, RequestId, version};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -75,6 +77,10 @@ pub struct SessionConfig {
     /// serves its own traffic; they come back when the client does. `None`
     /// for a link that ends with its transport.
     pub attached: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The descriptor queues of a link that can pass descriptors (a Unix socket,
+    /// [`graft_protocol::fdpass::FdStream`]); `None` on other links. Used only when
+    /// the client's `Hello` names [`graft_protocol::version::FEATURE_FDS`].
+    pub fds: Option<Arc<FdQueues>>,
 }
 
 /// Why the agent must stop, from outside the link.
@@ -175,6 +181,8 @@ pub type Link<S> = Framed<S, FrameCodec<ClientMessage, AgentMessage>>;
 pub struct Admitted<S> {
     link: Link<S>,
     hello: Hello,
+    /// Both peers pass descriptors on this link.
+    fds: bool,
 }
 
 /// Reads and checks the client's `Hello` on `io` (at most `timeout`), answers it,
@@ -190,6 +198,7 @@ pub async fn handshake<S>(
     secret: &Secret,
     target_pid: u32,
     timeout: Duration,
+    offer_fds: bool,
 ) -> Result<Admitted<S>, SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -232,8 +241,14 @@ where
         });
         return Err(refuse(&mut framed, reason, reply).await);
     }
+    // Descriptors pass only when this link can carry them and the client asks.
+    let fds = offer_fds && has_feature(&hello.version, FEATURE_FDS);
     let accepted = AgentMessage::Hello(HelloReply::Accepted {
-        version: PROTOCOL_VERSION.to_owned(),
+        version: if fds {
+            version_with(&[FEATURE_FDS])
+        } else {
+            PROTOCOL_VERSION.to_owned()
+        },
         target_pid,
     });
     if let Err(e) = framed.send(accepted).await {
@@ -246,6 +261,7 @@ where
     Ok(Admitted {
         link: framed,
         hello,
+        fds,
     })
 }
 
@@ -274,7 +290,13 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let mut stop = std::pin::pin!(stop);
-    let handshake = handshake(io, &config.secret, config.target_pid, config.hello_timeout);
+    let handshake = handshake(
+        io,
+        &config.secret,
+        config.target_pid,
+        config.hello_timeout,
+        config.fds.is_some(),
+    );
     let admitted = tokio::select! {
         stopped = &mut stop => return SessionEnd::Stopped(stopped).into(),
         admitted = handshake => match admitted {
@@ -298,7 +320,18 @@ where
     let Admitted {
         link: framed,
         hello,
+        fds,
     } = admitted;
+    let fds = config.fds.clone().filter(|_| fds);
+    tracing::debug!(
+        passes_descriptors = fds.is_some(),
+        "files on this link: {}",
+        if fds.is_some() {
+            "descriptors passed"
+        } else {
+            "relayed"
+        }
+    );
     tracing::info!(client = %hello.client, "session open");
 
     // The session proper.
@@ -340,6 +373,8 @@ where
         files: Arc::new(Files::new(config.root.clone())),
         dns: Dns::new(config.root.clone()),
         access: access.clone(),
+        fds,
+        fd_order: tokio::sync::Mutex::new(()),
     });
     let steal_tx = spawn_subscriber(access.clone(), to_link.clone());
     let _ = sink.steal_tx.set(steal_tx.clone());
@@ -441,6 +476,11 @@ struct Services {
     files: Arc<Files>,
     dns: Dns,
     access: Arc<Access>,
+    /// The link's descriptor queues, when both peers pass descriptors.
+    fds: Option<Arc<FdQueues>>,
+    /// Held from queueing a descriptor until its frame is queued, so descriptors
+    /// and their frames leave in the same order.
+    fd_order: tokio::sync::Mutex<()>,
 }
 
 /// A subscription change, processed in order.
@@ -708,6 +748,37 @@ async fn serve_request(
             Ok(list) => RemoteResponse::Sessions(list),
             Err(e) => RemoteResponse::Error(RemoteError::Other(e)),
         },
+        RemoteRequest::OpenFd { path, flags, mode } if services.fds.is_some() => {
+            let files = services.files.clone();
+            let opened = tokio::task::spawn_blocking(move || {
+                let opened = files.open_fd(&path, &flags, mode);
+                if let Err(e) = &opened {
+                    tracing::debug!(path, error = %e, "file not passed as a descriptor");
+                }
+                opened
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(RemoteError::Other(format!(
+                    "the agent's worker failed: {e}"
+                )))
+            });
+            match opened {
+                Ok((fd, stat)) => {
+                    let queues = services.fds.as_ref().expect("checked by the guard");
+                    let _order = services.fd_order.lock().await;
+                    queues.push_outgoing(fd);
+                    let _ = responses
+                        .send(AgentMessage::Response {
+                            id,
+                            response: RemoteResponse::FdOpened { stat },
+                        })
+                        .await;
+                    return;
+                }
+                Err(e) => RemoteResponse::Error(e),
+            }
+        }
         file_request => {
             let files = services.files.clone();
             blocking(move || files.handle(file_request)).await

@@ -52,6 +52,19 @@ impl AgentAddress {
     }
 }
 
+/// The environment variable that turns descriptor passing off (`0` or `off`):
+/// every byte of a local target's files is then relayed as for a cluster's, the
+/// fallback path (for comparing the two, and for working around a problem).
+pub const FD_PASSING_ENV: &str = "GRAFT_FD_PASSING";
+
+/// Whether a local agent's files reach the program as descriptors.
+fn pass_fds() -> bool {
+    !matches!(
+        std::env::var(FD_PASSING_ENV).as_deref(),
+        Ok("0" | "off" | "false" | "no")
+    )
+}
+
 /// A running local agent.
 #[derive(Debug)]
 pub struct LocalAgent {
@@ -192,7 +205,7 @@ impl LocalAgent {
         let session = match &self.address {
             AgentAddress::Unix(path) => {
                 let stream = UnixStream::connect(path).await.map_err(|e| failed(&e))?;
-                Session::connect_with(stream, secret, client, options).await
+                Session::connect_unix(stream, secret, client, options, pass_fds()).await
             }
         };
         session.map_err(|e| failed(&e))

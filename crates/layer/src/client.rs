@@ -9,13 +9,14 @@
 //!
 //! Must be called with the re-entrancy guard held (see [`crate::guard`]).
 
-use std::{cell::RefCell, os::unix::net::UnixStream};
+use std::{cell::RefCell, os::fd::OwnedFd, os::unix::net::UnixStream};
 
 use graft_protocol::{
-    PROTOCOL_VERSION,
     codec::{FrameError, read_frame, write_frame},
+    fdpass::FdReader,
     layer::{LayerRequest, LayerResponse},
-    remote::{RemoteError, RemoteRequest, RemoteResponse},
+    remote::{FileStat, RemoteError, RemoteRequest, RemoteResponse},
+    version::{FEATURE_FDS, has_feature, version_with},
 };
 
 struct Connection {
@@ -24,6 +25,8 @@ struct Connection {
     /// now names one of its own files, we must neither write to it nor close it.
     ino: u64,
     stream: UnixStream,
+    /// The proxy passes descriptors on this connection (a local target).
+    fds: bool,
 }
 
 impl Connection {
@@ -79,7 +82,7 @@ fn connect() -> Result<Connection, ClientError> {
     write_frame(
         &mut stream,
         &LayerRequest::Hello {
-            version: PROTOCOL_VERSION.into(),
+            version: version_with(&[FEATURE_FDS]),
             pid,
         },
     )?;
@@ -90,8 +93,13 @@ fn connect() -> Result<Connection, ClientError> {
     ))
     .map(|m| m.ino())
     .unwrap_or(0);
-    match read_frame(&mut stream)? {
-        LayerResponse::Hello { .. } => Ok(Connection { pid, ino, stream }),
+    match read_frame(&mut FdReader::new(&stream))? {
+        LayerResponse::Hello { version } => Ok(Connection {
+            pid,
+            ino,
+            fds: has_feature(&version, FEATURE_FDS),
+            stream,
+        }),
         LayerResponse::Error { message, .. } => Err(ClientError::Refused(message)),
         other => Err(ClientError::Refused(format!(
             "unexpected handshake answer {other:?}"
@@ -99,9 +107,36 @@ fn connect() -> Result<Connection, ClientError> {
     }
 }
 
-fn exchange(conn: &mut Connection, request: &LayerRequest) -> Result<LayerResponse, FrameError> {
+/// One request and its response, with the descriptors that came beside it.
+/// Every read is a `recvmsg` that keeps descriptors, so none is lost to a plain
+/// `read`; the caller closes those it does not expect.
+fn exchange(
+    conn: &mut Connection,
+    request: &LayerRequest,
+) -> Result<(LayerResponse, Vec<OwnedFd>), FrameError> {
     write_frame(&mut conn.stream, request)?;
-    read_frame(&mut conn.stream)
+    let mut reader = FdReader::new(&conn.stream);
+    let response = read_frame(&mut reader)?;
+    Ok((response, reader.fds))
+}
+
+/// Whether this thread's connection to the proxy passes descriptors (opening it
+/// when needed); `false` when the proxy cannot be reached.
+pub fn passes_fds() -> bool {
+    CONNECTION.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let pid = std::process::id();
+        if slot
+            .as_ref()
+            .is_none_or(|c| c.pid != pid || !c.still_ours())
+        {
+            if let Some(conn) = slot.take() {
+                conn.abandon();
+            }
+            *slot = connect().ok();
+        }
+        slot.as_ref().is_some_and(|c| c.fds)
+    })
 }
 
 /// Sends `request` and waits for its response.
@@ -110,6 +145,15 @@ fn exchange(conn: &mut Connection, request: &LayerRequest) -> Result<LayerRespon
 ///
 /// [`ClientError`] when the proxy cannot be reached twice in a row.
 pub fn request(request: &LayerRequest) -> Result<LayerResponse, ClientError> {
+    request_fds(request).map(|(response, _)| response)
+}
+
+/// As [`request`], and the descriptors the proxy passed beside the response.
+///
+/// # Errors
+///
+/// As [`request`].
+pub fn request_fds(request: &LayerRequest) -> Result<(LayerResponse, Vec<OwnedFd>), ClientError> {
     CONNECTION.with(|cell| {
         let mut slot = cell.borrow_mut();
         let pid = std::process::id();
@@ -145,6 +189,29 @@ pub fn request(request: &LayerRequest) -> Result<LayerResponse, ClientError> {
         }
         unreachable!("the loop returns on its second attempt")
     })
+}
+
+/// Opens a remote file as its own descriptor ([`RemoteRequest::OpenFd`]); `Ok`
+/// with the descriptor and the file's metadata. Call only when [`passes_fds`].
+///
+/// # Errors
+///
+/// The remote error ([`RemoteError::Unsupported`]: use the relayed path).
+pub fn open_fd(request: RemoteRequest) -> Result<(OwnedFd, FileStat), RemoteError> {
+    match request_fds(&LayerRequest::Remote(request)) {
+        Ok((LayerResponse::Remote(RemoteResponse::FdOpened { stat }), mut fds))
+            if fds.len() == 1 =>
+        {
+            Ok((fds.remove(0), stat))
+        }
+        Ok((LayerResponse::Remote(RemoteResponse::Error(e)), _)) => Err(e),
+        Ok((LayerResponse::Error { errno, .. }, _)) => Err(RemoteError::Os(errno)),
+        Ok((other, fds)) => Err(RemoteError::Other(format!(
+            "unexpected proxy answer {other:?} with {} descriptors",
+            fds.len()
+        ))),
+        Err(e) => Err(RemoteError::Os(e.errno())),
+    }
 }
 
 /// Sends a remote operation; link failures become [`RemoteError::Os`]`(ECONNABORTED)`.

@@ -16,9 +16,13 @@
 //! Both links open with a version handshake ([`version`]): a peer whose version is
 //! not compatible is refused with a message naming both versions.
 //!
-//! This crate does no I/O of its own beyond encoding and decoding frames.
+//! This crate does no I/O of its own beyond encoding and decoding frames, except
+//! in its optional link pieces: `relink`, `tls` and `fdpass` (descriptor passing
+//! for local targets).
 
 pub mod codec;
+#[cfg(feature = "fdpass")]
+pub mod fdpass;
 pub mod incoming;
 pub mod layer;
 pub mod link;

@@ -131,6 +131,20 @@ pub enum RemoteRequest {
     /// List every session's subscriptions on this target (`graft ls`), the
     /// asking session's own included. Answered with [`RemoteResponse::Sessions`].
     Sessions,
+    /// Open the regular file `path` (absolute, inside the target's root) and pass
+    /// its descriptor itself, on a link that passes descriptors (a local target,
+    /// both peers naming [`crate::version::FEATURE_FDS`]; see [`crate::fdpass`]).
+    /// Answered with [`RemoteResponse::FdOpened`] and the descriptor beside it, or
+    /// [`RemoteError::Unsupported`] (not a regular file, or the link passes no
+    /// descriptors: use [`RemoteRequest::Open`]), or the open's error.
+    OpenFd {
+        /// Absolute path as the target sees it.
+        path: String,
+        /// How to open it.
+        flags: OpenFlags,
+        /// Permission bits for a created file (as `open(2)`'s `mode`).
+        mode: u32,
+    },
 }
 
 /// The answer to one [`RemoteRequest`].
@@ -181,6 +195,12 @@ pub enum RemoteResponse {
     },
     /// The answer to [`RemoteRequest::Sessions`], oldest subscription first.
     Sessions(Vec<crate::incoming::SessionListing>),
+    /// The answer to [`RemoteRequest::OpenFd`]: the file's descriptor travels
+    /// beside this frame ([`crate::fdpass`]).
+    FdOpened {
+        /// Metadata of the opened file.
+        stat: FileStat,
+    },
 }
 
 /// Why a remote operation failed.

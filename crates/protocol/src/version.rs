@@ -14,6 +14,29 @@ use semver::Version;
 /// This build's protocol version.
 pub const PROTOCOL_VERSION: &str = "0.4.0";
 
+/// The feature tag of descriptor passing ([`crate::fdpass`]): the sender of a
+/// version carrying it can take descriptors on that link.
+pub const FEATURE_FDS: &str = "fds";
+
+/// [`PROTOCOL_VERSION`] with `features` as its semver build metadata
+/// (`0.3.0+fds`). Build metadata does not take part in [`check_compatible`], so a
+/// peer that knows no feature reads the version as it always did, and a feature
+/// is used only when both peers name it.
+pub fn version_with(features: &[&str]) -> String {
+    if features.is_empty() {
+        PROTOCOL_VERSION.to_owned()
+    } else {
+        format!("{PROTOCOL_VERSION}+{}", features.join("."))
+    }
+}
+
+/// Whether `version` (a peer's, as sent) names `feature` in its build metadata.
+pub fn has_feature(version: &str, feature: &str) -> bool {
+    Version::parse(version)
+        .map(|v| v.build.as_str().split('.').any(|f| f == feature))
+        .unwrap_or(false)
+}
+
 /// Why a peer's version was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VersionError {
@@ -74,6 +97,17 @@ mod tests {
             check_compatible("0.3.0"),
             Err(VersionError::Incompatible { .. })
         ));
+    }
+
+    #[test]
+    fn features_ride_in_build_metadata() {
+        let v = version_with(&[FEATURE_FDS]);
+        assert_eq!(check_compatible(&v), Ok(()));
+        assert!(has_feature(&v, FEATURE_FDS));
+        assert!(!has_feature(PROTOCOL_VERSION, FEATURE_FDS));
+        assert!(!has_feature("0.3.0+fdsx", FEATURE_FDS));
+        assert!(has_feature("0.3.0+tls.fds", FEATURE_FDS));
+        assert_eq!(version_with(&[]), PROTOCOL_VERSION);
     }
 
     #[test]

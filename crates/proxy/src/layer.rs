@@ -9,6 +9,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
     os::unix::fs::PermissionsExt,
     path::Path,
     sync::Arc,
@@ -18,9 +19,11 @@ use std::{
 use futures::{SinkExt, StreamExt};
 use graft_protocol::{
     PROTOCOL_VERSION, Transport,
-    codec::FrameCodec,
+    codec::{FrameCodec, encode_frame},
+    fdpass::send_with_fds,
     layer::{LayerRequest, LayerResponse},
-    version::check_compatible,
+    remote::{OpenFlags, RemoteError, RemoteRequest, RemoteResponse},
+    version::{FEATURE_FDS, check_compatible, has_feature, version_with},
 };
 use tokio::net::{TcpListener, UdpSocket, UnixListener, UnixStream};
 use tokio_util::codec::Framed;
@@ -67,16 +70,23 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
 
 async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
     let mut framed: LayerFramed = Framed::new(stream, FrameCodec::new());
-    let pid = match framed.next().await {
+    let (pid, fds) = match framed.next().await {
         Some(Ok(LayerRequest::Hello { version, pid })) => match check_compatible(&version) {
             Ok(()) => {
+                // Descriptors go to the layer when it takes them and the agent
+                // passes them to us.
+                let fds = has_feature(&version, FEATURE_FDS) && shared.passes_fds();
                 let hello = LayerResponse::Hello {
-                    version: PROTOCOL_VERSION.to_owned(),
+                    version: if fds {
+                        version_with(&[FEATURE_FDS])
+                    } else {
+                        PROTOCOL_VERSION.to_owned()
+                    },
                 };
                 if framed.send(hello).await.is_err() {
                     return;
                 }
-                pid
+                (pid, fds)
             }
             Err(e) => {
                 tracing::warn!(pid, error = %e, "refusing a layer of another version");
@@ -100,7 +110,7 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
         }
         None => return,
     };
-    tracing::debug!(pid, "layer connected");
+    tracing::debug!(pid, passes_descriptors = fds, "layer connected");
     while let Some(request) = framed.next().await {
         let request = match request {
             Ok(request) => request,
@@ -109,11 +119,79 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
                 return;
             }
         };
-        let response = answer(&shared, request).await;
-        if framed.send(response).await.is_err() {
+        let sent = match request {
+            LayerRequest::Remote(RemoteRequest::OpenFd { path, flags, mode }) => {
+                let (response, fd) = open_fd(&shared, fds, path, flags, mode).await;
+                match fd {
+                    Some(fd) => send_with_fd(&mut framed, &response, fd).await,
+                    None => framed.send(response).await.map_err(|e| e.to_string()),
+                }
+            }
+            request => {
+                let response = answer(&shared, request).await;
+                framed.send(response).await.map_err(|e| e.to_string())
+            }
+        };
+        if let Err(e) = sent {
+            tracing::debug!(pid, error = %e, "layer connection lost");
             return;
         }
     }
+}
+
+/// Opens a remote file for the layer as its descriptor (when `fds`, both links
+/// pass descriptors), else answers `Unsupported` so the layer relays it.
+async fn open_fd(
+    shared: &Arc<Shared>,
+    fds: bool,
+    path: String,
+    flags: OpenFlags,
+    mode: u32,
+) -> (LayerResponse, Option<OwnedFd>) {
+    if !fds {
+        let no = RemoteError::Unsupported("descriptors are not passed on this link".into());
+        return (LayerResponse::Remote(RemoteResponse::Error(no)), None);
+    }
+    let request = RemoteRequest::OpenFd {
+        path: path.clone(),
+        flags,
+        mode,
+    };
+    match shared.request_fd(request).await {
+        Ok((response, fd)) => {
+            tracing::debug!(path, passed = fd.is_some(), "file opened as a descriptor");
+            (LayerResponse::Remote(response), fd)
+        }
+        Err(e) => (error(libc::ECONNABORTED, e.to_string()), None),
+    }
+}
+
+/// Writes `response` to the layer with `fd` beside its first byte.
+async fn send_with_fd(
+    framed: &mut LayerFramed,
+    response: &LayerResponse,
+    fd: OwnedFd,
+) -> Result<(), String> {
+    framed.flush().await.map_err(|e| e.to_string())?;
+    let frame = encode_frame(response).map_err(|e| e.to_string())?;
+    let stream = framed.get_ref();
+    let mut sent = 0;
+    while sent < frame.len() {
+        stream.writable().await.map_err(|e| e.to_string())?;
+        let fds = if sent == 0 {
+            vec![fd.as_fd()]
+        } else {
+            Vec::new()
+        };
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            send_with_fds(stream, &frame[sent..], &fds)
+        }) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
 }
 
 fn error(errno: i32, message: String) -> LayerResponse {

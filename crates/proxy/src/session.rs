@@ -28,7 +28,7 @@ use std::{
 
 use futures::{SinkExt, StreamExt};
 use graft_protocol::{
-    ConnectionId, PROTOCOL_VERSION, RequestId, Transport,
+    ConnectionId, RequestId, Transport,
     codec::FrameCodec,
     incoming::{
         HttpFilterSpec, IncomingMode, SubscribeError, Subscription as PortSubscription,
@@ -37,7 +37,7 @@ use graft_protocol::{
     layer::DeliveredPeer,
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
-    version::check_compatible,
+    version::{FEATURE_FDS, check_compatible, has_feature, version_with},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -179,9 +179,46 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        Session::open(stream, secret, client, options, None).await
+    }
+
+    /// Opens a session over a Unix socket to an agent on this machine, as
+    /// [`Session::connect_with`] does, offering descriptor passing
+    /// ([`graft_protocol::fdpass`]): when the agent takes it up, remote files
+    /// reach the program as the real file's descriptor. With `pass_fds` false
+    /// (or an agent that does not offer it) every byte is relayed as before.
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::connect_with`].
+    pub async fn connect_unix(
+        stream: tokio::net::UnixStream,
+        secret: &str,
+        client: &str,
+        options: SessionOptions,
+        pass_fds: bool,
+    ) -> Result<Session, ProxyError> {
+        if !pass_fds {
+            return Session::open(stream, secret, client, options, None).await;
+        }
+        let (stream, fds) = graft_protocol::fdpass::FdStream::new(stream);
+        Session::open(stream, secret, client, options, Some(fds)).await
+    }
+
+    async fn open<S>(
+        stream: S,
+        secret: &str,
+        client: &str,
+        options: SessionOptions,
+        fds: Option<Arc<graft_protocol::fdpass::FdQueues>>,
+    ) -> Result<Session, ProxyError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let mut framed = Framed::new(stream, LinkCodec::new());
+        let features: &[&str] = if fds.is_some() { &[FEATURE_FDS] } else { &[] };
         let hello = ClientMessage::Hello(Hello {
-            version: PROTOCOL_VERSION.to_owned(),
+            version: version_with(features),
             secret: secret.to_owned(),
             client: client.to_owned(),
         });
@@ -237,7 +274,16 @@ impl Session {
 
         let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_LEN);
         let (end_tx, _) = watch::channel(None);
-        let shared = Arc::new(Shared::new(outbox_tx, end_tx, options));
+        let fds = fds.filter(|_| has_feature(&agent.version, FEATURE_FDS));
+        tracing::debug!(
+            "files from the agent: {}",
+            if fds.is_some() {
+                "descriptors passed (the agent is on this machine)"
+            } else {
+                "relayed"
+            }
+        );
+        let shared = Arc::new(Shared::new(outbox_tx, end_tx, options, fds));
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
         let tasks = vec![
             tokio::spawn(read_loop(reader, shared.clone())),

@@ -82,6 +82,13 @@ fn open_remote_inner(path: &str, flags: c_int, mode: mode_t, writing: bool) -> R
         }
         return dir_placeholder(path, cloexec);
     }
+    if client::passes_fds() {
+        match open_passed(path, flags, mode) {
+            Ok(fd) => return Ok(fd),
+            Err(Some(errno)) => return Err(errno),
+            Err(None) => layer_log!(debug, "open {path}: relayed (not passed as a descriptor)"),
+        }
+    }
     if !writing {
         return open_read_only(path, flags, cloexec);
     }
@@ -149,6 +156,53 @@ fn open_remote_inner(path: &str, flags: c_int, mode: mode_t, writing: bool) -> R
         debug,
         "remote file {path} opened for writing as fd {fd} ({} bytes, written back on close)",
         real_fstat(fd).map_or(0, |s| s.st_size)
+    );
+    Ok(fd)
+}
+
+/// Opens `path` in the target's root as the file itself: the agent opens it and
+/// passes the descriptor, which the program then reads, writes, maps and stats
+/// directly (a live file, not a copy). `Err(None)` when it cannot be passed (not
+/// a regular file): the caller relays it instead.
+fn open_passed(path: &str, flags: c_int, mode: mode_t) -> Result<c_int, Option<i32>> {
+    let access = flags & libc::O_ACCMODE;
+    let open_flags = OpenFlags {
+        read: access != libc::O_WRONLY,
+        write: access != libc::O_RDONLY,
+        create: flags & libc::O_CREAT != 0,
+        exclusive: flags & libc::O_EXCL != 0,
+        truncate: flags & libc::O_TRUNC != 0,
+        append: flags & libc::O_APPEND != 0,
+        directory: false,
+        no_follow: flags & libc::O_NOFOLLOW != 0,
+    };
+    let request = RemoteRequest::OpenFd {
+        path: path.to_owned(),
+        flags: open_flags,
+        mode,
+    };
+    let fd = match client::open_fd(request) {
+        Ok((fd, _stat)) => std::os::fd::IntoRawFd::into_raw_fd(fd),
+        Err(RemoteError::Os(errno)) => return Err(Some(errno)),
+        Err(e) => {
+            layer_log!(debug, "open {path}: no descriptor passed: {e}");
+            return Err(None);
+        }
+    };
+    // The descriptor arrives close-on-exec; the program's flags decide.
+    // SAFETY: fcntl on the descriptor we just received changes only its flags.
+    unsafe {
+        if flags & libc::O_CLOEXEC == 0 {
+            real!(fcntl(fd, libc::F_SETFD, 0): fn(c_int, c_int, libc::c_ulong) -> c_int);
+        }
+        if flags & libc::O_NONBLOCK != 0 {
+            let fl = real!(fcntl(fd, libc::F_GETFL, 0): fn(c_int, c_int, libc::c_ulong) -> c_int);
+            real!(fcntl(fd, libc::F_SETFL, (fl | libc::O_NONBLOCK) as libc::c_ulong): fn(c_int, c_int, libc::c_ulong) -> c_int);
+        }
+    }
+    layer_log!(
+        debug,
+        "open {path}: the target's file itself as fd {fd} (descriptor passed)"
     );
     Ok(fd)
 }

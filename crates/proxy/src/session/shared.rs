@@ -4,6 +4,10 @@
 //! (`read_loop`, `write_loop`), ping the agent (`keepalive`) and unsteal the ports
 //! of exited owners (`check_owners`).
 
+use std::os::fd::OwnedFd;
+
+use graft_protocol::{fdpass::FdQueues, remote::RemoteError};
+
 use super::*;
 /// Locks `mutex`, recovering the data after a panic elsewhere: every critical
 /// section in this crate leaves the state consistent before it can panic.
@@ -59,7 +63,8 @@ enum StealState {
 struct State {
     /// Set once, when the link ends; nothing is registered after that.
     ended: Option<LinkEnd>,
-    requests: HashMap<RequestId, oneshot::Sender<RemoteResponse>>,
+    /// Pending requests; the answer of an `OpenFd` comes with its descriptor.
+    requests: HashMap<RequestId, oneshot::Sender<(RemoteResponse, Option<OwnedFd>)>>,
     connects: HashMap<ConnectionId, oneshot::Sender<Result<SocketAddr, i32>>>,
     conns: HashMap<ConnectionId, mpsc::UnboundedSender<ConnEvent>>,
     steals: HashMap<u16, Subscription>,
@@ -86,6 +91,8 @@ pub(crate) struct Shared {
     /// The target's ports whose steal or mirror was announced on stderr: once
     /// per port, also when CMD closes its listener and listens again.
     pub(super) announced: Mutex<Vec<u16>>,
+    /// The link's descriptor queues when the agent passes descriptors.
+    fds: Option<Arc<FdQueues>>,
 }
 
 impl Shared {
@@ -94,6 +101,7 @@ impl Shared {
         outbox: mpsc::Sender<ClientMessage>,
         end_tx: watch::Sender<Option<LinkEnd>>,
         options: SessionOptions,
+        fds: Option<Arc<FdQueues>>,
     ) -> Shared {
         Shared {
             outbox,
@@ -105,6 +113,7 @@ impl Shared {
             secondaries: Mutex::new(Vec::new()),
             refused: Mutex::new(Vec::new()),
             announced: Mutex::new(Vec::new()),
+            fds,
         }
     }
 
@@ -153,6 +162,21 @@ impl Shared {
         &self,
         request: RemoteRequest,
     ) -> Result<RemoteResponse, ProxyError> {
+        Ok(self.request_fd(request).await?.0)
+    }
+
+    /// Whether the agent passes descriptors on this link (a local agent that
+    /// named [`graft_protocol::version::FEATURE_FDS`] in its `Hello`).
+    pub(crate) fn passes_fds(&self) -> bool {
+        self.fds.is_some()
+    }
+
+    /// Sends a remote operation and waits for its answer and, for
+    /// [`RemoteResponse::FdOpened`], the descriptor that came with it.
+    pub(crate) async fn request_fd(
+        &self,
+        request: RemoteRequest,
+    ) -> Result<(RemoteResponse, Option<OwnedFd>), ProxyError> {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -384,12 +408,33 @@ impl Shared {
     /// Handles one message from the agent.
     fn dispatch(self: &Arc<Self>, message: AgentMessage) {
         match message {
-            AgentMessage::Response { id, response } => match self.state().requests.remove(&id) {
-                Some(waiter) => {
-                    let _ = waiter.send(response);
+            AgentMessage::Response { id, response } => {
+                // Claimed even when nobody waits any more, to keep the queue in step.
+                let (response, fd) = match response {
+                    RemoteResponse::FdOpened { .. } => {
+                        match self.fds.as_ref().and_then(|q| q.pop_incoming()) {
+                            Some(fd) => (response, Some(fd)),
+                            None => {
+                                tracing::warn!(
+                                    id,
+                                    "the agent announced a descriptor it did not pass"
+                                );
+                                let missing = RemoteError::Other(
+                                    "the agent announced a descriptor it did not pass".into(),
+                                );
+                                (RemoteResponse::Error(missing), None)
+                            }
+                        }
+                    }
+                    other => (other, None),
+                };
+                match self.state().requests.remove(&id) {
+                    Some(waiter) => {
+                        let _ = waiter.send((response, fd));
+                    }
+                    None => tracing::debug!(id, "response to a forgotten request"),
                 }
-                None => tracing::debug!(id, "response to a forgotten request"),
-            },
+            }
             AgentMessage::SubscribeResult { port, error } => self.steal_result(port, error),
             AgentMessage::Connected { conn, local } => {
                 if let Some(waiter) = self.state().connects.remove(&conn) {
