@@ -41,6 +41,11 @@ fn a_graft_toml_in_the_working_directory_is_named_and_every_documented_key_is_ac
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("graft.toml");
     std::fs::write(&file, readme_example()).unwrap();
+    // The files `[incoming.tls]` names, a real certificate and key.
+    let pki = graft_tests::pki::Pki::new(None);
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::copy(pki.path("server.crt"), dir.path().join("certs/api.crt")).unwrap();
+    std::fs::copy(pki.path("server.key"), dir.path().join("certs/api.key")).unwrap();
     let mut command = bed.graft_run(&[], &["true"]);
     command.current_dir(dir.path());
     let out = bed.finish(

@@ -85,6 +85,14 @@ pub struct ConnectArgs {
     /// How cluster names reach graft's DNS server.
     #[arg(long, value_enum, default_value_t = DnsArg::Auto)]
     pub dns: DnsArg,
+    /// Names this machine's name servers answer even when they look like the
+    /// cluster's (`db.shop`, `*.corp.example`; repeatable; adds to `[dns] local`).
+    #[arg(long = "dns-local", value_name = "NAME")]
+    pub dns_local: Vec<String>,
+    /// Names the target's resolver answers besides the cluster's, e.g. a
+    /// domain only the cluster's DNS knows (repeatable; adds to `[dns] remote`).
+    #[arg(long = "dns-remote", value_name = "NAME")]
+    pub dns_remote: Vec<String>,
     /// Config file [default: ./graft.toml when it exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -285,6 +285,9 @@ async fn clean_or_plan(
     } else {
         plan.delete
     };
+    // Services first: deleting their agent's Job lets the garbage collector
+    // take them at any moment, and a Service taken that way would go unnamed.
+    clean_services(client, namespace, force, dry_run, &mut report).await?;
     for pod in delete {
         let deleted = match pod.kind {
             "job" => delete_agent_job(client, &pod.namespace, &pod.name).await,
@@ -298,7 +301,6 @@ async fn clean_or_plan(
             }
         }
     }
-    clean_services(client, namespace, force, dry_run, &mut report).await?;
     crate::clean_copy::clean_copies(client, namespace, force, dry_run, &mut report).await?;
     let api: Api<Pod> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),

@@ -171,6 +171,8 @@ fn resolve_config(args: &ConnectArgs) -> Result<(Config, Vec<String>), Failure> 
         agent_image: args.agent_image.clone(),
         agent_pull_policy: args.agent_pull_policy.clone(),
         agent_mode: args.agent_mode.clone(),
+        dns_local: args.dns_local.clone(),
+        dns_remote: args.dns_remote.clone(),
         ..RunOverrides::default()
     };
     let file = crate::run::load_file(args.config.as_deref())?;
@@ -235,6 +237,8 @@ async fn discover(config: &Config, session: &Session) -> Result<Discovered, Fail
                 ..Domains::default()
             };
             domains.exact = hosts.into_iter().collect();
+            domains.local.clone_from(&config.layer.dns_local);
+            domains.remote.clone_from(&config.layer.dns_remote);
             Ok(Discovered {
                 ranges,
                 domains,
@@ -284,6 +288,8 @@ async fn discover(config: &Config, session: &Session) -> Result<Discovered, Fail
                     absolute: vec![cluster_domain],
                     last_labels,
                     exact: Default::default(),
+                    local: config.layer.dns_local.clone(),
+                    remote: config.layer.dns_remote.clone(),
                 },
                 search,
                 notes: facts.notes,
@@ -387,7 +393,14 @@ async fn serve(
     };
     let mut routing: Vec<String> = discovered.domains.absolute.clone();
     routing.extend(discovered.domains.last_labels.iter().cloned());
+    // `[dns] remote` names: a wildcard routes its domain, a name itself (a
+    // routing domain covers the name and what is under it).
+    routing.extend(discovered.domains.remote.iter().map(|p| {
+        let text = p.to_string();
+        text.strip_prefix("*.").map_or(text.clone(), str::to_owned)
+    }));
     routing.sort();
+    routing.dedup();
     match mode {
         DnsMode::SystemdResolved => {
             let commands = resolv::resolved_commands(

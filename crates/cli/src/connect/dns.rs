@@ -57,6 +57,14 @@ pub struct Domains {
     pub last_labels: HashSet<String>,
     /// Names the target's hosts file knows.
     pub exact: HashSet<String>,
+    /// `[dns] local` / `--dns-local`: names this machine's resolvers answer even
+    /// when they look like the cluster's (they win over everything else).
+    pub local: Vec<graft_config::NamePattern>,
+    /// `[dns] remote` / `--dns-remote`: names the target's resolver answers
+    /// besides the cluster's (a company domain only the cluster's DNS knows).
+    /// Unlike `graft run`, where these are the only remote names, the cluster's
+    /// own names stay remote here: resolving them is what `connect` is for.
+    pub remote: Vec<graft_config::NamePattern>,
 }
 
 impl Domains {
@@ -65,8 +73,15 @@ impl Domains {
     /// without when the target's search list should apply.
     pub fn is_remote(&self, name: &str) -> Option<String> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if name.is_empty() {
+        if name.is_empty() || self.local.iter().any(|p| p.matches(&name)) {
             return None;
+        }
+        if self.remote.iter().any(|p| p.matches(&name)) {
+            return Some(if name.contains('.') {
+                format!("{name}.")
+            } else {
+                name
+            });
         }
         if self.exact.contains(&name) {
             return Some(name);
@@ -345,7 +360,31 @@ mod tests {
             absolute: vec!["cluster.local".into(), "graft.test".into()],
             last_labels: ["shop".to_owned(), "svc".to_owned()].into(),
             exact: ["only-target.example".to_owned()].into(),
+            local: Vec::new(),
+            remote: Vec::new(),
         }
+    }
+
+    #[test]
+    fn dns_rules_move_names_either_way_and_local_wins() {
+        let mut d = domains();
+        d.local = vec!["*.shop".parse().unwrap(), "web".parse().unwrap()];
+        d.remote = vec![
+            "*.corp.example".parse().unwrap(),
+            "db.shop".parse().unwrap(),
+        ];
+        // Remote by rule, though not a cluster name: complete as given.
+        assert_eq!(
+            d.is_remote("Git.Corp.Example.").as_deref(),
+            Some("git.corp.example.")
+        );
+        // Local wins over the cluster's own names and over a remote rule.
+        assert_eq!(d.is_remote("cart.shop"), None);
+        assert_eq!(d.is_remote("db.shop"), None);
+        assert_eq!(d.is_remote("web"), None);
+        // The rest is as without rules.
+        assert_eq!(d.is_remote("api").as_deref(), Some("api"));
+        assert_eq!(d.is_remote("corp.example"), None);
     }
 
     #[test]
