@@ -303,3 +303,31 @@ fn another_user_cannot_control_the_connection_and_hostile_dns_does_not_kill_it()
     assert!(by_name.starts_with("svc "), "{by_name}");
     run(&bed, &["quit"]).assert_success();
 }
+
+#[test]
+fn dns_local_keeps_a_name_with_this_machines_resolver_while_connected() {
+    let bed = bed();
+    let machine = Connected::lock();
+    let target = format!("pid:{}", bed.target_pid);
+    run(
+        &bed,
+        &[
+            "connect",
+            "--target",
+            &target,
+            "--dns-local",
+            "svc.graft.test",
+        ],
+    )
+    .assert_success();
+    // The target's resolver knows svc.graft.test, this machine's does not: with
+    // the rule, the machine's answer (none) is the one programs get.
+    assert_eq!(getent("svc.graft.test"), "", "--dns-local was not applied");
+    // Every other name of the target still resolves there.
+    assert!(
+        getent("only-target.graft.test").contains(&bed.service_v4.to_string()),
+        "a name of the target's hosts file"
+    );
+    run(&bed, &["quit"]).assert_success();
+    assert_restored(&machine);
+}
