@@ -425,11 +425,12 @@ async fn clean_deletes_exactly_the_terminated_agent_pods() {
     assert_eq!(
         deletes(&seen),
         [
+            // graft expose's Service of a session whose agent is gone, first:
+            // once its agent's Job is deleted the garbage collector may take it.
+            "/api/v1/namespaces/shop/services/old-dev",
             "/apis/batch/v1/namespaces/shop/jobs/graft-agent-jobdone",
             "/api/v1/namespaces/shop/pods/graft-agent-done",
             "/api/v1/namespaces/shop/pods/graft-agent-crashed",
-            // graft expose's Service of a session whose agent is gone.
-            "/api/v1/namespaces/shop/services/old-dev",
         ]
     );
     // A Job's pods go with it, not before (background propagation).
@@ -449,10 +450,10 @@ async fn clean_deletes_exactly_the_terminated_agent_pods() {
     assert_eq!(
         removed,
         [
+            "old-dev",
             "graft-agent-jobdone",
             "graft-agent-done",
             "graft-agent-crashed",
-            "old-dev"
         ]
     );
     let kept: Vec<&str> = report.kept.iter().map(|p| p.name.as_str()).collect();
