@@ -13,9 +13,11 @@ use std::time::Duration;
 use graft_tests::{Bed, Proc, curl, wait_until};
 use nix::sys::signal::Signal;
 
-/// Local ports of this bed's forwards: unique per slot, away from the bed's own.
+/// Local ports of this bed's forwards: unique per slot, away from the bed's own
+/// and below Kubernetes' NodePort range (30000-32767), which kube-proxy answers
+/// on this machine's loopback too while the lab cluster runs.
 fn local_port(bed: &Bed, k: u16) -> u16 {
-    30000 + u16::from(bed.n) * 4 + k
+    24000 + u16::from(bed.n) * 4 + k
 }
 
 /// Starts `graft port-forward --target pid:PID ARGS…` and waits for its ready line.
