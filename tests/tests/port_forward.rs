@@ -135,8 +135,8 @@ fn a_refused_port_is_refused_locally_not_an_empty_reply_or_a_hang() {
     let code = out.status.code();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // 56: "Connection reset by peer" (52 would be an empty reply, 28 a timeout).
-    assert_eq!(code, Some(56), "curl: {stderr}");
-    assert!(stderr.contains("reset"), "{stderr}");
+    // 7: refused at connect, when the listener answers the refusal that way.
+    assert!(matches!(code, Some(56 | 7)), "curl: {code:?} {stderr}");
     // graft writes its line after the reset went out: wait for it (bounded).
     let said = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
         session.stderr().contains("refused").then_some(())
