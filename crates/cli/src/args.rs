@@ -308,6 +308,28 @@ pub struct RunArgs {
     /// ./graft.toml, ./graft.json, ./graft.yaml that exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Shadow diff (with --mirror, the default mode): compare CMD's answer to each
+    /// mirrored HTTP/1.x request with the target's; counts in the terminal, each
+    /// difference as a JSON line in --diff-out; exit 1 when any differs.
+    #[arg(long, conflicts_with = "steal")]
+    pub diff: bool,
+    /// Where --diff writes its JSON lines [default: diff-ID.jsonl beside the
+    /// session directory, printed at start].
+    #[arg(long = "diff-out", value_name = "FILE", requires = "diff")]
+    pub diff_out: Option<PathBuf>,
+    /// With --diff: a response header not compared, e.g. `Date` (repeatable;
+    /// case-insensitive).
+    #[arg(long = "ignore-header", value_name = "NAME", requires = "diff")]
+    pub ignore_header: Vec<String>,
+    /// With --diff: a JSON path removed from both JSON bodies before they are
+    /// compared, e.g. `$.id`, `items[*].created` (repeatable).
+    #[arg(long = "ignore-json-path", value_name = "PATH", requires = "diff")]
+    pub ignore_json_path: Vec<String>,
+    /// With --diff: how long one side's answer may lag behind the other's before
+    /// the request counts as unanswered, e.g. `10s` [default: 10s].
+    #[arg(long = "diff-timeout", value_name = "DURATION", requires = "diff",
+          value_parser = crate::shadow::parse_bound)]
+    pub diff_timeout: Option<std::time::Duration>,
     /// The command to run, and its arguments (after `--`).
     #[arg(
         value_name = "CMD",
