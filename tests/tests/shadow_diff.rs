@@ -301,13 +301,20 @@ fn shadow_diff_with_nothing_different_exits_0_and_keeps_its_default_file() {
 }
 
 #[test]
-fn shadow_diff_needs_a_mirror() {
+fn shadow_diff_needs_a_whole_mirror_and_good_rules() {
     let bed = Bed::new();
     let out = bed
         .graft_run(&["--steal", "--diff"], &["true"])
         .output()
         .expect("graft runs");
     assert_eq!(out.status.code(), Some(2));
+    let out = bed
+        .graft_run(&["--diff", "--filter-path", "^/api"], &["true"])
+        .output()
+        .expect("graft runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--filter-*"), "{stderr}");
     let out = bed
         .graft_run(&["--diff", "--ignore-json-path", "a[x"], &["true"])
         .output()
@@ -440,8 +447,29 @@ fn replay_with_a_bad_entry_or_a_busy_port_starts_nothing() {
     );
     assert!(!marker.exists(), "CMD was started");
 
-    // A CMD that exits without listening: a clear failure, not a hang.
+    // A port that answers already: the replay would reach that program.
     std::fs::write(&file, har(port, "-")).unwrap();
+    let busy = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    let out = bed
+        .graft(&[
+            "replay",
+            file.to_str().unwrap(),
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ])
+        .output()
+        .expect("graft runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("port {port} already answers on this machine")),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "CMD was started");
+    drop(busy);
+
+    // A CMD that exits without listening: a clear failure, not a hang.
     let out = bed
         .graft(&["replay", file.to_str().unwrap(), "--", "true"])
         .output()

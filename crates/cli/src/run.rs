@@ -138,8 +138,8 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
 ///
 /// # Errors
 ///
-/// A usage failure for a steal, no incoming traffic, an isolated CMD, or a bad
-/// `--ignore-json-path`.
+/// A usage failure for a steal, no incoming traffic, an HTTP filter, an isolated
+/// CMD, or a bad `--ignore-json-path`.
 fn diff_request(
     args: &RunArgs,
     config: &Config,
@@ -153,6 +153,13 @@ fn diff_request(
             "--diff compares CMD's answers with the target's: it needs --mirror (the target keeps answering)",
         )
         .hint("drop --steal (or the config file's [incoming] mode) and run with --mirror --diff"));
+    }
+    if config.layer.filter.is_some() {
+        // The agent sends a filtered port's mirrors the client's bytes only.
+        return Err(Failure::usage(
+            "--diff compares whole connections: the --filter-* flags do not go with it",
+        )
+        .hint("drop the --filter-* flags (and the config file's filter)"));
     }
     if isolate {
         return Err(Failure::usage(
