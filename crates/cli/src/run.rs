@@ -174,6 +174,7 @@ fn diff_request(
         out: args.diff_out.clone(),
         ignore,
         bound: args.diff_timeout.unwrap_or(DIFF_BOUND),
+        differences: graft_traffic::diff::Differences::new(),
     }))
 }
 

@@ -23,7 +23,7 @@ use graft_proxy::IncomingTcp;
 use graft_traffic::{
     Origin, Route,
     diff::{
-        Difference, Ignore, Outcome,
+        Difference, Differences, Ignore, Outcome,
         shadow::{ShadowOptions, shadow},
     },
 };
@@ -48,6 +48,9 @@ pub struct DiffRequest {
     pub ignore: Ignore,
     /// `--diff-timeout`: how long one side's answer may lag behind the other's.
     pub bound: Duration,
+    /// Where each difference is published besides the file (the inspector
+    /// watches it).
+    pub differences: Differences,
 }
 
 /// The counts of the shadow diff.
@@ -218,6 +221,7 @@ async fn drive(
         }
         if d.outcome != Outcome::Same {
             lines.write(&d);
+            request.differences.publish(d);
         }
     };
     loop {

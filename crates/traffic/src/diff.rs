@@ -12,10 +12,11 @@
 //! compared by their kept bytes and their full lengths. A shadow [`Difference`] is
 //! one request whose answers differ, as written to the JSON lines file.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::sync::broadcast;
 
 pub mod shadow;
 
@@ -405,6 +406,41 @@ pub struct Difference {
     pub changes: Vec<Change>,
 }
 
+/// The publisher of a session's shadow [`Difference`]s (the inspector watches
+/// it). Cloning shares it. Publishing never waits: a watcher more than
+/// [`crate::exchange::WATCH_QUEUE`] differences behind misses the oldest (its
+/// receiver reports `Lagged`).
+#[derive(Debug, Clone)]
+pub struct Differences {
+    tx: broadcast::Sender<Arc<Difference>>,
+}
+
+impl Default for Differences {
+    fn default() -> Self {
+        Differences::new()
+    }
+}
+
+impl Differences {
+    /// A publisher nobody watches yet.
+    pub fn new() -> Differences {
+        Differences {
+            tx: broadcast::channel(crate::exchange::WATCH_QUEUE).0,
+        }
+    }
+
+    /// Hands `difference` to every current watcher.
+    pub fn publish(&self, difference: Difference) {
+        // No watcher is not an error: nobody is looking.
+        let _ = self.tx.send(Arc::new(difference));
+    }
+
+    /// A new watcher: it sees the differences published from now on.
+    pub fn watch(&self) -> broadcast::Receiver<Arc<Difference>> {
+        self.tx.subscribe()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,5 +548,10 @@ mod tests {
             "{line}"
         );
         assert_eq!(serde_json::from_str::<Difference>(&line).unwrap(), d);
+        // Published to watchers as it is.
+        let differences = Differences::new();
+        let mut watcher = differences.watch();
+        differences.publish(d.clone());
+        assert_eq!(*watcher.try_recv().unwrap(), d);
     }
 }
