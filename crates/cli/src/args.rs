@@ -98,10 +98,11 @@ pub enum Command {
         after_help = "Example:\n  graft record --target deploy/api -n shop --port 8080 --duration 5m -o api.har"
     )]
     Record(Box<crate::record::RecordArgs>),
-    /// Send the requests of a HAR file to a server and compare each answer with
-    /// the recorded one; exit 1 when any differs.
+    /// Send the requests of a HAR file to a server (or to CMD, started first and
+    /// stopped at the end) and compare each answer with the recorded one; exit 1
+    /// when any differs.
     #[command(
-        after_help = "Example:\n  graft replay api.har --to http://127.0.0.1:8080 --ignore-header Date --ignore-json-path '$.id'"
+        after_help = "Examples:\n  graft replay api.har --to http://127.0.0.1:8080 --ignore-header Date --ignore-json-path '$.id'\n  graft replay api.har --target deploy/api -n shop --ignore-header Date -- ./api"
     )]
     Replay(Box<crate::replay::ReplayArgs>),
 }
