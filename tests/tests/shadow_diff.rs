@@ -142,16 +142,21 @@ fn json_lines(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// Whether the bed's CMD (`diff_http.py local ...`) still runs.
+fn cmd_running(bed: &Bed) -> bool {
+    bed.pids_running("diff_http.py").into_iter().any(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|argv| argv.split(|b| *b == 0).any(|a| a == b"local"))
+    })
+}
+
 /// Nothing of the session is left: no packet rule, no agent, no CMD.
 fn assert_nothing_left(bed: &Bed) {
     let clean = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
         (!bed.has_graft_rules() && bed.agent_pids().is_empty()).then_some(())
     });
     assert!(clean.is_some(), "left behind:\n{}", bed.packet_rules());
-    assert!(
-        bed.pids_running("diff_http.py local").is_empty(),
-        "CMD is still running"
-    );
+    assert!(!cmd_running(bed), "CMD is still running");
 }
 
 #[test]
@@ -206,6 +211,7 @@ fn shadow_diff_writes_exactly_the_requests_cmd_answers_differently() {
         "graft: diff: 2 same, 3 differ, 1 unmatched",
         COUNTED,
     );
+    assert!(cmd_running(&bed), "CMD runs during the session");
     let peak = peak_kib(session.pid());
     assert!(
         peak < 200 * 1024,
@@ -425,10 +431,7 @@ fn replay_starts_cmd_replays_to_it_and_stops_it() {
         local.stderr.contains("CMD runs on this machine only"),
         "{local}"
     );
-    assert!(
-        bed.pids_running("diff_http.py local").is_empty(),
-        "CMD left running"
-    );
+    assert!(!cmd_running(&bed), "CMD left running");
 
     // With the target: CMD gets the target's environment, so /env matches too.
     let target = format!("pid:{}", bed.target_pid);
@@ -512,4 +515,66 @@ fn replay_with_a_bad_entry_or_a_busy_port_starts_nothing() {
         )),
         "{stderr}"
     );
+}
+
+#[test]
+fn replay_to_a_go_server_with_the_target_warns_it_keeps_only_the_environment() {
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let goapp = bed.work_dir().join("goapp");
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&goapp)
+        .arg(fixture_str("goapp.go"))
+        .env("CGO_ENABLED", "0")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOCACHE", "/tmp/graft-test-gocache")
+        .env("GOPATH", "/tmp/graft-test-gopath")
+        .current_dir(bed.work_dir())
+        .status()
+        .expect("go build (Debian's golang-go)");
+    assert!(status.success(), "go build goapp.go failed");
+    let body = format!(
+        "local go port={port} path=/go user=alice marker={}\n",
+        bed.marker
+    );
+    let har = serde_json::json!({"log": {"version": "1.2", "entries": [{
+        "request": {"method": "GET", "url": format!("http://api:{port}/go"),
+                    "headers": [{"name": "X-User", "value": "alice"}]},
+        "response": {"status": 200,
+                     "headers": [{"name": "Content-Type", "value": "text/plain; charset=utf-8"}],
+                     "content": {"size": body.len(), "text": body}}}]}});
+    let file = bed.work_dir().join("go.har");
+    std::fs::write(&file, har.to_string()).unwrap();
+    let target = format!("pid:{}", bed.target_pid);
+    let goapp_arg = goapp.to_str().unwrap();
+    let port_arg = port.to_string();
+    let args = [
+        "replay",
+        file.to_str().unwrap(),
+        "--target",
+        &target,
+        "--ignore-header",
+        "date",
+        "--",
+        goapp_arg,
+        "serve",
+        &port_arg,
+    ];
+    let out = bed.finish(
+        bed.spawn(bed.graft(&args), "graft replay -- goapp"),
+        Duration::from_secs(90),
+    );
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "the Go server answers as recorded\n{out}"
+    );
+    assert!(out.stderr.contains("does not load the layer"), "{out}");
+    assert!(
+        out.stdout.contains("1 requests: 1 same, 0 different"),
+        "{out}"
+    );
+    assert!(bed.pids_running("goapp").is_empty(), "CMD left running");
 }

@@ -321,6 +321,15 @@ async fn under_command(
     })
     .await?;
     let session = opened.session;
+    let path = std::env::var_os("PATH");
+    if let Some(why) = crate::isolate::detect::find(&args.command[0], path.as_deref())
+        .and_then(|file| crate::isolate::detect::unreachable(&file))
+    {
+        eprintln!(
+            "graft: warning: CMD is {why}: it does not load the layer, so its files, names \
+             and connections stay on this machine (it still gets the target's environment)"
+        );
+    }
     eprintln!(
         "graft: agent ready for {}; CMD gets its context, no incoming traffic",
         plan.target

@@ -359,9 +359,9 @@ pub async fn shadow<R: AsyncRead + Unpin>(
                     }
                     None => {
                         tap_open = false;
-                        // The client is done: so is the local connection's
-                        // sending side (a FIN after the last request).
-                        requests_tx = None;
+                        // The local connection stays whole until its answers are
+                        // in: a half-close would tell some servers (Go's
+                        // net/http) that the client left, and they cancel.
                         state.target_ended(Instant::now())
                     }
                 },
