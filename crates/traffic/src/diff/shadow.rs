@@ -524,6 +524,35 @@ mod tests {
         assert_eq!(next[0].outcome, Outcome::Unmatched);
     }
 
+    #[test]
+    fn an_answer_only_cmd_gives_is_unmatched_on_the_targets_side() {
+        let bound = Duration::from_secs(2);
+        let mut c = ShadowConnection::new(origin(), options(bound));
+        let t0 = Instant::now();
+        c.request(b"GET /a HTTP/1.1\r\n\r\n", t0);
+        assert!(c.local_answer(OK, t0).is_empty());
+        // The target keeps sending (a slow body): it is answering, not late.
+        c.target_answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab",
+            t0 + bound,
+        );
+        assert!(c.overdue(t0 + bound + Duration::from_secs(1)).is_empty());
+        let late = c.overdue(t0 + bound * 2);
+        assert_eq!(late.len(), 1, "{late:?}");
+        assert_eq!(
+            (late[0].target_status, late[0].local_status),
+            (None, Some(200))
+        );
+        assert!(matches!(
+            &late[0].changes[0],
+            Change::NoResponse {
+                side: Side::Target,
+                ..
+            }
+        ));
+        assert!(!c.pending());
+    }
+
     #[tokio::test]
     async fn a_local_process_that_never_answers_is_no_response_within_the_bound() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
