@@ -28,6 +28,7 @@ mod record;
 mod replay;
 mod run;
 mod session_dir;
+mod shadow;
 mod shell;
 mod targets;
 mod tls;

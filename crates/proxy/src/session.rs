@@ -94,6 +94,12 @@ pub struct SessionOptions {
     /// `--tls-cert`/`--tls-key`: the agent terminates TLS on filtered ports
     /// with this certificate (sent with each subscription, never logged).
     pub tls: Option<TlsTermination>,
+    /// With `tap_responses`: the connections of ports delivered to a local
+    /// listener ([`Delivery::Listener`]) are handed here with the listener's
+    /// address instead of being spliced to it (they carry tap frames, which the
+    /// receiver demultiplexes: the shadow diff of `graft run --mirror --diff`).
+    /// A full or closed channel resets the connection.
+    pub tapped_listeners: Option<mpsc::Sender<(flows::IncomingTcp, std::net::SocketAddr)>>,
 }
 
 impl Default for SessionOptions {
@@ -112,6 +118,7 @@ impl Default for SessionOptions {
             port_map: Vec::new(),
             tap_responses: false,
             tls: None,
+            tapped_listeners: None,
         }
     }
 }

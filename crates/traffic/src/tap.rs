@@ -95,6 +95,11 @@ impl Pairing {
         out
     }
 
+    /// How many requests were read whole and not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.waiting.len()
+    }
+
     fn pair(&mut self) -> Vec<Exchange> {
         let mut out = Vec::new();
         while !self.waiting.is_empty() && !self.early.is_empty() {

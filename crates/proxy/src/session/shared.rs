@@ -595,7 +595,14 @@ impl Shared {
         match registered {
             Some((Delivery::Listener(target), events)) => {
                 let target = delivery_address(target);
-                tokio::spawn(splice::deliver(self.clone(), conn, target, peer, events));
+                if let Some(tapped) = &self.options.tapped_listeners {
+                    let incoming = flows::incoming(self.clone(), conn, port, peer, events);
+                    if let Err(e) = tapped.try_send((incoming, target)) {
+                        tracing::info!(%conn, port, error = %e, "the shadow diff takes no more connections; reset");
+                    }
+                } else {
+                    tokio::spawn(splice::deliver(self.clone(), conn, target, peer, events));
+                }
             }
             Some((Delivery::Channel(deliveries), events)) => {
                 let incoming = flows::incoming(self.clone(), conn, port, peer, events);
