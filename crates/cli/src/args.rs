@@ -104,6 +104,11 @@ pub enum Command {
         after_help = "Example:\n  graft replay api.har --to http://127.0.0.1:8080 --ignore-header Date --ignore-json-path '$.id'"
     )]
     Replay(Box<crate::replay::ReplayArgs>),
+    /// Serve the traffic inspector for the sessions already running on this
+    /// machine: a web page on 127.0.0.1 (URL with a secret token printed) of
+    /// each request, live, until Ctrl-C.
+    #[command(after_help = "Example:\n  graft ui")]
+    Ui(crate::ui::UiArgs),
 }
 
 /// `graft agent-image` flags.
@@ -308,6 +313,11 @@ pub struct RunArgs {
     /// ./graft.toml, ./graft.json, ./graft.yaml that exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Serve the traffic inspector: a web page on 127.0.0.1 (its URL, with a
+    /// secret token, is printed at start) showing each request of this session
+    /// and of this user's other sessions on this machine, live.
+    #[arg(long)]
+    pub ui: bool,
     /// The command to run, and its arguments (after `--`).
     #[arg(
         value_name = "CMD",

@@ -31,6 +31,7 @@ mod session_dir;
 mod shell;
 mod targets;
 mod tls;
+mod ui;
 
 use std::process::ExitCode;
 
@@ -104,6 +105,7 @@ async fn graft() -> ExitCode {
         Command::Leave(args) => intercept::leave(args),
         Command::Record(args) => record::record(*args).await,
         Command::Replay(args) => replay::replay(*args).await,
+        Command::Ui(args) => ui::ui(args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

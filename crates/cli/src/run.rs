@@ -81,6 +81,17 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     };
     let mut options = plan.session_options();
     options.tls = crate::tls::load(&config).await?;
+    // The session's requests for the inspector (`graft ui`, `--ui`): copied only
+    // while somebody watches.
+    let feed = crate::ui::session_feed(dir.path(), &plan.target, &args.command, &options)?;
+    options.incoming_tap = Some(feed.tap());
+    let inspector = if args.ui {
+        let running = crate::ui::start().await?;
+        eprintln!("graft: inspector at {}", running.url());
+        Some(running)
+    } else {
+        None
+    };
     let opened = open::open(OpenRequest {
         config: &config,
         dir: dir.path(),
@@ -94,6 +105,8 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     // The link is closed by now: the agents remove their rules and exit.
     let link_lost = matches!(result, Ok(Ended::LinkLost) | Err(_));
     opened.agents.stop(link_lost).await;
+    drop(inspector);
+    drop(feed);
     drop(dir);
     result.map(|ended| match ended {
         Ended::Command(status) => process::exit_code(status),

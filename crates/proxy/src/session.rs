@@ -94,6 +94,9 @@ pub struct SessionOptions {
     /// `--tls-cert`/`--tls-key`: the agent terminates TLS on filtered ports
     /// with this certificate (sent with each subscription, never logged).
     pub tls: Option<TlsTermination>,
+    /// A copy of each connection delivered to the program's listener, for the
+    /// traffic inspector (see [`crate::IncomingTap`]); `None`: no copy.
+    pub incoming_tap: Option<crate::IncomingTap>,
 }
 
 impl Default for SessionOptions {
@@ -112,6 +115,7 @@ impl Default for SessionOptions {
             port_map: Vec::new(),
             tap_responses: false,
             tls: None,
+            incoming_tap: None,
         }
     }
 }
