@@ -372,3 +372,118 @@ fn session_socket(pid: u32) -> std::path::PathBuf {
         .filter(|socket| socket.exists())
         .unwrap_or_else(|| panic!("no event socket for graft {pid} under /run/graft"))
 }
+
+/// Builds `fixtures/goapp.go` statically (as `tests/isolate.rs` does), so graft
+/// runs it in an isolated namespace by itself.
+fn go_app(bed: &Bed) -> String {
+    let out = bed.work_dir().join("goapp");
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(graft_tests::fixture("goapp.go"))
+        .env("CGO_ENABLED", "0")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOCACHE", "/tmp/graft-test-gocache")
+        .env("GOPATH", "/tmp/graft-test-gopath")
+        .current_dir(bed.work_dir())
+        .status()
+        .expect("go build (Debian's golang-go)");
+    assert!(status.success(), "go build goapp.go failed");
+    out.display().to_string()
+}
+
+#[test]
+fn an_isolated_filtered_session_shows_its_requests_with_the_filter_that_took_them() {
+    let bed = Bed::new();
+    let go = go_app(&bed);
+    let port = bed.app_port.to_string();
+    let mut session = bed.spawn(
+        bed.graft_run(
+            &["--steal", "--filter-header", "^x-user: alice$", "--ui"],
+            &[&go, "serve", &port],
+        ),
+        "graft run --steal --filter-header --ui -- goapp serve",
+    );
+    let page = inspector_url(&mut session);
+    let url = bed.target_url(bed.app_port);
+    let stolen = wait_until(PAGE_WAIT, Duration::from_millis(100), || {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "3",
+                "-H",
+                "X-User: alice",
+            ])
+            .arg(&url)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("local go")
+            .then_some(())
+    });
+    assert!(
+        stolen.is_some(),
+        "never stolen\n{}",
+        session.output_report()
+    );
+    // The user-space stack's path (not the layer's) delivers its connections.
+    assert!(
+        session
+            .stderr()
+            .contains("running it in an isolated network namespace (--isolate)"),
+        "{}",
+        session.output_report()
+    );
+
+    let mut stream = Command::new("curl");
+    stream
+        .args(["-sS", "-N", "--noproxy", "*", "--max-time", "30"])
+        .arg(format!("{page}events"));
+    let stream = bed.spawn(stream, "curl of the event stream");
+    let listed = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
+        stream
+            .stdout()
+            .contains("\"kind\":\"session\"")
+            .then_some(())
+    });
+    assert!(listed.is_some(), "{}", session.output_report());
+    let path = format!("/isolated-{}", std::process::id());
+    let answer = curl_i(
+        &["-H", "X-User: alice"],
+        &format!("{}{path}", url.trim_end_matches('/')),
+    );
+    assert!(answer.contains("local go"), "{answer}");
+    let event = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
+        stream
+            .stdout()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| e["kind"] == "exchange" && e["target"] == path.as_str())
+    })
+    .unwrap_or_else(|| panic!("no event for {path}: {}", stream.stdout()));
+    assert_eq!(event["method"], "GET");
+    assert_eq!(event["route"], "local");
+    assert_eq!(event["mode"], "steal");
+    assert_eq!(event["port"], bed.app_port);
+    assert_eq!(event["filter"], "header~\"^x-user: alice$\"");
+    assert_eq!(event["response"]["status"], 200);
+    let body = event["response"]["body"]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(body.starts_with("local go"), "{event}");
+    let sent = event["request_headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .any(|h| {
+            h[0].as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case("x-user"))
+                && h[1] == "alice"
+        });
+    assert!(sent, "{event}");
+}

@@ -71,7 +71,7 @@ impl IncomingTap {
     }
 
     /// Wraps `stream` when somebody watches and the channel takes the
-    /// connection; otherwise `None` (the connection is spliced as it is).
+    /// connection; otherwise gives `stream` back (spliced as it is).
     pub(crate) fn wrap<S: LocalStream>(
         &self,
         stream: S,
