@@ -35,24 +35,37 @@ impl Browser {
     ///
     /// When chromedriver or Chromium does not start, with chromedriver's output.
     pub fn start(bed: &Bed) -> Browser {
-        let port = free_port();
-        let mut command = Command::new(chromedriver());
-        command.arg(format!("--port={port}"));
-        let mut driver = bed.spawn(command, "chromedriver");
-        let base = format!("http://127.0.0.1:{port}");
-        let ready = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-            if let Some(status) = driver.try_status() {
-                panic!("chromedriver exited ({status})\n{}", driver.output_report());
-            }
-            call("GET", &format!("{base}/status"), None)
-                .ok()
-                .filter(|v| v["value"]["ready"] == true)
-        });
-        assert!(
-            ready.is_some(),
-            "chromedriver was not ready\n{}",
-            driver.output_report()
-        );
+        // The port is free when picked but may be taken before chromedriver binds
+        // it (parallel tests bind ephemeral ports): try a few.
+        let (driver, base) = (0..5)
+            .find_map(|_| {
+                let port = free_port();
+                let mut command = Command::new(chromedriver());
+                command.arg(format!("--port={port}"));
+                let mut driver = bed.spawn(command, "chromedriver");
+                let base = format!("http://127.0.0.1:{port}");
+                let ready = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+                    if driver.try_status().is_some() {
+                        return Some(false);
+                    }
+                    call("GET", &format!("{base}/status"), None)
+                        .ok()
+                        .filter(|v| v["value"]["ready"] == true)
+                        .map(|_| true)
+                });
+                match ready {
+                    Some(true) => Some((driver, base)),
+                    Some(false) => {
+                        eprintln!(
+                            "chromedriver did not start; again\n{}",
+                            driver.output_report()
+                        );
+                        None
+                    }
+                    None => panic!("chromedriver was not ready\n{}", driver.output_report()),
+                }
+            })
+            .expect("chromedriver starts within 5 attempts");
         let profile = tempfile::tempdir().expect("a temporary profile directory");
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",

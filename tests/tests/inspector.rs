@@ -101,6 +101,41 @@ fn rows_with(browser: &Browser, text: &str) -> Vec<graft_tests::webdriver::Eleme
     ))
 }
 
+/// `curl -N` of the page's event stream, and a wait for the first session in it
+/// (the inspector reads the session's feed from then on).
+fn event_stream(bed: &Bed, page: &str, graft: &Proc) -> Proc {
+    let mut stream = Command::new("curl");
+    stream
+        .args(["-sS", "-N", "--noproxy", "*", "--max-time", "60"])
+        .arg(format!("{page}events"));
+    let stream = bed.spawn(stream, "curl of the event stream");
+    let listed = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
+        stream
+            .stdout()
+            .contains("\"kind\":\"session\"")
+            .then_some(())
+    });
+    assert!(
+        listed.is_some(),
+        "no session in the event stream\n{}",
+        graft.output_report()
+    );
+    stream
+}
+
+/// The exchange event of the request for `path` in `stream`'s output.
+fn exchange_event(stream: &Proc, path: &str) -> Value {
+    wait_until(PAGE_WAIT, Duration::from_millis(50), || {
+        stream
+            .stdout()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| e["kind"] == "exchange" && e["target"] == path)
+    })
+    .unwrap_or_else(|| panic!("no event for {path}: {}", stream.stdout()))
+}
+
 #[test]
 fn the_page_shows_each_request_live_with_its_headers_and_runs_nothing_from_traffic() {
     let bed = Bed::new();
@@ -439,33 +474,14 @@ fn an_isolated_filtered_session_shows_its_requests_with_the_filter_that_took_the
         session.output_report()
     );
 
-    let mut stream = Command::new("curl");
-    stream
-        .args(["-sS", "-N", "--noproxy", "*", "--max-time", "30"])
-        .arg(format!("{page}events"));
-    let stream = bed.spawn(stream, "curl of the event stream");
-    let listed = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
-        stream
-            .stdout()
-            .contains("\"kind\":\"session\"")
-            .then_some(())
-    });
-    assert!(listed.is_some(), "{}", session.output_report());
+    let stream = event_stream(&bed, &page, &session);
     let path = format!("/isolated-{}", std::process::id());
     let answer = curl_i(
         &["-H", "X-User: alice"],
         &format!("{}{path}", url.trim_end_matches('/')),
     );
     assert!(answer.contains("local go"), "{answer}");
-    let event = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
-        stream
-            .stdout()
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|e| e["kind"] == "exchange" && e["target"] == path.as_str())
-    })
-    .unwrap_or_else(|| panic!("no event for {path}: {}", stream.stdout()));
+    let event = exchange_event(&stream, &path);
     assert_eq!(event["method"], "GET");
     assert_eq!(event["route"], "local");
     assert_eq!(event["mode"], "steal");
@@ -486,4 +502,44 @@ fn an_isolated_filtered_session_shows_its_requests_with_the_filter_that_took_the
                 && h[1] == "alice"
         });
     assert!(sent, "{event}");
+}
+
+#[test]
+fn a_mirrored_session_shows_the_request_the_target_answered_and_cmds_dropped_answer() {
+    let bed = Bed::new();
+    let app = graft_tests::fixture_str("http_app.py");
+    let port = bed.app_port.to_string();
+    let mut session = bed.spawn(
+        bed.graft_run(&["--mirror", "--ui"], &[python(), &app, &port]),
+        "graft run --mirror --ui -- http_app.py",
+    );
+    let page = inspector_url(&mut session);
+    let mirroring = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
+        session.stderr().contains("mirroring port").then_some(())
+    });
+    assert!(mirroring.is_some(), "{}", session.output_report());
+    let stream = event_stream(&bed, &page, &session);
+    let path = format!("/mirrored-{}", std::process::id());
+    let url = bed.target_url(bed.app_port);
+    let answer = curl_i(&[], &format!("{}{path}", url.trim_end_matches('/')));
+    assert!(
+        answer.contains(&bed.target_reply()),
+        "the target did not answer: {answer}"
+    );
+    let event = exchange_event(&stream, &path);
+    assert_eq!(event["mode"], "mirror");
+    assert_eq!(event["route"], "target");
+    assert!(
+        event["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("dropped")),
+        "{event}"
+    );
+    let shown = event["response"]["body"]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        shown.starts_with("local"),
+        "CMD's answer is not the one shown: {event}"
+    );
 }
