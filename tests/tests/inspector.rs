@@ -10,7 +10,9 @@
 //! and `<img onerror>` runs nothing in the page; requests without the token, with
 //! a foreign `Host` (DNS rebinding) or `Origin`, or to another address than
 //! 127.0.0.1 get nothing; another local user can neither connect to a session's
-//! event socket nor read a byte from it when the socket is made reachable.
+//! event socket nor read a byte from it when the socket is made reachable. A
+//! difference of the shadow diff (published on a session's feed) is a marked row
+//! whose detail is its JSON, shown as text.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -542,4 +544,103 @@ fn a_mirrored_session_shows_the_request_the_target_answered_and_cmds_dropped_ans
         shown.starts_with("local"),
         "CMD's answer is not the one shown: {event}"
     );
+}
+
+/// A session feed that a test serves itself (as the shadow diff will publish
+/// through `Feed::publish_difference`): a session line, then one difference.
+const FAKE_FEED: &str = r#"
+import json, os, socket, sys, time
+path, session = sys.argv[1], sys.argv[2]
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(4)
+print("listening", flush=True)
+kept = []
+while True:
+    conn, _ = server.accept()
+    kept.append(conn)
+    lines = [
+        {"kind": "session", "session": session, "target": "pid:4242", "command": "diffed app",
+         "pid": os.getpid(), "started_unix_ms": int(time.time() * 1000), "mode": "mirror",
+         "filter": None},
+        {"kind": "difference", "session": session,
+         "difference": {"path": "/orders/<script>window.__pwned='diff'</script>",
+                        "status": {"target": 200, "local": 500}}},
+    ]
+    conn.sendall("".join(json.dumps(l) + "\n" for l in lines).encode())
+"#;
+
+#[test]
+fn a_difference_of_the_shadow_diff_is_a_marked_row_with_its_json() {
+    let bed = Bed::new();
+    // A session directory of root's, as `graft run` makes them, whose feed is ours.
+    let dir = tempfile::Builder::new()
+        .prefix("inspector-test-")
+        .tempdir_in("/run/graft")
+        .or_else(|_| {
+            std::fs::create_dir_all("/run/graft")?;
+            tempfile::Builder::new()
+                .prefix("inspector-test-")
+                .tempdir_in("/run/graft")
+        })
+        .expect("a session directory under /run/graft");
+    let session = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let socket = dir.path().join("events.sock");
+    let mut feed = Command::new(python());
+    feed.args(["-c", FAKE_FEED]).arg(&socket).arg(&session);
+    let feed = bed.spawn(feed, "a fake session feed");
+    let up = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
+        feed.stdout().contains("listening").then_some(())
+    });
+    assert!(up.is_some(), "{}", feed.output_report());
+    std::fs::write(dir.path().join("graft.pid"), feed.pid().to_string()).unwrap();
+
+    let mut ui = bed.spawn(bed.graft(&["ui"]), "graft ui");
+    let page = inspector_url(&mut ui);
+    let browser = Browser::start(&bed);
+    browser.goto(&page);
+    wait_listed(&browser, "pid:4242");
+    let row = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
+        browser
+            .find_all("//tbody[@id='rows']/tr[contains(@class, 'diff')]")
+            .into_iter()
+            .next()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no difference row: {}",
+            browser.execute("return document.body.innerText;", vec![])
+        )
+    });
+    assert!(
+        browser.text(&row).contains("DIFF"),
+        "{}",
+        browser.text(&row)
+    );
+    browser.click(&row);
+    let detail = browser.text(&browser.by_id("detail"));
+    assert!(detail.contains("Difference"), "{detail}");
+    assert!(detail.contains("\"local\": 500"), "{detail}");
+    assert!(
+        detail.contains("<script>window.__pwned='diff'</script>"),
+        "{detail}"
+    );
+    let ran = browser.execute(
+        "return {pwned: window.__pwned === undefined ? null : window.__pwned, \
+         markup: document.querySelectorAll('#rows script, #detail script').length};",
+        vec![],
+    );
+    assert_eq!(
+        ran,
+        json!({"pwned": Value::Null, "markup": 0}),
+        "a difference ran in the page"
+    );
+    drop(browser);
+    drop(ui);
+    drop(feed);
 }
