@@ -36,6 +36,9 @@ const APP_CSS: &str = include_str!("page/app.css");
 /// keep it open.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
+/// How long a client may take to send a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The Content-Security-Policy of every answer: only the page's own script,
 /// style and event stream; nothing inline, nothing foreign, no framing.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -85,6 +88,9 @@ impl Inspector {
                         async move { Ok::<_, Infallible>(shared.answer(request)) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
+                        // A client that never finishes its head does not hold a task.
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEAD_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
