@@ -41,10 +41,10 @@
     return info ? info.target : id;
   }
 
-  function wentTo(ev) {
+  function wentTo(ev, short) {
     let where = ev.route === "local" ? "local process" : "target";
     if (ev.mode === "mirror") where += " (mirror)";
-    if (ev.filter) where += ` · filter ${ev.filter}`;
+    if (ev.filter) where += short ? " · filtered" : ` · filter ${ev.filter}`;
     return where;
   }
 
@@ -70,7 +70,10 @@
 
   function count() {
     const shown = entries.filter((e) => !e.row.hidden).length;
-    let text = `${entries.length} request${entries.length === 1 ? "" : "s"}`;
+    const diffs = entries.filter((e) => e.ev.kind === "difference").length;
+    const requests = entries.length - diffs;
+    let text = `${requests} request${requests === 1 ? "" : "s"}`;
+    if (diffs > 0) text += `, ${diffs} difference${diffs === 1 ? "" : "s"}`;
     if (shown !== entries.length) text += `, ${shown} shown`;
     if (paused) text += `, ${queued.length} waiting`;
     $("count").textContent = text;
@@ -78,7 +81,11 @@
 
   function addRow(cells, ev, cls, text) {
     const row = el("tr", undefined, cls);
-    for (const [value, cellClass] of cells) row.append(el("td", value, cellClass));
+    for (const [value, cellClass, title] of cells) {
+      const cell = el("td", value, cellClass);
+      cell.title = title === undefined ? String(value) : title;
+      row.append(cell);
+    }
     const entry = { ev, row, text: text.toLowerCase() };
     row.addEventListener("click", () => select(entry));
     row.hidden = !matches(entry);
@@ -100,7 +107,7 @@
     addRow([
       [clock(ev.started_unix_ms)], [sessionName(ev.session)], [ev.port], [ev.method],
       [ev.target, "path"], [status, "st"], [`${ev.latency_ms.toFixed(1)} ms`],
-      [ev.response ? size(ev.response.body.len) : ""], [wentTo(ev)],
+      [ev.response ? size(ev.response.body.len) : ""], [wentTo(ev, true), "went", wentTo(ev)],
     ], ev, cls, text);
   }
 
@@ -109,7 +116,7 @@
     addRow([
       [clock(Date.now())], [sessionName(ev.session)], [""], ["DIFF"],
       [json.length > 120 ? json.slice(0, 120) + "…" : json, "path"], ["≠", "st"], [""], [""],
-      ["local vs target"],
+      ["local vs target", "went"],
     ], ev, "diff", `diff difference ${sessionName(ev.session)}\n${json}`);
   }
 
