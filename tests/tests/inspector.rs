@@ -392,6 +392,13 @@ fn the_inspector_refuses_strangers_foreign_sites_and_other_users() {
     let stranger = as_nobody(exposed.to_str().unwrap());
     std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(stranger, "read 0", "another user read the session's events");
+
+    // The session ends: the page hears of it.
+    drop(session);
+    let ended = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
+        stream.stdout().contains("\"kind\":\"ended\"").then_some(())
+    });
+    assert!(ended.is_some(), "{}", stream.stdout());
 }
 
 /// The event socket of the session run by graft process `pid` (root's sessions
