@@ -105,6 +105,11 @@ pub enum Command {
         after_help = "Examples:\n  graft replay api.har --to http://127.0.0.1:8080 --ignore-header Date --ignore-json-path '$.id'\n  graft replay api.har --target deploy/api -n shop --ignore-header Date -- ./api"
     )]
     Replay(Box<crate::replay::ReplayArgs>),
+    /// Serve the traffic inspector for the sessions already running on this
+    /// machine: a web page on 127.0.0.1 (URL with a secret token printed) of
+    /// each request, live, until Ctrl-C.
+    #[command(after_help = "Example:\n  graft ui")]
+    Ui(crate::ui::UiArgs),
 }
 
 /// `graft agent-image` flags.
@@ -331,6 +336,11 @@ pub struct RunArgs {
     #[arg(long = "diff-timeout", value_name = "DURATION", requires = "diff",
           value_parser = crate::shadow::parse_bound)]
     pub diff_timeout: Option<std::time::Duration>,
+    /// Serve the traffic inspector: a web page on 127.0.0.1 (its URL, with a
+    /// secret token, is printed at start) showing each request of this session
+    /// and of this user's other sessions on this machine, live.
+    #[arg(long)]
+    pub ui: bool,
     /// The command to run, and its arguments (after `--`).
     #[arg(
         value_name = "CMD",

@@ -86,6 +86,8 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     let diff = diff_request(&args, &config, plan.isolate)?;
     let mut options = plan.session_options();
     options.tls = crate::tls::load(&config).await?;
+    // The shadow diff's differences also appear in the inspector (rows marked DIFF).
+    let differences = diff.as_ref().map(|request| request.differences.watch());
     let shadow = match diff {
         Some(request) => {
             let (shadow, conns_tx) = Shadow::start(request, plan.target.clone(), dir.path())?;
@@ -94,6 +96,34 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
             Some(shadow)
         }
         None => None,
+    };
+    // The session's requests for the inspector (`graft ui`, `--ui`): copied only
+    // while somebody watches.
+    let feed = crate::ui::session_feed(dir.path(), &plan.target, &args.command, &options)?;
+    options.incoming_tap = Some(feed.tap());
+    if let Some(mut differences) = differences {
+        let feed = feed.feed();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match differences.recv().await {
+                    Ok(difference) => match serde_json::to_value(&*difference) {
+                        Ok(json) => feed.publish_difference(json),
+                        Err(e) => tracing::debug!("a difference is not JSON: {e}"),
+                    },
+                    // The page misses what it could not keep up with; the file has all.
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+    let inspector = if args.ui {
+        let running = crate::ui::start().await?;
+        eprintln!("graft: inspector at {}", running.url());
+        Some(running)
+    } else {
+        None
     };
     let opened = open::open(OpenRequest {
         config: &config,
@@ -121,6 +151,8 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         Some(shadow) => Some(shadow.finish().await.differs()),
         None => None,
     };
+    drop(inspector);
+    drop(feed);
     drop(dir);
     result.map(|ended| match (ended, differs) {
         // With --diff the comparison is the verdict: 1 when anything differed,

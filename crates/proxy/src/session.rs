@@ -100,6 +100,9 @@ pub struct SessionOptions {
     /// receiver demultiplexes: the shadow diff of `graft run --mirror --diff`).
     /// A full or closed channel resets the connection.
     pub tapped_listeners: Option<mpsc::Sender<(flows::IncomingTcp, std::net::SocketAddr)>>,
+    /// A copy of each connection delivered to the program's listener, for the
+    /// traffic inspector (see [`crate::IncomingTap`]); `None`: no copy.
+    pub incoming_tap: Option<crate::IncomingTap>,
 }
 
 impl Default for SessionOptions {
@@ -119,6 +122,7 @@ impl Default for SessionOptions {
             tap_responses: false,
             tls: None,
             tapped_listeners: None,
+            incoming_tap: None,
         }
     }
 }

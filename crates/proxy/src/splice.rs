@@ -73,7 +73,15 @@ pub(crate) async fn deliver(
         Ok(Ok(stream)) => {
             tracing::debug!(%conn, %target, client = %peer.peer, "delivering stolen connection");
             let _ = stream.set_nodelay(true);
-            splice_tcp(shared.clone(), conn, stream, events).await;
+            // The inspector's copy, when somebody watches (see `crate::tap`).
+            let tapped = match &shared.options.incoming_tap {
+                Some(tap) => tap.wrap(stream, peer),
+                None => Err(stream),
+            };
+            match tapped {
+                Ok(tapped) => splice_stream(shared.clone(), conn, tapped, events).await,
+                Err(stream) => splice_tcp(shared.clone(), conn, stream, events).await,
+            }
         }
         Ok(Err(e)) => {
             tracing::warn!(%conn, %target, error = %e, "cannot deliver a stolen connection to the local listener; reset");

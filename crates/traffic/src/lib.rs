@@ -11,15 +11,17 @@
 //!
 //! ```text
 //! agent ──tap frames──► tap::read_tapped ──► Exchange ──► Exchanges / har::Har
+//! proxy ──tap chunks──► tap::read_chunks ──► Exchange ──► inspector (live page)
 //! ```
 
 pub mod diff;
 pub mod exchange;
 pub mod har;
 pub mod http1;
+pub mod inspector;
 pub mod replay;
 pub mod tap;
 
 pub use exchange::{Body, Exchange, Exchanges, Origin, Request, Response, Route};
 pub use har::{Har, Redaction};
-pub use tap::{TapError, read_tapped};
+pub use tap::{TapError, read_chunks, read_tapped};

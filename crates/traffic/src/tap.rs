@@ -156,6 +156,23 @@ pub async fn read_tapped<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Reads the chunks of one connection as they come (e.g. the proxy's copy of a
+/// stolen connection, `graft_proxy::TappedConnection`) until the channel ends,
+/// calling `each` with every exchange as soon as its response is whole.
+pub async fn read_chunks(
+    mut chunks: tokio::sync::mpsc::Receiver<(Direction, Vec<u8>)>,
+    origin: Arc<Origin>,
+    mut each: impl FnMut(Exchange),
+) {
+    let mut pairing = Pairing::new(origin);
+    while let Some((direction, bytes)) = chunks.recv().await {
+        for exchange in pairing.feed(direction, &bytes, Instant::now()) {
+            each(exchange);
+        }
+    }
+    pairing.finish(Instant::now()).into_iter().for_each(each);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
