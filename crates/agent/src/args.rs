@@ -74,25 +74,41 @@ pub(crate) enum Listen {
     Tcp(SocketAddr),
 }
 
-fn parse_listen(s: &str) -> Result<Listen, String> {
+/// Why a `--listen` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ListenError {
+    /// `unix:` without a path.
+    #[error("unix: needs a path, e.g. unix:/run/graft/agent.sock")]
+    NoPath,
+    /// `tcp:` followed by something that is not `IP:PORT`.
+    #[error("{0:?} is not an address like 127.0.0.1:7777")]
+    BadAddress(String),
+    /// A TCP address other than loopback.
+    #[error(
+        "{0} is not a loopback address; the agent listens on loopback only (127.0.0.1 or [::1])"
+    )]
+    NotLoopback(SocketAddr),
+    /// Neither `unix:` nor `tcp:`.
+    #[error("expected unix:/path or tcp:127.0.0.1:PORT")]
+    Scheme,
+}
+
+fn parse_listen(s: &str) -> Result<Listen, ListenError> {
     if let Some(path) = s.strip_prefix("unix:") {
         if path.is_empty() {
-            return Err("unix: needs a path, e.g. unix:/run/graft/agent.sock".into());
+            return Err(ListenError::NoPath);
         }
         Ok(Listen::Unix(PathBuf::from(path)))
     } else if let Some(addr) = s.strip_prefix("tcp:") {
         let addr: SocketAddr = addr
             .parse()
-            .map_err(|_| format!("{addr:?} is not an address like 127.0.0.1:7777"))?;
+            .map_err(|_| ListenError::BadAddress(addr.to_owned()))?;
         if !addr.ip().is_loopback() {
-            return Err(format!(
-                "{addr} is not a loopback address; the agent listens on loopback only \
-                 (127.0.0.1 or [::1])"
-            ));
+            return Err(ListenError::NotLoopback(addr));
         }
         Ok(Listen::Tcp(addr))
     } else {
-        Err("expected unix:/path or tcp:127.0.0.1:PORT".into())
+        Err(ListenError::Scheme)
     }
 }
 
@@ -112,7 +128,7 @@ mod tests {
         );
         assert!(parse_listen("tcp:[::1]:0").is_ok());
         let refused = parse_listen("tcp:0.0.0.0:7777").unwrap_err();
-        assert!(refused.contains("loopback"), "{refused}");
+        assert!(refused.to_string().contains("loopback"), "{refused}");
         assert!(parse_listen("tcp:10.0.0.1:1").is_err());
         assert!(parse_listen("unix:").is_err());
         assert!(parse_listen("/tmp/x").is_err());

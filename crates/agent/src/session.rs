@@ -153,11 +153,27 @@ pub fn secrets_match_bytes(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Checks a client's `Hello`; the error is the reason sent in `Rejected`.
-pub fn check_hello(hello: &Hello, secret: &Secret) -> Result<(), String> {
-    version::check_compatible(&hello.version).map_err(|e| e.to_string())?;
+/// Why a client's `Hello` was refused; its message is the reason sent in
+/// `Rejected`.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    /// The client speaks an incompatible protocol version.
+    #[error(transparent)]
+    Version(#[from] version::VersionError),
+    /// The client does not know this session's secret.
+    #[error("wrong session secret: this agent belongs to another graft session")]
+    WrongSecret,
+}
+
+/// Checks a client's `Hello`: its protocol version, then its secret.
+///
+/// # Errors
+///
+/// [`HelloError`], whose message is sent to the client in `Rejected`.
+pub fn check_hello(hello: &Hello, secret: &Secret) -> Result<(), HelloError> {
+    version::check_compatible(&hello.version)?;
     if !secret.accepts(&hello.secret) {
-        return Err("wrong session secret: this agent belongs to another graft session".into());
+        return Err(HelloError::WrongSecret);
     }
     Ok(())
 }
@@ -235,7 +251,8 @@ where
             )));
         }
     };
-    if let Err(reason) = check_hello(&hello, secret) {
+    if let Err(refused) = check_hello(&hello, secret) {
+        let reason = refused.to_string();
         let reply = AgentMessage::Hello(HelloReply::Rejected {
             reason: reason.clone(),
         });
@@ -521,7 +538,9 @@ fn spawn_subscriber(
                     let port = subscription.port;
                     let mode = subscription.mode;
                     let error = match tls.as_ref().map(crate::incoming::tls::TlsSetup::new) {
-                        Some(Err(reason)) => Some(SubscribeError::Tls { reason }),
+                        Some(Err(e)) => Some(SubscribeError::Tls {
+                            reason: e.to_string(),
+                        }),
                         setup => {
                             access.set_tls(port, setup.and_then(Result::ok).map(Arc::new));
                             access.subscribe(subscription).await.err()
@@ -746,7 +765,7 @@ async fn serve_request(
         RemoteRequest::Resolve { host, family } => services.dns.resolve(&host, family).await,
         RemoteRequest::Sessions => match services.access.list().await {
             Ok(list) => RemoteResponse::Sessions(list),
-            Err(e) => RemoteResponse::Error(RemoteError::Other(e)),
+            Err(e) => RemoteResponse::Error(RemoteError::Other(e.to_string())),
         },
         RemoteRequest::OpenFd { path, flags, mode } if services.fds.is_some() => {
             let files = services.files.clone();
@@ -898,12 +917,16 @@ mod tests {
     fn hello_checks_version_then_secret() {
         let k = Secret::Plain("k".into());
         assert!(check_hello(&hello(PROTOCOL_VERSION, "k"), &k).is_ok());
-        let wrong_version = check_hello(&hello("9.0.0", "k"), &k).unwrap_err();
+        let wrong_version = check_hello(&hello("9.0.0", "k"), &k)
+            .unwrap_err()
+            .to_string();
         assert!(
             wrong_version.contains("protocol version mismatch"),
             "{wrong_version}"
         );
-        let wrong_secret = check_hello(&hello(PROTOCOL_VERSION, "x"), &k).unwrap_err();
+        let wrong_secret = check_hello(&hello(PROTOCOL_VERSION, "x"), &k)
+            .unwrap_err()
+            .to_string();
         assert!(
             wrong_secret.contains("wrong session secret"),
             "{wrong_secret}"

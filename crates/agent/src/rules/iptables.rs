@@ -413,14 +413,14 @@ impl Chains {
         port: u16,
         to_v4: u16,
         to_v6: Option<u16>,
-    ) -> Result<(), String> {
+    ) -> Result<(), super::RedirectError> {
         let v4 = async {
             self.hook(Family::V4).await?;
             let argv = redirect(&self.chain, true, port, to_v4);
             run(self.flavour, Family::V4, &argv).await
         }
         .await;
-        v4.map_err(|e| format!("could not redirect port {port}: {e}"))?;
+        v4.map_err(|error| super::RedirectError::Iptables { port, error })?;
         if let (Some(to_v6), false) = (to_v6, self.v6_broken) {
             let v6 = async {
                 self.hook(Family::V6).await?;

@@ -28,16 +28,21 @@ pub enum ProbeSource {
     Gateway,
 }
 
-impl FromStr for ProbeSource {
-    type Err = String;
+/// A `--probe-source` value that is neither an IP address nor `gateway`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither an IP address nor `gateway` (the target's default gateways)")]
+pub struct BadProbeSource(String);
 
-    fn from_str(s: &str) -> Result<ProbeSource, String> {
+impl FromStr for ProbeSource {
+    type Err = BadProbeSource;
+
+    fn from_str(s: &str) -> Result<ProbeSource, BadProbeSource> {
         if s == "gateway" {
             return Ok(ProbeSource::Gateway);
         }
-        s.parse().map(ProbeSource::Addr).map_err(|_| {
-            format!("{s:?} is neither an IP address nor `gateway` (the target's default gateways)")
-        })
+        s.parse()
+            .map(ProbeSource::Addr)
+            .map_err(|_| BadProbeSource(s.to_owned()))
     }
 }
 
@@ -116,7 +121,7 @@ mod tests {
         );
         assert!("fd00::1".parse::<ProbeSource>().is_ok());
         let bad = "node".parse::<ProbeSource>().unwrap_err();
-        assert!(bad.contains("gateway"), "{bad}");
+        assert!(bad.to_string().contains("gateway"), "{bad}");
     }
 
     #[test]
