@@ -26,8 +26,6 @@ pub mod nft;
 pub mod probes;
 pub mod stale;
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
@@ -45,11 +43,11 @@ pub const SECRET_DIGEST_ENV: &str = "GRAFT_AGENT_SECRET_SHA256";
 
 /// A fresh chain name: [`CHAIN_PREFIX`] + 8 random lowercase hex digits.
 pub fn random_chain_name() -> String {
-    // RandomState is seeded from the OS's random source once per process, and
-    // differently for each instance.
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    format!("{CHAIN_PREFIX}{:08x}", hasher.finish() as u32)
+    // Four bytes from the kernel; a process with no random source at all falls
+    // back to its pid, which is unique among the live agents on the node.
+    let suffix = graft_protocol::secret::random_hex(4)
+        .unwrap_or_else(|_| format!("{:08x}", std::process::id()));
+    format!("{CHAIN_PREFIX}{suffix}")
 }
 
 /// Which backend the agent may use (`--packet-rules`).

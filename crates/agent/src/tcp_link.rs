@@ -38,7 +38,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::session::{Secret, secrets_match_bytes};
+use graft_protocol::secret::secrets_match;
+
+use crate::session::Secret;
 
 /// How long a connection has to finish TLS and its attach.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -207,7 +209,7 @@ async fn attach_link(
             Ok("the client opened the link (TLS 1.3, session secret proven)")
         }
         Phase::Linked(reattach) => {
-            if !secrets_match_bytes(&attach.token, &reattach.token()) {
+            if !secrets_match(attach.token, reattach.token()) {
                 return Err(LinkRefused::WrongToken);
             }
             let reattach = reattach.clone();

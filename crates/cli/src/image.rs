@@ -896,12 +896,10 @@ pub fn blob_path(digest: &str) -> String {
 
 /// `sha256:<hex>` of `data`.
 pub fn sha256(data: &[u8]) -> String {
-    let mut hex = String::with_capacity(71);
-    hex.push_str("sha256:");
-    for byte in Sha256::digest(data) {
-        hex.push_str(&format!("{byte:02x}"));
-    }
-    hex
+    format!(
+        "sha256:{}",
+        graft_protocol::secret::hex(Sha256::digest(data))
+    )
 }
 
 fn to_json(value: &Value) -> Vec<u8> {

@@ -29,6 +29,7 @@ pub mod link;
 #[cfg(feature = "relink")]
 pub mod relink;
 pub mod remote;
+pub mod secret;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod version;
