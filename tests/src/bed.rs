@@ -378,7 +378,7 @@ impl Bed {
     /// The pids of processes started through this bed (they carry its slot marker)
     /// whose command line mentions `needle`: e.g. CMD of a session.
     pub fn pids_running(&self, needle: &str) -> Vec<u32> {
-        let marker = format!("{SLOT_ENV}={}", self.n);
+        let slot = self.n.to_string();
         process::processes()
             .into_iter()
             .filter(|(_, argv)| argv.iter().any(|a| a.contains(needle)))
@@ -387,8 +387,8 @@ impl Bed {
                     .is_some_and(|a| Path::new(a).file_name() != Some("graft".as_ref()))
             })
             .filter(|(pid, _)| {
-                std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
+                graft_proc::environ(*pid)
+                    .is_ok_and(|env| env.iter().any(|(k, v)| k == SLOT_ENV && *v == slot))
             })
             .map(|(pid, _)| pid)
             .collect()
@@ -724,10 +724,9 @@ exec chroot "$r" /usr/bin/env -i \
                 ),
             }
         }
-        let cmdline =
-            std::fs::read(format!("/proc/{}/cmdline", self.target_pid)).unwrap_or_default();
+        let cmdline = graft_proc::cmdline(self.target_pid).unwrap_or_default();
         assert!(
-            String::from_utf8_lossy(&cmdline).contains("target_server.py"),
+            cmdline.iter().any(|a| a.contains("target_server.py")),
             "pid {} is not the target server",
             self.target_pid
         );

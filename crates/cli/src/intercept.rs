@@ -408,9 +408,7 @@ pub fn leave(args: LeaveArgs) -> Result<u8, Failure> {
     let pid = nix::unistd::Pid::from_raw(entry.pid as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while Path::new(&format!("/proc/{}", entry.pid)).exists()
-        && std::time::Instant::now() < deadline
-    {
+    while graft_proc::exists(entry.pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("graft: left intercept {}", entry.name);

@@ -91,7 +91,7 @@ fn sweep_stale(base: &Path) {
             // Not a pid graft wrote: not ours to judge.
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !graft_proc::exists(pid) {
             tracing::debug!(dir = %dir.display(), "removing a stale session directory");
             let _ = std::fs::remove_dir_all(&dir);
         }
