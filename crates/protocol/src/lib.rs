@@ -21,6 +21,8 @@
 //! for local targets).
 
 pub mod codec;
+#[cfg(feature = "credit")]
+pub mod credit;
 #[cfg(feature = "fdpass")]
 pub mod fdpass;
 pub mod incoming;
