@@ -293,9 +293,9 @@ async fn mount(
     .map_err(|e| Failure::session(format!("mounting failed: {e}")))?
     .map_err(|e| match e {
         graft_mount::MountError::MountPoint { .. } | graft_mount::MountError::BadRoot(_) => {
-            Failure::usage(e.to_string())
+            Failure::usage_error(&e)
         }
-        _ => Failure::session(e.to_string()),
+        _ => Failure::session_error(&e),
     })?;
     eprintln!(
         "graft: the target's filesystem is mounted at {} (read-only)",

@@ -111,7 +111,7 @@ pub fn base_dir(uid: u32, runtime_dir: Option<PathBuf>) -> PathBuf {
 
 /// `bytes` random bytes from the kernel, as lowercase hex.
 pub fn random_hex(bytes: usize) -> Result<String, Failure> {
-    graft_protocol::secret::random_hex(bytes).map_err(|e| Failure::session(e.to_string()))
+    graft_protocol::secret::random_hex(bytes).map_err(|e| Failure::session_error(&e))
 }
 
 #[cfg(test)]

@@ -161,13 +161,12 @@ pub enum RuleError {
         program: &'static str,
     },
     /// The program could not be started.
-    #[error("could not run {program}: {source}")]
+    #[error("could not run {program}: {error}")]
     Spawn {
         /// `iptables` or `ip6tables`.
         program: &'static str,
         /// What `exec` said.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The program ran and failed.
     #[error(
@@ -269,7 +268,10 @@ fn outcome(
         if source.kind() == io::ErrorKind::NotFound {
             RuleError::Missing { program }
         } else {
-            RuleError::Spawn { program, source }
+            RuleError::Spawn {
+                program,
+                error: source,
+            }
         }
     })?;
     if output.status.success() {

@@ -103,10 +103,16 @@ pub enum KeyError {
     Unsupported(Errno),
     /// Any other netlink failure.
     #[error("talking to nf_tables about the target's hub key failed: {0}")]
-    Netlink(#[from] io::Error),
+    Netlink(io::Error),
     /// The table exists but holds no valid key.
     #[error("the nf_tables table {TABLE} holds no valid hub key")]
     Malformed,
+}
+
+impl From<io::Error> for KeyError {
+    fn from(e: io::Error) -> KeyError {
+        KeyError::Netlink(e)
+    }
 }
 
 impl From<Errno> for KeyError {
