@@ -375,6 +375,38 @@ impl Bed {
         agents_of(self.target_pid)
     }
 
+    /// Starts `cmd` inside the target's network namespace (beside the target
+    /// process) and waits until it listens ([`Proc::wait_listening`]).
+    pub fn serve_in_target(&self, cmd: &[String]) -> Proc {
+        let what = format!("{} in the target netns", cmd[1..].join(" "));
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.target_ns]).args(cmd);
+        let mut server = self.spawn(command, &what);
+        server.wait_listening(&what);
+        server
+    }
+
+    /// The session's agent: the one `graft-agent` of this bed whose parent is
+    /// the graft process `graft` (its watchdog's parent is the agent).
+    ///
+    /// # Panics
+    ///
+    /// When there is not exactly one.
+    pub fn agent_of(&self, graft: u32) -> u32 {
+        let agents = self.agent_pids();
+        let main: Vec<u32> = agents
+            .iter()
+            .copied()
+            .filter(|pid| graft_proc::parent(*pid) == Some(graft))
+            .collect();
+        assert_eq!(
+            main.len(),
+            1,
+            "expected one agent child of graft {graft} among {agents:?}"
+        );
+        main[0]
+    }
+
     /// The pids of processes started through this bed (they carry its slot marker)
     /// whose command line mentions `needle`: e.g. CMD of a session.
     pub fn pids_running(&self, needle: &str) -> Vec<u32> {

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+/// How long a test server may take to print `listening` ([`Proc::wait_listening`]):
+/// a generous functional bound, for a loaded machine.
+pub const SERVER_UP: Duration = Duration::from_secs(10);
+
 /// A running process and the output it has written so far.
 pub struct Proc {
     child: Child,
@@ -123,6 +127,26 @@ impl Proc {
     /// What the process has written to stderr so far.
     pub fn stderr(&self) -> String {
         lossy(&self.stderr)
+    }
+
+    /// Waits until the server this process is has printed `listening` on
+    /// stdout ([`SERVER_UP`] at most).
+    ///
+    /// # Panics
+    ///
+    /// When it exits first or does not listen in time; `what` names it.
+    pub fn wait_listening(&mut self, what: &str) {
+        let up = crate::net::wait_until(SERVER_UP, Duration::from_millis(50), || {
+            if let Some(status) = self.try_status() {
+                panic!("{what} exited ({status})\n{}", self.output_report());
+            }
+            self.stdout().contains("listening").then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "{what} did not listen within {SERVER_UP:?}\n{}",
+            self.output_report()
+        );
     }
 
     /// stdout and stderr so far, for failure messages.

@@ -33,6 +33,23 @@ pub fn parse_state(stat: &str) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// The parent of process `pid` (its `ppid`), from `/proc/PID/stat`; `None`
+/// when there is no such process.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(dir(pid).join("stat")).ok()?;
+    parse_parent(&stat)
+}
+
+/// The parent pid in the text of a `stat` file: the field after the state.
+pub fn parse_parent(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Whether process `pid` exists and is neither a zombie nor dead.
 pub fn is_running(pid: u32) -> bool {
     state(pid).is_some_and(|s| !matches!(s, 'Z' | 'X'))
@@ -182,6 +199,11 @@ mod tests {
         assert_eq!(parse_state("42 (a) b) S 1 2 3"), Some('S'));
         assert_eq!(parse_state("42 (zombie) Z 1"), Some('Z'));
         assert_eq!(parse_state("garbage"), None);
+        assert_eq!(parse_parent("42 (a) b) S 17 2 3"), Some(17));
+        assert_eq!(
+            parent(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
         assert!(is_running(std::process::id()));
         assert!(exists(std::process::id()));
         assert_eq!(state(u32::MAX), None);
