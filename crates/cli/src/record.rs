@@ -141,8 +141,8 @@ pub async fn record(args: RecordArgs) -> Result<u8, Failure> {
         method: &args.filter_method,
         ..graft_filter::FilterFlags::default()
     })
-    .map_err(|e| Failure::usage(e.to_string()))?
-    .map(|spec| HttpFilter::compile(&spec).map_err(|e| Failure::usage(e.to_string())))
+    .map_err(|e| Failure::usage_error(&e))?
+    .map(|spec| HttpFilter::compile(&spec).map_err(|e| Failure::usage_error(&e)))
     .transpose()?;
     let redaction = if args.redact_header.is_empty() {
         Redaction::default()

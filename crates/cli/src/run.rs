@@ -389,7 +389,7 @@ impl Plan<'_> {
         let layer_socket = self.dir.join("layer.sock");
         session
             .serve_layer(&layer_socket)
-            .map_err(|e| Failure::session(e.to_string()))?;
+            .map_err(|e| Failure::session_error(&e))?;
         self.spawn(env, &layer_socket)
     }
 

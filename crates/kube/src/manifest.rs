@@ -203,12 +203,7 @@ pub struct SecretDigest(String);
 impl SecretDigest {
     /// Hashes `secret` (the bytes of the string the client sends in `Hello`).
     pub fn of(secret: &str) -> SecretDigest {
-        let digest = Sha256::digest(secret.as_bytes());
-        let mut hex = String::with_capacity(64);
-        for byte in digest {
-            hex.push_str(&format!("{byte:02x}"));
-        }
-        SecretDigest(hex)
+        SecretDigest(hex::encode(Sha256::digest(secret.as_bytes())))
     }
 
     /// The digest as 64 lower-case hex digits.

@@ -19,13 +19,19 @@ use crate::{
 pub enum TapError {
     /// Reading the stream failed.
     #[error("reading a tapped connection failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The stream does not carry tap frames (an agent that does not speak
     /// protocol 0.4, or a corrupted stream).
     #[error(
         "a tapped connection sent a bad frame ({0}); are graft and graft-agent from the same release?"
     )]
     Frame(String),
+}
+
+impl From<std::io::Error> for TapError {
+    fn from(e: std::io::Error) -> TapError {
+        TapError::Io(e)
+    }
 }
 
 /// The two directions of one connection and the pairing of their messages.

@@ -362,7 +362,9 @@ impl Hub {
                 .redirector
                 .redirect(port)
                 .await
-                .map_err(|reason| SubscribeError::Redirect { reason })?;
+                .map_err(|e| SubscribeError::Redirect {
+                    reason: e.to_string(),
+                })?;
         }
         let mut subs: Vec<Arc<Sub>> = current
             .subs

@@ -758,7 +758,7 @@ pub(super) async fn check_owners(shared: Arc<Shared>) {
                 .filter(|(_, sub)| {
                     matches!(sub.state, StealState::Active)
                         && sub.pid != API_OWNER
-                        && !Path::new(&format!("/proc/{}", sub.pid)).exists()
+                        && !graft_proc::exists(sub.pid)
                 })
                 .map(|(port, _)| *port)
                 .collect();
