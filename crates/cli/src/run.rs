@@ -228,8 +228,19 @@ impl Plan<'_> {
                     Failure::session(format!("cannot wait for the command: {e}"))
                 })?;
                 // A terminal's Ctrl-C reaches CMD and graft together: CMD may
-                // end before graft reads its signal.
-                match tokio::time::timeout(Duration::from_millis(50), signals.recv()).await {
+                // end before graft reads its signal. Only a CMD that died of a
+                // signal (or exited 128+N, as shells report one) can have beaten
+                // it; any other exit looks once without waiting, so a plain run
+                // does not end 50 ms late.
+                let died_of_signal = std::os::unix::process::ExitStatusExt::signal(&status)
+                    .is_some()
+                    || status.code().is_some_and(|code| code > 128);
+                let grace = if died_of_signal {
+                    Duration::from_millis(50)
+                } else {
+                    Duration::ZERO
+                };
+                match tokio::time::timeout(grace, signals.recv()).await {
                     Ok(received) => Ended::Stopped(received),
                     Err(_) => {
                         self.explain_exit(&session, status);
