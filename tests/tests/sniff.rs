@@ -514,3 +514,70 @@ fn a_process_in_the_pod_cannot_inject_into_a_mirrored_connection() {
     assert!(!target.stdout().contains("/injected"));
     end(&mut session);
 }
+
+#[test]
+fn graft_record_records_the_targets_responses_from_the_packet_path() {
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let addr = SocketAddr::from((bed.target_v4, port));
+    let _target = serve_in_target(&bed, "target", port);
+    let har = bed.work_dir().join("sniffed.har");
+    let target = format!("pid:{}", bed.target_pid);
+    let (port_arg, har_arg) = (port.to_string(), har.display().to_string());
+    let args = [
+        "record", "--target", &target, "--port", &port_arg, "--count", "2", "-o", &har_arg,
+    ];
+    let mut command = bed.graft(&args);
+    command.env("GRAFT_LOG", "debug");
+    let mut record = bed.spawn(command, "graft record");
+    let started = wait_until(STEAL_TIMEOUT, Duration::from_millis(50), || {
+        record.stderr().contains(SNIFFING).then_some(())
+    });
+    assert!(started.is_some(), "{}", record.output_report());
+    assert!(!bed.has_graft_rules(), "{}", bed.packet_rules());
+
+    let body = bed.work_dir().join("body.bin");
+    std::fs::write(&body, "b".repeat(200_000)).unwrap();
+    let posted = Command::new("curl")
+        .args(["-sS", "--noproxy", "*", "--max-time", "5", "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .arg(format!("{}rec-post", bed.target_url(port)))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&posted.stdout).starts_with("target POST /rec-post len=200000")
+    );
+    assert_eq!(who_answers(addr, "/rec-get"), "target");
+    assert!(
+        record.wait_timeout(Duration::from_secs(20)).is_some(),
+        "graft record did not end after 2 requests\n{}",
+        record.output_report()
+    );
+    let har: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&har).unwrap()).unwrap();
+    let entries = har["log"]["entries"].as_array().expect("entries");
+    let texts: Vec<String> = entries
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} -> {} {}",
+                e["request"]["method"].as_str().unwrap_or(""),
+                e["request"]["url"].as_str().unwrap_or(""),
+                e["response"]["status"],
+                e["response"]["content"]["text"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("/rec-post -> 200 target POST /rec-post len=200000")),
+        "{texts:?}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("/rec-get -> 200 target GET /rec-get ")),
+        "{texts:?}"
+    );
+}

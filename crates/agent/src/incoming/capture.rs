@@ -39,7 +39,7 @@ const BATCH: usize = 32;
 
 /// How long a read waits for packets before the capture loop looks at its
 /// controls again.
-pub const READ_WAIT: Duration = Duration::from_millis(200);
+pub const READ_WAIT: Duration = Duration::from_millis(50);
 
 /// The kernel buffer asked for the socket: what a burst may queue while the
 /// agent is busy (`SO_RCVBUFFORCE`, capped by `rmem_max` for `SO_RCVBUF`).

@@ -285,7 +285,10 @@ impl Rules {
             if current == Some(PortMode::Redirect) {
                 self.redirector.release(port).await;
             }
-            let watched = self.sniffer(hub).map(|s| s.watch(port));
+            let watched = match self.sniffer(hub) {
+                Some(sniffer) => Some(sniffer.watch(port).await),
+                None => None,
+            };
             match watched {
                 Some(Ok(())) => tracing::info!(port, "mirroring off the packet path"),
                 Some(Err(e)) => {

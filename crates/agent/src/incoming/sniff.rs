@@ -58,13 +58,17 @@ const DETECT_BYTES: usize = 64;
 /// How often the capture thread expires idle flows and reads the kernel's drops.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
-/// What the hub tells the capture thread.
-#[derive(Default)]
+/// How long [`Sniffer::watch`] waits for the capture thread to filter a new port.
+const APPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// What the hub tells the capture thread, and what the thread has applied.
 struct Control {
     /// Ports whose new connections are copied.
     ports: Mutex<BTreeSet<u16>>,
     /// Bumped on every change of `ports`.
     generation: AtomicU64,
+    /// The last generation whose ports the kernel filters.
+    applied: tokio::sync::watch::Sender<u64>,
     stop: AtomicBool,
 }
 
@@ -84,7 +88,12 @@ impl Sniffer {
     /// (the hub then mirrors by pass-through).
     pub fn start(hub: Weak<Hub>) -> io::Result<Sniffer> {
         let socket = PacketSocket::open()?;
-        let control = Arc::new(Control::default());
+        let control = Arc::new(Control {
+            ports: Mutex::default(),
+            generation: AtomicU64::new(0),
+            applied: tokio::sync::watch::Sender::new(0),
+            stop: AtomicBool::new(false),
+        });
         let (events_tx, events_rx) = mpsc::channel(EVENTS);
         let in_transit = Arc::new(AtomicUsize::new(0));
         tokio::spawn(consume(events_rx, hub, in_transit.clone()));
@@ -95,22 +104,33 @@ impl Sniffer {
         Ok(Sniffer { control })
     }
 
-    /// Copies the new connections to `port` from now on.
+    /// Copies the new connections to `port` from when it returns: it waits
+    /// (at most [`APPLY_WAIT`]) until the kernel filters the port.
     ///
     /// # Errors
     ///
-    /// [`capture::MAX_PORTS`] ports are already watched.
-    pub fn watch(&self, port: u16) -> io::Result<()> {
-        let mut ports = self.control.ports.lock().expect("sniffer lock poisoned");
-        if !ports.contains(&port) && ports.len() >= capture::MAX_PORTS {
-            return Err(io::Error::other(format!(
-                "{} ports are sniffed already",
-                capture::MAX_PORTS
-            )));
+    /// [`capture::MAX_PORTS`] ports are already watched, or the capture stopped.
+    pub async fn watch(&self, port: u16) -> io::Result<()> {
+        let generation = {
+            let mut ports = self.control.ports.lock().expect("sniffer lock poisoned");
+            if !ports.contains(&port) && ports.len() >= capture::MAX_PORTS {
+                return Err(io::Error::other(format!(
+                    "{} ports are sniffed already",
+                    capture::MAX_PORTS
+                )));
+            }
+            ports.insert(port);
+            self.control.generation.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        let mut applied = self.control.applied.subscribe();
+        match tokio::time::timeout(APPLY_WAIT, applied.wait_for(|g| *g >= generation)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(io::Error::other("the capture stopped")),
+            Err(_) => {
+                tracing::debug!(port, "the capture has not filtered the port yet");
+                Ok(())
+            }
         }
-        ports.insert(port);
-        self.control.generation.fetch_add(1, Ordering::SeqCst);
-        Ok(())
     }
 
     /// Stops copying new connections to `port`; those being copied go on.
@@ -212,6 +232,11 @@ fn capture_loop(
             tracing::debug!(ports = ?wanted, "sniffing");
             filtered = Some(wanted);
         }
+        control.applied.send_if_modified(|applied| {
+            let changed = *applied != seen;
+            *applied = seen;
+            changed
+        });
         let now = Instant::now();
         let read = socket.read_batch(&mut headers, |packet| {
             if let Some(seg) = parse(&packet) {
