@@ -427,6 +427,14 @@ fn hostile_segments_leave_the_target_serving_and_the_agent_bounded() {
     assert!(!session.stdout().contains("/overlap-B"));
     assert!(!target.stdout().contains("/overlap-B"));
 
+    // The tiny-segment flood hit the bound and cost that connection its copy.
+    assert!(
+        session
+            .stderr()
+            .contains("copy ends: too many out-of-order segments"),
+        "{}",
+        session.output_report()
+    );
     let peak = agent_peak_kib(agent);
     assert!(
         peak <= RSS_LIMIT_KIB,
