@@ -589,3 +589,37 @@ fn graft_record_records_the_targets_responses_from_the_packet_path() {
         "{texts:?}"
     );
 }
+
+#[test]
+fn a_mirrored_program_calling_the_target_through_graft_is_not_sent_its_own_calls() {
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let addr = SocketAddr::from((bed.target_v4, port));
+    let target = serve_in_target(&bed, "target", port);
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = vec![
+        python().to_owned(),
+        fixture_str("mirror_self_call.py"),
+        port.to_string(),
+        bed.target_url(port),
+        dir.path().display().to_string(),
+    ];
+    let mut session = mirror_session(&bed, &cmd);
+    wait_mirrored(&mut session, addr, "probe");
+    // The program's own call leaves from the target's network namespace, to the
+    // mirrored port: the target answers it, and it is not mirrored back.
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    assert!(
+        wait_output(&session, "fetched target GET /from-local "),
+        "{}",
+        session.output_report()
+    );
+    assert!(target.stdout().contains("GET /from-local "));
+    wait_mirrored(&mut session, addr, "after");
+    assert!(
+        !session.stdout().contains("request local GET /from-local"),
+        "the program was sent a copy of its own call\n{}",
+        session.output_report()
+    );
+    end(&mut session);
+}

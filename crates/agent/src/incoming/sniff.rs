@@ -18,7 +18,10 @@
 //! ([`Sniffer::watch`]); a connection already copied stays copied until it ends
 //! after its port is unwatched (so a hub that hands over still copies the
 //! connections it saw start). Connections from the probe sources
-//! ([`crate::rules::probes`]) are never copied, as they are never redirected.
+//! ([`crate::rules::probes`]) are never copied, as they are never redirected,
+//! and neither are the agent's own connections from the target's namespace
+//! ([`own_connection`]): a mirrored program that calls its own service through
+//! graft would otherwise be sent copies of its own calls, without end.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
@@ -60,6 +63,38 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// How long [`Sniffer::watch`] waits for the capture thread to filter a new port.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// How many of the agent's own connections [`own_connection`] remembers.
+const OWN_MAX: usize = 16_384;
+
+/// How long an own connection is remembered at least.
+const OWN_TTL: Duration = Duration::from_secs(600);
+
+/// The local addresses of the agent's own TCP connections, by when they were made.
+static OWN: Mutex<Option<HashMap<SocketAddr, Instant>>> = Mutex::new(None);
+
+/// Records that the agent itself opened a connection from `local` (an outgoing
+/// connection of a session): the mirror never copies it. Call it before the
+/// connection's first byte is written; the address is remembered for at least
+/// [`OWN_TTL`] (at most [`OWN_MAX`] addresses: beyond that the oldest go).
+pub fn own_connection(local: SocketAddr) {
+    let mut own = OWN.lock().expect("own connections lock poisoned");
+    let own = own.get_or_insert_with(HashMap::new);
+    if own.len() >= OWN_MAX {
+        let now = Instant::now();
+        own.retain(|_, made| now.duration_since(*made) < OWN_TTL);
+        if own.len() >= OWN_MAX {
+            own.clear();
+        }
+    }
+    own.insert(local, Instant::now());
+}
+
+/// Whether `client` is one of the agent's own connections.
+fn is_own(client: SocketAddr) -> bool {
+    let own = OWN.lock().expect("own connections lock poisoned");
+    own.as_ref().is_some_and(|own| own.contains_key(&client))
+}
 
 /// What the hub tells the capture thread, and what the thread has applied.
 struct Control {
@@ -370,6 +405,10 @@ fn handle(
             let Some(hub) = hub.upgrade() else {
                 return false;
             };
+            if is_own(client) {
+                tracing::debug!(%client, %server, "the agent's own connection is not mirrored");
+                return true;
+            }
             // A port stolen meanwhile still has this connection go to the
             // target directly (the redirect only takes new ones): copied.
             if let Some(subs) = hub.port_subs(server.port()) {
