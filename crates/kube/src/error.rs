@@ -105,8 +105,8 @@ pub enum KubeError {
     /// An admission check (Pod Security, a policy engine) rejected what graft
     /// sent, which RBAC had allowed.
     #[error(
-        "the cluster refused the agent: {message}; the agent needs NET_ADMIN, SYS_ADMIN and \
-         SYS_PTRACE (node mode also hostPID), which only the `privileged` Pod Security level \
+        "the cluster refused the agent: {message}; the agent needs NET_ADMIN, SYS_ADMIN, \
+         SYS_PTRACE and NET_RAW (node mode also hostPID), which only the `privileged` Pod Security level \
          admits: ask for the namespace to be labelled \
          pod-security.kubernetes.io/enforce=privileged, or run graft in a namespace that is"
     )]
