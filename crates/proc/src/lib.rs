@@ -1,13 +1,13 @@
 //! graft's one reader for `/proc` (see `proc(5)`): whether a process runs, its
 //! environment and command line, and the route tables of its network
-//! namespace. The agent, the CLI, the proxy and the test harness read these
+//! namespace, and its listening TCP sockets. The agent, the CLI, the proxy and the test harness read these
 //! files through here, so each format is parsed in one place.
 //!
 //! Every function takes the process's pid as the caller's pid namespace sees
 //! it; the parsers of file contents are public too, for tests with fixed text.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 /// `/proc/PID`.
@@ -188,6 +188,49 @@ pub fn parse_route_v6(text: &str) -> Vec<Route> {
             })
         })
         .collect()
+}
+
+/// The `st` value of a listening socket in `/proc/net/tcp` (`TCP_LISTEN`).
+const TCP_LISTEN: &str = "0A";
+
+/// The listening sockets in the text of a `/proc/net/tcp` or `tcp6` table
+/// (`net/ipv4/tcp_ipv4.c`, `net/ipv6/tcp_ipv6.c`): the local addresses of the
+/// rows in state `TCP_LISTEN`.
+pub fn parse_tcp_listeners(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            if state != TCP_LISTEN {
+                return None;
+            }
+            let (addr, port) = local.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            Some(SocketAddr::new(parse_socket_addr(addr)?, port))
+        })
+        .collect()
+}
+
+/// An address of `/proc/net/tcp{,6}`: hex of the kernel's 32-bit words, each in
+/// host byte order.
+fn parse_socket_addr(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
+        32 => {
+            let mut octets = [0u8; 16];
+            for i in 0..4 {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(octets)))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
