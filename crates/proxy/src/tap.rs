@@ -11,15 +11,24 @@
 //! `try_send`, and a watcher that falls [`TAP_QUEUE`] chunks behind loses the
 //! rest of that connection (its channel closes early, so the watcher never sees
 //! a stream with a hole in the middle).
+//!
+//! Requests of a filtered port that no filter of this session took never reach
+//! the program; a tap made [`IncomingTap::with_routes`] turns the agent's
+//! routing records on while somebody watches (and off when nobody does), and
+//! hands each record on.
 
 use std::{
     fmt, io,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
-use graft_protocol::{incoming::tap::Direction, layer::DeliveredPeer};
+use graft_protocol::{
+    incoming::{RoutedRequest, tap::Direction},
+    layer::DeliveredPeer,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::mpsc,
@@ -49,7 +58,13 @@ pub struct TappedConnection {
 pub struct IncomingTap {
     connections: mpsc::Sender<TappedConnection>,
     watched: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Where the agent's routing records go ([`IncomingTap::with_routes`]).
+    routes: Option<mpsc::Sender<RoutedRequest>>,
 }
+
+/// How often the proxy looks whether somebody started or stopped watching, to
+/// turn the agent's routing records on or off.
+pub const ROUTES_POLL: Duration = Duration::from_millis(200);
 
 impl fmt::Debug for IncomingTap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -67,6 +82,53 @@ impl IncomingTap {
         IncomingTap {
             connections,
             watched: Arc::new(watched),
+            routes: None,
+        }
+    }
+
+    /// Also asks the agent, while somebody watches, for a record of each
+    /// request of the session's filtered ports that went to the target or to
+    /// another session ([`graft_protocol::link::AgentMessage::Routed`]), and
+    /// hands them to `routes` (dropped when it is full). An agent that does not
+    /// know routing records sends none.
+    pub fn with_routes(mut self, routes: mpsc::Sender<RoutedRequest>) -> IncomingTap {
+        self.routes = Some(routes);
+        self
+    }
+
+    /// Whether this tap takes routing records.
+    pub(crate) fn wants_routes(&self) -> bool {
+        self.routes.is_some()
+    }
+
+    /// Hands the agent's routing record on, unless nobody takes it now.
+    pub(crate) fn routed(&self, record: RoutedRequest) {
+        if let Some(routes) = &self.routes
+            && (self.watched)()
+        {
+            let _ = routes.try_send(record);
+        }
+    }
+
+    /// Tells the agent (through `send`) to send routing records while somebody
+    /// watches and to stop when nobody does; looks every [`ROUTES_POLL`].
+    /// Returns when `send` fails (the link is gone).
+    pub(crate) async fn follow_watchers<F, Fut>(self, send: F)
+    where
+        F: Fn(bool) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let mut on = false;
+        let mut tick = tokio::time::interval(ROUTES_POLL);
+        loop {
+            tick.tick().await;
+            let watched = (self.watched)();
+            if watched != on {
+                if !send(watched).await {
+                    return;
+                }
+                on = watched;
+            }
         }
     }
 

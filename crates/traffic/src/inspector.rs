@@ -28,6 +28,8 @@ use std::net::SocketAddr;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use graft_protocol::incoming::{IncomingMode, RoutedRequest, RoutedTo};
+
 use crate::exchange::{Body, Exchange, Route};
 
 /// A session on this machine, as its feed describes itself to each watcher.
@@ -170,6 +172,87 @@ impl ExchangeEvent {
     }
 }
 
+impl ExchangeEvent {
+    /// The event of the agent's routing record `record` (a request of a port of
+    /// session `session`, in `mode`, that went elsewhere), number `id`: heads
+    /// and sizes when the target answered, nothing of the request when another
+    /// session took it.
+    pub fn routed(
+        session: &str,
+        id: u64,
+        mode: IncomingMode,
+        record: &RoutedRequest,
+    ) -> ExchangeEvent {
+        let not_kept = |len: u64| BodyView {
+            text: None,
+            base64: None,
+            len,
+            truncated: len > 0,
+            complete: true,
+        };
+        let mut event = ExchangeEvent {
+            session: session.to_owned(),
+            id,
+            started_unix_ms: record.started_unix_ms,
+            port: record.port,
+            mode: mode.to_string(),
+            route: match record.to {
+                RoutedTo::Target => Route::Target,
+                RoutedTo::AnotherSession => Route::AnotherSession,
+            },
+            filter: None,
+            client: None,
+            note: None,
+            method: String::new(),
+            target: String::new(),
+            version: String::new(),
+            request_headers: Vec::new(),
+            request_body: not_kept(0),
+            response: None,
+            latency_ms: 0.0,
+        };
+        match &record.detail {
+            None => {
+                event.note = Some(
+                    "another session's filter took this request; what it carried is that \
+                     session's and is not shown"
+                        .to_owned(),
+                );
+            }
+            Some(detail) => {
+                event.note = Some(format!(
+                    "no filter of this session matched: the target answered{}; graft kept \
+                     the heads and sizes, not the bodies",
+                    detail
+                        .error
+                        .as_ref()
+                        .map(|e| format!(" (or failed to: {e})"))
+                        .unwrap_or_default()
+                ));
+                event.client = Some(detail.peer);
+                event.method.clone_from(&detail.method);
+                event.target.clone_from(&detail.target);
+                event.version.clone_from(&detail.version);
+                event.request_headers.clone_from(&detail.request_headers);
+                event.request_body = not_kept(detail.request_body_len);
+                event.response = Some(ResponseView {
+                    status: detail.status,
+                    reason: http::StatusCode::from_u16(detail.status)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("")
+                        .to_owned(),
+                    version: detail.version.clone(),
+                    headers: detail.response_headers.clone(),
+                    body: not_kept(detail.response_body_len),
+                });
+                event.latency_ms = detail.latency_us as f64 / 1000.0;
+            }
+        }
+        event
+    }
+}
+
 /// What the inspector shows, one JSON object each, told apart by `kind`.
 ///
 /// New kinds may be added at the end; a watcher skips a kind it does not know.
@@ -209,8 +292,6 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-
-    use graft_protocol::incoming::IncomingMode;
 
     use super::*;
     use crate::exchange::{Origin, Request};

@@ -1,0 +1,285 @@
+//! Routing records: what a session that watches its routes
+//! ([`graft_protocol::link::ClientMessage::WatchRoutes`], sent while somebody
+//! looks at its inspector) learns of the requests of its filtered ports that
+//! went elsewhere.
+//!
+//! [`http`](super::http) routes each request to a session or to the target; for
+//! every *other* subscription of the port whose session watches
+//! ([`Subscriber::watches_routes`](super::Subscriber::watches_routes)), it
+//! makes a record ([`RoutedRequest`]):
+//!
+//! - went to the target: the request's and the response's heads, the body
+//!   sizes and the latency, sent when the response ends. Bodies are counted as
+//!   they stream, never copied.
+//! - went to another session: only that it did ([`RoutedTo::AnotherSession`]),
+//!   with no detail at all: that request (headers, bodies, path) belongs to the
+//!   other session, and the session that gets the record may be another user's.
+//!
+//! The session that got the request, and sessions that got a mirror copy, get
+//! no record: they see the request itself. When no subscription of the port
+//! watches, [`start`] costs one check per subscription and allocates nothing.
+//!
+//! Sessions that reach the hub through another agent ([`super::peer`]) never
+//! watch: their records would have to cross the hub's peer link, which has no
+//! message for them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use graft_protocol::incoming::{RoutedDetail, RoutedRequest, RoutedTo};
+use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::http::{BoxError, ProxyBody};
+use super::{ConnMeta, PortSubs, Sub};
+
+/// A request on its way to the target that watching sessions get a record of.
+pub struct Recording {
+    /// The subscriptions whose sessions get the record.
+    watchers: Vec<Arc<Sub>>,
+    started: Instant,
+    started_unix_ms: u64,
+    port: u16,
+    /// The request's part of the record; the response's is filled at the end.
+    detail: RoutedDetail,
+    /// Request body bytes counted so far.
+    request_len: Arc<AtomicU64>,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A header map as `(name, value)` text pairs, in order.
+fn fields(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Starts the records of `req`, routed to `stealer` (`None`: the target) with
+/// copies to `mirrors`: a record of "another session" goes out at once to each
+/// watcher; for a request to the target, the returned [`Recording`] finishes
+/// the records when the response ends. `None` when nobody else watches.
+pub fn start<B>(
+    subs: &PortSubs,
+    meta: &ConnMeta,
+    stealer: Option<&Arc<Sub>>,
+    mirrors: &[Arc<Sub>],
+    req: &Request<B>,
+) -> Option<Recording> {
+    if !subs.subs.iter().any(|s| s.to.watches_routes()) {
+        return None;
+    }
+    let watchers: Vec<Arc<Sub>> = subs
+        .subs
+        .iter()
+        .filter(|s| {
+            s.to.watches_routes()
+                && !stealer.is_some_and(|st| Arc::ptr_eq(st, s))
+                && !mirrors.iter().any(|m| Arc::ptr_eq(m, s))
+        })
+        .cloned()
+        .collect();
+    if watchers.is_empty() {
+        return None;
+    }
+    let started_unix_ms = now_unix_ms();
+    if stealer.is_some() {
+        for watcher in &watchers {
+            watcher.to.routed(RoutedRequest {
+                port: meta.port,
+                to: RoutedTo::AnotherSession,
+                started_unix_ms,
+                detail: None,
+            });
+        }
+        return None;
+    }
+    let uri = req.uri();
+    let target = match uri.authority() {
+        // An absolute form stays absolute; HTTP/2 requests always carry one and
+        // show their path.
+        Some(_) if req.version() < http::Version::HTTP_2 => uri.to_string(),
+        _ => uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+    };
+    Some(Recording {
+        watchers,
+        started: Instant::now(),
+        started_unix_ms,
+        port: meta.port,
+        detail: RoutedDetail {
+            peer: meta.peer,
+            method: req.method().to_string(),
+            target,
+            version: format!("{:?}", req.version()),
+            request_headers: fields(req.headers()),
+            request_body_len: 0,
+            status: 0,
+            response_headers: Vec::new(),
+            response_body_len: 0,
+            latency_us: 0,
+            error: None,
+        },
+        request_len: Arc::new(AtomicU64::new(0)),
+    })
+}
+
+impl Recording {
+    /// The request body, counted as it passes.
+    pub fn count(&self, body: ProxyBody) -> ProxyBody {
+        CountBody {
+            inner: body,
+            count: self.request_len.clone(),
+        }
+        .boxed()
+    }
+
+    /// The response, whose body sends the records when it ends (or is dropped).
+    pub fn respond(mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        self.detail.status = resp.status().as_u16();
+        self.detail.response_headers = fields(resp.headers());
+        resp.map(|inner| {
+            RecordBody {
+                inner,
+                len: 0,
+                recording: Some(self),
+            }
+            .boxed()
+        })
+    }
+
+    /// The target did not answer: the client got `status` because of `error`.
+    pub fn failed(mut self, status: u16, error: String) {
+        self.detail.status = status;
+        self.detail.error = Some(error);
+        self.finish(0);
+    }
+
+    /// Sends the records, the response having had `response_len` body bytes.
+    fn finish(mut self, response_len: u64) {
+        self.detail.request_body_len = self.request_len.load(Ordering::Relaxed);
+        self.detail.response_body_len = response_len;
+        self.detail.latency_us = self.started.elapsed().as_micros() as u64;
+        let count = self.watchers.len();
+        let mut detail = Some(self.detail);
+        for (i, watcher) in self.watchers.iter().enumerate() {
+            let detail = if i + 1 == count {
+                detail.take()
+            } else {
+                detail.clone()
+            };
+            watcher.to.routed(RoutedRequest {
+                port: self.port,
+                to: RoutedTo::Target,
+                started_unix_ms: self.started_unix_ms,
+                detail,
+            });
+        }
+    }
+}
+
+/// A body that counts its data bytes into `count`.
+struct CountBody {
+    inner: ProxyBody,
+    count: Arc<AtomicU64>,
+}
+
+impl Body for CountBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that sends the records of its [`Recording`] when it ends,
+/// fails, or is dropped (the client left).
+struct RecordBody {
+    inner: ProxyBody,
+    len: u64,
+    recording: Option<Recording>,
+}
+
+impl RecordBody {
+    fn finish(&mut self) {
+        if let Some(recording) = self.recording.take() {
+            recording.finish(self.len);
+        }
+    }
+}
+
+impl Body for RecordBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.len += data.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            Poll::Ready(Some(Err(_)) | None) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RecordBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
