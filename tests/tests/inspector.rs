@@ -12,7 +12,10 @@
 //! 127.0.0.1 get nothing; another local user can neither connect to a session's
 //! event socket nor read a byte from it when the socket is made reachable. A
 //! difference of the shadow diff (published on a session's feed) is a marked row
-//! whose detail is its JSON, shown as text.
+//! whose detail is its JSON, shown as text. On a filtered port, a request no
+//! filter took shows as gone to the target (status and headers, from the
+//! agent's routing record) within 1 s, and a request another session's filter
+//! took shows to the others as "another session" with nothing it carried.
 
 use std::{
     os::unix::fs::PermissionsExt,

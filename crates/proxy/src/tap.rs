@@ -261,6 +261,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn routing_records_are_asked_for_and_passed_on_only_while_watched() {
+        use graft_protocol::incoming::{RoutedRequest, RoutedTo};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let watched = Arc::new(AtomicBool::new(false));
+        let (tx, _rx) = mpsc::channel(4);
+        let (routes_tx, mut routes_rx) = mpsc::channel(4);
+        let tap = IncomingTap::new(tx, {
+            let watched = watched.clone();
+            move || watched.load(Ordering::Relaxed)
+        })
+        .with_routes(routes_tx);
+        let record = RoutedRequest {
+            port: 80,
+            to: RoutedTo::AnotherSession,
+            started_unix_ms: 0,
+            detail: None,
+        };
+        tap.routed(record.clone());
+        assert!(routes_rx.try_recv().is_err(), "passed on while unwatched");
+        let (asks_tx, mut asks) = mpsc::unbounded_channel();
+        tokio::spawn(tap.clone().follow_watchers(move |on| {
+            let asks_tx = asks_tx.clone();
+            async move { asks_tx.send(on).is_ok() }
+        }));
+        tokio::time::sleep(ROUTES_POLL * 3).await;
+        assert!(asks.try_recv().is_err(), "asked for records nobody watches");
+        watched.store(true, Ordering::Relaxed);
+        assert_eq!(asks.recv().await, Some(true));
+        tap.routed(record.clone());
+        assert_eq!(routes_rx.recv().await, Some(record));
+        watched.store(false, Ordering::Relaxed);
+        assert_eq!(asks.recv().await, Some(false));
+    }
+
+    #[tokio::test]
     async fn nobody_watching_means_no_copy() {
         let (tx, mut rx) = mpsc::channel(4);
         let tap = IncomingTap::new(tx, || false);

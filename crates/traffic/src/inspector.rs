@@ -297,6 +297,51 @@ mod tests {
     use crate::exchange::{Origin, Request};
 
     #[test]
+    fn routing_records_show_heads_and_sizes_or_nothing_of_another_session() {
+        use graft_protocol::incoming::RoutedDetail;
+        let detail = RoutedDetail {
+            peer: "192.0.2.1:5000".parse().unwrap(),
+            method: "GET".into(),
+            target: "/x?y=1".into(),
+            version: "HTTP/1.1".into(),
+            request_headers: vec![("x-user".into(), "carol".into())],
+            request_body_len: 3,
+            status: 404,
+            response_headers: vec![("content-length".into(), "9".into())],
+            response_body_len: 9,
+            latency_us: 1500,
+            error: None,
+        };
+        let record = RoutedRequest {
+            port: 80,
+            to: RoutedTo::Target,
+            started_unix_ms: 7,
+            detail: Some(detail),
+        };
+        let json =
+            serde_json::to_value(ExchangeEvent::routed("s", 1, IncomingMode::Steal, &record))
+                .unwrap();
+        assert_eq!(json["route"], "target");
+        assert_eq!(json["target"], "/x?y=1");
+        assert_eq!(json["response"]["status"], 404);
+        assert_eq!(json["response"]["reason"], "Not Found");
+        assert_eq!(json["response"]["body"]["len"], 9);
+        assert_eq!(json["response"]["body"]["text"], serde_json::Value::Null);
+        assert_eq!(json["latency_ms"], 1.5);
+        let other = RoutedRequest {
+            to: RoutedTo::AnotherSession,
+            detail: None,
+            ..record
+        };
+        let json = serde_json::to_value(ExchangeEvent::routed("s", 2, IncomingMode::Steal, &other))
+            .unwrap();
+        assert_eq!(json["route"], "another_session");
+        assert_eq!(json["method"], "");
+        assert_eq!(json["request_headers"], serde_json::json!([]));
+        assert_eq!(json["response"], serde_json::Value::Null);
+    }
+
+    #[test]
     fn events_are_tagged_json_and_bodies_keep_their_bytes() {
         let exchange = Exchange {
             origin: Arc::new(Origin {

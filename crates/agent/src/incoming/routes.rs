@@ -283,3 +283,137 @@ impl Drop for RecordBody {
         self.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use graft_protocol::incoming::{IncomingMode, Subscription};
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::incoming::{BoxFuture, BoxIo, Subscriber};
+
+    /// A session that keeps the records it gets.
+    struct Watcher {
+        watches: bool,
+        got: Mutex<Vec<RoutedRequest>>,
+    }
+
+    impl Subscriber for Watcher {
+        fn open(self: Arc<Self>, _meta: ConnMeta) -> BoxFuture<std::io::Result<BoxIo>> {
+            Box::pin(async { Err(std::io::Error::other("not in this test")) })
+        }
+
+        fn watches_routes(&self) -> bool {
+            self.watches
+        }
+
+        fn routed(&self, record: RoutedRequest) {
+            self.got.lock().unwrap().push(record);
+        }
+    }
+
+    fn sub(watches: bool) -> (Arc<Sub>, Arc<Watcher>) {
+        let watcher = Arc::new(Watcher {
+            watches,
+            got: Mutex::new(Vec::new()),
+        });
+        let sub = Arc::new(Sub {
+            owner: 1,
+            client: "someone@host".into(),
+            since_unix: 0,
+            subscription: Subscription {
+                port: 80,
+                mode: IncomingMode::Steal,
+                filter: None,
+                responses: false,
+            },
+            filter: None,
+            to: watcher.clone(),
+        });
+        (sub, watcher)
+    }
+
+    fn meta() -> ConnMeta {
+        ConnMeta {
+            port: 80,
+            peer: "192.0.2.1:5000".parse().unwrap(),
+            local: "192.0.2.2:80".parse().unwrap(),
+        }
+    }
+
+    fn request() -> Request<()> {
+        Request::builder()
+            .uri("/secret?token=1")
+            .header("authorization", "Bearer x")
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn nobody_watching_means_no_record() {
+        let (a, wa) = sub(false);
+        let subs = PortSubs { subs: vec![a] };
+        assert!(start(&subs, &meta(), None, &[], &request()).is_none());
+        assert!(wa.got.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn another_sessions_request_is_told_without_anything_it_carried() {
+        let (a, wa) = sub(true);
+        let (b, wb) = sub(true);
+        let subs = PortSubs {
+            subs: vec![a, b.clone()],
+        };
+        assert!(start(&subs, &meta(), Some(&b), &[], &request()).is_none());
+        let got = wa.got.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].to, RoutedTo::AnotherSession);
+        assert_eq!(got[0].detail, None);
+        // The session that got the request sees it itself.
+        assert!(wb.got.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_to_the_target_is_recorded_when_its_response_ends() {
+        let (a, wa) = sub(true);
+        let subs = PortSubs { subs: vec![a] };
+        let recording = start(&subs, &meta(), None, &[], &request()).expect("watched");
+        let body = recording.count(
+            Full::new(Bytes::from_static(b"abc"))
+                .map_err(BoxError::from)
+                .boxed(),
+        );
+        let _ = body.collect().await;
+        let resp = Response::builder()
+            .status(404)
+            .body(
+                Full::new(Bytes::from_static(b"not here"))
+                    .map_err(BoxError::from)
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = recording.respond(resp);
+        assert!(
+            wa.got.lock().unwrap().is_empty(),
+            "recorded before the response ended"
+        );
+        let _ = resp.into_body().collect().await;
+        let got = wa.got.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].to, RoutedTo::Target);
+        let detail = got[0]
+            .detail
+            .as_ref()
+            .expect("the target's requests are shown");
+        assert_eq!(detail.target, "/secret?token=1");
+        assert_eq!(detail.status, 404);
+        assert_eq!(detail.request_body_len, 3);
+        assert_eq!(detail.response_body_len, 8);
+        assert_eq!(
+            detail.request_headers,
+            vec![("authorization".into(), "Bearer x".into())]
+        );
+    }
+}
