@@ -787,6 +787,10 @@ fn a_filtered_session_shows_the_requests_no_filter_took_as_gone_to_the_target() 
         detail.contains("x-seen"),
         "the request's header is shown: {detail}"
     );
+    assert!(
+        detail.contains(&bed.target_reply()),
+        "the target's answer is shown: {detail}"
+    );
 
     // A request the filter takes: the local process, with the filter.
     let path = format!("/to-local/{marker}");

@@ -313,8 +313,11 @@ pub struct RoutedRequest {
     pub detail: Option<RoutedDetail>,
 }
 
-/// What the watching session may see of a request the target answered: heads
-/// and sizes, no bodies (the agent keeps no copy of them).
+/// The most bytes of each body a [`RoutedDetail`] carries.
+pub const ROUTED_BODY_KEEP: usize = 64 * 1024;
+
+/// What the watching session may see of a request the target answered: heads,
+/// sizes and the first [`ROUTED_BODY_KEEP`] bytes of each body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutedDetail {
     /// The client's address.
@@ -331,12 +334,19 @@ pub struct RoutedDetail {
     pub request_headers: Vec<(String, String)>,
     /// How many request body bytes passed.
     pub request_body_len: u64,
+    /// The request body's first bytes (at most [`ROUTED_BODY_KEEP`]), as sent
+    /// (chunked framing removed, content codings such as gzip left).
+    #[serde(with = "serde_bytes")]
+    pub request_body: Vec<u8>,
     /// The status the client got (502 when the target did not answer).
     pub status: u16,
     /// The response's fields, as for `request_headers`.
     pub response_headers: Vec<(String, String)>,
     /// How many response body bytes passed.
     pub response_body_len: u64,
+    /// The response body's first bytes, as for `request_body`.
+    #[serde(with = "serde_bytes")]
+    pub response_body: Vec<u8>,
     /// From routing the request to the end of the response, in microseconds.
     pub latency_us: u64,
     /// Why the target did not answer, when it did not.

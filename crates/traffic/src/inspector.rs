@@ -175,7 +175,7 @@ impl ExchangeEvent {
 impl ExchangeEvent {
     /// The event of the agent's routing record `record` (a request of a port of
     /// session `session`, in `mode`, that went elsewhere), number `id`: heads
-    /// and sizes when the target answered, nothing of the request when another
+    /// sizes and first body bytes when the target answered, nothing of the request when another
     /// session took it.
     pub fn routed(
         session: &str,
@@ -189,6 +189,13 @@ impl ExchangeEvent {
             len,
             truncated: len > 0,
             complete: true,
+        };
+        let kept = |first: &[u8], len: u64| {
+            BodyView::from(&Body {
+                bytes: first.to_vec(),
+                len,
+                complete: true,
+            })
         };
         let mut event = ExchangeEvent {
             session: session.to_owned(),
@@ -221,8 +228,7 @@ impl ExchangeEvent {
             }
             Some(detail) => {
                 event.note = Some(format!(
-                    "no filter of this session matched: the target answered{}; graft kept \
-                     the heads and sizes, not the bodies",
+                    "no filter of this session matched: the target answered{}",
                     detail
                         .error
                         .as_ref()
@@ -234,7 +240,7 @@ impl ExchangeEvent {
                 event.target.clone_from(&detail.target);
                 event.version.clone_from(&detail.version);
                 event.request_headers.clone_from(&detail.request_headers);
-                event.request_body = not_kept(detail.request_body_len);
+                event.request_body = kept(&detail.request_body, detail.request_body_len);
                 event.response = Some(ResponseView {
                     status: detail.status,
                     reason: http::StatusCode::from_u16(detail.status)
@@ -244,7 +250,7 @@ impl ExchangeEvent {
                         .to_owned(),
                     version: detail.version.clone(),
                     headers: detail.response_headers.clone(),
-                    body: not_kept(detail.response_body_len),
+                    body: kept(&detail.response_body, detail.response_body_len),
                 });
                 event.latency_ms = detail.latency_us as f64 / 1000.0;
             }
@@ -306,9 +312,11 @@ mod tests {
             version: "HTTP/1.1".into(),
             request_headers: vec![("x-user".into(), "carol".into())],
             request_body_len: 3,
+            request_body: b"a=1".to_vec(),
             status: 404,
             response_headers: vec![("content-length".into(), "9".into())],
             response_body_len: 9,
+            response_body: vec![0xff; 9],
             latency_us: 1500,
             error: None,
         };
@@ -326,7 +334,8 @@ mod tests {
         assert_eq!(json["response"]["status"], 404);
         assert_eq!(json["response"]["reason"], "Not Found");
         assert_eq!(json["response"]["body"]["len"], 9);
-        assert_eq!(json["response"]["body"]["text"], serde_json::Value::Null);
+        assert_eq!(json["response"]["body"]["base64"], "////////////");
+        assert_eq!(json["request_body"]["text"], "a=1");
         assert_eq!(json["latency_ms"], 1.5);
         let other = RoutedRequest {
             to: RoutedTo::AnotherSession,

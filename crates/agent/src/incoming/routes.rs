@@ -9,28 +9,30 @@
 //! makes a record ([`RoutedRequest`]):
 //!
 //! - went to the target: the request's and the response's heads, the body
-//!   sizes and the latency, sent when the response ends. Bodies are counted as
-//!   they stream, never copied.
+//!   sizes, the first [`ROUTED_BODY_KEEP`] bytes of each body and the latency,
+//!   sent when the response ends. Bodies stream on as they come; only their
+//!   first bytes are copied aside.
 //! - went to another session: only that it did ([`RoutedTo::AnotherSession`]),
 //!   with no detail at all: that request (headers, bodies, path) belongs to the
 //!   other session, and the session that gets the record may be another user's.
 //!
 //! The session that got the request, and sessions that got a mirror copy, get
 //! no record: they see the request itself. When no subscription of the port
-//! watches, [`start`] costs one check per subscription and allocates nothing.
+//! watches, [`start`] costs one check per subscription and allocates nothing;
+//! when one does, a request to the target costs a copy of at most twice
+//! [`ROUTED_BODY_KEEP`] bytes and its heads.
 //!
 //! Sessions that reach the hub through another agent ([`super::peer`]) never
 //! watch: their records would have to cross the hub's peer link, which has no
 //! message for them.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use graft_protocol::incoming::{RoutedDetail, RoutedRequest, RoutedTo};
+use graft_protocol::incoming::{ROUTED_BODY_KEEP, RoutedDetail, RoutedRequest, RoutedTo};
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
@@ -47,8 +49,28 @@ pub struct Recording {
     port: u16,
     /// The request's part of the record; the response's is filled at the end.
     detail: RoutedDetail,
-    /// Request body bytes counted so far.
-    request_len: Arc<AtomicU64>,
+    /// The request body as it passed: its length and first bytes.
+    request_body: Arc<Mutex<Kept>>,
+}
+
+/// A body's length so far and its first [`ROUTED_BODY_KEEP`] bytes.
+#[derive(Default)]
+struct Kept {
+    len: u64,
+    first: Vec<u8>,
+}
+
+impl Kept {
+    fn add(&mut self, data: &[u8]) {
+        self.len += data.len() as u64;
+        let room = ROUTED_BODY_KEEP.saturating_sub(self.first.len());
+        self.first.extend_from_slice(&data[..room.min(data.len())]);
+    }
+}
+
+fn lock(kept: &Mutex<Kept>) -> std::sync::MutexGuard<'_, Kept> {
+    // Nothing panics while holding it.
+    kept.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn now_unix_ms() -> u64 {
@@ -131,22 +153,24 @@ pub fn start<B>(
             version: format!("{:?}", req.version()),
             request_headers: fields(req.headers()),
             request_body_len: 0,
+            request_body: Vec::new(),
             status: 0,
             response_headers: Vec::new(),
             response_body_len: 0,
+            response_body: Vec::new(),
             latency_us: 0,
             error: None,
         },
-        request_len: Arc::new(AtomicU64::new(0)),
+        request_body: Arc::default(),
     })
 }
 
 impl Recording {
-    /// The request body, counted as it passes.
+    /// The request body, counted (and its first bytes kept) as it passes.
     pub fn count(&self, body: ProxyBody) -> ProxyBody {
         CountBody {
             inner: body,
-            count: self.request_len.clone(),
+            kept: self.request_body.clone(),
         }
         .boxed()
     }
@@ -158,7 +182,7 @@ impl Recording {
         resp.map(|inner| {
             RecordBody {
                 inner,
-                len: 0,
+                kept: Kept::default(),
                 recording: Some(self),
             }
             .boxed()
@@ -169,13 +193,18 @@ impl Recording {
     pub fn failed(mut self, status: u16, error: String) {
         self.detail.status = status;
         self.detail.error = Some(error);
-        self.finish(0);
+        self.finish(Kept::default());
     }
 
-    /// Sends the records, the response having had `response_len` body bytes.
-    fn finish(mut self, response_len: u64) {
-        self.detail.request_body_len = self.request_len.load(Ordering::Relaxed);
-        self.detail.response_body_len = response_len;
+    /// Sends the records, the response having had the body `response`.
+    fn finish(mut self, response: Kept) {
+        {
+            let mut request = lock(&self.request_body);
+            self.detail.request_body_len = request.len;
+            self.detail.request_body = std::mem::take(&mut request.first);
+        }
+        self.detail.response_body_len = response.len;
+        self.detail.response_body = response.first;
         self.detail.latency_us = self.started.elapsed().as_micros() as u64;
         let count = self.watchers.len();
         let mut detail = Some(self.detail);
@@ -195,10 +224,10 @@ impl Recording {
     }
 }
 
-/// A body that counts its data bytes into `count`.
+/// A body that counts its data bytes (and keeps the first) into `kept`.
 struct CountBody {
     inner: ProxyBody,
-    count: Arc<AtomicU64>,
+    kept: Arc<Mutex<Kept>>,
 }
 
 impl Body for CountBody {
@@ -214,7 +243,7 @@ impl Body for CountBody {
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            lock(&this.kept).add(data);
         }
         polled
     }
@@ -232,14 +261,14 @@ impl Body for CountBody {
 /// fails, or is dropped (the client left).
 struct RecordBody {
     inner: ProxyBody,
-    len: u64,
+    kept: Kept,
     recording: Option<Recording>,
 }
 
 impl RecordBody {
     fn finish(&mut self) {
         if let Some(recording) = self.recording.take() {
-            recording.finish(self.len);
+            recording.finish(std::mem::take(&mut self.kept));
         }
     }
 }
@@ -257,7 +286,7 @@ impl Body for RecordBody {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.len += data.len() as u64;
+                    this.kept.add(data);
                 }
                 if this.inner.is_end_stream() {
                     this.finish();
@@ -286,8 +315,6 @@ impl Drop for RecordBody {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use graft_protocol::incoming::{IncomingMode, Subscription};
     use http_body_util::Full;
 
@@ -411,6 +438,8 @@ mod tests {
         assert_eq!(detail.status, 404);
         assert_eq!(detail.request_body_len, 3);
         assert_eq!(detail.response_body_len, 8);
+        assert_eq!(detail.request_body, b"abc");
+        assert_eq!(detail.response_body, b"not here");
         assert_eq!(
             detail.request_headers,
             vec![("authorization".into(), "Bearer x".into())]
