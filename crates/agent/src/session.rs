@@ -27,8 +27,8 @@ use graft_protocol::fdpass::FdQueues;
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
 use graft_protocol::secret::{self, secrets_match};
-use graft_protocol::version::{FEATURE_FDS, has_feature, version_with};
-use graft_protocol::{ConnectionId, PROTOCOL_VERSION, RequestId, version};
+use graft_protocol::version::{FEATURE_FDS, FEATURE_ROUTES, has_feature, version_with};
+use graft_protocol::{ConnectionId, RequestId, version};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
@@ -246,12 +246,14 @@ where
     }
     // Descriptors pass only when this link can carry them and the client asks.
     let fds = offer_fds && has_feature(&hello.version, FEATURE_FDS);
+    // Routing records go only to a client that reads them.
+    let routes = has_feature(&hello.version, FEATURE_ROUTES);
+    let features: Vec<&str> = [(fds, FEATURE_FDS), (routes, FEATURE_ROUTES)]
+        .into_iter()
+        .filter_map(|(on, tag)| on.then_some(tag))
+        .collect();
     let accepted = AgentMessage::Hello(HelloReply::Accepted {
-        version: if fds {
-            version_with(&[FEATURE_FDS])
-        } else {
-            PROTOCOL_VERSION.to_owned()
-        },
+        version: version_with(&features),
         target_pid,
     });
     if let Err(e) = framed.send(accepted).await {
@@ -350,6 +352,7 @@ where
         table: table.clone(),
         next_id: AtomicU64::new(1),
         steal_tx: std::sync::OnceLock::new(),
+        watch_routes: AtomicBool::new(false),
     });
     let delivered = sink.clone();
     let access = Access::new(
@@ -425,6 +428,10 @@ where
                         }
                     };
                     tokio::spawn(serve_request(id, request, services.clone(), responses.clone(), permit));
+                }
+                Some(Ok(ClientMessage::WatchRoutes(on))) => {
+                    tracing::debug!(on, "routing records");
+                    sink.watch_routes.store(on, Ordering::Relaxed);
                 }
                 Some(Ok(message)) => dispatch(message, &table, &to_link, &steal_tx, &control),
             },
@@ -575,6 +582,8 @@ struct SessionSink {
     steal_tx: std::sync::OnceLock<mpsc::UnboundedSender<SubCommand>>,
     table: Arc<ConnTable>,
     next_id: AtomicU64,
+    /// The client asked for routing records ([`ClientMessage::WatchRoutes`]).
+    watch_routes: AtomicBool,
 }
 
 impl SessionSink {
@@ -648,6 +657,21 @@ impl Subscriber for SessionSink {
         }
     }
 
+    fn watches_routes(&self) -> bool {
+        self.watch_routes.load(Ordering::Relaxed)
+    }
+
+    fn routed(&self, record: graft_protocol::incoming::RoutedRequest) {
+        // Best effort: a busy link loses the record, never delays a request.
+        if self
+            .to_link
+            .try_send(AgentMessage::Routed(Box::new(record)))
+            .is_err()
+        {
+            tracing::trace!("a routing record was dropped: the link is busy");
+        }
+    }
+
     fn hand_over(
         self: Arc<Self>,
         meta: ConnMeta,
@@ -680,6 +704,9 @@ fn dispatch(
         ClientMessage::Ping(n) => control(AgentMessage::Pong(n)),
         ClientMessage::Request { .. } => {
             unreachable!("the link reader serves requests itself, once one may start")
+        }
+        ClientMessage::WatchRoutes(_) => {
+            unreachable!("the link reader sets the session's routing records itself")
         }
         ClientMessage::Subscribe(subscription) => {
             let _ = steal_tx.send(SubCommand::Subscribe(subscription, None));
@@ -866,6 +893,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use graft_protocol::PROTOCOL_VERSION;
 
     fn hello(version: &str, secret: &str) -> Hello {
         Hello {

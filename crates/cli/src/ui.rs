@@ -3,6 +3,8 @@
 //! - every `graft run` publishes its session's requests on `events.sock` in its
 //!   0700 session directory ([`session_feed`]): the proxy copies each delivered
 //!   connection while somebody watches, and the copy is parsed into exchanges;
+//!   the requests of its filtered ports that went to the target (or to another
+//!   session) come as the agent's routing records, asked for only meanwhile;
 //! - `graft ui`, and `graft run --ui` in-process, serve the page ([`start`]):
 //!   they find the sessions of this user on this machine (the session
 //!   directories, as they are swept in `session_dir`), read each one's feed
@@ -46,6 +48,10 @@ const DISCOVER_EVERY: Duration = Duration::from_millis(250);
 
 /// How many delivered connections may wait for the inspector's parser.
 const TAPPED_QUEUE: usize = 64;
+
+/// How many of the agent's routing records (requests that went to the target
+/// or to another session) may wait for the feed.
+const ROUTES_QUEUE: usize = 256;
 
 /// `graft ui` flags (none yet: the page lists every session of this user).
 #[derive(Debug, Args)]
@@ -221,7 +227,8 @@ pub fn session_feed(
         .hint("check that the session directory is writable, or set XDG_RUNTIME_DIR")
     })?);
     let (connections_tx, connections_rx) = mpsc::channel(TAPPED_QUEUE);
-    let tap = IncomingTap::new(connections_tx, feed.watched_fn());
+    let (routes_tx, mut routes_rx) = mpsc::channel(ROUTES_QUEUE);
+    let tap = IncomingTap::new(connections_tx, feed.watched_fn()).with_routes(routes_tx);
     let origin = Origin {
         target: target.to_owned(),
         port: 0,
@@ -233,7 +240,18 @@ pub fn session_feed(
         },
         filter,
     };
-    let parser = tokio::spawn(parse_tapped(connections_rx, origin, feed.clone()));
+    let parsed = parse_tapped(connections_rx, origin, feed.clone());
+    let routed = {
+        let feed = feed.clone();
+        async move {
+            while let Some(record) = routes_rx.recv().await {
+                feed.publish_routed(&record, mode);
+            }
+        }
+    };
+    let parser = tokio::spawn(async move {
+        tokio::join!(parsed, routed);
+    });
     Ok(SessionFeed { feed, tap, parser })
 }
 

@@ -36,4 +36,4 @@ mod tap;
 pub use error::{LinkEnd, ProxyError};
 pub use flows::{Delivery, IncomingTcp, LocalStream, OutgoingTcp, OutgoingUdp};
 pub use session::{AgentInfo, Session, SessionOptions};
-pub use tap::{IncomingTap, TAP_QUEUE, TappedConnection};
+pub use tap::{IncomingTap, ROUTES_POLL, TAP_QUEUE, TappedConnection};

@@ -37,7 +37,7 @@ use graft_protocol::{
     layer::DeliveredPeer,
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
-    version::{FEATURE_FDS, check_compatible, has_feature, version_with},
+    version::{FEATURE_FDS, FEATURE_ROUTES, check_compatible, has_feature, version_with},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -227,9 +227,16 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut framed = Framed::new(stream, LinkCodec::new());
-        let features: &[&str] = if fds.is_some() { &[FEATURE_FDS] } else { &[] };
+        let wants_routes = options
+            .incoming_tap
+            .as_ref()
+            .is_some_and(crate::IncomingTap::wants_routes);
+        let features: Vec<&str> = [(fds.is_some(), FEATURE_FDS), (wants_routes, FEATURE_ROUTES)]
+            .into_iter()
+            .filter_map(|(on, tag)| on.then_some(tag))
+            .collect();
         let hello = ClientMessage::Hello(Hello {
-            version: version_with(features),
+            version: version_with(&features),
             secret: secret.to_owned(),
             client: client.to_owned(),
         });
@@ -296,11 +303,21 @@ impl Session {
         );
         let shared = Arc::new(Shared::new(outbox_tx, end_tx, options, fds));
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(read_loop(reader, shared.clone())),
             tokio::spawn(keepalive(shared.clone())),
             tokio::spawn(check_owners(shared.clone())),
         ];
+        if let Some(tap) = shared.options.incoming_tap.clone()
+            && tap.wants_routes()
+            && has_feature(&agent.version, FEATURE_ROUTES)
+        {
+            let link = shared.clone();
+            tasks.push(tokio::spawn(tap.follow_watchers(move |on| {
+                let link = link.clone();
+                async move { link.send(ClientMessage::WatchRoutes(on)).await.is_ok() }
+            })));
+        }
         Ok(Session {
             shared,
             agent,

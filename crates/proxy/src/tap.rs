@@ -11,15 +11,24 @@
 //! `try_send`, and a watcher that falls [`TAP_QUEUE`] chunks behind loses the
 //! rest of that connection (its channel closes early, so the watcher never sees
 //! a stream with a hole in the middle).
+//!
+//! Requests of a filtered port that no filter of this session took never reach
+//! the program; a tap made [`IncomingTap::with_routes`] turns the agent's
+//! routing records on while somebody watches (and off when nobody does), and
+//! hands each record on.
 
 use std::{
     fmt, io,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
-use graft_protocol::{incoming::tap::Direction, layer::DeliveredPeer};
+use graft_protocol::{
+    incoming::{RoutedRequest, tap::Direction},
+    layer::DeliveredPeer,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::mpsc,
@@ -49,7 +58,13 @@ pub struct TappedConnection {
 pub struct IncomingTap {
     connections: mpsc::Sender<TappedConnection>,
     watched: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Where the agent's routing records go ([`IncomingTap::with_routes`]).
+    routes: Option<mpsc::Sender<RoutedRequest>>,
 }
+
+/// How often the proxy looks whether somebody started or stopped watching, to
+/// turn the agent's routing records on or off.
+pub const ROUTES_POLL: Duration = Duration::from_millis(200);
 
 impl fmt::Debug for IncomingTap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -67,6 +82,53 @@ impl IncomingTap {
         IncomingTap {
             connections,
             watched: Arc::new(watched),
+            routes: None,
+        }
+    }
+
+    /// Also asks the agent, while somebody watches, for a record of each
+    /// request of the session's filtered ports that went to the target or to
+    /// another session ([`graft_protocol::link::AgentMessage::Routed`]), and
+    /// hands them to `routes` (dropped when it is full). An agent that does not
+    /// know routing records sends none.
+    pub fn with_routes(mut self, routes: mpsc::Sender<RoutedRequest>) -> IncomingTap {
+        self.routes = Some(routes);
+        self
+    }
+
+    /// Whether this tap takes routing records.
+    pub(crate) fn wants_routes(&self) -> bool {
+        self.routes.is_some()
+    }
+
+    /// Hands the agent's routing record on, unless nobody takes it now.
+    pub(crate) fn routed(&self, record: RoutedRequest) {
+        if let Some(routes) = &self.routes
+            && (self.watched)()
+        {
+            let _ = routes.try_send(record);
+        }
+    }
+
+    /// Tells the agent (through `send`) to send routing records while somebody
+    /// watches and to stop when nobody does; looks every [`ROUTES_POLL`].
+    /// Returns when `send` fails (the link is gone).
+    pub(crate) async fn follow_watchers<F, Fut>(self, send: F)
+    where
+        F: Fn(bool) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let mut on = false;
+        let mut tick = tokio::time::interval(ROUTES_POLL);
+        loop {
+            tick.tick().await;
+            let watched = (self.watched)();
+            if watched != on {
+                if !send(watched).await {
+                    return;
+                }
+                on = watched;
+            }
         }
     }
 
@@ -196,6 +258,41 @@ mod tests {
         );
         let answered: Vec<u8> = seen[1..].iter().flat_map(|(_, b)| b.clone()).collect();
         assert_eq!(answered, b"HTTP/1.1 204 No Content\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn routing_records_are_asked_for_and_passed_on_only_while_watched() {
+        use graft_protocol::incoming::{RoutedRequest, RoutedTo};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let watched = Arc::new(AtomicBool::new(false));
+        let (tx, _rx) = mpsc::channel(4);
+        let (routes_tx, mut routes_rx) = mpsc::channel(4);
+        let tap = IncomingTap::new(tx, {
+            let watched = watched.clone();
+            move || watched.load(Ordering::Relaxed)
+        })
+        .with_routes(routes_tx);
+        let record = RoutedRequest {
+            port: 80,
+            to: RoutedTo::AnotherSession,
+            started_unix_ms: 0,
+            detail: None,
+        };
+        tap.routed(record.clone());
+        assert!(routes_rx.try_recv().is_err(), "passed on while unwatched");
+        let (asks_tx, mut asks) = mpsc::unbounded_channel();
+        tokio::spawn(tap.clone().follow_watchers(move |on| {
+            let asks_tx = asks_tx.clone();
+            async move { asks_tx.send(on).is_ok() }
+        }));
+        tokio::time::sleep(ROUTES_POLL * 3).await;
+        assert!(asks.try_recv().is_err(), "asked for records nobody watches");
+        watched.store(true, Ordering::Relaxed);
+        assert_eq!(asks.recv().await, Some(true));
+        tap.routed(record.clone());
+        assert_eq!(routes_rx.recv().await, Some(record));
+        watched.store(false, Ordering::Relaxed);
+        assert_eq!(asks.recv().await, Some(false));
     }
 
     #[tokio::test]

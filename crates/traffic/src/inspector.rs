@@ -28,6 +28,8 @@ use std::net::SocketAddr;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use graft_protocol::incoming::{IncomingMode, RoutedRequest, RoutedTo};
+
 use crate::exchange::{Body, Exchange, Route};
 
 /// A session on this machine, as its feed describes itself to each watcher.
@@ -170,6 +172,93 @@ impl ExchangeEvent {
     }
 }
 
+impl ExchangeEvent {
+    /// The event of the agent's routing record `record` (a request of a port of
+    /// session `session`, in `mode`, that went elsewhere), number `id`: heads
+    /// sizes and first body bytes when the target answered, nothing of the request when another
+    /// session took it.
+    pub fn routed(
+        session: &str,
+        id: u64,
+        mode: IncomingMode,
+        record: &RoutedRequest,
+    ) -> ExchangeEvent {
+        let not_kept = |len: u64| BodyView {
+            text: None,
+            base64: None,
+            len,
+            truncated: len > 0,
+            complete: true,
+        };
+        let kept = |first: &[u8], len: u64| {
+            BodyView::from(&Body {
+                bytes: first.to_vec(),
+                len,
+                complete: true,
+            })
+        };
+        let mut event = ExchangeEvent {
+            session: session.to_owned(),
+            id,
+            started_unix_ms: record.started_unix_ms,
+            port: record.port,
+            mode: mode.to_string(),
+            route: match record.to {
+                RoutedTo::Target => Route::Target,
+                RoutedTo::AnotherSession => Route::AnotherSession,
+            },
+            filter: None,
+            client: None,
+            note: None,
+            method: String::new(),
+            target: String::new(),
+            version: String::new(),
+            request_headers: Vec::new(),
+            request_body: not_kept(0),
+            response: None,
+            latency_ms: 0.0,
+        };
+        match &record.detail {
+            None => {
+                event.note = Some(
+                    "another session's filter took this request; what it carried is that \
+                     session's and is not shown"
+                        .to_owned(),
+                );
+            }
+            Some(detail) => {
+                event.note = Some(format!(
+                    "no filter of this session matched: the target answered{}",
+                    detail
+                        .error
+                        .as_ref()
+                        .map(|e| format!(" (or failed to: {e})"))
+                        .unwrap_or_default()
+                ));
+                event.client = Some(detail.peer);
+                event.method.clone_from(&detail.method);
+                event.target.clone_from(&detail.target);
+                event.version.clone_from(&detail.version);
+                event.request_headers.clone_from(&detail.request_headers);
+                event.request_body = kept(&detail.request_body, detail.request_body_len);
+                event.response = Some(ResponseView {
+                    status: detail.status,
+                    reason: http::StatusCode::from_u16(detail.status)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("")
+                        .to_owned(),
+                    version: detail.version.clone(),
+                    headers: detail.response_headers.clone(),
+                    body: kept(&detail.response_body, detail.response_body_len),
+                });
+                event.latency_ms = detail.latency_us as f64 / 1000.0;
+            }
+        }
+        event
+    }
+}
+
 /// What the inspector shows, one JSON object each, told apart by `kind`.
 ///
 /// New kinds may be added at the end; a watcher skips a kind it does not know.
@@ -210,10 +299,56 @@ impl Event {
 mod tests {
     use std::sync::Arc;
 
-    use graft_protocol::incoming::IncomingMode;
-
     use super::*;
     use crate::exchange::{Origin, Request};
+
+    #[test]
+    fn routing_records_show_heads_and_sizes_or_nothing_of_another_session() {
+        use graft_protocol::incoming::RoutedDetail;
+        let detail = RoutedDetail {
+            peer: "192.0.2.1:5000".parse().unwrap(),
+            method: "GET".into(),
+            target: "/x?y=1".into(),
+            version: "HTTP/1.1".into(),
+            request_headers: vec![("x-user".into(), "carol".into())],
+            request_body_len: 3,
+            request_body: b"a=1".to_vec(),
+            status: 404,
+            response_headers: vec![("content-length".into(), "9".into())],
+            response_body_len: 9,
+            response_body: vec![0xff; 9],
+            latency_us: 1500,
+            error: None,
+        };
+        let record = RoutedRequest {
+            port: 80,
+            to: RoutedTo::Target,
+            started_unix_ms: 7,
+            detail: Some(detail),
+        };
+        let json =
+            serde_json::to_value(ExchangeEvent::routed("s", 1, IncomingMode::Steal, &record))
+                .unwrap();
+        assert_eq!(json["route"], "target");
+        assert_eq!(json["target"], "/x?y=1");
+        assert_eq!(json["response"]["status"], 404);
+        assert_eq!(json["response"]["reason"], "Not Found");
+        assert_eq!(json["response"]["body"]["len"], 9);
+        assert_eq!(json["response"]["body"]["base64"], "////////////");
+        assert_eq!(json["request_body"]["text"], "a=1");
+        assert_eq!(json["latency_ms"], 1.5);
+        let other = RoutedRequest {
+            to: RoutedTo::AnotherSession,
+            detail: None,
+            ..record
+        };
+        let json = serde_json::to_value(ExchangeEvent::routed("s", 2, IncomingMode::Steal, &other))
+            .unwrap();
+        assert_eq!(json["route"], "another_session");
+        assert_eq!(json["method"], "");
+        assert_eq!(json["request_headers"], serde_json::json!([]));
+        assert_eq!(json["response"], serde_json::Value::Null);
+    }
 
     #[test]
     fn events_are_tagged_json_and_bodies_keep_their_bytes() {

@@ -211,15 +211,26 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
     let upgrade =
         req.version() < Version::HTTP_2 && req.headers().contains_key(http::header::UPGRADE);
     let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let recording = super::routes::start(&conn.subs, &conn.meta, stealer.as_ref(), &mirrors, &req);
 
     let req = copy_to_mirrors(&conn, req, mirrors);
+    let req = match &recording {
+        Some(recording) => req.map(|body| recording.count(body)),
+        None => req,
+    };
 
     let forwarded = match down_upgrade {
         Some(down) => forward_upgrade(&conn, dest, stealer.as_ref(), req, down).await,
         None => forward(&conn, dest, stealer.as_ref(), req).await,
     };
     match forwarded {
-        Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
+        Ok(resp) => {
+            let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
+            match recording {
+                Some(recording) => recording.respond(resp),
+                None => resp,
+            }
+        }
         Err(e) => {
             let whom = match dest {
                 Dest::Target => "the target's server".to_owned(),
@@ -235,6 +246,9 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
                     .boxed(),
             );
             *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            if let Some(recording) = recording {
+                recording.failed(StatusCode::BAD_GATEWAY.as_u16(), e.to_string());
+            }
             resp
         }
     }

@@ -42,6 +42,7 @@ pub mod http;
 pub mod peer;
 pub mod reassembly;
 pub mod sniff;
+pub mod routes;
 pub mod tee;
 pub mod tls;
 pub mod tls_verify;
@@ -56,7 +57,9 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use graft_filter::HttpFilter;
-use graft_protocol::incoming::{IncomingMode, SessionListing, SubscribeError, Subscription};
+use graft_protocol::incoming::{
+    IncomingMode, RoutedRequest, SessionListing, SubscribeError, Subscription,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -115,6 +118,18 @@ pub trait Subscriber: Send + Sync + 'static {
     /// default only logs it.
     fn refuse(self: Arc<Self>, port: u16, reason: String) {
         tracing::warn!(port, "subscription refused: {reason}");
+    }
+
+    /// Whether the session wants a record of each request of its filtered
+    /// ports that went elsewhere ([`routes`]); checked per request, so it must
+    /// be cheap. None does by default.
+    fn watches_routes(&self) -> bool {
+        false
+    }
+
+    /// Hands the session such a record; dropped when it cannot take it now.
+    fn routed(&self, record: RoutedRequest) {
+        drop(record);
     }
 }
 

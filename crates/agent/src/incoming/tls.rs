@@ -194,6 +194,14 @@ impl Subscriber for TlsSubscriber {
     fn refuse(self: Arc<Self>, port: u16, reason: String) {
         self.inner.clone().refuse(port, reason);
     }
+
+    fn watches_routes(&self) -> bool {
+        self.inner.watches_routes()
+    }
+
+    fn routed(&self, record: graft_protocol::incoming::RoutedRequest) {
+        self.inner.routed(record);
+    }
 }
 
 /// What the first bytes of a connection on a filtered port are.

@@ -465,6 +465,11 @@ impl Shared {
             AgentMessage::Pong(_) => {}
             AgentMessage::Fatal { message } => self.end(LinkEnd::Fatal(message)),
             AgentMessage::Hello(_) => tracing::warn!("the agent sent a second Hello; ignored"),
+            AgentMessage::Routed(record) => {
+                if let Some(tap) = &self.options.incoming_tap {
+                    tap.routed(*record);
+                }
+            }
         }
     }
 
@@ -670,6 +675,7 @@ pub(super) fn message_name(message: &AgentMessage) -> &'static str {
         AgentMessage::Close { .. } => "Close",
         AgentMessage::Pong(_) => "Pong",
         AgentMessage::Fatal { .. } => "Fatal",
+        AgentMessage::Routed(_) => "Routed",
     }
 }
 

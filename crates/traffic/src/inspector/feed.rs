@@ -112,6 +112,19 @@ impl Feed {
         self.publish(&Event::Exchange(Box::new(event)));
     }
 
+    /// Publishes the agent's routing record of a request of the session's
+    /// ports (in `mode`) that went elsewhere, as the session's next
+    /// [`Event::Exchange`] ([`ExchangeEvent::routed`]).
+    pub fn publish_routed(
+        &self,
+        record: &graft_protocol::incoming::RoutedRequest,
+        mode: graft_protocol::incoming::IncomingMode,
+    ) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let event = ExchangeEvent::routed(&self.info.session, id, mode, record);
+        self.publish(&Event::Exchange(Box::new(event)));
+    }
+
     /// Publishes a difference of the shadow diff ([`Event::Difference`]).
     pub fn publish_difference(&self, difference: serde_json::Value) {
         self.publish(&Event::Difference {

@@ -42,7 +42,8 @@
   }
 
   function wentTo(ev, short) {
-    let where = ev.route === "local" ? "local process" : "target";
+    const places = { local: "local process", target: "target", another_session: "another session" };
+    let where = places[ev.route] || "target";
     if (ev.mode === "mirror") where += " (mirror)";
     if (ev.filter) where += short ? " · filtered" : ` · filter ${ev.filter}`;
     return where;
@@ -100,13 +101,15 @@
     if (seen.has(key)) return;
     seen.add(key);
     const status = ev.response ? ev.response.status : "—";
+    // Another session's request: only that it happened, nothing it carried.
+    const hidden = ev.route === "another_session";
     const cls = ev.response ? `exchange s${String(status)[0]}` : "exchange none";
     const headers = ev.request_headers.concat(ev.response ? ev.response.headers : []);
     const text = [ev.method, ev.target, status, wentTo(ev), sessionName(ev.session), ev.port]
       .concat(headers.map(([n, v]) => `${n}: ${v}`)).join("\n");
     addRow([
-      [clock(ev.started_unix_ms)], [sessionName(ev.session)], [ev.port], [ev.method],
-      [ev.target, "path"], [status, "st"], [`${ev.latency_ms.toFixed(1)} ms`],
+      [clock(ev.started_unix_ms)], [sessionName(ev.session)], [ev.port], [hidden ? "—" : ev.method],
+      [hidden ? "(not shown)" : ev.target, "path"], [status, "st"], [hidden ? "" : `${ev.latency_ms.toFixed(1)} ms`],
       [ev.response ? size(ev.response.body.len) : ""], [wentTo(ev, true), "went", wentTo(ev)],
     ], ev, cls, text);
   }
@@ -134,6 +137,10 @@
     const box = el("div");
     if (body.len === 0) {
       box.append(el("p", "no body"));
+      return box;
+    }
+    if ((body.text === null || body.text === undefined) && (body.base64 === null || body.base64 === undefined)) {
+      box.append(el("p", `${size(body.len)}, not kept`));
       return box;
     }
     let about = `${size(body.len)}`;
@@ -165,7 +172,7 @@
         parts.push(el("h3", `Response: ${r.version} ${r.status} ${r.reason}`));
         parts.push(el("h3", "Response headers"), headerTable(r.headers));
         parts.push(el("h3", "Response body"), bodyView(r.body));
-      } else {
+      } else if (ev.route !== "another_session") {
         parts.push(el("h3", "No response: the connection ended first"));
       }
     }
