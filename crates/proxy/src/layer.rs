@@ -127,6 +127,23 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
                     None => framed.send(response).await.map_err(|e| e.to_string()),
                 }
             }
+            LayerRequest::Remote(RemoteRequest::ConnectFd { remote }) => {
+                let (response, fd) = connect_fd(&shared, fds, remote).await;
+                match fd {
+                    Some(fd) => send_with_fd(&mut framed, &response, fd).await,
+                    None => framed.send(response).await.map_err(|e| e.to_string()),
+                }
+            }
+            LayerRequest::PeerOf { proxy_side } if fds => match shared.take_passed(proxy_side) {
+                Some((peer, fd)) => {
+                    tracing::debug!(pid, client = %peer.peer, "stolen connection handed to the program as the target's socket");
+                    send_with_fd(&mut framed, &LayerResponse::PeerFd(peer), fd).await
+                }
+                None => {
+                    let response = LayerResponse::Peer(shared.peer_of(proxy_side));
+                    framed.send(response).await.map_err(|e| e.to_string())
+                }
+            },
             request => {
                 let response = answer(&shared, request).await;
                 framed.send(response).await.map_err(|e| e.to_string())
@@ -160,6 +177,27 @@ async fn open_fd(
     match shared.request_fd(request).await {
         Ok((response, fd)) => {
             tracing::debug!(path, passed = fd.is_some(), "file opened as a descriptor");
+            (LayerResponse::Remote(response), fd)
+        }
+        Err(e) => (error(libc::ECONNABORTED, e.to_string()), None),
+    }
+}
+
+/// Starts an outgoing TCP connection from the target as a socket for the layer
+/// (when `fds`, both links pass descriptors), else answers `Unsupported` so the
+/// layer relays it.
+async fn connect_fd(
+    shared: &Arc<Shared>,
+    fds: bool,
+    remote: SocketAddr,
+) -> (LayerResponse, Option<OwnedFd>) {
+    if !fds {
+        let no = RemoteError::Unsupported("descriptors are not passed on this link".into());
+        return (LayerResponse::Remote(RemoteResponse::Error(no)), None);
+    }
+    match shared.request_fd(RemoteRequest::ConnectFd { remote }).await {
+        Ok((response, fd)) => {
+            tracing::debug!(%remote, passed = fd.is_some(), "outgoing socket for the program");
             (LayerResponse::Remote(response), fd)
         }
         Err(e) => (error(libc::ECONNABORTED, e.to_string()), None),

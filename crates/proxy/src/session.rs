@@ -48,6 +48,7 @@ use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 use crate::{Delivery, LinkEnd, ProxyError, flows, splice};
 
+mod passed;
 mod shared;
 
 pub(crate) use self::shared::{API_OWNER, ConnEvent, ConnEvents, Shared, lock};
