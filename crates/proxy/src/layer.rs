@@ -195,6 +195,10 @@ async fn connect_fd(
         let no = RemoteError::Unsupported("descriptors are not passed on this link".into());
         return (LayerResponse::Remote(RemoteResponse::Error(no)), None);
     }
+    if kept_local(shared, &remote, Transport::Tcp).is_some() {
+        let no = RemoteError::Os(libc::EACCES);
+        return (LayerResponse::Remote(RemoteResponse::Error(no)), None);
+    }
     match shared.request_fd(RemoteRequest::ConnectFd { remote }).await {
         Ok((response, fd)) => {
             tracing::debug!(%remote, passed = fd.is_some(), "outgoing socket for the program");
@@ -202,6 +206,23 @@ async fn connect_fd(
         }
         Err(e) => (error(libc::ECONNABORTED, e.to_string()), None),
     }
+}
+
+/// The refusal of a connection to `remote` that an `[outgoing] local` rule
+/// keeps on this machine: the layer never asks for one, so the frame is a
+/// program's own, and it gets no connection from the target.
+fn kept_local(shared: &Shared, remote: &SocketAddr, transport: Transport) -> Option<LayerResponse> {
+    let names = graft_config::ResolvedNames::default();
+    let rule = shared
+        .options
+        .outgoing_local
+        .iter()
+        .find(|rule| rule.matches_flow(remote, Some(transport), &names))?;
+    tracing::warn!(%remote, ?rule, "a program asked for a connection a rule keeps local; refused");
+    Some(error(
+        libc::EACCES,
+        format!("{remote} is kept on this machine by an [outgoing] local rule"),
+    ))
 }
 
 /// Writes `response` to the layer with `fd` beside its first byte.
@@ -260,7 +281,11 @@ async fn answer(shared: &Arc<Shared>, request: LayerRequest) -> LayerResponse {
             LayerResponse::Ok
         }
         LayerRequest::PeerOf { proxy_side } => LayerResponse::Peer(shared.peer_of(proxy_side)),
-        LayerRequest::Connect { remote, transport } => connect(shared, remote, transport).await,
+        LayerRequest::Connect { remote, transport } => match kept_local(shared, &remote, transport)
+        {
+            Some(refused) => refused,
+            None => connect(shared, remote, transport).await,
+        },
     }
 }
 

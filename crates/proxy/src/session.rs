@@ -95,6 +95,11 @@ pub struct SessionOptions {
     /// `--tls-cert`/`--tls-key`: the agent terminates TLS on filtered ports
     /// with this certificate (sent with each subscription, never logged).
     pub tls: Option<TlsTermination>,
+    /// `[outgoing] local` (`--outgoing-local`): destinations a rule keeps on
+    /// this machine. The layer never asks for them; a program's hand-made
+    /// `Connect` or `ConnectFd` for one is refused with `EACCES` (address and
+    /// port rules; a name rule needs the names the layer saw resolved).
+    pub outgoing_local: Vec<graft_config::Destination>,
 }
 
 impl Default for SessionOptions {
@@ -113,6 +118,7 @@ impl Default for SessionOptions {
             port_map: Vec::new(),
             tap_responses: false,
             tls: None,
+            outgoing_local: Vec::new(),
         }
     }
 }

@@ -314,7 +314,9 @@ fn a_hand_made_layer_frame_gets_no_socket_it_must_not_have() {
     let script = "import os, sys, time\n\
                   print(os.environ['GRAFT_LAYER_SOCKET'], flush=True)\n\
                   time.sleep(60)\n";
-    let command = bed.graft_run(&[], &[python(), "-c", script]);
+    // The IPv6 service is kept on this machine by a rule.
+    let rule = format!("{}/128", bed.service_v6);
+    let command = bed.graft_run(&["--outgoing-local", &rule], &[python(), "-c", script]);
     let session = bed.spawn(command, "graft run -- print layer socket");
     let socket = wait_until(RUN_TIMEOUT, Duration::from_millis(50), || {
         session.stdout().lines().next().map(PathBuf::from)
@@ -342,6 +344,31 @@ fn a_hand_made_layer_frame_gets_no_socket_it_must_not_have() {
             "{remote}"
         );
     }
+    // A destination a rule keeps local: neither a socket nor a relayed connection.
+    let kept: SocketAddr = (bed.service_v6, 80).into();
+    let (response, fds) = layer.exchange(Some(&LayerRequest::Remote(RemoteRequest::ConnectFd {
+        remote: kept,
+    })));
+    assert!(fds.is_empty(), "{response:?}");
+    assert_eq!(
+        response,
+        LayerResponse::Remote(RemoteResponse::Error(RemoteError::Os(libc::EACCES)))
+    );
+    let (response, fds) = layer.exchange(Some(&LayerRequest::Connect {
+        remote: kept,
+        transport: graft_protocol::Transport::Tcp,
+    }));
+    assert!(fds.is_empty(), "{response:?}");
+    assert!(
+        matches!(
+            response,
+            LayerResponse::Error {
+                errno: libc::EACCES,
+                ..
+            }
+        ),
+        "{response:?}"
+    );
     // A delivery it was never given: no stolen connection's socket.
     for port in [1u16, 80, 40000, 65535] {
         let proxy_side: SocketAddr = ([127, 0, 0, 1], port).into();
