@@ -36,11 +36,37 @@ impl FdSender {
         }
     }
 
-    /// Sends `fd` with `message`, the frame that announces it; `false` when the
-    /// link is gone (the descriptor then closes with the link).
-    pub async fn send(&self, fd: OwnedFd, message: AgentMessage) -> bool {
+    /// Sends `fd` with `message`, the frame that announces it.
+    ///
+    /// # Errors
+    ///
+    /// The descriptor back when the link is gone, for the caller to close its way
+    /// (a stolen connection with a reset).
+    pub async fn send(&self, fd: OwnedFd, message: AgentMessage) -> Result<(), OwnedFd> {
         let _order = self.order.lock().await;
+        // A place in the channel first: once the descriptor is queued, its frame
+        // must follow.
+        let Ok(permit) = self.out.reserve().await else {
+            return Err(fd);
+        };
         self.queues.push_outgoing(fd);
-        self.out.send(message).await.is_ok()
+        permit.send(message);
+        Ok(())
     }
+
+    /// Closes every descriptor the ended link could not pass any more, a
+    /// socket with a reset (`SO_LINGER` 0, socket(7)) so that its peer learns at
+    /// once rather than waiting on a connection nobody holds.
+    pub fn abort(&self) {
+        for fd in self.queues.take_outgoing() {
+            reset(fd);
+        }
+    }
+}
+
+/// Closes `fd`, with a reset if it is a TCP socket.
+pub fn reset(fd: OwnedFd) {
+    let linger = Some(std::time::Duration::ZERO);
+    let _ = rustix::net::sockopt::set_socket_linger(&fd, linger);
+    drop(fd);
 }

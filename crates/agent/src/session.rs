@@ -377,7 +377,7 @@ where
         files: Arc::new(Files::new(config.root.clone())),
         dns: Dns::new(config.root.clone()),
         access: access.clone(),
-        fd_out,
+        fd_out: fd_out.clone(),
     });
     let steal_tx = spawn_subscriber(access.clone(), to_link.clone());
     let _ = sink.steal_tx.set(steal_tx.clone());
@@ -456,6 +456,10 @@ where
         let _ = tokio::time::timeout(FINAL_FLUSH, &mut writer).await;
     }
     writer.abort();
+    // Sockets the link could not pass any more are reset, as relayed ones are.
+    if let Some(fd_out) = &fd_out {
+        fd_out.abort();
+    }
     Ended { end, handover }
 }
 
@@ -672,13 +676,15 @@ impl Subscriber for SessionSink {
                     peer: meta.peer,
                     local: meta.local,
                 };
-                return if fd_out.send(fd, incoming).await {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::BrokenPipe,
-                        "the session is gone",
-                    ))
+                return match fd_out.send(fd, incoming).await {
+                    Ok(()) => Ok(()),
+                    Err(fd) => {
+                        crate::passing::reset(fd);
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::BrokenPipe,
+                            "the session is gone",
+                        ))
+                    }
                 };
             }
             tracing::debug!(peer = %meta.peer, port = meta.port, "stolen connection relayed: {}",
@@ -818,15 +824,13 @@ async fn serve_request(
                 Ok(fd) => {
                     tracing::debug!(%remote, "outgoing socket passed as a descriptor");
                     let fd_out = services.fd_out.as_ref().expect("checked by the guard");
-                    let _ = fd_out
-                        .send(
-                            fd,
-                            AgentMessage::Response {
-                                id,
-                                response: RemoteResponse::FdConnected,
-                            },
-                        )
-                        .await;
+                    let connected = AgentMessage::Response {
+                        id,
+                        response: RemoteResponse::FdConnected,
+                    };
+                    if let Err(fd) = fd_out.send(fd, connected).await {
+                        crate::passing::reset(fd);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -865,6 +869,7 @@ async fn serve_request(
                             },
                         )
                         .await;
+                    // A file the link could not take closes with it (Err drops it).
                     return;
                 }
                 Err(e) => RemoteResponse::Error(e),

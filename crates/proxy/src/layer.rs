@@ -30,7 +30,7 @@ use tokio_util::codec::Framed;
 
 use crate::{
     ProxyError,
-    session::Shared,
+    session::{Accepts, Shared},
     splice::{relay_tcp, relay_udp},
 };
 
@@ -145,7 +145,13 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
                 }
             },
             request => {
-                let response = answer(&shared, request).await;
+                // A layer that takes descriptors takes stolen connections' sockets.
+                let accepts = if fds {
+                    Accepts::Sockets
+                } else {
+                    Accepts::Relayed
+                };
+                let response = answer(&shared, request, accepts).await;
                 framed.send(response).await.map_err(|e| e.to_string())
             }
         };
@@ -258,7 +264,7 @@ fn error(errno: i32, message: String) -> LayerResponse {
 }
 
 /// Answers one request of a layer connection that has said `Hello`.
-async fn answer(shared: &Arc<Shared>, request: LayerRequest) -> LayerResponse {
+async fn answer(shared: &Arc<Shared>, request: LayerRequest, accepts: Accepts) -> LayerResponse {
     match request {
         LayerRequest::Hello { .. } => error(libc::EPROTO, "Hello was already sent".into()),
         LayerRequest::Remote(request) => match shared.request(request).await {
@@ -270,7 +276,7 @@ async fn answer(shared: &Arc<Shared>, request: LayerRequest) -> LayerResponse {
             deliver_to,
             pid,
         } => match shared
-            .listen(port, crate::Delivery::Listener(deliver_to), pid)
+            .listen_accepting(port, crate::Delivery::Listener(deliver_to), pid, accepts)
             .await
         {
             Ok(()) => LayerResponse::Ok,

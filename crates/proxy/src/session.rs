@@ -51,7 +51,7 @@ use crate::{Delivery, LinkEnd, ProxyError, flows, splice};
 mod passed;
 mod shared;
 
-pub(crate) use self::shared::{API_OWNER, ConnEvent, ConnEvents, Shared, lock};
+pub(crate) use self::shared::{API_OWNER, Accepts, ConnEvent, ConnEvents, Shared, lock};
 use self::shared::{check_owners, keepalive, message_name, read_loop, write_loop};
 
 type LinkCodec = FrameCodec<AgentMessage, ClientMessage>;

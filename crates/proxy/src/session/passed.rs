@@ -6,8 +6,9 @@
 //! ([`Shared::take_passed`]) and puts it at the accepted descriptor's number.
 //!
 //! A loopback connection the layer never claims (a program that accepts
-//! without libc's `accept`) is not lost: once the program reads or writes on
-//! it, the proxy splices it with the passed socket in the kernel's stead.
+//! without libc's `accept`) is not lost: once the program writes or closes on
+//! it, or after `relay_timeout` unclaimed (for a protocol whose client speaks
+//! first), the proxy splices it with the passed socket in the kernel's stead.
 
 use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc};
 
@@ -95,14 +96,18 @@ async fn deliver_fd(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer
     tracing::debug!(%target, client = %peer.peer, proxy_side = ?proxy_side, "stolen connection passed as a descriptor, awaiting the program's accept");
     // Readable: the layer claimed the socket and closed this connection (EOF), or
     // the program uses it without the layer (bytes or EOF, unclaimed).
-    if stream.readable().await.is_err() {
+    let waited = tokio::time::timeout(shared.options.relay_timeout, stream.readable()).await;
+    if matches!(waited, Ok(Err(_))) {
         lock(&shared.passed).remove(&local);
         return;
     }
     let unclaimed = lock(&shared.passed).remove(&local);
     if let Some((_, fd)) = unclaimed {
-        tracing::debug!(client = %peer.peer, "the program accepted a passed stolen connection without the layer; spliced by the proxy");
+        tracing::debug!(client = %peer.peer, "a passed stolen connection the layer did not claim; relayed by the proxy");
+        // `PeerOf` still names the real client for a late `accept`.
+        shared.add_delivered(local, peer);
         splice_unclaimed(stream, fd).await;
+        shared.remove_delivered(local);
     }
 }
 

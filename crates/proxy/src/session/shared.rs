@@ -50,6 +50,17 @@ struct Subscription {
     state: StealState,
 }
 
+/// Whether the program behind a [`Delivery::Listener`] takes stolen
+/// connections as their sockets: a layer that passes descriptors accepts
+/// there (`super::passed`); any other program gets relayed connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accepts {
+    /// Only the proxy's relayed connections (a program without the layer).
+    Relayed,
+    /// The target's sockets too (the layer's `accept` takes them).
+    Sockets,
+}
+
 #[derive(Debug)]
 enum StealState {
     /// `Steal` sent; these `Listen`s wait for the agent's answer.
@@ -281,10 +292,26 @@ impl Shared {
         deliver_to: Delivery,
         pid: u32,
     ) -> Result<(), (i32, String)> {
-        self.listen_here(port, deliver_to.clone(), pid).await?;
+        self.listen_accepting(port, deliver_to, pid, Accepts::Relayed)
+            .await
+    }
+
+    /// [`Shared::listen`] for a program that `accepts` as said.
+    pub(crate) async fn listen_accepting(
+        &self,
+        port: u16,
+        deliver_to: Delivery,
+        pid: u32,
+        accepts: Accepts,
+    ) -> Result<(), (i32, String)> {
+        self.listen_here(port, deliver_to.clone(), pid, accepts)
+            .await?;
         let secondaries = lock(&self.secondaries).clone();
         for (i, secondary) in secondaries.iter().enumerate() {
-            if let Err((_, message)) = secondary.listen_here(port, deliver_to.clone(), pid).await {
+            if let Err((_, message)) = secondary
+                .listen_here(port, deliver_to.clone(), pid, accepts)
+                .await
+            {
                 eprintln!("graft: port {port} on pod #{}: {message}", i + 2);
             }
         }
@@ -297,8 +324,10 @@ impl Shared {
         port: u16,
         deliver_to: Delivery,
         pid: u32,
+        accepts: Accepts,
     ) -> Result<(), (i32, String)> {
-        let to_listener = matches!(deliver_to, Delivery::Listener(_));
+        let to_listener =
+            matches!(deliver_to, Delivery::Listener(_)) && accepts == Accepts::Sockets;
         let (tx, rx) = oneshot::channel();
         let first = {
             let mut state = self.state();
