@@ -171,6 +171,31 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_passed_socket_never_reaches_loopback_however_spelled() {
+        for refused in [
+            "127.0.0.1:80",
+            "127.9.9.9:80",
+            "[::1]:80",
+            "0.0.0.0:80",
+            "[::]:80",
+            "[::ffff:127.0.0.1]:80",
+            "[::ffff:0.0.0.0]:80",
+            "224.0.0.1:80",
+            "[ff02::1]:80",
+            "255.255.255.255:80",
+            "10.0.0.1:0",
+        ] {
+            let addr: SocketAddr = refused.parse().unwrap();
+            assert!(refused_destination(&addr).is_some(), "{refused}");
+            assert_eq!(connect_fd(addr).err(), Some(RemoteError::Os(libc::EACCES)));
+        }
+        for allowed in ["10.0.0.1:80", "[2001:db8::1]:443", "[::ffff:10.0.0.1]:80"] {
+            let addr: SocketAddr = allowed.parse().unwrap();
+            assert_eq!(refused_destination(&addr), None, "{allowed}");
+        }
+    }
+
     #[tokio::test]
     async fn refused_connect_reports_econnrefused() {
         // Bind then drop: nothing listens on that port any more.
