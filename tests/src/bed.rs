@@ -375,10 +375,42 @@ impl Bed {
         agents_of(self.target_pid)
     }
 
+    /// Starts `cmd` inside the target's network namespace (beside the target
+    /// process) and waits until it listens ([`Proc::wait_listening`]).
+    pub fn serve_in_target(&self, cmd: &[String]) -> Proc {
+        let what = format!("{} in the target netns", cmd[1..].join(" "));
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.target_ns]).args(cmd);
+        let mut server = self.spawn(command, &what);
+        server.wait_listening(&what);
+        server
+    }
+
+    /// The session's agent: the one `graft-agent` of this bed whose parent is
+    /// the graft process `graft` (its watchdog's parent is the agent).
+    ///
+    /// # Panics
+    ///
+    /// When there is not exactly one.
+    pub fn agent_of(&self, graft: u32) -> u32 {
+        let agents = self.agent_pids();
+        let main: Vec<u32> = agents
+            .iter()
+            .copied()
+            .filter(|pid| graft_proc::parent(*pid) == Some(graft))
+            .collect();
+        assert_eq!(
+            main.len(),
+            1,
+            "expected one agent child of graft {graft} among {agents:?}"
+        );
+        main[0]
+    }
+
     /// The pids of processes started through this bed (they carry its slot marker)
     /// whose command line mentions `needle`: e.g. CMD of a session.
     pub fn pids_running(&self, needle: &str) -> Vec<u32> {
-        let marker = format!("{SLOT_ENV}={}", self.n);
+        let slot = self.n.to_string();
         process::processes()
             .into_iter()
             .filter(|(_, argv)| argv.iter().any(|a| a.contains(needle)))
@@ -387,8 +419,8 @@ impl Bed {
                     .is_some_and(|a| Path::new(a).file_name() != Some("graft".as_ref()))
             })
             .filter(|(pid, _)| {
-                std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
+                graft_proc::environ(*pid)
+                    .is_ok_and(|env| env.iter().any(|(k, v)| k == SLOT_ENV && *v == slot))
             })
             .map(|(pid, _)| pid)
             .collect()
@@ -724,10 +756,9 @@ exec chroot "$r" /usr/bin/env -i \
                 ),
             }
         }
-        let cmdline =
-            std::fs::read(format!("/proc/{}/cmdline", self.target_pid)).unwrap_or_default();
+        let cmdline = graft_proc::cmdline(self.target_pid).unwrap_or_default();
         assert!(
-            String::from_utf8_lossy(&cmdline).contains("target_server.py"),
+            cmdline.iter().any(|a| a.contains("target_server.py")),
             "pid {} is not the target server",
             self.target_pid
         );

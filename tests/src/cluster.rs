@@ -17,7 +17,9 @@
 //!   the lab cluster, whose `lab.local/python:3` is built from it): the sample
 //!   servers then get this machine's Python modules (`h2`, `grpc`, `websockets`)
 //!   through hostPath mounts, for the h2c, gRPC and WebSocket tests, which are
-//!   skipped without it.
+//!   skipped without it;
+//! - `GRAFT_E2E_NS_PREFIX` (optional, default `e2e`): the prefix of the
+//!   namespaces the tests create, so runs sharing a cluster stay apart.
 //!
 //! The tests connect to pod addresses from this machine (the lab cluster and k3s
 //! on the same machine route them; for kind, route the pod range through the
@@ -137,7 +139,13 @@ impl Live {
     ///
     /// When the API server refuses.
     pub fn namespace_with(&self, short: &str, level: &str) -> Ns<'_> {
-        let name = format!("e2e-{short}-{:x}", std::process::id());
+        // `GRAFT_E2E_NS_PREFIX` (default `e2e`) keeps parallel runs on one
+        // cluster apart.
+        let prefix = std::env::var("GRAFT_E2E_NS_PREFIX")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "e2e".to_owned());
+        let name = format!("{prefix}-{short}-{:x}", std::process::id());
         let ns = Ns {
             live: self,
             name: name.clone(),

@@ -39,6 +39,7 @@ mod net;
 pub mod pki;
 mod process;
 mod slot;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+/// How long a test server may take to print `listening` ([`Proc::wait_listening`]):
+/// a generous functional bound, for a loaded machine.
+pub const SERVER_UP: Duration = Duration::from_secs(10);
+
 /// A running process and the output it has written so far.
 pub struct Proc {
     child: Child,
@@ -125,6 +129,26 @@ impl Proc {
         lossy(&self.stderr)
     }
 
+    /// Waits until the server this process is has printed `listening` on
+    /// stdout ([`SERVER_UP`] at most).
+    ///
+    /// # Panics
+    ///
+    /// When it exits first or does not listen in time; `what` names it.
+    pub fn wait_listening(&mut self, what: &str) {
+        let up = crate::net::wait_until(SERVER_UP, Duration::from_millis(50), || {
+            if let Some(status) = self.try_status() {
+                panic!("{what} exited ({status})\n{}", self.output_report());
+            }
+            self.stdout().contains("listening").then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "{what} did not listen within {SERVER_UP:?}\n{}",
+            self.output_report()
+        );
+    }
+
     /// stdout and stderr so far, for failure messages.
     pub fn output_report(&self) -> String {
         format!(
@@ -234,13 +258,12 @@ pub(crate) fn run(command: Command, what: &str, timeout: Duration) -> Outcome {
 /// Kills every process (but this one) whose environment holds `key=value`, and
 /// returns how many there were.
 pub(crate) fn kill_by_env(key: &str, value: &str) -> usize {
-    let needle = format!("{key}={value}");
     let mut killed = 0;
     for pid in all_pids() {
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        let Ok(environ) = graft_proc::environ(pid) else {
             continue;
         };
-        if environ.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+        if environ.iter().any(|(k, v)| k == key && v == value) {
             let _ = kill(pid_of(pid), Signal::SIGKILL);
             killed += 1;
         }
@@ -253,12 +276,7 @@ pub(crate) fn processes() -> Vec<(u32, Vec<String>)> {
     all_pids()
         .into_iter()
         .filter_map(|pid| {
-            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let argv = raw
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
+            let argv = graft_proc::cmdline(pid).ok()?;
             Some((pid, argv))
         })
         .collect()
@@ -271,24 +289,15 @@ pub(crate) fn kill_pid(pid: u32) {
 
 /// Whether a process `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name in parentheses: "1234 (name) S ...".
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
+    graft_proc::is_running(pid)
 }
 
 fn all_pids() -> Vec<u32> {
     let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| *pid != me)
-                .collect()
-        })
-        .unwrap_or_default()
+    graft_proc::pids()
+        .into_iter()
+        .filter(|pid| *pid != me)
+        .collect()
 }
 
 fn pid_of(pid: u32) -> Pid {

@@ -133,27 +133,11 @@ fn passed_through_connections_reach_the_target_from_the_client_address() {
     // The agent (not its watchdog) is killed outright: the watchdog removes the routing rule,
     // the table and the mangle chain it added.
     let graft = session.pid();
-    let parent_of = |pid: u32| -> u32 {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let after = s.rsplit_once(')')?.1.to_owned();
-                after.split_whitespace().nth(1)?.parse().ok()
-            })
-            .unwrap_or(0)
-    };
-    let agents: Vec<u32> = bed
-        .agent_pids()
-        .into_iter()
-        .filter(|pid| parent_of(*pid) == graft)
-        .collect();
-    assert_eq!(agents.len(), 1, "one agent child of graft");
-    for pid in agents {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    let agent = bed.agent_of(graft);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
         let rules: String = ["-4", "-6"]
             .iter()

@@ -183,11 +183,11 @@ fn kill_9_of_the_agent_restores_the_target_within_2s() {
     let main: Vec<u32> = agents
         .iter()
         .copied()
-        .filter(|pid| !agents.contains(&parent_of(*pid)))
+        .filter(|pid| !agents.contains(&graft_proc::parent(*pid).unwrap_or(0)))
         .collect();
     let described: Vec<String> = agents
         .iter()
-        .map(|pid| format!("{pid} (parent {})", parent_of(*pid)))
+        .map(|pid| format!("{pid} (parent {})", graft_proc::parent(*pid).unwrap_or(0)))
         .collect();
     assert_eq!(
         main.len(),
@@ -199,15 +199,4 @@ fn kill_9_of_the_agent_restores_the_target_within_2s() {
     let since = Instant::now();
     assert_restored(&bed, &url, since, &session);
     assert_agents_gone(&bed, since);
-}
-
-/// The parent pid of `pid` (0 when it is gone).
-fn parent_of(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
 }

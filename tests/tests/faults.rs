@@ -119,34 +119,6 @@ fn assert_restored(bed: &Bed, since: Instant, session: &Proc) {
     );
 }
 
-/// The session's agent: the `graft-agent` whose parent is graft (its watchdog's
-/// parent is the agent).
-fn agent_of(bed: &Bed, graft: u32) -> u32 {
-    let agents = bed.agent_pids();
-    let main: Vec<u32> = agents
-        .iter()
-        .copied()
-        .filter(|pid| parent_of(*pid) == graft)
-        .collect();
-    assert_eq!(
-        main.len(),
-        1,
-        "expected one agent child of graft {graft} among {agents:?}"
-    );
-    main[0]
-}
-
-/// The parent pid of `pid` (0 when it is gone).
-fn parent_of(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
 fn kill_9(pid: u32) {
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL)
         .unwrap_or_else(|e| panic!("cannot kill -9 {pid}: {e}"));
@@ -264,7 +236,7 @@ fn kill_9_of_the_agent_ends_graft_with_a_clear_message_and_resets_cmds_remote_co
         session.output_report()
     );
 
-    kill_9(agent_of(&bed, session.pid()));
+    kill_9(bed.agent_of(session.pid()));
     let since = Instant::now();
     assert_restored(&bed, since, &session);
     let status = session.wait_timeout(END_TIMEOUT);
@@ -360,7 +332,7 @@ fn link_cut_mid_outgoing_transfer_resets_cmds_connection() {
         session.output_report()
     );
 
-    kill_9(agent_of(&bed, session.pid()));
+    kill_9(bed.agent_of(session.pid()));
     let status = session.wait_timeout(END_TIMEOUT);
     assert!(
         status.is_some(),

@@ -20,7 +20,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -42,18 +41,6 @@ fn named_http(name: &str, port: u16) -> Vec<String> {
         name.to_owned(),
         port.to_string(),
     ]
-}
-
-/// Starts `cmd` in the target's network namespace and waits until it listens.
-fn serve_in_target(bed: &Bed, cmd: &[String]) -> Proc {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &bed.target_ns]).args(cmd);
-    let server = bed.spawn(command, "a server in the target netns");
-    let up = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-        server.stdout().contains("listening").then_some(())
-    });
-    assert!(up.is_some(), "no server\n{}", server.output_report());
-    server
 }
 
 /// `graft run --target pid:PID FLAGS... -- CMD...` as `USER=user`.
@@ -184,27 +171,6 @@ fn wait_routed(session: &mut Proc, addr: SocketAddr, headers: &[&str], server: &
     );
 }
 
-/// The main agent of graft process `graft` (its child among the bed's agents).
-fn agent_of(bed: &Bed, graft: u32) -> u32 {
-    let parent_of = |pid: u32| -> u32 {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let (_, rest) = stat.rsplit_once(')')?;
-                rest.split_whitespace().nth(1)?.parse().ok()
-            })
-            .unwrap_or(0)
-    };
-    let agents = bed.agent_pids();
-    let main: Vec<u32> = agents
-        .iter()
-        .copied()
-        .filter(|pid| parent_of(*pid) == graft)
-        .collect();
-    assert_eq!(main.len(), 1, "one agent of graft {graft} among {agents:?}");
-    main[0]
-}
-
 /// Whether process `pid` runs (a zombie does not).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -287,7 +253,7 @@ fn a_filtered_download_of_another_session_survives_the_hub_owner_ending() {
     let bed = Bed::new();
     let port = bed.map_port;
     let addr = SocketAddr::from((bed.target_v4, port));
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let map = format!("{}:{port}", bed.app_port);
     let mut alice = start_session(
         &bed,
@@ -303,7 +269,7 @@ fn a_filtered_download_of_another_session_survives_the_hub_owner_ending() {
         "graft-bob",
     );
     wait_routed(&mut bob, addr, &[BOB], "bob");
-    let owner = agent_of(&bed, alice.pid());
+    let owner = bed.agent_of(alice.pid());
 
     let download = std::thread::spawn(move || long_keepalive(addr, &[BOB]));
     let (stop, prober) = probe_without_pause(addr, vec![(vec![BOB], "bob"), (vec![], "target")]);
@@ -355,7 +321,7 @@ fn a_mirrored_download_relayed_by_the_hub_owner_survives_its_end() {
     let bed = Bed::new();
     let port = bed.map_port;
     let addr = SocketAddr::from((bed.target_v4, port));
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let map = format!("{}:{port}", bed.app_port);
     let mut alice = start_session(
         &bed,
@@ -370,7 +336,7 @@ fn a_mirrored_download_relayed_by_the_hub_owner_survives_its_end() {
         bob.stdout().contains("/mirror-probe").then_some(())
     });
     assert!(mirrored.is_some(), "no copy\n{}", bob.output_report());
-    let owner = agent_of(&bed, alice.pid());
+    let owner = bed.agent_of(alice.pid());
 
     // The target answers; alice's agent relays the connection and copies it to bob.
     let download = std::thread::spawn(move || long_keepalive(addr, &[]));

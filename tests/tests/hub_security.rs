@@ -41,29 +41,6 @@ fn named_http(name: &str, port: u16) -> Vec<String> {
     ]
 }
 
-fn wait_listening(server: &mut Proc, what: &str) {
-    let up = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-        if let Some(status) = server.try_status() {
-            panic!("{what} exited ({status})\n{}", server.output_report());
-        }
-        server.stdout().contains("listening").then_some(())
-    });
-    assert!(
-        up.is_some(),
-        "{what} did not listen\n{}",
-        server.output_report()
-    );
-}
-
-/// Starts `cmd` in the target's network namespace and waits until it listens.
-fn serve_in_target(bed: &Bed, cmd: &[String]) -> Proc {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &bed.target_ns]).args(cmd);
-    let mut server = bed.spawn(command, "a server in the target netns");
-    wait_listening(&mut server, "the server in the target netns");
-    server
-}
-
 /// `graft run --target pid:PID FLAGS... -- CMD...` as `USER=user`.
 fn start_session(bed: &Bed, flags: &[&str], cmd: &[String], user: &str) -> Proc {
     let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
@@ -189,7 +166,7 @@ fn assert_sessions_route(bed: &Bed, port: u16) {
 fn a_user_namespace_in_the_target_netns_cannot_join_list_or_steal_through_the_hub() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let (_alice, _bob) = two_filtered_sessions(&bed, port);
 
     let out = attacker(&bed, &["join", &port.to_string()]).finish(Duration::from_secs(30));
@@ -230,7 +207,7 @@ fn a_user_namespace_in_the_target_netns_cannot_join_list_or_steal_through_the_hu
 fn names_squatted_before_any_agent_receive_nothing_and_the_live_hub_cannot_be_taken() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     // A directory nobody can look into, for the signal to stop squatting.
     let trigger_dir = tempfile::Builder::new()
         .prefix("graft-hub-squat-")
@@ -254,7 +231,7 @@ fn names_squatted_before_any_agent_receive_nothing_and_the_live_hub_cannot_be_ta
             "graft-hub",
         ],
     );
-    wait_listening(&mut squatter, "the squatter");
+    squatter.wait_listening("the squatter");
 
     let (_alice, _bob) = two_filtered_sessions(&bed, port);
     assert_sessions_route(&bed, port);
@@ -283,7 +260,7 @@ fn a_peer_cannot_name_a_delivery_socket_nor_redirect_a_port_no_session_holds() {
     let bed = Bed::new();
     let held = bed.map_port;
     let free = bed.app_port;
-    let _target = serve_in_target(&bed, &named_http("target", held));
+    let _target = bed.serve_in_target(&named_http("target", held));
     // The bed's target process serves `free` itself.
     let target_reply = bed.target_reply();
     let mut alice = start_session(
@@ -308,7 +285,7 @@ fn a_peer_cannot_name_a_delivery_socket_nor_redirect_a_port_no_session_holds() {
         &bed,
         &["deliver", &free.to_string(), &trigger.display().to_string()],
     );
-    wait_listening(&mut intruder, "the intruder");
+    intruder.wait_listening("the intruder");
     // Traffic to the port it asked for, and to the session's port.
     for i in 0..5 {
         assert_eq!(
@@ -372,7 +349,7 @@ fn a_download_through_another_session_survives_the_hub_owner_being_killed() {
         Ok(body)
     });
     std::thread::sleep(Duration::from_secs(1));
-    let owner = agent_of(&bed, alice.pid());
+    let owner = bed.agent_of(alice.pid());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(owner as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -400,27 +377,6 @@ fn a_download_through_another_session_survives_the_hub_owner_being_killed() {
     wait_routed(&bed, &mut bob, bob_port, &[], "bob");
 }
 
-/// The main agent of graft process `graft` (its child among the bed's agents).
-fn agent_of(bed: &Bed, graft: u32) -> u32 {
-    let parent_of = |pid: u32| -> u32 {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let (_, rest) = stat.rsplit_once(')')?;
-                rest.split_whitespace().nth(1)?.parse().ok()
-            })
-            .unwrap_or(0)
-    };
-    let agents = bed.agent_pids();
-    let main: Vec<u32> = agents
-        .iter()
-        .copied()
-        .filter(|pid| parent_of(*pid) == graft)
-        .collect();
-    assert_eq!(main.len(), 1, "one agent of graft {graft} among {agents:?}");
-    main[0]
-}
-
 #[test]
 fn overlapping_filters_the_older_session_wins_and_the_later_one_is_warned() {
     // alice steals every request with an x-user header; bob, later, only his own.
@@ -428,7 +384,7 @@ fn overlapping_filters_the_older_session_wins_and_the_later_one_is_warned() {
     // start; alice is told nothing.
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let map = format!("{}:{port}", bed.app_port);
     let mut alice = start_session(
         &bed,

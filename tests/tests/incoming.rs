@@ -32,9 +32,6 @@ use serde_json::Value;
 /// How soon after a session ends its port must be back with the target.
 const RESTORE: Duration = Duration::from_secs(2);
 
-/// How long a fixture server may take to listen.
-const SERVER_UP: Duration = Duration::from_secs(10);
-
 /// How long a fixture client may run.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -81,36 +78,6 @@ fn fixture_cmd(modules: &str, script: &str, args: &[&str]) -> Vec<String> {
 /// is imported only when an h2c connection arrives).
 fn named_http(name: &str, port: u16) -> Vec<String> {
     fixture_cmd("h2", "named_http.py", &[name, &port.to_string()])
-}
-
-/// Waits until `server` has printed "listening".
-///
-/// # Panics
-///
-/// When it exits first or does not listen within [`SERVER_UP`].
-fn wait_listening(server: &mut Proc, what: &str) {
-    let up = wait_until(SERVER_UP, Duration::from_millis(50), || {
-        if let Some(status) = server.try_status() {
-            panic!("{what} exited ({status})\n{}", server.output_report());
-        }
-        server.stdout().contains("listening").then_some(())
-    });
-    assert!(
-        up.is_some(),
-        "{what} did not listen within {SERVER_UP:?}\n{}",
-        server.output_report()
-    );
-}
-
-/// Starts `cmd` inside the target's network namespace (beside the target process)
-/// and waits until it listens.
-fn serve_in_target(bed: &Bed, cmd: &[String]) -> Proc {
-    let what = format!("{} in the target netns", cmd[1..].join(" "));
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &bed.target_ns]).args(cmd);
-    let mut server = bed.spawn(command, &what);
-    wait_listening(&mut server, &what);
-    server
 }
 
 /// Starts `graft run --target pid:PID FLAGS... -- CMD...` with the extra
@@ -398,7 +365,7 @@ fn hostname() -> String {
 fn mirror_target_answers_and_cmd_gets_a_copy_of_every_request() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let target = serve_in_target(&bed, &named_http("target", port));
+    let target = bed.serve_in_target(&named_http("target", port));
     let mut session = start_session(&bed, &["--mirror"], &named_http("local", port), &[]);
     wait_mirrored(&bed, &mut session, port, &[]);
 
@@ -467,7 +434,7 @@ fn mirror_target_answers_and_cmd_gets_a_copy_of_every_request() {
 fn mirror_with_a_cmd_that_never_reads_leaves_the_target_unaffected() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let stall = fixture_cmd("", "tcp_app.py", &["stall", &port.to_string()]);
     let mut session = start_session(&bed, &["--mirror"], &stall, &[]);
     wait_for(&mut session, "the mirror connects to CMD", |session| {
@@ -502,7 +469,7 @@ fn mirror_with_a_cmd_that_never_reads_leaves_the_target_unaffected() {
 fn mirror_with_a_cmd_that_resets_every_copy_leaves_the_target_unaffected() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let reset = fixture_cmd("", "tcp_app.py", &["reset", &port.to_string()]);
     let mut session = start_session(&bed, &["--mirror"], &reset, &[]);
     wait_for(&mut session, "the mirror connects to CMD", |session| {
@@ -539,7 +506,7 @@ fn mirror_with_a_cmd_that_resets_every_copy_leaves_the_target_unaffected() {
 fn filtered_mirror_copies_only_matching_requests() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let mut session = start_session(
         &bed,
         &["--mirror", "--filter-header", ALICE],
@@ -580,7 +547,7 @@ fn filtered_mirror_copies_only_matching_requests() {
 fn filtered_steal_routes_each_request_of_a_keepalive_connection() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let target = serve_in_target(&bed, &named_http("target", port));
+    let target = bed.serve_in_target(&named_http("target", port));
     let mut session = start_session(
         &bed,
         &["--steal", "--filter-header", ALICE],
@@ -651,7 +618,7 @@ fn filtered_steal_routes_each_request_of_a_keepalive_connection() {
 fn filtered_steal_splits_pipelined_requests_in_order() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let mut session = start_session(
         &bed,
         &["--steal", "--filter-header", ALICE],
@@ -684,7 +651,7 @@ fn filtered_steal_splits_pipelined_requests_in_order() {
 fn filtered_steal_by_path_and_method_needs_both() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let mut session = start_session(
         &bed,
         &[
@@ -728,7 +695,7 @@ fn filtered_steal_by_path_and_method_needs_both() {
 fn filtered_steal_over_h2c_routes_each_stream() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let mut session = start_session(
         &bed,
         &["--steal", "--filter-header", ALICE],
@@ -803,10 +770,11 @@ fn filtered_steal_of_grpc_unary_and_server_streaming_keeps_trailers() {
     let bed = Bed::new();
     let port = bed.map_port;
     let port_s = port.to_string();
-    let _target = serve_in_target(
-        &bed,
-        &fixture_cmd("grpc", "grpc_app.py", &["server", "target", &port_s]),
-    );
+    let _target = bed.serve_in_target(&fixture_cmd(
+        "grpc",
+        "grpc_app.py",
+        &["server", "target", &port_s],
+    ));
     let mut session = start_session(
         &bed,
         &["--steal", "--filter-header", ALICE],
@@ -870,10 +838,11 @@ fn filtered_steal_hands_a_matching_websocket_to_cmd_and_leaves_others() {
     let bed = Bed::new();
     let port = bed.map_port;
     let port_s = port.to_string();
-    let _target = serve_in_target(
-        &bed,
-        &fixture_cmd("websockets", "ws_app.py", &["server", "target", &port_s]),
-    );
+    let _target = bed.serve_in_target(&fixture_cmd(
+        "websockets",
+        "ws_app.py",
+        &["server", "target", &port_s],
+    ));
     let mut session = start_session(
         &bed,
         &["--steal", "--filter-header", ALICE],
@@ -906,10 +875,7 @@ fn raw_tcp_on_a_filtered_port_reaches_the_target_untouched() {
     let bed = Bed::new();
     let port = bed.map_port;
     let port_s = port.to_string();
-    let _target = serve_in_target(
-        &bed,
-        &fixture_cmd("", "tcp_app.py", &["line", "target", &port_s]),
-    );
+    let _target = bed.serve_in_target(&fixture_cmd("", "tcp_app.py", &["line", "target", &port_s]));
     let mut session = start_session(
         &bed,
         &["--steal", "--filter-header", ALICE],
@@ -934,10 +900,11 @@ fn server_speaks_first_protocol_on_a_filtered_port_reaches_the_target() {
     let bed = Bed::new();
     let port = bed.map_port;
     let port_s = port.to_string();
-    let _target = serve_in_target(
-        &bed,
-        &fixture_cmd("", "tcp_app.py", &["banner", "target", &port_s]),
-    );
+    let _target = bed.serve_in_target(&fixture_cmd(
+        "",
+        "tcp_app.py",
+        &["banner", "target", &port_s],
+    ));
     let mut session = start_session(
         &bed,
         &["--steal", "--filter-header", ALICE],
@@ -969,7 +936,7 @@ fn server_speaks_first_protocol_on_a_filtered_port_reaches_the_target() {
 fn two_filtered_sessions_and_the_target_share_a_port_under_load() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let target = serve_in_target(&bed, &named_http("target", port));
+    let target = bed.serve_in_target(&named_http("target", port));
     let map = format!("{}:{port}", bed.app_port);
     let mut alice = start_session(
         &bed,
@@ -1094,7 +1061,7 @@ fn two_filtered_sessions_and_the_target_share_a_port_under_load() {
 fn second_unfiltered_steal_of_a_stolen_port_is_refused_naming_the_holder() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let mut holder = start_session(
         &bed,
         &["--steal"],
@@ -1157,7 +1124,7 @@ fn second_unfiltered_steal_of_a_stolen_port_is_refused_naming_the_holder() {
 fn mirror_session_coexists_with_a_filtered_steal_session() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let map = format!("{}:{port}", bed.app_port);
     let mut alice = start_session(
         &bed,
@@ -1207,27 +1174,6 @@ fn mirror_session_coexists_with_a_filtered_steal_session() {
     assert_eq!(who_answers(&bed, port, "/after", &[ALICE]), "target");
 }
 
-/// The session's agent: the `graft-agent` whose parent is `graft`.
-fn agent_of(bed: &Bed, graft: u32) -> u32 {
-    let parent_of = |pid: u32| -> u32 {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let (_, rest) = stat.rsplit_once(')')?;
-                rest.split_whitespace().nth(1)?.parse().ok()
-            })
-            .unwrap_or(0)
-    };
-    let agents = bed.agent_pids();
-    let main: Vec<u32> = agents
-        .iter()
-        .copied()
-        .filter(|pid| parent_of(*pid) == graft)
-        .collect();
-    assert_eq!(main.len(), 1, "one agent of graft {graft} among {agents:?}");
-    main[0]
-}
-
 #[test]
 fn a_killed_hub_owner_is_taken_over_by_the_other_session() {
     // alice's agent owns the target's hub (its session came first); killing it
@@ -1235,7 +1181,7 @@ fn a_killed_hub_owner_is_taken_over_by_the_other_session() {
     // requests keep reaching bob, the rest the target, and alice's rules go.
     let bed = Bed::new();
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port));
+    let _target = bed.serve_in_target(&named_http("target", port));
     let map = format!("{}:{port}", bed.app_port);
     let mut alice = start_session(
         &bed,
@@ -1252,7 +1198,7 @@ fn a_killed_hub_owner_is_taken_over_by_the_other_session() {
     );
     wait_routed(&bed, &mut bob, port, &[BOB], "bob");
 
-    let owner = agent_of(&bed, alice.pid());
+    let owner = bed.agent_of(alice.pid());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(owner as i32),
         nix::sys::signal::Signal::SIGKILL,

@@ -78,20 +78,10 @@ fn agent_and_watchdog(bed: &Bed, graft: u32) -> (u32, Vec<u32>) {
     let agent = all
         .iter()
         .copied()
-        .find(|pid| parent_of(*pid) == graft)
+        .find(|pid| graft_proc::parent(*pid).unwrap_or(0) == graft)
         .unwrap_or_else(|| panic!("no agent child of graft {graft} among {all:?}"));
     let others = all.into_iter().filter(|pid| *pid != agent).collect();
     (agent, others)
-}
-
-fn parent_of(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
 }
 
 /// Waits at most [`RESTORE`] after `since` until the target serves its app port

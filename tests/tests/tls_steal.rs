@@ -21,9 +21,6 @@ use graft_tests::{Bed, Proc, STEAL_TIMEOUT, fixture_str, python, wait_until};
 
 /// The header filter of the sessions.
 const ALICE: &str = "x-user: alice";
-/// How long a fixture server may take to listen.
-const SERVER_UP: Duration = Duration::from_secs(10);
-
 /// A python3 that can import `h2` (the suite's, else Debian's).
 fn py_h2() -> String {
     for candidate in [python(), "/usr/bin/python3"] {
@@ -50,30 +47,6 @@ fn named_http(name: &str, port: u16, tls: Option<(&str, &str)>) -> Vec<String> {
         cmd.extend([cert.to_owned(), key.to_owned()]);
     }
     cmd
-}
-
-fn wait_listening(server: &mut Proc, what: &str) {
-    let up = wait_until(SERVER_UP, Duration::from_millis(50), || {
-        if let Some(status) = server.try_status() {
-            panic!("{what} exited ({status})\n{}", server.output_report());
-        }
-        server.stdout().contains("listening").then_some(())
-    });
-    assert!(
-        up.is_some(),
-        "{what} did not listen\n{}",
-        server.output_report()
-    );
-}
-
-/// Starts `cmd` in the target's network namespace.
-fn serve_in_target(bed: &Bed, cmd: &[String]) -> Proc {
-    let what = format!("{} in the target netns", cmd[1..].join(" "));
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &bed.target_ns]).args(cmd);
-    let mut server = bed.spawn(command, &what);
-    wait_listening(&mut server, &what);
-    server
 }
 
 /// Starts `graft run --target pid:PID FLAGS -- CMD` with `GRAFT_LOG=debug`, so
@@ -197,7 +170,7 @@ fn https_requests_are_routed_by_the_filter_after_decryption_over_h1_and_h2() {
         pki.path("server.key"),
     );
     let port = bed.map_port;
-    let target = serve_in_target(&bed, &named_http("target", port, Some((&cert, &key))));
+    let target = bed.serve_in_target(&named_http("target", port, Some((&cert, &key))));
     let mut session = start_session(
         &bed,
         &[
@@ -310,10 +283,8 @@ fn the_target_must_prove_the_given_certificate_unless_insecure_upstream() {
     let (fake_cert, fake_key) = (pki.path("impostor.crt"), pki.path("impostor.key"));
     let port = bed.map_port;
     // Attack: something without the target's key answers on the target's port.
-    let impostor = serve_in_target(
-        &bed,
-        &named_http("impostor", port, Some((&fake_cert, &fake_key))),
-    );
+    let impostor =
+        bed.serve_in_target(&named_http("impostor", port, Some((&fake_cert, &fake_key))));
     let mut session = start_session(
         &bed,
         &[
@@ -371,7 +342,7 @@ fn tls_on_a_filtered_port_without_a_certificate_is_refused_and_passes_through() 
         pki.path("server.key"),
     );
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port, Some((&cert, &key))));
+    let _target = bed.serve_in_target(&named_http("target", port, Some((&cert, &key))));
     let mut session = start_session(
         &bed,
         &["--steal", "--filter-header", ALICE],
@@ -429,7 +400,7 @@ fn tls_local_delivers_matched_requests_to_cmd_over_tls() {
         pki.path("server.key"),
     );
     let port = bed.map_port;
-    let _target = serve_in_target(&bed, &named_http("target", port, Some((&cert, &key))));
+    let _target = bed.serve_in_target(&named_http("target", port, Some((&cert, &key))));
     let mut session = start_session(
         &bed,
         &[
@@ -488,7 +459,7 @@ fn tls_fixture_server(
     }
     let what = format!("{script} server {name} in the target netns");
     let mut server = bed.spawn(command, &what);
-    wait_listening(&mut server, &what);
+    server.wait_listening(&what);
     server
 }
 

@@ -98,13 +98,28 @@ impl HostsFile {
     }
 }
 
+/// Why the target's DNS configuration cannot be used; the message goes to the
+/// program as the resolution's error.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsSetupError {
+    /// `resolv.conf` does not parse, even with a default name server added.
+    #[error(
+        "the target's {RESOLV_CONF} cannot be parsed: {0}; fix the file in the target's image \
+         or its pod's dnsConfig"
+    )]
+    ResolvConf(String),
+    /// hickory refused the configuration it parsed.
+    #[error("could not build the resolver from the target's {RESOLV_CONF}: {0}")]
+    Build(String),
+}
+
 /// Parses `resolv.conf` text into hickory's configuration; a file without a usable
 /// name server gets glibc's default, 127.0.0.1.
 ///
 /// # Errors
 ///
-/// A message when the file cannot be understood even so.
-pub fn resolver_config(text: &[u8]) -> Result<(ResolverConfig, ResolverOpts), String> {
+/// [`DnsSetupError::ResolvConf`] when the file cannot be understood even so.
+pub fn resolver_config(text: &[u8]) -> Result<(ResolverConfig, ResolverOpts), DnsSetupError> {
     let (config, mut opts) = match hickory_resolver::system_conf::parse_resolv_conf(text) {
         Ok(parsed) => parsed,
         Err(_) => {
@@ -112,7 +127,7 @@ pub fn resolver_config(text: &[u8]) -> Result<(ResolverConfig, ResolverOpts), St
             with_default.extend_from_slice(b"\n");
             with_default.extend_from_slice(DEFAULT_NAMESERVER.as_bytes());
             hickory_resolver::system_conf::parse_resolv_conf(&with_default)
-                .map_err(|e| format!("the target's {RESOLV_CONF} cannot be parsed: {e}"))?
+                .map_err(|e| DnsSetupError::ResolvConf(e.to_string()))?
         }
     };
     // The target's hosts file is handled by `HostsFile`; hickory would read ours.
@@ -225,7 +240,7 @@ type Stamp = Option<(i64, i64, u64, u64)>;
 struct Loaded {
     stamps: [Stamp; 2],
     hosts: Arc<HostsFile>,
-    resolver: Result<Arc<Target>, String>,
+    resolver: Result<Arc<Target>, Arc<DnsSetupError>>,
 }
 
 /// The target's DNS: the resolver (for absolute names) and the search rules.
@@ -268,7 +283,7 @@ impl Dns {
     }
 
     /// The hosts file and resolver for the current versions of the target's files.
-    async fn current(&self) -> (Arc<HostsFile>, Result<Arc<Target>, String>) {
+    async fn current(&self) -> (Arc<HostsFile>, Result<Arc<Target>, Arc<DnsSetupError>>) {
         let stamps = [self.stamp(RESOLV_CONF), self.stamp(HOSTS)];
         let mut loaded = self.loaded.lock().await;
         match &*loaded {
@@ -297,8 +312,9 @@ impl Dns {
                                 ndots,
                             })
                         })
-                        .map_err(|e| format!("could not build the resolver: {e}"))
+                        .map_err(|e| DnsSetupError::Build(e.to_string()))
                 });
+                let resolver = resolver.map_err(Arc::new);
                 *loaded = Some(Loaded {
                     stamps,
                     hosts: Arc::new(hosts),
@@ -321,7 +337,7 @@ impl Dns {
         }
         let target = match resolver {
             Ok(r) => r,
-            Err(message) => return RemoteResponse::Error(RemoteError::Other(message)),
+            Err(e) => return RemoteResponse::Error(RemoteError::Other(e.to_string())),
         };
         let query = |name: hickory_resolver::proto::rr::Name| {
             let target = target.clone();

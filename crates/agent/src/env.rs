@@ -1,4 +1,5 @@
-//! The target's environment, read from `/proc/PID/environ`.
+//! The target's environment, read from `/proc/PID/environ` (through
+//! `graft_proc::environ`).
 //!
 //! The file holds the environment the target was started with (`execve`'s
 //! `envp`): NUL-terminated `NAME=value` entries. Entries without `=` are kept
@@ -6,28 +7,10 @@
 
 use graft_protocol::remote::{RemoteError, RemoteResponse};
 
-/// Parses the contents of an `environ` file, in file order.
-pub fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
-    bytes
-        .split(|b| *b == 0)
-        .filter(|entry| !entry.is_empty())
-        .map(|entry| {
-            let (name, value) = match entry.iter().position(|b| *b == b'=') {
-                Some(i) => (&entry[..i], &entry[i + 1..]),
-                None => (entry, &b""[..]),
-            };
-            (
-                String::from_utf8_lossy(name).into_owned(),
-                String::from_utf8_lossy(value).into_owned(),
-            )
-        })
-        .collect()
-}
-
 /// Answers `RemoteRequest::Env` for the target `pid` (blocking).
 pub fn target_env(pid: u32) -> RemoteResponse {
-    match std::fs::read(format!("/proc/{pid}/environ")) {
-        Ok(bytes) => RemoteResponse::Env(parse_environ(&bytes)),
+    match graft_proc::environ(pid) {
+        Ok(env) => RemoteResponse::Env(env),
         Err(e) => RemoteResponse::Error(RemoteError::Os(e.raw_os_error().unwrap_or(libc::EIO))),
     }
 }
@@ -35,6 +18,7 @@ pub fn target_env(pid: u32) -> RemoteResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use graft_proc::parse_environ;
 
     #[test]
     fn splits_at_the_first_equals_sign() {

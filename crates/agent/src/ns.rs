@@ -34,15 +34,14 @@ pub enum NsError {
         pid: u32,
     },
     /// Anything else.
-    #[error("could not {what} of process {pid}: {source}")]
+    #[error("could not {what} of process {pid}: {error}")]
     Other {
         /// What the agent was doing.
         what: &'static str,
         /// The target's PID.
         pid: u32,
         /// The system error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -54,7 +53,7 @@ impl NsError {
             other => NsError::Other {
                 what,
                 pid,
-                source: other.into(),
+                error: other.into(),
             },
         }
     }

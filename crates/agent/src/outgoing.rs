@@ -66,6 +66,7 @@ pub async fn connect(
                 .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)));
             match attempt.and_then(|s| s.local_addr().map(|local| (s, local))) {
                 Ok((stream, local)) => {
+                    crate::incoming::sniff::own_connection(local);
                     let _ = stream.set_nodelay(true);
                     let stream = relay::ResetOnDrop::new(stream);
                     if to_link

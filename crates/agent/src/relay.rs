@@ -30,7 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use graft_protocol::ConnectionId;
-use graft_protocol::link::{AgentMessage, CREDIT_BATCH, TCP_WINDOW};
+use graft_protocol::credit::{ReturnedCredit, SendWindow};
+use graft_protocol::link::{AgentMessage, TCP_WINDOW};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -300,23 +301,24 @@ where
     let mut wrote_shutdown = false;
     // Flow control (graft_protocol::link): what the client lets us send, and
     // what we owe it for bytes of its that the socket took.
-    let mut credit = TCP_WINDOW as usize;
-    let mut owed = 0u32;
+    let window = SendWindow::new();
+    let mut owed = ReturnedCredit::default();
+    // A batch of credit that is due, sent at the top of the next turn.
+    let mut owed_batch: Option<u32> = None;
     loop {
         if read_eof && wrote_shutdown {
             return TcpEnd::Orderly;
         }
-        if owed >= CREDIT_BATCH {
-            let update = AgentMessage::Credit { conn, bytes: owed };
+        if let Some(bytes) = owed_batch.take() {
+            let update = AgentMessage::Credit { conn, bytes };
             if to_link.send(update).await.is_err() {
                 return TcpEnd::SessionGone;
             }
-            owed = 0;
         }
         let pending: &[u8] = queue.front().map(|b| &b[offset..]).unwrap_or(&[]);
         let can_write = !pending.is_empty();
         let can_shutdown = queue.is_empty() && client_shutdown && !wrote_shutdown;
-        let room = credit.min(READ_CHUNK);
+        let room = window.room(READ_CHUNK);
         tokio::select! {
             read = rd.read(&mut buf[..room]), if !read_eof && room > 0 => match read {
                 Ok(0) => {
@@ -326,7 +328,7 @@ where
                     }
                 }
                 Ok(n) => {
-                    credit -= n;
+                    window.spend(n);
                     let data = AgentMessage::Data { conn, bytes: buf[..n].to_vec() };
                     if to_link.send(data).await.is_err() {
                         return TcpEnd::SessionGone;
@@ -346,7 +348,7 @@ where
             }, if can_write || can_shutdown => match out {
                 Ok(Some(n)) => {
                     offset += n;
-                    owed += n as u32;
+                    owed_batch = owed.took(n);
                     queued.fetch_sub(n, Ordering::AcqRel);
                     if queue.front().is_some_and(|b| offset >= b.len()) {
                         queue.pop_front();
@@ -369,7 +371,7 @@ where
                     }
                 }
                 Some(ConnCommand::Shutdown) => client_shutdown = true,
-                Some(ConnCommand::Credit(n)) => credit = credit.saturating_add(n as usize),
+                Some(ConnCommand::Credit(n)) => window.grant(n),
                 Some(ConnCommand::Overflow) => return TcpEnd::SocketError,
                 Some(ConnCommand::Close { reset: true }) => return TcpEnd::ClientClosed { reset: true },
                 Some(ConnCommand::Close { reset: false }) => {

@@ -26,8 +26,6 @@ pub mod nft;
 pub mod probes;
 pub mod stale;
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
@@ -45,11 +43,11 @@ pub const SECRET_DIGEST_ENV: &str = "GRAFT_AGENT_SECRET_SHA256";
 
 /// A fresh chain name: [`CHAIN_PREFIX`] + 8 random lowercase hex digits.
 pub fn random_chain_name() -> String {
-    // RandomState is seeded from the OS's random source once per process, and
-    // differently for each instance.
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    format!("{CHAIN_PREFIX}{:08x}", hasher.finish() as u32)
+    // Four bytes from the kernel; a process with no random source at all falls
+    // back to its pid, which is unique among the live agents on the node.
+    let suffix = graft_protocol::secret::random_hex(4)
+        .unwrap_or_else(|_| format!("{:08x}", std::process::id()));
+    format!("{CHAIN_PREFIX}{suffix}")
 }
 
 /// Which backend the agent may use (`--packet-rules`).
@@ -85,6 +83,37 @@ pub fn settings() -> &'static Settings {
     SETTINGS.get_or_init(Settings::default)
 }
 
+/// Why a port's traffic could not be redirected to the agent; the message goes
+/// to the client (`SubscribeError::Redirect`).
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// The agent's own listeners could not be opened.
+    #[error("could not listen on {addr} in the target's network: {error}")]
+    Listen {
+        /// The address (`0.0.0.0:0`).
+        addr: &'static str,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// nf_tables refused the rules (or `--packet-rules nftables` allows no
+    /// fallback to iptables).
+    #[error("could not redirect port {port}: {error}")]
+    Nftables {
+        /// The target's port.
+        port: u16,
+        /// What nf_tables said.
+        error: nft::NftError,
+    },
+    /// An iptables command failed.
+    #[error("could not redirect port {port}: {error}")]
+    Iptables {
+        /// The target's port.
+        port: u16,
+        /// The failed command.
+        error: iptables::RuleError,
+    },
+}
+
 /// The rules of one agent, in whichever backend it opened.
 #[derive(Debug)]
 pub enum PacketRules {
@@ -101,7 +130,7 @@ impl PacketRules {
     /// # Errors
     ///
     /// The nf_tables error when `--packet-rules nftables` forbids the fallback.
-    pub async fn open(name: &str) -> Result<PacketRules, String> {
+    pub async fn open(name: &str) -> Result<PacketRules, nft::NftError> {
         let settings = settings();
         if settings.backend != Backend::Iptables {
             match nft::OwnerTable::create(name, &settings.excluded) {
@@ -109,7 +138,7 @@ impl PacketRules {
                     tracing::debug!(table = name, "packet rules: nf_tables owner table");
                     return Ok(PacketRules::Nft(table));
                 }
-                Err(e) if settings.backend == Backend::Nftables => return Err(e.to_string()),
+                Err(e) if settings.backend == Backend::Nftables => return Err(e),
                 Err(e) => {
                     tracing::info!("{e}; using iptables and a watchdog instead");
                 }
@@ -128,17 +157,17 @@ impl PacketRules {
     ///
     /// # Errors
     ///
-    /// What failed, for the client.
+    /// [`RedirectError`], whose message is for the client.
     pub async fn redirect(
         &mut self,
         port: u16,
         to_v4: u16,
         to_v6: Option<u16>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RedirectError> {
         match self {
             PacketRules::Nft(table) => table
                 .redirect(port, to_v4, to_v6)
-                .map_err(|e| e.to_string()),
+                .map_err(|error| RedirectError::Nftables { port, error }),
             PacketRules::Iptables(chains) => chains.redirect(port, to_v4, to_v6).await,
         }
     }

@@ -25,8 +25,9 @@ use futures::{SinkExt, StreamExt};
 use graft_protocol::codec::FrameCodec;
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
-use graft_protocol::version::{FEATURE_FDS, has_feature, version_with};
-use graft_protocol::{ConnectionId, PROTOCOL_VERSION, RequestId, version};
+use graft_protocol::secret::{self, secrets_match};
+use graft_protocol::version::{FEATURE_FDS, FEATURE_ROUTES, has_feature, version_with};
+use graft_protocol::{ConnectionId, RequestId, version};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
@@ -132,32 +133,33 @@ impl Secret {
             Secret::Sha256(expected) => {
                 use sha2::Digest;
                 let digest = sha2::Sha256::digest(given.as_bytes());
-                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-                secrets_match(&hex, expected)
+                secrets_match(secret::hex(digest), expected)
             }
         }
     }
 }
 
-/// Compares two secrets in time that depends only on their lengths.
-pub fn secrets_match(given: &str, expected: &str) -> bool {
-    secrets_match_bytes(given.as_bytes(), expected.as_bytes())
+/// Why a client's `Hello` was refused; its message is the reason sent in
+/// `Rejected`.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    /// The client speaks an incompatible protocol version.
+    #[error(transparent)]
+    Version(#[from] version::VersionError),
+    /// The client does not know this session's secret.
+    #[error("wrong session secret: this agent belongs to another graft session")]
+    WrongSecret,
 }
 
-/// [`secrets_match`] on bytes.
-pub fn secrets_match_bytes(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    std::hint::black_box(diff) == 0
-}
-
-/// Checks a client's `Hello`; the error is the reason sent in `Rejected`.
-pub fn check_hello(hello: &Hello, secret: &Secret) -> Result<(), String> {
-    version::check_compatible(&hello.version).map_err(|e| e.to_string())?;
+/// Checks a client's `Hello`: its protocol version, then its secret.
+///
+/// # Errors
+///
+/// [`HelloError`], whose message is sent to the client in `Rejected`.
+pub fn check_hello(hello: &Hello, secret: &Secret) -> Result<(), HelloError> {
+    version::check_compatible(&hello.version)?;
     if !secret.accepts(&hello.secret) {
-        return Err("wrong session secret: this agent belongs to another graft session".into());
+        return Err(HelloError::WrongSecret);
     }
     Ok(())
 }
@@ -235,7 +237,8 @@ where
             )));
         }
     };
-    if let Err(reason) = check_hello(&hello, secret) {
+    if let Err(refused) = check_hello(&hello, secret) {
+        let reason = refused.to_string();
         let reply = AgentMessage::Hello(HelloReply::Rejected {
             reason: reason.clone(),
         });
@@ -243,12 +246,14 @@ where
     }
     // Descriptors pass only when this link can carry them and the client asks.
     let fds = offer_fds && has_feature(&hello.version, FEATURE_FDS);
+    // Routing records go only to a client that reads them.
+    let routes = has_feature(&hello.version, FEATURE_ROUTES);
+    let features: Vec<&str> = [(fds, FEATURE_FDS), (routes, FEATURE_ROUTES)]
+        .into_iter()
+        .filter_map(|(on, tag)| on.then_some(tag))
+        .collect();
     let accepted = AgentMessage::Hello(HelloReply::Accepted {
-        version: if fds {
-            version_with(&[FEATURE_FDS])
-        } else {
-            PROTOCOL_VERSION.to_owned()
-        },
+        version: version_with(&features),
         target_pid,
     });
     if let Err(e) = framed.send(accepted).await {
@@ -351,6 +356,7 @@ where
         steal_tx: std::sync::OnceLock::new(),
         fd_out: fd_out.clone(),
         fd_ports: std::sync::Mutex::new(std::collections::HashSet::new()),
+        watch_routes: AtomicBool::new(false),
     });
     let delivered = sink.clone();
     let access = Access::new(
@@ -425,6 +431,10 @@ where
                         }
                     };
                     tokio::spawn(serve_request(id, request, services.clone(), responses.clone(), permit));
+                }
+                Some(Ok(ClientMessage::WatchRoutes(on))) => {
+                    tracing::debug!(on, "routing records");
+                    sink.watch_routes.store(on, Ordering::Relaxed);
                 }
                 Some(Ok(message)) => dispatch(message, &table, &to_link, &steal_tx, &control, &sink),
             },
@@ -525,7 +535,9 @@ fn spawn_subscriber(
                     let port = subscription.port;
                     let mode = subscription.mode;
                     let error = match tls.as_ref().map(crate::incoming::tls::TlsSetup::new) {
-                        Some(Err(reason)) => Some(SubscribeError::Tls { reason }),
+                        Some(Err(e)) => Some(SubscribeError::Tls {
+                            reason: e.to_string(),
+                        }),
                         setup => {
                             access.set_tls(port, setup.and_then(Result::ok).map(Arc::new));
                             access.subscribe(subscription).await.err()
@@ -579,6 +591,8 @@ struct SessionSink {
     /// The ports subscribed with `SubscribeFds` on a link that passes
     /// descriptors: their whole stolen connections go as sockets.
     fd_ports: std::sync::Mutex<std::collections::HashSet<u16>>,
+    /// The client asked for routing records ([`ClientMessage::WatchRoutes`]).
+    watch_routes: AtomicBool,
 }
 
 impl SessionSink {
@@ -656,6 +670,21 @@ impl Subscriber for SessionSink {
         }
     }
 
+    fn watches_routes(&self) -> bool {
+        self.watch_routes.load(Ordering::Relaxed)
+    }
+
+    fn routed(&self, record: graft_protocol::incoming::RoutedRequest) {
+        // Best effort: a busy link loses the record, never delays a request.
+        if self
+            .to_link
+            .try_send(AgentMessage::Routed(Box::new(record)))
+            .is_err()
+        {
+            tracing::trace!("a routing record was dropped: the link is busy");
+        }
+    }
+
     fn hand_over(
         self: Arc<Self>,
         meta: ConnMeta,
@@ -722,6 +751,9 @@ fn dispatch(
         ClientMessage::Ping(n) => control(AgentMessage::Pong(n)),
         ClientMessage::Request { .. } => {
             unreachable!("the link reader serves requests itself, once one may start")
+        }
+        ClientMessage::WatchRoutes(_) => {
+            unreachable!("the link reader sets the session's routing records itself")
         }
         ClientMessage::Subscribe(subscription) => {
             fd_ports().remove(&subscription.port);
@@ -817,7 +849,7 @@ async fn serve_request(
         RemoteRequest::Resolve { host, family } => services.dns.resolve(&host, family).await,
         RemoteRequest::Sessions => match services.access.list().await {
             Ok(list) => RemoteResponse::Sessions(list),
-            Err(e) => RemoteResponse::Error(RemoteError::Other(e)),
+            Err(e) => RemoteResponse::Error(RemoteError::Other(e.to_string())),
         },
         RemoteRequest::ConnectFd { remote } if services.fd_out.is_some() => {
             match crate::outgoing::connect_fd(remote) {
@@ -957,6 +989,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use graft_protocol::PROTOCOL_VERSION;
 
     fn hello(version: &str, secret: &str) -> Hello {
         Hello {
@@ -964,17 +997,6 @@ mod tests {
             secret: secret.into(),
             client: "test@host".into(),
         }
-    }
-
-    #[test]
-    fn secrets_compare_exactly() {
-        assert!(secrets_match("s3cret", "s3cret"));
-        assert!(!secrets_match("s3cre", "s3cret"));
-        assert!(!secrets_match("s3cret!", "s3cret"));
-        assert!(!secrets_match("S3cret", "s3cret"));
-        assert!(!secrets_match("", "s3cret"));
-        // A given secret that is a prefix padded with 0xff must not match either.
-        assert!(!secrets_match("ab", "ab\u{7f}"));
     }
 
     #[test]
@@ -994,12 +1016,16 @@ mod tests {
     fn hello_checks_version_then_secret() {
         let k = Secret::Plain("k".into());
         assert!(check_hello(&hello(PROTOCOL_VERSION, "k"), &k).is_ok());
-        let wrong_version = check_hello(&hello("9.0.0", "k"), &k).unwrap_err();
+        let wrong_version = check_hello(&hello("9.0.0", "k"), &k)
+            .unwrap_err()
+            .to_string();
         assert!(
             wrong_version.contains("protocol version mismatch"),
             "{wrong_version}"
         );
-        let wrong_secret = check_hello(&hello(PROTOCOL_VERSION, "x"), &k).unwrap_err();
+        let wrong_secret = check_hello(&hello(PROTOCOL_VERSION, "x"), &k)
+            .unwrap_err()
+            .to_string();
         assert!(
             wrong_secret.contains("wrong session secret"),
             "{wrong_secret}"

@@ -26,7 +26,7 @@ use nix::sys::socket::{self as nixsock, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::rules::{Family, PacketRules};
+use crate::rules::{Family, PacketRules, RedirectError};
 
 /// A redirected connection, as accepted.
 #[derive(Debug)]
@@ -71,14 +71,18 @@ impl Redirector {
         }
     }
 
-    async fn ensure_listeners(&mut self) -> Result<(u16, Option<u16>), String> {
+    async fn ensure_listeners(&mut self) -> Result<(u16, Option<u16>), RedirectError> {
         if let Some(ports) = self.listen_ports {
             return Ok(ports);
         }
+        let listen_failed = |error| RedirectError::Listen {
+            addr: "0.0.0.0:0",
+            error,
+        };
         let v4 = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
             .await
-            .map_err(|e| format!("could not listen on 0.0.0.0 in the target's network: {e}"))?;
-        let v4_port = v4.local_addr().map_err(|e| e.to_string())?.port();
+            .map_err(listen_failed)?;
+        let v4_port = v4.local_addr().map_err(listen_failed)?.port();
         let v6 = match bind_v6_only() {
             Ok(l) => Some(l),
             Err(e) => {
@@ -114,7 +118,7 @@ impl Redirector {
     /// # Errors
     ///
     /// What failed (binding the listeners, the packet rules), for the client.
-    pub async fn redirect(&mut self, port: u16) -> Result<(), String> {
+    pub async fn redirect(&mut self, port: u16) -> Result<(), RedirectError> {
         if self.redirected.contains(&port) {
             return Ok(());
         }
@@ -125,7 +129,7 @@ impl Redirector {
                 self.rules_touched.store(true, Ordering::SeqCst);
                 let opened = PacketRules::open(&self.name)
                     .await
-                    .map_err(|e| format!("could not redirect port {port}: {e}"))?;
+                    .map_err(|error| RedirectError::Nftables { port, error })?;
                 self.rules.insert(opened)
             }
         };

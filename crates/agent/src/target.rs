@@ -21,16 +21,7 @@ pub fn open_pidfd(pid: u32) -> Option<OwnedFd> {
 
 /// Whether `pid` is gone or a zombie, judged from `/proc`.
 pub fn is_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and may
-        // itself contain ") ".
-        Ok(stat) => matches!(
-            stat.rsplit_once(") ")
-                .and_then(|(_, rest)| rest.chars().next()),
-            Some('Z' | 'X') | None
-        ),
-        Err(_) => true,
-    }
+    !graft_proc::is_running(pid)
 }
 
 /// Resolves when the target process has exited.

@@ -22,6 +22,7 @@
 //! authenticated [`Relink`]; the loop keeps feeding re-attaching transports to
 //! it until the session ends and the caller aborts the loop.
 
+use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +38,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::session::{Secret, secrets_match_bytes};
+use graft_protocol::secret::secrets_match;
+
+use crate::session::Secret;
 
 /// How long a connection has to finish TLS and its attach.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -129,12 +132,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     drop(permit);
                     attach_link(&shared, transport, attach).await
                 }
-                Ok(Ok(None)) => Err("it is no graft link (closed)".to_owned()),
+                Ok(Ok(None)) => Err(LinkRefused::NotGraft),
                 Ok(Err(why)) => Err(why),
-                Err(_) => Err(format!(
-                    "it did not authenticate within {} s (closed)",
-                    AUTH_TIMEOUT.as_secs()
-                )),
+                Err(_) => Err(LinkRefused::Timeout),
             };
             match outcome {
                 Ok(what) => tracing::info!(%peer, "{what}"),
@@ -159,38 +159,30 @@ pub async fn authenticate(
     stream: TcpStream,
     acceptor: &TlsAcceptor,
     secret: &Secret,
-) -> Result<Option<(BoxTransport, Attach)>, String> {
+) -> Result<Option<(BoxTransport, Attach)>, LinkRefused> {
     let mut first = [0u8; 8];
     loop {
-        let n = stream
-            .peek(&mut first)
-            .await
-            .map_err(|e| format!("reading it failed: {e}"))?;
+        let n = stream.peek(&mut first).await.map_err(LinkRefused::Read)?;
         match &first[..n] {
             [] => return Ok(None),
             [TLS_HANDSHAKE, ..] => break,
             start if !LEGACY_MAGIC.starts_with(start) => return Ok(None),
             start if start.len() == LEGACY_MAGIC.len() => {
                 refuse_legacy(stream).await;
-                return Err("a graft before protocol 0.3 tried a plaintext link (refused)".into());
+                return Err(LinkRefused::Legacy);
             }
             // A prefix of the old magic so far: wait for the rest.
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
-    let mut tls = acceptor
-        .accept(stream)
-        .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let attach = read_attach(&mut tls)
-        .await
-        .map_err(|e| format!("no relink attach inside TLS: {e}"))?;
+    let mut tls = acceptor.accept(stream).await.map_err(LinkRefused::Tls)?;
+    let attach = read_attach(&mut tls).await.map_err(LinkRefused::NoAttach)?;
     let secret_ok = std::str::from_utf8(&attach.credential)
         .map(|given| secret.accepts(given))
         .unwrap_or(false);
     if !secret_ok {
         let _ = tls.shutdown().await;
-        return Err("its attach did not carry the session secret".into());
+        return Err(LinkRefused::WrongSecret);
     }
     Ok(Some((Box::new(tls) as BoxTransport, attach)))
 }
@@ -200,37 +192,77 @@ async fn attach_link(
     shared: &Shared,
     transport: BoxTransport,
     attach: Attach,
-) -> Result<&'static str, String> {
+) -> Result<&'static str, LinkRefused> {
     let mut phase = shared.phase.lock().await;
     match &mut *phase {
         Phase::Waiting(tx) => {
             let Some(tx) = tx.take() else {
-                return Err("the link is being opened".into());
+                return Err(LinkRefused::Opening);
             };
             let (link, reattach) = Relink::server(transport, attach, RelinkOptions::default())
                 .await
-                .map_err(|e| format!("answering the attach failed: {e}"))?;
+                .map_err(LinkRefused::Answer)?;
             let attached = reattach.attached();
             *phase = Phase::Linked(reattach);
             tx.send(Linked { link, attached })
-                .map_err(|_| "the agent stopped waiting for its client".to_owned())?;
+                .map_err(|_| LinkRefused::NotWaiting)?;
             Ok("the client opened the link (TLS 1.3, session secret proven)")
         }
         Phase::Linked(reattach) => {
-            if !secrets_match_bytes(&attach.token, &reattach.token()) {
-                return Err("it attached with the secret but not the link's token: \
-                            this agent serves one session"
-                    .into());
+            if !secrets_match(attach.token, reattach.token()) {
+                return Err(LinkRefused::WrongToken);
             }
             let reattach = reattach.clone();
             drop(phase);
             if reattach.attach(transport, attach.received).await {
                 Ok("the client re-attached its link")
             } else {
-                Err("the link has ended".into())
+                Err(LinkRefused::Ended)
             }
         }
     }
+}
+
+/// Why a connection to the link's port was refused (logged; the peer learns
+/// nothing but a closed connection, or a `Hello` rejection for an old graft).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkRefused {
+    /// Neither TLS nor an old graft's plaintext attach.
+    #[error("it is no graft link (closed)")]
+    NotGraft,
+    /// No attach within [`AUTH_TIMEOUT`].
+    #[error("it did not authenticate within {} s (closed)", AUTH_TIMEOUT.as_secs())]
+    Timeout,
+    /// Its first bytes could not be read.
+    #[error("reading it failed: {0}")]
+    Read(io::Error),
+    /// A graft older than protocol 0.3, whose link is plaintext.
+    #[error("a graft before protocol 0.3 tried a plaintext link (refused)")]
+    Legacy,
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    /// TLS came up but no relink attach followed.
+    #[error("no relink attach inside TLS: {0}")]
+    NoAttach(io::Error),
+    /// The attach's credential is not the session secret.
+    #[error("its attach did not carry the session secret")]
+    WrongSecret,
+    /// Another connection is opening the link right now.
+    #[error("the link is being opened")]
+    Opening,
+    /// The relink answer could not be sent.
+    #[error("answering the attach failed: {0}")]
+    Answer(io::Error),
+    /// The agent no longer waits for a first client.
+    #[error("the agent stopped waiting for its client")]
+    NotWaiting,
+    /// A second session tried to attach to this agent.
+    #[error("it attached with the secret but not the link's token: this agent serves one session")]
+    WrongToken,
+    /// The link is over; nothing can re-attach.
+    #[error("the link has ended")]
+    Ended,
 }
 
 /// Answers a plaintext attach of an old graft with a `Hello` rejection it can

@@ -221,8 +221,53 @@ fn cleanup_commands(chain: &str, m: Marks, f: Family) -> Vec<(&'static str, Vec<
     ]
 }
 
+/// Why pass-through connections cannot keep the client's address: a rule
+/// command failed, or the probe connection did not arrive from the address it
+/// was sent from. The agent then falls back to the pod's address (logged).
+#[derive(Debug, thiserror::Error)]
+enum TransparentError {
+    /// A command could not be started.
+    #[error("could not run {program}: {error}; install iptables and iproute2 in the agent's image")]
+    Spawn {
+        /// `iptables`, `ip6tables` or `ip`.
+        program: String,
+        /// What `exec` said.
+        error: io::Error,
+    },
+    /// A command ran and failed.
+    #[error(
+        "`{command}` failed: {stderr}; the agent needs CAP_NET_ADMIN and the kernel's mangle table"
+    )]
+    Failed {
+        /// The command line.
+        command: String,
+        /// What it wrote on stderr (trimmed).
+        stderr: String,
+    },
+    /// The blocking task running the commands failed.
+    #[error("the rule commands did not complete: {0}")]
+    Task(tokio::task::JoinError),
+    /// No listener for the probe.
+    #[error("no probe listener on {ip}: {error}")]
+    ProbeListen {
+        /// Where it was to listen.
+        ip: IpAddr,
+        /// Why it could not.
+        error: io::Error,
+    },
+    /// The probe arrived from another address than the one it was sent from.
+    #[error("the probe arrived from {0}")]
+    ProbeSource(SocketAddr),
+    /// The probe connection failed.
+    #[error("the probe connection failed: {0}")]
+    ProbeConnect(io::Error),
+    /// The probe connection did not complete in time.
+    #[error("the probe connection did not complete")]
+    ProbeIncomplete,
+}
+
 /// Runs one command quietly; the error carries its stderr.
-fn run(program: &str, args: &[String]) -> Result<(), String> {
+fn run(program: &str, args: &[String]) -> Result<(), TransparentError> {
     let out = Command::new(program)
         .args(args)
         .env_clear()
@@ -234,15 +279,17 @@ fn run(program: &str, args: &[String]) -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .map_err(|error| TransparentError::Spawn {
+            program: program.to_owned(),
+            error,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(TransparentError::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 
@@ -274,10 +321,10 @@ async fn ready(probe_ip: IpAddr) -> Option<Marks> {
                     for (program, args) in setup_commands(&chain, marks, family) {
                         run(program, &args)?;
                     }
-                    Ok::<(), String>(())
+                    Ok::<(), TransparentError>(())
                 })
                 .await
-                .unwrap_or_else(|e| Err(e.to_string()))
+                .unwrap_or_else(|e| Err(TransparentError::Task(e)))
             };
             let checked = match set_up {
                 Ok(()) => probe(marks, probe_ip).await,
@@ -312,11 +359,10 @@ async fn ready(probe_ip: IpAddr) -> Option<Marks> {
 
 /// Connects from a documentation address (RFC 5737 TEST-NET-2, RFC 3849) to a
 /// listener on `ip` and checks the listener sees that address.
-async fn probe(marks: Marks, ip: IpAddr) -> Result<(), String> {
-    let listener = TcpListener::bind((ip, 0))
-        .await
-        .map_err(|e| format!("no probe listener on {ip}: {e}"))?;
-    let dest = listener.local_addr().map_err(|e| e.to_string())?;
+async fn probe(marks: Marks, ip: IpAddr) -> Result<(), TransparentError> {
+    let listen_failed = |error| TransparentError::ProbeListen { ip, error };
+    let listener = TcpListener::bind((ip, 0)).await.map_err(listen_failed)?;
+    let dest = listener.local_addr().map_err(listen_failed)?;
     let client = match ip {
         IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::new(198, 51, 100, 7), 0)),
         IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7), 0)),
@@ -327,9 +373,9 @@ async fn probe(marks: Marks, ip: IpAddr) -> Result<(), String> {
     );
     match (connected, accepted) {
         (Ok(Ok(_)), Ok(Ok((_, seen)))) if seen.ip() == client.ip() => Ok(()),
-        (Ok(Ok(_)), Ok(Ok((_, seen)))) => Err(format!("the probe arrived from {seen}")),
-        (Ok(Err(e)), _) => Err(format!("the probe connection failed: {e}")),
-        _ => Err("the probe connection did not complete".into()),
+        (Ok(Ok(_)), Ok(Ok((_, seen)))) => Err(TransparentError::ProbeSource(seen)),
+        (Ok(Err(e)), _) => Err(TransparentError::ProbeConnect(e)),
+        _ => Err(TransparentError::ProbeIncomplete),
     }
 }
 

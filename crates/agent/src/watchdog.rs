@@ -71,10 +71,10 @@ pub fn announce(flavour: Flavour) {
 pub enum WatchdogError {
     /// `pipe2` failed.
     #[error("could not create the watchdog's pipe: {0}")]
-    Pipe(#[source] Errno),
+    Pipe(Errno),
     /// `fork` failed.
     #[error("could not fork the watchdog process: {0}")]
-    Fork(#[source] Errno),
+    Fork(Errno),
 }
 
 /// Forks the watchdog, which removes the iptables chain `chain` of the calling

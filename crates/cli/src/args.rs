@@ -98,12 +98,18 @@ pub enum Command {
         after_help = "Example:\n  graft record --target deploy/api -n shop --port 8080 --duration 5m -o api.har"
     )]
     Record(Box<crate::record::RecordArgs>),
-    /// Send the requests of a HAR file to a server and compare each answer with
-    /// the recorded one; exit 1 when any differs.
+    /// Send the requests of a HAR file to a server (or to CMD, started first and
+    /// stopped at the end) and compare each answer with the recorded one; exit 1
+    /// when any differs.
     #[command(
-        after_help = "Example:\n  graft replay api.har --to http://127.0.0.1:8080 --ignore-header Date --ignore-json-path '$.id'"
+        after_help = "Examples:\n  graft replay api.har --to http://127.0.0.1:8080 --ignore-header Date --ignore-json-path '$.id'\n  graft replay api.har --target deploy/api -n shop --ignore-header Date -- ./api"
     )]
     Replay(Box<crate::replay::ReplayArgs>),
+    /// Serve the traffic inspector for the sessions already running on this
+    /// machine: a web page on 127.0.0.1 (URL with a secret token printed) of
+    /// each request, live, until Ctrl-C.
+    #[command(after_help = "Example:\n  graft ui")]
+    Ui(crate::ui::UiArgs),
 }
 
 /// `graft agent-image` flags.
@@ -308,6 +314,33 @@ pub struct RunArgs {
     /// ./graft.toml, ./graft.json, ./graft.yaml that exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Shadow diff (with --mirror, the default mode): compare CMD's answer to each
+    /// mirrored HTTP/1.x request with the target's; counts in the terminal, each
+    /// difference as a JSON line in --diff-out; exit 1 when any differs.
+    #[arg(long, conflicts_with = "steal")]
+    pub diff: bool,
+    /// Where --diff writes its JSON lines [default: diff-ID.jsonl beside the
+    /// session directory, printed at start].
+    #[arg(long = "diff-out", value_name = "FILE", requires = "diff")]
+    pub diff_out: Option<PathBuf>,
+    /// With --diff: a response header not compared, e.g. `Date` (repeatable;
+    /// case-insensitive).
+    #[arg(long = "ignore-header", value_name = "NAME", requires = "diff")]
+    pub ignore_header: Vec<String>,
+    /// With --diff: a JSON path removed from both JSON bodies before they are
+    /// compared, e.g. `$.id`, `items[*].created` (repeatable).
+    #[arg(long = "ignore-json-path", value_name = "PATH", requires = "diff")]
+    pub ignore_json_path: Vec<String>,
+    /// With --diff: how long one side's answer may lag behind the other's before
+    /// the request counts as unanswered, e.g. `10s` [default: 10s].
+    #[arg(long = "diff-timeout", value_name = "DURATION", requires = "diff",
+          value_parser = crate::shadow::parse_bound)]
+    pub diff_timeout: Option<std::time::Duration>,
+    /// Serve the traffic inspector: a web page on 127.0.0.1 (its URL, with a
+    /// secret token, is printed at start) showing each request of this session
+    /// and of this user's other sessions on this machine, live.
+    #[arg(long)]
+    pub ui: bool,
     /// The command to run, and its arguments (after `--`).
     #[arg(
         value_name = "CMD",

@@ -41,14 +41,14 @@ pub async fn clean(args: CleanArgs) -> Result<u8, Failure> {
     }
     let cluster = connect(&client_options(&args.kube))
         .await
-        .map_err(|e| Failure::session(e.to_string()))?;
+        .map_err(|e| Failure::session_error(&e))?;
     let namespace = (!args.all_namespaces).then_some(cluster.namespace.as_str());
     let report = if args.dry_run {
         graft_kube::clean::dry_run(&cluster.client, namespace, args.force).await
     } else {
         graft_kube::clean::clean(&cluster.client, namespace, args.force).await
     }
-    .map_err(|e| Failure::session(e.to_string()))?;
+    .map_err(|e| Failure::session_error(&e))?;
     if args.output.json() {
         let json = crate::output::CleanJson::new(&report, namespace, args.dry_run);
         crate::output::print_json(&json)?;

@@ -156,9 +156,9 @@ pub(crate) fn kube_failure(e: KubeError) -> Failure {
         None
     };
     let failure = if e.is_not_found() {
-        Failure::usage(e.to_string())
+        Failure::usage_error(&e)
     } else {
-        Failure::session(e.to_string())
+        Failure::session_error(&e)
     };
     match hint {
         Some(h) => failure.hint(h),
@@ -227,7 +227,7 @@ pub async fn start_with(
         Some(
             target_text
                 .parse()
-                .map_err(|e: graft_kube::ParseTargetError| Failure::usage(e.to_string()))?,
+                .map_err(|e: graft_kube::ParseTargetError| Failure::usage_error(&e))?,
         )
     };
     progress.phase(&format!("connecting to the cluster for {target_text}"));
@@ -420,7 +420,7 @@ async fn start_on_pod(
 ) -> Result<(ClusterAgent, Box<dyn graft_kube::place::AgentStream>), Failure> {
     let target: KubeTarget = format!("pod/{pod}/container/{container}")
         .parse()
-        .map_err(|e: graft_kube::ParseTargetError| Failure::usage(e.to_string()))?;
+        .map_err(|e: graft_kube::ParseTargetError| Failure::usage_error(&e))?;
     progress.phase(&format!("--all-pods: resolving {target}"));
     let resolution = graft_kube::resolve(&cluster.client, &cluster.namespace, &target)
         .await

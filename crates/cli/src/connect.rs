@@ -160,10 +160,7 @@ pub async fn connect(args: ConnectArgs) -> Result<u8, Failure> {
         .args(std::env::args_os().skip(1))
         .arg("--foreground")
         .stdin(Stdio::null())
-        .stdout(
-            log.try_clone()
-                .map_err(|e| Failure::session(e.to_string()))?,
-        )
+        .stdout(log.try_clone().map_err(|e| Failure::session_error(&e))?)
         .stderr(log);
     process::detach(&mut command);
     let mut child = command
@@ -172,10 +169,7 @@ pub async fn connect(args: ConnectArgs) -> Result<u8, Failure> {
     let mut signals = Signals::new()?;
     let started = Instant::now();
     loop {
-        if let Some(exit) = child
-            .try_wait()
-            .map_err(|e| Failure::session(e.to_string()))?
-        {
+        if let Some(exit) = child.try_wait().map_err(|e| Failure::session_error(&e))? {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             eprint!("{log}");
             return Err(Failure::session(format!("graft connect failed ({exit})"))

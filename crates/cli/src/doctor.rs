@@ -52,7 +52,7 @@ pub async fn doctor(args: DoctorArgs) -> Result<u8, Failure> {
         .as_deref()
         .map(str::parse::<KubeTarget>)
         .transpose()
-        .map_err(|e| Failure::usage(e.to_string()))?;
+        .map_err(|e| Failure::usage_error(&e))?;
     let mode = match args.agent_mode.as_deref() {
         Some("node") => AgentMode::Node,
         _ => AgentMode::Ephemeral,

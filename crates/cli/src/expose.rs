@@ -68,7 +68,7 @@ fn check_service_name(name: &str) -> Result<(), Failure> {
 
 fn kube_failure(e: KubeError) -> Failure {
     let forbidden = e.is_forbidden();
-    let failure = Failure::session(e.to_string());
+    let failure = Failure::session_error(&e);
     if forbidden {
         failure.hint("ask for the permissions in deploy/rbac.yaml, or run `graft doctor`")
     } else {

@@ -293,9 +293,9 @@ async fn mount(
     .map_err(|e| Failure::session(format!("mounting failed: {e}")))?
     .map_err(|e| match e {
         graft_mount::MountError::MountPoint { .. } | graft_mount::MountError::BadRoot(_) => {
-            Failure::usage(e.to_string())
+            Failure::usage_error(&e)
         }
-        _ => Failure::session(e.to_string()),
+        _ => Failure::session_error(&e),
     })?;
     eprintln!(
         "graft: the target's filesystem is mounted at {} (read-only)",
@@ -408,9 +408,7 @@ pub fn leave(args: LeaveArgs) -> Result<u8, Failure> {
     let pid = nix::unistd::Pid::from_raw(entry.pid as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while Path::new(&format!("/proc/{}", entry.pid)).exists()
-        && std::time::Instant::now() < deadline
-    {
+    while graft_proc::exists(entry.pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("graft: left intercept {}", entry.name);

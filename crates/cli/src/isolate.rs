@@ -26,7 +26,7 @@
 //! `root` (the helper builds it), `container` (podman).
 
 mod container;
-mod detect;
+pub(crate) mod detect;
 mod files;
 mod helper;
 mod listeners;

@@ -26,7 +26,7 @@ pub async fn ls(args: LsArgs) -> Result<u8, Failure> {
     };
     let target: Target = target
         .parse()
-        .map_err(|e: graft_config::ConfigError| Failure::usage(e.to_string()))?;
+        .map_err(|e: graft_config::ConfigError| Failure::usage_error(&e))?;
     let list = match target {
         Target::Pid(pid) => list_local(pid).await?,
         Target::Kube(text) => list_in_cluster(&text, &args).await?,

@@ -28,9 +28,11 @@ mod record;
 mod replay;
 mod run;
 mod session_dir;
+mod shadow;
 mod shell;
 mod targets;
 mod tls;
+mod ui;
 
 use std::process::ExitCode;
 
@@ -104,6 +106,7 @@ async fn graft() -> ExitCode {
         Command::Leave(args) => intercept::leave(args),
         Command::Record(args) => record::record(*args).await,
         Command::Replay(args) => replay::replay(*args).await,
+        Command::Ui(args) => ui::ui(args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -117,7 +117,7 @@ impl Agents {
 pub async fn open(request: OpenRequest<'_>) -> Result<Opened, Failure> {
     match &request.config.target {
         Target::Pid(pid) => {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
+            if !graft_proc::exists(*pid) {
                 return Err(Failure::usage(format!("no process with PID {pid}"))
                     .hint("pick a running process (e.g. `pgrep -f server`)"));
             }

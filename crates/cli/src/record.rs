@@ -96,7 +96,7 @@ pub struct RecordArgs {
 }
 
 /// Parses `30s`, `5m`, `1h30m`, `500ms` (jiff's friendly format) or ISO 8601.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let signed = jiff::SignedDuration::from_str(text)
         .map_err(|e| format!("{text:?} is not a duration like 30s, 5m or 1h: {e}"))?;
     Duration::try_from(signed)
@@ -141,8 +141,8 @@ pub async fn record(args: RecordArgs) -> Result<u8, Failure> {
         method: &args.filter_method,
         ..graft_filter::FilterFlags::default()
     })
-    .map_err(|e| Failure::usage(e.to_string()))?
-    .map(|spec| HttpFilter::compile(&spec).map_err(|e| Failure::usage(e.to_string())))
+    .map_err(|e| Failure::usage_error(&e))?
+    .map(|spec| HttpFilter::compile(&spec).map_err(|e| Failure::usage_error(&e)))
     .transpose()?;
     let redaction = if args.redact_header.is_empty() {
         Redaction::default()

@@ -29,10 +29,13 @@ use crate::{
     open::{self, OpenRequest},
     process::{self, Signals},
     session_dir::{SessionDir, random_hex},
+    shadow::{DiffRequest, Shadow},
 };
 
 /// How long CMD may take to stop after SIGTERM before it is killed.
-const CMD_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const CMD_GRACE: Duration = Duration::from_secs(5);
+/// `--diff-timeout`'s default.
+const DIFF_BOUND: Duration = Duration::from_secs(10);
 
 /// Runs `graft run`; returns the exit code (CMD's, or 1 when the link was lost).
 pub async fn run(args: RunArgs) -> Result<u8, Failure> {
@@ -78,9 +81,50 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         command: &args.command,
         graft_log: graft_log.as_deref(),
         isolate: isolate::chosen(&config, &args.command),
+        stdout_to_stderr: false,
     };
+    let diff = diff_request(&args, &config, plan.isolate)?;
     let mut options = plan.session_options();
     options.tls = crate::tls::load(&config).await?;
+    // The shadow diff's differences also appear in the inspector (rows marked DIFF).
+    let differences = diff.as_ref().map(|request| request.differences.watch());
+    let shadow = match diff {
+        Some(request) => {
+            let (shadow, conns_tx) = Shadow::start(request, plan.target.clone(), dir.path())?;
+            options.tap_responses = true;
+            options.tapped_listeners = Some(conns_tx);
+            Some(shadow)
+        }
+        None => None,
+    };
+    // The session's requests for the inspector (`graft ui`, `--ui`): copied only
+    // while somebody watches.
+    let feed = crate::ui::session_feed(dir.path(), &plan.target, &args.command, &options)?;
+    options.incoming_tap = Some(feed.tap());
+    if let Some(mut differences) = differences {
+        let feed = feed.feed();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match differences.recv().await {
+                    Ok(difference) => match serde_json::to_value(&*difference) {
+                        Ok(json) => feed.publish_difference(json),
+                        Err(e) => tracing::debug!("a difference is not JSON: {e}"),
+                    },
+                    // The page misses what it could not keep up with; the file has all.
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+    let inspector = if args.ui {
+        let running = crate::ui::start().await?;
+        eprintln!("graft: inspector at {}", running.url());
+        Some(running)
+    } else {
+        None
+    };
     let opened = open::open(OpenRequest {
         config: &config,
         dir: dir.path(),
@@ -89,17 +133,81 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         graft_log: graft_log.as_deref(),
         options,
     })
-    .await?;
+    .await;
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(failure) => {
+            if let Some(shadow) = shadow {
+                shadow.abandon().await;
+            }
+            return Err(failure);
+        }
+    };
     let result = plan.run(opened.session).await;
     // The link is closed by now: the agents remove their rules and exit.
     let link_lost = matches!(result, Ok(Ended::LinkLost) | Err(_));
     opened.agents.stop(link_lost).await;
+    let differs = match shadow {
+        Some(shadow) => Some(shadow.finish().await.differs()),
+        None => None,
+    };
+    drop(inspector);
+    drop(feed);
     drop(dir);
-    result.map(|ended| match ended {
-        Ended::Command(status) => process::exit_code(status),
-        Ended::Stopped(signal) => 128u8.wrapping_add(signal as u8),
-        Ended::LinkLost => EXIT_SESSION,
+    result.map(|ended| match (ended, differs) {
+        // With --diff the comparison is the verdict: 1 when anything differed,
+        // else CMD's own failure, else 0 (Ctrl-C is how a shadow diff ends).
+        (Ended::Command(status), Some(true)) if status.success() => 1,
+        (Ended::Command(status), _) => process::exit_code(status),
+        (Ended::Stopped(_), Some(differs)) => u8::from(differs),
+        (Ended::Stopped(signal), None) => 128u8.wrapping_add(signal as u8),
+        (Ended::LinkLost, _) => EXIT_SESSION,
     })
+}
+
+/// What `--diff` asks for, checked against the session it needs: a mirror, CMD
+/// run with the layer (the shadow diff reaches CMD's listener).
+///
+/// # Errors
+///
+/// A usage failure for a steal, no incoming traffic, an HTTP filter, an isolated
+/// CMD, or a bad `--ignore-json-path`.
+fn diff_request(
+    args: &RunArgs,
+    config: &Config,
+    isolate: bool,
+) -> Result<Option<DiffRequest>, Failure> {
+    if !args.diff {
+        return Ok(None);
+    }
+    if config.layer.incoming.subscription_mode() != Some(PortMode::Mirror) {
+        return Err(Failure::usage(
+            "--diff compares CMD's answers with the target's: it needs --mirror (the target keeps answering)",
+        )
+        .hint("drop --steal (or the config file's [incoming] mode) and run with --mirror --diff"));
+    }
+    if config.layer.filter.is_some() {
+        // The agent sends a filtered port's mirrors the client's bytes only.
+        return Err(Failure::usage(
+            "--diff compares whole connections: the --filter-* flags do not go with it",
+        )
+        .hint("drop the --filter-* flags (and the config file's filter)"));
+    }
+    if isolate {
+        return Err(Failure::usage(
+            "--diff runs CMD with the LD_PRELOAD layer; this CMD would run isolated",
+        )
+        .hint("add --no-isolate (a static or Go binary cannot be shadowed yet)"));
+    }
+    let ignore =
+        graft_traffic::diff::ignore_from_flags(&args.ignore_header, &args.ignore_json_path)
+            .map_err(Failure::usage)?;
+    Ok(Some(DiffRequest {
+        out: args.diff_out.clone(),
+        ignore,
+        bound: args.diff_timeout.unwrap_or(DIFF_BOUND),
+        differences: graft_traffic::diff::Differences::new(),
+    }))
 }
 
 /// Checks that CMD's program exists and may be executed, as `execvp(3)` would
@@ -108,7 +216,7 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
 /// # Errors
 ///
 /// A usage failure naming the program, with what to do.
-fn check_program(command: &[OsString]) -> Result<(), Failure> {
+pub(crate) fn check_program(command: &[OsString]) -> Result<(), Failure> {
     use std::os::unix::fs::PermissionsExt;
     let Some(program) = command.first() else {
         return Err(Failure::usage("no command to run: add it after `--`"));
@@ -171,23 +279,27 @@ pub(crate) enum Ended {
     LinkLost,
 }
 
-/// Everything a session needs once the agent runs.
-struct Plan<'a> {
+/// Everything a session needs once the agent runs (`graft run`'s, and `graft
+/// replay -- CMD`'s).
+pub(crate) struct Plan<'a> {
     /// The target as the user wrote it, for messages.
-    target: String,
-    config: &'a Config,
-    remote_env: bool,
-    layer: &'a Path,
-    dir: &'a Path,
-    command: &'a [OsString],
-    graft_log: Option<&'a str>,
+    pub(crate) target: String,
+    pub(crate) config: &'a Config,
+    pub(crate) remote_env: bool,
+    pub(crate) layer: &'a Path,
+    pub(crate) dir: &'a Path,
+    pub(crate) command: &'a [OsString],
+    pub(crate) graft_log: Option<&'a str>,
     /// Run CMD in an isolated namespace instead of with the layer.
-    isolate: bool,
+    pub(crate) isolate: bool,
+    /// CMD writes its standard output to graft's standard error (graft's own
+    /// output is a report: `graft replay -o json`).
+    pub(crate) stdout_to_stderr: bool,
 }
 
 impl Plan<'_> {
     /// The proxy session's options: the incoming mode and filter.
-    fn session_options(&self) -> SessionOptions {
+    pub(crate) fn session_options(&self) -> SessionOptions {
         let layer = &self.config.layer;
         SessionOptions {
             incoming_mode: layer
@@ -214,14 +326,9 @@ impl Plan<'_> {
             };
             return isolate::run(isolated, session).await;
         }
-        let layer_socket = self.dir.join("layer.sock");
-        session
-            .serve_layer(&layer_socket)
-            .map_err(|e| Failure::session(e.to_string()))?;
-
         // Registered before CMD starts, so no signal in between is lost.
         let mut signals = Signals::new()?;
-        let mut child = self.spawn(env, &layer_socket)?;
+        let mut child = self.start_with_layer(&session, env)?;
         let closed = session.closed();
         let ended = tokio::select! {
             status = child.wait() => {
@@ -229,8 +336,19 @@ impl Plan<'_> {
                     Failure::session(format!("cannot wait for the command: {e}"))
                 })?;
                 // A terminal's Ctrl-C reaches CMD and graft together: CMD may
-                // end before graft reads its signal.
-                match tokio::time::timeout(Duration::from_millis(50), signals.recv()).await {
+                // end before graft reads its signal. Only a CMD that died of a
+                // signal (or exited 128+N, as shells report one) can have beaten
+                // it; any other exit looks once without waiting, so a plain run
+                // does not end 50 ms late.
+                let died_of_signal = std::os::unix::process::ExitStatusExt::signal(&status)
+                    .is_some()
+                    || status.code().is_some_and(|code| code > 128);
+                let grace = if died_of_signal {
+                    Duration::from_millis(50)
+                } else {
+                    Duration::ZERO
+                };
+                match tokio::time::timeout(grace, signals.recv()).await {
                     Ok(received) => Ended::Stopped(received),
                     Err(_) => {
                         self.explain_exit(&session, status);
@@ -258,6 +376,24 @@ impl Plan<'_> {
         Ok(ended)
     }
 
+    /// Serves the layer's socket and starts CMD with the layer and `env` (see
+    /// [`Plan::environment`]).
+    ///
+    /// # Errors
+    ///
+    /// A failure naming the socket or the command that could not be started.
+    pub(crate) fn start_with_layer(
+        &self,
+        session: &Session,
+        env: Vec<(OsString, OsString)>,
+    ) -> Result<Child, Failure> {
+        let layer_socket = self.dir.join("layer.sock");
+        session
+            .serve_layer(&layer_socket)
+            .map_err(|e| Failure::session_error(&e))?;
+        self.spawn(env, &layer_socket)
+    }
+
     /// Says when CMD failed after the agent refused one of its ports: a program
     /// whose `listen` failed usually exits on that, and the refusal is the cause.
     fn explain_exit(&self, session: &Session, status: ExitStatus) {
@@ -281,7 +417,10 @@ impl Plan<'_> {
     }
 
     /// The local environment with the target's laid over it by the rules.
-    async fn environment(&self, session: &Session) -> Result<Vec<(OsString, OsString)>, Failure> {
+    pub(crate) async fn environment(
+        &self,
+        session: &Session,
+    ) -> Result<Vec<(OsString, OsString)>, Failure> {
         // merge_env works on UTF-8; local variables that are not stay as they are.
         let (local, not_utf8): (Vec<_>, Vec<_>) = std::env::vars_os()
             .map(|(k, v)| match (k.into_string(), v.into_string()) {
@@ -349,6 +488,9 @@ impl Plan<'_> {
             .env(SOCKET_ENV, layer_socket)
             .env(CONFIG_ENV, layer_config);
         process::die_with_parent(&mut command);
+        if self.stdout_to_stderr {
+            command.stdout(stderr_copy()?);
+        }
         command.spawn().map_err(|e| {
             let name = Path::new(program).display();
             match e.kind() {
@@ -360,6 +502,20 @@ impl Plan<'_> {
             }
         })
     }
+}
+
+/// A copy of graft's standard error, for a child's standard output.
+///
+/// # Errors
+///
+/// A session failure when the descriptor cannot be duplicated.
+pub(crate) fn stderr_copy() -> Result<std::process::Stdio, Failure> {
+    use std::os::fd::AsFd;
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::process::Stdio::from)
+        .map_err(|e| Failure::session(format!("cannot pass standard error on to CMD: {e}")))
 }
 
 /// `LD_PRELOAD` with the layer first, before any library already preloaded.

@@ -5,8 +5,6 @@
 //! `/tmp/graft-<uid>/<id>`; mode 0700, removed when the session ends.
 
 use std::{
-    fmt::Write as _,
-    io::Read,
     os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
@@ -93,7 +91,7 @@ fn sweep_stale(base: &Path) {
             // Not a pid graft wrote: not ours to judge.
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !graft_proc::exists(pid) {
             tracing::debug!(dir = %dir.display(), "removing a stale session directory");
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -113,16 +111,7 @@ pub fn base_dir(uid: u32, runtime_dir: Option<PathBuf>) -> PathBuf {
 
 /// `bytes` random bytes from the kernel, as lowercase hex.
 pub fn random_hex(bytes: usize) -> Result<String, Failure> {
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| Failure::session(format!("cannot read /dev/urandom: {e}")))?;
-    Ok(buf
-        .iter()
-        .fold(String::with_capacity(bytes * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        }))
+    graft_protocol::secret::random_hex(bytes).map_err(|e| Failure::session_error(&e))
 }
 
 #[cfg(test)]

@@ -69,10 +69,10 @@ impl From<&TargetEntry> for TargetJson {
 pub async fn targets(args: TargetsArgs) -> Result<u8, Failure> {
     let cluster = connect(&client_options(&args.kube))
         .await
-        .map_err(|e| Failure::session(e.to_string()))?;
+        .map_err(|e| Failure::session_error(&e))?;
     let list = list_targets(&cluster.client, &cluster.namespace)
         .await
-        .map_err(|e| Failure::session(e.to_string()))?;
+        .map_err(|e| Failure::session_error(&e))?;
     if args.output.json() {
         print_json(&TargetsJson {
             namespace: cluster.namespace.clone(),

@@ -77,7 +77,7 @@ async fn secret(config: &Config, name: &str) -> Result<(String, Zeroizing<Vec<u8
     };
     let cluster = graft_kube::connect(&options)
         .await
-        .map_err(|e| Failure::session(e.to_string()))?;
+        .map_err(|e| Failure::session_error(&e))?;
     let secret = graft_kube::tls_secret::read_tls_secret(&cluster, name)
         .await
         .map_err(|e| Failure::session(format!("--tls-cert secret/{name}: {e}")))?;

@@ -32,12 +32,12 @@ pub use outgoing::{Destination, NamePattern, OutgoingLocal, ResolvedNames};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The config file is not valid TOML (JSON, YAML) of the expected shape.
     #[error("invalid config file {}: {problem}", path.display())]
@@ -563,9 +563,9 @@ impl ConfigFile {
     ///
     /// [`ConfigError::Read`] or [`ConfigError::Parse`].
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         schema::parse(&text, schema::Format::of(path)).map_err(|problem| ConfigError::Parse {
             path: path.to_owned(),

@@ -210,8 +210,10 @@ fn level_rank(level: &str) -> Option<u8> {
 /// What the agent needs from Pod Security, for messages.
 fn agent_needs(mode: AgentMode) -> &'static str {
     match mode {
-        AgentMode::Ephemeral => "the agent adds NET_ADMIN, SYS_ADMIN and SYS_PTRACE",
-        AgentMode::Node => "the agent adds NET_ADMIN, SYS_ADMIN and SYS_PTRACE and uses hostPID",
+        AgentMode::Ephemeral => "the agent adds NET_ADMIN, SYS_ADMIN, SYS_PTRACE and NET_RAW",
+        AgentMode::Node => {
+            "the agent adds NET_ADMIN, SYS_ADMIN, SYS_PTRACE and NET_RAW and uses hostPID"
+        }
     }
 }
 

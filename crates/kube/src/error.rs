@@ -57,13 +57,12 @@ pub enum KubeError {
 
     /// No usable kubeconfig or in-cluster configuration.
     #[error(
-        "could not load the Kubernetes configuration: {source}; set KUBECONFIG or pass \
+        "could not load the Kubernetes configuration: {error}; set KUBECONFIG or pass \
          --kubeconfig, and check the context with `kubectl config current-context`"
     )]
     Config {
         /// Why loading failed.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
 
     /// The named object does not exist in the namespace.
@@ -106,8 +105,8 @@ pub enum KubeError {
     /// An admission check (Pod Security, a policy engine) rejected what graft
     /// sent, which RBAC had allowed.
     #[error(
-        "the cluster refused the agent: {message}; the agent needs NET_ADMIN, SYS_ADMIN and \
-         SYS_PTRACE (node mode also hostPID), which only the `privileged` Pod Security level \
+        "the cluster refused the agent: {message}; the agent needs NET_ADMIN, SYS_ADMIN, \
+         SYS_PTRACE and NET_RAW (node mode also hostPID), which only the `privileged` Pod Security level \
          admits: ask for the namespace to be labelled \
          pod-security.kubernetes.io/enforce=privileged, or run graft in a namespace that is"
     )]
@@ -317,13 +316,12 @@ pub enum KubeError {
     },
 
     /// Any other API failure.
-    #[error("Kubernetes API request failed ({action}): {source}")]
+    #[error("Kubernetes API request failed ({action}): {error}")]
     Api {
         /// What graft was doing.
         action: String,
         /// The client's error.
-        #[source]
-        source: Box<kube::Error>,
+        error: Box<kube::Error>,
     },
 }
 
@@ -368,7 +366,7 @@ impl KubeError {
         }
         KubeError::Api {
             action: format!("{permission} {name:?} in namespace {namespace:?}"),
-            source: Box::new(source),
+            error: Box::new(source),
         }
     }
 

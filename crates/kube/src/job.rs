@@ -99,7 +99,7 @@ async fn job_pod(client: &Client, namespace: &str, session: &str) -> Result<Stri
             Ok(None) => {
                 return Err(KubeError::Api {
                     action: format!("watching the pods labelled {selector}"),
-                    source: Box::new(kube::Error::Service("the watch ended".into())),
+                    error: Box::new(kube::Error::Service("the watch ended".into())),
                 });
             }
             Err(e) => return Err(watcher_error(e, namespace, &selector)),

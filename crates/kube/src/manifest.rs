@@ -58,10 +58,10 @@
 //!
 //! The agent asks for exactly `NET_ADMIN` (packet rules), `SYS_ADMIN`
 //! (`setns` into the target's namespaces) and `SYS_PTRACE` (reading
-//! `/proc/PID/root` and `/proc/PID/environ` of a process it does not own),
-//! and drops every other capability. Nodes whose iptables is the legacy
-//! backend (not nft) may also need `NET_RAW`, which legacy iptables uses for
-//! its raw socket; and without `DAC_OVERRIDE` the agent (root) cannot read a
+//! `/proc/PID/root` and `/proc/PID/environ` of a process it does not own) and
+//! `NET_RAW` (the packet socket that mirrors a port off the packet path; legacy
+//! iptables also uses a raw socket), and drops every other capability;
+//! without `DAC_OVERRIDE` the agent (root) cannot read a
 //! target's files that are mode `0600` and owned by another user.
 //!
 //! # The cluster removes the agent pods
@@ -103,7 +103,7 @@ use sha2::{Digest, Sha256};
 use crate::select::ResolvedTarget;
 
 /// The capabilities the agent adds; every other one is dropped.
-pub const AGENT_CAPABILITIES: [&str; 3] = ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"];
+pub const AGENT_CAPABILITIES: [&str; 4] = ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "NET_RAW"];
 
 /// The environment variable that carries the SHA-256 digest (lower-case hex)
 /// of the session secret to an agent in the cluster.
@@ -203,12 +203,7 @@ pub struct SecretDigest(String);
 impl SecretDigest {
     /// Hashes `secret` (the bytes of the string the client sends in `Hello`).
     pub fn of(secret: &str) -> SecretDigest {
-        let digest = Sha256::digest(secret.as_bytes());
-        let mut hex = String::with_capacity(64);
-        for byte in digest {
-            hex.push_str(&format!("{byte:02x}"));
-        }
-        SecretDigest(hex)
+        SecretDigest(hex::encode(Sha256::digest(secret.as_bytes())))
     }
 
     /// The digest as 64 lower-case hex digits.
@@ -586,7 +581,7 @@ mod tests {
         let caps = sc.capabilities.as_ref().unwrap();
         assert_eq!(
             caps.add.as_deref().unwrap(),
-            ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
+            ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "NET_RAW"]
         );
         assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
         assert_eq!(sc.privileged, Some(false));

@@ -526,7 +526,7 @@ async fn read_ready_line(
     // container log interleaves both.
     while let Some(line) = lines.try_next().await.map_err(|e| KubeError::Api {
         action: format!("reading the log of {}", placement.agent_pod),
-        source: Box::new(kube::Error::ReadEvents(e)),
+        error: Box::new(kube::Error::ReadEvents(e)),
     })? {
         // Only what the agent printed before its first `ready` counts: it
         // writes both lines before it reads anything from anyone.
@@ -548,7 +548,7 @@ fn watch_error(e: kube::runtime::wait::Error, placement: &AgentPlacement) -> Kub
         other => {
             return KubeError::Api {
                 action: format!("watching pod {}", placement.agent_pod),
-                source: Box::new(kube::Error::Service(Box::new(other))),
+                error: Box::new(kube::Error::Service(Box::new(other))),
             };
         }
     };

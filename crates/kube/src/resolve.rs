@@ -66,8 +66,7 @@ impl Debug for Cluster {
 /// [`KubeError::Config`] when no configuration can be loaded or the client
 /// cannot be built from it (bad certificates, unknown context).
 pub async fn connect(options: &ClientOptions) -> Result<Cluster, KubeError> {
-    let config_error =
-        |e: Box<dyn std::error::Error + Send + Sync>| KubeError::Config { source: e };
+    let config_error = |e: Box<dyn std::error::Error + Send + Sync>| KubeError::Config { error: e };
     let kube_options = KubeConfigOptions {
         context: options.context.clone(),
         ..KubeConfigOptions::default()
@@ -277,7 +276,7 @@ async fn rollout_selector(
         Err(e) => {
             return Err(KubeError::Api {
                 action: "discovering the argoproj.io API group".into(),
-                source: Box::new(e),
+                error: Box::new(e),
             });
         }
     };

@@ -62,10 +62,16 @@ pub enum ClientError {
     Inert,
     /// The proxy could not be reached or the link broke.
     #[error("cannot talk to the graft proxy: {0}")]
-    Link(#[from] FrameError),
+    Link(FrameError),
     /// The proxy refused the handshake.
     #[error("the graft proxy refused this layer: {0}")]
     Refused(String),
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> ClientError {
+        ClientError::Link(e)
+    }
 }
 
 impl ClientError {

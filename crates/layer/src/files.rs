@@ -37,7 +37,10 @@ use std::{
     },
 };
 
-use graft_config::{FsMode, fs::normalize};
+use graft_config::{
+    FsMode,
+    fs::{is_normal, normalize},
+};
 use graft_protocol::{
     codec::MAX_CHUNK_LEN,
     remote::{
@@ -121,7 +124,21 @@ unsafe fn may_be_remote(dirfd: c_int, path: *const c_char) -> bool {
     }
     // SAFETY: `path` is a non-null C string, so its first byte is readable.
     let first = unsafe { *path } as u8;
-    first == b'/' || (first != 0 && dirfd != libc::AT_FDCWD && !fds::is_empty())
+    if first != b'/' {
+        return first != 0 && dirfd != libc::AT_FDCWD && !fds::is_empty();
+    }
+    // An absolute path already in normal form is classified here, without an
+    // allocation: most opens (libraries, /dev, /proc) end here, local.
+    // SAFETY: as above, a C string.
+    let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
+    match std::str::from_utf8(bytes) {
+        Ok(path) if is_normal(path) => match state().and_then(|s| s.fs_rules_ready()) {
+            Some(rules) => rules.is_remote(path) && !local_writes::contains(path),
+            // The first hook compiles the rules, inside the guard.
+            None => true,
+        },
+        _ => true,
+    }
 }
 
 /// The remote path `(dirfd, path)` names, normalised, or `None` when it is local.

@@ -49,6 +49,13 @@ pub struct State {
 }
 
 impl State {
+    /// The file rules if a hook compiled them already: for the checks that run
+    /// outside the re-entry guard, which must not compile them (compiling reads
+    /// `/proc/self/exe`, through the hooks).
+    pub fn fs_rules_ready(&self) -> Option<&FsRules> {
+        self.fs_rules.get()
+    }
+
     /// The file rules, compiled on first use (the CLI already checked they compile).
     pub fn fs_rules(&self) -> &FsRules {
         self.fs_rules.get_or_init(|| {

@@ -120,12 +120,12 @@ pub enum MountError {
     #[error("the remote root {0:?} is not an absolute path: give one starting with /")]
     BadRoot(String),
     /// The kernel or fusermount3 refused the mount.
-    #[error("mounting {} failed: {source}; check `graft doctor` and that FUSE is allowed here", .dir.display())]
+    #[error("mounting {} failed: {error}; check `graft doctor` and that FUSE is allowed here", .dir.display())]
     Mount {
         /// The mount point.
         dir: PathBuf,
         /// The error of `mount(2)` or fusermount3.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -260,9 +260,9 @@ pub fn mount(
         fuser::SessionACL::Owner
     };
     config.n_threads = Some(THREADS);
-    let failed = |source| MountError::Mount {
+    let failed = |error| MountError::Mount {
         dir: dir.clone(),
-        source,
+        error,
     };
     let mut session = fuser::Session::new(filesystem, &dir, &config).map_err(failed)?;
     let unmounter = session.unmount_callable();

@@ -40,13 +40,19 @@ pub enum FrameError {
     },
     /// The payload is not a valid encoding of the expected message.
     #[error("the peer sent a malformed frame: {0}")]
-    Malformed(#[source] postcard::Error),
+    Malformed(postcard::Error),
     /// The message could not be encoded (a bug: every graft message encodes).
     #[error("could not encode a message: {0}")]
-    Encode(#[source] postcard::Error),
+    Encode(postcard::Error),
     /// Reading or writing the underlying stream failed.
     #[error("link I/O failed: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for FrameError {
+    fn from(e: io::Error) -> FrameError {
+        FrameError::Io(e)
+    }
 }
 
 impl FrameError {

@@ -287,6 +287,72 @@ pub struct SessionListing {
     pub subscription: Subscription,
 }
 
+/// Where a request of a watched port went when it did not reach the watching
+/// session ([`crate::link::AgentMessage::Routed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RoutedTo {
+    /// The target's own server: no filter of any session took it.
+    Target,
+    /// Another session's filter took it. Which session is not said, and nothing
+    /// of the request is (its headers and bodies are that session's).
+    AnotherSession,
+}
+
+/// A request on a port a session subscribed that went elsewhere (to the target
+/// or to another session), sent to that session while it watches its routes
+/// ([`crate::link::ClientMessage::WatchRoutes`]), after the response ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedRequest {
+    /// The target's port.
+    pub port: u16,
+    /// Where it went.
+    pub to: RoutedTo,
+    /// When the agent routed it, in milliseconds since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// The request and its answer; `None` when it went to another session.
+    pub detail: Option<RoutedDetail>,
+}
+
+/// The most bytes of each body a [`RoutedDetail`] carries.
+pub const ROUTED_BODY_KEEP: usize = 64 * 1024;
+
+/// What the watching session may see of a request the target answered: heads,
+/// sizes and the first [`ROUTED_BODY_KEEP`] bytes of each body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedDetail {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// The method.
+    pub method: String,
+    /// The request target (path and query; the authority too for an absolute
+    /// form).
+    pub target: String,
+    /// `HTTP/1.0`, `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// The request's fields in order, names in lower case, values as text
+    /// (bytes that are not UTF-8 replaced, U+FFFD).
+    pub request_headers: Vec<(String, String)>,
+    /// How many request body bytes passed.
+    pub request_body_len: u64,
+    /// The request body's first bytes (at most [`ROUTED_BODY_KEEP`]), as sent
+    /// (chunked framing removed, content codings such as gzip left).
+    #[serde(with = "serde_bytes")]
+    pub request_body: Vec<u8>,
+    /// The status the client got (502 when the target did not answer).
+    pub status: u16,
+    /// The response's fields, as for `request_headers`.
+    pub response_headers: Vec<(String, String)>,
+    /// How many response body bytes passed.
+    pub response_body_len: u64,
+    /// The response body's first bytes, as for `request_body`.
+    #[serde(with = "serde_bytes")]
+    pub response_body: Vec<u8>,
+    /// From routing the request to the end of the response, in microseconds.
+    pub latency_us: u64,
+    /// Why the target did not answer, when it did not.
+    pub error: Option<String>,
+}
+
 /// Bytes that must not leak: zeroed when dropped, never printed by `Debug`.
 ///
 /// Carries a TLS private key (PEM) from the CLI to the agent; the link is

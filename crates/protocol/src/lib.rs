@@ -21,6 +21,8 @@
 //! for local targets).
 
 pub mod codec;
+#[cfg(feature = "credit")]
+pub mod credit;
 #[cfg(feature = "fdpass")]
 pub mod fdpass;
 pub mod incoming;
@@ -29,6 +31,7 @@ pub mod link;
 #[cfg(feature = "relink")]
 pub mod relink;
 pub mod remote;
+pub mod secret;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod version;

@@ -40,7 +40,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::incoming::{Subscription, TlsTermination};
+use crate::incoming::{RoutedRequest, Subscription, TlsTermination};
 
 /// The most bytes of one TCP connection's `Data` a side may have in flight.
 pub const TCP_WINDOW: u32 = 4 * 1024 * 1024;
@@ -161,6 +161,11 @@ pub enum ClientMessage {
     /// On a link that passes no descriptors it is [`ClientMessage::Subscribe`].
     /// Answered by [`AgentMessage::SubscribeResult`].
     SubscribeFds(Subscription),
+    /// Start (`true`) or stop sending [`AgentMessage::Routed`] records of the
+    /// requests of this session's filtered ports that went elsewhere. Sent only
+    /// to an agent whose `Hello` version names
+    /// [`crate::version::FEATURE_ROUTES`]; off at the start of a session.
+    WatchRoutes(bool),
 }
 
 /// A message from the agent to the client.
@@ -256,4 +261,9 @@ pub enum AgentMessage {
         /// The original destination the client connected to.
         local: SocketAddr,
     },
+    /// A request of a filtered port of this session that went to the target or
+    /// to another session, while the session watches its routes
+    /// ([`ClientMessage::WatchRoutes`]). Best effort: dropped when the link is
+    /// busy.
+    Routed(Box<RoutedRequest>),
 }

@@ -112,11 +112,9 @@ impl Default for RelinkOptions {
 ///
 /// # Errors
 ///
-/// When `/dev/urandom` cannot be read.
+/// The system's random source failed ([`crate::secret::random_bytes`]).
 pub fn new_token() -> io::Result<Token> {
-    let mut token = [0u8; 16];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut token)?;
-    Ok(token)
+    crate::secret::random_bytes()
 }
 
 /// Payload bytes sent and not yet acknowledged, oldest first.

@@ -63,8 +63,7 @@ impl Fingerprint {
 impl fmt::Display for Fingerprint {
     /// `sha256:` and 64 lower-case hex digits.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("sha256:")?;
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        write!(f, "sha256:{}", crate::secret::hex(self.0))
     }
 }
 

@@ -18,6 +18,11 @@ pub const PROTOCOL_VERSION: &str = "0.4.0";
 /// version carrying it can take descriptors on that link.
 pub const FEATURE_FDS: &str = "fds";
 
+/// The feature tag of routing records: a client naming it in its `Hello` can
+/// read [`crate::link::AgentMessage::Routed`]; an agent naming it in its answer
+/// takes [`crate::link::ClientMessage::WatchRoutes`].
+pub const FEATURE_ROUTES: &str = "routes";
+
 /// [`PROTOCOL_VERSION`] with `features` as its semver build metadata
 /// (`0.3.0+fds`). Build metadata does not take part in [`check_compatible`], so a
 /// peer that knows no feature reads the version as it always did, and a feature

@@ -64,7 +64,7 @@ pub enum ProxyError {
     Handshake(String),
     /// The link failed during the handshake.
     #[error("the link to the agent failed during the handshake: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     /// The link to the agent is gone; nothing more can be sent on it.
     #[error("the link to the agent is gone: {0}")]
     LinkClosed(LinkEnd),
@@ -88,13 +88,19 @@ pub enum ProxyError {
         message: String,
     },
     /// The layer socket could not be bound.
-    #[error("cannot listen for the layer on {}: {source}", path.display())]
+    #[error("cannot listen for the layer on {}: {error}", path.display())]
     Bind {
         /// The socket path.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+impl From<FrameError> for ProxyError {
+    fn from(e: FrameError) -> ProxyError {
+        ProxyError::Frame(e)
+    }
 }
 
 impl ProxyError {

@@ -155,9 +155,18 @@ impl IncomingTcp {
         self.peer
     }
 
-    /// Splices the connection with `stream`, as [`OutgoingTcp::splice`].
+    /// Splices the connection with `stream`, as [`OutgoingTcp::splice`]. When the
+    /// session has an [`crate::IncomingTap`] and somebody watches, the bytes are
+    /// copied to it on the way.
     pub fn splice<S: LocalStream>(self, stream: S) -> impl Future<Output = ()> + Send + use<S> {
-        self.inner.splice(stream)
+        let tapped = match &self.inner.shared.options.incoming_tap {
+            Some(tap) => tap.wrap(stream, self.peer),
+            None => Err(stream),
+        };
+        match tapped {
+            Ok(tapped) => futures::future::Either::Left(self.inner.splice(tapped)),
+            Err(stream) => futures::future::Either::Right(self.inner.splice(stream)),
+        }
     }
 }
 

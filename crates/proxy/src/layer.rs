@@ -38,9 +38,9 @@ type LayerFramed = Framed<UnixStream, FrameCodec<LayerRequest, LayerResponse>>;
 
 /// Binds the layer socket at `path`, replacing a stale socket file, with mode 0600.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, ProxyError> {
-    let fail = |source| ProxyError::Bind {
+    let fail = |error| ProxyError::Bind {
         path: path.to_owned(),
-        source,
+        error,
     };
     match std::fs::remove_file(path) {
         Ok(()) => {}

@@ -23,7 +23,7 @@
 //! Modules: `session` (the link, its tasks and shared state), `layer` (the layer
 //! socket), `flows` (connections for front ends without the layer: a user-space
 //! stack, port-forward, intercept), `splice` (byte paths of each connection),
-//! `error`.
+//! `tap` (a copy of delivered connections for the inspector), `error`.
 
 mod error;
 mod flows;
@@ -31,7 +31,9 @@ mod layer;
 mod overlap;
 mod session;
 mod splice;
+mod tap;
 
 pub use error::{LinkEnd, ProxyError};
 pub use flows::{Delivery, IncomingTcp, LocalStream, OutgoingTcp, OutgoingUdp};
 pub use session::{AgentInfo, Session, SessionOptions};
+pub use tap::{IncomingTap, ROUTES_POLL, TAP_QUEUE, TappedConnection};

@@ -37,7 +37,7 @@ use graft_protocol::{
     layer::DeliveredPeer,
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
-    version::{FEATURE_FDS, check_compatible, has_feature, version_with},
+    version::{FEATURE_FDS, FEATURE_ROUTES, check_compatible, has_feature, version_with},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -100,6 +100,15 @@ pub struct SessionOptions {
     /// `Connect` or `ConnectFd` for one is refused with `EACCES` (address and
     /// port rules; a name rule needs the names the layer saw resolved).
     pub outgoing_local: Vec<graft_config::Destination>,
+    /// With `tap_responses`: the connections of ports delivered to a local
+    /// listener ([`Delivery::Listener`]) are handed here with the listener's
+    /// address instead of being spliced to it (they carry tap frames, which the
+    /// receiver demultiplexes: the shadow diff of `graft run --mirror --diff`).
+    /// A full or closed channel resets the connection.
+    pub tapped_listeners: Option<mpsc::Sender<(flows::IncomingTcp, std::net::SocketAddr)>>,
+    /// A copy of each connection delivered to the program's listener, for the
+    /// traffic inspector (see [`crate::IncomingTap`]); `None`: no copy.
+    pub incoming_tap: Option<crate::IncomingTap>,
 }
 
 impl Default for SessionOptions {
@@ -119,6 +128,8 @@ impl Default for SessionOptions {
             tap_responses: false,
             tls: None,
             outgoing_local: Vec::new(),
+            tapped_listeners: None,
+            incoming_tap: None,
         }
     }
 }
@@ -223,9 +234,16 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut framed = Framed::new(stream, LinkCodec::new());
-        let features: &[&str] = if fds.is_some() { &[FEATURE_FDS] } else { &[] };
+        let wants_routes = options
+            .incoming_tap
+            .as_ref()
+            .is_some_and(crate::IncomingTap::wants_routes);
+        let features: Vec<&str> = [(fds.is_some(), FEATURE_FDS), (wants_routes, FEATURE_ROUTES)]
+            .into_iter()
+            .filter_map(|(on, tag)| on.then_some(tag))
+            .collect();
         let hello = ClientMessage::Hello(Hello {
-            version: version_with(features),
+            version: version_with(&features),
             secret: secret.to_owned(),
             client: client.to_owned(),
         });
@@ -292,11 +310,21 @@ impl Session {
         );
         let shared = Arc::new(Shared::new(outbox_tx, end_tx, options, fds));
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(read_loop(reader, shared.clone())),
             tokio::spawn(keepalive(shared.clone())),
             tokio::spawn(check_owners(shared.clone())),
         ];
+        if let Some(tap) = shared.options.incoming_tap.clone()
+            && tap.wants_routes()
+            && has_feature(&agent.version, FEATURE_ROUTES)
+        {
+            let link = shared.clone();
+            tasks.push(tokio::spawn(tap.follow_watchers(move |on| {
+                let link = link.clone();
+                async move { link.send(ClientMessage::WatchRoutes(on)).await.is_ok() }
+            })));
+        }
         Ok(Session {
             shared,
             agent,

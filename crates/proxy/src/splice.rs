@@ -22,19 +22,19 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
 };
 
 use graft_protocol::{
     ConnectionId,
+    credit::{ReturnedCredit, SendWindow},
     layer::DeliveredPeer,
-    link::{CREDIT_BATCH, ClientMessage, TCP_WINDOW},
+    link::ClientMessage,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
-    sync::Notify,
 };
 
 use crate::{
@@ -73,7 +73,15 @@ pub(crate) async fn deliver(
         Ok(Ok(stream)) => {
             tracing::debug!(%conn, %target, client = %peer.peer, "delivering stolen connection");
             let _ = stream.set_nodelay(true);
-            splice_tcp(shared.clone(), conn, stream, events).await;
+            // The inspector's copy, when somebody watches (see `crate::tap`).
+            let tapped = match &shared.options.incoming_tap {
+                Some(tap) => tap.wrap(stream, peer),
+                None => Err(stream),
+            };
+            match tapped {
+                Ok(tapped) => splice_stream(shared.clone(), conn, tapped, events).await,
+                Err(stream) => splice_tcp(shared.clone(), conn, stream, events).await,
+            }
         }
         Ok(Err(e)) => {
             tracing::warn!(%conn, %target, error = %e, "cannot deliver a stolen connection to the local listener; reset");
@@ -188,18 +196,11 @@ where
         let program_done = AtomicBool::new(false);
         let agent_done = AtomicBool::new(false);
         // Flow control (graft_protocol::link): what the agent lets us send.
-        let credit = AtomicUsize::new(TCP_WINDOW as usize);
-        let credit_added = Notify::new();
+        let window = SendWindow::new();
         let up = async {
             let mut buf = vec![0u8; CHUNK_LEN];
             loop {
-                let room = loop {
-                    let available = credit.load(Ordering::Acquire);
-                    if available > 0 {
-                        break available.min(CHUNK_LEN);
-                    }
-                    credit_added.notified().await;
-                };
+                let room = window.ready(CHUNK_LEN).await;
                 match from_program.read(&mut buf[..room]).await {
                     Ok(0) => {
                         if shared.send(ClientMessage::Shutdown { conn }).await.is_err() {
@@ -213,7 +214,7 @@ where
                         };
                     }
                     Ok(n) => {
-                        credit.fetch_sub(n, Ordering::AcqRel);
+                        window.spend(n);
                         let data = ClientMessage::Data {
                             conn,
                             bytes: buf[..n].to_vec(),
@@ -229,25 +230,22 @@ where
         let down = async {
             // Bytes of the agent's that the program's socket took, not yet
             // credited back.
-            let mut owed = 0u32;
+            let mut owed = ReturnedCredit::default();
             while let Some(event) = events.recv().await {
                 match event {
                     ConnEvent::Data(bytes) => {
                         if let Err(e) = to_program.write_all(&bytes).await {
                             return Outcome::LocalError(e);
                         }
-                        owed += bytes.len() as u32;
-                        if owed >= CREDIT_BATCH {
-                            let update = ClientMessage::Credit { conn, bytes: owed };
+                        if let Some(bytes) = owed.took(bytes.len()) {
+                            let update = ClientMessage::Credit { conn, bytes };
                             if shared.send(update).await.is_err() {
                                 return Outcome::LinkGone;
                             }
-                            owed = 0;
                         }
                     }
                     ConnEvent::Credit(bytes) => {
-                        credit.fetch_add(bytes as usize, Ordering::AcqRel);
-                        credit_added.notify_one();
+                        window.grant(bytes);
                     }
                     ConnEvent::Shutdown => {
                         if let Err(e) = to_program.shutdown().await {

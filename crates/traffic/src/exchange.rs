@@ -20,8 +20,12 @@ use crate::http1::{Head, Message};
 pub enum Route {
     /// The local process answered (steal).
     Local,
-    /// The target answered (mirror: the local process got a copy).
+    /// The target answered (mirror: the local process got a copy; or no
+    /// filter took the request).
     Target,
+    /// Another session's filter took the request (which one is not said).
+    #[serde(rename = "another_session")]
+    AnotherSession,
 }
 
 impl std::fmt::Display for Route {
@@ -29,6 +33,7 @@ impl std::fmt::Display for Route {
         f.write_str(match self {
             Route::Local => "local",
             Route::Target => "target",
+            Route::AnotherSession => "another session",
         })
     }
 }

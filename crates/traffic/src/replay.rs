@@ -1,13 +1,17 @@
 //! Replaying a HAR file: [`load`] reads the entries of any HAR 1.2 file (graft's
 //! or another tool's) into [`Recorded`] requests and responses, with an error
 //! naming the entry for anything missing or too large, and [`compare`] tells a
-//! new response apart from the recorded one under [`Ignore`] rules.
+//! new response apart from the recorded one under [`Ignore`] rules (the comparison
+//! itself is [`crate::diff`]'s, shared with the shadow diff).
 
 use base64::Engine;
-use serde::Serialize;
 use serde_json::Value;
 
-use crate::har::REDACTED;
+pub use crate::diff::{Change, Ignore, Step, parse_json_path};
+use crate::{
+    diff::{self, Answer},
+    har::REDACTED,
+};
 
 /// The largest body (decoded) a replayed entry may carry, in bytes.
 pub const MAX_REPLAY_BODY: usize = 16 * 1024 * 1024;
@@ -39,6 +43,9 @@ pub struct Recorded {
     pub method: String,
     /// The request's path and query (from its URL).
     pub path: String,
+    /// The port of the URL (its scheme's default when it names none); `None` for
+    /// an origin-form URL (`/path`).
+    pub port: Option<u16>,
     /// Headers to send again: without those graft redacted, and without the
     /// framing fields (`Content-Length`, `Transfer-Encoding`, `Connection`), which
     /// the sender sets for the body it sends.
@@ -147,6 +154,7 @@ fn entry_of(index: usize, entry: &Value) -> Result<Recorded, LoadError> {
     Ok(Recorded {
         index,
         method: method.to_owned(),
+        port: port_of(url),
         path,
         headers,
         body,
@@ -184,6 +192,25 @@ fn path_of(url: &str) -> Option<String> {
     })
 }
 
+/// The port of an absolute `http://` or `https://` URL.
+fn port_of(url: &str) -> Option<u16> {
+    let (rest, default) = match url.strip_prefix("http://") {
+        Some(rest) => (rest, 80),
+        None => (url.strip_prefix("https://")?, 443),
+    };
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    // `host:port`, `[v6]:port`, or no port.
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if !port.contains(']') && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            port.parse().ok()
+        }
+        _ => Some(default),
+    }
+}
+
 /// Header pairs of a HAR `headers` array, leaving out redacted values.
 fn headers_of(list: Option<&Value>) -> Vec<(String, String)> {
     list.and_then(Value::as_array)
@@ -213,262 +240,30 @@ fn decode(text: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// What the comparison leaves out.
-#[derive(Debug, Clone, Default)]
-pub struct Ignore {
-    /// Header names (case-insensitive) not compared.
-    pub headers: Vec<String>,
-    /// JSON paths (`$.a.b`, `items[0].id`, `items[*].id`, `*` for any key) removed
-    /// from both JSON bodies before they are compared.
-    pub json_paths: Vec<Vec<Step>>,
-}
-
-/// One step of a JSON path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// An object key.
-    Key(String),
-    /// An array index.
-    Index(usize),
-    /// Every key or index.
-    Any,
-}
-
-/// Parses a JSON path of `--ignore-json-path`: `$.a.b[0].c`, `a.*.id`,
-/// `items[*].id` (`$.` optional).
-///
-/// # Errors
-///
-/// A message naming the path when it is empty or a bracket is not `[N]`/`[*]`.
-pub fn parse_json_path(text: &str) -> Result<Vec<Step>, String> {
-    let body = text.strip_prefix('$').unwrap_or(text);
-    let body = body.strip_prefix('.').unwrap_or(body);
-    let mut steps = Vec::new();
-    for part in body.split('.') {
-        let (key, mut rest) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        match key {
-            "" if rest.is_empty() => {
-                return Err(format!("{text:?}: an empty step; write e.g. $.data.id"));
-            }
-            "" => {}
-            "*" => steps.push(Step::Any),
-            key => steps.push(Step::Key(key.to_owned())),
-        }
-        while let Some(inner) = rest.strip_prefix('[') {
-            let end = inner
-                .find(']')
-                .ok_or_else(|| format!("{text:?}: a '[' without ']'"))?;
-            steps.push(match &inner[..end] {
-                "*" => Step::Any,
-                n => Step::Index(
-                    n.parse()
-                        .map_err(|_| format!("{text:?}: [{n}] is not an index or [*]"))?,
-                ),
-            });
-            rest = &inner[end + 1..];
-        }
-        if !rest.is_empty() {
-            return Err(format!("{text:?}: unexpected {rest:?}"));
-        }
-    }
-    Ok(steps)
-}
-
-/// Removes what `path` names from `value`.
-fn remove_path(value: &mut Value, path: &[Step]) {
-    let Some((step, rest)) = path.split_first() else {
-        return;
-    };
-    let last = rest.is_empty();
-    match (value, step) {
-        (Value::Object(map), Step::Key(key)) => {
-            if last {
-                map.remove(key);
-            } else if let Some(child) = map.get_mut(key) {
-                remove_path(child, rest);
-            }
-        }
-        (Value::Object(map), Step::Any) => {
-            if last {
-                map.clear();
-            } else {
-                map.values_mut().for_each(|child| remove_path(child, rest));
-            }
-        }
-        (Value::Array(items), Step::Index(i)) => {
-            if last {
-                if let Some(item) = items.get_mut(*i) {
-                    *item = Value::Null;
-                }
-            } else if let Some(child) = items.get_mut(*i) {
-                remove_path(child, rest);
-            }
-        }
-        (Value::Array(items), Step::Any) => {
-            if last {
-                items.iter_mut().for_each(|item| *item = Value::Null);
-            } else {
-                items.iter_mut().for_each(|child| remove_path(child, rest));
-            }
-        }
-        _ => {}
-    }
-}
-
-/// One way a new response differs from the recorded one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Difference {
-    /// Another status code.
-    Status {
-        /// Recorded.
-        recorded: u16,
-        /// Now.
-        got: u16,
-    },
-    /// A header's values differ (or it is missing on one side).
-    Header {
-        /// The name, in lower case.
-        name: String,
-        /// Recorded values.
-        recorded: Vec<String>,
-        /// Values now.
-        got: Vec<String>,
-    },
-    /// The bodies differ (after the ignored JSON paths were removed).
-    Body {
-        /// What differs, shortly.
-        detail: String,
-    },
-}
-
-impl std::fmt::Display for Difference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Difference::Status { recorded, got } => write!(f, "status {recorded} → {got}"),
-            Difference::Header {
-                name,
-                recorded,
-                got,
-            } => write!(f, "header {name}: {recorded:?} → {got:?}"),
-            Difference::Body { detail } => write!(f, "body: {detail}"),
-        }
-    }
-}
-
-/// Header names whose values depend on the connection, never compared.
-const NOT_COMPARED: [&str; 4] = [
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "content-length",
-];
-
 /// Compares a response (`status`, `headers`, `body`) with the recorded one of
-/// `recorded`; empty when they are the same under `ignore`. Headers are compared
-/// by name (case-insensitive) over the names either side has; a recorded body
-/// that was cut is compared with the same first bytes of `body`.
+/// `recorded` ([`crate::diff::compare`]); empty when they are the same under
+/// `ignore`. A recorded body that was cut is compared with the same first bytes
+/// of `body`.
 pub fn compare(
     recorded: &Recorded,
     status: u16,
     headers: &[(String, String)],
     body: &[u8],
     ignore: &Ignore,
-) -> Vec<Difference> {
-    let mut out = Vec::new();
-    if recorded.status != status {
-        out.push(Difference::Status {
-            recorded: recorded.status,
-            got: status,
-        });
-    }
-    let skipped = |name: &str| {
-        NOT_COMPARED.iter().any(|n| n.eq_ignore_ascii_case(name))
-            || ignore.headers.iter().any(|n| n.eq_ignore_ascii_case(name))
+) -> Vec<Change> {
+    let expected = Answer {
+        status: recorded.status,
+        headers: &recorded.response_headers,
+        body: &recorded.response_body,
+        body_len: (!recorded.response_cut).then_some(recorded.response_body.len() as u64),
     };
-    let values = |list: &[(String, String)], name: &str| -> Vec<String> {
-        let mut v: Vec<String> = list
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .collect();
-        v.sort();
-        v
+    let got = Answer {
+        status,
+        headers,
+        body,
+        body_len: Some(body.len() as u64),
     };
-    let mut names: Vec<String> = recorded
-        .response_headers
-        .iter()
-        .chain(headers)
-        .map(|(n, _)| n.to_ascii_lowercase())
-        .filter(|n| !skipped(n))
-        .collect();
-    names.sort();
-    names.dedup();
-    for name in names {
-        let (was, now) = (
-            values(&recorded.response_headers, &name),
-            values(headers, &name),
-        );
-        if was != now {
-            out.push(Difference::Header {
-                name,
-                recorded: was,
-                got: now,
-            });
-        }
-    }
-    let got = if recorded.response_cut {
-        &body[..body.len().min(recorded.response_body.len())]
-    } else {
-        body
-    };
-    if let Some(detail) = body_difference(&recorded.response_body, got, ignore) {
-        out.push(Difference::Body { detail });
-    }
-    out
-}
-
-/// Why two bodies differ, or `None`; JSON bodies are compared as values with the
-/// ignored paths removed.
-fn body_difference(recorded: &[u8], got: &[u8], ignore: &Ignore) -> Option<String> {
-    if let (Ok(mut a), Ok(mut b)) = (
-        serde_json::from_slice::<Value>(recorded),
-        serde_json::from_slice::<Value>(got),
-    ) {
-        for path in &ignore.json_paths {
-            remove_path(&mut a, path);
-            remove_path(&mut b, path);
-        }
-        return (a != b)
-            .then(|| format!("JSON {} → {}", short(&a.to_string()), short(&b.to_string())));
-    }
-    (recorded != got).then(|| {
-        format!(
-            "{} bytes → {} bytes, first difference at byte {}",
-            recorded.len(),
-            got.len(),
-            recorded
-                .iter()
-                .zip(got)
-                .position(|(a, b)| a != b)
-                .unwrap_or(recorded.len().min(got.len()))
-        )
-    })
-}
-
-fn short(text: &str) -> String {
-    const MAX: usize = 120;
-    if text.len() <= MAX {
-        return text.to_owned();
-    }
-    let mut end = MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    diff::compare(&expected, &got, ignore)
 }
 
 #[cfg(test)]
@@ -486,6 +281,10 @@ mod tests {
         );
         let loaded = load(&ok).unwrap();
         assert_eq!(loaded[0].path, "/x?y=1");
+        assert_eq!(loaded[0].port, Some(80));
+        assert_eq!(port_of("http://[::1]:8080/a"), Some(8080));
+        assert_eq!(port_of("https://h?q"), Some(443));
+        assert_eq!(port_of("http://h:81"), Some(81));
         assert_eq!(loaded[0].body, [0xff, 0, 1]);
         assert_eq!(loaded[0].headers, [("X-A".to_owned(), "1".to_owned())]);
         assert_eq!(loaded[0].response_body, b"ok");
@@ -512,44 +311,5 @@ mod tests {
             r#"{{"request":{{"method":"PUT","url":"/b","postData":{{"text":"{huge}"}}}},"response":{{"status":200}}}}"#
         ));
         assert!(load(&big).unwrap_err().to_string().contains("limit"));
-    }
-
-    #[test]
-    fn ignore_rules_remove_what_always_differs() {
-        let recorded = Recorded {
-            index: 1,
-            method: "GET".into(),
-            path: "/".into(),
-            headers: vec![],
-            body: vec![],
-            status: 200,
-            response_headers: vec![("Date".into(), "Mon".into()), ("X-Kind".into(), "a".into())],
-            response_body: br#"{"id":1,"items":[{"id":7,"v":1}],"name":"x"}"#.to_vec(),
-            response_cut: false,
-        };
-        let got_headers = vec![("date".into(), "Tue".into()), ("x-kind".into(), "a".into())];
-        let got = br#"{"name":"x","id":2,"items":[{"id":8,"v":1}]}"#;
-        let none = Ignore::default();
-        let diffs = compare(&recorded, 200, &got_headers, got, &none);
-        assert_eq!(diffs.len(), 2, "{diffs:?}");
-        let ignore = Ignore {
-            headers: vec!["DATE".into()],
-            json_paths: vec![
-                parse_json_path("$.id").unwrap(),
-                parse_json_path("items[*].id").unwrap(),
-            ],
-        };
-        assert_eq!(compare(&recorded, 200, &got_headers, got, &ignore), []);
-        let diffs = compare(&recorded, 500, &got_headers, br#"{"name":"y"}"#, &ignore);
-        assert!(matches!(
-            diffs[0],
-            Difference::Status {
-                recorded: 200,
-                got: 500
-            }
-        ));
-        assert!(matches!(diffs[1], Difference::Body { .. }));
-        assert!(parse_json_path("a..b").is_err());
-        assert!(parse_json_path("a[x]").is_err());
     }
 }

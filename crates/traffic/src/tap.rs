@@ -19,13 +19,19 @@ use crate::{
 pub enum TapError {
     /// Reading the stream failed.
     #[error("reading a tapped connection failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The stream does not carry tap frames (an agent that does not speak
     /// protocol 0.4, or a corrupted stream).
     #[error(
         "a tapped connection sent a bad frame ({0}); are graft and graft-agent from the same release?"
     )]
     Frame(String),
+}
+
+impl From<std::io::Error> for TapError {
+    fn from(e: std::io::Error) -> TapError {
+        TapError::Io(e)
+    }
 }
 
 /// The two directions of one connection and the pairing of their messages.
@@ -95,6 +101,11 @@ impl Pairing {
         out
     }
 
+    /// How many requests were read whole and not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.waiting.len()
+    }
+
     fn pair(&mut self) -> Vec<Exchange> {
         let mut out = Vec::new();
         while !self.waiting.is_empty() && !self.early.is_empty() {
@@ -149,6 +160,23 @@ pub async fn read_tapped<R: AsyncRead + Unpin>(
     }
     pairing.finish(Instant::now()).into_iter().for_each(each);
     Ok(())
+}
+
+/// Reads the chunks of one connection as they come (e.g. the proxy's copy of a
+/// stolen connection, `graft_proxy::TappedConnection`) until the channel ends,
+/// calling `each` with every exchange as soon as its response is whole.
+pub async fn read_chunks(
+    mut chunks: tokio::sync::mpsc::Receiver<(Direction, Vec<u8>)>,
+    origin: Arc<Origin>,
+    mut each: impl FnMut(Exchange),
+) {
+    let mut pairing = Pairing::new(origin);
+    while let Some((direction, bytes)) = chunks.recv().await {
+        for exchange in pairing.feed(direction, &bytes, Instant::now()) {
+            each(exchange);
+        }
+    }
+    pairing.finish(Instant::now()).into_iter().for_each(each);
 }
 
 #[cfg(test)]

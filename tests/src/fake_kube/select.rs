@@ -2,8 +2,6 @@
 //! matching as the API server does it, percent-decoding of query parameters,
 //! object UIDs and RFC 3339 timestamps.
 
-use std::fs::File;
-use std::io::Read;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -126,11 +124,7 @@ pub(super) fn fields_match(object: &Value, selector: &str) -> Result<bool, Strin
 }
 
 pub(super) fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .expect("/dev/urandom is readable");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    graft_protocol::secret::random_hex(bytes).expect("the kernel's random source works")
 }
 
 pub(super) fn uid() -> String {

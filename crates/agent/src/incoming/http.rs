@@ -204,13 +204,70 @@ fn is_kubelet_probe(headers: &HeaderMap) -> bool {
 
 /// Routes and forwards one request.
 async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (mut req, stealer, mirrors) = select(&conn, req).await;
+    let dest = Dest::of(stealer.as_ref());
+    tracing::trace!(method = %req.method(), uri = %req.uri(), ?dest, mirrors = mirrors.len(), "request");
+
+    let upgrade =
+        req.version() < Version::HTTP_2 && req.headers().contains_key(http::header::UPGRADE);
+    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let recording = super::routes::start(&conn.subs, &conn.meta, stealer.as_ref(), &mirrors, &req);
+
+    let req = copy_to_mirrors(&conn, req, mirrors);
+    let req = match &recording {
+        Some(recording) => req.map(|body| recording.count(body)),
+        None => req,
+    };
+
+    let forwarded = match down_upgrade {
+        Some(down) => forward_upgrade(&conn, dest, stealer.as_ref(), req, down).await,
+        None => forward(&conn, dest, stealer.as_ref(), req).await,
+    };
+    match forwarded {
+        Ok(resp) => {
+            let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
+            match recording {
+                Some(recording) => recording.respond(resp),
+                None => resp,
+            }
+        }
+        Err(e) => {
+            let whom = match dest {
+                Dest::Target => "the target's server".to_owned(),
+                _ => format!(
+                    "the session of {}",
+                    stealer.as_ref().map_or("?", |s| s.client.as_str())
+                ),
+            };
+            tracing::debug!("forwarding to {whom} failed: {e}");
+            let mut resp = Response::new(
+                Full::new(Bytes::from(format!("graft: {whom} did not answer: {e}\n")))
+                    .map_err(BoxError::from)
+                    .boxed(),
+            );
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            if let Some(recording) = recording {
+                recording.failed(StatusCode::BAD_GATEWAY.as_u16(), e.to_string());
+            }
+            resp
+        }
+    }
+}
+
+/// Reads what the filters of `conn`'s port need of `req` (its head, the start
+/// of its body) and picks the session that steals it (none: the target) and the
+/// sessions that get a copy; kubelet probes go to the target, uncopied.
+async fn select(
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> (Request<ProxyBody>, Option<Arc<Sub>>, Vec<Arc<Sub>>) {
     let probe = is_kubelet_probe(req.headers());
     let limit = if probe {
         0
     } else {
         body_needed(&conn.subs, req.method(), req.uri(), req.headers())
     };
-    let (mut req, prefix) = if limit == 0 {
+    let (req, prefix) = if limit == 0 {
         (req.map(|b| b.map_err(BoxError::from).boxed()), None)
     } else {
         let (req, prefix, unread) = body::buffer(req, limit).await;
@@ -234,44 +291,42 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
         (req, Some(prefix))
     };
     let (method, uri, headers) = (req.method(), req.uri(), req.headers());
-    let (stealer, mirrors) = {
-        let body = match &prefix {
-            Some(p) if p.complete => RequestBody::complete(&p.bytes),
-            _ => RequestBody::unknown(),
-        };
-        let stealer = conn
-            .subs
-            .subs
-            .iter()
-            .find(|s| {
-                s.subscription.mode == IncomingMode::Steal
-                    && matches(s, method, uri, headers, &body)
-            })
-            .or_else(|| conn.subs.plain_steal())
-            .filter(|_| !probe)
-            .cloned();
-        let mirrors: Vec<Arc<Sub>> = conn
-            .subs
-            .subs
-            .iter()
-            .filter(|s| {
-                s.subscription.mode == IncomingMode::Mirror
-                    && matches(s, method, uri, headers, &body)
-            })
-            .filter(|_| !probe)
-            .cloned()
-            .collect();
-        (stealer, mirrors)
+    let body = match &prefix {
+        Some(p) if p.complete => RequestBody::complete(&p.bytes),
+        _ => RequestBody::unknown(),
     };
+    let stealer = conn
+        .subs
+        .subs
+        .iter()
+        .find(|s| {
+            s.subscription.mode == IncomingMode::Steal && matches(s, method, uri, headers, &body)
+        })
+        .or_else(|| conn.subs.plain_steal())
+        .filter(|_| !probe)
+        .cloned();
+    let mirrors: Vec<Arc<Sub>> = conn
+        .subs
+        .subs
+        .iter()
+        .filter(|s| {
+            s.subscription.mode == IncomingMode::Mirror && matches(s, method, uri, headers, &body)
+        })
+        .filter(|_| !probe)
+        .cloned()
+        .collect();
+    drop(body);
     drop(prefix);
-    let dest = Dest::of(stealer.as_ref());
-    tracing::trace!(%method, %uri, ?dest, mirrors = mirrors.len(), "request");
+    (req, stealer, mirrors)
+}
 
-    let upgrade =
-        req.version() < Version::HTTP_2 && req.headers().contains_key(http::header::UPGRADE);
-    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-
-    // Mirror copies.
+/// Starts a mirror copy of `req` for each of `mirrors`; the returned request
+/// copies its body frames to them as it is read.
+fn copy_to_mirrors(
+    conn: &Arc<Conn>,
+    req: Request<ProxyBody>,
+    mirrors: Vec<Arc<Sub>>,
+) -> Request<ProxyBody> {
     let mut copies = Vec::new();
     for sub in mirrors {
         let head = Head::of(&req);
@@ -285,7 +340,7 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
         conn.in_flight
             .spawn(mirror_request(conn.clone(), sub, head, rx));
     }
-    let req = req.map(|body| -> ProxyBody {
+    req.map(|body| -> ProxyBody {
         if copies.is_empty() {
             body
         } else {
@@ -295,31 +350,52 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
             }
             .boxed()
         }
-    });
+    })
+}
 
-    let forwarded = match down_upgrade {
-        Some(down) => forward_upgrade(&conn, dest, stealer.as_ref(), req, down).await,
-        None => forward(&conn, dest, stealer.as_ref(), req).await,
-    };
-    match forwarded {
-        Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
-        Err(e) => {
-            let whom = match dest {
-                Dest::Target => "the target's server".to_owned(),
-                _ => format!(
-                    "the session of {}",
-                    stealer.as_ref().map_or("?", |s| s.client.as_str())
-                ),
-            };
-            tracing::debug!("forwarding to {whom} failed: {e}");
-            let mut resp = Response::new(
-                Full::new(Bytes::from(format!("graft: {whom} did not answer: {e}\n")))
-                    .map_err(BoxError::from)
-                    .boxed(),
-            );
-            *resp.status_mut() = StatusCode::BAD_GATEWAY;
-            resp
+/// Parses the client bytes of a sniffed connection ([`super::sniff`]), which
+/// the target serves itself, and sends each request that a mirror filter
+/// matches to that mirror; what is written to `stream` is thrown away.
+pub async fn copy_requests<S: Io>(
+    stream: S,
+    meta: ConnMeta,
+    subs: Arc<PortSubs>,
+    in_flight: TaskTracker,
+) {
+    let conn = Arc::new(Conn {
+        meta,
+        subs,
+        upstreams: tokio::sync::Mutex::default(),
+        hops: None,
+        in_flight,
+    });
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        async move {
+            let (req, _, mirrors) = select(&conn, req).await;
+            let req = copy_to_mirrors(&conn, req, mirrors);
+            // Read the body through, so the copies get it and the next
+            // request of the connection is parsed.
+            let _ = req.into_body().collect().await;
+            Ok::<_, Infallible>(Response::new(
+                Empty::<Bytes>::new().map_err(BoxError::from).boxed(),
+            ))
         }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).half_close(true);
+    // The client sends what the target's windows allow: never less than these.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .max_concurrent_streams(None);
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(peer = %meta.peer, "the HTTP copy ended: {e}");
     }
 }
 

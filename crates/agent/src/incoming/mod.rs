@@ -8,6 +8,11 @@
 //! namespace, unix(7)). The hub owner redirects subscribed ports to itself
 //! ([`crate::steal::Redirector`]) and routes each accepted connection:
 //!
+//! - a port that is only mirrored is not redirected at all where the agent may
+//!   open a packet socket: [`sniff`] copies its connections off the packet path
+//!   ([`capture`], [`reassembly`]) and the target's clients talk to the target
+//!   directly; without `CAP_NET_RAW` (or with TLS termination for filters) the
+//!   port is redirected and passed through as below;
 //! - no HTTP filter on the port: the whole connection goes to the unfiltered
 //!   stealer, or, when there is none, to the target's own server (redirect and
 //!   pass-through) — and unfiltered mirrors get a copy of the client's bytes
@@ -32,8 +37,12 @@
 //! runs under the hub's [`TaskTracker`], which is what the drain waits for.
 
 pub mod body;
+pub mod capture;
 pub mod http;
 pub mod peer;
+pub mod reassembly;
+pub mod sniff;
+pub mod routes;
 pub mod tee;
 pub mod tls;
 pub mod tls_verify;
@@ -44,11 +53,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use graft_filter::HttpFilter;
-use graft_protocol::incoming::{IncomingMode, SessionListing, SubscribeError, Subscription};
+use graft_protocol::incoming::{
+    IncomingMode, RoutedRequest, SessionListing, SubscribeError, Subscription,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -107,6 +118,18 @@ pub trait Subscriber: Send + Sync + 'static {
     /// default only logs it.
     fn refuse(self: Arc<Self>, port: u16, reason: String) {
         tracing::warn!(port, "subscription refused: {reason}");
+    }
+
+    /// Whether the session wants a record of each request of its filtered
+    /// ports that went elsewhere ([`routes`]); checked per request, so it must
+    /// be cheap. None does by default.
+    fn watches_routes(&self) -> bool {
+        false
+    }
+
+    /// Hands the session such a record; dropped when it cannot take it now.
+    fn routed(&self, record: RoutedRequest) {
+        drop(record);
     }
 }
 
@@ -191,14 +214,134 @@ pub enum RulesState {
     Retired,
 }
 
-/// The redirector and the state of its rules, changed together.
+/// How a subscribed port reaches its subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortMode {
+    /// Redirected to the agent ([`Redirector`]): steals, and mirrors where
+    /// sniffing is not possible.
+    Redirect,
+    /// Only mirrored, copied off the packet path ([`sniff`]): the target's
+    /// clients reach it directly.
+    Sniff,
+}
+
+/// Whether the hub may sniff instead of redirect.
+enum SniffState {
+    /// Not needed yet.
+    Untried,
+    /// Capturing.
+    Running(sniff::Sniffer),
+    /// No packet socket here (no `CAP_NET_RAW`): mirrors pass through.
+    Unavailable,
+}
+
+/// The redirector, the sniffer and the state of their rules, changed together.
 struct Rules {
     redirector: Redirector,
     state: RulesState,
+    sniff: SniffState,
+    /// The mode of each port that has one.
+    modes: HashMap<u16, PortMode>,
+}
+
+/// Whether `subs` can be served by sniffing: mirrors only, none of which needs
+/// the traffic decrypted (TLS termination for HTTP filters, [`tls`]).
+fn sniffable(subs: &[Arc<Sub>]) -> bool {
+    subs.iter()
+        .all(|s| s.subscription.mode == IncomingMode::Mirror)
+        && !(subs.iter().any(|s| s.filter.is_some()) && subs.iter().any(|s| s.to.tls().is_some()))
+}
+
+impl Rules {
+    /// The running sniffer, started on first use; `None` where packet sockets
+    /// are not permitted.
+    fn sniffer(&mut self, hub: &Weak<Hub>) -> Option<&sniff::Sniffer> {
+        if matches!(self.sniff, SniffState::Untried) {
+            self.sniff = match sniff::Sniffer::start(hub.clone()) {
+                Ok(sniffer) => {
+                    tracing::debug!("mirror: copying mirrored ports off the packet path");
+                    SniffState::Running(sniffer)
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        "mirror: no packet socket in the target's network ({e}); \
+                         mirrored connections pass through the agent"
+                    );
+                    SniffState::Unavailable
+                }
+            };
+        }
+        match &self.sniff {
+            SniffState::Running(sniffer) => Some(sniffer),
+            _ => None,
+        }
+    }
+
+    /// Puts `port` in the mode its subscriptions `subs` need: redirected when
+    /// some steal (or sniffing is impossible), sniffed when only mirrored,
+    /// neither when `subs` is empty.
+    ///
+    /// # Errors
+    ///
+    /// The redirect failed (the message is for the client); the port keeps its
+    /// previous mode.
+    async fn apply(
+        &mut self,
+        port: u16,
+        subs: &[Arc<Sub>],
+        hub: &Weak<Hub>,
+    ) -> Result<(), crate::rules::RedirectError> {
+        let current = self.modes.get(&port).copied();
+        let mut wanted = match subs {
+            [] => None,
+            _ if sniffable(subs) && self.sniffer(hub).is_some() => Some(PortMode::Sniff),
+            _ => Some(PortMode::Redirect),
+        };
+        if current == wanted {
+            return Ok(());
+        }
+        if wanted == Some(PortMode::Sniff) {
+            // Off the old mode first: a connection is copied once or not at all.
+            if current == Some(PortMode::Redirect) {
+                self.redirector.release(port).await;
+            }
+            let watched = match self.sniffer(hub) {
+                Some(sniffer) => Some(sniffer.watch(port).await),
+                None => None,
+            };
+            match watched {
+                Some(Ok(())) => tracing::info!(port, "mirroring off the packet path"),
+                Some(Err(e)) => {
+                    tracing::debug!(port, "mirror: cannot sniff ({e}); redirecting instead");
+                    wanted = Some(PortMode::Redirect);
+                }
+                None => wanted = Some(PortMode::Redirect),
+            }
+        }
+        if wanted == Some(PortMode::Redirect) {
+            self.redirector.redirect(port).await?;
+        }
+        if current == Some(PortMode::Sniff)
+            && wanted != Some(PortMode::Sniff)
+            && let SniffState::Running(sniffer) = &self.sniff
+        {
+            sniffer.unwatch(port);
+        }
+        if current == Some(PortMode::Redirect) && wanted.is_none() {
+            self.redirector.release(port).await;
+        }
+        match wanted {
+            Some(mode) => self.modes.insert(port, mode),
+            None => self.modes.remove(&port),
+        };
+        Ok(())
+    }
 }
 
 /// The hub of one target: subscriptions, redirects and routing.
 pub struct Hub {
+    /// This hub, for the sniffer's lookups.
+    me: Weak<Hub>,
     ports: RwLock<HashMap<u16, Arc<PortSubs>>>,
     rules: tokio::sync::Mutex<Rules>,
     next_owner: AtomicU64,
@@ -217,11 +360,14 @@ impl Hub {
         rules: RulesState,
     ) -> Arc<Hub> {
         let (tx, mut rx) = mpsc::channel::<Accepted>(1024);
-        let hub = Arc::new(Hub {
+        let hub = Arc::new_cyclic(|me| Hub {
+            me: me.clone(),
             ports: RwLock::default(),
             rules: tokio::sync::Mutex::new(Rules {
                 redirector: Redirector::new(chain, rules_touched, tx),
                 state: rules,
+                sniff: SniffState::Untried,
+                modes: HashMap::new(),
             }),
             next_owner: AtomicU64::new(1),
             in_flight: TaskTracker::new(),
@@ -247,35 +393,31 @@ impl Hub {
             return;
         }
         rules.state = RulesState::Live;
-        let ports: Vec<u16> = self
+        let ports: Vec<(u16, Arc<PortSubs>)> = self
             .ports
             .read()
             .expect("hub ports lock poisoned")
-            .keys()
-            .copied()
+            .iter()
+            .map(|(port, subs)| (*port, subs.clone()))
             .collect();
-        for port in ports {
-            if let Err(e) = rules.redirector.redirect(port).await {
+        for (port, subs) in ports {
+            if let Err(e) = rules.apply(port, &subs.subs, &self.me).await {
                 tracing::warn!(port, "could not redirect after the hub's take-over: {e}");
             }
         }
         tracing::info!("the hub's rules are live");
     }
 
-    /// Removes every redirect rule for good (the hub was handed over); the
-    /// subscriptions stay, so connections already accepted are still routed.
+    /// Removes every redirect rule for good and sniffs no new connection (the
+    /// hub was handed over); the subscriptions stay, so connections already
+    /// accepted (or being copied) are still routed.
     pub async fn retire_rules(&self) {
         let mut rules = self.rules.lock().await;
         rules.state = RulesState::Retired;
-        let ports: Vec<u16> = self
-            .ports
-            .read()
-            .expect("hub ports lock poisoned")
-            .keys()
-            .copied()
-            .collect();
+        let ports: Vec<u16> = rules.modes.keys().copied().collect();
         for port in ports {
-            rules.redirector.release(port).await;
+            // Dropping every subscription's mode cannot fail.
+            let _ = rules.apply(port, &[], &self.me).await;
         }
     }
 
@@ -357,13 +499,6 @@ impl Hub {
                 since_unix: holder.since_unix,
             });
         }
-        if current.subs.is_empty() && rules.state == RulesState::Live {
-            rules
-                .redirector
-                .redirect(port)
-                .await
-                .map_err(|reason| SubscribeError::Redirect { reason })?;
-        }
         let mut subs: Vec<Arc<Sub>> = current
             .subs
             .iter()
@@ -371,6 +506,14 @@ impl Hub {
             .cloned()
             .collect();
         subs.push(sub);
+        if rules.state == RulesState::Live {
+            rules
+                .apply(port, &subs, &self.me)
+                .await
+                .map_err(|e| SubscribeError::Redirect {
+                    reason: e.to_string(),
+                })?;
+        }
         self.publish(port, subs);
         Ok(())
     }
@@ -404,11 +547,15 @@ impl Hub {
         if subs.len() == current.subs.len() {
             return;
         }
-        let empty = subs.is_empty();
-        self.publish(port, subs);
-        if empty {
-            rules.redirector.release(port).await;
+        if (rules.state == RulesState::Live || subs.is_empty())
+            && let Err(e) = rules.apply(port, &subs, &self.me).await
+        {
+            tracing::warn!(
+                port,
+                "could not redirect port {port} for the remaining subscriptions: {e}"
+            );
         }
+        self.publish(port, subs);
     }
 
     /// Drops every subscription of `owner`.

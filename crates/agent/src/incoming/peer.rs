@@ -652,13 +652,51 @@ impl HubConn {
     }
 }
 
+/// Why this agent could neither join nor become the target's hub, or could not
+/// ask it; the message goes to the client (`SubscribeError::Hub`).
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The hub key could not be read or published.
+    #[error(transparent)]
+    Key(#[from] key::KeyError),
+    /// The hub's abstract socket name is taken.
+    #[error(
+        "could not listen as the target's hub at @{name}: {error}; a process that can read \
+         the hub key holds the name"
+    )]
+    Listen {
+        /// The abstract socket name.
+        name: String,
+        /// What `bind` said.
+        error: io::Error,
+    },
+    /// The election never settled.
+    #[error("could not reach or become the target's hub: its owner keeps changing")]
+    OwnerKeepsChanging,
+    /// The key is published but no hub answers at its socket.
+    #[error("the target's hub key is published but nothing answers at its socket")]
+    NoAnswer,
+    /// The process at the hub's socket is not a graft hub, or the link broke.
+    #[error("{0}")]
+    Refused(String),
+    /// The hub's link failed during a call.
+    #[error("the target's hub is unreachable: {0}")]
+    Unreachable(io::Error),
+    /// The hub answered with an error of its own.
+    #[error("{0}")]
+    Answered(String),
+    /// The hub answered something other than what was asked.
+    #[error("the hub answered out of turn")]
+    OutOfTurn,
+}
+
 /// Joins the current hub, if there is one: `Ok(None)` when none exists.
-async fn join_existing(accept: Option<AcceptDelivery>) -> Result<Option<HubConn>, String> {
+async fn join_existing(accept: Option<AcceptDelivery>) -> Result<Option<HubConn>, HubError> {
     for _ in 0..100 {
         let key = match key::read() {
             Ok(Some(key)) => key,
             Ok(None) => return Ok(None),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         match HubConn::connect(&key, accept.clone()).await {
             Ok(conn) => return Ok(Some(conn)),
@@ -667,10 +705,10 @@ async fn join_existing(accept: Option<AcceptDelivery>) -> Result<Option<HubConn>
                 tracing::debug!("hub not reachable yet ({e}); retrying");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(JoinError::Refused(e)) => return Err(e),
+            Err(JoinError::Refused(e)) => return Err(HubError::Refused(e)),
         }
     }
-    Err("the target's hub key is published but nothing answers at its socket".into())
+    Err(HubError::NoAnswer)
 }
 
 #[cfg(test)]

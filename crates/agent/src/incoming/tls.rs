@@ -80,6 +80,32 @@ impl std::fmt::Debug for TlsSetup {
     }
 }
 
+/// Why a session's TLS termination (`--tls-cert`, `--tls-key`) cannot be set
+/// up; the message goes to the client (`SubscribeError::Tls`).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The certificate is not PEM.
+    #[error("the TLS certificate (--tls-cert) is not PEM: {0}")]
+    CertNotPem(rustls::pki_types::pem::Error),
+    /// The PEM holds no certificate.
+    #[error("the TLS certificate (--tls-cert) holds no CERTIFICATE block")]
+    NoCertificate,
+    /// The key file holds no private key rustls reads.
+    #[error(
+        "the TLS key (--tls-key) holds no readable private key (PKCS#8, PKCS#1 or SEC1 PEM): {0}"
+    )]
+    NoKey(rustls::pki_types::pem::Error),
+    /// The key is of a type rustls cannot sign with.
+    #[error("the TLS key (--tls-key) cannot sign: {0}")]
+    CannotSign(rustls::Error),
+    /// The key is not the certificate's.
+    #[error("the TLS key (--tls-key) is not the key of the certificate (--tls-cert): {0}")]
+    KeyMismatch(rustls::Error),
+    /// rustls refused the configuration.
+    #[error("the TLS configuration is refused: {0}")]
+    Config(rustls::Error),
+}
+
 impl TlsSetup {
     /// Parses and checks a session's termination. The PEM key is read into a
     /// buffer that is zeroed before this returns; the signing key lives inside
@@ -87,29 +113,26 @@ impl TlsSetup {
     ///
     /// # Errors
     ///
-    /// A message naming what is wrong: no certificate in the PEM, no or an
-    /// unreadable private key, or a key that is not the certificate's.
-    pub fn new(tls: &TlsTermination) -> Result<TlsSetup, String> {
+    /// [`TlsSetupError`] naming what is wrong: no certificate in the PEM, no or
+    /// an unreadable private key, or a key that is not the certificate's.
+    pub fn new(tls: &TlsTermination) -> Result<TlsSetup, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = CertificateDer::pem_slice_iter(tls.cert_chain_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("the TLS certificate (--tls-cert) is not PEM: {e}"))?;
+            .map_err(TlsSetupError::CertNotPem)?;
         if chain.is_empty() {
-            return Err("the TLS certificate (--tls-cert) holds no CERTIFICATE block".into());
+            return Err(TlsSetupError::NoCertificate);
         }
-        let mut key = PrivateKeyDer::from_pem_slice(&tls.key_pem.0).map_err(|e| {
-            format!("the TLS key (--tls-key) holds no readable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}")
-        })?;
+        let mut key =
+            PrivateKeyDer::from_pem_slice(&tls.key_pem.0).map_err(TlsSetupError::NoKey)?;
         let signing = rustls::crypto::ring::sign::any_supported_type(&key);
         wipe(&mut key);
-        let signing = signing.map_err(|e| format!("the TLS key (--tls-key) cannot sign: {e}"))?;
+        let signing = signing.map_err(TlsSetupError::CannotSign)?;
         let certified = CertifiedKey::new(chain.clone(), signing);
-        certified.keys_match().map_err(|e| {
-            format!("the TLS key (--tls-key) is not the key of the certificate (--tls-cert): {e}")
-        })?;
+        certified.keys_match().map_err(TlsSetupError::KeyMismatch)?;
         let server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(TlsSetupError::Config)?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
         let client = |verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>| {
@@ -122,7 +145,7 @@ impl TlsSetup {
                             .with_no_client_auth(),
                     )
                 })
-                .map_err(|e| e.to_string())
+                .map_err(TlsSetupError::Config)
         };
         let upstream = if tls.insecure_upstream {
             client(Arc::new(AnyCert::new(&provider)))?
@@ -170,6 +193,14 @@ impl Subscriber for TlsSubscriber {
 
     fn refuse(self: Arc<Self>, port: u16, reason: String) {
         self.inner.clone().refuse(port, reason);
+    }
+
+    fn watches_routes(&self) -> bool {
+        self.inner.watches_routes()
+    }
+
+    fn routed(&self, record: graft_protocol::incoming::RoutedRequest) {
+        self.inner.routed(record);
     }
 }
 

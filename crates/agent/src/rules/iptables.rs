@@ -161,13 +161,12 @@ pub enum RuleError {
         program: &'static str,
     },
     /// The program could not be started.
-    #[error("could not run {program}: {source}")]
+    #[error("could not run {program}: {error}")]
     Spawn {
         /// `iptables` or `ip6tables`.
         program: &'static str,
         /// What `exec` said.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The program ran and failed.
     #[error(
@@ -269,7 +268,10 @@ fn outcome(
         if source.kind() == io::ErrorKind::NotFound {
             RuleError::Missing { program }
         } else {
-            RuleError::Spawn { program, source }
+            RuleError::Spawn {
+                program,
+                error: source,
+            }
         }
     })?;
     if output.status.success() {
@@ -413,14 +415,14 @@ impl Chains {
         port: u16,
         to_v4: u16,
         to_v6: Option<u16>,
-    ) -> Result<(), String> {
+    ) -> Result<(), super::RedirectError> {
         let v4 = async {
             self.hook(Family::V4).await?;
             let argv = redirect(&self.chain, true, port, to_v4);
             run(self.flavour, Family::V4, &argv).await
         }
         .await;
-        v4.map_err(|e| format!("could not redirect port {port}: {e}"))?;
+        v4.map_err(|error| super::RedirectError::Iptables { port, error })?;
         if let (Some(to_v6), false) = (to_v6, self.v6_broken) {
             let v6 = async {
                 self.hook(Family::V6).await?;

@@ -74,13 +74,12 @@ const NFT_REG_1: u32 = 1;
 
 /// A failed nf_tables transaction.
 #[derive(Debug, thiserror::Error)]
-#[error("nf_tables could not {what}: {source}{hint}")]
+#[error("nf_tables could not {what}: {error}{hint}")]
 pub struct NftError {
     /// What was attempted.
     what: &'static str,
     /// The kernel's (or the socket's) error.
-    #[source]
-    source: io::Error,
+    error: io::Error,
     /// What the error usually means.
     hint: &'static str,
 }
@@ -99,7 +98,11 @@ impl NftError {
             }
             _ => "",
         };
-        NftError { what, source, hint }
+        NftError {
+            what,
+            error: source,
+            hint,
+        }
     }
 }
 

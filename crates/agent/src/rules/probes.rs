@@ -16,7 +16,7 @@
 //! The price: any other connection from those addresses (the node itself, a
 //! host-network pod on the node) is not stolen or mirrored either.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::str::FromStr;
 
 /// One `--probe-source` value.
@@ -28,16 +28,21 @@ pub enum ProbeSource {
     Gateway,
 }
 
-impl FromStr for ProbeSource {
-    type Err = String;
+/// A `--probe-source` value that is neither an IP address nor `gateway`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither an IP address nor `gateway` (the target's default gateways)")]
+pub struct BadProbeSource(String);
 
-    fn from_str(s: &str) -> Result<ProbeSource, String> {
+impl FromStr for ProbeSource {
+    type Err = BadProbeSource;
+
+    fn from_str(s: &str) -> Result<ProbeSource, BadProbeSource> {
         if s == "gateway" {
             return Ok(ProbeSource::Gateway);
         }
-        s.parse().map(ProbeSource::Addr).map_err(|_| {
-            format!("{s:?} is neither an IP address nor `gateway` (the target's default gateways)")
-        })
+        s.parse()
+            .map(ProbeSource::Addr)
+            .map_err(|_| BadProbeSource(s.to_owned()))
     }
 }
 
@@ -61,51 +66,22 @@ pub fn resolve(sources: &[ProbeSource], pid: u32) -> Vec<IpAddr> {
 
 /// The default gateways of process `pid`'s network namespace (IPv4, then IPv6).
 pub fn default_gateways(pid: u32) -> Vec<IpAddr> {
-    let read = |name: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{name}"));
-    let mut gateways: Vec<IpAddr> = Vec::new();
-    if let Ok(table) = read("route") {
-        gateways.extend(v4_default_gateways(&table).into_iter().map(IpAddr::V4));
-    }
-    if let Ok(table) = read("ipv6_route") {
-        gateways.extend(v6_default_gateways(&table).into_iter().map(IpAddr::V6));
-    }
-    gateways
+    default_gateways_of(&graft_proc::routes(pid).unwrap_or_default())
 }
 
-/// `/proc/net/route`: `Iface Destination Gateway Flags ...`, addresses as the
-/// hex of the native-endian `u32` holding the network-order bytes.
-fn v4_default_gateways(table: &str) -> Vec<Ipv4Addr> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (dest, gateway) = (fields.get(1)?, fields.get(2)?);
-            let dest = u32::from_str_radix(dest, 16).ok()?;
-            let gateway = u32::from_str_radix(gateway, 16).ok()?;
-            (dest == 0 && gateway != 0).then(|| Ipv4Addr::from(gateway.to_ne_bytes()))
-        })
-        .collect()
-}
-
-/// `/proc/net/ipv6_route`: `dest plen src splen next_hop metric ...`, addresses
-/// as 32 hex digits in network order.
-fn v6_default_gateways(table: &str) -> Vec<Ipv6Addr> {
-    table
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (dest, plen, next_hop) = (fields.first()?, fields.get(1)?, fields.get(4)?);
-            let dest = u128::from_str_radix(dest, 16).ok()?;
-            let next_hop = u128::from_str_radix(next_hop, 16).ok()?;
-            (dest == 0 && *plen == "00" && next_hop != 0).then(|| Ipv6Addr::from(next_hop))
-        })
+/// The next hops of the default routes among `routes`.
+fn default_gateways_of(routes: &[graft_proc::Route]) -> Vec<IpAddr> {
+    routes
+        .iter()
+        .filter(|r| r.prefix == 0 && r.dst.is_unspecified())
+        .filter_map(|r| r.gateway)
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn values_parse() {
@@ -116,7 +92,7 @@ mod tests {
         );
         assert!("fd00::1".parse::<ProbeSource>().is_ok());
         let bad = "node".parse::<ProbeSource>().unwrap_err();
-        assert!(bad.contains("gateway"), "{bad}");
+        assert!(bad.to_string().contains("gateway"), "{bad}");
     }
 
     #[test]
@@ -130,8 +106,8 @@ mod tests {
             net = u32::from_ne_bytes([198, 19, 128, 0])
         );
         assert_eq!(
-            v4_default_gateways(&table),
-            [Ipv4Addr::new(198, 19, 128, 1)]
+            default_gateways_of(&graft_proc::parse_route_v4(&table)),
+            [IpAddr::V4(Ipv4Addr::new(198, 19, 128, 1))]
         );
     }
 
@@ -142,8 +118,8 @@ mod tests {
                      20010002000000000000000000000000 40 00000000000000000000000000000000 00 \
                      00000000000000000000000000000000 00000100 00000001 00000000 00000001 eth0\n";
         assert_eq!(
-            v6_default_gateways(table),
-            ["fe80::1".parse::<Ipv6Addr>().unwrap()]
+            default_gateways_of(&graft_proc::parse_route_v6(table)),
+            ["fe80::1".parse::<IpAddr>().unwrap()]
         );
     }
 

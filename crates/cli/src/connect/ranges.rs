@@ -11,7 +11,7 @@
 //! for with `--also-proxy` are always routed (a more specific route wins; an
 //! identical prefix that already exists is reported, never replaced).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -42,70 +42,22 @@ pub struct HostRoute {
 ///
 /// The process's route tables cannot be read.
 pub fn target_routes(pid: u32) -> std::io::Result<Vec<IpNet>> {
-    let v4 = std::fs::read_to_string(format!("/proc/{pid}/net/route"))?;
-    let v6 = std::fs::read_to_string(format!("/proc/{pid}/net/ipv6_route")).unwrap_or_default();
-    let mut ranges = parse_route_v4(&v4);
-    ranges.extend(parse_route_v6(&v6));
+    let mut ranges = worth_routing_of(&graft_proc::routes(pid)?);
     ranges.sort();
     ranges.dedup();
     Ok(ranges)
 }
 
-/// `/proc/net/route`: `Iface Destination Gateway Flags RefCnt Use Metric Mask ...`,
-/// addresses in hex in the kernel's (little-endian) byte order.
-fn parse_route_v4(text: &str) -> Vec<IpNet> {
-    let mut out = Vec::new();
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 8 || fields[0] == "lo" {
-            continue;
-        }
-        let (Ok(dst), Ok(mask)) = (
-            u32::from_str_radix(fields[1], 16),
-            u32::from_str_radix(fields[7], 16),
-        ) else {
-            continue;
-        };
-        // The kernel prints the address's bytes as a native (little-endian) u32.
-        let dst = Ipv4Addr::from(dst.to_le_bytes());
-        let prefix = mask.count_ones() as u8;
-        if prefix == 0 {
-            continue;
-        }
-        if let Ok(net) = ipnet::Ipv4Net::new(dst, prefix)
-            && worth_routing(&IpNet::V4(net))
-        {
-            out.push(IpNet::V4(net.trunc()));
-        }
-    }
-    out
-}
-
-/// `/proc/net/ipv6_route`: `dst dst_len src src_len next_hop metric refcnt use
-/// flags dev`, addresses as 32 hex digits.
-fn parse_route_v6(text: &str) -> Vec<IpNet> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 10 || fields[9] == "lo" {
-            continue;
-        }
-        let (Ok(dst), Ok(prefix)) = (
-            u128::from_str_radix(fields[0], 16),
-            u8::from_str_radix(fields[1], 16),
-        ) else {
-            continue;
-        };
-        if prefix == 0 || prefix == 128 {
-            continue;
-        }
-        if let Ok(net) = ipnet::Ipv6Net::new(Ipv6Addr::from(dst), prefix)
-            && worth_routing(&IpNet::V6(net))
-        {
-            out.push(IpNet::V6(net.trunc()));
-        }
-    }
-    out
+/// The destinations of `routes` worth routing to: not the default route, a
+/// host route of IPv6, or a route through loopback.
+fn worth_routing_of(routes: &[graft_proc::Route]) -> Vec<IpNet> {
+    routes
+        .iter()
+        .filter(|r| r.iface != "lo" && r.prefix != 0 && !(r.dst.is_ipv6() && r.prefix == 128))
+        .filter_map(|r| IpNet::new(r.dst, r.prefix).ok())
+        .filter(worth_routing)
+        .map(|net| net.trunc())
+        .collect()
 }
 
 /// Not loopback, link-local or multicast.
@@ -236,7 +188,7 @@ mod tests {
                   eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                   eth0\t0000FEA9\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
         assert_eq!(
-            parse_route_v4(v4),
+            worth_routing_of(&graft_proc::parse_route_v4(v4)),
             vec!["198.19.7.0/24".parse::<IpNet>().unwrap()]
         );
         let v6 = "20010002000010070000000000000000 40 00000000000000000000000000000000 00 \
@@ -246,7 +198,7 @@ mod tests {
                   00000000000000000000000000000001 80 00000000000000000000000000000000 00 \
                   00000000000000000000000000000000 00000000 00000001 00000000 80200001 lo\n";
         assert_eq!(
-            parse_route_v6(v6),
+            worth_routing_of(&graft_proc::parse_route_v6(v6)),
             vec!["2001:2:0:1007::/64".parse::<IpNet>().unwrap()]
         );
     }

@@ -130,7 +130,7 @@ pub fn intercepts() -> Vec<InterceptEntry> {
                 let _ = std::fs::remove_file(entry.path());
                 return None;
             };
-            if Path::new(&format!("/proc/{}", intercept.pid)).exists() {
+            if graft_proc::exists(intercept.pid) {
                 Some(intercept)
             } else {
                 let _ = std::fs::remove_file(entry.path());

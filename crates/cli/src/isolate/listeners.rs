@@ -23,47 +23,6 @@ use super::wire::{Channel, Message};
 pub const POLL: Duration = Duration::from_millis(200);
 /// Stolen connections waiting for delivery.
 const DELIVERY_QUEUE: usize = 256;
-/// The `st` value of a listening socket in `/proc/net/tcp` (`TCP_LISTEN`).
-const LISTEN: &str = "0A";
-
-/// The listening sockets in a `/proc/net/tcp` or `tcp6` table.
-pub fn parse_table(text: &str) -> Vec<SocketAddr> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let local = fields.nth(1)?;
-            let state = fields.nth(1)?;
-            if state != LISTEN {
-                return None;
-            }
-            let (addr, port) = local.split_once(':')?;
-            let port = u16::from_str_radix(port, 16).ok()?;
-            Some(SocketAddr::new(parse_addr(addr)?, port))
-        })
-        .collect()
-}
-
-/// An address of `/proc/net/tcp{,6}`: hex of the kernel's 32-bit words, each in
-/// host byte order.
-fn parse_addr(hex: &str) -> Option<IpAddr> {
-    let word = |i: usize| -> Option<[u8; 4]> {
-        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
-        Some(w.to_ne_bytes())
-    };
-    match hex.len() {
-        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
-        32 => {
-            let mut octets = [0u8; 16];
-            for i in 0..4 {
-                octets[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-            }
-            Some(IpAddr::V6(Ipv6Addr::from(octets)))
-        }
-        _ => None,
-    }
-}
-
 /// Where to connect inside the namespace to reach a listener bound to `local`.
 fn connect_address(local: SocketAddr) -> SocketAddr {
     let ip = match local.ip() {
@@ -156,7 +115,7 @@ pub async fn serve(
                 let Ok(text) = tokio::fs::read_to_string(&path).await else {
                     continue;
                 };
-                for local in parse_table(&text) {
+                for local in graft_proc::parse_tcp_listeners(&text) {
                     let remote = port_map
                         .iter()
                         .find(|m| m.local == local.port())
@@ -229,7 +188,7 @@ mod tests {
    2: 0100007F:9C40 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1
 ";
         assert_eq!(
-            parse_table(tcp),
+            graft_proc::parse_tcp_listeners(tcp),
             vec![
                 "127.0.0.1:8080".parse::<SocketAddr>().unwrap(),
                 "0.0.0.0:80".parse().unwrap()
@@ -240,7 +199,7 @@ mod tests {
    1: 00000000000000000000000001000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 5 1 0 100 0 0 10 0
 ";
         assert_eq!(
-            parse_table(tcp6),
+            graft_proc::parse_tcp_listeners(tcp6),
             vec![
                 "[::]:8080".parse::<SocketAddr>().unwrap(),
                 "[::1]:22".parse().unwrap()
@@ -254,6 +213,8 @@ mod tests {
             connect_address("0.0.0.0:80".parse().unwrap()),
             "127.0.0.1:80".parse().unwrap()
         );
-        assert!(parse_table("header\n garbage line\n 0: zz:zz 0 0A\n").is_empty());
+        assert!(
+            graft_proc::parse_tcp_listeners("header\n garbage line\n 0: zz:zz 0 0A\n").is_empty()
+        );
     }
 }

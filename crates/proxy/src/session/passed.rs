@@ -59,6 +59,18 @@ impl Shared {
 /// `fd` for the layer to claim; splices the two if the program uses the
 /// loopback connection instead.
 async fn deliver_fd(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer, fd: OwnedFd) {
+    if shared
+        .options
+        .incoming_tap
+        .as_ref()
+        .is_some_and(|tap| tap.watched())
+    {
+        // The inspector watches: this connection goes through the proxy, which
+        // copies it for the page, instead of reaching the program as the
+        // target's socket (a descriptor the proxy no longer sees).
+        tracing::debug!(client = %peer.peer, "stolen connection relayed, not passed: the inspector watches");
+        return deliver_watched(shared, target, peer, fd).await;
+    }
     let mut proxy_side = None;
     let connected = async {
         let socket = match target {
@@ -106,14 +118,56 @@ async fn deliver_fd(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer
         tracing::debug!(client = %peer.peer, "a passed stolen connection the layer did not claim; relayed by the proxy");
         // `PeerOf` still names the real client for a late `accept`.
         shared.add_delivered(local, peer);
-        splice_unclaimed(stream, fd).await;
+        splice_with_fd(stream, fd).await;
         shared.remove_delivered(local);
     }
 }
 
-/// Copies bytes both ways between the program's loopback connection and the
-/// target's socket until both ends finish.
-async fn splice_unclaimed(mut local: TcpStream, fd: OwnedFd) {
+/// Delivers the passed socket `fd` as a relayed connection: the program's
+/// listener at `target` accepts the proxy's loopback connection (its `PeerOf`
+/// names the real client), and the proxy splices the two with the inspector's
+/// copy of the bytes.
+async fn deliver_watched(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer, fd: OwnedFd) {
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    let bound = socket.and_then(|socket| {
+        socket.bind(SocketAddr::new(target.ip(), 0))?;
+        let local = socket.local_addr()?;
+        Ok((socket, local))
+    });
+    let (socket, local) = match bound {
+        Ok(bound) => bound,
+        Err(e) => {
+            tracing::warn!(%target, error = %e, "cannot deliver a stolen connection; closed");
+            return;
+        }
+    };
+    shared.add_delivered(local, peer);
+    match tokio::time::timeout(shared.options.relay_timeout, socket.connect(target)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            let tapped = match &shared.options.incoming_tap {
+                Some(tap) => tap.wrap(stream, peer),
+                None => Err(stream),
+            };
+            match tapped {
+                Ok(tapped) => splice_with_fd(tapped, fd).await,
+                Err(stream) => splice_with_fd(stream, fd).await,
+            }
+        }
+        _ => tracing::warn!(%target, client = %peer.peer, "the local listener did not accept a stolen connection; closed"),
+    }
+    shared.remove_delivered(local);
+}
+
+/// Copies bytes both ways between `local` and the target's socket `fd` until
+/// both ends finish.
+async fn splice_with_fd<S>(mut local: S, fd: OwnedFd)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let std_stream = std::net::TcpStream::from(fd);
     let remote = std_stream
         .set_nonblocking(true)
@@ -125,3 +179,4 @@ async fn splice_unclaimed(mut local: TcpStream, fd: OwnedFd) {
         Err(e) => tracing::debug!(error = %e, "cannot splice a passed stolen connection"),
     }
 }
+

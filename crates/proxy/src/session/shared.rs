@@ -529,6 +529,11 @@ impl Shared {
                     ),
                 }
             }
+            AgentMessage::Routed(record) => {
+                if let Some(tap) = &self.options.incoming_tap {
+                    tap.routed(*record);
+                }
+            }
         }
     }
 
@@ -659,7 +664,14 @@ impl Shared {
         match registered {
             Some((Delivery::Listener(target), events)) => {
                 let target = delivery_address(target);
-                tokio::spawn(splice::deliver(self.clone(), conn, target, peer, events));
+                if let Some(tapped) = &self.options.tapped_listeners {
+                    let incoming = flows::incoming(self.clone(), conn, port, peer, events);
+                    if let Err(e) = tapped.try_send((incoming, target)) {
+                        tracing::info!(%conn, port, error = %e, "the shadow diff takes no more connections; reset");
+                    }
+                } else {
+                    tokio::spawn(splice::deliver(self.clone(), conn, target, peer, events));
+                }
             }
             Some((Delivery::Channel(deliveries), events)) => {
                 let incoming = flows::incoming(self.clone(), conn, port, peer, events);
@@ -728,6 +740,7 @@ pub(super) fn message_name(message: &AgentMessage) -> &'static str {
         AgentMessage::Close { .. } => "Close",
         AgentMessage::Pong(_) => "Pong",
         AgentMessage::Fatal { .. } => "Fatal",
+        AgentMessage::Routed(_) => "Routed",
     }
 }
 
@@ -816,7 +829,7 @@ pub(super) async fn check_owners(shared: Arc<Shared>) {
                 .filter(|(_, sub)| {
                     matches!(sub.state, StealState::Active)
                         && sub.pid != API_OWNER
-                        && !Path::new(&format!("/proc/{}", sub.pid)).exists()
+                        && !graft_proc::exists(sub.pid)
                 })
                 .map(|(port, _)| *port)
                 .collect();

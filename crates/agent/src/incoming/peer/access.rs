@@ -13,7 +13,9 @@ use tokio::sync::Mutex;
 use super::handover::{Handover, LIVE_WAIT, MOVE_WAIT};
 use super::key::{self, Published};
 use super::link::Listener;
-use super::{AcceptDelivery, FromHub, HubConn, HubState, Peers, ToHub, join_existing, serve_peers};
+use super::{
+    AcceptDelivery, FromHub, HubConn, HubError, HubState, Peers, ToHub, join_existing, serve_peers,
+};
 use crate::incoming::tls::{TlsSetup, TlsSubscriber};
 use crate::incoming::{Hub, OwnerId, RulesState, Subscriber};
 
@@ -90,7 +92,7 @@ impl Access {
         self: &Arc<Self>,
         role: &mut tokio::sync::MutexGuard<'a, Role>,
         rules: RulesState,
-    ) -> Result<(), String> {
+    ) -> Result<(), HubError> {
         if !matches!(**role, Role::Idle) {
             return Ok(());
         }
@@ -116,17 +118,13 @@ impl Access {
                     };
                     return Ok(());
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             };
             match published {
                 Some(published) => {
                     let name = published.key.hub_name();
-                    let listener = Listener::bind_abstract(&name).map_err(|e| {
-                        format!(
-                            "could not listen as the target's hub at @{name}: {e}; a \
-                             process that can read the hub key holds the name"
-                        )
-                    })?;
+                    let listener = Listener::bind_abstract(&name)
+                        .map_err(|error| HubError::Listen { name, error })?;
                     let hub = Hub::start(self.chain.clone(), self.rules_touched.clone(), rules);
                     let owner = hub.new_owner();
                     let peers = Arc::new(Peers::default());
@@ -161,7 +159,7 @@ impl Access {
                 }
             }
         }
-        Err("could not reach or become the target's hub: its owner keeps changing".into())
+        Err(HubError::OwnerKeepsChanging)
     }
 
     /// Keeps conntrack on for as long as this session takes part in the hub
@@ -355,7 +353,9 @@ impl Access {
         if !self.suspended.load(Ordering::SeqCst) {
             self.ensure(&mut role, RulesState::Live)
                 .await
-                .map_err(|reason| SubscribeError::Hub { reason })?;
+                .map_err(|e| SubscribeError::Hub {
+                    reason: e.to_string(),
+                })?;
             self.subscribe_in(&role, subscription.clone(), since)
                 .await?;
         }
@@ -442,8 +442,10 @@ impl Access {
         if subs.is_empty() {
             return refused;
         }
-        if let Err(reason) = self.ensure(&mut role, RulesState::Live).await {
-            let e = SubscribeError::Hub { reason };
+        if let Err(e) = self.ensure(&mut role, RulesState::Live).await {
+            let e = SubscribeError::Hub {
+                reason: e.to_string(),
+            };
             refused.extend(subs.iter().map(|(s, _)| (s.port, e.clone())));
         } else {
             for (sub, since) in subs {
@@ -466,7 +468,7 @@ impl Access {
     /// # Errors
     ///
     /// The hub could not be read or reached, or is not graft's.
-    pub async fn list(self: &Arc<Self>) -> Result<Vec<SessionListing>, String> {
+    pub async fn list(self: &Arc<Self>) -> Result<Vec<SessionListing>, HubError> {
         let role = self.role.lock().await;
         let listing = match &*role {
             Role::Owner { hub, .. } => return Ok(hub.list()),
@@ -478,9 +480,9 @@ impl Access {
         };
         match listing {
             Ok(FromHub::Listing(l)) => Ok(l),
-            Ok(FromHub::Done(e)) => Err(e.unwrap_or_else(|| "the hub answered out of turn".into())),
-            Ok(_) => Err("the hub answered out of turn".into()),
-            Err(e) => Err(format!("the target's hub is unreachable: {e}")),
+            Ok(FromHub::Done(Some(e))) => Err(HubError::Answered(e)),
+            Ok(_) => Err(HubError::OutOfTurn),
+            Err(e) => Err(HubError::Unreachable(e)),
         }
     }
 

@@ -27,6 +27,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use graft_protocol::secret;
 use hmac::{KeyInit, Mac};
 use rustix::io::Errno;
 use rustix::net::{
@@ -102,10 +103,16 @@ pub enum KeyError {
     Unsupported(Errno),
     /// Any other netlink failure.
     #[error("talking to nf_tables about the target's hub key failed: {0}")]
-    Netlink(#[from] io::Error),
+    Netlink(io::Error),
     /// The table exists but holds no valid key.
     #[error("the nf_tables table {TABLE} holds no valid hub key")]
     Malformed,
+}
+
+impl From<io::Error> for KeyError {
+    fn from(e: io::Error) -> KeyError {
+        KeyError::Netlink(e)
+    }
 }
 
 impl From<Errno> for KeyError {
@@ -148,9 +155,7 @@ impl Key {
     ///
     /// The system's random source failed.
     pub fn generate() -> io::Result<Key> {
-        let mut bytes = [0u8; LEN];
-        getrandom::fill(&mut bytes).map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(Key(bytes))
+        secret::random_bytes().map(Key)
     }
 
     /// A key from its bytes.
@@ -168,8 +173,7 @@ impl Key {
         let mut mac = self.mac();
         mac.update(b"graft hub v1 socket name");
         let tag = mac.finalize().into_bytes();
-        let hex: String = tag[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{HUB_NAME_PREFIX}{hex}")
+        format!("{HUB_NAME_PREFIX}{}", secret::hex(&tag[..16]))
     }
 
     fn transcript(&self, role: Role, hub_nonce: &[u8; LEN], peer_nonce: &[u8; LEN]) -> HmacSha256 {
@@ -211,9 +215,7 @@ impl Key {
 ///
 /// The system's random source failed.
 pub fn nonce() -> io::Result<[u8; LEN]> {
-    let mut bytes = [0u8; LEN];
-    getrandom::fill(&mut bytes).map_err(|e| io::Error::other(e.to_string()))?;
-    Ok(bytes)
+    secret::random_bytes()
 }
 
 /// The key published in the target's nf_tables, held for as long as this value
@@ -292,7 +294,7 @@ pub struct ConntrackHold {
 ///
 /// [`KeyError`]: no privilege, no nf_tables, netlink failures.
 pub fn hold_conntrack() -> Result<ConntrackHold, KeyError> {
-    let suffix: String = nonce()?[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let suffix = secret::random_hex(4)?;
     let mut table = format!("graft_ct_{suffix}").into_bytes();
     table.push(0);
     let chain = b"keep\0".to_vec();

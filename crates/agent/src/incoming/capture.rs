@@ -1,0 +1,469 @@
+//! The packet socket of the sniffing mirror: an `AF_PACKET` socket in the
+//! target's network namespace that the kernel hands a copy of every TCP segment
+//! to or from the mirrored ports, on every interface, while the segments
+//! themselves go on to the target untouched (packet(7)).
+//!
+//! The socket is `SOCK_DGRAM` (link headers removed: every packet starts at its
+//! IP header, whatever the interface) and carries a classic BPF program
+//! (`SO_ATTACH_FILTER`, the kernel's `Documentation/networking/filter.rst`) built
+//! by [`program`]: it keeps unfragmented IPv4 and IPv6 TCP segments whose source
+//! or destination port is mirrored and drops the rest in the kernel, so the
+//! agent never sees the target's other traffic. On loopback the kernel taps
+//! every packet twice, once leaving (`PACKET_OUTGOING`) and once arriving; the
+//! program drops the leaving copy (loopback is interface 1 in every namespace,
+//! `LOOPBACK_IFINDEX` in `include/net/net_namespace.h`).
+//!
+//! The socket is opened with protocol 0, so it receives nothing until the filter
+//! is attached and [`PacketSocket::start`] binds it to every protocol
+//! (`ETH_P_ALL`); packets are read in batches with `recvmmsg(2)`.
+//!
+//! Limits: IPv6 segments behind extension headers are not seen (the program
+//! reads the TCP header right after the fixed IPv6 header); a packet larger than
+//! [`MAX_PACKET`] is cut short, which costs its flow its copy.
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use nix::sys::socket::{
+    self as nixsock, AddressFamily, LinkAddr, MsgFlags, MultiHeaders, SockFlag, SockProtocol,
+    SockType, sockopt,
+};
+
+/// The largest packet read whole: an IPv4 or IPv6 packet of the largest size
+/// their length fields allow (GRO and GSO build them up to that on every device).
+pub const MAX_PACKET: usize = 65_535 + 40;
+
+/// How many packets one `recvmmsg` reads at most.
+const BATCH: usize = 32;
+
+/// How long a read waits for packets before the capture loop looks at its
+/// controls again.
+pub const READ_WAIT: Duration = Duration::from_millis(50);
+
+/// The kernel buffer asked for the socket: what a burst may queue while the
+/// agent is busy (`SO_RCVBUFFORCE`, capped by `rmem_max` for `SO_RCVBUF`).
+const RCVBUF: usize = 8 << 20;
+
+/// How many ports one filter program can hold: its jumps are at most 255
+/// instructions long.
+pub const MAX_PORTS: usize = 32;
+
+/// `PACKET_OUTGOING` (`include/uapi/linux/if_packet.h`).
+const PACKET_OUTGOING: u32 = 4;
+/// `PACKET_HOST`: addressed to this host.
+pub const PACKET_HOST: u8 = 0;
+/// The loopback interface's index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// One captured packet.
+#[derive(Debug)]
+pub struct Packet<'a> {
+    /// The IP packet, from its IP header.
+    pub data: &'a [u8],
+    /// The packet type (`sll_pkttype`: `PACKET_HOST`, `PACKET_OUTGOING`, ...).
+    pub pkttype: u8,
+    /// The packet was longer than [`MAX_PACKET`] and is cut short.
+    pub truncated: bool,
+}
+
+/// An `AF_PACKET` socket with the mirror's filter, and its read buffers.
+pub struct PacketSocket {
+    fd: OwnedFd,
+    bufs: Vec<Vec<u8>>,
+}
+
+/// The message headers of one `recvmmsg`, made on the thread that reads (they
+/// hold raw pointers, so they stay there).
+pub struct Headers(MultiHeaders<LinkAddr>);
+
+impl Headers {
+    /// Headers for one batch.
+    pub fn new() -> Headers {
+        Headers(MultiHeaders::preallocate(BATCH, None))
+    }
+}
+
+impl Default for Headers {
+    fn default() -> Headers {
+        Headers::new()
+    }
+}
+
+impl PacketSocket {
+    /// Opens the socket (receiving nothing yet) with a filter that drops
+    /// everything.
+    ///
+    /// # Errors
+    ///
+    /// `EPERM` without `CAP_NET_RAW` in the target's network namespace (the
+    /// caller falls back to the pass-through mirror), else as `socket(2)` fails.
+    pub fn open() -> io::Result<PacketSocket> {
+        let fd = nixsock::socket(
+            AddressFamily::Packet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        if nixsock::setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF).is_err() {
+            let _ = nixsock::setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
+        }
+        let wait = nix::sys::time::TimeVal::new(0, READ_WAIT.as_micros() as _);
+        nixsock::setsockopt(&fd, sockopt::ReceiveTimeout, &wait)?;
+        let socket = PacketSocket {
+            fd,
+            bufs: (0..BATCH).map(|_| vec![0u8; MAX_PACKET]).collect(),
+        };
+        socket.set_ports(&[])?;
+        Ok(socket)
+    }
+
+    /// Starts receiving: binds the socket to every protocol on every interface,
+    /// then throws away what was queued before the filter took effect.
+    ///
+    /// # Errors
+    ///
+    /// As `bind(2)` fails.
+    pub fn start(&mut self) -> io::Result<()> {
+        let all = SockProtocol::EthAll as i32 as u16;
+        let mut sll = sockaddr_ll_zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = all;
+        bind_ll(&self.fd, &sll)?;
+        while nixsock::recv(
+            self.fd.as_raw_fd(),
+            &mut self.bufs[0],
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .is_ok()
+        {}
+        Ok(())
+    }
+
+    /// Replaces the filter: TCP segments from or to `ports` (at most
+    /// [`MAX_PORTS`]; none: nothing).
+    ///
+    /// # Errors
+    ///
+    /// Too many ports (`EINVAL`), or as `setsockopt(SO_ATTACH_FILTER)` fails.
+    pub fn set_ports(&self, ports: &[u16]) -> io::Result<()> {
+        if ports.len() > MAX_PORTS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("at most {MAX_PORTS} ports can be sniffed"),
+            ));
+        }
+        attach_filter(&self.fd, &program(ports))
+    }
+
+    /// Reads the packets that are queued (waiting up to [`READ_WAIT`] for the
+    /// first) and calls `each` with each of them; returns how many were read.
+    ///
+    /// # Errors
+    ///
+    /// As `recvmmsg(2)` fails, except for the timeout, which reads nothing.
+    pub fn read_batch(
+        &mut self,
+        headers: &mut Headers,
+        mut each: impl FnMut(Packet<'_>),
+    ) -> io::Result<usize> {
+        let mut received: [(usize, u8, bool); BATCH] = [(0, 0, false); BATCH];
+        let count = {
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+                .bufs
+                .iter_mut()
+                .map(|b| [IoSliceMut::new(&mut b[..])])
+                .collect();
+            let results = match nixsock::recvmmsg(
+                self.fd.as_raw_fd(),
+                &mut headers.0,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE | MsgFlags::MSG_TRUNC,
+                None,
+            ) {
+                Ok(results) => results,
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(0),
+                Err(e) => return Err(e.into()),
+            };
+            let mut count = 0;
+            for (slot, msg) in received.iter_mut().zip(results) {
+                let pkttype = msg.address.map_or(PACKET_HOST, |a| a.pkttype());
+                // With MSG_TRUNC, `bytes` is the packet's real length.
+                *slot = (msg.bytes, pkttype, msg.bytes > MAX_PACKET);
+                count += 1;
+            }
+            count
+        };
+        for (buf, (len, pkttype, truncated)) in self.bufs.iter().zip(&received[..count]) {
+            each(Packet {
+                data: &buf[..(*len).min(MAX_PACKET)],
+                pkttype: *pkttype,
+                truncated: *truncated,
+            });
+        }
+        Ok(count)
+    }
+
+    /// The kernel's count of packets it dropped because the socket's buffer was
+    /// full, since the last call (`PACKET_STATISTICS`, packet(7)).
+    pub fn drops(&self) -> u32 {
+        packet_drops(&self.fd).unwrap_or(0)
+    }
+}
+
+/// One classic BPF instruction (`struct sock_filter`).
+type Insn = libc::sock_filter;
+
+/// Where a jump of [`program`] leads before offsets are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum To {
+    /// The next instruction.
+    Next,
+    /// The `ret` that keeps the packet.
+    Accept,
+    /// The `ret` that drops it.
+    Drop,
+    /// The IP version check.
+    Version,
+    /// The IPv6 branch.
+    V6,
+}
+
+/// An instruction whose jumps are still symbolic.
+struct Draft {
+    code: u32,
+    k: u32,
+    jt: To,
+    jf: To,
+}
+
+fn stmt(code: u32, k: u32) -> Draft {
+    Draft {
+        code,
+        k,
+        jt: To::Next,
+        jf: To::Next,
+    }
+}
+
+fn jump(code: u32, k: u32, jt: To, jf: To) -> Draft {
+    Draft { code, k, jt, jf }
+}
+
+/// The filter program for `ports`: keeps unfragmented IPv4/IPv6 TCP segments
+/// with a source or destination port among `ports`, except the leaving copy on
+/// loopback; `ports` empty drops everything. At most [`MAX_PORTS`] ports (the
+/// caller checks).
+pub fn program(ports: &[u16]) -> Vec<Insn> {
+    use libc::{
+        BPF_ABS, BPF_ALU, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD,
+        BPF_LDX, BPF_MSH, BPF_RET, BPF_RSH, BPF_W, SKF_AD_IFINDEX, SKF_AD_OFF, SKF_AD_PKTTYPE,
+    };
+    let ld_anc = |what: i32| stmt(BPF_LD | BPF_W | BPF_ABS, (SKF_AD_OFF + what) as u32);
+    let jeq = |k: u32, jt: To, jf: To| jump(BPF_JMP | BPF_JEQ | BPF_K, k, jt, jf);
+    let mut d: Vec<Draft> = Vec::new();
+    if ports.is_empty() {
+        return vec![Insn {
+            code: (BPF_RET | BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }];
+    }
+    let match_ports = |d: &mut Vec<Draft>, load_src: Draft, load_dst: Draft| {
+        d.push(load_src);
+        for &p in ports {
+            d.push(jeq(u32::from(p), To::Accept, To::Next));
+        }
+        d.push(load_dst);
+        for &p in ports {
+            d.push(jeq(u32::from(p), To::Accept, To::Next));
+        }
+    };
+    // Loopback's leaving copy: dropped (its arriving copy is kept).
+    d.push(ld_anc(SKF_AD_PKTTYPE));
+    d.push(jeq(PACKET_OUTGOING, To::Next, To::Version));
+    d.push(ld_anc(SKF_AD_IFINDEX));
+    d.push(jeq(LOOPBACK_IFINDEX, To::Drop, To::Next));
+    let version_at = d.len();
+    d.push(stmt(BPF_LD | BPF_B | BPF_ABS, 0));
+    d.push(stmt(BPF_ALU | BPF_RSH | BPF_K, 4));
+    d.push(jeq(4, To::Next, To::V6));
+    // IPv4: protocol TCP, not a fragment (offset bits 0), ports after the IHL.
+    d.push(stmt(BPF_LD | BPF_B | BPF_ABS, 9));
+    d.push(jeq(libc::IPPROTO_TCP as u32, To::Next, To::Drop));
+    d.push(stmt(BPF_LD | BPF_H | BPF_ABS, 6));
+    d.push(jump(BPF_JMP | BPF_JSET | BPF_K, 0x1fff, To::Drop, To::Next));
+    d.push(stmt(BPF_LDX | BPF_B | BPF_MSH, 0));
+    match_ports(
+        &mut d,
+        stmt(BPF_LD | BPF_H | BPF_IND, 0),
+        stmt(BPF_LD | BPF_H | BPF_IND, 2),
+    );
+    d.push(jump(BPF_JMP | libc::BPF_JA, 0, To::Drop, To::Drop));
+    let v6_at = d.len();
+    d.push(jeq(6, To::Next, To::Drop));
+    d.push(stmt(BPF_LD | BPF_B | BPF_ABS, 6));
+    d.push(jeq(libc::IPPROTO_TCP as u32, To::Next, To::Drop));
+    match_ports(
+        &mut d,
+        stmt(BPF_LD | BPF_H | BPF_ABS, 40),
+        stmt(BPF_LD | BPF_H | BPF_ABS, 42),
+    );
+    let drop_at = d.len();
+    d.push(stmt(BPF_RET | BPF_K, 0));
+    let accept_at = d.len();
+    d.push(stmt(BPF_RET | BPF_K, u32::MAX));
+
+    let target = |to: To, i: usize| -> usize {
+        match to {
+            To::Next => i + 1,
+            To::Accept => accept_at,
+            To::Drop => drop_at,
+            To::Version => version_at,
+            To::V6 => v6_at,
+        }
+    };
+    d.iter()
+        .enumerate()
+        .map(|(i, insn)| {
+            let off = |to: To| -> u8 {
+                let t = target(to, i);
+                u8::try_from(t - i - 1).expect("filter jumps fit in a byte for MAX_PORTS ports")
+            };
+            let ja = insn.code == BPF_JMP | libc::BPF_JA;
+            Insn {
+                code: insn.code as u16,
+                jt: if ja { 0 } else { off(insn.jt) },
+                jf: if ja { 0 } else { off(insn.jf) },
+                k: if ja {
+                    (target(insn.jt, i) - i - 1) as u32
+                } else {
+                    insn.k
+                },
+            }
+        })
+        .collect()
+}
+
+fn sockaddr_ll_zeroed() -> libc::sockaddr_ll {
+    libc::sockaddr_ll {
+        sll_family: 0,
+        sll_protocol: 0,
+        sll_ifindex: 0,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 0,
+        sll_addr: [0; 8],
+    }
+}
+
+#[allow(unsafe_code)]
+fn bind_ll(fd: &OwnedFd, sll: &libc::sockaddr_ll) -> io::Result<()> {
+    // SAFETY: `sll` is a valid, initialized sockaddr_ll and its size is passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_fd().as_raw_fd(),
+            std::ptr::from_ref(sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[allow(unsafe_code)]
+fn attach_filter(fd: &OwnedFd, program: &[Insn]) -> io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points at `program`, which outlives the call; the kernel
+    // copies the program (SO_ATTACH_FILTER, socket(7)).
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            std::ptr::from_ref(&prog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[allow(unsafe_code)]
+fn packet_drops(fd: &OwnedFd) -> io::Result<u32> {
+    let mut stats = libc::tpacket_stats {
+        tp_packets: 0,
+        tp_drops: 0,
+    };
+    let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: `stats` is a writable tpacket_stats and `len` its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            std::ptr::from_mut(&mut stats).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(stats.tp_drops)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_ports_drops_everything() {
+        let p = program(&[]);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].k, 0);
+    }
+
+    #[test]
+    fn every_jump_lands_inside_the_program_on_a_ret_or_forward() {
+        for n in [1, 2, MAX_PORTS] {
+            let ports: Vec<u16> = (0..n as u16).map(|i| 8000 + i).collect();
+            let p = program(&ports);
+            let last = p.len() - 1;
+            assert_eq!(p[last].k, u32::MAX, "the last instruction accepts");
+            assert_eq!(p[last - 1].k, 0, "the one before drops");
+            for (i, insn) in p.iter().enumerate() {
+                if u32::from(insn.code) & 0x07 == libc::BPF_JMP {
+                    assert!(i + 1 + usize::from(insn.jt) <= last);
+                    assert!(i + 1 + usize::from(insn.jf) <= last);
+                }
+            }
+            // Each port is compared twice (source, destination) per IP version.
+            let compares = p
+                .iter()
+                .filter(|insn| ports.contains(&(insn.k as u16)) && insn.k < 65536)
+                .count();
+            assert_eq!(compares, 4 * n);
+        }
+    }
+
+    #[test]
+    fn the_program_runs_in_the_kernel() {
+        // Attaching checks it (sk_chk_filter): a malformed jump is refused.
+        let Ok(socket) = PacketSocket::open() else {
+            return; // no CAP_NET_RAW here: nothing to check
+        };
+        socket.set_ports(&[80, 8080]).expect("filter accepted");
+        assert!(socket.set_ports(&[1; MAX_PORTS + 1]).is_err());
+    }
+}

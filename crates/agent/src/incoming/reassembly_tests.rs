@@ -1,0 +1,332 @@
+//! Unit tests of [`super`]: ordering, closing, gaps and the bounds on hostile input.
+
+use super::*;
+
+const C: &str = "10.0.0.2:40000";
+const S: &str = "10.0.0.1:8080";
+const CISN: u32 = 0xffff_fff0; // wraps soon: offsets must survive it
+const SISN: u32 = 1000;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+struct Bed {
+    r: Reassembler,
+    out: Vec<Event>,
+    now: Instant,
+}
+
+impl Bed {
+    fn new(limits: Limits) -> Bed {
+        Bed {
+            r: Reassembler::new(limits),
+            out: Vec::new(),
+            now: Instant::now(),
+        }
+    }
+
+    fn seg(&mut self, from_client: bool, seq: u32, ack: Option<u32>, flags: &str, payload: &[u8]) {
+        let (src, dst) = if from_client { (C, S) } else { (S, C) };
+        let seg = Segment {
+            src: addr(src),
+            dst: addr(dst),
+            seq,
+            ack,
+            syn: flags.contains('S'),
+            fin: flags.contains('F'),
+            rst: flags.contains('R'),
+            payload,
+            arriving: from_client,
+        };
+        self.r.segment(&seg, self.now, |_, _| true, &mut self.out);
+    }
+
+    fn handshake(&mut self) {
+        self.seg(true, CISN, None, "S", b"");
+        self.seg(false, SISN, Some(CISN.wrapping_add(1)), "S", b"");
+        self.seg(true, CISN.wrapping_add(1), Some(SISN + 1), "", b"");
+    }
+
+    /// Client data at offset `off`.
+    fn client(&mut self, off: u32, payload: &[u8]) {
+        self.seg(
+            true,
+            CISN.wrapping_add(1 + off),
+            Some(SISN + 1),
+            "",
+            payload,
+        );
+    }
+
+    fn stream(&self, direction: Direction) -> Vec<u8> {
+        self.out
+            .iter()
+            .filter_map(|e| match e {
+                Event::Data {
+                    direction: d,
+                    bytes,
+                    ..
+                } if *d == direction => Some(bytes.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn ended(&self) -> Option<EndReason> {
+        self.out.iter().find_map(|e| match e {
+            Event::End { why, .. } => Some(why.clone()),
+            _ => None,
+        })
+    }
+}
+
+#[test]
+fn in_order_bytes_across_the_sequence_wrap_come_out_in_order() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    assert!(b.out.is_empty(), "nothing before the first byte");
+    b.client(0, b"GET / HTTP/1.1\r\n");
+    b.client(16, b"Host: x\r\n\r\n");
+    assert!(matches!(b.out[0], Event::Open { .. }));
+    assert_eq!(
+        b.stream(Direction::Request),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    );
+    b.seg(
+        false,
+        SISN + 1,
+        Some(CISN.wrapping_add(28)),
+        "",
+        b"HTTP/1.1 200 OK\r\n",
+    );
+    assert_eq!(b.stream(Direction::Response), b"HTTP/1.1 200 OK\r\n");
+}
+
+#[test]
+fn out_of_order_segments_wait_and_retransmissions_are_not_repeated() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(6, b"world");
+    assert!(b.stream(Direction::Request).is_empty());
+    b.client(0, b"hello ");
+    b.client(0, b"hello ");
+    b.client(3, b"lo wor");
+    assert_eq!(b.stream(Direction::Request), b"hello world");
+    assert_eq!(b.r.buffered(), 0);
+}
+
+#[test]
+fn overlapping_segments_with_other_data_never_replace_bytes_already_taken() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"AAAA");
+    b.client(2, b"XXXXBB"); // overlaps "AA" with other bytes
+    b.client(10, b"CC");
+    b.client(10, b"ZZZZ"); // same start, longer: only its tail is new
+    b.client(8, b"DD");
+    assert_eq!(b.stream(Direction::Request), b"AAAAXXBBDDCCZZ");
+}
+
+#[test]
+fn fins_of_both_sides_end_the_flow_and_a_rst_ends_it_at_once() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"q");
+    b.seg(true, CISN.wrapping_add(2), Some(SISN + 1), "F", b"");
+    assert!(b.out.contains(&Event::Closed {
+        id: 1,
+        direction: Direction::Request
+    }));
+    assert_eq!(b.ended(), None);
+    b.seg(false, SISN + 1, Some(CISN.wrapping_add(3)), "F", b"a");
+    assert_eq!(b.stream(Direction::Response), b"a");
+    assert_eq!(b.ended(), Some(EndReason::Finished));
+    assert_eq!(b.r.flows(), 0);
+
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"q");
+    b.seg(false, SISN + 1, None, "R", b"");
+    assert_eq!(b.ended(), Some(EndReason::Reset));
+}
+
+#[test]
+fn bytes_acknowledged_but_never_seen_are_a_gap_that_ends_the_copy() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"abc");
+    // The capture lost offsets 3..10; the server acknowledges up to 10.
+    b.seg(false, SISN + 1, Some(CISN.wrapping_add(11)), "", b"");
+    assert!(matches!(
+        b.ended(),
+        Some(EndReason::Gap {
+            direction: Direction::Request,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_blind_rst_or_data_far_off_the_sequence_is_ignored() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"abc");
+    b.seg(true, CISN.wrapping_add(1 << 30), None, "R", b"");
+    b.seg(
+        true,
+        CISN.wrapping_add(1 << 30),
+        Some(SISN + 1),
+        "",
+        b"evil",
+    );
+    // An acknowledgment far ahead from a segment whose own number is off.
+    b.seg(
+        false,
+        SISN + (1 << 30),
+        Some(CISN.wrapping_add(1 << 20)),
+        "",
+        b"",
+    );
+    assert_eq!(b.ended(), None);
+    b.client(3, b"def");
+    assert_eq!(b.stream(Direction::Request), b"abcdef");
+}
+
+#[test]
+fn a_huge_sequence_jump_is_not_buffered() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"a");
+    b.client(10_000_000, &[0u8; 1000]);
+    assert_eq!(b.r.buffered(), 0);
+    assert_eq!(b.ended(), None);
+}
+
+#[test]
+fn a_tiny_segment_flood_hits_the_segment_bound_and_drops_only_that_copy() {
+    let limits = Limits::default();
+    let mut b = Bed::new(limits);
+    b.handshake();
+    b.client(0, b"a");
+    for i in 0..10_000u32 {
+        b.client(2 + 2 * i, b"x"); // every other byte: nothing ever continues
+    }
+    assert!(matches!(b.ended(), Some(EndReason::Gap { .. })));
+    assert_eq!(b.r.buffered(), 0, "the flow's buffer went with it");
+}
+
+#[test]
+fn out_of_order_bytes_are_bounded_over_all_flows() {
+    let limits = Limits {
+        total_buffer: 4096,
+        ..Limits::default()
+    };
+    let mut r = Reassembler::new(limits);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    for port in 0..100u16 {
+        let c = SocketAddr::from(([10, 0, 0, 2], 10_000 + port));
+        let s = addr(S);
+        let seg = |src, dst, seq, ack, syn, payload| Segment {
+            src,
+            dst,
+            seq,
+            ack,
+            syn,
+            fin: false,
+            rst: false,
+            payload,
+            arriving: true,
+        };
+        r.segment(&seg(c, s, 0, None, true, b""), now, |_, _| true, &mut out);
+        r.segment(
+            &seg(s, c, 0, Some(1), true, b""),
+            now,
+            |_, _| true,
+            &mut out,
+        );
+        r.segment(
+            &seg(c, s, 2, Some(1), false, &[7u8; 1000]),
+            now,
+            |_, _| true,
+            &mut out,
+        );
+        assert!(r.buffered() <= 4096);
+    }
+}
+
+#[test]
+fn a_syn_flood_keeps_the_table_bounded_and_established_flows_survive() {
+    let limits = Limits {
+        max_flows: 64,
+        ..Limits::default()
+    };
+    let mut b = Bed::new(limits);
+    b.handshake();
+    b.client(0, b"live");
+    for i in 0..5000u32 {
+        let seg = Segment {
+            src: SocketAddr::from(([10, 9, (i >> 8) as u8, i as u8], 1234)),
+            dst: addr(S),
+            seq: i,
+            ack: None,
+            syn: true,
+            fin: false,
+            rst: false,
+            payload: b"",
+            arriving: true,
+        };
+        b.r.segment(&seg, b.now, |_, _| true, &mut b.out);
+        assert!(b.r.flows() <= 64);
+    }
+    b.client(4, b" on");
+    assert_eq!(b.stream(Direction::Request), b"live on");
+    assert_eq!(b.ended(), None);
+}
+
+#[test]
+fn a_syn_leaving_the_host_or_refused_by_the_caller_starts_nothing() {
+    let mut r = Reassembler::new(Limits::default());
+    let mut out = Vec::new();
+    let mut seg = Segment {
+        src: addr(C),
+        dst: addr(S),
+        seq: 1,
+        ack: None,
+        syn: true,
+        fin: false,
+        rst: false,
+        payload: b"",
+        arriving: false,
+    };
+    r.segment(&seg, Instant::now(), |_, _| true, &mut out);
+    assert_eq!(r.flows(), 0);
+    seg.arriving = true;
+    r.segment(&seg, Instant::now(), |_, s| s.port() != 8080, &mut out);
+    assert_eq!(r.flows(), 0);
+}
+
+#[test]
+fn data_without_the_clients_acknowledgment_of_the_syn_ack_is_not_copied() {
+    let mut b = Bed::new(Limits::default());
+    b.seg(true, CISN, None, "S", b"");
+    b.seg(false, SISN, Some(CISN.wrapping_add(1)), "S", b"");
+    // A spoofer that never saw the SYN-ACK guesses the server's ISN wrong.
+    b.seg(true, CISN.wrapping_add(1), Some(SISN + 77), "", b"forged");
+    assert!(b.out.is_empty());
+    b.client(0, b"real");
+    assert_eq!(b.stream(Direction::Request), b"real");
+}
+
+#[test]
+fn idle_flows_expire() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"x");
+    let later = b.now + Limits::default().idle;
+    b.r.expire(later, &mut b.out);
+    assert_eq!(b.ended(), Some(EndReason::Idle));
+    assert_eq!(b.r.flows(), 0);
+}

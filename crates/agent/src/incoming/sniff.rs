@@ -1,0 +1,604 @@
+//! The sniffing mirror: mirrored ports are copied off the packet path instead
+//! of passed through the agent, so the target's clients talk to the target
+//! directly and never wait for graft.
+//!
+//! A [`Sniffer`] owns a capture thread and a consumer task. The thread reads the
+//! segments of the watched ports from a [`capture::PacketSocket`], parses them
+//! (`etherparse`) and reassembles each connection ([`reassembly`]); the events go
+//! through a bounded channel, whose data also counts against [`IN_TRANSIT`]
+//! bytes, to the consumer, which feeds the same downstream as the pass-through
+//! mirror ([`tee`]): every unfiltered mirror of the port gets a connection with
+//! the client's bytes (and, framed, the target's answers when it asked for
+//! them), and when the port has HTTP filters the client's bytes are parsed as
+//! HTTP ([`super::http::copy_requests`]) so that each mirror filter selects its
+//! requests. Whenever the copy cannot keep up (the channel or a mirror's queue is
+//! full) that connection's copy is dropped; the capture never waits.
+//!
+//! New connections are copied only while their port is watched
+//! ([`Sniffer::watch`]); a connection already copied stays copied until it ends
+//! after its port is unwatched (so a hub that hands over still copies the
+//! connections it saw start). Connections from the probe sources
+//! ([`crate::rules::probes`]) are never copied, as they are never redirected,
+//! and neither are the agent's own connections from the target's namespace
+//! ([`own_connection`]): a mirrored program that calls its own service through
+//! graft would otherwise be sent copies of its own calls, without end.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use graft_protocol::incoming::tap::Direction;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use super::capture::{self, PacketSocket};
+use super::reassembly::{EndReason, Event, FlowId, Limits, Reassembler, Segment};
+use super::{ConnMeta, Hub, PortSubs, tee};
+
+/// Events queued between the capture thread and the consumer.
+const EVENTS: usize = 4096;
+
+/// Copied bytes queued between the capture thread and the consumer at most.
+pub const IN_TRANSIT: usize = 16 << 20;
+
+/// The largest chunk gathered for a mirror (a pass-through read's size).
+const CHUNK: usize = 64 * 1024;
+
+/// Chunks of a connection's client bytes queued for its HTTP parser at most.
+const HTTP_QUEUE: usize = 64;
+
+/// Bytes a connection's first bytes are kept to tell HTTP from the rest.
+const DETECT_BYTES: usize = 64;
+
+/// How often the capture thread expires idle flows and reads the kernel's drops.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// How long [`Sniffer::watch`] waits for the capture thread to filter a new port.
+const APPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// How many of the agent's own connections [`own_connection`] remembers.
+const OWN_MAX: usize = 16_384;
+
+/// How long an own connection is remembered at least.
+const OWN_TTL: Duration = Duration::from_secs(600);
+
+/// The local addresses of the agent's own TCP connections, by when they were made.
+static OWN: Mutex<Option<HashMap<SocketAddr, Instant>>> = Mutex::new(None);
+
+/// Records that the agent itself opened a connection from `local` (an outgoing
+/// connection of a session): the mirror never copies it. Call it before the
+/// connection's first byte is written; the address is remembered for at least
+/// [`OWN_TTL`] (at most [`OWN_MAX`] addresses: beyond that the oldest go).
+pub fn own_connection(local: SocketAddr) {
+    let mut own = OWN.lock().expect("own connections lock poisoned");
+    let own = own.get_or_insert_with(HashMap::new);
+    if own.len() >= OWN_MAX {
+        let now = Instant::now();
+        own.retain(|_, made| now.duration_since(*made) < OWN_TTL);
+        if own.len() >= OWN_MAX {
+            own.clear();
+        }
+    }
+    own.insert(local, Instant::now());
+}
+
+/// Whether `client` is one of the agent's own connections.
+fn is_own(client: SocketAddr) -> bool {
+    let own = OWN.lock().expect("own connections lock poisoned");
+    own.as_ref().is_some_and(|own| own.contains_key(&client))
+}
+
+/// What the hub tells the capture thread, and what the thread has applied.
+struct Control {
+    /// Ports whose new connections are copied.
+    ports: Mutex<BTreeSet<u16>>,
+    /// Bumped on every change of `ports`.
+    generation: AtomicU64,
+    /// The last generation whose ports the kernel filters.
+    applied: tokio::sync::watch::Sender<u64>,
+    stop: AtomicBool,
+}
+
+/// The sniffing mirror of one hub; dropping it stops the capture.
+pub struct Sniffer {
+    control: Arc<Control>,
+}
+
+impl Sniffer {
+    /// Opens the packet socket in the current (the target's) network namespace
+    /// and starts the capture thread and the consumer, which looks up each new
+    /// connection's subscriptions in `hub`.
+    ///
+    /// # Errors
+    ///
+    /// The packet socket could not be opened: `EPERM` without `CAP_NET_RAW`
+    /// (the hub then mirrors by pass-through).
+    pub fn start(hub: Weak<Hub>) -> io::Result<Sniffer> {
+        let socket = PacketSocket::open()?;
+        let control = Arc::new(Control {
+            ports: Mutex::default(),
+            generation: AtomicU64::new(0),
+            applied: tokio::sync::watch::Sender::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let (events_tx, events_rx) = mpsc::channel(EVENTS);
+        let in_transit = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(consume(events_rx, hub, in_transit.clone()));
+        let thread_control = control.clone();
+        std::thread::Builder::new()
+            .name("graft-sniff".to_owned())
+            .spawn(move || capture_loop(socket, &thread_control, &events_tx, &in_transit))?;
+        Ok(Sniffer { control })
+    }
+
+    /// Copies the new connections to `port` from when it returns: it waits
+    /// (at most [`APPLY_WAIT`]) until the kernel filters the port.
+    ///
+    /// # Errors
+    ///
+    /// [`capture::MAX_PORTS`] ports are already watched, or the capture stopped.
+    pub async fn watch(&self, port: u16) -> io::Result<()> {
+        let generation = {
+            let mut ports = self.control.ports.lock().expect("sniffer lock poisoned");
+            if !ports.contains(&port) && ports.len() >= capture::MAX_PORTS {
+                return Err(io::Error::other(format!(
+                    "{} ports are sniffed already",
+                    capture::MAX_PORTS
+                )));
+            }
+            ports.insert(port);
+            self.control.generation.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        let mut applied = self.control.applied.subscribe();
+        match tokio::time::timeout(APPLY_WAIT, applied.wait_for(|g| *g >= generation)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(io::Error::other("the capture stopped")),
+            Err(_) => {
+                tracing::debug!(port, "the capture has not filtered the port yet");
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops copying new connections to `port`; those being copied go on.
+    pub fn unwatch(&self, port: u16) {
+        let mut ports = self.control.ports.lock().expect("sniffer lock poisoned");
+        if ports.remove(&port) {
+            self.control.generation.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.control.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The parsed TCP segment of a captured IP packet, if it is one.
+fn parse<'a>(packet: &capture::Packet<'a>) -> Option<Segment<'a>> {
+    if packet.truncated {
+        return None;
+    }
+    let sliced = SlicedPacket::from_ip(packet.data).ok()?;
+    let (src, dst): (IpAddr, IpAddr) = match sliced.net? {
+        NetSlice::Ipv4(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Ipv6(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+    };
+    let TransportSlice::Tcp(tcp) = sliced.transport? else {
+        return None;
+    };
+    Some(Segment {
+        src: SocketAddr::new(src, tcp.source_port()),
+        dst: SocketAddr::new(dst, tcp.destination_port()),
+        seq: tcp.sequence_number(),
+        ack: tcp.ack().then(|| tcp.acknowledgment_number()),
+        syn: tcp.syn(),
+        fin: tcp.fin(),
+        rst: tcp.rst(),
+        payload: tcp.payload(),
+        arriving: packet.pkttype == capture::PACKET_HOST,
+    })
+}
+
+/// The capture thread: reads, reassembles and hands events on until stopped.
+fn capture_loop(
+    mut socket: PacketSocket,
+    control: &Control,
+    events: &mpsc::Sender<Event>,
+    in_transit: &AtomicUsize,
+) {
+    let excluded: HashSet<IpAddr> = crate::rules::settings().excluded.iter().copied().collect();
+    let mut reassembler = Reassembler::new(Limits::default());
+    let mut accepting = BTreeSet::new();
+    let mut seen = u64::MAX;
+    let mut filtered: Option<Vec<u16>> = None;
+    let mut out = Vec::new();
+    let mut pending_ends = Vec::new();
+    let mut housekeeping = Instant::now();
+    let mut headers = capture::Headers::new();
+    loop {
+        if control.stop.load(Ordering::SeqCst) {
+            reassembler.end_all(&mut out);
+            dispatch(
+                &mut out,
+                events,
+                in_transit,
+                &mut reassembler,
+                &mut pending_ends,
+            );
+            break;
+        }
+        let generation = control.generation.load(Ordering::SeqCst);
+        if generation != seen {
+            seen = generation;
+            accepting = control.ports.lock().expect("sniffer lock poisoned").clone();
+        }
+        // The kernel keeps the watched ports and those of live flows.
+        let mut wanted: Vec<u16> = accepting.iter().copied().collect();
+        wanted.extend(reassembler.ports());
+        wanted.sort_unstable();
+        wanted.dedup();
+        wanted.truncate(capture::MAX_PORTS);
+        if filtered.as_ref() != Some(&wanted) {
+            if let Err(e) = socket.set_ports(&wanted) {
+                tracing::warn!("the sniffing mirror's filter was refused: {e}");
+            }
+            if filtered.is_none()
+                && let Err(e) = socket.start()
+            {
+                tracing::warn!("the sniffing mirror could not start: {e}");
+                break;
+            }
+            tracing::debug!(ports = ?wanted, "sniffing");
+            filtered = Some(wanted);
+        }
+        control.applied.send_if_modified(|applied| {
+            let changed = *applied != seen;
+            *applied = seen;
+            changed
+        });
+        let now = Instant::now();
+        let read = socket.read_batch(&mut headers, |packet| {
+            if let Some(seg) = parse(&packet) {
+                let accept = |client: SocketAddr, server: SocketAddr| {
+                    accepting.contains(&server.port()) && !excluded.contains(&client.ip())
+                };
+                reassembler.segment(&seg, now, accept, &mut out);
+            }
+        });
+        if let Err(e) = read {
+            tracing::warn!("the sniffing mirror stopped reading: {e}");
+            reassembler.end_all(&mut out);
+            dispatch(
+                &mut out,
+                events,
+                in_transit,
+                &mut reassembler,
+                &mut pending_ends,
+            );
+            break;
+        }
+        if now.duration_since(housekeeping) >= HOUSEKEEPING {
+            housekeeping = now;
+            reassembler.expire(now, &mut out);
+            let drops = socket.drops();
+            if drops > 0 {
+                tracing::debug!(
+                    drops,
+                    "the kernel dropped captured packets (the agent fell behind)"
+                );
+            }
+            tracing::trace!(
+                flows = reassembler.flows(),
+                buffered = reassembler.buffered(),
+                "sniffing"
+            );
+            let refused = reassembler.take_refused();
+            if refused > 0 {
+                tracing::debug!(refused, "connections not mirrored: too many at once");
+            }
+        }
+        dispatch(
+            &mut out,
+            events,
+            in_transit,
+            &mut reassembler,
+            &mut pending_ends,
+        );
+    }
+}
+
+/// Hands `out` to the consumer; a flow whose event does not fit is dropped
+/// (its end is sent when there is room again).
+fn dispatch(
+    out: &mut Vec<Event>,
+    events: &mpsc::Sender<Event>,
+    in_transit: &AtomicUsize,
+    reassembler: &mut Reassembler,
+    pending_ends: &mut Vec<FlowId>,
+) {
+    pending_ends.retain(|&id| {
+        let end = Event::End {
+            id,
+            why: EndReason::Stopped,
+        };
+        events.try_send(end).is_err()
+    });
+    let mut dropped = HashSet::new();
+    for event in out.drain(..) {
+        let id = event.id();
+        if dropped.contains(&id) {
+            continue;
+        }
+        if let Event::End { why, .. } = &event
+            && let EndReason::Gap { direction, why } = why
+        {
+            tracing::debug!(?direction, "a mirrored connection's copy ends: {why}");
+        }
+        let len = match &event {
+            Event::Data { bytes, .. } => bytes.len(),
+            _ => 0,
+        };
+        let over = in_transit.fetch_add(len, Ordering::SeqCst) + len > IN_TRANSIT;
+        let sent = !over && events.try_send(event).is_ok();
+        if !sent {
+            in_transit.fetch_sub(len, Ordering::SeqCst);
+            if events.is_closed() {
+                return;
+            }
+            tracing::debug!("the mirror fell behind; a connection's copy is dropped");
+            reassembler.forget(id);
+            dropped.insert(id);
+            pending_ends.push(id);
+        }
+    }
+}
+
+/// The consumer: turns the capture's events into mirror connections. The
+/// bytes of the events ready at once are gathered per connection and direction
+/// (up to [`CHUNK`]), so a mirror's queue holds chunks as large as a
+/// pass-through read, not one segment each.
+async fn consume(mut events: mpsc::Receiver<Event>, hub: Weak<Hub>, in_transit: Arc<AtomicUsize>) {
+    let mut flows: HashMap<FlowId, Copy> = HashMap::new();
+    let mut dirty: Vec<FlowId> = Vec::new();
+    while let Some(first) = events.recv().await {
+        let mut next = Some(first);
+        while let Some(event) = next {
+            if !handle(event, &mut flows, &mut dirty, &hub, &in_transit) {
+                return;
+            }
+            next = events.try_recv().ok();
+        }
+        for id in dirty.drain(..) {
+            if let Some(copy) = flows.get_mut(&id) {
+                copy.flush();
+            }
+        }
+    }
+}
+
+/// Takes one event; false when the hub is gone.
+fn handle(
+    event: Event,
+    flows: &mut HashMap<FlowId, Copy>,
+    dirty: &mut Vec<FlowId>,
+    hub: &Weak<Hub>,
+    in_transit: &AtomicUsize,
+) -> bool {
+    match event {
+        Event::Open { id, client, server } => {
+            let Some(hub) = hub.upgrade() else {
+                return false;
+            };
+            if is_own(client) {
+                tracing::debug!(%client, %server, "the agent's own connection is not mirrored");
+                return true;
+            }
+            // A port stolen meanwhile still has this connection go to the
+            // target directly (the redirect only takes new ones): copied.
+            if let Some(subs) = hub.port_subs(server.port()) {
+                let meta = ConnMeta {
+                    port: server.port(),
+                    peer: client,
+                    local: server,
+                };
+                flows.insert(id, Copy::start(meta, subs, &hub.in_flight));
+            }
+        }
+        Event::Data {
+            id,
+            direction,
+            bytes,
+        } => {
+            in_transit.fetch_sub(bytes.len(), Ordering::SeqCst);
+            if let Some(copy) = flows.get_mut(&id) {
+                if copy.pending.is_empty() {
+                    dirty.push(id);
+                }
+                copy.gather(direction, &bytes);
+            }
+        }
+        Event::Closed { id, direction } => {
+            if let Some(copy) = flows.get_mut(&id) {
+                copy.flush();
+                if direction == Direction::Request {
+                    copy.http = Http::Off; // the parser sees the end of the stream
+                }
+            }
+        }
+        Event::End { id, .. } => {
+            if let Some(mut copy) = flows.remove(&id) {
+                copy.flush();
+            }
+        }
+    }
+    true
+}
+
+/// Where a connection's copy goes.
+struct Copy {
+    meta: ConnMeta,
+    subs: Arc<PortSubs>,
+    in_flight: TaskTracker,
+    /// Unfiltered mirrors.
+    mirrors: Vec<tee::Mirror>,
+    http: Http,
+    /// Bytes gathered for the next chunk, and their direction.
+    pending: BytesMut,
+    pending_direction: Direction,
+}
+
+/// The HTTP parsing of a connection on a port with filters.
+enum Http {
+    /// No filter, not HTTP, or over.
+    Off,
+    /// The first bytes, until they tell.
+    Detecting(BytesMut),
+    /// The parser's queue.
+    Feeding(mpsc::Sender<Bytes>),
+}
+
+impl Copy {
+    fn start(meta: ConnMeta, subs: Arc<PortSubs>, in_flight: &TaskTracker) -> Copy {
+        let mirrors = tee::start_mirrors(meta, subs.plain_mirrors(), in_flight);
+        let http = if subs.has_filters() {
+            Http::Detecting(BytesMut::new())
+        } else {
+            Http::Off
+        };
+        Copy {
+            meta,
+            subs,
+            in_flight: in_flight.clone(),
+            mirrors,
+            http,
+            pending: BytesMut::new(),
+            pending_direction: Direction::Request,
+        }
+    }
+
+    /// Adds `bytes` to the chunk being gathered; a chunk goes out when it is
+    /// full or the direction changes.
+    fn gather(&mut self, direction: Direction, bytes: &[u8]) {
+        if direction != self.pending_direction || self.pending.len() + bytes.len() > CHUNK {
+            self.flush();
+        }
+        self.pending_direction = direction;
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Sends the gathered chunk on.
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let chunk = self.pending.split().freeze();
+            self.feed(self.pending_direction, chunk);
+        }
+    }
+
+    fn feed(&mut self, direction: Direction, bytes: Bytes) {
+        tee::copy_to(&mut self.mirrors, direction, &bytes);
+        if direction == Direction::Response {
+            return;
+        }
+        match &mut self.http {
+            Http::Off => {}
+            Http::Detecting(first) => {
+                first.extend_from_slice(&bytes[..bytes.len().min(DETECT_BYTES)]);
+                match super::http::classify(first) {
+                    None if first.len() < DETECT_BYTES => {}
+                    Some(true) => {
+                        let (tx, rx) = mpsc::channel(HTTP_QUEUE);
+                        let _ = tx.try_send(bytes_so_far(first, &bytes));
+                        self.in_flight.spawn(super::http::copy_requests(
+                            Feed {
+                                rx,
+                                chunk: Bytes::new(),
+                            },
+                            self.meta,
+                            self.subs.clone(),
+                            self.in_flight.clone(),
+                        ));
+                        self.http = Http::Feeding(tx);
+                    }
+                    _ => self.http = Http::Off,
+                }
+            }
+            Http::Feeding(tx) => {
+                if tx.try_send(bytes).is_err() {
+                    tracing::debug!("the HTTP copy fell behind; it is dropped");
+                    self.http = Http::Off;
+                }
+            }
+        }
+    }
+}
+
+/// All the client bytes so far, when the last chunk `last` completed the
+/// detection of `first` (which holds at most [`DETECT_BYTES`] of each chunk).
+fn bytes_so_far(first: &BytesMut, last: &Bytes) -> Bytes {
+    // `first` ends with the head of `last`; put `last` back whole.
+    let head = last.len().min(DETECT_BYTES);
+    let mut all = BytesMut::with_capacity(first.len() - head + last.len());
+    all.extend_from_slice(&first[..first.len() - head]);
+    all.extend_from_slice(last);
+    all.freeze()
+}
+
+/// A connection's reassembled client bytes as a stream: reads what the capture
+/// delivers; what is written to it (the parser's answers) is thrown away.
+pub struct Feed {
+    rx: mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+}
+
+impl AsyncRead for Feed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.chunk.is_empty() {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(chunk)) => self.chunk = chunk,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = self.chunk.len().min(buf.remaining());
+        buf.put_slice(&self.chunk.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Feed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
