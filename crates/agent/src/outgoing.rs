@@ -161,7 +161,17 @@ pub fn connect_fd(remote: SocketAddr) -> Result<OwnedFd, RemoteError> {
     )
     .map_err(os)?;
     match rustix::net::connect(&socket, &remote) {
-        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(socket),
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {
+            // The port is bound by connect(2): the sniffing mirror must not copy
+            // this connection back to a mirrored program that calls its own
+            // target (see `incoming::sniff::own_connection`).
+            if let Ok(local) = rustix::net::getsockname(&socket)
+                && let Ok(local) = std::net::SocketAddr::try_from(local)
+            {
+                crate::incoming::sniff::own_connection(local);
+            }
+            Ok(socket)
+        }
         Err(e) => Err(os(e)),
     }
 }
