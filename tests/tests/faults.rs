@@ -216,7 +216,10 @@ fn kill_9_of_the_agent_ends_graft_with_a_clear_message_and_resets_cmds_remote_co
         port = bed.app_port,
         svc = bed.service_v4,
     );
-    let command = bed.graft_run(&["--steal"], &[python(), "-c", &script]);
+    let mut command = bed.graft_run(&["--steal"], &[python(), "-c", &script]);
+    // A connection the link relays: the target's own socket, which a local
+    // target's program gets by default (fdpass.rs), outlives the agent.
+    command.env("GRAFT_FD_PASSING", "0");
     let mut session = bed.spawn(command, "graft run --steal -- holder");
     let ready = wait_until(STEAL_TIMEOUT, Duration::from_millis(50), || {
         if let Some(status) = session.try_status() {
@@ -310,7 +313,9 @@ fn link_cut_mid_outgoing_transfer_resets_cmds_connection() {
          except socket.timeout:\n    print('hung', flush=True)\n",
         svc = bed.service_v4,
     );
-    let command = bed.graft_run(&[], &[python(), "-c", &script]);
+    let mut command = bed.graft_run(&[], &[python(), "-c", &script]);
+    // Through the link: the target's own socket (fdpass.rs) has no link to cut.
+    command.env("GRAFT_FD_PASSING", "0");
     let mut session = bed.spawn(command, "graft run -- streamer");
     let flowing = wait_until(STEAL_TIMEOUT, Duration::from_millis(50), || {
         if let Some(status) = session.try_status() {

@@ -5,6 +5,19 @@
 //! still works when passing is off (`GRAFT_FD_PASSING=0`, the cluster's path);
 //! symlinks cannot leave the target's root on this path either; and descriptors
 //! a hostile program passes to graft's layer socket are refused without a leak.
+//!
+//! Sockets (tests/fixtures/sockfd.py): an outgoing TCP connection is the
+//! target's own socket (the service sees the target's address, getsockname and
+//! getpeername are real, the program's flags and options carry over, a
+//! non-blocking connect says EINPROGRESS then turns writable), a whole stolen
+//! connection is accepted as the target's socket; passing off relays both; and
+//! the attacks: a destination a rule keeps local gets no target socket, a
+//! hand-made layer frame gets none for the target's loopback or for a
+//! connection it was not delivered, a peer without `+fds` (a Kubernetes link)
+//! gets none, and no socket passed is ever a listener.
+
+#[path = "fdpass/sockets.rs"]
+mod sockets;
 
 use graft_tests::{Bed, fixture_str, python};
 

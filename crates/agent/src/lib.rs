@@ -34,6 +34,7 @@ mod incoming;
 mod limits;
 mod ns;
 mod outgoing;
+mod passing;
 mod relay;
 mod rules;
 mod session;

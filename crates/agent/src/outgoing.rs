@@ -1,14 +1,20 @@
 //! Outgoing connections: `ClientMessage::Connect` opens a TCP connection or a
 //! connected UDP flow from the target's network namespace, answers `Connected` or
 //! `ConnectFailed`, and hands the socket to a [`crate::relay`] task.
+//!
+//! For a client on this machine that takes descriptors, [`connect_fd`] starts the
+//! connection and the socket itself goes to the program
+//! (`RemoteRequest::ConnectFd`); nothing is relayed.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use graft_protocol::Transport;
 use graft_protocol::link::AgentMessage;
+use graft_protocol::remote::RemoteError;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -99,11 +105,107 @@ pub async fn connect(
     table.finished(&registration);
 }
 
+/// Why the agent never connects a passed socket to `remote`, if it does not.
+///
+/// The layer sends the target's way only destinations that no rule keeps on
+/// this machine, and loopback and unspecified addresses never go there
+/// (`graft_config::outgoing::goes_remote`); a program that asks for one anyway
+/// through a hand-made frame must not get a socket on the target's own
+/// loopback services. Multicast, broadcast and port 0 are no TCP destinations.
+pub fn refused_destination(remote: &SocketAddr) -> Option<&'static str> {
+    let ip = match remote.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    if ip.is_loopback() {
+        Some("the target's loopback stays the target's")
+    } else if ip.is_unspecified() {
+        Some("an unspecified address means the target's loopback")
+    } else if ip.is_multicast() || matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("multicast and broadcast are no TCP destinations")
+    } else if remote.port() == 0 {
+        Some("port 0 is no destination")
+    } else {
+        None
+    }
+}
+
+/// Starts a TCP connection to `remote` from the target's network namespace (the
+/// agent's own) on a new non-blocking, close-on-exec socket of `remote`'s family,
+/// and returns the socket with its connect possibly still in progress
+/// (connect(2): `EINPROGRESS`, then writable with the outcome in `SO_ERROR`).
+///
+/// # Errors
+///
+/// [`RemoteError::Os`] with `EACCES` for a [`refused_destination`], or the
+/// errno of `socket(2)` or of a connect that failed at once (`ENETUNREACH`).
+pub fn connect_fd(remote: SocketAddr) -> Result<OwnedFd, RemoteError> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    if let Some(reason) = refused_destination(&remote) {
+        tracing::warn!(%remote, "no socket passed: {reason}");
+        return Err(RemoteError::Os(libc::EACCES));
+    }
+    let family = if remote.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let os = |e: rustix::io::Errno| RemoteError::Os(e.raw_os_error());
+    let socket = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(os)?;
+    match rustix::net::connect(&socket, &remote) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {
+            // The port is bound by connect(2): the sniffing mirror must not copy
+            // this connection back to a mirrored program that calls its own
+            // target (see `incoming::sniff::own_connection`).
+            if let Ok(local) = rustix::net::getsockname(&socket)
+                && let Ok(local) = std::net::SocketAddr::try_from(local)
+            {
+                crate::incoming::sniff::own_connection(local);
+            }
+            Ok(socket)
+        }
+        Err(e) => Err(os(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use graft_protocol::ConnectionId;
 
     use super::*;
+
+    #[test]
+    fn a_passed_socket_never_reaches_loopback_however_spelled() {
+        for refused in [
+            "127.0.0.1:80",
+            "127.9.9.9:80",
+            "[::1]:80",
+            "0.0.0.0:80",
+            "[::]:80",
+            "[::ffff:127.0.0.1]:80",
+            "[::ffff:0.0.0.0]:80",
+            "224.0.0.1:80",
+            "[ff02::1]:80",
+            "255.255.255.255:80",
+            "10.0.0.1:0",
+        ] {
+            let addr: SocketAddr = refused.parse().unwrap();
+            assert!(refused_destination(&addr).is_some(), "{refused}");
+            assert_eq!(connect_fd(addr).err(), Some(RemoteError::Os(libc::EACCES)));
+        }
+        for allowed in ["10.0.0.1:80", "[2001:db8::1]:443", "[::ffff:10.0.0.1]:80"] {
+            let addr: SocketAddr = allowed.parse().unwrap();
+            assert_eq!(refused_destination(&addr), None, "{allowed}");
+        }
+    }
 
     #[tokio::test]
     async fn refused_connect_reports_econnrefused() {

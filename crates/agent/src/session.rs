@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use graft_protocol::codec::FrameCodec;
-use graft_protocol::fdpass::FdQueues;
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
 use graft_protocol::secret::{self, secrets_match};
@@ -37,6 +36,7 @@ use crate::dns::Dns;
 use crate::files::{Files, TargetRoot};
 use crate::incoming::peer::{Access, Delivery, Handover};
 use crate::incoming::{BoxFuture, BoxIo, ConnMeta, Subscriber};
+use crate::passing::FdSender;
 use crate::relay::{self, ConnCommand, ConnTable};
 use graft_protocol::incoming::{SubscribeError, Subscription, TlsTermination};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,7 +81,7 @@ pub struct SessionConfig {
     /// The descriptor queues of a link that can pass descriptors (a Unix socket,
     /// [`graft_protocol::fdpass::FdStream`]); `None` on other links. Used only when
     /// the client's `Hello` names [`graft_protocol::version::FEATURE_FDS`].
-    pub fds: Option<Arc<FdQueues>>,
+    pub fds: Option<Arc<graft_protocol::fdpass::FdQueues>>,
 }
 
 /// Why the agent must stop, from outside the link.
@@ -330,11 +330,11 @@ where
     let fds = config.fds.clone().filter(|_| fds);
     tracing::debug!(
         passes_descriptors = fds.is_some(),
-        "files on this link: {}",
+        "files, outgoing sockets and whole stolen connections on this link: {}",
         if fds.is_some() {
             "descriptors passed"
         } else {
-            "relayed"
+            "relayed (the client takes no descriptors, or the link is not a Unix socket)"
         }
     );
     tracing::info!(client = %hello.client, "session open");
@@ -347,11 +347,15 @@ where
     let requests = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
     let mut writer = tokio::spawn(write_link(sink, control_rx, responses_rx, data_rx));
     let table = Arc::new(ConnTable::default());
+    // Every frame that announces a descriptor takes the responses' channel.
+    let fd_out = fds.map(|queues| Arc::new(FdSender::new(queues, responses.clone())));
     let sink = Arc::new(SessionSink {
         to_link: to_link.clone(),
         table: table.clone(),
         next_id: AtomicU64::new(1),
         steal_tx: std::sync::OnceLock::new(),
+        fd_out: fd_out.clone(),
+        fd_ports: std::sync::Mutex::new(std::collections::HashSet::new()),
         watch_routes: AtomicBool::new(false),
     });
     let delivered = sink.clone();
@@ -379,8 +383,7 @@ where
         files: Arc::new(Files::new(config.root.clone())),
         dns: Dns::new(config.root.clone()),
         access: access.clone(),
-        fds,
-        fd_order: tokio::sync::Mutex::new(()),
+        fd_out: fd_out.clone(),
     });
     let steal_tx = spawn_subscriber(access.clone(), to_link.clone());
     let _ = sink.steal_tx.set(steal_tx.clone());
@@ -433,7 +436,7 @@ where
                     tracing::debug!(on, "routing records");
                     sink.watch_routes.store(on, Ordering::Relaxed);
                 }
-                Some(Ok(message)) => dispatch(message, &table, &to_link, &steal_tx, &control),
+                Some(Ok(message)) => dispatch(message, &table, &to_link, &steal_tx, &control, &sink),
             },
             up = attachment_change(&mut attached) => {
                 let _ = steal_tx.send(if up { SubCommand::Resume } else { SubCommand::Suspend });
@@ -463,6 +466,10 @@ where
         let _ = tokio::time::timeout(FINAL_FLUSH, &mut writer).await;
     }
     writer.abort();
+    // Sockets the link could not pass any more are reset, as relayed ones are.
+    if let Some(fd_out) = &fd_out {
+        fd_out.abort();
+    }
     Ended { end, handover }
 }
 
@@ -486,11 +493,8 @@ struct Services {
     files: Arc<Files>,
     dns: Dns,
     access: Arc<Access>,
-    /// The link's descriptor queues, when both peers pass descriptors.
-    fds: Option<Arc<FdQueues>>,
-    /// Held from queueing a descriptor until its frame is queued, so descriptors
-    /// and their frames leave in the same order.
-    fd_order: tokio::sync::Mutex<()>,
+    /// Where descriptors leave, when both peers pass them.
+    fd_out: Option<Arc<FdSender>>,
 }
 
 /// A subscription change, processed in order.
@@ -582,6 +586,11 @@ struct SessionSink {
     steal_tx: std::sync::OnceLock<mpsc::UnboundedSender<SubCommand>>,
     table: Arc<ConnTable>,
     next_id: AtomicU64,
+    /// Where descriptors leave, when both peers pass them.
+    fd_out: Option<Arc<FdSender>>,
+    /// The ports subscribed with `SubscribeFds` on a link that passes
+    /// descriptors: their whole stolen connections go as sockets.
+    fd_ports: std::sync::Mutex<std::collections::HashSet<u16>>,
     /// The client asked for routing records ([`ClientMessage::WatchRoutes`]).
     watch_routes: AtomicBool,
 }
@@ -634,6 +643,10 @@ const SESSION_PIPE: usize = 256 * 1024;
 impl Subscriber for SessionSink {
     fn open(self: Arc<Self>, meta: ConnMeta) -> BoxFuture<std::io::Result<BoxIo>> {
         Box::pin(async move {
+            if self.fd_out.is_some() {
+                tracing::debug!(peer = %meta.peer, port = meta.port,
+                    "incoming connection relayed: the agent reads it (a filter, TLS, or a mirror of the port)");
+            }
             let (ours, theirs) = tokio::io::duplex(SESSION_PIPE);
             self.accept(meta, theirs).await?;
             Ok(Box::new(ours) as BoxIo)
@@ -678,6 +691,34 @@ impl Subscriber for SessionSink {
         stream: tokio::net::TcpStream,
     ) -> BoxFuture<std::io::Result<()>> {
         Box::pin(async move {
+            let passes = self.fd_out.clone().filter(|_| {
+                self.fd_ports
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains(&meta.port)
+            });
+            if let Some(fd_out) = passes {
+                let fd: std::os::fd::OwnedFd = stream.into_std()?.into();
+                tracing::debug!(peer = %meta.peer, port = meta.port, "stolen connection passed as a descriptor");
+                let incoming = AgentMessage::IncomingFd {
+                    port: meta.port,
+                    peer: meta.peer,
+                    local: meta.local,
+                };
+                return match fd_out.send(fd, incoming).await {
+                    Ok(()) => Ok(()),
+                    Err(fd) => {
+                        crate::passing::reset(fd);
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::BrokenPipe,
+                            "the session is gone",
+                        ))
+                    }
+                };
+            }
+            tracing::debug!(peer = %meta.peer, port = meta.port, "stolen connection relayed: {}",
+                if self.fd_out.is_none() { "the link passes no descriptors" }
+                else { "the client asked for a relayed delivery (a graft delivery, TLS, or a descriptor-less peer)" });
             // From here on, an agent that stops resets the connection.
             let guard = relay::ResetOnDrop::new(stream);
             let registration = self.announce(meta).await?;
@@ -698,7 +739,13 @@ fn dispatch(
     to_link: &mpsc::Sender<AgentMessage>,
     steal_tx: &mpsc::UnboundedSender<SubCommand>,
     control: &impl Fn(AgentMessage),
+    sink: &SessionSink,
 ) {
+    let fd_ports = || {
+        sink.fd_ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     match message {
         ClientMessage::Hello(_) => tracing::warn!("second Hello ignored"),
         ClientMessage::Ping(n) => control(AgentMessage::Pong(n)),
@@ -709,12 +756,36 @@ fn dispatch(
             unreachable!("the link reader sets the session's routing records itself")
         }
         ClientMessage::Subscribe(subscription) => {
+            fd_ports().remove(&subscription.port);
             let _ = steal_tx.send(SubCommand::Subscribe(subscription, None));
         }
         ClientMessage::SubscribeTls { subscription, tls } => {
+            fd_ports().remove(&subscription.port);
             let _ = steal_tx.send(SubCommand::Subscribe(subscription, Some(tls)));
         }
+        ClientMessage::SubscribeFds(subscription) => {
+            // Whole connections of an unfiltered steal only: a filter or a mirror
+            // needs the agent to read the bytes.
+            let whole = subscription.mode == graft_protocol::incoming::IncomingMode::Steal
+                && subscription.filter.is_none();
+            if sink.fd_out.is_some() && whole {
+                fd_ports().insert(subscription.port);
+            } else {
+                tracing::debug!(
+                    port = subscription.port,
+                    "stolen connections relayed: {}",
+                    if whole {
+                        "the link passes no descriptors"
+                    } else {
+                        "a filter or a mirror reads them"
+                    }
+                );
+                fd_ports().remove(&subscription.port);
+            }
+            let _ = steal_tx.send(SubCommand::Subscribe(subscription, None));
+        }
         ClientMessage::Unsubscribe { port } => {
+            fd_ports().remove(&port);
             let _ = steal_tx.send(SubCommand::Unsubscribe(port));
         }
         ClientMessage::Connect {
@@ -780,7 +851,30 @@ async fn serve_request(
             Ok(list) => RemoteResponse::Sessions(list),
             Err(e) => RemoteResponse::Error(RemoteError::Other(e.to_string())),
         },
-        RemoteRequest::OpenFd { path, flags, mode } if services.fds.is_some() => {
+        RemoteRequest::ConnectFd { remote } if services.fd_out.is_some() => {
+            match crate::outgoing::connect_fd(remote) {
+                Ok(fd) => {
+                    tracing::debug!(%remote, "outgoing socket passed as a descriptor");
+                    let fd_out = services.fd_out.as_ref().expect("checked by the guard");
+                    let connected = AgentMessage::Response {
+                        id,
+                        response: RemoteResponse::FdConnected,
+                    };
+                    if let Err(fd) = fd_out.send(fd, connected).await {
+                        crate::passing::reset(fd);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "no outgoing socket passed");
+                    RemoteResponse::Error(e)
+                }
+            }
+        }
+        RemoteRequest::ConnectFd { .. } => RemoteResponse::Error(RemoteError::Unsupported(
+            "this link passes no descriptors; connect with a relayed connection".into(),
+        )),
+        RemoteRequest::OpenFd { path, flags, mode } if services.fd_out.is_some() => {
             let files = services.files.clone();
             let opened = tokio::task::spawn_blocking(move || {
                 let opened = files.open_fd(&path, &flags, mode);
@@ -797,15 +891,17 @@ async fn serve_request(
             });
             match opened {
                 Ok((fd, stat)) => {
-                    let queues = services.fds.as_ref().expect("checked by the guard");
-                    let _order = services.fd_order.lock().await;
-                    queues.push_outgoing(fd);
-                    let _ = responses
-                        .send(AgentMessage::Response {
-                            id,
-                            response: RemoteResponse::FdOpened { stat },
-                        })
+                    let fd_out = services.fd_out.as_ref().expect("checked by the guard");
+                    let _ = fd_out
+                        .send(
+                            fd,
+                            AgentMessage::Response {
+                                id,
+                                response: RemoteResponse::FdOpened { stat },
+                            },
+                        )
                         .await;
+                    // A file the link could not take closes with it (Err drops it).
                     return;
                 }
                 Err(e) => RemoteResponse::Error(e),

@@ -53,11 +53,12 @@ impl AgentAddress {
 }
 
 /// The environment variable that turns descriptor passing off (`0` or `off`):
-/// every byte of a local target's files is then relayed as for a cluster's, the
-/// fallback path (for comparing the two, and for working around a problem).
+/// every byte of a local target's files, outgoing TCP connections and stolen
+/// connections is then relayed as for a cluster's, the fallback path (for
+/// comparing the two, and for working around a problem).
 pub const FD_PASSING_ENV: &str = "GRAFT_FD_PASSING";
 
-/// Whether a local agent's files reach the program as descriptors.
+/// Whether a local agent's files and sockets reach the program as descriptors.
 fn pass_fds() -> bool {
     !matches!(
         std::env::var(FD_PASSING_ENV).as_deref(),

@@ -309,6 +309,7 @@ impl Plan<'_> {
             filter: layer.filter.clone(),
             incoming_defaulted: self.config.incoming_defaulted,
             port_map: layer.port_map.iter().map(|m| (m.local, m.remote)).collect(),
+            outgoing_local: layer.outgoing_local.clone(),
             ..SessionOptions::default()
         }
     }

@@ -51,6 +51,16 @@ pub enum FdKind {
         /// The proxy relay the socket is really connected to.
         relay: SocketAddr,
     },
+    /// A socket the agent passed (a local target): the target's own outgoing or
+    /// stolen TCP connection, whose real addresses the program sees.
+    Passed {
+        /// The peer the program connected to, or the stolen connection's client.
+        peer: SocketAddr,
+        /// For a stolen connection, the target address its client connected
+        /// to, shown by `getsockname` (the socket's real one is the agent's
+        /// redirect listener's port); `None`: the real one.
+        shown_local: Option<SocketAddr>,
+    },
     /// An unconnected UDP socket that sent to remote destinations.
     UdpRelays {
         /// `(remote destination, proxy relay)` pairs.

@@ -21,6 +21,8 @@ use graft_protocol::{
 };
 use libc::{msghdr, sockaddr, socklen_t, ssize_t};
 
+mod passed;
+
 use crate::{
     addr::{self, RawAddr},
     client,
@@ -255,9 +257,18 @@ unsafe fn after_accept(
     if !addr::is_local_only(&proxy_side) {
         return new_fd;
     }
-    if let Ok(LayerResponse::Peer(Some(delivered))) = client::request(&LayerRequest::PeerOf {
-        proxy_side: addr::unmap_socket(proxy_side),
-    }) {
+    // SAFETY: the caller's buffer obeys accept(2)'s contract.
+    let delivered = match unsafe { passed::adopt_accepted(new_fd, proxy_side, address, len) } {
+        passed::Accepted::Passed | passed::Accepted::Local => None,
+        passed::Accepted::Relayed(delivered) => Some(delivered),
+        passed::Accepted::NotAsked => match client::request(&LayerRequest::PeerOf {
+            proxy_side: addr::unmap_socket(proxy_side),
+        }) {
+            Ok(LayerResponse::Peer(delivered)) => delivered,
+            _ => None,
+        },
+    };
+    if let Some(delivered) = delivered {
         let relay = real_sockname(new_fd).unwrap_or(proxy_side);
         fds::insert(
             new_fd,
@@ -357,11 +368,29 @@ fn connect_hook(fd: c_int, dest: SocketAddr, real: impl Fn() -> c_int) -> c_int 
     {
         return connect_to(fd, relay);
     }
+    // A repeated connect on a passed socket is the kernel's to answer
+    // (`EALREADY`, `EISCONN`).
+    if let Some(FdKind::Passed { .. }) = fds::get(fd) {
+        return real();
+    }
     let transport = match socket_type(fd) {
         Some(libc::SOCK_STREAM) => Transport::Tcp,
-        Some(libc::SOCK_DGRAM) => Transport::Udp,
+        Some(libc::SOCK_DGRAM) => {
+            if client::passes_fds() {
+                layer_log!(
+                    debug,
+                    "UDP to {dest}: relayed (datagram sockets stay relayed: one may be aimed elsewhere later)"
+                );
+            }
+            Transport::Udp
+        }
         _ => return real(),
     };
+    if transport == Transport::Tcp
+        && let Some(rc) = passed::connect(fd, dest, socket_family(fd))
+    {
+        return rc;
+    }
     match open_remote(dest, transport) {
         Ok((relay, local)) => {
             fds::insert(
@@ -618,6 +647,7 @@ pub unsafe extern "C" fn getsockname(
     hooked(real, || {
         let shown = match fds::get(fd) {
             Some(FdKind::Relayed { local, .. }) => Some(local),
+            Some(FdKind::Passed { shown_local, .. }) => shown_local,
             Some(FdKind::Bound { fake_local, .. } | FdKind::Listener { fake_local, .. }) => {
                 fake_local
             }

@@ -197,6 +197,12 @@ impl FdQueues {
         lock(&self.outgoing).push_back(fd);
     }
 
+    /// Takes every descriptor still waiting to leave (a link that ended before
+    /// they could), oldest first, so the caller can close them its way.
+    pub fn take_outgoing(&self) -> Vec<OwnedFd> {
+        lock(&self.outgoing).drain(..).collect()
+    }
+
     /// The oldest descriptor received and not yet claimed.
     pub fn pop_incoming(&self) -> Option<OwnedFd> {
         lock(&self.incoming).pop_front()

@@ -104,6 +104,11 @@ pub enum LayerResponse {
         /// What failed, for the log.
         message: String,
     },
+    /// The answer to [`LayerRequest::PeerOf`] on a connection that passes
+    /// descriptors, for a stolen connection the agent passed as its socket: the
+    /// socket travels beside this frame, and the layer puts it at the accepted
+    /// descriptor's number in place of the proxy's loopback connection.
+    PeerFd(DeliveredPeer),
 }
 
 /// The addresses of a delivered (stolen) connection as the target saw them.

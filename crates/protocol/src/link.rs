@@ -152,6 +152,15 @@ pub enum ClientMessage {
         /// The certificate, key and choices of the termination.
         tls: TlsTermination,
     },
+    /// [`ClientMessage::Subscribe`] of an unfiltered steal whose connections the
+    /// client takes as descriptors, on a link that passes them (a local target,
+    /// both peers naming [`crate::version::FEATURE_FDS`]): each whole stolen
+    /// connection the agent alone takes comes as [`AgentMessage::IncomingFd`]
+    /// with the accepted socket beside it; one the agent must read (a mirror of
+    /// the same port in another session) comes as [`AgentMessage::Incoming`].
+    /// On a link that passes no descriptors it is [`ClientMessage::Subscribe`].
+    /// Answered by [`AgentMessage::SubscribeResult`].
+    SubscribeFds(Subscription),
     /// Start (`true`) or stop sending [`AgentMessage::Routed`] records of the
     /// requests of this session's filtered ports that went elsewhere. Sent only
     /// to an agent whose `Hello` version names
@@ -240,6 +249,17 @@ pub enum AgentMessage {
         conn: ConnectionId,
         /// How many bytes.
         bytes: u32,
+    },
+    /// A stolen connection of a [`ClientMessage::SubscribeFds`] port, passed as
+    /// the accepted socket itself, which travels beside this frame
+    /// ([`crate::fdpass`]). The agent keeps nothing of it.
+    IncomingFd {
+        /// The stolen port (the client's original destination port).
+        port: u16,
+        /// The client's address.
+        peer: SocketAddr,
+        /// The original destination the client connected to.
+        local: SocketAddr,
     },
     /// A request of a filtered port of this session that went to the target or
     /// to another session, while the session watches its routes

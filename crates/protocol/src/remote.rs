@@ -145,6 +145,22 @@ pub enum RemoteRequest {
         /// Permission bits for a created file (as `open(2)`'s `mode`).
         mode: u32,
     },
+    /// Start a TCP connection from the target's network namespace to `remote` and
+    /// pass the socket itself, on a link that passes descriptors (as
+    /// [`RemoteRequest::OpenFd`]). The socket is non-blocking and its connect may
+    /// still be in progress (connect(2), `EINPROGRESS`): its outcome is the
+    /// socket's `SO_ERROR` once it is writable, as for any non-blocking connect.
+    /// Answered with [`RemoteResponse::FdConnected`] and the socket beside it, or
+    /// [`RemoteError::Unsupported`] (the link passes no descriptors: use
+    /// `ClientMessage::Connect`), or [`RemoteError::Os`] with `EACCES` for a
+    /// destination the agent never connects a passed socket to (the target's
+    /// loopback, an unspecified, multicast or broadcast address, port 0), or the
+    /// connect's immediate error.
+    ConnectFd {
+        /// The destination, in the family of the program's socket (an
+        /// IPv4-mapped IPv6 address for an IPv6 socket reaching IPv4).
+        remote: std::net::SocketAddr,
+    },
 }
 
 /// The answer to one [`RemoteRequest`].
@@ -201,6 +217,9 @@ pub enum RemoteResponse {
         /// Metadata of the opened file.
         stat: FileStat,
     },
+    /// The answer to [`RemoteRequest::ConnectFd`]: the socket travels beside
+    /// this frame ([`crate::fdpass`]).
+    FdConnected,
 }
 
 /// Why a remote operation failed.

@@ -30,7 +30,7 @@ use tokio_util::codec::Framed;
 
 use crate::{
     ProxyError,
-    session::Shared,
+    session::{Accepts, Shared},
     splice::{relay_tcp, relay_udp},
 };
 
@@ -127,8 +127,31 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
                     None => framed.send(response).await.map_err(|e| e.to_string()),
                 }
             }
+            LayerRequest::Remote(RemoteRequest::ConnectFd { remote }) => {
+                let (response, fd) = connect_fd(&shared, fds, remote).await;
+                match fd {
+                    Some(fd) => send_with_fd(&mut framed, &response, fd).await,
+                    None => framed.send(response).await.map_err(|e| e.to_string()),
+                }
+            }
+            LayerRequest::PeerOf { proxy_side } if fds => match shared.take_passed(proxy_side) {
+                Some((peer, fd)) => {
+                    tracing::debug!(pid, client = %peer.peer, "stolen connection handed to the program as the target's socket");
+                    send_with_fd(&mut framed, &LayerResponse::PeerFd(peer), fd).await
+                }
+                None => {
+                    let response = LayerResponse::Peer(shared.peer_of(proxy_side));
+                    framed.send(response).await.map_err(|e| e.to_string())
+                }
+            },
             request => {
-                let response = answer(&shared, request).await;
+                // A layer that takes descriptors takes stolen connections' sockets.
+                let accepts = if fds {
+                    Accepts::Sockets
+                } else {
+                    Accepts::Relayed
+                };
+                let response = answer(&shared, request, accepts).await;
                 framed.send(response).await.map_err(|e| e.to_string())
             }
         };
@@ -166,6 +189,48 @@ async fn open_fd(
     }
 }
 
+/// Starts an outgoing TCP connection from the target as a socket for the layer
+/// (when `fds`, both links pass descriptors), else answers `Unsupported` so the
+/// layer relays it.
+async fn connect_fd(
+    shared: &Arc<Shared>,
+    fds: bool,
+    remote: SocketAddr,
+) -> (LayerResponse, Option<OwnedFd>) {
+    if !fds {
+        let no = RemoteError::Unsupported("descriptors are not passed on this link".into());
+        return (LayerResponse::Remote(RemoteResponse::Error(no)), None);
+    }
+    if kept_local(shared, &remote, Transport::Tcp).is_some() {
+        let no = RemoteError::Os(libc::EACCES);
+        return (LayerResponse::Remote(RemoteResponse::Error(no)), None);
+    }
+    match shared.request_fd(RemoteRequest::ConnectFd { remote }).await {
+        Ok((response, fd)) => {
+            tracing::debug!(%remote, passed = fd.is_some(), "outgoing socket for the program");
+            (LayerResponse::Remote(response), fd)
+        }
+        Err(e) => (error(libc::ECONNABORTED, e.to_string()), None),
+    }
+}
+
+/// The refusal of a connection to `remote` that an `[outgoing] local` rule
+/// keeps on this machine: the layer never asks for one, so the frame is a
+/// program's own, and it gets no connection from the target.
+fn kept_local(shared: &Shared, remote: &SocketAddr, transport: Transport) -> Option<LayerResponse> {
+    let names = graft_config::ResolvedNames::default();
+    let rule = shared
+        .options
+        .outgoing_local
+        .iter()
+        .find(|rule| rule.matches_flow(remote, Some(transport), &names))?;
+    tracing::warn!(%remote, ?rule, "a program asked for a connection a rule keeps local; refused");
+    Some(error(
+        libc::EACCES,
+        format!("{remote} is kept on this machine by an [outgoing] local rule"),
+    ))
+}
+
 /// Writes `response` to the layer with `fd` beside its first byte.
 async fn send_with_fd(
     framed: &mut LayerFramed,
@@ -199,7 +264,7 @@ fn error(errno: i32, message: String) -> LayerResponse {
 }
 
 /// Answers one request of a layer connection that has said `Hello`.
-async fn answer(shared: &Arc<Shared>, request: LayerRequest) -> LayerResponse {
+async fn answer(shared: &Arc<Shared>, request: LayerRequest, accepts: Accepts) -> LayerResponse {
     match request {
         LayerRequest::Hello { .. } => error(libc::EPROTO, "Hello was already sent".into()),
         LayerRequest::Remote(request) => match shared.request(request).await {
@@ -211,7 +276,7 @@ async fn answer(shared: &Arc<Shared>, request: LayerRequest) -> LayerResponse {
             deliver_to,
             pid,
         } => match shared
-            .listen(port, crate::Delivery::Listener(deliver_to), pid)
+            .listen_accepting(port, crate::Delivery::Listener(deliver_to), pid, accepts)
             .await
         {
             Ok(()) => LayerResponse::Ok,
@@ -222,7 +287,11 @@ async fn answer(shared: &Arc<Shared>, request: LayerRequest) -> LayerResponse {
             LayerResponse::Ok
         }
         LayerRequest::PeerOf { proxy_side } => LayerResponse::Peer(shared.peer_of(proxy_side)),
-        LayerRequest::Connect { remote, transport } => connect(shared, remote, transport).await,
+        LayerRequest::Connect { remote, transport } => match kept_local(shared, &remote, transport)
+        {
+            Some(refused) => refused,
+            None => connect(shared, remote, transport).await,
+        },
     }
 }
 

@@ -48,9 +48,10 @@ use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 use crate::{Delivery, LinkEnd, ProxyError, flows, splice};
 
+mod passed;
 mod shared;
 
-pub(crate) use self::shared::{API_OWNER, ConnEvent, ConnEvents, Shared, lock};
+pub(crate) use self::shared::{API_OWNER, Accepts, ConnEvent, ConnEvents, Shared, lock};
 use self::shared::{check_owners, keepalive, message_name, read_loop, write_loop};
 
 type LinkCodec = FrameCodec<AgentMessage, ClientMessage>;
@@ -94,6 +95,11 @@ pub struct SessionOptions {
     /// `--tls-cert`/`--tls-key`: the agent terminates TLS on filtered ports
     /// with this certificate (sent with each subscription, never logged).
     pub tls: Option<TlsTermination>,
+    /// `[outgoing] local` (`--outgoing-local`): destinations a rule keeps on
+    /// this machine. The layer never asks for them; a program's hand-made
+    /// `Connect` or `ConnectFd` for one is refused with `EACCES` (address and
+    /// port rules; a name rule needs the names the layer saw resolved).
+    pub outgoing_local: Vec<graft_config::Destination>,
     /// With `tap_responses`: the connections of ports delivered to a local
     /// listener ([`Delivery::Listener`]) are handed here with the listener's
     /// address instead of being spliced to it (they carry tap frames, which the
@@ -121,6 +127,7 @@ impl Default for SessionOptions {
             port_map: Vec::new(),
             tap_responses: false,
             tls: None,
+            outgoing_local: Vec::new(),
             tapped_listeners: None,
             incoming_tap: None,
         }

@@ -132,6 +132,11 @@ impl IncomingTap {
         }
     }
 
+    /// Whether somebody watches now.
+    pub(crate) fn watched(&self) -> bool {
+        (self.watched)()
+    }
+
     /// Wraps `stream` when somebody watches and the channel takes the
     /// connection; otherwise gives `stream` back (spliced as it is).
     pub(crate) fn wrap<S: LocalStream>(

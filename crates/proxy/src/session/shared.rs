@@ -50,6 +50,17 @@ struct Subscription {
     state: StealState,
 }
 
+/// Whether the program behind a [`Delivery::Listener`] takes stolen
+/// connections as their sockets: a layer that passes descriptors accepts
+/// there (`super::passed`); any other program gets relayed connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accepts {
+    /// Only the proxy's relayed connections (a program without the layer).
+    Relayed,
+    /// The target's sockets too (the layer's `accept` takes them).
+    Sockets,
+}
+
 #[derive(Debug)]
 enum StealState {
     /// `Steal` sent; these `Listen`s wait for the agent's answer.
@@ -93,6 +104,10 @@ pub(crate) struct Shared {
     pub(super) announced: Mutex<Vec<u16>>,
     /// The link's descriptor queues when the agent passes descriptors.
     fds: Option<Arc<FdQueues>>,
+    /// Stolen connections the agent passed as sockets, by the proxy-side
+    /// address of their loopback delivery, until the layer claims them
+    /// (`super::passed`).
+    pub(super) passed: Mutex<HashMap<SocketAddr, (DeliveredPeer, OwnedFd)>>,
 }
 
 impl Shared {
@@ -114,6 +129,7 @@ impl Shared {
             refused: Mutex::new(Vec::new()),
             announced: Mutex::new(Vec::new()),
             fds,
+            passed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -276,10 +292,26 @@ impl Shared {
         deliver_to: Delivery,
         pid: u32,
     ) -> Result<(), (i32, String)> {
-        self.listen_here(port, deliver_to.clone(), pid).await?;
+        self.listen_accepting(port, deliver_to, pid, Accepts::Relayed)
+            .await
+    }
+
+    /// [`Shared::listen`] for a program that `accepts` as said.
+    pub(crate) async fn listen_accepting(
+        &self,
+        port: u16,
+        deliver_to: Delivery,
+        pid: u32,
+        accepts: Accepts,
+    ) -> Result<(), (i32, String)> {
+        self.listen_here(port, deliver_to.clone(), pid, accepts)
+            .await?;
         let secondaries = lock(&self.secondaries).clone();
         for (i, secondary) in secondaries.iter().enumerate() {
-            if let Err((_, message)) = secondary.listen_here(port, deliver_to.clone(), pid).await {
+            if let Err((_, message)) = secondary
+                .listen_here(port, deliver_to.clone(), pid, accepts)
+                .await
+            {
                 eprintln!("graft: port {port} on pod #{}: {message}", i + 2);
             }
         }
@@ -292,7 +324,10 @@ impl Shared {
         port: u16,
         deliver_to: Delivery,
         pid: u32,
+        accepts: Accepts,
     ) -> Result<(), (i32, String)> {
+        let to_listener =
+            matches!(deliver_to, Delivery::Listener(_)) && accepts == Accepts::Sockets;
         let (tx, rx) = oneshot::channel();
         let first = {
             let mut state = self.state();
@@ -331,6 +366,15 @@ impl Shared {
                 subscription,
                 tls: tls.clone(),
             },
+            // Whole stolen connections go to the program's listener as their
+            // sockets when the agent passes descriptors.
+            None if self.fds.is_some()
+                && to_listener
+                && subscription.mode == IncomingMode::Steal
+                && subscription.filter.is_none() =>
+            {
+                ClientMessage::SubscribeFds(subscription)
+            }
             None => ClientMessage::Subscribe(subscription),
         };
         if first && self.send(message).await.is_err() {
@@ -395,6 +439,17 @@ impl Shared {
         })
     }
 
+    /// The local listener an active steal of `port` delivers to, when it is one
+    /// (not a [`Delivery::Channel`]).
+    pub(super) fn listener_of(&self, port: u16) -> Option<SocketAddr> {
+        let state = self.state();
+        let sub = state.steals.get(&port)?;
+        match (&sub.state, &sub.deliver_to) {
+            (StealState::Active, Delivery::Listener(addr)) => Some(*addr),
+            _ => None,
+        }
+    }
+
     /// Records a delivered connection for `PeerOf`.
     pub(crate) fn add_delivered(&self, proxy_side: SocketAddr, peer: DeliveredPeer) {
         self.state().delivered.insert(proxy_side, peer);
@@ -411,7 +466,7 @@ impl Shared {
             AgentMessage::Response { id, response } => {
                 // Claimed even when nobody waits any more, to keep the queue in step.
                 let (response, fd) = match response {
-                    RemoteResponse::FdOpened { .. } => {
+                    RemoteResponse::FdOpened { .. } | RemoteResponse::FdConnected => {
                         match self.fds.as_ref().and_then(|q| q.pop_incoming()) {
                             Some(fd) => (response, Some(fd)),
                             None => {
@@ -465,6 +520,15 @@ impl Shared {
             AgentMessage::Pong(_) => {}
             AgentMessage::Fatal { message } => self.end(LinkEnd::Fatal(message)),
             AgentMessage::Hello(_) => tracing::warn!("the agent sent a second Hello; ignored"),
+            AgentMessage::IncomingFd { port, peer, local } => {
+                match self.fds.as_ref().and_then(|q| q.pop_incoming()) {
+                    Some(fd) => self.incoming_fd(port, DeliveredPeer { peer, local }, fd),
+                    None => tracing::warn!(
+                        port,
+                        "the agent announced a stolen connection's socket it did not pass"
+                    ),
+                }
+            }
             AgentMessage::Routed(record) => {
                 if let Some(tap) = &self.options.incoming_tap {
                     tap.routed(*record);
@@ -669,6 +733,7 @@ pub(super) fn message_name(message: &AgentMessage) -> &'static str {
         AgentMessage::Connected { .. } => "Connected",
         AgentMessage::ConnectFailed { .. } => "ConnectFailed",
         AgentMessage::Incoming { .. } => "Incoming",
+        AgentMessage::IncomingFd { .. } => "IncomingFd",
         AgentMessage::Data { .. } => "Data",
         AgentMessage::Credit { .. } => "Credit",
         AgentMessage::Shutdown { .. } => "Shutdown",

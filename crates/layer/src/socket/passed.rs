@@ -1,0 +1,313 @@
+//! Sockets the agent passes (a local target, `+fds` on the proxy's `Hello`):
+//! an outgoing TCP connection the agent started in the target's network
+//! namespace ([`connect`]), and a stolen connection the agent accepted
+//! ([`adopt_accepted`]). The layer puts the target's socket at the program's
+//! descriptor number with `dup3`, so the program reads and writes the kernel's
+//! socket itself: nothing is relayed, and `getsockname`/`getpeername` are the
+//! target's own addresses.
+//!
+//! What the program chose for its socket carries over: the file status flag
+//! `O_NONBLOCK`, the descriptor flag `FD_CLOEXEC`, and the socket options of
+//! [`COPIED_OPTIONS`] (set before `connect`, or inherited from its listener
+//! before `accept`). A non-blocking `connect` answers `EINPROGRESS` and the
+//! socket turns writable once connected, its outcome in `SO_ERROR`
+//! (connect(2)); a blocking one waits for that outcome.
+//!
+//! Every case that stays relayed says why in `GRAFT_LOG=debug`.
+
+use std::{
+    net::SocketAddr,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        raw::{c_int, c_void},
+    },
+};
+
+use graft_protocol::{
+    layer::{DeliveredPeer, LayerRequest, LayerResponse},
+    remote::{RemoteError, RemoteRequest, RemoteResponse},
+};
+use libc::{sockaddr, socklen_t};
+
+use crate::{
+    addr::{self, RawAddr},
+    client,
+    fds::{self, FdKind},
+    guard::set_errno,
+};
+
+/// The socket options copied from the program's socket to the passed one
+/// (`(level, name)`, see socket(7), tcp(7), ip(7)): those a program sets before
+/// `connect` or on its listener and that still mean something on a connected
+/// socket. Buffer sizes are left out (the kernel reports them doubled).
+pub const COPIED_OPTIONS: &[(c_int, c_int)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_LINGER),
+    (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+    (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    (libc::IPPROTO_IP, libc::IP_TOS),
+    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
+];
+
+/// Copies [`COPIED_OPTIONS`] from `from` to `to`; an option either socket does
+/// not have (IPv4 against IPv6) is skipped.
+fn copy_options(from: c_int, to: c_int) {
+    for &(level, name) in COPIED_OPTIONS {
+        let mut value = [0u8; 32];
+        let mut len = value.len() as socklen_t;
+        // SAFETY: value/len describe a writable buffer of `len` bytes.
+        let got = unsafe {
+            libc::getsockopt(
+                from,
+                level,
+                name,
+                value.as_mut_ptr() as *mut c_void,
+                &mut len,
+            )
+        };
+        if got == 0 {
+            // SAFETY: the kernel wrote `len` bytes of the option's value.
+            unsafe { libc::setsockopt(to, level, name, value.as_ptr() as *const c_void, len) };
+        }
+    }
+}
+
+/// The program's choices for descriptor `fd`: (`O_NONBLOCK`, `FD_CLOEXEC`).
+fn flags_of(fd: c_int) -> (bool, bool) {
+    // SAFETY: F_GETFL/F_GETFD only read the descriptor's flags.
+    unsafe {
+        let status = real!(fcntl(fd, libc::F_GETFL, 0): fn(c_int, c_int, libc::c_ulong) -> c_int);
+        let fd_flags = real!(fcntl(fd, libc::F_GETFD, 0): fn(c_int, c_int, libc::c_ulong) -> c_int);
+        (
+            status >= 0 && status & libc::O_NONBLOCK != 0,
+            fd_flags >= 0 && fd_flags & libc::FD_CLOEXEC != 0,
+        )
+    }
+}
+
+/// Puts `passed` at descriptor `at` (closing what `at` was) with the program's
+/// flags and options of `at`.
+fn adopt(passed: OwnedFd, at: c_int) -> Result<(), c_int> {
+    let (nonblocking, cloexec) = flags_of(at);
+    let raw = passed.as_raw_fd();
+    copy_options(at, raw);
+    // SAFETY: fcntl and dup3 on descriptors we own (`raw`) or the program's
+    // socket it handed to the hook (`at`); dup3 closes `at`'s old file atomically.
+    unsafe {
+        let status = real!(fcntl(raw, libc::F_GETFL, 0): fn(c_int, c_int, libc::c_ulong) -> c_int);
+        if status >= 0 {
+            let status = if nonblocking {
+                status | libc::O_NONBLOCK
+            } else {
+                status & !libc::O_NONBLOCK
+            };
+            real!(fcntl(raw, libc::F_SETFL, status as libc::c_ulong): fn(c_int, c_int, libc::c_ulong) -> c_int);
+        }
+        let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+        if real!(dup3(raw, at, flags): fn(c_int, c_int, c_int) -> c_int) < 0 {
+            return Err(crate::guard::errno());
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the passed socket at `fd`, connecting, to finish; `0` or `-1`
+/// with the connect's errno, as a blocking connect(2) returns.
+fn wait_connected(fd: c_int) -> c_int {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pollfd, 1, -1) };
+        if rc >= 0 || crate::guard::errno() != libc::EINTR {
+            break;
+        }
+    }
+    let mut error: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: error/len are a valid out-buffer of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut error as *mut c_int as *mut c_void,
+            &mut len,
+        )
+    };
+    match (rc, error) {
+        (0, 0) => 0,
+        (0, errno) => {
+            set_errno(errno);
+            -1
+        }
+        _ => -1,
+    }
+}
+
+/// Connects the program's TCP socket `fd` to `dest` through a socket the agent
+/// started in the target's network namespace; `None` when that path does not
+/// apply here (the caller relays the connection; the reason is logged).
+pub fn connect(fd: c_int, dest: SocketAddr, family: c_int) -> Option<c_int> {
+    if !client::passes_fds() {
+        layer_log!(
+            debug,
+            "TCP to {dest}: relayed (the proxy passes no descriptors: GRAFT_FD_PASSING=0 or a cluster target)"
+        );
+        return None;
+    }
+    if super::real_sockname(fd).is_some_and(|local| local.port() != 0) {
+        layer_log!(
+            debug,
+            "TCP to {dest}: relayed (the program bound its socket first; its local address stays)"
+        );
+        return None;
+    }
+    // In the family of the program's socket: an IPv6 socket reaches IPv4 mapped.
+    let remote = match (addr::unmap_socket(dest), family) {
+        (SocketAddr::V4(v4), libc::AF_INET6) => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        (other, _) => other,
+    };
+    let passed =
+        match client::request_fds(&LayerRequest::Remote(RemoteRequest::ConnectFd { remote })) {
+            Ok((LayerResponse::Remote(RemoteResponse::FdConnected), mut fds)) if fds.len() == 1 => {
+                fds.remove(0)
+            }
+            Ok((LayerResponse::Remote(RemoteResponse::Error(RemoteError::Os(errno))), _))
+            | Ok((LayerResponse::Error { errno, .. }, _)) => {
+                layer_log!(
+                    debug,
+                    "TCP to {dest}: no socket passed: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                set_errno(errno);
+                return Some(-1);
+            }
+            Ok((other, _)) => {
+                layer_log!(
+                    debug,
+                    "TCP to {dest}: relayed (no socket passed: {other:?})"
+                );
+                return None;
+            }
+            Err(e) => {
+                set_errno(e.errno());
+                return Some(-1);
+            }
+        };
+    let (nonblocking, _) = flags_of(fd);
+    if let Err(errno) = adopt(passed, fd) {
+        layer_log!(
+            debug,
+            "TCP to {dest}: the passed socket could not take fd {fd}: {}",
+            std::io::Error::from_raw_os_error(errno)
+        );
+        set_errno(errno);
+        return Some(-1);
+    }
+    fds::insert(
+        fd,
+        FdKind::Passed {
+            peer: addr::unmap_socket(dest),
+            shown_local: None,
+        },
+    );
+    layer_log!(
+        debug,
+        "TCP to {dest}: the target's socket itself as fd {fd} (descriptor passed)"
+    );
+    if nonblocking {
+        set_errno(libc::EINPROGRESS);
+        -1
+    } else {
+        wait_connected(fd)
+    }
+    .into()
+}
+
+/// What [`adopt_accepted`] made of an accepted loopback connection.
+pub enum Accepted {
+    /// The proxy passes no descriptors: ask `PeerOf` the relayed way.
+    NotAsked,
+    /// The target's socket now sits at the accepted descriptor.
+    Passed,
+    /// A stolen connection the proxy relays, with its real addresses.
+    Relayed(DeliveredPeer),
+    /// No stolen connection: a local client of the program's listener.
+    Local,
+}
+
+/// After `accept` returned `new_fd`, a loopback connection from the proxy at
+/// `proxy_side`: when the agent passed that stolen connection's socket, puts it
+/// at `new_fd` and writes the client's address to the caller's buffer.
+///
+/// # Safety
+///
+/// `address`/`len` obey accept(2)'s contract (null or valid).
+pub unsafe fn adopt_accepted(
+    new_fd: c_int,
+    proxy_side: SocketAddr,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+) -> Accepted {
+    if !client::passes_fds() {
+        return Accepted::NotAsked;
+    }
+    let Ok((response, mut fds)) = client::request_fds(&LayerRequest::PeerOf {
+        proxy_side: addr::unmap_socket(proxy_side),
+    }) else {
+        return Accepted::Local;
+    };
+    match response {
+        LayerResponse::PeerFd(delivered) if fds.len() == 1 => {
+            let family = super::socket_family(new_fd);
+            if let Err(errno) = adopt(fds.remove(0), new_fd) {
+                layer_log!(
+                    error,
+                    "the stolen connection from {} could not take fd {new_fd}: {}; it stays with the proxy",
+                    delivered.peer,
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                return Accepted::Local;
+            }
+            fds::insert(
+                new_fd,
+                FdKind::Passed {
+                    peer: delivered.peer,
+                    shown_local: Some(delivered.local),
+                },
+            );
+            layer_log!(
+                debug,
+                "stolen connection from {}: the target's socket itself as fd {new_fd} (descriptor passed)",
+                delivered.peer
+            );
+            // SAFETY: the caller's buffer obeys accept(2)'s contract.
+            unsafe { RawAddr::new(delivered.peer, family).write_to(address, len) };
+            Accepted::Passed
+        }
+        LayerResponse::Peer(Some(delivered)) => {
+            layer_log!(
+                debug,
+                "stolen connection from {} relayed (the agent reads it: a filter, TLS, or a mirror of the port)",
+                delivered.peer
+            );
+            Accepted::Relayed(delivered)
+        }
+        _ => Accepted::Local,
+    }
+}

@@ -1,0 +1,182 @@
+//! Stolen connections that the agent passed as their sockets (a local target,
+//! `ClientMessage::SubscribeFds`): the program's listener still accepts one
+//! loopback connection from the proxy per stolen connection, which wakes its
+//! `accept` where it waits (blocking, `poll`, `epoll`); the layer then asks
+//! `PeerOf` that connection's address, takes the target's socket instead
+//! ([`Shared::take_passed`]) and puts it at the accepted descriptor's number.
+//!
+//! A loopback connection the layer never claims (a program that accepts
+//! without libc's `accept`) is not lost: once the program writes or closes on
+//! it, or after `relay_timeout` unclaimed (for a protocol whose client speaks
+//! first), the proxy splices it with the passed socket in the kernel's stead.
+
+use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc};
+
+use graft_protocol::layer::DeliveredPeer;
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::{Shared, lock, shared::delivery_address};
+
+impl Shared {
+    /// A stolen connection of `port` passed as `fd`: delivered to the port's
+    /// local listener, or closed when the port has none (any more).
+    pub(super) fn incoming_fd(self: &Arc<Self>, port: u16, peer: DeliveredPeer, fd: OwnedFd) {
+        match self.listener_of(port) {
+            Some(listener) => {
+                let target = delivery_address(listener);
+                tokio::spawn(deliver_fd(self.clone(), target, peer, fd));
+            }
+            None => tracing::info!(
+                port,
+                client = %peer.peer,
+                "a passed stolen connection for a port nobody listens on (locally); closed"
+            ),
+        }
+    }
+
+    /// The passed socket of the delivered connection whose proxy-side address is
+    /// `proxy_side`, in this session or a secondary one; each is taken once.
+    pub(crate) fn take_passed(&self, proxy_side: SocketAddr) -> Option<(DeliveredPeer, OwnedFd)> {
+        let here = |shared: &Shared| {
+            let mut passed = lock(&shared.passed);
+            passed.remove(&proxy_side).or_else(|| {
+                // A dual-stack listener may report an IPv4 peer as IPv4-mapped IPv6.
+                let SocketAddr::V6(v6) = proxy_side else {
+                    return None;
+                };
+                let v4 = v6.ip().to_ipv4_mapped()?;
+                passed.remove(&SocketAddr::new(v4.into(), proxy_side.port()))
+            })
+        };
+        here(self).or_else(|| {
+            let secondaries = lock(&self.secondaries).clone();
+            secondaries.iter().find_map(|s| here(s))
+        })
+    }
+}
+
+/// Connects to the program's listener at `target` and keeps the passed socket
+/// `fd` for the layer to claim; splices the two if the program uses the
+/// loopback connection instead.
+async fn deliver_fd(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer, fd: OwnedFd) {
+    if shared
+        .options
+        .incoming_tap
+        .as_ref()
+        .is_some_and(|tap| tap.watched())
+    {
+        // The inspector watches: this connection goes through the proxy, which
+        // copies it for the page, instead of reaching the program as the
+        // target's socket (a descriptor the proxy no longer sees).
+        tracing::debug!(client = %peer.peer, "stolen connection relayed, not passed: the inspector watches");
+        return deliver_watched(shared, target, peer, fd).await;
+    }
+    let mut proxy_side = None;
+    let connected = async {
+        let socket = match target {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // Bound first: the address is recorded before the program can accept.
+        socket.bind(SocketAddr::new(target.ip(), 0))?;
+        let local = socket.local_addr()?;
+        proxy_side = Some(local);
+        Ok::<_, std::io::Error>((socket, local))
+    };
+    let (socket, local) = match connected.await {
+        Ok(bound) => bound,
+        Err(e) => {
+            tracing::warn!(%target, error = %e, "cannot deliver a passed stolen connection; closed");
+            return;
+        }
+    };
+    lock(&shared.passed).insert(local, (peer, fd));
+    let stream = match tokio::time::timeout(shared.options.relay_timeout, socket.connect(target))
+        .await
+    {
+        Ok(Ok(stream)) => stream,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            tracing::warn!(%target, client = %peer.peer, "cannot deliver a passed stolen connection to the local listener ({why}); closed");
+            lock(&shared.passed).remove(&local);
+            return;
+        }
+    };
+    tracing::debug!(%target, client = %peer.peer, proxy_side = ?proxy_side, "stolen connection passed as a descriptor, awaiting the program's accept");
+    // Readable: the layer claimed the socket and closed this connection (EOF), or
+    // the program uses it without the layer (bytes or EOF, unclaimed).
+    let waited = tokio::time::timeout(shared.options.relay_timeout, stream.readable()).await;
+    if matches!(waited, Ok(Err(_))) {
+        lock(&shared.passed).remove(&local);
+        return;
+    }
+    let unclaimed = lock(&shared.passed).remove(&local);
+    if let Some((_, fd)) = unclaimed {
+        tracing::debug!(client = %peer.peer, "a passed stolen connection the layer did not claim; relayed by the proxy");
+        // `PeerOf` still names the real client for a late `accept`.
+        shared.add_delivered(local, peer);
+        splice_with_fd(stream, fd).await;
+        shared.remove_delivered(local);
+    }
+}
+
+/// Delivers the passed socket `fd` as a relayed connection: the program's
+/// listener at `target` accepts the proxy's loopback connection (its `PeerOf`
+/// names the real client), and the proxy splices the two with the inspector's
+/// copy of the bytes.
+async fn deliver_watched(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer, fd: OwnedFd) {
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    let bound = socket.and_then(|socket| {
+        socket.bind(SocketAddr::new(target.ip(), 0))?;
+        let local = socket.local_addr()?;
+        Ok((socket, local))
+    });
+    let (socket, local) = match bound {
+        Ok(bound) => bound,
+        Err(e) => {
+            tracing::warn!(%target, error = %e, "cannot deliver a stolen connection; closed");
+            return;
+        }
+    };
+    shared.add_delivered(local, peer);
+    match tokio::time::timeout(shared.options.relay_timeout, socket.connect(target)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            let tapped = match &shared.options.incoming_tap {
+                Some(tap) => tap.wrap(stream, peer),
+                None => Err(stream),
+            };
+            match tapped {
+                Ok(tapped) => splice_with_fd(tapped, fd).await,
+                Err(stream) => splice_with_fd(stream, fd).await,
+            }
+        }
+        _ => tracing::warn!(%target, client = %peer.peer, "the local listener did not accept a stolen connection; closed"),
+    }
+    shared.remove_delivered(local);
+}
+
+/// Copies bytes both ways between `local` and the target's socket `fd` until
+/// both ends finish.
+async fn splice_with_fd<S>(mut local: S, fd: OwnedFd)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let std_stream = std::net::TcpStream::from(fd);
+    let remote = std_stream
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(std_stream));
+    match remote {
+        Ok(mut remote) => {
+            let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot splice a passed stolen connection"),
+    }
+}
+

@@ -1,0 +1,582 @@
+//! Sockets passed as descriptors for a local target (issue 13): outgoing TCP and
+//! whole stolen connections, the relayed fallbacks, and the attacks on that path.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use graft_protocol::codec::{encode_frame, read_frame};
+use graft_protocol::fdpass::FdReader;
+use graft_protocol::incoming::{IncomingMode, Subscription};
+use graft_protocol::layer::{LayerRequest, LayerResponse};
+use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
+use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
+use graft_protocol::version::{FEATURE_FDS, has_feature, version_with};
+use graft_tests::{
+    Bed, Outcome, Proc, RUN_TIMEOUT, agent_bin, curl, fixture_str, python, wait_until,
+};
+
+/// `graft run` with `GRAFT_LOG=debug` and `extra` environment, to completion;
+/// its outcome and the layer's log (`GRAFT_LAYER_LOG`, where the layer says
+/// which path each socket took).
+fn run_logged(
+    bed: &Bed,
+    extra: &[(&str, &str)],
+    flags: &[&str],
+    cmd: &[&str],
+) -> (Outcome, String) {
+    let log = layer_log_path(bed);
+    let mut command = bed.graft_run(flags, cmd);
+    command
+        .env("GRAFT_LOG", "debug")
+        .env("GRAFT_LAYER_LOG", &log);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let out = bed.finish(bed.spawn(command, "graft run (debug)"), RUN_TIMEOUT);
+    let layer = std::fs::read_to_string(&log).unwrap_or_default();
+    (out, layer)
+}
+
+/// A fresh layer log file in the bed's work directory.
+fn layer_log_path(bed: &Bed) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    bed.work_dir().join(format!("layer-{n}.log"))
+}
+
+fn json(out: &Outcome) -> serde_json::Value {
+    serde_json::from_str(out.assert_success().out())
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
+}
+
+fn script() -> String {
+    fixture_str("sockfd.py")
+}
+
+/// Whether `fd` is a listening socket (`SO_ACCEPTCONN`, socket(7)).
+fn listens(fd: &OwnedFd) -> bool {
+    nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::AcceptConn)
+        .expect("getsockopt(SO_ACCEPTCONN)")
+}
+
+#[test]
+fn outgoing_tcp_is_the_targets_own_socket_with_the_programs_flags_and_options() {
+    let bed = Bed::new();
+    let service = bed.service_v4.to_string();
+    let (out, layer) = run_logged(
+        &bed,
+        &[],
+        &[],
+        &[python(), &script(), "out", &service, "80"],
+    );
+    let seen = json(&out);
+    // The service saw the target's address: the connection left from there.
+    assert_eq!(
+        seen["reply"].as_str().map(str::trim),
+        Some(bed.service_reply().as_str()),
+        "{out}"
+    );
+    // The program's own socket reports the target's real addresses.
+    assert_eq!(seen["sockname"][0], bed.link_v4.to_string(), "{out}");
+    assert_eq!(seen["peername"], serde_json::json!([service, 80]), "{out}");
+    // Options set before connect and the descriptor flags carried over.
+    assert_ne!(seen["nodelay"], 0, "{out}");
+    assert_ne!(seen["keepalive"], 0, "{out}");
+    assert_eq!(seen["inheritable"], true, "{out}");
+    assert_eq!(seen["blocking"], true, "{out}");
+    assert_eq!(seen["acceptconn"], 0, "a listener was passed:\n{out}");
+    assert!(
+        layer.contains(&format!("TCP to {service}:80: the target's socket itself")),
+        "the layer's log does not say the socket was passed:\n{layer}\n{out}"
+    );
+    assert!(
+        out.stderr
+            .contains("outgoing socket passed as a descriptor"),
+        "{out}"
+    );
+    // curl (IPv4 and IPv6) over the passed socket.
+    let (curl4, layer) = run_logged(
+        &bed,
+        &[],
+        &[],
+        &["curl", "-sS", "--max-time", "10", &bed.service_url()],
+    );
+    assert_eq!(curl4.assert_success().out(), bed.service_reply(), "{curl4}");
+    assert!(layer.contains("descriptor passed"), "{layer}\n{curl4}");
+    let (curl6, layer) = run_logged(
+        &bed,
+        &[],
+        &[],
+        &["curl", "-sS", "-g", "--max-time", "10", &bed.service_url6()],
+    );
+    assert_eq!(
+        curl6.assert_success().out(),
+        format!("svc {}", bed.link_v6),
+        "{curl6}"
+    );
+    assert!(layer.contains("descriptor passed"), "{layer}\n{curl6}");
+}
+
+#[test]
+fn a_non_blocking_connect_says_einprogress_then_turns_writable() {
+    let bed = Bed::new();
+    let service = bed.service_v4.to_string();
+    let (out, layer) = run_logged(
+        &bed,
+        &[],
+        &[],
+        &[python(), &script(), "nonblock", &service, "80", "1"],
+    );
+    let seen = json(&out);
+    assert_eq!(seen["connect"], "EINPROGRESS", "{out}");
+    assert_eq!(seen["writable"], true, "{out}");
+    assert_eq!(seen["so_error"], 0, "{out}");
+    // A second connect is the kernel's to answer: done (0) or EISCONN.
+    assert!(
+        ["0", "EISCONN"].contains(&seen["again"].as_str().unwrap_or("")),
+        "{out}"
+    );
+    assert_eq!(seen["nonblocking_kept"], true, "{out}");
+    assert_eq!(seen["peername"], serde_json::json!([service, 80]), "{out}");
+    assert_eq!(
+        seen["reply"].as_str().map(str::trim),
+        Some(bed.service_reply().as_str()),
+        "{out}"
+    );
+    assert!(layer.contains("descriptor passed"), "{layer}");
+    // A refused connect reports as a native one: in SO_ERROR, or at once.
+    assert_eq!(seen["closed_connect"], "EINPROGRESS", "{out}");
+    assert_eq!(seen["closed_so_error"], "ECONNREFUSED", "{out}");
+    assert_eq!(seen["closed_blocking"], "ECONNREFUSED", "{out}");
+}
+
+/// `graft run --steal -- sockfd.py serve PORT` with `extra` environment, once
+/// the target's `PORT` answers with the local server's JSON; returns the
+/// session and that first answer.
+fn steal_with(bed: &Bed, extra: &[(&str, &str)]) -> (Proc, serde_json::Value, PathBuf) {
+    let port = bed.app_port.to_string();
+    let log = layer_log_path(bed);
+    let mut command = bed.graft_run(&["--steal"], &[python(), &script(), "serve", &port]);
+    command
+        .env("GRAFT_LOG", "debug")
+        .env("GRAFT_LAYER_LOG", &log);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let mut session = bed.spawn(command, "graft run --steal -- sockfd.py serve");
+    let url = bed.target_url(bed.app_port);
+    let answer = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        if let Some(status) = session.try_status() {
+            panic!("the session exited ({status})\n{}", session.output_report());
+        }
+        curl(&url).ok().filter(|body| body.contains("\"local\""))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{url} never reached the local server\n{}",
+            session.output_report()
+        )
+    });
+    let seen = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"));
+    (session, seen, log)
+}
+
+#[test]
+fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
+    let bed = Bed::new();
+    let (session, seen, log) = steal_with(&bed, &[]);
+    let client = bed.host_v4.to_string();
+    assert_eq!(seen["peer"][0], client, "accept's address: {seen}");
+    assert_eq!(seen["peername"][0], client, "{seen}");
+    assert_eq!(
+        seen["sockname"],
+        serde_json::json!([bed.target_v4.to_string(), bed.app_port]),
+        "getsockname shows the target address the client connected to: {seen}"
+    );
+    assert_eq!(seen["acceptconn"], 0, "a listener was passed: {seen}");
+    assert_eq!(
+        seen["inheritable"], false,
+        "accept's SOCK_CLOEXEC was lost: {seen}"
+    );
+    let report = session.output_report();
+    let layer = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        report.contains("stolen connection passed as a descriptor")
+            && layer.contains("the target's socket itself as fd"),
+        "the debug logs do not say the connection was passed:\n{layer}\n{report}"
+    );
+}
+
+#[test]
+fn with_passing_off_sockets_are_relayed_and_still_work() {
+    let bed = Bed::new();
+    let off = [("GRAFT_FD_PASSING", "0")];
+    let service = bed.service_v4.to_string();
+    let (out, layer) = run_logged(
+        &bed,
+        &off,
+        &[],
+        &[python(), &script(), "out", &service, "80"],
+    );
+    let seen = json(&out);
+    assert_eq!(
+        seen["reply"].as_str().map(str::trim),
+        Some(bed.service_reply().as_str()),
+        "{out}"
+    );
+    assert_eq!(seen["peername"], serde_json::json!([service, 80]), "{out}");
+    assert_eq!(seen["sockname"][0], bed.link_v4.to_string(), "{out}");
+    assert!(!layer.contains("descriptor passed"), "{layer}");
+    assert!(
+        layer.contains("relayed (the proxy passes no descriptors"),
+        "the layer's log does not say why the socket was relayed:\n{layer}"
+    );
+    let (session, seen, log) = steal_with(&bed, &off);
+    assert_eq!(seen["peer"][0], bed.host_v4.to_string(), "{seen}");
+    let report = session.output_report();
+    let layer = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !report.contains("stolen connection passed as a descriptor"),
+        "{report}"
+    );
+    assert!(!layer.contains("descriptor passed"), "{layer}");
+}
+
+#[test]
+fn a_destination_a_rule_keeps_local_gets_no_target_socket() {
+    let bed = Bed::new();
+    let service = bed.service_v4.to_string();
+    let rule = format!("{}/32", bed.service_v4);
+    let (out, layer) = run_logged(
+        &bed,
+        &[],
+        &["--outgoing-local", &rule],
+        &["curl", "-sS", "--max-time", "3", &bed.service_url()],
+    );
+    // From this machine the service is unreachable: the connection stayed here.
+    assert!(
+        !out.stdout.contains("svc"),
+        "the target's service answered:\n{out}"
+    );
+    assert!(!layer.contains(&format!("TCP to {service}:80")), "{layer}");
+    assert!(!out.stderr.contains("outgoing socket passed"), "{out}");
+}
+
+/// A program's hand-made connection to its session's layer socket.
+struct LayerClient {
+    stream: UnixStream,
+}
+
+impl LayerClient {
+    fn connect(socket: &PathBuf) -> LayerClient {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let hello = LayerRequest::Hello {
+            version: version_with(&[FEATURE_FDS]),
+            pid: std::process::id(),
+        };
+        stream.write_all(&encode_frame(&hello).unwrap()).unwrap();
+        let mut client = LayerClient { stream };
+        match client.exchange(None) {
+            (LayerResponse::Hello { version }, _) => {
+                assert!(
+                    has_feature(&version, FEATURE_FDS),
+                    "the proxy passes no descriptors: {version}"
+                )
+            }
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        client
+    }
+
+    fn exchange(&mut self, request: Option<&LayerRequest>) -> (LayerResponse, Vec<OwnedFd>) {
+        if let Some(request) = request {
+            self.stream
+                .write_all(&encode_frame(request).unwrap())
+                .unwrap();
+        }
+        let mut reader = FdReader::new(&self.stream);
+        let response = read_frame(&mut reader).expect("the proxy answers");
+        (response, reader.fds)
+    }
+}
+
+#[test]
+fn a_hand_made_layer_frame_gets_no_socket_it_must_not_have() {
+    let bed = Bed::new();
+    let script = "import os, sys, time\n\
+                  print(os.environ['GRAFT_LAYER_SOCKET'], flush=True)\n\
+                  time.sleep(60)\n";
+    // The IPv6 service is kept on this machine by a rule.
+    let rule = format!("{}/128", bed.service_v6);
+    let command = bed.graft_run(&["--outgoing-local", &rule], &[python(), "-c", script]);
+    let session = bed.spawn(command, "graft run -- print layer socket");
+    let socket = wait_until(RUN_TIMEOUT, Duration::from_millis(50), || {
+        session.stdout().lines().next().map(PathBuf::from)
+    })
+    .unwrap_or_else(|| panic!("CMD never printed its socket\n{}", session.output_report()));
+    let mut layer = LayerClient::connect(&socket);
+    // The target's own loopback services (and what stands for them) stay the target's.
+    for remote in [
+        "127.0.0.1:80",
+        "[::1]:80",
+        "0.0.0.0:80",
+        "[::ffff:127.0.0.1]:80",
+        "224.0.0.1:80",
+    ] {
+        let remote: SocketAddr = remote.parse().unwrap();
+        let request = LayerRequest::Remote(RemoteRequest::ConnectFd { remote });
+        let (response, fds) = layer.exchange(Some(&request));
+        assert!(
+            fds.is_empty(),
+            "{remote}: a socket was passed ({response:?})"
+        );
+        assert_eq!(
+            response,
+            LayerResponse::Remote(RemoteResponse::Error(RemoteError::Os(libc::EACCES))),
+            "{remote}"
+        );
+    }
+    // A destination a rule keeps local: neither a socket nor a relayed connection.
+    let kept: SocketAddr = (bed.service_v6, 80).into();
+    let (response, fds) = layer.exchange(Some(&LayerRequest::Remote(RemoteRequest::ConnectFd {
+        remote: kept,
+    })));
+    assert!(fds.is_empty(), "{response:?}");
+    assert_eq!(
+        response,
+        LayerResponse::Remote(RemoteResponse::Error(RemoteError::Os(libc::EACCES)))
+    );
+    let (response, fds) = layer.exchange(Some(&LayerRequest::Connect {
+        remote: kept,
+        transport: graft_protocol::Transport::Tcp,
+    }));
+    assert!(fds.is_empty(), "{response:?}");
+    assert!(
+        matches!(
+            response,
+            LayerResponse::Error {
+                errno: libc::EACCES,
+                ..
+            }
+        ),
+        "{response:?}"
+    );
+    // A delivery it was never given: no stolen connection's socket.
+    for port in [1u16, 80, 40000, 65535] {
+        let proxy_side: SocketAddr = ([127, 0, 0, 1], port).into();
+        let (response, fds) = layer.exchange(Some(&LayerRequest::PeerOf { proxy_side }));
+        assert!(
+            fds.is_empty(),
+            "{proxy_side}: a socket was passed ({response:?})"
+        );
+        assert_eq!(response, LayerResponse::Peer(None), "{proxy_side}");
+    }
+    // The control: an allowed destination does pass one, connected, not a listener.
+    let remote: SocketAddr = (bed.service_v4, 80).into();
+    let (response, mut fds) =
+        layer.exchange(Some(&LayerRequest::Remote(RemoteRequest::ConnectFd {
+            remote,
+        })));
+    assert_eq!(response, LayerResponse::Remote(RemoteResponse::FdConnected));
+    assert_eq!(fds.len(), 1, "{response:?}");
+    let fd = fds.remove(0);
+    assert!(!listens(&fd), "a listener was passed");
+    let mut stream = TcpStream::from(fd);
+    stream.set_nonblocking(false).unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut reply).unwrap();
+    assert!(reply.trim_end().ends_with(&bed.service_reply()), "{reply}");
+}
+
+const SECRET: &str = "sockfd-secret-0123456789abcdef01";
+
+/// A hand-driven proxy on a local agent's Unix socket; `fds`: whether its
+/// `Hello` names `+fds` (false: a Kubernetes link's or an older proxy's).
+struct RawProxy {
+    _agent: Proc,
+    stream: UnixStream,
+    _dir: tempfile::TempDir,
+    next_id: u64,
+}
+
+impl RawProxy {
+    fn start(bed: &Bed, fds: bool) -> (RawProxy, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = format!("unix:{}/agent.sock", dir.path().display());
+        let mut command = Command::new(agent_bin());
+        command
+            .args(["--target-pid", &bed.target_pid.to_string()])
+            .arg(format!("--listen={listen}"))
+            .args(["--connect-timeout", "20"])
+            .env("GRAFT_AGENT_SECRET", SECRET);
+        let mut agent = bed.spawn(command, "graft-agent");
+        let socket = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            if let Some(status) = agent.try_status() {
+                panic!("graft-agent exited ({status})\n{}", agent.output_report());
+            }
+            agent
+                .stdout()
+                .lines()
+                .find_map(|l| l.strip_prefix("ready unix:").map(PathBuf::from))
+        })
+        .unwrap_or_else(|| panic!("graft-agent never said ready\n{}", agent.output_report()));
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let hello = ClientMessage::Hello(Hello {
+            version: version_with(if fds { &[FEATURE_FDS] } else { &[] }),
+            secret: SECRET.into(),
+            client: "graft-tests sockfd".into(),
+        });
+        stream.write_all(&encode_frame(&hello).unwrap()).unwrap();
+        let mut proxy = RawProxy {
+            _agent: agent,
+            stream,
+            _dir: dir,
+            next_id: 1,
+        };
+        match proxy.receive() {
+            (AgentMessage::Hello(HelloReply::Accepted { version, .. }), fds) => {
+                assert!(fds.is_empty());
+                (proxy, version)
+            }
+            other => panic!("expected an accepted Hello, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, message: &ClientMessage) {
+        self.stream
+            .write_all(&encode_frame(message).unwrap())
+            .unwrap();
+    }
+
+    fn receive(&mut self) -> (AgentMessage, Vec<OwnedFd>) {
+        let mut reader = FdReader::new(&self.stream);
+        let message = read_frame(&mut reader).expect("the agent answers");
+        (message, reader.fds)
+    }
+
+    /// One remote request's answer and the descriptors that came with it.
+    fn request(&mut self, request: RemoteRequest) -> (RemoteResponse, Vec<OwnedFd>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&ClientMessage::Request { id, request });
+        let mut fds = Vec::new();
+        loop {
+            let (message, more) = self.receive();
+            fds.extend(more);
+            if let AgentMessage::Response { id: got, response } = message
+                && got == id
+            {
+                return (response, fds);
+            }
+        }
+    }
+
+    /// Steals the target's `port` asking for descriptors, connects to it from
+    /// this machine, and returns how the agent announced the connection.
+    fn steal_one(&mut self, bed: &Bed, port: u16) -> (AgentMessage, Vec<OwnedFd>) {
+        self.send(&ClientMessage::SubscribeFds(Subscription {
+            port,
+            mode: IncomingMode::Steal,
+            filter: None,
+            responses: false,
+        }));
+        match self.receive() {
+            (AgentMessage::SubscribeResult { error: None, .. }, _) => {}
+            other => panic!("the steal failed: {other:?}"),
+        }
+        let target: SocketAddr = (bed.target_v4, port).into();
+        let client = std::thread::spawn(move || {
+            let stream = TcpStream::connect_timeout(&target, Duration::from_secs(10));
+            std::thread::sleep(Duration::from_secs(3));
+            stream.map(|_| ())
+        });
+        let mut fds = Vec::new();
+        let announced = loop {
+            let (message, more) = self.receive();
+            fds.extend(more);
+            if matches!(
+                message,
+                AgentMessage::Incoming { .. } | AgentMessage::IncomingFd { .. }
+            ) {
+                break message;
+            }
+        };
+        client.join().unwrap().unwrap();
+        (announced, fds)
+    }
+}
+
+#[test]
+fn a_proxy_without_fds_gets_every_socket_relayed() {
+    let bed = Bed::new();
+    let (mut proxy, version) = RawProxy::start(&bed, false);
+    assert!(!has_feature(&version, FEATURE_FDS), "{version}");
+    let remote: SocketAddr = (bed.service_v4, 80).into();
+    let (response, fds) = proxy.request(RemoteRequest::ConnectFd { remote });
+    assert!(fds.is_empty(), "{response:?}");
+    assert!(
+        matches!(response, RemoteResponse::Error(RemoteError::Unsupported(_))),
+        "{response:?}"
+    );
+    let (announced, fds) = proxy.steal_one(&bed, bed.app_port);
+    assert!(fds.is_empty(), "{announced:?}");
+    assert!(
+        matches!(announced, AgentMessage::Incoming { .. }),
+        "{announced:?}"
+    );
+}
+
+#[test]
+fn a_local_proxy_gets_connected_and_accepted_sockets_never_a_listener_or_loopback() {
+    let bed = Bed::new();
+    let (mut proxy, version) = RawProxy::start(&bed, true);
+    assert!(has_feature(&version, FEATURE_FDS), "{version}");
+    // The target's loopback is refused on this path, however it is spelled.
+    for remote in [
+        "127.0.0.1:80",
+        "[::1]:80",
+        "0.0.0.0:80",
+        "[::ffff:127.0.0.1]:80",
+        "198.19.0.0:0",
+    ] {
+        let remote: SocketAddr = remote.parse().unwrap();
+        let (response, fds) = proxy.request(RemoteRequest::ConnectFd { remote });
+        assert!(fds.is_empty(), "{remote}: {response:?}");
+        assert_eq!(
+            response,
+            RemoteResponse::Error(RemoteError::Os(libc::EACCES)),
+            "{remote}"
+        );
+    }
+    let remote: SocketAddr = (bed.service_v4, 80).into();
+    let (response, mut fds) = proxy.request(RemoteRequest::ConnectFd { remote });
+    assert_eq!(response, RemoteResponse::FdConnected);
+    assert_eq!(fds.len(), 1);
+    let fd = fds.remove(0);
+    assert!(!listens(&fd), "a listener was passed");
+    let (announced, mut fds) = proxy.steal_one(&bed, bed.app_port);
+    let AgentMessage::IncomingFd { port, peer, .. } = announced else {
+        panic!("the stolen connection was not passed: {announced:?}");
+    };
+    assert_eq!((port, peer.ip()), (bed.app_port, bed.host_v4.into()));
+    assert_eq!(fds.len(), 1);
+    let fd = fds.remove(0);
+    assert!(!listens(&fd), "a listener was passed");
+    let stream = TcpStream::from(fd);
+    assert_eq!(
+        stream.peer_addr().unwrap().ip(),
+        std::net::IpAddr::from(bed.host_v4)
+    );
+}
