@@ -127,7 +127,12 @@ async fn deliver_fd(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer
 /// listener at `target` accepts the proxy's loopback connection (its `PeerOf`
 /// names the real client), and the proxy splices the two with the inspector's
 /// copy of the bytes.
-async fn deliver_watched(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer, fd: OwnedFd) {
+async fn deliver_watched(
+    shared: Arc<Shared>,
+    target: SocketAddr,
+    peer: DeliveredPeer,
+    fd: OwnedFd,
+) {
     let socket = match target {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -157,7 +162,9 @@ async fn deliver_watched(shared: Arc<Shared>, target: SocketAddr, peer: Delivere
                 Err(stream) => splice_with_fd(stream, fd).await,
             }
         }
-        _ => tracing::warn!(%target, client = %peer.peer, "the local listener did not accept a stolen connection; closed"),
+        _ => {
+            tracing::warn!(%target, client = %peer.peer, "the local listener did not accept a stolen connection; closed")
+        }
     }
     shared.remove_delivered(local);
 }
@@ -179,4 +186,3 @@ where
         Err(e) => tracing::debug!(error = %e, "cannot splice a passed stolen connection"),
     }
 }
-
