@@ -65,7 +65,7 @@ impl NsError {
 ///
 /// [`NsError::NoSuchProcess`] when it does not.
 pub fn check_exists(pid: u32) -> Result<(), NsError> {
-    if pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    if pid != 0 && graft_proc::exists(pid) {
         Ok(())
     } else {
         Err(NsError::NoSuchProcess { pid })
@@ -79,7 +79,7 @@ pub fn check_exists(pid: u32) -> Result<(), NsError> {
 /// [`NsError::Permission`] without ptrace access to the target, else as the open fails.
 pub fn open_netns(pid: u32) -> Result<OwnedFd, NsError> {
     rustix::fs::open(
-        format!("/proc/{pid}/ns/net"),
+        graft_proc::dir(pid).join("ns/net"),
         OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )
@@ -104,7 +104,7 @@ pub fn enter_netns(pid: u32, netns: &OwnedFd) -> Result<(), NsError> {
 /// [`NsError::Permission`] without ptrace access to the target.
 pub fn open_root(pid: u32) -> Result<OwnedFd, NsError> {
     rustix::fs::open(
-        format!("/proc/{pid}/root"),
+        graft_proc::dir(pid).join("root"),
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )

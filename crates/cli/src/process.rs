@@ -241,14 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn graft_raises_its_descriptor_limit_and_children_get_the_original() {
-        let soft = || {
-            std::fs::read_to_string("/proc/self/limits")
-                .unwrap()
-                .lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
-                .unwrap()
-        };
+        let soft = || graft_proc::soft_nofile_limit().unwrap().to_string();
         let before = soft();
         let hard = raise_nofile().unwrap();
         assert_eq!(soft(), hard.to_string());

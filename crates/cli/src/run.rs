@@ -547,9 +547,7 @@ pub(crate) fn client_name() -> String {
     let user = std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))
         .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid().as_raw()));
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
+    let host = graft_proc::hostname().unwrap_or_else(|| "localhost".into());
     format!("{user}@{host}")
 }
 

@@ -52,7 +52,7 @@ use libc::{DIR, FILE, dirent, dirent64, mode_t, size_t, ssize_t};
 use crate::{
     client,
     fds::{self, FdKind, RemoteFile},
-    guard::{self, hooked, set_errno},
+    guard::{self, Handled, hooked, set_errno},
     local_writes, state,
 };
 

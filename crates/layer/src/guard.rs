@@ -67,3 +67,22 @@ pub fn errno() -> i32 {
     // SAFETY: as in `set_errno`.
     unsafe { *libc::__errno_location() }
 }
+
+/// What a hook's logic decided about one call: the layer's single
+/// "handled / leave it to libc" type, for every hook whose work may find the
+/// call is not graft's after all (a local path, a descriptor graft does not
+/// know).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled<T> {
+    /// Not graft's: call the real libc function.
+    Libc,
+    /// Done by the layer: the value, or an `errno`.
+    Done(Result<T, i32>),
+}
+
+impl<T> Handled<T> {
+    /// `Libc` for `None`, else `Done(Ok(v))`.
+    pub fn from_value(value: Option<T>) -> Handled<T> {
+        value.map_or(Handled::Libc, |v| Handled::Done(Ok(v)))
+    }
+}

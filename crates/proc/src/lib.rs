@@ -15,6 +15,33 @@ pub fn dir(pid: u32) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}"))
 }
 
+/// The host name of the calling process's UTS namespace
+/// (`/proc/sys/kernel/hostname`), trimmed; `None` when it cannot be read.
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+/// The soft limit of open files of the calling process, from
+/// `/proc/self/limits` ("Max open files"); `None` when it cannot be read.
+pub fn soft_nofile_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_soft_nofile_limit(&limits)
+}
+
+/// The "Max open files" soft limit in the text of a `limits` file.
+pub fn parse_soft_nofile_limit(limits: &str) -> Option<u64> {
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
 /// Whether a process `pid` exists (a zombie too).
 pub fn exists(pid: u32) -> bool {
     dir(pid).exists()
@@ -236,6 +263,18 @@ fn parse_socket_addr(hex: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_soft_open_files_limit_is_the_fourth_field_of_its_line() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1024                 524288               files\n";
+        assert_eq!(parse_soft_nofile_limit(limits), Some(1024));
+        assert_eq!(
+            parse_soft_nofile_limit("Max processes 10 10 processes\n"),
+            None
+        );
+        assert!(soft_nofile_limit().is_some_and(|n| n > 0));
+    }
 
     #[test]
     fn state_follows_the_last_parenthesis() {

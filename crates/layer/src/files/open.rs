@@ -4,14 +4,6 @@
 
 use super::*;
 
-/// What an open of a remote-looking path comes to.
-pub(super) enum Outcome {
-    /// Not ours after all: call libc.
-    Local,
-    /// A descriptor, or an `errno`.
-    Done(Result<c_int, i32>),
-}
-
 /// A placeholder descriptor for the remote directory `path`.
 pub(super) fn dir_placeholder(path: &str, cloexec: bool) -> Result<c_int, i32> {
     let fd = memfd(basename(path), cloexec)?;
@@ -59,13 +51,13 @@ fn fetch(handle: FileHandle, fd: c_int, mut offset: u64) -> Result<(), i32> {
 }
 
 /// Opens the remote `path` as `open(2)` would with `flags` and `mode`.
-pub(super) fn open_remote(path: &str, flags: c_int, mode: mode_t) -> Outcome {
+pub(super) fn open_remote(path: &str, flags: c_int, mode: mode_t) -> Handled<c_int> {
     let access = flags & libc::O_ACCMODE;
     let writing = access != libc::O_RDONLY || flags & (libc::O_CREAT | libc::O_TRUNC) != 0;
     if flags & libc::O_TMPFILE == libc::O_TMPFILE || (writing && !write_mode()) {
-        return Outcome::Local;
+        return Handled::Libc;
     }
-    Outcome::Done(open_remote_inner(path, flags, mode, writing))
+    Handled::Done(open_remote_inner(path, flags, mode, writing))
 }
 
 fn open_remote_inner(path: &str, flags: c_int, mode: mode_t, writing: bool) -> Result<c_int, i32> {
@@ -317,14 +309,14 @@ unsafe fn open_hook(
             return real();
         };
         match open_remote(&path, flags, mode) {
-            Outcome::Local => {
+            Handled::Libc => {
                 let fd = real();
                 if fd >= 0 && writes_locally(flags) {
                     local_writes::record(&path);
                 }
                 fd
             }
-            Outcome::Done(r) => ret(r),
+            Handled::Done(r) => ret(r),
         }
     })
 }

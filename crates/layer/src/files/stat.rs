@@ -70,18 +70,22 @@ unsafe fn fill_statx(buf: *mut libc::statx, st: &FileStat) {
     }
 }
 
-/// The remote metadata of a special descriptor, `None` when `fd` is not ours.
-fn fd_stat(fd: c_int) -> Option<Result<FileStat, i32>> {
-    match fds::get(fd)? {
+/// The remote metadata of a special descriptor, [`Handled::Libc`] when `fd` is
+/// not ours.
+fn fd_stat(fd: c_int) -> Handled<FileStat> {
+    let Some(kind) = fds::get(fd) else {
+        return Handled::Libc;
+    };
+    match kind {
         FdKind::RemoteFile(RemoteFile { mut stat, .. }) => {
             if let Some(local) = real_fstat(fd) {
                 stat.size = local.st_size as u64;
                 stat.blocks = stat.size.div_ceil(512);
             }
-            Some(Ok(stat))
+            Handled::Done(Ok(stat))
         }
-        FdKind::RemoteDir { path } => Some(remote_stat(&path, true)),
-        _ => None,
+        FdKind::RemoteDir { path } => Handled::Done(remote_stat(&path, true)),
+        _ => Handled::Libc,
     }
 }
 
@@ -91,18 +95,20 @@ enum StatTarget {
     Path(c_int, *const c_char, bool),
 }
 
-/// Remote metadata for `target`, or `None` to call libc.
+/// Remote metadata for `target`, or [`Handled::Libc`].
 ///
 /// # Safety
 ///
 /// A path must be null or a C string.
-unsafe fn stat_of(target: StatTarget) -> Option<Result<FileStat, i32>> {
+unsafe fn stat_of(target: StatTarget) -> Handled<FileStat> {
     match target {
         StatTarget::Fd(fd) => fd_stat(fd),
         StatTarget::Path(dirfd, path, follow) => {
             // SAFETY: forwarded contract.
-            let path = unsafe { remote_path(dirfd, path) }?;
-            Some(remote_stat(&path, follow))
+            match unsafe { remote_path(dirfd, path) } {
+                Some(path) => Handled::Done(remote_stat(&path, follow)),
+                None => Handled::Libc,
+            }
         }
     }
 }
@@ -138,8 +144,8 @@ unsafe fn stat_hook<B>(
     hooked(real, || {
         // SAFETY: forwarded contract.
         match unsafe { stat_of(target) } {
-            None => real(),
-            Some(Ok(st)) => {
+            Handled::Libc => real(),
+            Handled::Done(Ok(st)) => {
                 if buf.is_null() {
                     set_errno(libc::EFAULT);
                     return -1;
@@ -148,7 +154,7 @@ unsafe fn stat_hook<B>(
                 unsafe { fill(buf, &st) };
                 0
             }
-            Some(Err(e)) => {
+            Handled::Done(Err(e)) => {
                 set_errno(e);
                 -1
             }

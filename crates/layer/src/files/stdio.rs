@@ -35,30 +35,30 @@ fn discard(fd: c_int) {
     real_close(fd);
 }
 
-/// Opens a remote path for stdio: `Ok(None)` when it is local after all.
+/// Opens a remote path for stdio: [`Handled::Libc`] when it is local after all.
 ///
 /// # Safety
 ///
 /// `path` and `mode` must be C strings.
-unsafe fn fopen_remote(path: *const c_char, mode: *const c_char) -> Option<Result<c_int, i32>> {
+unsafe fn fopen_remote(path: *const c_char, mode: *const c_char) -> Handled<c_int> {
     // SAFETY: forwarded contract.
-    let path = unsafe { remote_path(libc::AT_FDCWD, path) }?;
+    let Some(path) = (unsafe { remote_path(libc::AT_FDCWD, path) }) else {
+        return Handled::Libc;
+    };
     if mode.is_null() {
-        return None;
+        return Handled::Libc;
     }
     // SAFETY: the caller guarantees a C string.
-    let flags = fopen_flags(unsafe { CStr::from_ptr(mode) }.to_bytes())?;
-    match open_remote(&path, flags, 0o666) {
-        Outcome::Local => {
-            if writes_locally(flags) {
-                // Recorded before the local fopen, which happens in the caller:
-                // should it fail, the path stays local anyway.
-                local_writes::record(&path);
-            }
-            None
-        }
-        Outcome::Done(r) => Some(r),
+    let Some(flags) = fopen_flags(unsafe { CStr::from_ptr(mode) }.to_bytes()) else {
+        return Handled::Libc;
+    };
+    let opened = open_remote(&path, flags, 0o666);
+    if opened == Handled::Libc && writes_locally(flags) {
+        // Recorded before the local fopen, which happens in the caller: should
+        // it fail, the path stays local anyway.
+        local_writes::record(&path);
     }
+    opened
 }
 
 macro_rules! export_fopen {
@@ -78,12 +78,12 @@ macro_rules! export_fopen {
             hooked(real, || {
                 // SAFETY: the caller's C strings.
                 match unsafe { fopen_remote(path, mode) } {
-                    None => real(),
-                    Some(Err(e)) => {
+                    Handled::Libc => real(),
+                    Handled::Done(Err(e)) => {
                         set_errno(e);
                         std::ptr::null_mut()
                     }
-                    Some(Ok(fd)) => {
+                    Handled::Done(Ok(fd)) => {
                         // SAFETY: `fd` is ours, `mode` the caller's valid mode string.
                         let fp = unsafe { libc::fdopen(fd, mode) };
                         if fp.is_null() {
@@ -135,15 +135,15 @@ macro_rules! export_freopen {
                 }
                 // SAFETY: the caller's C strings.
                 match unsafe { fopen_remote(path, mode) } {
-                    None => real(),
-                    Some(Err(e)) => {
+                    Handled::Libc => real(),
+                    Handled::Done(Err(e)) => {
                         // freopen closes the stream even when the open fails.
                         // SAFETY: the caller's stream.
                         unsafe { libc::fclose(stream) };
                         set_errno(e);
                         std::ptr::null_mut()
                     }
-                    Some(Ok(fd)) => {
+                    Handled::Done(Ok(fd)) => {
                         let kind = fds::get(fd);
                         let proc_path = CString::new(format!("/proc/self/fd/{fd}"))
                             .expect("no NUL in a number");
