@@ -57,20 +57,12 @@ pub fn find_container_pid(proc_root: &Path, id: &str) -> Result<u32, FindError> 
     }
     let own = std::process::id();
     let mut best: Option<u32> = None;
-    let entries = std::fs::read_dir(proc_root).map_err(|_| FindError::NotFound(id.to_owned()))?;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in graft_proc::pids_in(proc_root) {
         if pid == own || best.is_some_and(|b| b < pid) {
             continue;
         }
         // Processes come and go while we look: a vanished one is skipped.
-        let Ok(cgroup) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+        let Ok(cgroup) = graft_proc::cgroup_in(proc_root, pid) else {
             continue;
         };
         if cgroup_names(&cgroup, id) {

@@ -1,14 +1,16 @@
 //! graft's one reader for `/proc` (see `proc(5)`): whether a process runs, its
-//! environment and command line, and the route tables of its network
-//! namespace, and its listening TCP sockets. The agent, the CLI, the proxy and the test harness read these
-//! files through here, so each format is parsed in one place.
+//! environment, command line and cgroup, the route tables and listening TCP
+//! sockets of its network namespace, the host name and the open-files limit.
+//! The agent, the CLI, the proxy and the test harness read these files through
+//! here, so each format is parsed in one place; the agent opens a target's
+//! namespace and root at the paths [`dir`] gives.
 //!
 //! Every function takes the process's pid as the caller's pid namespace sees
 //! it; the parsers of file contents are public too, for tests with fixed text.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `/proc/PID`.
 pub fn dir(pid: u32) -> PathBuf {
@@ -129,12 +131,28 @@ pub fn cmdline(pid: u32) -> io::Result<Vec<String>> {
 
 /// The pids of every process in this pid namespace.
 pub fn pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
+    pids_in(Path::new("/proc"))
+}
+
+/// The pids of the processes under `proc_root`, a `/proc` or a copy of its
+/// layout (tests); empty when it cannot be read.
+pub fn pids_in(proc_root: &Path) -> Vec<u32> {
+    std::fs::read_dir(proc_root)
         .map(|dir| {
             dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The text of process `pid`'s `cgroup` file under `proc_root` (cgroups(7):
+/// `hierarchy-ID:controller-list:cgroup-path` lines).
+///
+/// # Errors
+///
+/// As the read fails: the process may have gone.
+pub fn cgroup_in(proc_root: &Path, pid: u32) -> io::Result<String> {
+    std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
 }
 
 /// One route of a network namespace's main table.
