@@ -40,12 +40,10 @@ use tokio::process::Child;
 use crate::{
     args::KubeFlags,
     failure::Failure,
-    locate::locate,
     open::{self, OpenRequest},
     output::{OutputFlag, print_json, print_text},
     process::{self, Signals},
-    run::{CMD_GRACE, Plan, check_program, load_file, stderr_copy},
-    session_dir::{SessionDir, random_hex},
+    run::{CMD_GRACE, Plan, Prepared, check_program, load_file, prepare, stderr_copy},
 };
 
 /// How long one request may take, connection to the last byte of the answer.
@@ -292,14 +290,12 @@ async fn under_command(
     config.layer.filter = None;
     config.incoming_defaulted = false;
     let remote_env = !args.no_remote_env && file.env.remote.unwrap_or(true);
-    let exe = std::env::current_exe().ok();
-    let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
-    let uid = nix::unistd::getuid().as_raw();
-    let dir = SessionDir::create(uid, std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))?;
-    let secret = random_hex(32)?;
-    let graft_log = std::env::var("GRAFT_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty());
+    let Prepared {
+        pieces,
+        dir,
+        secret,
+        graft_log,
+    } = prepare()?;
     let plan = Plan {
         target: config.target.to_string(),
         config: &config,

@@ -32,6 +32,38 @@ use crate::{
     shadow::{DiffRequest, Shadow},
 };
 
+/// What a session of `graft run` (or `graft replay -- CMD`) needs before its
+/// agent starts: graft's other pieces, the private session directory, the
+/// session secret and the `GRAFT_LOG` setting passed on.
+pub(crate) struct Prepared {
+    pub pieces: crate::locate::Pieces,
+    pub dir: SessionDir,
+    pub secret: String,
+    pub graft_log: Option<String>,
+}
+
+/// Locates graft's pieces, creates the session directory and makes the secret.
+///
+/// # Errors
+///
+/// When a piece is missing, the directory cannot be made, or no randomness.
+pub(crate) fn prepare() -> Result<Prepared, Failure> {
+    let exe = std::env::current_exe().ok();
+    let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
+    let uid = nix::unistd::getuid().as_raw();
+    let dir = SessionDir::create(uid, std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))?;
+    let secret = random_hex(32)?;
+    let graft_log = std::env::var("GRAFT_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    Ok(Prepared {
+        pieces,
+        dir,
+        secret,
+        graft_log,
+    })
+}
+
 /// How long CMD may take to stop after SIGTERM before it is killed.
 pub(crate) const CMD_GRACE: Duration = Duration::from_secs(5);
 /// `--diff-timeout`'s default.
@@ -63,15 +95,12 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     // Before anything is placed: a failed start in a cluster costs an
     // ephemeral container that Kubernetes never removes.
     check_program(&args.command)?;
-    let exe = std::env::current_exe().ok();
-    let pieces = locate(exe.as_deref(), &|name| std::env::var_os(name))?;
-
-    let uid = nix::unistd::getuid().as_raw();
-    let dir = SessionDir::create(uid, std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))?;
-    let secret = random_hex(32)?;
-    let graft_log = std::env::var("GRAFT_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty());
+    let Prepared {
+        pieces,
+        dir,
+        secret,
+        graft_log,
+    } = prepare()?;
     let plan = Plan {
         target: config.target.to_string(),
         config: &config,
