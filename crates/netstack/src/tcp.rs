@@ -5,8 +5,8 @@
 //! first: [`Gate::syn`] opens the upstream connection, then passes the SYN on
 //! (the program's `connect` completes), or writes an RST back (the program's
 //! `connect` fails with `ECONNREFUSED`, as if the remote had refused, whatever the
-//! remote's error was). SYNs the program's kernel retransmits meanwhile are
-//! dropped. [`accept`] pairs each connection the stack then accepts with its
+//! remote's error was). SYNs the program's kernel retransmits are dropped, then
+//! and later: the stack sees one SYN a connection. [`accept`] pairs each connection the stack then accepts with its
 //! upstream and splices them.
 
 use std::{
@@ -82,11 +82,14 @@ impl Gate {
             .filter(|g| matches!(g, Gated::Connecting))
             .count();
         match conns.entry(tuple) {
-            Entry::Occupied(entry) => match entry.get() {
-                Gated::Connecting => None,
-                // A SYN again on an open connection: the stack deals with it.
-                Gated::Open(_) => Some(packet),
-            },
+            // A SYN again (the program's kernel retransmits it after 1 s): while
+            // connecting, the stack must not see it yet; once open, the stack
+            // already has the connection's socket, which answers with its own
+            // SYN-ACK retransmissions. Handing the stack a second SYN would make
+            // it a second listening socket for the same endpoint, which can
+            // take this connection's or another's packets from the socket graft
+            // relays, and the program then waits for an answer forever.
+            Entry::Occupied(_) => None,
             Entry::Vacant(entry) => {
                 if self.shared.is_dns(meta.dst) {
                     entry.insert(Gated::Open(Some(Relay::Dns)));
@@ -174,8 +177,8 @@ pub(crate) async fn accept(
                     Some(Relay::Dns) => {
                         let _ = dns.try_send(flow);
                     }
-                    // A second SYN of a connection already accepted: smoltcp made
-                    // a socket for it that nothing uses; dropping closes it.
+                    // Not a connection the gate opened (the gate passes one SYN
+                    // a connection): dropping closes it.
                     None => {}
                 }
             }
@@ -267,5 +270,87 @@ impl Drop for TcpFlow {
     fn drop(&mut self) {
         self.gate.shared.sequences.forget(self.remote, self.program);
         self.gate.forget((self.program, self.remote));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use graft_protocol::remote::AddressFamily;
+    use tokio::sync::{Notify, mpsc};
+
+    use super::*;
+    use crate::{
+        NetstackOptions,
+        upstream::{BoxFuture, Resolved, UdpRelay, Upstream},
+    };
+
+    /// Connects every TCP flow once `open` is notified.
+    struct Held {
+        open: Arc<Notify>,
+    }
+
+    impl Upstream for Held {
+        fn connect_tcp(&self, _: SocketAddr) -> BoxFuture<'_, io::Result<TcpRelay>> {
+            Box::pin(async move {
+                self.open.notified().await;
+                let relay: TcpRelay = Box::new(|_flow| Box::pin(async {}));
+                Ok(relay)
+            })
+        }
+        fn connect_udp(&self, _: SocketAddr) -> BoxFuture<'_, io::Result<UdpRelay>> {
+            Box::pin(async { Err(io::ErrorKind::ConnectionRefused.into()) })
+        }
+        fn resolve(&self, _: String, _: AddressFamily) -> BoxFuture<'_, Resolved> {
+            Box::pin(async { Resolved::TryAgain })
+        }
+    }
+
+    /// A retransmitted SYN never reaches the stack, while the connect is in
+    /// flight or after: a second SYN would give smoltcp a second listening socket
+    /// for the endpoint, which can take the program's packets (seen in CI as a
+    /// static program's threads waiting forever for their echo).
+    #[tokio::test]
+    async fn the_stack_sees_one_syn_a_connection() {
+        let open = Arc::new(Notify::new());
+        let (to_stack, mut stack) = mpsc::channel(8);
+        let (raw_tx, _raw) = mpsc::channel(8);
+        let upstream: Arc<dyn Upstream> = Arc::new(Held { open: open.clone() });
+        let gate = Gate::new(Arc::new(Shared {
+            options: NetstackOptions::default(),
+            target: upstream.clone(),
+            local: upstream,
+            to_stack,
+            raw_tx,
+            sequences: packet::Sequences::default(),
+            names: Arc::default(),
+        }));
+        let syn = TcpMeta {
+            src: "10.0.0.2:40000".parse().unwrap(),
+            dst: "192.0.2.1:7".parse().unwrap(),
+            syn: true,
+            ack: false,
+            rst: false,
+            fin: false,
+            seq: 1000,
+            ack_number: 0,
+            len: 0,
+        };
+        assert_eq!(gate.syn(syn, b"first".to_vec()), None);
+        assert_eq!(gate.syn(syn, b"while connecting".to_vec()), None);
+        open.notify_one();
+        let passed = tokio::time::timeout(Duration::from_secs(5), stack.recv())
+            .await
+            .expect("the SYN reaches the stack once the connect is done");
+        assert_eq!(passed.as_deref(), Some(&b"first"[..]));
+        assert_eq!(gate.syn(syn, b"after".to_vec()), None);
+        assert!(stack.try_recv().is_err(), "one SYN reached the stack");
+        // Once the connection is over, the tuple may be used again.
+        gate.forget((syn.src, syn.dst));
+        assert_eq!(gate.syn(syn, b"again".to_vec()), None);
+        open.notify_one();
+        let again = tokio::time::timeout(Duration::from_secs(5), stack.recv()).await;
+        assert_eq!(again.unwrap().as_deref(), Some(&b"again"[..]));
     }
 }
