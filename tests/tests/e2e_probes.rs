@@ -4,8 +4,9 @@
 //!
 //! In a namespace of its own (`e2e-probes-…`, Pod Security `privileged`,
 //! deleted at the end): `app`, a Python HTTP server on 8080 whose liveness and
-//! readiness probes (HTTP GET on the stolen port, every second, failing after
-//! two misses) would restart it or take it out of its Service if they reached a
+//! readiness probes (HTTP GET on the stolen port every 2 s, 5 s to answer,
+//! failing after three misses: at most ~16 s, with room for a loaded CI machine)
+//! would restart it or take it out of its Service if they reached a
 //! process that does not answer; `client`, a pod to send user traffic from. For
 //! each agent mode, `graft run --target deploy/app --steal` runs a local server;
 //! once the Service answers from it, the local process is stopped with SIGSTOP
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use graft_tests::{graft_bin, python};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
 use kube::api::{AttachParams, DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -72,7 +73,7 @@ fn settings() -> Option<E2e> {
 fn deployment(name: &str, image: &str, probes: bool) -> Deployment {
     let probe = json!({
         "httpGet": {"path": "/healthz", "port": 8080},
-        "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2,
+        "periodSeconds": 2, "timeoutSeconds": 5, "failureThreshold": 3,
     });
     let mut container = json!({
         "name": name, "image": image, "imagePullPolicy": "IfNotPresent",
@@ -142,6 +143,35 @@ async fn get_in_cluster(pods: &Api<Pod>, url: &str) -> String {
     }
     let _ = attached.join().await;
     out.trim().to_owned()
+}
+
+/// The namespace's events about probes and restarts (`Unhealthy`, `Killing`),
+/// one a line, for a failure message: they tell a probe that timed out on a
+/// loaded machine from one that reached a stopped process.
+async fn probe_events(client: &Client, ns: &str) -> String {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let Ok(list) = events.list(&ListParams::default()).await else {
+        return "(the events could not be listed)".to_owned();
+    };
+    let lines: Vec<String> = list
+        .items
+        .iter()
+        .filter(|e| matches!(e.reason.as_deref(), Some("Unhealthy" | "Killing")))
+        .map(|e| {
+            format!(
+                "event {} {} x{}: {}",
+                e.involved_object.name.as_deref().unwrap_or("?"),
+                e.reason.as_deref().unwrap_or("?"),
+                e.count.unwrap_or(1),
+                e.message.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    if lines.is_empty() {
+        "(no probe events)".to_owned()
+    } else {
+        lines.join("\n")
+    }
 }
 
 /// The app pod's readiness and restart count.
@@ -288,6 +318,12 @@ async fn run_in(client: Client, ns: String, e2e: E2e) {
         }
         let process = child_running(graft.id(), "ThreadingHTTPServer")
             .unwrap_or_else(|| panic!("{mode}: the local process under graft"));
+        let (ready, restarts) = app_state(&pods).await;
+        assert!(
+            ready && restarts == 0,
+            "{mode}: before the stop the pod is ready={ready} with {restarts} restarts\n{}",
+            probe_events(&client, &ns).await
+        );
 
         // A developer's breakpoint: the local process answers nothing for 60 s.
         kill(Pid::from_raw(process as i32), Signal::SIGSTOP).unwrap();
@@ -303,8 +339,9 @@ async fn run_in(client: Client, ns: String, e2e: E2e) {
             assert!(
                 ready && restarts == 0,
                 "{mode}: {:?} into the stop the pod is ready={ready} with {restarts} \
-                 restarts: the kubelet's probes were stolen",
-                stopped.elapsed()
+                 restarts: the kubelet's probes were stolen\n{}",
+                stopped.elapsed(),
+                probe_events(&client, &ns).await
             );
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
