@@ -339,7 +339,9 @@ impl Target {
             RemoteRequest::Env => RemoteResponse::Env(vec![]),
             RemoteRequest::Sessions => RemoteResponse::Sessions(vec![]),
             // This fake proxy passes no descriptors: the layer never asks.
-            RemoteRequest::OpenFd { .. } | RemoteRequest::ConnectFd { .. } => {
+            RemoteRequest::OpenFd { .. }
+            | RemoteRequest::ConnectFd { .. }
+            | RemoteRequest::TargetRoot => {
                 RemoteResponse::Error(RemoteError::Unsupported(
                     "no descriptors from the fake proxy".into(),
                 ))
