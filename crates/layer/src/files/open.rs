@@ -74,6 +74,11 @@ fn open_remote_inner(path: &str, flags: c_int, mode: mode_t, writing: bool) -> R
         }
         return dir_placeholder(path, cloexec);
     }
+    match super::direct::open(path, flags) {
+        super::direct::Direct::Opened(fd) => return Ok(fd),
+        super::direct::Direct::Failed(errno) => return Err(errno),
+        super::direct::Direct::Fallback => {}
+    }
     if client::passes_fds() {
         match open_passed(path, flags, mode) {
             Ok(fd) => return Ok(fd),
