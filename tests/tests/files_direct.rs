@@ -128,8 +128,8 @@ fn writes_obey_the_fs_mode_on_the_direct_path() {
     let ino = bed.in_target(&["stat", "-c", "%i", &path]);
     assert_eq!(seen["ino"].to_string(), ino.assert_success().out().trim());
     assert!(layer.contains(&direct_line(&path)), "{layer}");
-    // A file to create goes through the agent (its owner is the agent's), and
-    // is created in the target.
+    // A file that does not exist yet goes through the agent, which creates it
+    // (its owner is the agent's) in the target.
     let created = bed.remote("created-by-sh.txt");
     let (out, layer) = run_logged(
         &bed,
@@ -144,6 +144,17 @@ fn writes_obey_the_fs_mode_on_the_direct_path() {
     );
     let made = bed.in_target(&["cat", &created]);
     assert_eq!(made.assert_success().stdout, "made\n");
+    // Once it exists, the same `O_CREAT | O_TRUNC` open is direct.
+    let (out, layer) = run_logged(
+        &bed,
+        &[],
+        &["--fs", "write"],
+        &["sh", "-c", &format!("echo again > {created}")],
+    );
+    out.assert_success();
+    assert!(layer.contains(&direct_line(&created)), "{layer}");
+    let again = bed.in_target(&["cat", &created]);
+    assert_eq!(again.assert_success().stdout, "again\n");
 }
 
 #[test]

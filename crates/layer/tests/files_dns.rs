@@ -341,11 +341,9 @@ impl Target {
             // This fake proxy passes no descriptors: the layer never asks.
             RemoteRequest::OpenFd { .. }
             | RemoteRequest::ConnectFd { .. }
-            | RemoteRequest::TargetRoot => {
-                RemoteResponse::Error(RemoteError::Unsupported(
-                    "no descriptors from the fake proxy".into(),
-                ))
-            }
+            | RemoteRequest::TargetRoot => RemoteResponse::Error(RemoteError::Unsupported(
+                "no descriptors from the fake proxy".into(),
+            )),
         }
     }
 }

@@ -63,10 +63,13 @@ pub(super) enum Direct {
 /// Opens the remote `path` (absolute, normalised, remote by the rules) with the
 /// program's `flags`, in the target's root, without asking anyone.
 pub(super) fn open(path: &str, flags: c_int) -> Direct {
-    if flags & libc::O_CREAT != 0 {
+    // A file to create must be the agent's (owner, group, umask): an existing
+    // one is opened here without O_CREAT, a missing one by the agent.
+    let create = flags & libc::O_CREAT != 0;
+    if create && flags & libc::O_EXCL != 0 {
         layer_log!(
             debug,
-            "open {path}: through the agent (it may create the file, which must be the agent's)"
+            "open {path}: through the agent (it creates the file, which must be the agent's)"
         );
         return Direct::Fallback;
     }
@@ -108,6 +111,13 @@ pub(super) fn open(path: &str, flags: c_int) -> Direct {
             libc::EINTR => continue,
             // The same resolution in the same root fails the same way for the
             // agent: no credential decides these.
+            libc::ENOENT if create => {
+                layer_log!(
+                    debug,
+                    "open {path}: through the agent (it creates the file, which must be the agent's)"
+                );
+                return Direct::Fallback;
+            }
             errno @ (libc::ENOENT
             | libc::ENOTDIR
             | libc::ELOOP
