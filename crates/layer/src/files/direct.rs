@@ -39,7 +39,7 @@ static ROOT_FD: AtomicI32 = AtomicI32::new(UNKNOWN);
 /// may have closed the number or put another file there (`dup2`, `closefrom`).
 static ROOT_DEV: AtomicU64 = AtomicU64::new(0);
 static ROOT_INO: AtomicU64 = AtomicU64::new(0);
-/// Serialises the first look-up; held only while it runs.
+/// Serialises the first look-up; held only while it runs, never waited for.
 static INIT: Mutex<()> = Mutex::new(());
 
 const UNKNOWN: c_int = -1;
@@ -171,7 +171,20 @@ fn root() -> Option<c_int> {
     if fd >= 0 && still_root(fd) {
         return Some(fd);
     }
-    let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    // Never wait for the look-up: another thread's may be under way, or may
+    // have been when this process forked (the lock then stays taken in the
+    // child). This open takes the agent's path instead.
+    let _init = match INIT.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            layer_log!(
+                debug,
+                "the target's root is being looked up; this open goes through the agent"
+            );
+            return None;
+        }
+    };
     let fd = ROOT_FD.load(Ordering::Acquire);
     if fd == OFF {
         return None;
