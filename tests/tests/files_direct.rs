@@ -7,7 +7,9 @@
 //! content), `cat` and Python alike; writes obey `--fs` (kept local under
 //! `--fs read`, live in the target under `--fs write`); what the direct path
 //! must not do takes the agent's path and still works: a file to create, a
-//! directory, `GRAFT_OPEN_DIRECT=0`, a program that may not open the root.
+//! directory, `GRAFT_OPEN_DIRECT=0`, a program that may not open the root; a
+//! root descriptor the program replaced (`dup2`) is opened again, and the
+//! program's own descriptor is left alone.
 //!
 //! Attacks, each on a run whose layer log shows the direct path handled the
 //! open: a symlink in the target to a host-only file, a symlink to `/`, a `..`
@@ -204,6 +206,36 @@ fn what_the_direct_path_leaves_takes_the_agents_path_and_works() {
         "{layer}"
     );
     assert!(!layer.contains(&direct_line(&path)), "{layer}");
+}
+
+#[test]
+fn a_root_descriptor_the_program_replaced_is_opened_again_and_the_programs_file_kept() {
+    let bed = Bed::new();
+    let path = bed.remote("hello.txt");
+    let pid = bed.target_pid.to_string();
+    let (out, layer) = run_logged(
+        &bed,
+        &[],
+        &[],
+        &[python(), &script(), "replace", &path, &pid],
+    );
+    let seen = json(&out);
+    assert!(
+        seen["first"]
+            .as_str()
+            .unwrap()
+            .starts_with("hello from target"),
+        "{out}"
+    );
+    assert_eq!(seen["second"], seen["first"], "{out}");
+    // The layer never closed the program's /dev/null at its old number.
+    assert_eq!(seen["kept"], "/dev/null", "{out}\n{layer}");
+    assert!(layer.contains("was replaced; opening it again"), "{layer}");
+    assert_eq!(
+        layer.matches(&direct_line(&path)).count(),
+        2,
+        "both opens were not direct:\n{layer}"
+    );
 }
 
 #[test]
