@@ -4,7 +4,7 @@
 //! below it (crates/layer/src/files/direct.rs).
 //!
 //! Behaviour: a file read that way is the target's own (its inode, its
-//! content), `cat` and Python alike; writes obey `--fs` (kept local under
+//! content), `cat` and Python alike, and so is `stat`'s answer; writes obey `--fs` (kept local under
 //! `--fs read`, live in the target under `--fs write`); what the direct path
 //! must not do takes the agent's path and still works: a file to create, a
 //! directory, `GRAFT_OPEN_DIRECT=0`, a program that may not open the root; a
@@ -96,6 +96,36 @@ fn a_remote_file_is_opened_directly_and_is_the_targets_own() {
     assert!(text.starts_with("hello from target"), "{out}");
     assert!(text.contains("only-target.graft.test"), "{out}");
     assert!(layer.contains(&direct_line(&hosts)), "{layer}");
+}
+
+#[test]
+fn stat_and_lstat_are_answered_directly_from_the_target_root() {
+    let bed = Bed::new();
+    let link = bed.remote("hosts-link");
+    let (out, layer) = run_logged(&bed, &[], &[], &[python(), &script(), "stat", &link]);
+    let seen = json(&out);
+    let ino = bed.in_target(&["stat", "-L", "-c", "%i", &link]);
+    assert_eq!(
+        seen["ino"].to_string(),
+        ino.assert_success().out().trim(),
+        "stat did not follow the link to the target's /etc/hosts:\n{out}"
+    );
+    assert_eq!(seen["link"], true, "{out}");
+    assert!(
+        layer.contains(&format!("stat {link}: direct, in the target's root")),
+        "{layer}"
+    );
+    // A missing file: the same ENOENT, answered here.
+    let missing = bed.remote("no-such-file");
+    let (out, layer) = run_logged(&bed, &[], &[], &["stat", &missing]);
+    assert!(!out.success(), "{out}");
+    assert!(
+        layer.contains(&format!(
+            "stat {missing}: direct, failed with errno {}",
+            libc::ENOENT
+        )),
+        "{layer}"
+    );
 }
 
 #[test]

@@ -10,7 +10,9 @@
 //! credentials (an `O_PATH` descriptor, close-on-exec), checks that it is the
 //! very directory and mount the agent uses ([`RootIdentity`]), and from then on
 //! opens remote paths with the same `openat2` call the agent would make: the
-//! open costs one system call instead of two hops and a descriptor pass.
+//! open costs one system call instead of two hops and a descriptor pass. The
+//! `stat` family's remote metadata is read the same way (the agent's `O_PATH`
+//! open and `fstat`).
 //!
 //! Nothing crosses a process boundary but the identity: the descriptor is one the
 //! program could open without graft, and every open through it is checked by the
@@ -92,51 +94,25 @@ pub(super) fn open(path: &str, flags: c_int) -> Direct {
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = ((flags & keep) | libc::O_NONBLOCK) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    let fd = loop {
-        // SAFETY: `cpath` is a C string and `how` a valid `open_how` of the size
-        // passed (openat2(2)).
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                root,
-                cpath.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        } as c_int;
-        if fd >= 0 {
-            break fd;
+    let fd = match openat2(root, &cpath, how) {
+        Ok(fd) => fd,
+        Err(libc::ENOENT) if create => {
+            layer_log!(
+                debug,
+                "open {path}: through the agent (it creates the file, which must be the agent's)"
+            );
+            return Direct::Fallback;
         }
-        match guard::errno() {
-            libc::EINTR => continue,
-            // The same resolution in the same root fails the same way for the
-            // agent: no credential decides these.
-            libc::ENOENT if create => {
-                layer_log!(
-                    debug,
-                    "open {path}: through the agent (it creates the file, which must be the agent's)"
-                );
-                return Direct::Fallback;
-            }
-            errno @ (libc::ENOENT
-            | libc::ENOTDIR
-            | libc::ELOOP
-            | libc::ENAMETOOLONG
-            | libc::EISDIR
-            | libc::ETXTBSY
-            | libc::EROFS
-            | libc::EMFILE
-            | libc::ENFILE) => {
-                layer_log!(debug, "open {path}: direct, failed with errno {errno}");
-                return Direct::Failed(errno);
-            }
-            errno => {
-                layer_log!(
-                    debug,
-                    "open {path}: direct open refused (errno {errno}), through the agent"
-                );
-                return Direct::Fallback;
-            }
+        Err(errno) if same_for_the_agent(errno) => {
+            layer_log!(debug, "open {path}: direct, failed with errno {errno}");
+            return Direct::Failed(errno);
+        }
+        Err(errno) => {
+            layer_log!(
+                debug,
+                "open {path}: direct open refused (errno {errno}), through the agent"
+            );
+            return Direct::Fallback;
         }
     };
     let regular = real_fstat(fd).is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
@@ -159,6 +135,105 @@ pub(super) fn open(path: &str, flags: c_int) -> Direct {
         "open {path}: direct, the target's file as fd {fd} (opened in the target's root by the program itself, no hop)"
     );
     Direct::Opened(fd)
+}
+
+/// The metadata of the remote `path` (absolute, normalised, remote by the
+/// rules), following a final symlink when `follow`: the agent's `Stat` (an
+/// `O_PATH` open in the root and `fstat`), made here. `None`: ask the agent.
+pub(super) fn stat(path: &str, follow: bool) -> Option<Result<FileStat, i32>> {
+    let root = root()?;
+    let cpath = CString::new(path).ok()?;
+    // SAFETY: open_how is plain old data; zero is "no mode".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW }) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    let fd = match openat2(root, &cpath, how) {
+        Ok(fd) => fd,
+        Err(errno) if same_for_the_agent(errno) => {
+            layer_log!(debug, "stat {path}: direct, failed with errno {errno}");
+            return Some(Err(errno));
+        }
+        Err(errno) => {
+            layer_log!(
+                debug,
+                "stat {path}: direct stat refused (errno {errno}), through the agent"
+            );
+            return None;
+        }
+    };
+    let st = real_fstat(fd);
+    real_close(fd);
+    let st = st?;
+    layer_log!(debug, "stat {path}: direct, in the target's root (no hop)");
+    Some(Ok(file_stat(&st)))
+}
+
+/// `openat2(root, path, how)`, retried on `EINTR`; the errno otherwise.
+fn openat2(root: c_int, path: &CStr, how: libc::open_how) -> Result<c_int, i32> {
+    loop {
+        // SAFETY: `path` is a C string and `how` a valid `open_how` of the size
+        // passed (openat2(2)).
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root,
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        } as c_int;
+        if fd >= 0 {
+            return Ok(fd);
+        }
+        match guard::errno() {
+            libc::EINTR => continue,
+            errno => return Err(errno),
+        }
+    }
+}
+
+/// Whether the agent's open would fail with `errno` too: the same resolution
+/// in the same root, and no credential decides these. Any other errno
+/// (`EACCES`, `EPERM`, `EXDEV` and `EAGAIN` of a concurrent rename, ...) sends
+/// the call to the agent.
+fn same_for_the_agent(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENOENT
+            | libc::ENOTDIR
+            | libc::ELOOP
+            | libc::ENAMETOOLONG
+            | libc::EISDIR
+            | libc::ETXTBSY
+            | libc::EROFS
+            | libc::EMFILE
+            | libc::ENFILE
+    )
+}
+
+/// The agent's conversion of a kernel `stat` (crates/agent/src/files.rs
+/// `file_stat`), for the same answer.
+// Field types differ between architectures; on some of them a cast is a no-op.
+#[allow(clippy::unnecessary_cast)]
+fn file_stat(st: &libc::stat64) -> FileStat {
+    FileStat {
+        dev: st.st_dev as u64,
+        ino: st.st_ino as u64,
+        mode: st.st_mode as u32,
+        nlink: st.st_nlink as u64,
+        uid: st.st_uid as u32,
+        gid: st.st_gid as u32,
+        rdev: st.st_rdev as u64,
+        size: st.st_size as u64,
+        blksize: st.st_blksize as u64,
+        blocks: st.st_blocks as u64,
+        atime: st.st_atime as i64,
+        atime_nsec: st.st_atime_nsec as i64,
+        mtime: st.st_mtime as i64,
+        mtime_nsec: st.st_mtime_nsec as i64,
+        ctime: st.st_ctime as i64,
+        ctime_nsec: st.st_ctime_nsec as i64,
+    }
 }
 
 /// The root descriptor, looked up on first use; `None` when the direct path is
