@@ -22,6 +22,8 @@ mod sockets;
 use graft_tests::{Bed, fixture_str, python};
 
 /// `graft run` with `GRAFT_LOG=debug` and `extra` environment, to completion.
+/// The layer's direct open (tests/tests/files_direct.rs) is off: these tests
+/// are about the descriptors the agent passes, the direct path's fallback.
 fn run_logged(
     bed: &Bed,
     extra: &[(&str, &str)],
@@ -29,7 +31,9 @@ fn run_logged(
     cmd: &[&str],
 ) -> graft_tests::Outcome {
     let mut command = bed.graft_run(flags, cmd);
-    command.env("GRAFT_LOG", "debug");
+    command
+        .env("GRAFT_LOG", "debug")
+        .env("GRAFT_OPEN_DIRECT", "0");
     for (k, v) in extra {
         command.env(k, v);
     }

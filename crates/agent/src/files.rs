@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use graft_protocol::codec::MAX_CHUNK_LEN;
 use graft_protocol::remote::{
     DirEntry, FileHandle, FileStat, OpenFlags, RemoteError, RemoteRequest, RemoteResponse,
+    RootIdentity,
 };
 use rustix::fs::{Access, AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
@@ -63,6 +64,32 @@ impl TargetRoot {
                 other => return other,
             }
         }
+    }
+
+    /// The identity of the root directory itself ([`RootIdentity`], for the
+    /// target's process `pid`): what a program on this machine compares with the
+    /// `/proc/PID/root` it opens itself (see [`RemoteRequest::TargetRoot`]).
+    ///
+    /// # Errors
+    ///
+    /// The errno of `statx(2)`.
+    pub fn identity(&self, pid: u32) -> Result<RootIdentity, Errno> {
+        use rustix::fs::{StatxFlags, statx};
+        // STATX_MNT_ID_UNIQUE (Linux 6.8, include/uapi/linux/stat.h); older
+        // kernels answer STATX_MNT_ID instead, as they do for the layer.
+        let unique = StatxFlags::from_bits_retain(0x4000);
+        let st = statx(
+            &self.dir,
+            "",
+            AtFlags::EMPTY_PATH,
+            StatxFlags::INO | StatxFlags::MNT_ID | unique,
+        )?;
+        Ok(RootIdentity {
+            pid,
+            dev: (u64::from(st.stx_dev_major) << 32) | u64::from(st.stx_dev_minor),
+            ino: st.stx_ino,
+            mnt_id: st.stx_mnt_id,
+        })
     }
 
     /// Metadata of `path`, following a final symlink when `follow`.
@@ -227,6 +254,17 @@ impl Files {
             return Err(not_regular());
         }
         Ok((fd, file_stat(&stat)))
+    }
+
+    /// The identity of the target's root ([`TargetRoot::identity`]).
+    ///
+    /// # Errors
+    ///
+    /// [`RemoteError::Os`] with the errno of `statx(2)`.
+    pub fn root_identity(&self, pid: u32) -> Result<RootIdentity, RemoteError> {
+        self.root
+            .identity(pid)
+            .map_err(|e| RemoteError::Os(e.raw_os_error()))
     }
 
     /// A session's file table over the target's root.

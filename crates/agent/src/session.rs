@@ -907,6 +907,20 @@ async fn serve_request(
                 Err(e) => RemoteResponse::Error(e),
             }
         }
+        // Only a program on this machine can open the root itself: a link that
+        // passes descriptors is a local target's.
+        RemoteRequest::TargetRoot if services.fd_out.is_some() => {
+            match services.files.root_identity(services.pid) {
+                Ok(identity) => {
+                    tracing::debug!(?identity, "the target's root named for a direct open");
+                    RemoteResponse::TargetRoot(identity)
+                }
+                Err(e) => RemoteResponse::Error(e),
+            }
+        }
+        RemoteRequest::TargetRoot => RemoteResponse::Error(RemoteError::Unsupported(
+            "the target is not on this machine: its root cannot be opened directly".into(),
+        )),
         file_request => {
             let files = services.files.clone();
             blocking(move || files.handle(file_request)).await

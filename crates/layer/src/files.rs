@@ -23,7 +23,8 @@
 //! straight to libc.
 //!
 //! Submodules by concern, each with its C-ABI exports after the logic they call:
-//! `open` (open, creat, write-back, fsync), `stdio` (fopen & co.), `stat`, `paths`
+//! `open` (open, creat, write-back, fsync), `direct` (a local target's files
+//! opened by the program itself, no hop), `stdio` (fopen & co.), `stat`, `paths`
 //! (access, readlink, realpath, xattrs, `--fs write` changes), `dirs` (opendir &
 //! co.). This file holds the helpers they share.
 
@@ -56,6 +57,7 @@ use crate::{
     local_writes, state,
 };
 
+mod direct;
 mod dirs;
 mod open;
 mod paths;

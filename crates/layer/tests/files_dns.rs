@@ -339,11 +339,11 @@ impl Target {
             RemoteRequest::Env => RemoteResponse::Env(vec![]),
             RemoteRequest::Sessions => RemoteResponse::Sessions(vec![]),
             // This fake proxy passes no descriptors: the layer never asks.
-            RemoteRequest::OpenFd { .. } | RemoteRequest::ConnectFd { .. } => {
-                RemoteResponse::Error(RemoteError::Unsupported(
-                    "no descriptors from the fake proxy".into(),
-                ))
-            }
+            RemoteRequest::OpenFd { .. }
+            | RemoteRequest::ConnectFd { .. }
+            | RemoteRequest::TargetRoot => RemoteResponse::Error(RemoteError::Unsupported(
+                "no descriptors from the fake proxy".into(),
+            )),
         }
     }
 }

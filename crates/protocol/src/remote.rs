@@ -161,6 +161,14 @@ pub enum RemoteRequest {
         /// IPv4-mapped IPv6 address for an IPv6 socket reaching IPv4).
         remote: std::net::SocketAddr,
     },
+    /// Where the target's root is, for a program on the same machine that may
+    /// open it itself: answered with [`RemoteResponse::TargetRoot`] on a link that
+    /// passes descriptors (a local target), [`RemoteError::Unsupported`]
+    /// elsewhere. Nothing is opened or passed: the layer opens
+    /// `/proc/PID/root` with the program's own credentials (the kernel's ptrace
+    /// access check, proc(5)) and resolves remote paths below it itself, and
+    /// compares the identity to make sure it opened the root the agent uses.
+    TargetRoot,
 }
 
 /// The answer to one [`RemoteRequest`].
@@ -220,6 +228,27 @@ pub enum RemoteResponse {
     /// The answer to [`RemoteRequest::ConnectFd`]: the socket travels beside
     /// this frame ([`crate::fdpass`]).
     FdConnected,
+    /// The answer to [`RemoteRequest::TargetRoot`]: the target's process as this
+    /// machine numbers it and the identity of the root directory the agent
+    /// resolves every path in.
+    TargetRoot(RootIdentity),
+}
+
+/// Which directory, on which mount, a process's root is: what `statx(2)` says of
+/// `/proc/PID/root` (`STATX_INO`, and `STATX_MNT_ID_UNIQUE` where the kernel has
+/// it, Linux 6.8, else `STATX_MNT_ID`). Equal identities mean the same directory
+/// seen through the same mount, so paths resolve below it alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootIdentity {
+    /// The target's process id, in the pid namespace of the agent (a local
+    /// agent shares graft's).
+    pub pid: u32,
+    /// `stx_dev_major << 32 | stx_dev_minor`.
+    pub dev: u64,
+    /// `stx_ino`.
+    pub ino: u64,
+    /// `stx_mnt_id`.
+    pub mnt_id: u64,
 }
 
 /// Why a remote operation failed.

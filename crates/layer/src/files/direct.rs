@@ -1,0 +1,387 @@
+//! The direct open of a local target's files: no hop to the proxy or the agent.
+//!
+//! For a `pid:` target the agent runs on this machine and resolves every path
+//! below `/proc/PID/root` with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`.
+//! The program can often open that same directory itself: `/proc/PID/root` is
+//! open to whoever passes the kernel's ptrace access check on the target
+//! (proc(5), `PTRACE_MODE_READ_FSCREDS`), root in the common `sudo graft run`.
+//! Then the layer asks the agent once per process where the root is
+//! ([`RemoteRequest::TargetRoot`]), opens it itself with the program's own
+//! credentials (an `O_PATH` descriptor, close-on-exec), checks that it is the
+//! very directory and mount the agent uses ([`RootIdentity`]), and from then on
+//! opens remote paths with the same `openat2` call the agent would make: the
+//! open costs one system call instead of two hops and a descriptor pass. The
+//! `stat` family's remote metadata is read the same way (the agent's `O_PATH`
+//! open and `fstat`).
+//!
+//! Nothing crosses a process boundary but the identity: the descriptor is one the
+//! program could open without graft, and every open through it is checked by the
+//! kernel with the program's credentials. When the program may not open the root
+//! (another user's target), when an open fails for a reason that may depend on
+//! who asks (`EACCES`, `EPERM`), or when the direct open could differ from the
+//! agent's in any way (a file it would create: owner, group and umask would be
+//! the program's, not the agent's; anything but a regular file; a concurrent
+//! rename, `EXDEV`/`EAGAIN`), the open takes the agent's path as before
+//! ([`Direct::Fallback`]): behaviour never changes, only speed. The file rules
+//! ([`graft_config::fs`]) are applied before this module is reached, exactly as
+//! for the agent's path. `GRAFT_OPEN_DIRECT=0` turns it off; `GRAFT_LOG=debug`
+//! says which path each open took. See docs/security.md, "Direct opens in a
+//! local target's root".
+
+use std::sync::atomic::{AtomicI32, AtomicU64};
+
+use graft_protocol::remote::RootIdentity;
+
+use super::*;
+
+/// The root descriptor: [`UNKNOWN`] before the first remote open of this
+/// process, [`OFF`] when the direct path is not available, else the descriptor.
+static ROOT_FD: AtomicI32 = AtomicI32::new(UNKNOWN);
+/// `st_dev` and `st_ino` of [`ROOT_FD`], checked before each use: the program
+/// may have closed the number or put another file there (`dup2`, `closefrom`).
+static ROOT_DEV: AtomicU64 = AtomicU64::new(0);
+static ROOT_INO: AtomicU64 = AtomicU64::new(0);
+/// Serialises the first look-up; held only while it runs, never waited for.
+static INIT: Mutex<()> = Mutex::new(());
+
+const UNKNOWN: c_int = -1;
+const OFF: c_int = -2;
+
+/// `STATX_MNT_ID_UNIQUE` (Linux 6.8, include/uapi/linux/stat.h); the agent asks
+/// for the same bits, so both sides read the same kind of mount id.
+const STATX_MNT_ID_UNIQUE: c_uint = 0x4000;
+
+/// How a direct open ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Direct {
+    /// The target's file, as the program's descriptor.
+    Opened(c_int),
+    /// The open failed as it would in the agent (`ENOENT`, `ELOOP`, ...).
+    Failed(i32),
+    /// Take the agent's path.
+    Fallback,
+}
+
+/// Opens the remote `path` (absolute, normalised, remote by the rules) with the
+/// program's `flags`, in the target's root, without asking anyone.
+pub(super) fn open(path: &str, flags: c_int) -> Direct {
+    // A file to create must be the agent's (owner, group, umask): an existing
+    // one is opened here without O_CREAT, a missing one by the agent.
+    let create = flags & libc::O_CREAT != 0;
+    if create && flags & libc::O_EXCL != 0 {
+        layer_log!(
+            debug,
+            "open {path}: through the agent (it creates the file, which must be the agent's)"
+        );
+        return Direct::Fallback;
+    }
+    let Some(root) = root() else {
+        return Direct::Fallback;
+    };
+    let Ok(cpath) = CString::new(path) else {
+        return Direct::Fallback;
+    };
+    // The flags the agent's path honours (`Files::open_fd` and the layer's
+    // `open_passed`), and never a blocking open: a FIFO or a device is found out
+    // by `fstat` below and left to the agent's path.
+    let keep = libc::O_ACCMODE
+        | libc::O_TRUNC
+        | libc::O_APPEND
+        | libc::O_EXCL
+        | libc::O_NOFOLLOW
+        | libc::O_CLOEXEC;
+    // SAFETY: open_how is plain old data; zero is "no mode".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = ((flags & keep) | libc::O_NONBLOCK) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    let fd = match openat2(root, &cpath, how) {
+        Ok(fd) => fd,
+        Err(libc::ENOENT) if create => {
+            layer_log!(
+                debug,
+                "open {path}: through the agent (it creates the file, which must be the agent's)"
+            );
+            return Direct::Fallback;
+        }
+        Err(errno) if same_for_the_agent(errno) => {
+            layer_log!(debug, "open {path}: direct, failed with errno {errno}");
+            return Direct::Failed(errno);
+        }
+        Err(errno) => {
+            layer_log!(
+                debug,
+                "open {path}: direct open refused (errno {errno}), through the agent"
+            );
+            return Direct::Fallback;
+        }
+    };
+    let regular = real_fstat(fd).is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+    if !regular {
+        real_close(fd);
+        layer_log!(debug, "open {path}: not a regular file, through the agent");
+        return Direct::Fallback;
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // F_SETFL sets every status flag it may change: O_APPEND as asked, and
+        // O_NONBLOCK off (fcntl(2)).
+        let status = (flags & libc::O_APPEND) as libc::c_ulong;
+        // SAFETY: fcntl on the descriptor just opened changes only its flags.
+        unsafe {
+            real!(fcntl(fd, libc::F_SETFL, status): fn(c_int, c_int, libc::c_ulong) -> c_int)
+        };
+    }
+    layer_log!(
+        debug,
+        "open {path}: direct, the target's file as fd {fd} (opened in the target's root by the program itself, no hop)"
+    );
+    Direct::Opened(fd)
+}
+
+/// The metadata of the remote `path` (absolute, normalised, remote by the
+/// rules), following a final symlink when `follow`: the agent's `Stat` (an
+/// `O_PATH` open in the root and `fstat`), made here. `None`: ask the agent.
+pub(super) fn stat(path: &str, follow: bool) -> Option<Result<FileStat, i32>> {
+    let root = root()?;
+    let cpath = CString::new(path).ok()?;
+    // SAFETY: open_how is plain old data; zero is "no mode".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW }) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    let fd = match openat2(root, &cpath, how) {
+        Ok(fd) => fd,
+        Err(errno) if same_for_the_agent(errno) => {
+            layer_log!(debug, "stat {path}: direct, failed with errno {errno}");
+            return Some(Err(errno));
+        }
+        Err(errno) => {
+            layer_log!(
+                debug,
+                "stat {path}: direct stat refused (errno {errno}), through the agent"
+            );
+            return None;
+        }
+    };
+    let st = real_fstat(fd);
+    real_close(fd);
+    let st = st?;
+    layer_log!(debug, "stat {path}: direct, in the target's root (no hop)");
+    Some(Ok(file_stat(&st)))
+}
+
+/// `openat2(root, path, how)`, retried on `EINTR`; the errno otherwise.
+fn openat2(root: c_int, path: &CStr, how: libc::open_how) -> Result<c_int, i32> {
+    loop {
+        // SAFETY: `path` is a C string and `how` a valid `open_how` of the size
+        // passed (openat2(2)).
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root,
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        } as c_int;
+        if fd >= 0 {
+            return Ok(fd);
+        }
+        match guard::errno() {
+            libc::EINTR => continue,
+            errno => return Err(errno),
+        }
+    }
+}
+
+/// Whether the agent's open would fail with `errno` too: the same resolution
+/// in the same root, and no credential decides these. Any other errno
+/// (`EACCES`, `EPERM`, `EXDEV` and `EAGAIN` of a concurrent rename, ...) sends
+/// the call to the agent.
+fn same_for_the_agent(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENOENT
+            | libc::ENOTDIR
+            | libc::ELOOP
+            | libc::ENAMETOOLONG
+            | libc::EISDIR
+            | libc::ETXTBSY
+            | libc::EROFS
+            | libc::EMFILE
+            | libc::ENFILE
+    )
+}
+
+/// The agent's conversion of a kernel `stat` (crates/agent/src/files.rs
+/// `file_stat`), for the same answer.
+// Field types differ between architectures; on some of them a cast is a no-op.
+#[allow(clippy::unnecessary_cast)]
+fn file_stat(st: &libc::stat64) -> FileStat {
+    FileStat {
+        dev: st.st_dev as u64,
+        ino: st.st_ino as u64,
+        mode: st.st_mode as u32,
+        nlink: st.st_nlink as u64,
+        uid: st.st_uid as u32,
+        gid: st.st_gid as u32,
+        rdev: st.st_rdev as u64,
+        size: st.st_size as u64,
+        blksize: st.st_blksize as u64,
+        blocks: st.st_blocks as u64,
+        atime: st.st_atime as i64,
+        atime_nsec: st.st_atime_nsec as i64,
+        mtime: st.st_mtime as i64,
+        mtime_nsec: st.st_mtime_nsec as i64,
+        ctime: st.st_ctime as i64,
+        ctime_nsec: st.st_ctime_nsec as i64,
+    }
+}
+
+/// The root descriptor, looked up on first use; `None` when the direct path is
+/// off for this process.
+fn root() -> Option<c_int> {
+    let fd = ROOT_FD.load(Ordering::Acquire);
+    if fd == OFF {
+        return None;
+    }
+    if fd >= 0 && still_root(fd) {
+        return Some(fd);
+    }
+    // Never wait for the look-up: another thread's may be under way, or may
+    // have been when this process forked (the lock then stays taken in the
+    // child). This open takes the agent's path instead.
+    let _init = match INIT.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            layer_log!(
+                debug,
+                "the target's root is being looked up; this open goes through the agent"
+            );
+            return None;
+        }
+    };
+    let fd = ROOT_FD.load(Ordering::Acquire);
+    if fd == OFF {
+        return None;
+    }
+    if fd >= 0 {
+        if still_root(fd) {
+            return Some(fd);
+        }
+        // Not ours any more (the program closed or replaced the number): never
+        // close it, open the root again.
+        layer_log!(
+            debug,
+            "the target's root descriptor {fd} was replaced; opening it again"
+        );
+    }
+    match open_root() {
+        Ok((fd, st)) => {
+            ROOT_DEV.store(st.st_dev, Ordering::Relaxed);
+            ROOT_INO.store(st.st_ino, Ordering::Relaxed);
+            ROOT_FD.store(fd, Ordering::Release);
+            Some(fd)
+        }
+        Err(why) => {
+            layer_log!(debug, "remote files open through the agent: {why}");
+            ROOT_FD.store(OFF, Ordering::Release);
+            None
+        }
+    }
+}
+
+fn still_root(fd: c_int) -> bool {
+    real_fstat(fd).is_some_and(|st| {
+        st.st_dev == ROOT_DEV.load(Ordering::Relaxed)
+            && st.st_ino == ROOT_INO.load(Ordering::Relaxed)
+    })
+}
+
+/// Asks the agent where the target's root is, opens it with the program's
+/// credentials and checks it is the agent's. `Err` says why not.
+fn open_root() -> Result<(c_int, libc::stat64), String> {
+    if std::env::var_os("GRAFT_OPEN_DIRECT").is_some_and(|v| v == "0") {
+        return Err("the direct path is off (GRAFT_OPEN_DIRECT=0)".into());
+    }
+    if !client::passes_fds() {
+        return Err("the target is not on this machine or its link passes no descriptors".into());
+    }
+    let expected = match client::remote(RemoteRequest::TargetRoot) {
+        Ok(RemoteResponse::TargetRoot(identity)) => identity,
+        Ok(other) => return Err(format!("unexpected answer to TargetRoot: {other:?}")),
+        Err(e) => return Err(format!("the agent names no root: {e}")),
+    };
+    let path = CString::new(format!("/proc/{}/root", expected.pid)).expect("no NUL in a number");
+    // SAFETY: `path` is a C string; the flags ask for no file content.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            0,
+        )
+    } as c_int;
+    if fd < 0 {
+        let errno = guard::errno();
+        return Err(format!(
+            "this program may not open /proc/{}/root itself (errno {errno}): its user may not \
+             inspect the target",
+            expected.pid
+        ));
+    }
+    let checked = identity(fd, expected.pid).and_then(|seen| {
+        if seen == expected {
+            real_fstat(fd).ok_or_else(|| "fstat of the root failed".to_owned())
+        } else {
+            Err(format!(
+                "/proc/{}/root is not the agent's root ({seen:?} against {expected:?}): the \
+                 target is gone or changed its root",
+                expected.pid
+            ))
+        }
+    });
+    match checked {
+        Ok(st) => {
+            layer_log!(
+                debug,
+                "remote files open directly in /proc/{}/root as fd {fd} (the program's own credentials)",
+                expected.pid
+            );
+            Ok((fd, st))
+        }
+        Err(why) => {
+            real_close(fd);
+            Err(why)
+        }
+    }
+}
+
+/// The [`RootIdentity`] of the directory `fd`, computed as the agent does.
+fn identity(fd: c_int, pid: u32) -> Result<RootIdentity, String> {
+    // SAFETY: statx is plain old data.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer, the path an empty C string.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_INO | libc::STATX_MNT_ID | STATX_MNT_ID_UNIQUE,
+            &mut st as *mut libc::statx,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "statx of the root failed (errno {})",
+            guard::errno()
+        ));
+    }
+    Ok(RootIdentity {
+        pid,
+        dev: (u64::from(st.stx_dev_major) << 32) | u64::from(st.stx_dev_minor),
+        ino: st.stx_ino,
+        mnt_id: st.stx_mnt_id,
+    })
+}
