@@ -321,6 +321,14 @@ fn shadow_diff_with_nothing_different_exits_0_and_keeps_its_default_file() {
         .unwrap_or_else(|| panic!("no diff file announced\n{stderr}"));
     assert!(path.ends_with(".jsonl"), "{path}");
     curl_target(&bed, port, &["/same", "/big"]);
+    // Both compared before CMD is told to exit: the copies of another connection
+    // may lag behind the answers the target gave.
+    let mut session = session;
+    wait_stderr(
+        &mut session,
+        "graft: diff: 2 same, 0 differ, 0 unmatched",
+        COUNTED,
+    );
     assert_eq!(curl_target(&bed, port, &["/exit"]), "bye\n");
     let ended = session.finish(END);
     assert_eq!(ended.code(), Some(0), "{ended}");

@@ -29,7 +29,7 @@ use crate::{
     open::{self, OpenRequest},
     process::{self, Signals},
     session_dir::{SessionDir, random_hex},
-    shadow::{DiffRequest, Shadow},
+    shadow::{self, DiffRequest, Settle, Shadow},
 };
 
 /// What a session of `graft run` (or `graft replay -- CMD`) needs before its
@@ -172,7 +172,8 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
             return Err(failure);
         }
     };
-    let result = plan.run(opened.session).await;
+    let settle = shadow.as_ref().map(Shadow::settle);
+    let result = plan.run(opened.session, settle).await;
     // The link is closed by now: the agents remove their rules and exit.
     let link_lost = matches!(result, Ok(Ended::LinkLost) | Err(_));
     opened.agents.stop(link_lost).await;
@@ -343,7 +344,11 @@ impl Plan<'_> {
         }
     }
 
-    async fn run(&self, session: Session) -> Result<Ended, Failure> {
+    /// Runs CMD under `session` until it exits, a signal stops it or the link is
+    /// lost, then closes the session; with a shadow diff (`settle`), a CMD that
+    /// exited leaves the session open until the last comparisons have the
+    /// target's answers (at most [`shadow::SETTLE`]).
+    async fn run(&self, session: Session, settle: Option<Settle>) -> Result<Ended, Failure> {
         eprintln!("graft: agent ready for {}", self.target);
         let env = self.environment(&session).await?;
         if self.isolate {
@@ -401,6 +406,9 @@ impl Plan<'_> {
                 Ended::LinkLost
             }
         };
+        if let (Ended::Command(_), Some(settle)) = (&ended, settle) {
+            settle.wait(shadow::SETTLE).await;
+        }
         session.close().await;
         Ok(ended)
     }

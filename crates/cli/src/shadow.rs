@@ -27,7 +27,7 @@ use graft_traffic::{
         shadow::{ShadowOptions, shadow},
     },
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::failure::Failure;
 
@@ -86,7 +86,13 @@ pub struct Shadow {
     stop_tx: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Counts>,
     path: PathBuf,
+    judging: watch::Receiver<usize>,
 }
+
+/// How long a session whose CMD exited waits for the copies of answers the
+/// target already gave ([`Shadow::settle`]): they come off the packet path and
+/// may trail CMD's own answer by a few milliseconds.
+pub const SETTLE: Duration = Duration::from_secs(1);
 
 impl Shadow {
     /// Opens the JSON lines file (mode 0600, truncated) and starts taking
@@ -129,9 +135,11 @@ impl Shadow {
         );
         let (conns_tx, conns_rx) = mpsc::channel(CONNECTION_QUEUE);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let (judging_tx, judging) = watch::channel(0);
         let task = tokio::spawn(drive(
             conns_rx,
             stop_rx,
+            judging_tx,
             Lines {
                 file: Some(std::io::BufWriter::new(file)),
                 path: path.clone(),
@@ -144,9 +152,16 @@ impl Shadow {
                 stop_tx,
                 task,
                 path,
+                judging,
             },
             conns_tx,
         ))
+    }
+
+    /// A waiter for the connections still being judged: [`Settle::wait`] returns
+    /// once there are none, or after `within`.
+    pub fn settle(&self) -> Settle {
+        Settle(self.judging.clone())
     }
 
     /// Stops without a summary and removes the file (the session never opened).
@@ -198,10 +213,24 @@ impl Lines {
     }
 }
 
-/// Takes connections until stopped, judges them, counts and writes.
+/// Waits for a shadow diff's connections under way ([`Shadow::settle`]), so that
+/// a session whose CMD exited still compares the last answers before it closes.
+#[derive(Debug, Clone)]
+pub struct Settle(watch::Receiver<usize>);
+
+impl Settle {
+    /// Returns once no connection is being judged, or after `within`.
+    pub async fn wait(mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.0.wait_for(|n| *n == 0)).await;
+    }
+}
+
+/// Takes connections until stopped, judges them, counts and writes; `judging`
+/// tells how many connections are being judged.
 async fn drive(
     mut conns_rx: mpsc::Receiver<(IncomingTcp, SocketAddr)>,
     mut stop_rx: oneshot::Receiver<()>,
+    judging: watch::Sender<usize>,
     mut lines: Lines,
     target: String,
     request: DiffRequest,
@@ -244,6 +273,7 @@ async fn drive(
                 };
                 let (ours, theirs) = tokio::io::duplex(TAP_BUFFER);
                 let tx = verdicts_tx.clone();
+                judging.send_modify(|n| *n += 1);
                 tasks.spawn(async move {
                     let splice = conn.splice(theirs);
                     let judge = shadow(ours, local, origin, options, |d| {
@@ -259,7 +289,9 @@ async fn drive(
                     printed = counts;
                 }
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                judging.send_modify(|n| *n = n.saturating_sub(1));
+            }
             _ = &mut stop_rx => break,
         }
     }

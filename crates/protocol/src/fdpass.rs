@@ -6,7 +6,9 @@
 //! descriptor *before* the frame's bytes are written, and every `sendmsg` carries
 //! whatever is queued, so a descriptor always reaches the peer with or before the
 //! first byte of its frame (the kernel delivers ancillary data with the bytes it
-//! was sent with, never after them). The receiver reads every byte with `recvmsg`,
+//! was sent with, never after them). When more descriptors wait than one
+//! `sendmsg` carries ([`MAX_FDS_PER_SEND`]), a write sends one byte with the first
+//! of them, so none falls behind the frames written with it in one buffer. The receiver reads every byte with `recvmsg`,
 //! queues the descriptors that arrive, and takes the oldest one when it decodes a
 //! frame that announces one. Both sides keep frames that carry descriptors in one
 //! order, so the queues match.
@@ -307,9 +309,18 @@ mod stream {
                 let mut outgoing = lock(&this.fds.outgoing);
                 let count = outgoing.len().min(MAX_FDS_PER_SEND);
                 let borrowed: Vec<_> = outgoing.iter().take(count).map(AsFd::as_fd).collect();
+                // More descriptors wait than one message carries: the bytes of
+                // their frames may be in `buf` too, and must not go out before
+                // them. One byte now (no frame is shorter), the next descriptors
+                // with the next byte.
+                let bytes = if outgoing.len() > MAX_FDS_PER_SEND {
+                    &buf[..buf.len().min(1)]
+                } else {
+                    buf
+                };
                 let io = &this.io;
                 match io.try_io(Interest::WRITABLE, || {
-                    send_with_fds(io.as_fd(), buf, &borrowed)
+                    send_with_fds(io.as_fd(), bytes, &borrowed)
                 }) {
                     Ok(n) => {
                         drop(borrowed);
@@ -380,6 +391,43 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         assert!(reader.fds.is_empty());
         assert_eq!(open_fds(), before, "no received descriptor is left open");
+    }
+
+    /// Twenty frames announcing twenty descriptors, written in one buffer (as a
+    /// link's writer batches them): every frame's first byte arrives with or
+    /// after its descriptor, though one `sendmsg` carries at most eight.
+    #[cfg(feature = "fdpass-async")]
+    #[tokio::test]
+    async fn a_batch_of_frames_never_outruns_its_descriptors() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const FRAMES: usize = 20;
+        const FRAME: usize = 4;
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (mut writer, out) = FdStream::new(a);
+        let (mut reader, incoming) = FdStream::new(b);
+        for _ in 0..FRAMES {
+            out.push_outgoing(std::fs::File::open("/proc/self/status").unwrap().into());
+        }
+        let batch = vec![7u8; FRAMES * FRAME];
+        writer.write_all(&batch).await.unwrap();
+        let mut received = 0;
+        let mut claimed = 0;
+        let mut buf = [0u8; FRAMES * FRAME];
+        while received < batch.len() {
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            received += n;
+            // Frames begun so far: each claims its descriptor.
+            let begun = received.div_ceil(FRAME);
+            while claimed < begun {
+                assert!(
+                    incoming.pop_incoming().is_some(),
+                    "frame {claimed} arrived before its descriptor"
+                );
+                claimed += 1;
+            }
+        }
+        assert_eq!(claimed, FRAMES);
     }
 
     #[test]

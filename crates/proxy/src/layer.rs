@@ -146,8 +146,8 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
             },
             request => {
                 // A layer that takes descriptors takes stolen connections'
-                // sockets, when that is turned on (see `passes_stolen_sockets`).
-                let accepts = if fds && passes_stolen_sockets() {
+                // sockets.
+                let accepts = if fds {
                     Accepts::Sockets
                 } else {
                     Accepts::Relayed
@@ -335,19 +335,4 @@ async fn connect(shared: &Arc<Shared>, remote: SocketAddr, transport: Transport)
             )
         }
     }
-}
-
-/// The environment variable that turns on passing stolen connections as the
-/// target's sockets (`1`). Off by default for now: under 1000 concurrent
-/// stolen connections on a loaded machine some passed connections were seen to
-/// wait past a minute (`faults::a_thousand_concurrent_connections…`, one run in
-/// four), which the relayed path never does. Outgoing sockets and files are
-/// passed regardless.
-pub const PASS_STOLEN_ENV: &str = "GRAFT_FD_PASSING_STEAL";
-
-/// Whether stolen connections go to the program as descriptors
-/// ([`PASS_STOLEN_ENV`] is `1`).
-fn passes_stolen_sockets() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var(PASS_STOLEN_ENV).is_ok_and(|v| v == "1"))
 }

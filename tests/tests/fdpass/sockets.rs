@@ -164,10 +164,7 @@ fn steal_with(bed: &Bed, extra: &[(&str, &str)]) -> (Proc, serde_json::Value, Pa
     let mut command = bed.graft_run(&["--steal"], &[python(), &script(), "serve", &port]);
     command
         .env("GRAFT_LOG", "debug")
-        .env("GRAFT_LAYER_LOG", &log)
-        // Stolen connections as sockets are opt-in (see graft_proxy's
-        // PASS_STOLEN_ENV).
-        .env("GRAFT_FD_PASSING_STEAL", "1");
+        .env("GRAFT_LAYER_LOG", &log);
     for (k, v) in extra {
         command.env(k, v);
     }
