@@ -9,7 +9,7 @@
 //! bounded) and still serves the next client; pipelined requests whose bodies
 //! look like requests go each where its own head says, with exactly its own
 //! body. And the fast path's delivery: with stolen sockets passed
-//! (`GRAFT_FD_PASSING_STEAL=1`) the program gets a socket the agent writes the
+//! the program gets a socket the agent writes the
 //! matching requests to, while the others still reach the target.
 //!
 //! Servers are `named_http.py` (which prints every request it reads as
@@ -276,10 +276,7 @@ fn pipelined_requests_go_each_where_its_own_head_says_with_its_own_body() {
 #[test]
 fn with_stolen_sockets_passed_matching_requests_reach_the_program_on_a_passed_socket() {
     let bed = Bed::new();
-    let (target, session) = setup(
-        &bed,
-        &[("GRAFT_FD_PASSING_STEAL", "1"), ("GRAFT_LOG", "debug")],
-    );
+    let (target, session) = setup(&bed, &[("GRAFT_LOG", "debug")]);
     let mut stream = connect(&bed);
     let raw = "GET /m1 HTTP/1.1\r\nHost: t\r\nx-user: alice\r\n\r\n\
                GET /o1 HTTP/1.1\r\nHost: t\r\n\r\n\
