@@ -110,6 +110,15 @@ fn passed_through_connections_reach_the_target_from_the_client_address() {
         marked().filter(|r| r.starts_with("local"))
     })
     .unwrap_or_else(|| panic!("the filter never took effect\n{}", session.output_report()));
+    // A request the filter takes reaches the program from the client too (on a
+    // local target, over the loopback pair the agent passes).
+    let client = real.trim().strip_prefix("peer ").unwrap_or(&real).to_owned();
+    let local = marked().unwrap_or_default();
+    assert!(
+        local.contains(&format!(" peer={client} ")),
+        "the program saw {local:?}, not the client {client}\n{}",
+        session.output_report()
+    );
 
     // A request no filter matches goes on to the target: from the client.
     let passed = curl(&url).unwrap();

@@ -643,9 +643,44 @@ const SESSION_PIPE: usize = 256 * 1024;
 impl Subscriber for SessionSink {
     fn open(self: Arc<Self>, meta: ConnMeta) -> BoxFuture<std::io::Result<BoxIo>> {
         Box::pin(async move {
-            if self.fd_out.is_some() {
+            // A filtered steal on a link that passes descriptors: the program
+            // gets one end of a loopback pair, the agent writes the requests
+            // its filter matched to the other.
+            let passes = self.fd_out.clone().filter(|_| {
+                self.fd_ports
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains(&meta.port)
+            });
+            if let Some(fd_out) = passes {
+                match crate::incoming::pair::loopback_pair() {
+                    Ok((ours, theirs)) => {
+                        let incoming = AgentMessage::IncomingFd {
+                            port: meta.port,
+                            peer: meta.peer,
+                            local: meta.local,
+                        };
+                        return match fd_out.send(theirs, incoming).await {
+                            Ok(()) => {
+                                tracing::debug!(peer = %meta.peer, port = meta.port,
+                                    "filtered connection to the session passed as a loopback socket");
+                                Ok(Box::new(ours) as BoxIo)
+                            }
+                            Err(fd) => {
+                                crate::passing::reset(fd);
+                                Err(std::io::Error::new(
+                                    std::io::ErrorKind::BrokenPipe,
+                                    "the session is gone",
+                                ))
+                            }
+                        };
+                    }
+                    Err(e) => tracing::debug!(peer = %meta.peer, port = meta.port,
+                        "no loopback socket pair ({e}); the filtered connection is relayed"),
+                }
+            } else if self.fd_out.is_some() {
                 tracing::debug!(peer = %meta.peer, port = meta.port,
-                    "incoming connection relayed: the agent reads it (a filter, TLS, or a mirror of the port)");
+                    "incoming connection relayed: the agent reads it (TLS, or a mirror of the port)");
             }
             let (ours, theirs) = tokio::io::duplex(SESSION_PIPE);
             self.accept(meta, theirs).await?;
@@ -764,10 +799,11 @@ fn dispatch(
             let _ = steal_tx.send(SubCommand::Subscribe(subscription, Some(tls)));
         }
         ClientMessage::SubscribeFds(subscription) => {
-            // Whole connections of an unfiltered steal only: a filter or a mirror
-            // needs the agent to read the bytes.
-            let whole = subscription.mode == graft_protocol::incoming::IncomingMode::Steal
-                && subscription.filter.is_none();
+            // Steals only: the whole connections of an unfiltered steal go as
+            // their sockets; a filtered steal's program gets a socket the agent
+            // writes its matching requests to ([`SessionSink::open`]). A mirror
+            // is relayed.
+            let whole = subscription.mode == graft_protocol::incoming::IncomingMode::Steal;
             if sink.fd_out.is_some() && whole {
                 fd_ports().insert(subscription.port);
             } else {
@@ -777,7 +813,7 @@ fn dispatch(
                     if whole {
                         "the link passes no descriptors"
                     } else {
-                        "a filter or a mirror reads them"
+                        "a mirror reads them"
                     }
                 );
                 fd_ports().remove(&subscription.port);

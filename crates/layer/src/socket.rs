@@ -621,7 +621,9 @@ pub unsafe extern "C" fn getpeername(
         return real();
     }
     hooked(real, || match fds::get(fd) {
-        Some(FdKind::Relayed { peer, .. }) => {
+        // A passed socket's kernel peer is the client itself, except on a
+        // filtered port, where the agent passes one end of a loopback pair.
+        Some(FdKind::Relayed { peer, .. } | FdKind::Passed { peer, .. }) => {
             // SAFETY: caller's buffer per getpeername(2).
             unsafe { RawAddr::new(peer, socket_family(fd)).write_to(address, len) };
             0

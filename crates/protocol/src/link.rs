@@ -159,6 +159,11 @@ pub enum ClientMessage {
     /// with the accepted socket beside it; one the agent must read (a mirror of
     /// the same port in another session) comes as [`AgentMessage::Incoming`].
     /// On a link that passes no descriptors it is [`ClientMessage::Subscribe`].
+    /// A filtered steal may be subscribed this way too: each client connection
+    /// that has requests for this session then comes as
+    /// [`AgentMessage::IncomingFd`] with one end of a loopback TCP pair beside
+    /// it, and the agent writes the requests the filter matched to the other
+    /// end (an agent that does not know this relays them as before).
     /// Answered by [`AgentMessage::SubscribeResult`].
     SubscribeFds(Subscription),
     /// Start (`true`) or stop sending [`AgentMessage::Routed`] records of the
@@ -252,7 +257,9 @@ pub enum AgentMessage {
     },
     /// A stolen connection of a [`ClientMessage::SubscribeFds`] port, passed as
     /// the accepted socket itself, which travels beside this frame
-    /// ([`crate::fdpass`]). The agent keeps nothing of it.
+    /// ([`crate::fdpass`]). The agent keeps nothing of it. Under a filter, the
+    /// socket is one end of a loopback pair whose other end the agent writes
+    /// the matching requests of the client at `peer` to.
     IncomingFd {
         /// The stolen port (the client's original destination port).
         port: u16,

@@ -195,7 +195,7 @@ fn body_needed(subs: &PortSubs, method: &Method, uri: &Uri, headers: &HeaderMap)
 /// stopped or slow local process never fails them; the packet rules already
 /// let the probe sources through (`crate::rules::probes`), this catches probes
 /// from any other address.
-fn is_kubelet_probe(headers: &HeaderMap) -> bool {
+pub(super) fn is_kubelet_probe(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::USER_AGENT)
         .and_then(|ua| ua.to_str().ok())

@@ -18,7 +18,9 @@
 //!   pass-through) — and unfiltered mirrors get a copy of the client's bytes
 //!   through a bounded buffer that is dropped on overflow ([`tee`]);
 //! - a filter on the port: the first bytes decide: HTTP/1.x or HTTP/2 prior
-//!   knowledge is served by [`http`], which routes each request; anything else (or
+//!   knowledge is served by [`http`], which routes each request (HTTP/1.1 on a
+//!   port of steals without body filters by [`h1`], which forwards the bytes as
+//!   they are and hands anything unusual to [`http`]); anything else (or
 //!   silence for [`DETECT_TIMEOUT`]) is handled as without filters.
 //!
 //! Conflicts: a port has at most one unfiltered steal; a second is refused with
@@ -38,7 +40,10 @@
 
 pub mod body;
 pub mod capture;
+pub mod framing;
+pub mod h1;
 pub mod http;
+pub mod pair;
 pub mod peer;
 pub mod reassembly;
 pub mod routes;
@@ -609,6 +614,10 @@ async fn route(accepted: Accepted, subs: Option<Arc<PortSubs>>, in_flight: TaskT
     };
     if subs.has_filters() {
         match tls::detect(&stream).await {
+            tls::Sniffed::Http if h1::eligible(&subs) => {
+                h1::serve(stream, meta, subs, in_flight).await;
+                return;
+            }
             tls::Sniffed::Http => {
                 http::serve(stream, meta, subs, in_flight, None).await;
                 return;

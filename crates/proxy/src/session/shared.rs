@@ -367,11 +367,11 @@ impl Shared {
                 tls: tls.clone(),
             },
             // Whole stolen connections go to the program's listener as their
-            // sockets when the agent passes descriptors.
+            // sockets when the agent passes descriptors; under a filter, a
+            // socket the agent writes the matching requests to.
             None if self.fds.is_some()
                 && to_listener
-                && subscription.mode == IncomingMode::Steal
-                && subscription.filter.is_none() =>
+                && subscription.mode == IncomingMode::Steal =>
             {
                 ClientMessage::SubscribeFds(subscription)
             }
