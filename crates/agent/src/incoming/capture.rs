@@ -35,7 +35,7 @@ use nix::sys::socket::{
 pub const MAX_PACKET: usize = 65_535 + 40;
 
 /// How many packets one `recvmmsg` reads at most.
-pub const BATCH: usize = 32;
+const BATCH: usize = 32;
 
 /// How long a read waits for packets before the capture loop looks at its
 /// controls again.

@@ -231,7 +231,6 @@ fn capture_loop(
     let mut pending_ends = Vec::new();
     let mut housekeeping = Instant::now();
     let mut headers = capture::Headers::new();
-    yield_to_the_target();
     loop {
         if control.stop.load(Ordering::SeqCst) {
             reassembler.end_all(&mut out);
@@ -321,30 +320,6 @@ fn capture_loop(
             &mut reassembler,
             &mut pending_ends,
         );
-        // A batch that was not full: wait a little so that the next one is, one
-        // wake-up for many packets instead of one each (the socket's buffer
-        // holds what arrives meanwhile; the copy lags by at most this much).
-        if matches!(read, Ok(n) if n > 0 && n < capture::BATCH) {
-            std::thread::sleep(COALESCE);
-        }
-    }
-}
-
-/// How long the capture thread waits after a batch that was not full.
-const COALESCE: Duration = Duration::from_micros(500);
-
-/// The nice value of the capture thread (setpriority(2); 0 is the default, 19
-/// the lowest): on a busy machine the target's own threads come first, and the
-/// copy lags or drops instead (the socket's buffer takes the burst).
-const CAPTURE_NICE: i32 = 10;
-
-/// Lowers the calling thread's scheduling priority to [`CAPTURE_NICE`]; on
-/// Linux a thread id names one thread for `setpriority` (see setpriority(2),
-/// "Bugs"). A failure only costs the target some CPU; it is logged.
-fn yield_to_the_target() {
-    let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), CAPTURE_NICE) {
-        tracing::debug!(error = %e, "the capture thread keeps its priority");
     }
 }
 
