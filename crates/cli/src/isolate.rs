@@ -296,6 +296,8 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
     });
 
     let closed = session.closed();
+    // Set when the stack's task ended on its own: its handle is not polled again.
+    let mut stack_ended = false;
     let ended = tokio::select! {
         status = child.wait() => Ended::Command(status.map_err(|e| {
             Failure::session(format!("cannot wait for the command: {e}"))
@@ -314,6 +316,7 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
             Ended::LinkLost
         }
         result = &mut stack => {
+            stack_ended = true;
             let why = match result {
                 Ok(Ok(())) => "the tun device closed".to_owned(),
                 Ok(Err(e)) => e.to_string(),
@@ -328,8 +331,10 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
         incoming.abort();
         let _ = incoming.await;
     }
-    stack.abort();
-    let _ = stack.await;
+    if !stack_ended {
+        stack.abort();
+        let _ = stack.await;
+    }
     // The FUSE connections end with the namespace's mounts (the helper is gone).
     let _ = tokio::task::spawn_blocking(move || {
         for served in mounts {
