@@ -112,7 +112,11 @@ fn passed_through_connections_reach_the_target_from_the_client_address() {
     .unwrap_or_else(|| panic!("the filter never took effect\n{}", session.output_report()));
     // A request the filter takes reaches the program from the client too (on a
     // local target, over the loopback pair the agent passes).
-    let client = real.trim().strip_prefix("peer ").unwrap_or(&real).to_owned();
+    let client = real
+        .trim()
+        .strip_prefix("peer ")
+        .unwrap_or(&real)
+        .to_owned();
     let local = marked().unwrap_or_default();
     assert!(
         local.contains(&format!(" peer={client} ")),
