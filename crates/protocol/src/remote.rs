@@ -354,6 +354,39 @@ pub struct FileStat {
     pub ctime_nsec: i64,
 }
 
+/// Builds a [`FileStat`] from a kernel `struct stat` of any binding (libc's
+/// `stat64`, rustix's `Stat`): any value with the `st_*` fields of `stat(2)`.
+/// One conversion for the agent's answers and the layer's direct `stat`, so
+/// both give the program the same metadata.
+#[macro_export]
+macro_rules! file_stat_of {
+    ($st:expr) => {{
+        let st = $st;
+        // Field types differ between bindings and architectures; a cast may
+        // be a no-op.
+        #[allow(clippy::unnecessary_cast)]
+        let stat = $crate::remote::FileStat {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            mode: st.st_mode as u32,
+            nlink: st.st_nlink as u64,
+            uid: st.st_uid as u32,
+            gid: st.st_gid as u32,
+            rdev: st.st_rdev as u64,
+            size: st.st_size as u64,
+            blksize: st.st_blksize as u64,
+            blocks: st.st_blocks as u64,
+            atime: st.st_atime as i64,
+            atime_nsec: st.st_atime_nsec as i64,
+            mtime: st.st_mtime as i64,
+            mtime_nsec: st.st_mtime_nsec as i64,
+            ctime: st.st_ctime as i64,
+            ctime_nsec: st.st_ctime_nsec as i64,
+        };
+        stat
+    }};
+}
+
 impl FileStat {
     /// Whether this is a directory (`S_ISDIR`).
     pub fn is_dir(&self) -> bool {

@@ -211,29 +211,10 @@ fn same_for_the_agent(errno: i32) -> bool {
     )
 }
 
-/// The agent's conversion of a kernel `stat` (crates/agent/src/files.rs
-/// `file_stat`), for the same answer.
-// Field types differ between architectures; on some of them a cast is a no-op.
-#[allow(clippy::unnecessary_cast)]
+/// The kernel `stat` as the protocol's [`FileStat`], by the conversion the
+/// agent uses too ([`graft_protocol::file_stat_of`]), for the same answer.
 fn file_stat(st: &libc::stat64) -> FileStat {
-    FileStat {
-        dev: st.st_dev as u64,
-        ino: st.st_ino as u64,
-        mode: st.st_mode as u32,
-        nlink: st.st_nlink as u64,
-        uid: st.st_uid as u32,
-        gid: st.st_gid as u32,
-        rdev: st.st_rdev as u64,
-        size: st.st_size as u64,
-        blksize: st.st_blksize as u64,
-        blocks: st.st_blocks as u64,
-        atime: st.st_atime as i64,
-        atime_nsec: st.st_atime_nsec as i64,
-        mtime: st.st_mtime as i64,
-        mtime_nsec: st.st_mtime_nsec as i64,
-        ctime: st.st_ctime as i64,
-        ctime_nsec: st.st_ctime_nsec as i64,
-    }
+    graft_protocol::file_stat_of!(st)
 }
 
 /// The root descriptor, looked up on first use; `None` when the direct path is
