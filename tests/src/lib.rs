@@ -34,6 +34,7 @@ mod bed;
 pub mod cluster;
 pub mod fake_kube;
 pub mod link;
+pub mod logged;
 pub mod machine;
 mod net;
 pub mod pki;

@@ -30,17 +30,9 @@ fn run_logged(
     flags: &[&str],
     cmd: &[&str],
 ) -> graft_tests::Outcome {
-    let mut command = bed.graft_run(flags, cmd);
-    command
-        .env("GRAFT_LOG", "debug")
-        .env("GRAFT_OPEN_DIRECT", "0");
-    for (k, v) in extra {
-        command.env(k, v);
-    }
-    bed.finish(
-        bed.spawn(command, "graft run (debug)"),
-        graft_tests::RUN_TIMEOUT,
-    )
+    let mut env = vec![("GRAFT_OPEN_DIRECT", "0")];
+    env.extend_from_slice(extra);
+    graft_tests::logged::run_logged(bed, &env, flags, cmd).0
 }
 
 #[test]

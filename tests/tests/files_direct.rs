@@ -19,37 +19,9 @@
 //! `..`: the kernel checks every use with the program's own credentials.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 
-use graft_tests::{Bed, Outcome, RUN_TIMEOUT, fixture_str, python};
-
-/// `graft run` with `GRAFT_LOG=debug` and `extra` environment, to completion;
-/// its outcome and the layer's log, where the layer says which path each open
-/// took.
-fn run_logged(
-    bed: &Bed,
-    extra: &[(&str, &str)],
-    flags: &[&str],
-    cmd: &[&str],
-) -> (Outcome, String) {
-    let log = layer_log_path(bed);
-    let mut command = bed.graft_run(flags, cmd);
-    command
-        .env("GRAFT_LOG", "debug")
-        .env("GRAFT_LAYER_LOG", &log);
-    for (k, v) in extra {
-        command.env(k, v);
-    }
-    let out = bed.finish(bed.spawn(command, "graft run (debug)"), RUN_TIMEOUT);
-    let layer = std::fs::read_to_string(&log).unwrap_or_default();
-    (out, layer)
-}
-
-fn layer_log_path(bed: &Bed) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    bed.work_dir().join(format!("direct-{n}.log"))
-}
+use graft_tests::logged::run_logged;
+use graft_tests::{Bed, Outcome, fixture_str, python};
 
 fn json(out: &Outcome) -> serde_json::Value {
     serde_json::from_str(out.assert_success().out())

@@ -16,38 +16,10 @@ use graft_protocol::layer::{LayerRequest, LayerResponse};
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
 use graft_protocol::version::{FEATURE_FDS, has_feature, version_with};
+use graft_tests::logged::{layer_log_path, run_logged};
 use graft_tests::{
     Bed, Outcome, Proc, RUN_TIMEOUT, agent_bin, curl, fixture_str, python, wait_until,
 };
-
-/// `graft run` with `GRAFT_LOG=debug` and `extra` environment, to completion;
-/// its outcome and the layer's log (`GRAFT_LAYER_LOG`, where the layer says
-/// which path each socket took).
-fn run_logged(
-    bed: &Bed,
-    extra: &[(&str, &str)],
-    flags: &[&str],
-    cmd: &[&str],
-) -> (Outcome, String) {
-    let log = layer_log_path(bed);
-    let mut command = bed.graft_run(flags, cmd);
-    command
-        .env("GRAFT_LOG", "debug")
-        .env("GRAFT_LAYER_LOG", &log);
-    for (k, v) in extra {
-        command.env(k, v);
-    }
-    let out = bed.finish(bed.spawn(command, "graft run (debug)"), RUN_TIMEOUT);
-    let layer = std::fs::read_to_string(&log).unwrap_or_default();
-    (out, layer)
-}
-
-/// A fresh layer log file in the bed's work directory.
-fn layer_log_path(bed: &Bed) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    bed.work_dir().join(format!("layer-{n}.log"))
-}
 
 fn json(out: &Outcome) -> serde_json::Value {
     serde_json::from_str(out.assert_success().out())
