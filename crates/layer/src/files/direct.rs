@@ -168,8 +168,16 @@ pub(super) fn stat(path: &str, follow: bool) -> Option<Result<FileStat, i32>> {
     Some(Ok(file_stat(&st)))
 }
 
-/// `openat2(root, path, how)`, retried on `EINTR`; the errno otherwise.
+/// How many times a lookup that met a concurrent rename (`EAGAIN`) is tried
+/// again before the open takes the agent's path.
+const RENAME_RETRIES: u32 = 3;
+
+/// `openat2(root, path, how)`, retried on `EINTR`, and on `EAGAIN` up to
+/// [`RENAME_RETRIES`] times: with `RESOLVE_IN_ROOT` a `..` lookup fails with
+/// `EAGAIN` when any rename on the system raced it, and openat2(2) says to try
+/// again. The errno otherwise.
 fn openat2(root: c_int, path: &CStr, how: libc::open_how) -> Result<c_int, i32> {
+    let mut raced = 0;
     loop {
         // SAFETY: `path` is a C string and `how` a valid `open_how` of the size
         // passed (openat2(2)).
@@ -187,6 +195,7 @@ fn openat2(root: c_int, path: &CStr, how: libc::open_how) -> Result<c_int, i32> 
         }
         match guard::errno() {
             libc::EINTR => continue,
+            libc::EAGAIN if raced < RENAME_RETRIES => raced += 1,
             errno => return Err(errno),
         }
     }
