@@ -16,6 +16,8 @@
 //! connection it was not delivered, a peer without `+fds` (a Kubernetes link)
 //! gets none, and no socket passed is ever a listener.
 
+#[path = "fdpass/ahead.rs"]
+mod ahead;
 #[path = "fdpass/sockets.rs"]
 mod sockets;
 

@@ -9,11 +9,15 @@
 //!
 //! Must be called with the re-entrancy guard held (see [`crate::guard`]).
 
-use std::{cell::RefCell, os::fd::OwnedFd, os::unix::net::UnixStream};
+use std::{
+    cell::RefCell,
+    os::fd::{BorrowedFd, OwnedFd},
+    os::unix::net::UnixStream,
+};
 
 use graft_protocol::{
-    codec::{FrameError, read_frame, write_frame},
-    fdpass::FdReader,
+    codec::{FrameError, encode_frame, read_frame, write_frame},
+    fdpass::{FdReader, write_all_with_fds},
     layer::{LayerRequest, LayerResponse},
     remote::{FileStat, RemoteError, RemoteRequest, RemoteResponse},
     version::{FEATURE_FDS, has_feature, version_with},
@@ -124,6 +128,40 @@ fn exchange(
     let mut reader = FdReader::new(&conn.stream);
     let response = read_frame(&mut reader)?;
     Ok((response, reader.fds))
+}
+
+/// Sends `request` with `fds` beside its frame (at most
+/// [`graft_protocol::fdpass::MAX_FDS_PER_SEND`]) on this thread's connection and
+/// waits for the response. Not retried: the descriptors may have arrived.
+///
+/// # Errors
+///
+/// [`ClientError`] when the proxy cannot be reached or the link breaks.
+pub fn request_with_fds(
+    request: &LayerRequest,
+    fds: &[BorrowedFd<'_>],
+) -> Result<LayerResponse, ClientError> {
+    if !passes_fds() {
+        return Err(ClientError::Refused(
+            "this connection passes no descriptors".into(),
+        ));
+    }
+    CONNECTION.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let conn = slot.as_mut().ok_or(ClientError::Inert)?;
+        let sent = encode_frame(request)
+            .and_then(|frame| write_all_with_fds(&conn.stream, &frame, fds).map_err(FrameError::Io))
+            .and_then(|()| read_frame(&mut FdReader::new(&conn.stream)));
+        match sent {
+            Ok(response) => Ok(response),
+            Err(e) => {
+                if let Some(conn) = slot.take() {
+                    conn.abandon();
+                }
+                Err(e.into())
+            }
+        }
+    })
 }
 
 /// Whether this thread's connection to the proxy passes descriptors (opening it

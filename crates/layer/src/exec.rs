@@ -68,6 +68,9 @@ pub unsafe extern "C" fn execve(
     let real = || unsafe {
         real!(execve(path, argv, envp): fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int)
     };
+    // Stolen connections passed ahead are close-on-exec: the proxy keeps them
+    // for whichever process accepts them.
+    hooked(|| (), crate::socket::ahead::give_back);
     // SAFETY: execve(2) requires envp to be null or a valid NULL-terminated array.
     if envp.is_null() || unsafe { has_var(envp, SOCKET_ENV) } {
         return real();

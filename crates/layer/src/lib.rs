@@ -115,6 +115,7 @@ fn init() {
     };
     log::init(&config);
     exec::init();
+    socket::ahead::init();
     let _ = STATE.set(State {
         socket_path: socket_path.into(),
         config,

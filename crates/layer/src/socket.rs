@@ -21,6 +21,7 @@ use graft_protocol::{
 };
 use libc::{msghdr, sockaddr, socklen_t, ssize_t};
 
+pub(crate) mod ahead;
 mod passed;
 
 use crate::{
@@ -258,16 +259,17 @@ unsafe fn after_accept(
         return new_fd;
     }
     // SAFETY: the caller's buffer obeys accept(2)'s contract.
-    let delivered = match unsafe { passed::adopt_accepted(new_fd, proxy_side, address, len) } {
-        passed::Accepted::Passed | passed::Accepted::Local => None,
-        passed::Accepted::Relayed(delivered) => Some(delivered),
-        passed::Accepted::NotAsked => match client::request(&LayerRequest::PeerOf {
-            proxy_side: addr::unmap_socket(proxy_side),
-        }) {
-            Ok(LayerResponse::Peer(delivered)) => delivered,
-            _ => None,
-        },
-    };
+    let delivered =
+        match unsafe { passed::adopt_accepted(listener, new_fd, proxy_side, address, len) } {
+            passed::Accepted::Passed | passed::Accepted::Local => None,
+            passed::Accepted::Relayed(delivered) => Some(delivered),
+            passed::Accepted::NotAsked => match client::request(&LayerRequest::PeerOf {
+                proxy_side: addr::unmap_socket(proxy_side),
+            }) {
+                Ok(LayerResponse::Peer(delivered)) => delivered,
+                _ => None,
+            },
+        };
     if let Some(delivered) = delivered {
         let relay = real_sockname(new_fd).unwrap_or(proxy_side);
         fds::insert(
@@ -675,6 +677,7 @@ fn forget(fd: c_int) {
     if !duplicated {
         match &kind {
             FdKind::Listener { remote_port, .. } => {
+                ahead::drop_port(*remote_port);
                 let _ = client::request(&LayerRequest::Unlisten {
                     port: *remote_port,
                     pid: std::process::id(),

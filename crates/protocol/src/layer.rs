@@ -72,6 +72,26 @@ pub enum LayerRequest {
         /// TCP or UDP.
         transport: Transport,
     },
+    /// As [`LayerRequest::PeerOf`] on a connection that passes descriptors, from
+    /// a process that alone accepts on its listener: besides the connection
+    /// asked for, the proxy may pass up to `more` other stolen connections of the
+    /// same port whose loopback connections already wait in the listener's
+    /// queue, so their `accept`s need no round trip. Answered with
+    /// [`LayerResponse::PeerFds`] (the asked connection first, its socket the
+    /// first descriptor beside the frame; at most
+    /// [`crate::fdpass::MAX_FDS_PER_SEND`] in all), else as `PeerOf`.
+    PeerOfBatch {
+        /// The accepted socket's peer address as the kernel reports it.
+        proxy_side: SocketAddr,
+        /// How many other connections the layer can take now.
+        more: u8,
+    },
+    /// Stolen connections a [`LayerResponse::PeerFds`] passed ahead that this
+    /// process will not accept (it is about to `fork` or `exec`): their sockets
+    /// travel beside this frame, in this order, and the proxy keeps them for
+    /// whichever process accepts their loopback connections. At most
+    /// [`crate::fdpass::MAX_FDS_PER_SEND`]. Answered with [`LayerResponse::Ok`].
+    ReturnPassed(Vec<PassedPeer>),
 }
 
 /// The proxy's answer to one [`LayerRequest`].
@@ -109,6 +129,22 @@ pub enum LayerResponse {
     /// socket travels beside this frame, and the layer puts it at the accepted
     /// descriptor's number in place of the proxy's loopback connection.
     PeerFd(DeliveredPeer),
+    /// The answer to [`LayerRequest::PeerOfBatch`] for a passed stolen
+    /// connection: one entry per descriptor beside the frame, in order, the
+    /// connection asked for first.
+    PeerFds(Vec<PassedPeer>),
+}
+
+/// A stolen connection passed as its socket, named by the proxy's loopback
+/// connection that stands for it in the program's listener queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassedPeer {
+    /// The proxy's end of the loopback connection (the accepted socket's peer).
+    pub proxy_side: SocketAddr,
+    /// The target's stolen port.
+    pub port: u16,
+    /// The connection's addresses as the target saw them.
+    pub delivered: DeliveredPeer,
 }
 
 /// The addresses of a delivered (stolen) connection as the target saw them.

@@ -20,8 +20,8 @@ use futures::{SinkExt, StreamExt};
 use graft_protocol::{
     PROTOCOL_VERSION, Transport,
     codec::{FrameCodec, encode_frame},
-    fdpass::send_with_fds,
-    layer::{LayerRequest, LayerResponse},
+    fdpass::{FdQueues, FdStream, MAX_FDS_PER_SEND, send_with_fds},
+    layer::{LayerRequest, LayerResponse, PassedPeer},
     remote::{OpenFlags, RemoteError, RemoteRequest, RemoteResponse},
     version::{FEATURE_FDS, check_compatible, has_feature, version_with},
 };
@@ -34,7 +34,7 @@ use crate::{
     splice::{relay_tcp, relay_udp},
 };
 
-type LayerFramed = Framed<UnixStream, FrameCodec<LayerRequest, LayerResponse>>;
+type LayerFramed = Framed<FdStream, FrameCodec<LayerRequest, LayerResponse>>;
 
 /// Binds the layer socket at `path`, replacing a stale socket file, with mode 0600.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, ProxyError> {
@@ -69,6 +69,9 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>) {
 }
 
 async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
+    // Reads keep descriptors: a layer gives back sockets passed ahead
+    // (`ReturnPassed`); any other descriptor it sends is closed unclaimed.
+    let (stream, incoming) = FdStream::new(stream);
     let mut framed: LayerFramed = Framed::new(stream, FrameCodec::new());
     let (pid, fds) = match framed.next().await {
         Some(Ok(LayerRequest::Hello { version, pid })) => match check_compatible(&version) {
@@ -111,6 +114,9 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
         None => return,
     };
     tracing::debug!(pid, passes_descriptors = fds, "layer connected");
+    // The sockets passed ahead to this connection's process that it may give
+    // back, by the proxy side of their loopback connections.
+    let mut lent = std::collections::HashSet::new();
     while let Some(request) = framed.next().await {
         let request = match request {
             Ok(request) => request,
@@ -123,27 +129,64 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
             LayerRequest::Remote(RemoteRequest::OpenFd { path, flags, mode }) => {
                 let (response, fd) = open_fd(&shared, fds, path, flags, mode).await;
                 match fd {
-                    Some(fd) => send_with_fd(&mut framed, &response, fd).await,
+                    Some(fd) => send_with_fds_of(&mut framed, &response, vec![fd]).await,
                     None => framed.send(response).await.map_err(|e| e.to_string()),
                 }
             }
             LayerRequest::Remote(RemoteRequest::ConnectFd { remote }) => {
                 let (response, fd) = connect_fd(&shared, fds, remote).await;
                 match fd {
-                    Some(fd) => send_with_fd(&mut framed, &response, fd).await,
+                    Some(fd) => send_with_fds_of(&mut framed, &response, vec![fd]).await,
                     None => framed.send(response).await.map_err(|e| e.to_string()),
                 }
             }
             LayerRequest::PeerOf { proxy_side } if fds => match shared.take_passed(proxy_side) {
-                Some((peer, fd)) => {
-                    tracing::debug!(pid, client = %peer.peer, "stolen connection handed to the program as the target's socket");
-                    send_with_fd(&mut framed, &LayerResponse::PeerFd(peer), fd).await
+                Some((_, peer, fd)) => {
+                    tracing::debug!(pid, client = %peer.delivered.peer, "stolen connection handed to the program as the target's socket");
+                    send_with_fds_of(
+                        &mut framed,
+                        &LayerResponse::PeerFd(peer.delivered),
+                        vec![fd],
+                    )
+                    .await
                 }
                 None => {
                     let response = LayerResponse::Peer(shared.peer_of(proxy_side));
                     framed.send(response).await.map_err(|e| e.to_string())
                 }
             },
+            LayerRequest::PeerOfBatch { proxy_side, more } if fds => {
+                match shared.take_passed(proxy_side) {
+                    Some((home, peer, fd)) => {
+                        let more = usize::from(more).min(MAX_FDS_PER_SEND - 1);
+                        let mut peers = vec![peer];
+                        let mut sockets = vec![fd];
+                        for (peer, fd) in home.take_ready(peer.port, more) {
+                            peers.push(peer);
+                            sockets.push(fd);
+                        }
+                        tracing::debug!(pid, client = %peer.delivered.peer, ahead = peers.len() - 1, "stolen connection handed to the program as the target's socket, more passed ahead");
+                        let sent = send_with_fds_of(
+                            &mut framed,
+                            &LayerResponse::PeerFds(peers.clone()),
+                            sockets,
+                        )
+                        .await;
+                        if sent.is_ok() {
+                            lent.extend(peers.iter().skip(1).map(|p| p.proxy_side));
+                        }
+                        sent
+                    }
+                    None => {
+                        let response = LayerResponse::Peer(shared.peer_of(proxy_side));
+                        framed.send(response).await.map_err(|e| e.to_string())
+                    }
+                }
+            }
+            LayerRequest::ReturnPassed(peers) if fds => {
+                let response = take_back(&shared, &incoming, &mut lent, peers);
+                framed.send(response).await.map_err(|e| e.to_string())
+            }
             request => {
                 // A layer that takes descriptors takes stolen connections'
                 // sockets.
@@ -233,24 +276,24 @@ fn kept_local(shared: &Shared, remote: &SocketAddr, transport: Transport) -> Opt
 }
 
 /// Writes `response` to the layer with `fd` beside its first byte.
-async fn send_with_fd(
+async fn send_with_fds_of(
     framed: &mut LayerFramed,
     response: &LayerResponse,
-    fd: OwnedFd,
+    fds: Vec<OwnedFd>,
 ) -> Result<(), String> {
     framed.flush().await.map_err(|e| e.to_string())?;
     let frame = encode_frame(response).map_err(|e| e.to_string())?;
-    let stream = framed.get_ref();
+    let stream = framed.get_ref().get_ref();
     let mut sent = 0;
     while sent < frame.len() {
         stream.writable().await.map_err(|e| e.to_string())?;
-        let fds = if sent == 0 {
-            vec![fd.as_fd()]
+        let borrowed: Vec<_> = if sent == 0 {
+            fds.iter().map(AsFd::as_fd).collect()
         } else {
             Vec::new()
         };
         match stream.try_io(tokio::io::Interest::WRITABLE, || {
-            send_with_fds(stream, &frame[sent..], &fds)
+            send_with_fds(stream, &frame[sent..], &borrowed)
         }) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -258,6 +301,69 @@ async fn send_with_fd(
         }
     }
     Ok(())
+}
+
+/// Takes back the sockets a layer gives back (`ReturnPassed`): each must be one
+/// this connection was passed ahead (`lent`) and still be that connection (its
+/// addresses those the target saw), else it is closed and the answer is an
+/// error; the descriptors come from the connection's queue in frame order.
+fn take_back(
+    shared: &Arc<Shared>,
+    incoming: &FdQueues,
+    lent: &mut std::collections::HashSet<SocketAddr>,
+    peers: Vec<PassedPeer>,
+) -> LayerResponse {
+    let fds: Vec<OwnedFd> = (0..peers.len())
+        .map_while(|_| incoming.pop_incoming())
+        .collect();
+    if fds.len() != peers.len() || peers.len() > MAX_FDS_PER_SEND {
+        return error(
+            libc::EINVAL,
+            format!(
+                "ReturnPassed names {} sockets; {} came",
+                peers.len(),
+                fds.len()
+            ),
+        );
+    }
+    let mut refused = 0;
+    for (peer, fd) in peers.into_iter().zip(fds) {
+        if !lent.remove(&peer.proxy_side) || !is_that_connection(&fd, &peer) {
+            refused += 1;
+            continue;
+        }
+        shared.give_back(peer, fd);
+    }
+    if refused > 0 {
+        tracing::warn!(
+            refused,
+            "a layer gave back sockets that were not passed to it; closed"
+        );
+        return error(
+            libc::EINVAL,
+            format!("{refused} sockets given back were not passed ahead to this process"),
+        );
+    }
+    LayerResponse::Ok
+}
+
+/// Whether `fd` is a TCP socket connected to the client of `peer`
+/// (getpeername(2); its own address is the agent's redirect, not the one the
+/// client asked for).
+fn is_that_connection(fd: &OwnedFd, peer: &PassedPeer) -> bool {
+    let Ok(dup) = fd.try_clone() else {
+        return false;
+    };
+    let unmap = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        a => a,
+    };
+    std::net::TcpStream::from(dup)
+        .peer_addr()
+        .is_ok_and(|remote| unmap(remote) == unmap(peer.delivered.peer))
 }
 
 fn error(errno: i32, message: String) -> LayerResponse {
@@ -287,7 +393,13 @@ async fn answer(shared: &Arc<Shared>, request: LayerRequest, accepts: Accepts) -
             shared.unlisten(port, pid).await;
             LayerResponse::Ok
         }
-        LayerRequest::PeerOf { proxy_side } => LayerResponse::Peer(shared.peer_of(proxy_side)),
+        LayerRequest::PeerOf { proxy_side } | LayerRequest::PeerOfBatch { proxy_side, .. } => {
+            LayerResponse::Peer(shared.peer_of(proxy_side))
+        }
+        LayerRequest::ReturnPassed(_) => error(
+            libc::EINVAL,
+            "nothing was passed ahead on a connection that passes no descriptors".into(),
+        ),
         LayerRequest::Connect { remote, transport } => match kept_local(shared, &remote, transport)
         {
             Some(refused) => refused,

@@ -251,14 +251,18 @@ pub enum Accepted {
     Local,
 }
 
-/// After `accept` returned `new_fd`, a loopback connection from the proxy at
-/// `proxy_side`: when the agent passed that stolen connection's socket, puts it
-/// at `new_fd` and writes the client's address to the caller's buffer.
+/// After `accept` on `listener` returned `new_fd`, a loopback connection from
+/// the proxy at `proxy_side`: when the agent passed that stolen connection's
+/// socket, puts it at `new_fd` and writes the client's address to the caller's
+/// buffer. A socket passed ahead with an earlier answer needs no round trip
+/// ([`super::ahead`]); otherwise the layer asks, and takes more ahead where this
+/// process alone accepts on `listener`.
 ///
 /// # Safety
 ///
 /// `address`/`len` obey accept(2)'s contract (null or valid).
 pub unsafe fn adopt_accepted(
+    listener: c_int,
     new_fd: c_int,
     proxy_side: SocketAddr,
     address: *mut sockaddr,
@@ -267,38 +271,30 @@ pub unsafe fn adopt_accepted(
     if !client::passes_fds() {
         return Accepted::NotAsked;
     }
-    let Ok((response, mut fds)) = client::request_fds(&LayerRequest::PeerOf {
-        proxy_side: addr::unmap_socket(proxy_side),
-    }) else {
+    let proxy_side = addr::unmap_socket(proxy_side);
+    if let Some((peer, fd)) = super::ahead::take(proxy_side) {
+        // SAFETY: as this function's.
+        return unsafe { adopt_stolen(new_fd, peer.delivered, fd, address, len, "passed ahead") };
+    }
+    let more = super::ahead::room(listener);
+    let request = if more > 0 {
+        LayerRequest::PeerOfBatch { proxy_side, more }
+    } else {
+        LayerRequest::PeerOf { proxy_side }
+    };
+    let Ok((response, mut fds)) = client::request_fds(&request) else {
         return Accepted::Local;
     };
     match response {
         LayerResponse::PeerFd(delivered) if fds.len() == 1 => {
-            let family = super::socket_family(new_fd);
-            if let Err(errno) = adopt(fds.remove(0), new_fd) {
-                layer_log!(
-                    error,
-                    "the stolen connection from {} could not take fd {new_fd}: {}; it stays with the proxy",
-                    delivered.peer,
-                    std::io::Error::from_raw_os_error(errno)
-                );
-                return Accepted::Local;
-            }
-            fds::insert(
-                new_fd,
-                FdKind::Passed {
-                    peer: delivered.peer,
-                    shown_local: Some(delivered.local),
-                },
-            );
-            layer_log!(
-                debug,
-                "stolen connection from {}: the target's socket itself as fd {new_fd} (descriptor passed)",
-                delivered.peer
-            );
-            // SAFETY: the caller's buffer obeys accept(2)'s contract.
-            unsafe { RawAddr::new(delivered.peer, family).write_to(address, len) };
-            Accepted::Passed
+            // SAFETY: as this function's.
+            unsafe { adopt_stolen(new_fd, delivered, fds.remove(0), address, len, "passed") }
+        }
+        LayerResponse::PeerFds(peers) if !peers.is_empty() && fds.len() == peers.len() => {
+            let first = fds.remove(0);
+            super::ahead::keep(peers[1..].iter().copied().zip(fds));
+            // SAFETY: as this function's.
+            unsafe { adopt_stolen(new_fd, peers[0].delivered, first, address, len, "passed") }
         }
         LayerResponse::Peer(Some(delivered)) => {
             layer_log!(
@@ -310,4 +306,45 @@ pub unsafe fn adopt_accepted(
         }
         _ => Accepted::Local,
     }
+}
+
+/// Puts the stolen connection's socket `fd` at the accepted descriptor `new_fd`
+/// and writes its client's address to the caller's buffer.
+///
+/// # Safety
+///
+/// `address`/`len` obey accept(2)'s contract (null or valid).
+unsafe fn adopt_stolen(
+    new_fd: c_int,
+    delivered: DeliveredPeer,
+    fd: OwnedFd,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+    how: &str,
+) -> Accepted {
+    let family = super::socket_family(new_fd);
+    if let Err(errno) = adopt(fd, new_fd) {
+        layer_log!(
+            error,
+            "the stolen connection from {} could not take fd {new_fd}: {}; it stays with the proxy",
+            delivered.peer,
+            std::io::Error::from_raw_os_error(errno)
+        );
+        return Accepted::Local;
+    }
+    fds::insert(
+        new_fd,
+        FdKind::Passed {
+            peer: delivered.peer,
+            shown_local: Some(delivered.local),
+        },
+    );
+    layer_log!(
+        debug,
+        "stolen connection from {}: the target's socket itself as fd {new_fd} (descriptor {how})",
+        delivered.peer
+    );
+    // SAFETY: the caller's buffer obeys accept(2)'s contract.
+    unsafe { RawAddr::new(delivered.peer, family).write_to(address, len) };
+    Accepted::Passed
 }

@@ -9,10 +9,24 @@
 //! without libc's `accept`) is not lost: once the program writes or closes on
 //! it, or after `relay_timeout` unclaimed (for a protocol whose client speaks
 //! first), the proxy splices it with the passed socket in the kernel's stead.
+//!
+//! A burst of stolen connections would cost the program one round trip per
+//! `accept`, each while its event loop waits. So a process that alone accepts
+//! on its listener asks with `PeerOfBatch`, and the proxy passes, beside the
+//! socket asked for, up to seven more of the same port whose loopback
+//! connections already wait in the listener's queue ([`Shared::take_ready`]):
+//! their `accept`s find them in the layer without asking. A socket passed ahead
+//! belongs to that process alone; one it will not accept (it forks or execs
+//! first) comes back with `ReturnPassed` ([`Shared::give_back`]) before the
+//! `fork`, so a child that accepts its loopback connection finds it here.
 
-use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc};
+use std::{
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    sync::{Arc, atomic::Ordering},
+};
 
-use graft_protocol::layer::DeliveredPeer;
+use graft_protocol::layer::{DeliveredPeer, PassedPeer};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::{Shared, lock, shared::delivery_address};
@@ -24,7 +38,7 @@ impl Shared {
         match self.listener_of(port) {
             Some(listener) => {
                 let target = delivery_address(listener);
-                tokio::spawn(deliver_fd(self.clone(), target, peer, fd));
+                tokio::spawn(deliver_fd(self.clone(), target, port, peer, fd));
             }
             None => tracing::info!(
                 port,
@@ -35,30 +49,107 @@ impl Shared {
     }
 
     /// The passed socket of the delivered connection whose proxy-side address is
-    /// `proxy_side`, in this session or a secondary one; each is taken once.
-    pub(crate) fn take_passed(&self, proxy_side: SocketAddr) -> Option<(DeliveredPeer, OwnedFd)> {
-        let here = |shared: &Shared| {
+    /// `proxy_side`, in this session or a secondary one (with the session it was
+    /// found in); each is taken once.
+    pub(crate) fn take_passed(
+        self: &Arc<Self>,
+        proxy_side: SocketAddr,
+    ) -> Option<(Arc<Shared>, PassedPeer, OwnedFd)> {
+        let here = |shared: &Arc<Shared>| {
             let mut passed = lock(&shared.passed);
-            passed.remove(&proxy_side).or_else(|| {
-                // A dual-stack listener may report an IPv4 peer as IPv4-mapped IPv6.
-                let SocketAddr::V6(v6) = proxy_side else {
-                    return None;
-                };
-                let v4 = v6.ip().to_ipv4_mapped()?;
-                passed.remove(&SocketAddr::new(v4.into(), proxy_side.port()))
-            })
+            let (key, entry) = match passed.remove_entry(&proxy_side) {
+                Some(found) => found,
+                None => {
+                    // A dual-stack listener may report an IPv4 peer as IPv4-mapped IPv6.
+                    let SocketAddr::V6(v6) = proxy_side else {
+                        return None;
+                    };
+                    let v4 = SocketAddr::new(v6.ip().to_ipv4_mapped()?.into(), proxy_side.port());
+                    passed.remove_entry(&v4)?
+                }
+            };
+            let peer = PassedPeer {
+                proxy_side: key,
+                port: entry.port,
+                delivered: entry.peer,
+            };
+            Some((shared.clone(), peer, entry.fd))
         };
         here(self).or_else(|| {
             let secondaries = lock(&self.secondaries).clone();
-            secondaries.iter().find_map(|s| here(s))
+            secondaries.iter().find_map(here)
         })
     }
+
+    /// Up to `max` passed sockets of `port` whose loopback connection already
+    /// waits in the program's listener queue, taken to pass ahead
+    /// (`PeerOfBatch`), oldest first.
+    pub(crate) fn take_ready(&self, port: u16, max: usize) -> Vec<(PassedPeer, OwnedFd)> {
+        let mut passed = lock(&self.passed);
+        let mut ready: Vec<(SocketAddr, u64)> = passed
+            .iter()
+            .filter(|(_, entry)| entry.port == port && entry.connected)
+            .map(|(key, entry)| (*key, entry.serial))
+            .collect();
+        ready.sort_by_key(|&(_, serial)| serial);
+        ready
+            .into_iter()
+            .take(max)
+            .filter_map(|(key, _)| {
+                let entry = passed.remove(&key)?;
+                let peer = PassedPeer {
+                    proxy_side: key,
+                    port: entry.port,
+                    delivered: entry.peer,
+                };
+                Some((peer, entry.fd))
+            })
+            .collect()
+    }
+
+    /// Keeps again a passed socket the layer took ahead and gave back
+    /// (`ReturnPassed`), for whichever process accepts its loopback connection.
+    pub(crate) fn give_back(&self, peer: PassedPeer, fd: OwnedFd) {
+        let serial = self.passed_serial.fetch_add(1, Ordering::Relaxed);
+        lock(&self.passed).insert(
+            peer.proxy_side,
+            Passed {
+                peer: peer.delivered,
+                fd,
+                port: peer.port,
+                connected: true,
+                serial,
+            },
+        );
+    }
+}
+
+/// A stolen connection passed as its socket, until the layer takes it.
+#[derive(Debug)]
+pub(crate) struct Passed {
+    /// Its addresses as the target saw them.
+    peer: DeliveredPeer,
+    /// The target's socket.
+    fd: OwnedFd,
+    /// The target's stolen port.
+    port: u16,
+    /// The proxy's loopback connection is established: it waits in the
+    /// program's listener queue (or was accepted).
+    connected: bool,
+    /// Arrival order, so a batch passes the oldest first.
+    serial: u64,
 }
 
 /// Connects to the program's listener at `target` and keeps the passed socket
 /// `fd` for the layer to claim; splices the two if the program uses the
 /// loopback connection instead.
-async fn deliver_fd(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer, fd: OwnedFd) {
+async fn deliver_fd(
+    shared: Arc<Shared>,
+    target: SocketAddr,
+    port: u16,
+    peer: DeliveredPeer,
+    fd: OwnedFd,
+) {
     if shared
         .options
         .incoming_tap
@@ -90,11 +181,26 @@ async fn deliver_fd(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer
             return;
         }
     };
-    lock(&shared.passed).insert(local, (peer, fd));
+    let serial = shared.passed_serial.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.passed).insert(
+        local,
+        Passed {
+            peer,
+            fd,
+            port,
+            connected: false,
+            serial,
+        },
+    );
     let stream = match tokio::time::timeout(shared.options.relay_timeout, socket.connect(target))
         .await
     {
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => {
+            if let Some(entry) = lock(&shared.passed).get_mut(&local) {
+                entry.connected = true;
+            }
+            stream
+        }
         failed => {
             let why = match failed {
                 Ok(Err(e)) => e.to_string(),
@@ -114,7 +220,7 @@ async fn deliver_fd(shared: Arc<Shared>, target: SocketAddr, peer: DeliveredPeer
         return;
     }
     let unclaimed = lock(&shared.passed).remove(&local);
-    if let Some((_, fd)) = unclaimed {
+    if let Some(Passed { fd, .. }) = unclaimed {
         tracing::debug!(client = %peer.peer, "a passed stolen connection the layer did not claim; relayed by the proxy");
         // `PeerOf` still names the real client for a late `accept`.
         shared.add_delivered(local, peer);

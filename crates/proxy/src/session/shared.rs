@@ -107,7 +107,9 @@ pub(crate) struct Shared {
     /// Stolen connections the agent passed as sockets, by the proxy-side
     /// address of their loopback delivery, until the layer claims them
     /// (`super::passed`).
-    pub(super) passed: Mutex<HashMap<SocketAddr, (DeliveredPeer, OwnedFd)>>,
+    pub(super) passed: Mutex<HashMap<SocketAddr, super::passed::Passed>>,
+    /// The next arrival number of a passed stolen connection.
+    pub(super) passed_serial: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -130,6 +132,7 @@ impl Shared {
             announced: Mutex::new(Vec::new()),
             fds,
             passed: Mutex::new(HashMap::new()),
+            passed_serial: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

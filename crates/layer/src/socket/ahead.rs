@@ -1,0 +1,178 @@
+//! Stolen connections passed ahead: sockets the proxy passed with the answer to
+//! an earlier `accept` (`PeerOfBatch`), each for a loopback connection that
+//! already waits in this process's listener queue. When the program accepts
+//! that loopback connection, the layer finds its socket here and needs no round
+//! trip to the proxy, so a burst of new connections does not hold the program's
+//! event loop one round trip per `accept`.
+//!
+//! A socket passed ahead belongs to this process alone, so the layer asks for
+//! them only where no other process can accept on the same listener:
+//!
+//! - never after this process forked (a child shares its listeners), and never
+//!   in a child: [`prepare_fork`], a `pthread_atfork(3)` handler, gives every
+//!   socket kept here back to the proxy (`ReturnPassed`) before the `fork` and
+//!   marks the process forked, which the child inherits;
+//! - not on a listener with `SO_REUSEPORT` (other processes may listen on the
+//!   same port; socket(7));
+//! - before an `execve` the sockets go back too ([`give_back`]), since the new
+//!   image would close them (they are close-on-exec).
+//!
+//! A listener closed with sockets kept here for its port closes them
+//! ([`drop_port`]): their loopback connections die with the listener, as the
+//! kernel's queued connections do. At most [`MAX_AHEAD`] are kept.
+//!
+//! Limits: a process that hands its listener to another one over a Unix socket
+//! (`SCM_RIGHTS`), or forks with `clone(2)` directly (no `pthread_atfork`
+//! handlers), shares a listener the proxy batches for; their accepts of a
+//! connection passed ahead here are delivered as local connections.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::{
+        Mutex, Once, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use graft_protocol::{
+    fdpass::MAX_FDS_PER_SEND,
+    layer::{LayerRequest, LayerResponse, PassedPeer},
+};
+
+use crate::client;
+
+/// The most sockets one process keeps passed ahead.
+pub const MAX_AHEAD: usize = 32;
+
+/// The sockets kept, and the process they belong to.
+struct Ahead {
+    pid: u32,
+    sockets: HashMap<SocketAddr, (PassedPeer, OwnedFd)>,
+}
+
+static AHEAD: Mutex<Option<Ahead>> = Mutex::new(None);
+
+/// This process forked, or is a forked child: it shares its listeners.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+static ATFORK: Once = Once::new();
+
+fn lock() -> std::sync::MutexGuard<'static, Option<Ahead>> {
+    AHEAD.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Installs the `fork` handler; called by the layer's constructor.
+pub fn init() {
+    ATFORK.call_once(|| {
+        // SAFETY: registers a plain function without state; pthread_atfork(3)
+        // only records the pointers.
+        unsafe { libc::pthread_atfork(Some(prepare_fork), None, None) };
+    });
+}
+
+/// Runs in the parent just before `fork`: no socket stays here that the child
+/// could accept, and neither process asks for more.
+extern "C" fn prepare_fork() {
+    FORKED.store(true, Ordering::SeqCst);
+    let Some(_guard) = crate::guard::enter() else {
+        // Forking from inside a hook: the layer's own calls never fork.
+        return;
+    };
+    give_back();
+}
+
+/// How many more sockets this process can take ahead now, for the listener
+/// `listener`: 0 after a fork, on a `SO_REUSEPORT` listener, or when
+/// [`MAX_AHEAD`] are kept.
+pub fn room(listener: i32) -> u8 {
+    if FORKED.load(Ordering::SeqCst) || reuses_port(listener) {
+        return 0;
+    }
+    let kept = lock()
+        .as_ref()
+        .filter(|a| a.pid == std::process::id())
+        .map_or(0, |a| a.sockets.len());
+    let room = MAX_AHEAD.saturating_sub(kept).min(MAX_FDS_PER_SEND - 1);
+    u8::try_from(room).unwrap_or(0)
+}
+
+fn reuses_port(listener: i32) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value/len describe a writable c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            &mut value as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    rc != 0 || value != 0
+}
+
+/// Keeps sockets passed ahead with their connections.
+pub fn keep(passed: impl IntoIterator<Item = (PassedPeer, OwnedFd)>) {
+    let pid = std::process::id();
+    let mut ahead = lock();
+    let ahead = match ahead.as_mut() {
+        Some(a) if a.pid == pid => a,
+        _ => ahead.insert(Ahead {
+            pid,
+            sockets: HashMap::new(),
+        }),
+    };
+    for (peer, fd) in passed {
+        ahead.sockets.insert(peer.proxy_side, (peer, fd));
+    }
+}
+
+/// The socket kept for the loopback connection whose proxy side is
+/// `proxy_side`, taken.
+pub fn take(proxy_side: SocketAddr) -> Option<(PassedPeer, OwnedFd)> {
+    let mut ahead = lock();
+    let ahead = ahead.as_mut().filter(|a| a.pid == std::process::id())?;
+    ahead.sockets.remove(&proxy_side)
+}
+
+/// Closes the sockets kept for `port`: its listener is closed.
+pub fn drop_port(port: u16) {
+    let mut ahead = lock();
+    if let Some(ahead) = ahead.as_mut().filter(|a| a.pid == std::process::id()) {
+        ahead.sockets.retain(|_, (peer, _)| peer.port != port);
+    }
+}
+
+/// Gives every socket kept here back to the proxy (`ReturnPassed`), for
+/// whichever process accepts their loopback connections; those the proxy
+/// cannot take back are closed.
+pub fn give_back() {
+    let taken: Vec<(PassedPeer, OwnedFd)> = {
+        let mut ahead = lock();
+        match ahead.as_mut() {
+            Some(a) if a.pid == std::process::id() => a.sockets.drain().map(|(_, v)| v).collect(),
+            _ => return,
+        }
+    };
+    for chunk in taken.chunks(MAX_FDS_PER_SEND) {
+        let peers: Vec<PassedPeer> = chunk.iter().map(|(peer, _)| *peer).collect();
+        let fds: Vec<_> = chunk.iter().map(|(_, fd)| fd.as_fd()).collect();
+        match client::request_with_fds(&LayerRequest::ReturnPassed(peers), &fds) {
+            Ok(LayerResponse::Ok) => {
+                layer_log!(
+                    debug,
+                    "gave {} stolen connections passed ahead back to the proxy",
+                    chunk.len()
+                )
+            }
+            other => layer_log!(
+                warn,
+                "the proxy did not take back {} stolen connections passed ahead ({other:?}); closed",
+                chunk.len()
+            ),
+        }
+    }
+}
