@@ -94,10 +94,26 @@ fn is_default_local(path: &str) -> bool {
 /// `.` or `..` component, no trailing `/` except for the root), so that it can
 /// be classified as it is, without an allocation.
 pub fn is_normal(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix('/') else {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
         return false;
-    };
-    rest.is_empty() || rest.split('/').all(|part| !matches!(part, "" | "." | ".."))
+    }
+    if bytes.len() == 1 {
+        return true;
+    }
+    // One pass over the bytes (every open of the program comes here): each
+    // component, between one '/' and the next or the end, must be neither
+    // empty nor "." nor "..".
+    let mut start = 1;
+    for i in 1..=bytes.len() {
+        if i == bytes.len() || bytes[i] == b'/' {
+            if matches!(&bytes[start..i], b"" | b"." | b"..") {
+                return false;
+            }
+            start = i + 1;
+        }
+    }
+    true
 }
 
 /// The compiled file rules.
@@ -330,6 +346,12 @@ mod tests {
             "/a/.",
             "/a/..",
             "/.x/..y",
+            "/.",
+            "/..",
+            "/...",
+            "/a//b",
+            "/a/b/",
+            "/a..b/c.d",
             "relative",
             "",
         ] {
