@@ -48,6 +48,7 @@ use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 use crate::{Delivery, LinkEnd, ProxyError, flows, splice};
 
+mod listen;
 mod passed;
 mod shared;
 
