@@ -4,7 +4,8 @@
 //! below it (crates/layer/src/files/direct.rs).
 //!
 //! Behaviour: a file read that way is the target's own (its inode, its
-//! content), `cat` and Python alike, and so is `stat`'s answer; writes obey `--fs` (kept local under
+//! content), `cat` and Python alike, and so are the answers of `stat`,
+//! `access` and `readlink`; writes obey `--fs` (kept local under
 //! `--fs read`, live in the target under `--fs write`); what the direct path
 //! must not do takes the agent's path and still works: a file to create, a
 //! directory, `GRAFT_OPEN_DIRECT=0`, a program that may not open the root; a
@@ -13,7 +14,9 @@
 //!
 //! Attacks, each on a run whose layer log shows the direct path handled the
 //! open: a symlink in the target to a host-only file, a symlink to `/`, a `..`
-//! walk through a relative symlink, a /proc magic link (`/proc/self/root`); and a
+//! walk through a relative symlink, a /proc magic link (`/proc/self/root`) —
+//! for `access` and `readlink` too, so neither tells whether a host-only file
+//! exists or where a host-only link points; and a
 //! program that finds the layer's root descriptor and, as another user, tries
 //! to write the target's file, read its private file, and leave the root with
 //! `..`: the kernel checks every use with the program's own credentials.
@@ -97,6 +100,67 @@ fn stat_and_lstat_are_answered_directly_from_the_target_root() {
             libc::ENOENT
         )),
         "{layer}"
+    );
+}
+
+#[test]
+fn access_and_readlink_are_answered_directly_and_never_see_past_the_root() {
+    let bed = Bed::new();
+    let hostonly = bed.hostonly_dir.display().to_string();
+    // A link only the host has, and the target's links to `/`.
+    let host_link = format!("{hostonly}/host-link");
+    std::os::unix::fs::symlink("/HOST-ONLY-TARGET", &host_link).unwrap();
+    let root_link = bed.remote("root-link");
+    bed.in_target(&["ln", "-s", "/", &root_link])
+        .assert_success();
+    let hello = bed.remote("hello.txt");
+    let link = bed.remote("hosts-link");
+    let missing = bed.remote("no-such-file");
+    let escapes = [
+        format!("{}/up{hostonly}/secret.txt", bed.remote_dir.display()),
+        format!("{root_link}{hostonly}/secret.txt"),
+        format!("{}/up{host_link}", bed.remote_dir.display()),
+        format!("{root_link}{host_link}"),
+    ];
+    let script = script();
+    let mut args = vec![python(), &script, "paths", &hello, &link, &missing];
+    args.extend(escapes.iter().map(String::as_str));
+    let (out, layer) = run_logged(&bed, &[], &[], &args);
+    let seen = json(&out);
+    let expect = |path: &str, access: bool, readlink: &str| {
+        assert_eq!(seen[path]["access"], access, "access({path}):\n{out}");
+        assert_eq!(seen[path]["exists"], access, "access({path}, F_OK):\n{out}");
+        assert_eq!(seen[path]["readlink"], readlink, "readlink({path}):\n{out}");
+    };
+    expect(&hello, true, "EINVAL");
+    expect(&link, true, "/etc/hosts");
+    expect(&missing, false, "ENOENT");
+    // Resolved in the target's root, where the host-only directory is not.
+    for path in &escapes {
+        expect(path, false, "ENOENT");
+    }
+    for path in [&hello, &link] {
+        assert!(
+            layer.contains(&format!("access {path}: direct, in the target's root")),
+            "{layer}"
+        );
+    }
+    assert!(
+        layer.contains(&format!("readlink {link}: direct, in the target's root")),
+        "{layer}"
+    );
+    for path in &escapes {
+        assert!(
+            layer.contains(&format!(
+                "readlink {path}: direct, failed with errno {}",
+                libc::ENOENT
+            )),
+            "the direct path did not handle {path}:\n{layer}"
+        );
+    }
+    assert!(
+        !out.stderr.contains("HOST-ONLY-TARGET") && !out.stdout.contains("HOST-ONLY-TARGET"),
+        "{out}"
     );
 }
 

@@ -12,7 +12,8 @@
 //! opens remote paths with the same `openat2` call the agent would make: the
 //! open costs one system call instead of two hops and a descriptor pass. The
 //! `stat` family's remote metadata is read the same way (the agent's `O_PATH`
-//! open and `fstat`).
+//! open and `fstat`), and so are `access` (`faccessat2` on that descriptor) and
+//! `readlink` (`readlinkat` with an empty path on an `O_NOFOLLOW` one).
 //!
 //! Nothing crosses a process boundary but the identity: the descriptor is one the
 //! program could open without graft, and every open through it is checked by the
@@ -166,6 +167,122 @@ pub(super) fn stat(path: &str, follow: bool) -> Option<Result<FileStat, i32>> {
     let st = st?;
     layer_log!(debug, "stat {path}: direct, in the target's root (no hop)");
     Some(Ok(file_stat(&st)))
+}
+
+/// Opens `path` in the target's root as an `O_PATH` descriptor (following a
+/// final symlink when `follow`), for a call that acts on the file without
+/// opening it; `what` names the call in the log. `None`: take the agent's path.
+fn open_path(what: &str, path: &str, follow: bool) -> Option<Result<c_int, i32>> {
+    let root = root()?;
+    let cpath = CString::new(path).ok()?;
+    // SAFETY: open_how is plain old data; zero is "no mode".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW }) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    match openat2(root, &cpath, how) {
+        Ok(fd) => Some(Ok(fd)),
+        Err(errno) if same_for_the_agent(errno) => {
+            layer_log!(debug, "{what} {path}: direct, failed with errno {errno}");
+            Some(Err(errno))
+        }
+        Err(errno) => {
+            layer_log!(
+                debug,
+                "{what} {path}: direct {what} refused (errno {errno}), through the agent"
+            );
+            None
+        }
+    }
+}
+
+/// `faccessat2(2)` of the remote `path` in the target's root with the
+/// program's credentials: `mode` as access(2)'s, `flags` `AT_EACCESS` and
+/// `AT_SYMLINK_NOFOLLOW`. A check the program passes the agent (root) passes
+/// too; one it fails for want of permission (`EACCES`, `EPERM`) is the agent's
+/// to answer, as before (`None`), so the answer never changes, only its cost.
+pub(super) fn access(path: &str, mode: c_int, flags: c_int) -> Option<Result<(), i32>> {
+    let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+    let fd = match open_path("access", path, follow)? {
+        Ok(fd) => fd,
+        Err(errno) => return Some(Err(errno)),
+    };
+    let result = if mode == libc::F_OK {
+        Ok(())
+    } else {
+        // SAFETY: an empty C string with AT_EMPTY_PATH checks `fd` itself
+        // (faccessat2(2), Linux 5.8).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_faccessat2,
+                fd,
+                c"".as_ptr(),
+                mode,
+                libc::AT_EMPTY_PATH | (flags & libc::AT_EACCESS),
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(guard::errno()) }
+    };
+    real_close(fd);
+    match result {
+        Ok(()) => {
+            layer_log!(
+                debug,
+                "access {path}: direct, in the target's root (no hop)"
+            );
+            Some(Ok(()))
+        }
+        Err(errno) if same_for_the_agent(errno) => {
+            layer_log!(debug, "access {path}: direct, failed with errno {errno}");
+            Some(Err(errno))
+        }
+        Err(errno) => {
+            layer_log!(
+                debug,
+                "access {path}: direct access refused (errno {errno}), through the agent"
+            );
+            None
+        }
+    }
+}
+
+/// The target of the remote symlink `path`, read in the target's root
+/// (readlink(2) on an `O_PATH | O_NOFOLLOW` descriptor with an empty path);
+/// `EINVAL` when `path` is no symlink, as readlink(2) says.
+pub(super) fn readlink(path: &str) -> Option<Result<Vec<u8>, i32>> {
+    let fd = match open_path("readlink", path, false)? {
+        Ok(fd) => fd,
+        Err(errno) => return Some(Err(errno)),
+    };
+    let result = match real_fstat(fd) {
+        None => None,
+        Some(st) if st.st_mode & libc::S_IFMT != libc::S_IFLNK => Some(Err(libc::EINVAL)),
+        Some(_) => {
+            let mut buf = vec![0u8; libc::PATH_MAX as usize];
+            // SAFETY: `buf` is writable for its length; the empty path reads the
+            // link `fd` itself.
+            let n =
+                unsafe { libc::readlinkat(fd, c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                None
+            } else {
+                buf.truncate(n as usize);
+                Some(Ok(buf))
+            }
+        }
+    };
+    real_close(fd);
+    match &result {
+        Some(Ok(_)) => layer_log!(
+            debug,
+            "readlink {path}: direct, in the target's root (no hop)"
+        ),
+        Some(Err(errno)) => layer_log!(debug, "readlink {path}: direct, failed with errno {errno}"),
+        None => layer_log!(
+            debug,
+            "readlink {path}: direct readlink failed, through the agent"
+        ),
+    }
+    result
 }
 
 /// How many times a lookup that met a concurrent rename (`EAGAIN`) is tried

@@ -13,6 +13,7 @@ unsafe fn access_hook(
     dirfd: c_int,
     path: *const c_char,
     mode: c_int,
+    flags: c_int,
     real: impl FnOnce() -> c_int + Copy,
 ) -> c_int {
     // SAFETY: forwarded contract.
@@ -24,6 +25,9 @@ unsafe fn access_hook(
         let Some(path) = (unsafe { remote_path(dirfd, path) }) else {
             return real();
         };
+        if let Some(done) = direct::access(&path, mode, flags) {
+            return ret(done.map(|()| 0));
+        }
         ret(match call(RemoteRequest::Access { path, mode }) {
             Ok(RemoteResponse::Done) => Ok(0),
             Ok(other) => Err(unexpected("Access", other)),
@@ -33,20 +37,21 @@ unsafe fn access_hook(
 }
 
 macro_rules! export_access {
-    ($name:ident) => {
-        /// `access(2)` alias (the agent checks with its own credentials).
+    ($name:ident, $flags:expr) => {
+        /// `access(2)` alias (checked in the target's root with the program's
+        /// credentials where that passes, else by the agent with its own).
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, mode: c_int) -> c_int {
             // SAFETY: forwards the caller's arguments unchanged.
             let real = || unsafe { real!($name(path, mode): fn(*const c_char, c_int) -> c_int) };
             // SAFETY: the caller's path.
-            unsafe { access_hook(libc::AT_FDCWD, path, mode, real) }
+            unsafe { access_hook(libc::AT_FDCWD, path, mode, $flags, real) }
         }
     };
 }
-export_access!(access);
-export_access!(euidaccess);
-export_access!(eaccess);
+export_access!(access, 0);
+export_access!(euidaccess, libc::AT_EACCESS);
+export_access!(eaccess, libc::AT_EACCESS);
 
 /// `faccessat(2)`.
 #[unsafe(no_mangle)]
@@ -61,7 +66,7 @@ pub unsafe extern "C" fn faccessat(
         real!(faccessat(dirfd, path, mode, flags): fn(c_int, *const c_char, c_int, c_int) -> c_int)
     };
     // SAFETY: the caller's path.
-    unsafe { access_hook(dirfd, path, mode, real) }
+    unsafe { access_hook(dirfd, path, mode, flags, real) }
 }
 
 /// `readlink`-like hooks.
@@ -85,6 +90,14 @@ unsafe fn readlink_hook(
         let Some(path) = (unsafe { remote_path(dirfd, path) }) else {
             return real();
         };
+        if let Some(done) = direct::readlink(&path) {
+            return ret(done.map(|target| {
+                let n = target.len().min(size);
+                // SAFETY: the caller's buffer holds `size` ≥ `n` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(target.as_ptr(), buf.cast::<u8>(), n) };
+                n as ssize_t
+            }));
+        }
         ret(match call(RemoteRequest::ReadLink { path }) {
             Ok(RemoteResponse::Link(target)) => {
                 let n = target.len().min(size);
