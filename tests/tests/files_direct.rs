@@ -5,7 +5,7 @@
 //!
 //! Behaviour: a file read that way is the target's own (its inode, its
 //! content), `cat` and Python alike, and so are the answers of `stat`,
-//! `access` and `readlink`; writes obey `--fs` (kept local under
+//! `access`, `readlink` and `opendir`; writes obey `--fs` (kept local under
 //! `--fs read`, live in the target under `--fs write`); what the direct path
 //! must not do takes the agent's path and still works: a file to create, a
 //! directory, `GRAFT_OPEN_DIRECT=0`, a program that may not open the root; a
@@ -15,8 +15,9 @@
 //! Attacks, each on a run whose layer log shows the direct path handled the
 //! open: a symlink in the target to a host-only file, a symlink to `/`, a `..`
 //! walk through a relative symlink, a /proc magic link (`/proc/self/root`) —
-//! for `access` and `readlink` too, so neither tells whether a host-only file
-//! exists or where a host-only link points; and a
+//! for `access`, `readlink` and `opendir` too, so none tells whether a
+//! host-only file exists, where a host-only link points or what a host-only
+//! directory holds; and a
 //! program that finds the layer's root descriptor and, as another user, tries
 //! to write the target's file, read its private file, and leave the root with
 //! `..`: the kernel checks every use with the program's own credentials.
@@ -104,7 +105,7 @@ fn stat_and_lstat_are_answered_directly_from_the_target_root() {
 }
 
 #[test]
-fn access_and_readlink_are_answered_directly_and_never_see_past_the_root() {
+fn access_readlink_and_opendir_are_answered_directly_and_never_see_past_the_root() {
     let bed = Bed::new();
     let hostonly = bed.hostonly_dir.display().to_string();
     // A link only the host has, and the target's links to `/`.
@@ -123,7 +124,10 @@ fn access_and_readlink_are_answered_directly_and_never_see_past_the_root() {
         format!("{root_link}{host_link}"),
     ];
     let script = script();
-    let mut args = vec![python(), &script, "paths", &hello, &link, &missing];
+    let sub = bed.remote("sub");
+    let hostonly_via_root = format!("{root_link}{hostonly}");
+    let mut args = vec![python(), &script, "paths", &hello, &link, &missing, &sub];
+    args.push(&hostonly_via_root);
     args.extend(escapes.iter().map(String::as_str));
     let (out, layer) = run_logged(&bed, &[], &[], &args);
     let seen = json(&out);
@@ -132,6 +136,31 @@ fn access_and_readlink_are_answered_directly_and_never_see_past_the_root() {
         assert_eq!(seen[path]["exists"], access, "access({path}, F_OK):\n{out}");
         assert_eq!(seen[path]["readlink"], readlink, "readlink({path}):\n{out}");
     };
+    // opendir lists the target's directory itself, and through the link to
+    // `/` lists what the target has at the host-only path, not the host's.
+    assert_eq!(
+        seen[&sub]["listdir"],
+        serde_json::json!(["nested.txt"]),
+        "{out}"
+    );
+    assert!(
+        layer.contains(&format!("opendir {sub}: direct, the target's directory")),
+        "{layer}"
+    );
+    // The target's own (empty) directory at that path, never the host's.
+    let listed = seen[&hostonly_via_root]["listdir"].to_string();
+    assert!(
+        !listed.contains("secret.txt") && !listed.contains("host-link"),
+        "listed the host-only directory: {listed}\n{out}"
+    );
+    let in_target = bed.in_target(&["ls", "-A", &hostonly]);
+    let expected: Vec<&str> = in_target.stdout.lines().collect();
+    assert_eq!(
+        seen[&hostonly_via_root]["listdir"],
+        serde_json::json!(expected),
+        "{out}"
+    );
+    assert_eq!(seen[&hello]["listdir"], "ENOTDIR", "{out}");
     expect(&hello, true, "EINVAL");
     expect(&link, true, "/etc/hosts");
     expect(&missing, false, "ENOENT");

@@ -12,8 +12,9 @@
 //! opens remote paths with the same `openat2` call the agent would make: the
 //! open costs one system call instead of two hops and a descriptor pass. The
 //! `stat` family's remote metadata is read the same way (the agent's `O_PATH`
-//! open and `fstat`), and so are `access` (`faccessat2` on that descriptor) and
-//! `readlink` (`readlinkat` with an empty path on an `O_NOFOLLOW` one).
+//! open and `fstat`), and so are `access` (`faccessat2` on that descriptor),
+//! `readlink` (`readlinkat` with an empty path on an `O_NOFOLLOW` one) and
+//! `opendir` (libc's `fdopendir` on the directory opened the same way).
 //!
 //! Nothing crosses a process boundary but the identity: the descriptor is one the
 //! program could open without graft, and every open through it is checked by the
@@ -239,6 +240,38 @@ pub(super) fn access(path: &str, mode: c_int, flags: c_int) -> Option<Result<(),
             layer_log!(
                 debug,
                 "access {path}: direct access refused (errno {errno}), through the agent"
+            );
+            None
+        }
+    }
+}
+
+/// Opens the remote directory `path` in the target's root for listing
+/// (`O_RDONLY | O_DIRECTORY`), for `opendir` to hand to libc's `fdopendir`: the
+/// program then lists the target's directory itself, real inodes and types.
+pub(super) fn open_dir(path: &str) -> Option<Result<c_int, i32>> {
+    let root = root()?;
+    let cpath = CString::new(path).ok()?;
+    // SAFETY: open_how is plain old data; zero is "no mode".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    match openat2(root, &cpath, how) {
+        Ok(fd) => {
+            layer_log!(
+                debug,
+                "opendir {path}: direct, the target's directory as fd {fd} (no hop)"
+            );
+            Some(Ok(fd))
+        }
+        Err(errno) if same_for_the_agent(errno) => {
+            layer_log!(debug, "opendir {path}: direct, failed with errno {errno}");
+            Some(Err(errno))
+        }
+        Err(errno) => {
+            layer_log!(
+                debug,
+                "opendir {path}: direct opendir refused (errno {errno}), through the agent"
             );
             None
         }

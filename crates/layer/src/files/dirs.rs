@@ -1,4 +1,6 @@
-//! Remote directories: `opendir` returns a fake `DIR*` of our own listing the
+//! Remote directories: for a local target whose root the program may open,
+//! `opendir` opens the target's directory itself ([`direct::open_dir`]) and
+//! libc lists it; otherwise it returns a fake `DIR*` of our own listing the
 //! agent's entries, told apart from libc's by a registry of live pointers;
 //! `readdir`, `closedir`, `dirfd`, `rewinddir`, `telldir`, `seekdir` serve it.
 
@@ -138,6 +140,26 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut DIR {
         let Some(path) = (unsafe { remote_path(libc::AT_FDCWD, path) }) else {
             return real();
         };
+        match direct::open_dir(&path) {
+            Some(Ok(fd)) => {
+                // SAFETY: `fd` is a directory this hook just opened; libc's
+                // `DIR*` owns it from here.
+                let dir = unsafe {
+                    real!(fdopendir(fd): fn(c_int) -> *mut DIR, missing = std::ptr::null_mut())
+                };
+                if dir.is_null() {
+                    let errno = guard::errno();
+                    real_close(fd);
+                    set_errno(errno);
+                }
+                return dir;
+            }
+            Some(Err(errno)) => {
+                set_errno(errno);
+                return std::ptr::null_mut();
+            }
+            None => {}
+        }
         open_fake_dir(&path, -1).unwrap_or_else(|e| {
             set_errno(e);
             std::ptr::null_mut()
