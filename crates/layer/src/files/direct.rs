@@ -143,25 +143,9 @@ pub(super) fn open(path: &str, flags: c_int) -> Direct {
 /// rules), following a final symlink when `follow`: the agent's `Stat` (an
 /// `O_PATH` open in the root and `fstat`), made here. `None`: ask the agent.
 pub(super) fn stat(path: &str, follow: bool) -> Option<Result<FileStat, i32>> {
-    let root = root()?;
-    let cpath = CString::new(path).ok()?;
-    // SAFETY: open_how is plain old data; zero is "no mode".
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW }) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    let fd = match openat2(root, &cpath, how) {
+    let fd = match open_path("stat", path, follow)? {
         Ok(fd) => fd,
-        Err(errno) if same_for_the_agent(errno) => {
-            layer_log!(debug, "stat {path}: direct, failed with errno {errno}");
-            return Some(Err(errno));
-        }
-        Err(errno) => {
-            layer_log!(
-                debug,
-                "stat {path}: direct stat refused (errno {errno}), through the agent"
-            );
-            return None;
-        }
+        Err(errno) => return Some(Err(errno)),
     };
     let st = real_fstat(fd);
     real_close(fd);
@@ -174,11 +158,19 @@ pub(super) fn stat(path: &str, follow: bool) -> Option<Result<FileStat, i32>> {
 /// final symlink when `follow`), for a call that acts on the file without
 /// opening it; `what` names the call in the log. `None`: take the agent's path.
 fn open_path(what: &str, path: &str, follow: bool) -> Option<Result<c_int, i32>> {
+    let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+    resolve(what, path, libc::O_PATH | libc::O_CLOEXEC | nofollow)
+}
+
+/// `openat2(root, path, flags)` confined to the target's root for the call
+/// `what`: the descriptor, an errno the agent would meet too (logged), or
+/// `None` for the agent's path (logged).
+fn resolve(what: &str, path: &str, flags: c_int) -> Option<Result<c_int, i32>> {
     let root = root()?;
     let cpath = CString::new(path).ok()?;
     // SAFETY: open_how is plain old data; zero is "no mode".
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW }) as u64;
+    how.flags = flags as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     match openat2(root, &cpath, how) {
         Ok(fd) => Some(Ok(fd)),
@@ -250,32 +242,18 @@ pub(super) fn access(path: &str, mode: c_int, flags: c_int) -> Option<Result<(),
 /// (`O_RDONLY | O_DIRECTORY`), for `opendir` to hand to libc's `fdopendir`: the
 /// program then lists the target's directory itself, real inodes and types.
 pub(super) fn open_dir(path: &str) -> Option<Result<c_int, i32>> {
-    let root = root()?;
-    let cpath = CString::new(path).ok()?;
-    // SAFETY: open_how is plain old data; zero is "no mode".
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    match openat2(root, &cpath, how) {
-        Ok(fd) => {
-            layer_log!(
-                debug,
-                "opendir {path}: direct, the target's directory as fd {fd} (no hop)"
-            );
-            Some(Ok(fd))
-        }
-        Err(errno) if same_for_the_agent(errno) => {
-            layer_log!(debug, "opendir {path}: direct, failed with errno {errno}");
-            Some(Err(errno))
-        }
-        Err(errno) => {
-            layer_log!(
-                debug,
-                "opendir {path}: direct opendir refused (errno {errno}), through the agent"
-            );
-            None
-        }
+    let opened = resolve(
+        "opendir",
+        path,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+    );
+    if let Some(Ok(fd)) = opened {
+        layer_log!(
+            debug,
+            "opendir {path}: direct, the target's directory as fd {fd} (no hop)"
+        );
     }
+    opened
 }
 
 /// The target of the remote symlink `path`, read in the target's root
