@@ -90,25 +90,27 @@ unsafe fn readlink_hook(
         let Some(path) = (unsafe { remote_path(dirfd, path) }) else {
             return real();
         };
-        if let Some(done) = direct::readlink(&path) {
-            return ret(done.map(|target| {
-                let n = target.len().min(size);
-                // SAFETY: the caller's buffer holds `size` ≥ `n` bytes.
-                unsafe { std::ptr::copy_nonoverlapping(target.as_ptr(), buf.cast::<u8>(), n) };
-                n as ssize_t
-            }));
-        }
-        ret(match call(RemoteRequest::ReadLink { path }) {
-            Ok(RemoteResponse::Link(target)) => {
-                let n = target.len().min(size);
-                // SAFETY: the caller's buffer holds `size` ≥ `n` bytes.
-                unsafe { std::ptr::copy_nonoverlapping(target.as_ptr(), buf.cast::<u8>(), n) };
-                Ok(n as ssize_t)
-            }
-            Ok(other) => Err(unexpected("ReadLink", other)),
-            Err(e) => Err(e),
-        })
+        ret(remote_readlink(&path).map(|target| {
+            let n = target.len().min(size);
+            // SAFETY: the caller's buffer holds `size` ≥ `n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(target.as_ptr(), buf.cast::<u8>(), n) };
+            n as ssize_t
+        }))
     })
+}
+
+/// The target of the remote symlink `path`: read directly in the target's
+/// root where the program may ([`direct::readlink`]), else by the agent.
+fn remote_readlink(path: &str) -> Result<Vec<u8>, i32> {
+    if let Some(answer) = direct::readlink(path) {
+        return answer;
+    }
+    match call(RemoteRequest::ReadLink {
+        path: path.to_owned(),
+    })? {
+        RemoteResponse::Link(target) => Ok(target.into_bytes()),
+        other => Err(unexpected("ReadLink", other)),
+    }
 }
 
 /// `readlink(2)`.
@@ -173,10 +175,8 @@ fn remote_realpath(path: &str) -> Result<String, i32> {
             if links > 40 {
                 return Err(libc::ELOOP);
             }
-            let target = match call(RemoteRequest::ReadLink { path: candidate })? {
-                RemoteResponse::Link(target) => target,
-                other => return Err(unexpected("ReadLink", other)),
-            };
+            let target =
+                String::from_utf8(remote_readlink(&candidate)?).map_err(|_| libc::EILSEQ)?;
             if target.starts_with('/') {
                 out.clear();
             }
