@@ -17,6 +17,13 @@
 //! - before an `execve` the sockets go back too ([`give_back`]), since the new
 //!   image would close them (they are close-on-exec).
 //!
+//! Threads of one process that accept on the same listener take turns from
+//! the look-up in the table until a batch's sockets are kept ([`accepting`]):
+//! otherwise one thread could accept the loopback connection of a socket still
+//! on its way to another thread's batch, find nothing, and leave that socket
+//! kept for an `accept` that never comes. The `fork` handler takes the same
+//! turn, so no batch lands in the parent after it gave its sockets back.
+//!
 //! A listener closed with sockets kept here for its port closes them
 //! ([`drop_port`]): their loopback connections die with the listener, as the
 //! kernel's queued connections do. At most [`MAX_AHEAD`] are kept.
@@ -27,6 +34,7 @@
 //! connection passed ahead here are delivered as local connections.
 
 use std::{
+    cell::UnsafeCell,
     collections::HashMap,
     net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
@@ -59,6 +67,46 @@ static FORKED: AtomicBool = AtomicBool::new(false);
 
 static ATFORK: Once = Once::new();
 
+/// The turn of [`accepting`]: a pthread mutex, so that the `fork` handlers can
+/// take it in `prepare` and give it back in the parent and the child
+/// (pthread_atfork(3)).
+struct Turn(UnsafeCell<libc::pthread_mutex_t>);
+
+// SAFETY: the mutex is only used through pthread_mutex_lock/unlock, which are
+// thread-safe.
+unsafe impl Sync for Turn {}
+
+static TURN: Turn = Turn(UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER));
+
+fn take_turn() {
+    // SAFETY: a statically initialised mutex, never moved.
+    unsafe { libc::pthread_mutex_lock(TURN.0.get()) };
+}
+
+fn give_turn() {
+    // SAFETY: called by the thread that holds the turn.
+    unsafe { libc::pthread_mutex_unlock(TURN.0.get()) };
+}
+
+/// This thread's turn at the table of sockets passed ahead, given back on drop.
+pub struct Accepting(());
+
+impl Drop for Accepting {
+    fn drop(&mut self) {
+        give_turn();
+    }
+}
+
+/// Waits for this thread's turn to look up, ask for and keep sockets passed
+/// ahead; `None` after a fork, when no batch is asked for and none is kept.
+pub fn accepting() -> Option<Accepting> {
+    if FORKED.load(Ordering::SeqCst) {
+        return None;
+    }
+    take_turn();
+    Some(Accepting(()))
+}
+
 fn lock() -> std::sync::MutexGuard<'static, Option<Ahead>> {
     AHEAD.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -68,19 +116,26 @@ pub fn init() {
     ATFORK.call_once(|| {
         // SAFETY: registers a plain function without state; pthread_atfork(3)
         // only records the pointers.
-        unsafe { libc::pthread_atfork(Some(prepare_fork), None, None) };
+        unsafe { libc::pthread_atfork(Some(prepare_fork), Some(give_turn_c), Some(give_turn_c)) };
     });
 }
 
 /// Runs in the parent just before `fork`: no socket stays here that the child
 /// could accept, and neither process asks for more.
 extern "C" fn prepare_fork() {
+    // No batch is on its way while the sockets go back; the parent and the
+    // child handlers give the turn back.
+    take_turn();
     FORKED.store(true, Ordering::SeqCst);
     let Some(_guard) = crate::guard::enter() else {
         // Forking from inside a hook: the layer's own calls never fork.
         return;
     };
     give_back();
+}
+
+extern "C" fn give_turn_c() {
+    give_turn();
 }
 
 /// How many more sockets this process can take ahead now, for the listener
