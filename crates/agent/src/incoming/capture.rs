@@ -19,6 +19,10 @@
 //! `TPACKET_V3` ring ([`super::ring`]), which the capture thread reads a block
 //! at a time: it is woken once per block, not once per packet.
 //!
+//! Segments without payload (pure ACKs) are kept: the reassembly needs the
+//! client's ACK that completes the handshake (before a server that speaks first
+//! sends anything) and the ACKs that show the capture missed bytes.
+//!
 //! Limits: IPv6 segments behind extension headers are not seen (the program
 //! reads the TCP header right after the fixed IPv6 header); a packet longer than
 //! a ring block ([`super::ring::BLOCK_SIZE`], more than any IP packet) would be

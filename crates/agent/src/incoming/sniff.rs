@@ -216,6 +216,12 @@ fn parse<'a>(packet: &capture::Packet<'a>) -> Option<Segment<'a>> {
 }
 
 /// The capture thread: reads, reassembles and hands events on until stopped.
+///
+/// It runs at the agent's normal priority. At `SCHED_IDLE` it cost the
+/// target's clients nothing measurable only because, under a load that kept
+/// both cores of the bench's machine busy, it fell behind at once and every
+/// copy was dropped (issue 13): a mirror that drops everything under load is no
+/// mirror.
 fn capture_loop(
     mut socket: PacketSocket,
     control: &Control,
