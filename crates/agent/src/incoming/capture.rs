@@ -15,35 +15,31 @@
 //!
 //! The socket is opened with protocol 0, so it receives nothing until the filter
 //! is attached and [`PacketSocket::start`] binds it to every protocol
-//! (`ETH_P_ALL`); packets are read in batches with `recvmmsg(2)`.
+//! (`ETH_P_ALL`); the kernel writes the packets into a memory-mapped
+//! `TPACKET_V3` ring ([`super::ring`]), which the capture thread reads a block
+//! at a time: it is woken once per block, not once per packet.
+//!
+//! Segments without payload (pure ACKs) are kept: the reassembly needs the
+//! client's ACK that completes the handshake (before a server that speaks first
+//! sends anything) and the ACKs that show the capture missed bytes.
 //!
 //! Limits: IPv6 segments behind extension headers are not seen (the program
-//! reads the TCP header right after the fixed IPv6 header); a packet larger than
-//! [`MAX_PACKET`] is cut short, which costs its flow its copy.
+//! reads the TCP header right after the fixed IPv6 header); a packet longer than
+//! a ring block ([`super::ring::BLOCK_SIZE`], more than any IP packet) would be
+//! cut short, which costs its flow its copy.
 
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use nix::sys::socket::{
-    self as nixsock, AddressFamily, LinkAddr, MsgFlags, MultiHeaders, SockFlag, SockProtocol,
-    SockType, sockopt,
-};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self as nixsock, AddressFamily, SockFlag, SockProtocol, SockType};
 
-/// The largest packet read whole: an IPv4 or IPv6 packet of the largest size
-/// their length fields allow (GRO and GSO build them up to that on every device).
-pub const MAX_PACKET: usize = 65_535 + 40;
+use super::ring::Ring;
 
-/// How many packets one `recvmmsg` reads at most.
-const BATCH: usize = 32;
-
-/// How long a read waits for packets before the capture loop looks at its
-/// controls again.
+/// How long a read waits for a block of packets before the capture loop looks
+/// at its controls again.
 pub const READ_WAIT: Duration = Duration::from_millis(50);
-
-/// The kernel buffer asked for the socket: what a burst may queue while the
-/// agent is busy (`SO_RCVBUFFORCE`, capped by `rmem_max` for `SO_RCVBUF`).
-const RCVBUF: usize = 8 << 20;
 
 /// How many ports one filter program can hold: its jumps are at most 255
 /// instructions long.
@@ -63,41 +59,26 @@ pub struct Packet<'a> {
     pub data: &'a [u8],
     /// The packet type (`sll_pkttype`: `PACKET_HOST`, `PACKET_OUTGOING`, ...).
     pub pkttype: u8,
-    /// The packet was longer than [`MAX_PACKET`] and is cut short.
+    /// The packet was cut short (`tp_snaplen` < `tp_len`).
     pub truncated: bool,
 }
 
-/// An `AF_PACKET` socket with the mirror's filter, and its read buffers.
+/// An `AF_PACKET` socket with the mirror's filter, and its receive ring.
 pub struct PacketSocket {
+    // Field order: the ring is unmapped before the socket closes.
+    ring: Ring,
     fd: OwnedFd,
-    bufs: Vec<Vec<u8>>,
-}
-
-/// The message headers of one `recvmmsg`, made on the thread that reads (they
-/// hold raw pointers, so they stay there).
-pub struct Headers(MultiHeaders<LinkAddr>);
-
-impl Headers {
-    /// Headers for one batch.
-    pub fn new() -> Headers {
-        Headers(MultiHeaders::preallocate(BATCH, None))
-    }
-}
-
-impl Default for Headers {
-    fn default() -> Headers {
-        Headers::new()
-    }
 }
 
 impl PacketSocket {
     /// Opens the socket (receiving nothing yet) with a filter that drops
-    /// everything.
+    /// everything, and maps its ring.
     ///
     /// # Errors
     ///
     /// `EPERM` without `CAP_NET_RAW` in the target's network namespace (the
-    /// caller falls back to the pass-through mirror), else as `socket(2)` fails.
+    /// caller falls back to the pass-through mirror), else as `socket(2)` or
+    /// [`Ring::map`] fail.
     pub fn open() -> io::Result<PacketSocket> {
         let fd = nixsock::socket(
             AddressFamily::Packet,
@@ -105,21 +86,13 @@ impl PacketSocket {
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
-        if nixsock::setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF).is_err() {
-            let _ = nixsock::setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
-        }
-        let wait = nix::sys::time::TimeVal::new(0, READ_WAIT.as_micros() as _);
-        nixsock::setsockopt(&fd, sockopt::ReceiveTimeout, &wait)?;
-        let socket = PacketSocket {
-            fd,
-            bufs: (0..BATCH).map(|_| vec![0u8; MAX_PACKET]).collect(),
-        };
-        socket.set_ports(&[])?;
-        Ok(socket)
+        attach_filter(&fd, &program(&[]))?;
+        let ring = Ring::map(&fd)?;
+        Ok(PacketSocket { ring, fd })
     }
 
-    /// Starts receiving: binds the socket to every protocol on every interface,
-    /// then throws away what was queued before the filter took effect.
+    /// Starts receiving: binds the socket to every protocol on every interface
+    /// (the filter in place already, so nothing else is ever queued).
     ///
     /// # Errors
     ///
@@ -129,15 +102,7 @@ impl PacketSocket {
         let mut sll = sockaddr_ll_zeroed();
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = all;
-        bind_ll(&self.fd, &sll)?;
-        while nixsock::recv(
-            self.fd.as_raw_fd(),
-            &mut self.bufs[0],
-            MsgFlags::MSG_DONTWAIT,
-        )
-        .is_ok()
-        {}
-        Ok(())
+        bind_ll(&self.fd, &sll)
     }
 
     /// Replaces the filter: TCP segments from or to `ports` (at most
@@ -156,52 +121,23 @@ impl PacketSocket {
         attach_filter(&self.fd, &program(ports))
     }
 
-    /// Reads the packets that are queued (waiting up to [`READ_WAIT`] for the
-    /// first) and calls `each` with each of them; returns how many were read.
+    /// Reads the blocks of packets the kernel has handed over (waiting up to
+    /// [`READ_WAIT`] for the first) and calls `each` with each of their
+    /// packets; returns how many were read.
     ///
     /// # Errors
     ///
-    /// As `recvmmsg(2)` fails, except for the timeout, which reads nothing.
-    pub fn read_batch(
-        &mut self,
-        headers: &mut Headers,
-        mut each: impl FnMut(Packet<'_>),
-    ) -> io::Result<usize> {
-        let mut received: [(usize, u8, bool); BATCH] = [(0, 0, false); BATCH];
-        let count = {
-            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
-                .bufs
-                .iter_mut()
-                .map(|b| [IoSliceMut::new(&mut b[..])])
-                .collect();
-            let results = match nixsock::recvmmsg(
-                self.fd.as_raw_fd(),
-                &mut headers.0,
-                iovs.iter_mut(),
-                MsgFlags::MSG_WAITFORONE | MsgFlags::MSG_TRUNC,
-                None,
-            ) {
-                Ok(results) => results,
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(0),
+    /// As `poll(2)` fails, except for an interruption, which reads nothing.
+    pub fn read_batch(&mut self, each: impl FnMut(Packet<'_>)) -> io::Result<usize> {
+        if !self.ring.ready() {
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            let wait = PollTimeout::try_from(READ_WAIT).unwrap_or(PollTimeout::MAX);
+            match nix::poll::poll(&mut fds, wait) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
-            };
-            let mut count = 0;
-            for (slot, msg) in received.iter_mut().zip(results) {
-                let pkttype = msg.address.map_or(PACKET_HOST, |a| a.pkttype());
-                // With MSG_TRUNC, `bytes` is the packet's real length.
-                *slot = (msg.bytes, pkttype, msg.bytes > MAX_PACKET);
-                count += 1;
             }
-            count
-        };
-        for (buf, (len, pkttype, truncated)) in self.bufs.iter().zip(&received[..count]) {
-            each(Packet {
-                data: &buf[..(*len).min(MAX_PACKET)],
-                pkttype: *pkttype,
-                truncated: *truncated,
-            });
         }
-        Ok(count)
+        Ok(self.ring.read(each))
     }
 
     /// The kernel's count of packets it dropped because the socket's buffer was

@@ -46,6 +46,7 @@ pub mod http;
 pub mod pair;
 pub mod peer;
 pub mod reassembly;
+pub mod ring;
 pub mod routes;
 pub mod sniff;
 pub mod tee;

@@ -216,6 +216,12 @@ fn parse<'a>(packet: &capture::Packet<'a>) -> Option<Segment<'a>> {
 }
 
 /// The capture thread: reads, reassembles and hands events on until stopped.
+///
+/// It runs at the agent's normal priority. At `SCHED_IDLE` it cost the
+/// target's clients nothing measurable only because, under a load that kept
+/// both cores of the bench's machine busy, it fell behind at once and every
+/// copy was dropped (issue 13): a mirror that drops everything under load is no
+/// mirror.
 fn capture_loop(
     mut socket: PacketSocket,
     control: &Control,
@@ -230,7 +236,6 @@ fn capture_loop(
     let mut out = Vec::new();
     let mut pending_ends = Vec::new();
     let mut housekeeping = Instant::now();
-    let mut headers = capture::Headers::new();
     loop {
         if control.stop.load(Ordering::SeqCst) {
             reassembler.end_all(&mut out);
@@ -273,7 +278,7 @@ fn capture_loop(
             changed
         });
         let now = Instant::now();
-        let read = socket.read_batch(&mut headers, |packet| {
+        let read = socket.read_batch(|packet| {
             if let Some(seg) = parse(&packet) {
                 let accept = |client: SocketAddr, server: SocketAddr| {
                     accepting.contains(&server.port()) && !excluded.contains(&client.ip())
@@ -370,9 +375,10 @@ fn dispatch(
 }
 
 /// The consumer: turns the capture's events into mirror connections. The
-/// bytes of the events ready at once are gathered per connection and direction
-/// (up to [`CHUNK`]), so a mirror's queue holds chunks as large as a
-/// pass-through read, not one segment each.
+/// bytes of the events ready at once (a block of the capture's ring) are
+/// gathered per connection, both directions in order (up to [`CHUNK`]), so a
+/// mirror's queue holds chunks as large as a pass-through read, not one segment
+/// or one request each.
 async fn consume(mut events: mpsc::Receiver<Event>, hub: Weak<Hub>, in_transit: Arc<AtomicUsize>) {
     let mut flows: HashMap<FlowId, Copy> = HashMap::new();
     let mut dirty: Vec<FlowId> = Vec::new();
@@ -427,10 +433,11 @@ fn handle(
         } => {
             in_transit.fetch_sub(bytes.len(), Ordering::SeqCst);
             if let Some(copy) = flows.get_mut(&id) {
-                if copy.pending.is_empty() {
+                let was_empty = copy.parts.is_empty();
+                copy.gather(direction, bytes);
+                if was_empty && !copy.parts.is_empty() {
                     dirty.push(id);
                 }
-                copy.gather(direction, &bytes);
             }
         }
         Event::Closed { id, direction } => {
@@ -458,9 +465,12 @@ struct Copy {
     /// Unfiltered mirrors.
     mirrors: Vec<tee::Mirror>,
     http: Http,
-    /// Bytes gathered for the next chunk, and their direction.
-    pending: BytesMut,
-    pending_direction: Direction,
+    /// Some mirror asked for the target's responses too.
+    responses: bool,
+    /// Bytes gathered for the next chunk, in the order read, with their
+    /// directions, and how many.
+    parts: Vec<(Direction, Bytes)>,
+    gathered: usize,
 }
 
 /// The HTTP parsing of a connection on a port with filters.
@@ -485,36 +495,63 @@ impl Copy {
             meta,
             subs,
             in_flight: in_flight.clone(),
+            responses: tee::want_responses(&mirrors),
             mirrors,
             http,
-            pending: BytesMut::new(),
-            pending_direction: Direction::Request,
+            parts: Vec::new(),
+            gathered: 0,
         }
     }
 
-    /// Adds `bytes` to the chunk being gathered; a chunk goes out when it is
-    /// full or the direction changes.
-    fn gather(&mut self, direction: Direction, bytes: &[u8]) {
-        if direction != self.pending_direction || self.pending.len() + bytes.len() > CHUNK {
+    /// Adds `bytes` to the chunk being gathered (the target's responses only
+    /// when a mirror wants them); a chunk goes out when it is full, or when the
+    /// consumer has taken every event ready. So a batch of the capture makes
+    /// one chunk per connection, whatever the number of request/response turns
+    /// in it (one chunk per turn would fill a mirror's queue at once).
+    fn gather(&mut self, direction: Direction, bytes: Bytes) {
+        if direction == Direction::Response && !self.responses {
+            return;
+        }
+        if self.gathered + bytes.len() > CHUNK {
             self.flush();
         }
-        self.pending_direction = direction;
-        self.pending.extend_from_slice(bytes);
+        self.gathered += bytes.len();
+        self.parts.push((direction, bytes));
     }
 
     /// Sends the gathered chunk on.
     fn flush(&mut self) {
-        if !self.pending.is_empty() {
-            let chunk = self.pending.split().freeze();
-            self.feed(self.pending_direction, chunk);
-        }
-    }
-
-    fn feed(&mut self, direction: Direction, bytes: Bytes) {
-        tee::copy_to(&mut self.mirrors, direction, &bytes);
-        if direction == Direction::Response {
+        if self.parts.is_empty() {
             return;
         }
+        let parts = std::mem::take(&mut self.parts);
+        self.gathered = 0;
+        tee::copy_parts(&mut self.mirrors, &parts);
+        if matches!(self.http, Http::Off) {
+            return;
+        }
+        let mut requests = parts
+            .into_iter()
+            .filter(|(d, _)| *d == Direction::Request)
+            .map(|(_, b)| b);
+        let Some(first) = requests.next() else {
+            return;
+        };
+        let joined = match requests.next() {
+            None => first,
+            Some(second) => {
+                let mut all = BytesMut::from(&first[..]);
+                all.extend_from_slice(&second);
+                requests.for_each(|b| all.extend_from_slice(&b));
+                all.freeze()
+            }
+        };
+        self.parse(joined);
+    }
+
+    /// Hands the client's bytes to the HTTP copy, detecting first whether they
+    /// are HTTP.
+    fn parse(&mut self, bytes: Bytes) {
         match &mut self.http {
             Http::Off => {}
             Http::Detecting(first) => {

@@ -143,6 +143,46 @@ pub fn copy_to(mirrors: &mut Vec<Mirror>, direction: Direction, bytes: &[u8]) {
     });
 }
 
+/// Sends a copy of `parts` (bytes in the order they were read, each with its
+/// direction) to every mirror as one chunk: the request bytes joined for the
+/// plain mirrors, every part as a tap frame for those that asked for both
+/// directions. A mirror whose queue is full or gone is dropped.
+pub fn copy_parts(mirrors: &mut Vec<Mirror>, parts: &[(Direction, Bytes)]) {
+    if mirrors.is_empty() || parts.is_empty() {
+        return;
+    }
+    let mut raw: Option<Bytes> = None;
+    let mut frames: Option<Bytes> = None;
+    mirrors.retain(|mirror| {
+        let chunk = if mirror.framed {
+            frames
+                .get_or_insert_with(|| {
+                    let mut out = BytesMut::new();
+                    for (direction, bytes) in parts {
+                        out.put_slice(&framed(*direction, bytes));
+                    }
+                    out.freeze()
+                })
+                .clone()
+        } else {
+            raw.get_or_insert_with(|| {
+                let mut out = BytesMut::new();
+                for (_, bytes) in parts.iter().filter(|(d, _)| *d == Direction::Request) {
+                    out.put_slice(bytes);
+                }
+                out.freeze()
+            })
+            .clone()
+        };
+        chunk.is_empty() || send_chunk(&mirror.tx, chunk)
+    });
+}
+
+/// Whether any of `mirrors` asked for the target's responses.
+pub fn want_responses(mirrors: &[Mirror]) -> bool {
+    mirrors.iter().any(|m| m.framed)
+}
+
 /// Queues one chunk; false when the mirror is to be dropped.
 fn send_chunk(tx: &mpsc::Sender<Bytes>, chunk: Bytes) -> bool {
     match tx.try_send(chunk) {
