@@ -116,7 +116,7 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
     tracing::debug!(pid, passes_descriptors = fds, "layer connected");
     // The sockets passed ahead to this connection's process that it may give
     // back, by the proxy side of their loopback connections.
-    let mut lent = std::collections::HashSet::new();
+    let mut lent = Lent::default();
     while let Some(request) = framed.next().await {
         let request = match request {
             Ok(request) => request,
@@ -173,7 +173,9 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
                         )
                         .await;
                         if sent.is_ok() {
-                            lent.extend(peers.iter().skip(1).map(|p| p.proxy_side));
+                            for peer in &peers[1..] {
+                                lent.insert(peer.proxy_side);
+                            }
                         }
                         sent
                     }
@@ -310,7 +312,7 @@ async fn send_with_fds_of(
 fn take_back(
     shared: &Arc<Shared>,
     incoming: &FdQueues,
-    lent: &mut std::collections::HashSet<SocketAddr>,
+    lent: &mut Lent,
     peers: Vec<PassedPeer>,
 ) -> LayerResponse {
     let fds: Vec<OwnedFd> = (0..peers.len())
@@ -345,6 +347,42 @@ fn take_back(
         );
     }
     LayerResponse::Ok
+}
+
+/// The sockets passed ahead to one layer connection that it may give back, by
+/// the proxy side of their loopback connections: the last [`Lent::MAX`]. The
+/// layer keeps at most 32 at a time, the newest of its listener queue, so an
+/// older one is long accepted; the bound keeps a connection that takes
+/// millions from growing without end (a socket given back past it is refused).
+#[derive(Debug, Default)]
+struct Lent {
+    /// Lends in order, each with its number.
+    order: std::collections::VecDeque<(SocketAddr, u64)>,
+    /// The lends that count, with the number of the latest.
+    live: std::collections::HashMap<SocketAddr, u64>,
+    next: u64,
+}
+
+impl Lent {
+    const MAX: usize = 1024;
+
+    fn insert(&mut self, proxy_side: SocketAddr) {
+        self.next += 1;
+        self.live.insert(proxy_side, self.next);
+        self.order.push_back((proxy_side, self.next));
+        while self.order.len() > Lent::MAX {
+            if let Some((old, n)) = self.order.pop_front()
+                && self.live.get(&old) == Some(&n)
+            {
+                self.live.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `proxy_side` was lent (and still counts), forgetting it.
+    fn remove(&mut self, proxy_side: &SocketAddr) -> bool {
+        self.live.remove(proxy_side).is_some()
+    }
 }
 
 /// Whether `fd` is a TCP socket connected to the client of `peer`
@@ -446,5 +484,41 @@ async fn connect(shared: &Arc<Shared>, remote: SocketAddr, transport: Transport)
                 format!("cannot open a loopback relay: {e}"),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn lent_keeps_the_last_lends_and_each_counts_once() {
+        let mut lent = Lent::default();
+        for port in 1..=2000 {
+            lent.insert(addr(port));
+        }
+        assert!(!lent.remove(&addr(1)), "an old lend still counts");
+        assert!(!lent.remove(&addr(976)));
+        assert!(lent.remove(&addr(977)));
+        assert!(lent.remove(&addr(2000)));
+        assert!(!lent.remove(&addr(2000)), "a lend counted twice");
+        assert!(lent.order.len() <= Lent::MAX && lent.live.len() <= Lent::MAX);
+    }
+
+    #[test]
+    fn a_reused_address_lent_again_outlives_its_old_lend() {
+        let mut lent = Lent::default();
+        lent.insert(addr(7));
+        lent.remove(&addr(7));
+        lent.insert(addr(7));
+        // The first lend of :7 leaves the window; the second still counts.
+        for port in 1000..1000 + Lent::MAX as u16 - 1 {
+            lent.insert(addr(port));
+        }
+        assert!(lent.remove(&addr(7)));
     }
 }
