@@ -74,7 +74,11 @@ fn is_default_local(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
-    let (first, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    // By hand rather than `split_once`: first components are a few bytes long.
+    let (first, tail) = match rest.bytes().position(|b| b == b'/') {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (rest, ""),
+    };
     match first {
         "usr" | "bin" | "sbin" | "proc" | "sys" | "dev" | "tmp" => true,
         "var" => tail == "tmp" || tail.starts_with("tmp/"),
@@ -94,26 +98,28 @@ fn is_default_local(path: &str) -> bool {
 /// `.` or `..` component, no trailing `/` except for the root), so that it can
 /// be classified as it is, without an allocation.
 pub fn is_normal(path: &str) -> bool {
-    let bytes = path.as_bytes();
-    if bytes.first() != Some(&b'/') {
+    let Some(rest) = path.as_bytes().strip_prefix(b"/") else {
         return false;
-    }
-    if bytes.len() == 1 {
+    };
+    if rest.is_empty() {
         return true;
     }
     // One pass over the bytes (every open of the program comes here): each
     // component, between one '/' and the next or the end, must be neither
     // empty nor "." nor "..".
-    let mut start = 1;
-    for i in 1..=bytes.len() {
-        if i == bytes.len() || bytes[i] == b'/' {
-            if matches!(&bytes[start..i], b"" | b"." | b"..") {
+    let (mut len, mut dots) = (0usize, true);
+    for &b in rest {
+        if b == b'/' {
+            if len == 0 || (dots && len <= 2) {
                 return false;
             }
-            start = i + 1;
+            (len, dots) = (0, true);
+        } else {
+            len += 1;
+            dots &= b == b'.';
         }
     }
-    true
+    len != 0 && !(dots && len <= 2)
 }
 
 /// The compiled file rules.
