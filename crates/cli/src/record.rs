@@ -229,7 +229,10 @@ pub async fn record(args: RecordArgs) -> Result<u8, Failure> {
     if let Some(n) = args.count {
         recorded.truncate(n as usize);
     }
-    recorded.sort_by_key(|e| e.started_unix_ms);
+    // Completion order is not start order (a response that ends with its
+    // connection is published late); microseconds tell apart requests that
+    // started within one millisecond.
+    recorded.sort_by_key(|e| e.started_unix_us);
     // Redaction happens here, in memory, before any byte of the archive exists.
     let har = Har::from_exchanges(&recorded, &redaction);
     out.write(&har)?;

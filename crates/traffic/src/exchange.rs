@@ -111,6 +111,10 @@ pub struct Exchange {
     pub origin: Arc<Origin>,
     /// When the request's first byte was read, in milliseconds since the Unix epoch.
     pub started_unix_ms: u64,
+    /// The same in microseconds, to order exchanges that started within one
+    /// millisecond (two sequential requests inside a cluster do).
+    #[serde(default)]
+    pub started_unix_us: u64,
     /// The request.
     pub request: Request,
     /// The response; `None` when the connection ended without one.
@@ -140,6 +144,11 @@ impl Exchange {
                 .started_wall
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            started_unix_us: request
+                .started_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
                 .unwrap_or(0),
             send_ms: ms(request.finished.saturating_duration_since(request.started)),
             wait_ms,

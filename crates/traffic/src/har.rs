@@ -427,6 +427,7 @@ mod tests {
                 filter: None,
             }),
             started_unix_ms: 1_700_000_000_123,
+            started_unix_us: 1_700_000_000_123_000,
             request: Request {
                 method: "POST".into(),
                 target: "/x?a=1&b".into(),

@@ -362,6 +362,7 @@ mod tests {
                 filter: Some("path~\"^/api\"".into()),
             }),
             started_unix_ms: 5,
+            started_unix_us: 0,
             request: Request {
                 method: "POST".into(),
                 target: "/api/<script>".into(),
