@@ -261,12 +261,18 @@ async fn run(
         async move {
             loop {
                 let packet = tokio::select! {
+                    // graft's RSTs first: an aborted flow's RST is queued before
+                    // the flow is dropped, and the stack then closes its socket
+                    // with a FIN; a FIN that went first would give the program a
+                    // clean end of stream and move the sequence number past the
+                    // RST's, so the program's kernel would ignore the RST.
+                    biased;
+                    Some(packet) = raw_rx.recv() => packet,
                     packet = stack_stream.next() => match packet {
                         Some(Ok(packet)) => packet,
                         Some(Err(_)) => continue,
                         None => return Ok::<(), io::Error>(()),
                     },
-                    Some(packet) = raw_rx.recv() => packet,
                 };
                 if let packet::Carried::Tcp(meta) = packet::parse(&packet) {
                     shared.sequences.sent(&meta);
