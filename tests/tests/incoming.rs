@@ -700,7 +700,8 @@ fn filtered_steal_over_h2c_routes_each_stream() {
         &bed,
         &["--steal", "--filter-header", ALICE],
         &named_http("local", port),
-        &[],
+        // The agent's log in the report, should a stream reach the wrong server.
+        &[("GRAFT_LOG", "info")],
     );
     wait_routed(&bed, &mut session, port, &[ALICE], "local");
 
@@ -729,7 +730,9 @@ fn filtered_steal_over_h2c_routes_each_stream() {
     };
     assert_eq!(
         curl_h2("/c1", Some("x-user: alice")),
-        "local GET /c1 len=0 user=alice proto=h2"
+        "local GET /c1 len=0 user=alice proto=h2",
+        "{}",
+        session.output_report()
     );
     assert_eq!(curl_h2("/c2", None), "target GET /c2 len=0 user=- proto=h2");
     assert_eq!(
