@@ -215,6 +215,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         match client::request(&request) {
             Ok(LayerResponse::Ok) => {
                 layer_log!(info, "stealing target port {remote_port} → {deliver_to}");
+                ahead::listening(fd);
                 fds::insert(
                     fd,
                     FdKind::Listener {
@@ -677,7 +678,7 @@ fn forget(fd: c_int) {
     if !duplicated {
         match &kind {
             FdKind::Listener { remote_port, .. } => {
-                ahead::drop_port(*remote_port);
+                ahead::drop_port(fd, *remote_port);
                 let _ = client::request(&LayerRequest::Unlisten {
                     port: *remote_port,
                     pid: std::process::id(),

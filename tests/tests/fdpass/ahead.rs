@@ -3,8 +3,8 @@
 //! answer to one `accept` carries the sockets of up to seven more, so their
 //! `accept`s need no round trip. Shown on a real Python server
 //! (tests/fixtures/burst.py): every client of a burst gets its own socket and
-//! its own address from `accept`, also when four threads accept at once; a
-//! server that forks after taking sockets
+//! its own address from `accept`, also when four threads accept at once or
+//! the server forked before it listened; a server that forks after taking sockets
 //! ahead gives them back, and its child serves them; a listener closed with
 //! sockets kept ahead closes their connections instead of leaving the clients
 //! waiting.
@@ -131,6 +131,23 @@ fn a_burst_of_stolen_connections_each_gets_its_own_socket_most_passed_ahead() {
     assert!(
         ahead >= 7,
         "only {ahead} of 20 waiting connections were passed ahead:\n{report}"
+    );
+    session.wait_timeout(Duration::from_secs(10));
+}
+
+#[test]
+fn a_server_that_forked_before_it_listened_still_takes_sockets_ahead() {
+    let bed = Bed::new();
+    let (mut session, log) = burst_server(&bed, 12, "daemon");
+    let clients = burst((bed.target_v4, bed.app_port).into(), 12);
+    let layer = std::fs::read_to_string(&log).unwrap_or_default();
+    let report = format!("{}\n--- layer log\n{layer}", session.output_report());
+    for client in &clients {
+        own_answer(client, &report);
+    }
+    assert!(
+        layer.contains("(descriptor passed ahead)"),
+        "a listener made after the fork is the child's alone, yet nothing was passed ahead:\n{report}"
     );
     session.wait_timeout(Duration::from_secs(10));
 }

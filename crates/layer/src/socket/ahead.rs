@@ -8,10 +8,12 @@
 //! A socket passed ahead belongs to this process alone, so the layer asks for
 //! them only where no other process can accept on the same listener:
 //!
-//! - never after this process forked (a child shares its listeners), and never
-//!   in a child: [`prepare_fork`], a `pthread_atfork(3)` handler, gives every
-//!   socket kept here back to the proxy (`ReturnPassed`) before the `fork` and
-//!   marks the process forked, which the child inherits;
+//! - not on a listener that existed when this process forked, in the parent
+//!   or the child (both share it): [`prepare_fork`], a `pthread_atfork(3)`
+//!   handler, gives every socket kept here back to the proxy (`ReturnPassed`)
+//!   before the `fork` and counts the fork; a listener made since the last
+//!   fork ([`listening`]) is this process's alone again (a server that
+//!   daemonizes, then listens);
 //! - not on a listener with `SO_REUSEPORT` (other processes may listen on the
 //!   same port; socket(7));
 //! - before an `execve` the sockets go back too ([`give_back`]), since the new
@@ -40,7 +42,7 @@ use std::{
     os::fd::{AsFd, OwnedFd},
     sync::{
         Mutex, Once, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -62,8 +64,33 @@ struct Ahead {
 
 static AHEAD: Mutex<Option<Ahead>> = Mutex::new(None);
 
-/// This process forked, or is a forked child: it shares its listeners.
-static FORKED: AtomicBool = AtomicBool::new(false);
+/// How many times this process, or a parent it was forked from, forked.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// Each stolen listener's [`FORKS`] when it started listening, by descriptor:
+/// a listener is this process's alone while no fork has happened since.
+static LISTENERS: Mutex<Option<HashMap<i32, u64>>> = Mutex::new(None);
+
+/// Records that `listener` starts listening now (the `listen` hook).
+pub fn listening(listener: i32) {
+    let forks = FORKS.load(Ordering::SeqCst);
+    LISTENERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert_with(HashMap::new)
+        .insert(listener, forks);
+}
+
+/// Whether no fork happened since `listener` started listening.
+fn unshared(listener: i32) -> bool {
+    let forks = FORKS.load(Ordering::SeqCst);
+    LISTENERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .and_then(|l| l.get(&listener))
+        .is_some_and(|&since| since == forks)
+}
 
 static ATFORK: Once = Once::new();
 
@@ -98,9 +125,10 @@ impl Drop for Accepting {
 }
 
 /// Waits for this thread's turn to look up, ask for and keep sockets passed
-/// ahead; `None` after a fork, when no batch is asked for and none is kept.
-pub fn accepting() -> Option<Accepting> {
-    if FORKED.load(Ordering::SeqCst) {
+/// ahead for `listener`; `None` when it is shared since a fork, when no batch
+/// is asked for and none is kept.
+pub fn accepting(listener: i32) -> Option<Accepting> {
+    if !unshared(listener) {
         return None;
     }
     take_turn();
@@ -126,7 +154,7 @@ extern "C" fn prepare_fork() {
     // No batch is on its way while the sockets go back; the parent and the
     // child handlers give the turn back.
     take_turn();
-    FORKED.store(true, Ordering::SeqCst);
+    FORKS.fetch_add(1, Ordering::SeqCst);
     let Some(_guard) = crate::guard::enter() else {
         // Forking from inside a hook: the layer's own calls never fork.
         return;
@@ -139,10 +167,10 @@ extern "C" fn give_turn_c() {
 }
 
 /// How many more sockets this process can take ahead now, for the listener
-/// `listener`: 0 after a fork, on a `SO_REUSEPORT` listener, or when
-/// [`MAX_AHEAD`] are kept.
+/// `listener`: 0 on a listener shared since a fork, on a `SO_REUSEPORT`
+/// listener, or when [`MAX_AHEAD`] are kept.
 pub fn room(listener: i32) -> u8 {
-    if FORKED.load(Ordering::SeqCst) || reuses_port(listener) {
+    if !unshared(listener) || reuses_port(listener) {
         return 0;
     }
     let kept = lock()
@@ -193,8 +221,15 @@ pub fn take(proxy_side: SocketAddr) -> Option<(PassedPeer, OwnedFd)> {
     ahead.sockets.remove(&proxy_side)
 }
 
-/// Closes the sockets kept for `port`: its listener is closed.
-pub fn drop_port(port: u16) {
+/// Closes the sockets kept for `port`: its listener `listener` is closed.
+pub fn drop_port(listener: i32, port: u16) {
+    if let Some(listeners) = LISTENERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_mut()
+    {
+        listeners.remove(&listener);
+    }
     let mut ahead = lock();
     if let Some(ahead) = ahead.as_mut().filter(|a| a.pid == std::process::id()) {
         ahead.sockets.retain(|_, (peer, _)| peer.port != port);

@@ -274,7 +274,7 @@ pub unsafe fn adopt_accepted(
     let proxy_side = addr::unmap_socket(proxy_side);
     // Until the sockets of a batch asked below are kept, another thread's
     // accept waits here rather than miss one of them.
-    let _turn = super::ahead::accepting();
+    let _turn = super::ahead::accepting(listener);
     if let Some((peer, fd)) = super::ahead::take(proxy_side) {
         // SAFETY: as this function's.
         return unsafe { adopt_stolen(new_fd, peer.delivered, fd, address, len, "passed ahead") };
