@@ -117,13 +117,20 @@ fn own_answer(client: &Client, report: &str) -> u32 {
     fields[3].parse().unwrap()
 }
 
+/// A burst of `count` clients against `burst.py` in `mode`: the session, each
+/// client's outcome, the layer's log, and everything to show on failure.
+fn run_burst(bed: &Bed, count: usize, mode: &str) -> (Proc, Vec<Client>, String, String) {
+    let (session, log) = burst_server(bed, count, mode);
+    let clients = burst((bed.target_v4, bed.app_port).into(), count);
+    let layer = std::fs::read_to_string(&log).unwrap_or_default();
+    let report = format!("{}\n--- layer log\n{layer}", session.output_report());
+    (session, clients, layer, report)
+}
+
 #[test]
 fn a_burst_of_stolen_connections_each_gets_its_own_socket_most_passed_ahead() {
     let bed = Bed::new();
-    let (mut session, log) = burst_server(&bed, 20, "single");
-    let clients = burst((bed.target_v4, bed.app_port).into(), 20);
-    let layer = std::fs::read_to_string(&log).unwrap_or_default();
-    let report = format!("{}\n--- layer log\n{layer}", session.output_report());
+    let (mut session, clients, layer, report) = run_burst(&bed, 20, "single");
     for client in &clients {
         own_answer(client, &report);
     }
@@ -138,10 +145,7 @@ fn a_burst_of_stolen_connections_each_gets_its_own_socket_most_passed_ahead() {
 #[test]
 fn a_server_that_forked_before_it_listened_still_takes_sockets_ahead() {
     let bed = Bed::new();
-    let (mut session, log) = burst_server(&bed, 12, "daemon");
-    let clients = burst((bed.target_v4, bed.app_port).into(), 12);
-    let layer = std::fs::read_to_string(&log).unwrap_or_default();
-    let report = format!("{}\n--- layer log\n{layer}", session.output_report());
+    let (mut session, clients, layer, report) = run_burst(&bed, 12, "daemon");
     for client in &clients {
         own_answer(client, &report);
     }
@@ -155,10 +159,7 @@ fn a_server_that_forked_before_it_listened_still_takes_sockets_ahead() {
 #[test]
 fn threads_that_accept_at_once_each_find_the_socket_of_their_connection() {
     let bed = Bed::new();
-    let (mut session, log) = burst_server(&bed, 24, "threads");
-    let clients = burst((bed.target_v4, bed.app_port).into(), 24);
-    let layer = std::fs::read_to_string(&log).unwrap_or_default();
-    let report = format!("{}\n--- layer log\n{layer}", session.output_report());
+    let (mut session, clients, layer, report) = run_burst(&bed, 24, "threads");
     for client in &clients {
         own_answer(client, &report);
     }
@@ -172,10 +173,7 @@ fn threads_that_accept_at_once_each_find_the_socket_of_their_connection() {
 #[test]
 fn a_server_that_forks_gives_sockets_passed_ahead_back_for_its_child() {
     let bed = Bed::new();
-    let (mut session, log) = burst_server(&bed, 10, "fork");
-    let clients = burst((bed.target_v4, bed.app_port).into(), 10);
-    let layer = std::fs::read_to_string(&log).unwrap_or_default();
-    let report = format!("{}\n--- layer log\n{layer}", session.output_report());
+    let (mut session, clients, layer, report) = run_burst(&bed, 10, "fork");
     let pids: Vec<u32> = clients.iter().map(|c| own_answer(c, &report)).collect();
     let mut distinct = pids.clone();
     distinct.sort();
@@ -195,10 +193,7 @@ fn a_server_that_forks_gives_sockets_passed_ahead_back_for_its_child() {
 #[test]
 fn a_listener_closed_with_sockets_kept_ahead_closes_their_connections() {
     let bed = Bed::new();
-    let (session, log) = burst_server(&bed, 6, "close");
-    let clients = burst((bed.target_v4, bed.app_port).into(), 6);
-    let layer = std::fs::read_to_string(&log).unwrap_or_default();
-    let report = format!("{}\n--- layer log\n{layer}", session.output_report());
+    let (session, clients, _, report) = run_burst(&bed, 6, "close");
     let served = clients
         .iter()
         .filter(|c| c.reply.as_ref().is_ok_and(|r| !r.is_empty()))
