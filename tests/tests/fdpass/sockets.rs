@@ -175,12 +175,21 @@ fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
         seen["inheritable"], false,
         "accept's SOCK_CLOEXEC was lost: {seen}"
     );
-    let report = session.output_report();
-    let layer = std::fs::read_to_string(&log).unwrap_or_default();
+    // The agent's log reaches graft's stderr through a pipe and the test's
+    // reader thread: it may trail the answer a little.
+    let said = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        let layer = std::fs::read_to_string(&log).unwrap_or_default();
+        (session
+            .output_report()
+            .contains("stolen connection passed as a descriptor")
+            && layer.contains("the target's socket itself as fd"))
+        .then_some(())
+    });
     assert!(
-        report.contains("stolen connection passed as a descriptor")
-            && layer.contains("the target's socket itself as fd"),
-        "the debug logs do not say the connection was passed:\n{layer}\n{report}"
+        said.is_some(),
+        "the debug logs do not say the connection was passed:\n{}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        session.output_report()
     );
 }
 
