@@ -374,3 +374,64 @@ fn record_refuses_an_unwritable_output_before_starting_an_agent() {
     );
     assert!(bed.agent_pids().is_empty(), "an agent was started");
 }
+
+/// Eight requests in a row, each on its own connection, sent within a few
+/// milliseconds: their copies reach graft together (one block of the sniffing
+/// mirror's capture ring), on eight connections read at once. The archive still
+/// lists them in the order the target got them, with times that say so: the
+/// agent dates each chunk when the kernel captured it (tap time frames).
+#[test]
+fn record_keeps_the_order_of_requests_whose_copies_arrive_together() {
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let _server = serve_in_target(&bed, "target", port);
+    let har_path = bed.work_dir().join("burst.har");
+    let har_arg = har_path.to_str().unwrap().to_owned();
+    let record = start_record(
+        &bed,
+        &["--port", &port.to_string(), "--count", "8", "-o", &har_arg],
+    );
+    let urls: Vec<String> = (0..8).map(|i| format!("http://t/seq/{i}")).collect();
+    // Each request on a connection of its own, read to the server's close
+    // before the next (curl would send the next request on a connection the
+    // server is closing, and retry it: the target would get it twice).
+    let client = format!(
+        "import socket\n\
+         for i in range(8):\n\
+         \x20   s = socket.create_connection(('{}', {port}))\n\
+         \x20   s.sendall(b'GET /seq/%d HTTP/1.1\\r\\nHost: t\\r\\nConnection: close\\r\\n\\r\\n' % i)\n\
+         \x20   print(b''.join(iter(lambda: s.recv(65536), b'')).decode())\n\
+         \x20   s.close()\n",
+        bed.target_v4
+    );
+    let out = Command::new(python())
+        .args(["-c", &client])
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "{out:?}");
+    let answers = String::from_utf8_lossy(&out.stdout);
+    for i in 0..8 {
+        assert!(
+            answers.contains(&format!("target GET /seq/{i} ")),
+            "{answers}"
+        );
+    }
+
+    let out = record.finish(RECORD_END);
+    assert!(out.success(), "graft record failed\n{out}");
+    let raw = std::fs::read_to_string(&har_path).expect("the HAR file exists");
+    let har: Value = serde_json::from_str(&raw).expect("the HAR file is JSON");
+    let entries = har["log"]["entries"].as_array().expect("entries");
+    let urls_seen: Vec<&str> = entries
+        .iter()
+        .map(|e| e["request"]["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(urls_seen, urls, "{raw}\n{out}");
+    let started: Vec<jiff::Timestamp> = entries
+        .iter()
+        .map(|e| e["startedDateTime"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let mut sorted = started.clone();
+    sorted.sort_unstable();
+    assert_eq!(started, sorted, "start times out of order: {raw}");
+}

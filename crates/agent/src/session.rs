@@ -26,7 +26,9 @@ use graft_protocol::codec::FrameCodec;
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
 use graft_protocol::secret::{self, secrets_match};
-use graft_protocol::version::{FEATURE_FDS, FEATURE_ROUTES, has_feature, version_with};
+use graft_protocol::version::{
+    FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, has_feature, version_with,
+};
 use graft_protocol::{ConnectionId, RequestId, version};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -251,10 +253,16 @@ where
     let fds = offer_fds && has_feature(&hello.version, FEATURE_FDS);
     // Routing records go only to a client that reads them.
     let routes = has_feature(&hello.version, FEATURE_ROUTES);
-    let features: Vec<&str> = [(fds, FEATURE_FDS), (routes, FEATURE_ROUTES)]
-        .into_iter()
-        .filter_map(|(on, tag)| on.then_some(tag))
-        .collect();
+    // Tap times go only to a client that reads them.
+    let tap_times = has_feature(&hello.version, FEATURE_TAP_TIMES);
+    let features: Vec<&str> = [
+        (fds, FEATURE_FDS),
+        (routes, FEATURE_ROUTES),
+        (tap_times, FEATURE_TAP_TIMES),
+    ]
+    .into_iter()
+    .filter_map(|(on, tag)| on.then_some(tag))
+    .collect();
     let accepted = AgentMessage::Hello(HelloReply::Accepted {
         version: version_with(&features),
         target_pid,
@@ -360,6 +368,7 @@ where
         fd_out: fd_out.clone(),
         fd_ports: std::sync::Mutex::new(std::collections::HashSet::new()),
         watch_routes: AtomicBool::new(false),
+        tap_times: has_feature(&hello.version, FEATURE_TAP_TIMES),
     });
     let delivered = sink.clone();
     let access = Access::new(

@@ -142,14 +142,23 @@ pub struct Subscription {
 
 /// The framing of a mirrored connection whose subscription asked for
 /// [`Subscription::responses`]: the agent writes a sequence of frames, each a
-/// 1-byte direction ([`tap::Direction`]), a 4-byte big-endian length of at most
-/// [`tap::MAX_CHUNK`], then that many bytes. Bytes of one direction arrive in order;
-/// the two directions interleave in the order the agent read them.
+/// 1-byte kind, a 4-byte big-endian length of at most [`tap::MAX_CHUNK`], then
+/// that many bytes. Kinds 0 and 1 carry bytes ([`tap::Direction`]): bytes of one
+/// direction arrive in order; the two directions interleave in the order the
+/// agent read them. Kind 2 ([`tap::Frame::Time`]) carries a time: when the agent
+/// captured or read the bytes of the frames that follow, up to the next time
+/// frame, as 8 big-endian bytes of microseconds since the Unix epoch. The agent
+/// sends time frames only to a client whose `Hello` names
+/// [`crate::version::FEATURE_TAP_TIMES`].
 pub mod tap {
+    use std::time::{Duration, SystemTime};
+
     /// The largest chunk one frame carries, in bytes.
     pub const MAX_CHUNK: usize = 64 * 1024;
     /// The length of a frame's header, in bytes.
     pub const HEADER_LEN: usize = 5;
+    /// The length of a time frame's body, in bytes.
+    pub const TIME_LEN: usize = 8;
 
     /// Which way a frame's bytes went.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -158,6 +167,15 @@ pub mod tap {
         Request,
         /// From the target's server to the client.
         Response,
+    }
+
+    /// What a frame's header announces.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Frame {
+        /// That many bytes (at most [`MAX_CHUNK`]) sent that way.
+        Bytes(Direction, usize),
+        /// A time of [`TIME_LEN`] bytes, for [`parse_time`].
+        Time,
     }
 
     /// The header of a frame carrying `len` bytes (at most [`MAX_CHUNK`]) sent
@@ -177,23 +195,45 @@ pub mod tap {
         out
     }
 
-    /// Decodes a frame's header: the direction and the length that follows.
+    /// A whole time frame: the bytes of the frames after it were captured or
+    /// read at `at` (a time before the epoch is sent as the epoch; one past
+    /// `u64::MAX` microseconds saturates).
+    pub fn time(at: SystemTime) -> [u8; HEADER_LEN + TIME_LEN] {
+        let us = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let mut out = [0u8; HEADER_LEN + TIME_LEN];
+        out[0] = 2;
+        out[1..HEADER_LEN].copy_from_slice(&(TIME_LEN as u32).to_be_bytes());
+        out[HEADER_LEN..].copy_from_slice(&us.to_be_bytes());
+        out
+    }
+
+    /// Decodes a frame's header.
     ///
     /// # Errors
     ///
-    /// A message when the direction byte is unknown or the length exceeds
-    /// [`MAX_CHUNK`] (a peer that does not speak this framing).
-    pub fn parse_header(bytes: [u8; HEADER_LEN]) -> Result<(Direction, usize), String> {
+    /// A message when the kind byte is unknown, a byte frame's length exceeds
+    /// [`MAX_CHUNK`] or a time frame's is not [`TIME_LEN`] (a peer that does not
+    /// speak this framing).
+    pub fn parse_header(bytes: [u8; HEADER_LEN]) -> Result<Frame, String> {
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
         let direction = match bytes[0] {
             0 => Direction::Request,
             1 => Direction::Response,
-            other => return Err(format!("unknown tap direction byte {other}")),
+            2 if len == TIME_LEN => return Ok(Frame::Time),
+            2 => return Err(format!("a tap time frame of {len} bytes, not {TIME_LEN}")),
+            other => return Err(format!("unknown tap frame kind {other}")),
         };
-        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
         if len > MAX_CHUNK {
             return Err(format!("a tap frame of {len} bytes exceeds {MAX_CHUNK}"));
         }
-        Ok((direction, len))
+        Ok(Frame::Bytes(direction, len))
+    }
+
+    /// Decodes a time frame's body.
+    pub fn parse_time(bytes: [u8; TIME_LEN]) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_micros(u64::from_be_bytes(bytes))
     }
 }
 
@@ -430,16 +470,24 @@ mod tests {
 
     #[test]
     fn tap_headers_round_trip_and_refuse_garbage() {
-        use tap::{Direction, header, parse_header};
+        use tap::{Direction, Frame, header, parse_header, parse_time, time};
         assert_eq!(
             parse_header(header(Direction::Response, 70)),
-            Ok((Direction::Response, 70))
+            Ok(Frame::Bytes(Direction::Response, 70))
         );
         assert_eq!(
             parse_header(header(Direction::Request, tap::MAX_CHUNK)),
-            Ok((Direction::Request, tap::MAX_CHUNK))
+            Ok(Frame::Bytes(Direction::Request, tap::MAX_CHUNK))
         );
+        let at = std::time::SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_micros(1_700_000_000_123_456);
+        let frame = time(at);
+        let head: [u8; tap::HEADER_LEN] = frame[..tap::HEADER_LEN].try_into().unwrap();
+        assert_eq!(parse_header(head), Ok(Frame::Time));
+        assert_eq!(parse_time(frame[tap::HEADER_LEN..].try_into().unwrap()), at);
         assert!(parse_header([2, 0, 0, 0, 1]).is_err());
+        assert!(parse_header([2, 0, 0, 0, 9]).is_err());
+        assert!(parse_header([3, 0, 0, 0, 1]).is_err());
         assert!(parse_header([0, 0, 1, 0, 1]).is_err());
     }
 

@@ -23,6 +23,11 @@ pub const FEATURE_FDS: &str = "fds";
 /// takes [`crate::link::ClientMessage::WatchRoutes`].
 pub const FEATURE_ROUTES: &str = "routes";
 
+/// The feature tag of tap times: a client naming it in its `Hello` reads the
+/// time frames of [`crate::incoming::tap`], and the agent sends them (when each
+/// mirrored chunk was captured) only then.
+pub const FEATURE_TAP_TIMES: &str = "tap-times";
+
 /// [`PROTOCOL_VERSION`] with `features` as its semver build metadata
 /// (`0.3.0+fds`). Build metadata does not take part in [`check_compatible`], so a
 /// peer that knows no feature reads the version as it always did, and a feature

@@ -37,7 +37,9 @@ use graft_protocol::{
     layer::DeliveredPeer,
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
-    version::{FEATURE_FDS, FEATURE_ROUTES, check_compatible, has_feature, version_with},
+    version::{
+        FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, check_compatible, has_feature, version_with,
+    },
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -239,10 +241,15 @@ impl Session {
             .incoming_tap
             .as_ref()
             .is_some_and(crate::IncomingTap::wants_routes);
-        let features: Vec<&str> = [(fds.is_some(), FEATURE_FDS), (wants_routes, FEATURE_ROUTES)]
-            .into_iter()
-            .filter_map(|(on, tag)| on.then_some(tag))
-            .collect();
+        // graft reads tap times wherever it reads tap frames (graft_traffic::tap).
+        let features: Vec<&str> = [
+            (fds.is_some(), FEATURE_FDS),
+            (wants_routes, FEATURE_ROUTES),
+            (true, FEATURE_TAP_TIMES),
+        ]
+        .into_iter()
+        .filter_map(|(on, tag)| on.then_some(tag))
+        .collect();
         let hello = ClientMessage::Hello(Hello {
             version: version_with(&features),
             secret: secret.to_owned(),

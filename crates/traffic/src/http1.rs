@@ -13,6 +13,8 @@
 
 use std::time::{Instant, SystemTime};
 
+use crate::clock::wall_of;
+
 /// The largest message head (start line and fields) parsed, in bytes.
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields one head may carry.
@@ -163,7 +165,7 @@ impl Parser {
             return out;
         }
         if self.pending_start.is_none() && self.current.is_none() {
-            self.pending_start = Some((now, SystemTime::now()));
+            self.pending_start = Some((now, wall_of(now)));
         }
         self.buf.extend_from_slice(data);
         while self.step(now, body_less, &mut out) {}
@@ -273,13 +275,10 @@ impl Parser {
             Err(e) => return self.stop(format!("not HTTP/1.x: {e}")),
         };
         self.buf.drain(..len);
-        let (started, started_wall) = self
-            .pending_start
-            .take()
-            .unwrap_or((now, SystemTime::now()));
+        let (started, started_wall) = self.pending_start.take().unwrap_or((now, wall_of(now)));
         if self.side == Side::Response && (100..200).contains(&head.status) && head.status != 101 {
             // An interim response: the final one follows.
-            self.pending_start = (!self.buf.is_empty()).then_some((now, SystemTime::now()));
+            self.pending_start = (!self.buf.is_empty()).then_some((now, wall_of(now)));
             return true;
         }
         let framing = match self.framing(&head, body_less) {
@@ -450,7 +449,7 @@ impl Parser {
             out.push(message);
         }
         self.state = State::Head;
-        self.pending_start = (!self.buf.is_empty()).then_some((now, SystemTime::now()));
+        self.pending_start = (!self.buf.is_empty()).then_some((now, wall_of(now)));
     }
 }
 

@@ -14,6 +14,7 @@
 //! proxy ──tap chunks──► tap::read_chunks ──► Exchange ──► inspector (live page)
 //! ```
 
+pub mod clock;
 pub mod diff;
 pub mod exchange;
 pub mod har;

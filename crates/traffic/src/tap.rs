@@ -6,10 +6,11 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
-use graft_protocol::incoming::tap::{self, Direction};
+use graft_protocol::incoming::tap::{self, Direction, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::{
+    clock,
     exchange::{Exchange, Origin},
     http1::{Message, Parser, Side},
 };
@@ -124,6 +125,11 @@ impl Pairing {
 /// Reads the tap frames of one connection from `stream` until it ends, calling
 /// `each` with every exchange as soon as its response is whole.
 ///
+/// Messages are timed by the stream's time frames, when it has them (when the
+/// agent captured their bytes: two connections read at once still keep the
+/// order and the gaps of their requests), and by when they are read here
+/// before the first one.
+///
 /// # Errors
 ///
 /// [`TapError::Io`] when reading fails, [`TapError::Frame`] on a bad frame; the
@@ -139,6 +145,8 @@ pub async fn read_tapped<R: AsyncRead + Unpin>(
 ) -> Result<(), TapError> {
     let mut pairing = Pairing::new(origin);
     let mut chunk = vec![0u8; tap::MAX_CHUNK];
+    let mut captured: Option<Instant> = None;
+    let now = |captured: Option<Instant>| captured.unwrap_or_else(Instant::now);
     loop {
         let mut header = [0u8; tap::HEADER_LEN];
         match stream.read_exact(&mut header).await {
@@ -146,19 +154,27 @@ pub async fn read_tapped<R: AsyncRead + Unpin>(
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => {
                 pairing
-                    .finish(Instant::now())
+                    .finish(now(captured))
                     .into_iter()
                     .for_each(&mut each);
                 return Err(e.into());
             }
         }
-        let (direction, len) = tap::parse_header(header).map_err(TapError::Frame)?;
-        stream.read_exact(&mut chunk[..len]).await?;
-        for exchange in pairing.feed(direction, &chunk[..len], Instant::now()) {
-            each(exchange);
+        match tap::parse_header(header).map_err(TapError::Frame)? {
+            Frame::Time => {
+                let mut at = [0u8; tap::TIME_LEN];
+                stream.read_exact(&mut at).await?;
+                captured = Some(clock::instant_of(tap::parse_time(at)));
+            }
+            Frame::Bytes(direction, len) => {
+                stream.read_exact(&mut chunk[..len]).await?;
+                for exchange in pairing.feed(direction, &chunk[..len], now(captured)) {
+                    each(exchange);
+                }
+            }
         }
     }
-    pairing.finish(Instant::now()).into_iter().for_each(each);
+    pairing.finish(now(captured)).into_iter().for_each(each);
     Ok(())
 }
 
@@ -224,6 +240,48 @@ mod tests {
         assert_eq!(seen[1].response.as_ref().unwrap().status, 404);
         assert_eq!(seen[2].request.target, "/c");
         assert!(seen[2].response.is_none());
+    }
+
+    /// Two connections whose frames reach graft at once: the time frames, not
+    /// the reading, date and time their requests.
+    #[tokio::test]
+    async fn time_frames_date_the_requests_and_time_the_answers() {
+        use std::time::{Duration, SystemTime};
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_micros(1_800_000_000_000_000);
+        let connection = |start: SystemTime, path: &str| {
+            let mut wire = tap::time(start).to_vec();
+            wire.extend(frame(
+                Direction::Request,
+                format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes(),
+            ));
+            wire.extend(tap::time(start + Duration::from_millis(7)));
+            wire.extend(frame(
+                Direction::Response,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            ));
+            wire
+        };
+        let mut seen = Vec::new();
+        // The later connection is read first.
+        for (start, path) in [(t0 + Duration::from_micros(250), "/second"), (t0, "/first")] {
+            read_tapped(&connection(start, path)[..], origin(), |e| seen.push(e))
+                .await
+                .unwrap();
+        }
+        seen.sort_by_key(|e| e.started_unix_us);
+        assert_eq!(seen[0].request.target, "/first");
+        assert_eq!(seen[0].started_unix_us, 1_800_000_000_000_000);
+        assert_eq!(seen[1].request.target, "/second");
+        assert_eq!(seen[1].started_unix_us, 1_800_000_000_000_250);
+        assert!((seen[0].wait_ms - 7.0).abs() < 1e-6, "{}", seen[0].wait_ms);
+    }
+
+    #[tokio::test]
+    async fn a_time_frame_of_the_wrong_length_is_an_error() {
+        let err = read_tapped(&[2u8, 0, 0, 0, 4, 0, 0, 0, 0][..], origin(), |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TapError::Frame(_)), "{err}");
     }
 
     #[tokio::test]

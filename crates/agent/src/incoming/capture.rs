@@ -61,6 +61,8 @@ pub struct Packet<'a> {
     pub pkttype: u8,
     /// The packet was cut short (`tp_snaplen` < `tp_len`).
     pub truncated: bool,
+    /// When the kernel took it (`tp_sec`, `tp_nsec`: the wall clock).
+    pub at: std::time::SystemTime,
 }
 
 /// An `AF_PACKET` socket with the mirror's filter, and its receive ring.

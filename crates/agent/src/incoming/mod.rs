@@ -126,6 +126,13 @@ pub trait Subscriber: Send + Sync + 'static {
         tracing::warn!(port, "subscription refused: {reason}");
     }
 
+    /// Whether the session reads the time frames of [`graft_protocol::incoming::tap`]
+    /// (its `Hello` named [`graft_protocol::version::FEATURE_TAP_TIMES`]). None
+    /// does by default.
+    fn tap_times(&self) -> bool {
+        false
+    }
+
     /// Whether the session wants a record of each request of its filtered
     /// ports that went elsewhere ([`routes`]); checked per request, so it must
     /// be cheap. None does by default.

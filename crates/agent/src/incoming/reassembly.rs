@@ -43,7 +43,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use graft_protocol::incoming::tap::Direction;
@@ -104,6 +104,8 @@ pub struct Segment<'a> {
     /// The packet arrived for this host (`PACKET_HOST`); a flow only starts
     /// with such a `SYN`.
     pub arriving: bool,
+    /// When it was captured (the wall clock, [`super::capture::Packet::at`]).
+    pub at: SystemTime,
 }
 
 /// A flow's number, unique for a [`Reassembler`]'s life.
@@ -153,6 +155,8 @@ pub enum Event {
         direction: Direction,
         /// The bytes.
         bytes: Bytes,
+        /// When the segment that made them deliverable was captured.
+        at: SystemTime,
     },
     /// One direction sent `FIN` after all its bytes.
     Closed {
@@ -248,6 +252,8 @@ pub struct Reassembler {
     buffered: usize,
     /// SYNs not mirrored because the table was full, since the last [`Reassembler::take_refused`].
     refused: u64,
+    /// The capture time of the segment being taken.
+    at: SystemTime,
 }
 
 impl Reassembler {
@@ -259,6 +265,7 @@ impl Reassembler {
             next_id: 1,
             buffered: 0,
             refused: 0,
+            at: SystemTime::UNIX_EPOCH,
         }
     }
 
@@ -294,6 +301,7 @@ impl Reassembler {
         accept: impl Fn(SocketAddr, SocketAddr) -> bool,
         out: &mut Vec<Event>,
     ) {
+        self.at = seg.at;
         if seg.syn && seg.ack.is_none() {
             self.client_syn(seg, now, accept, out);
             return;
@@ -445,6 +453,7 @@ impl Reassembler {
         out: &mut Vec<Event>,
     ) -> Result<(), &'static str> {
         let limits = self.limits;
+        let captured = self.at;
         let flow = self.flows.get_mut(&key).expect("tracked");
         let half = &mut flow.halves[i];
         let end = offset + payload.len() as u64;
@@ -467,6 +476,7 @@ impl Reassembler {
                 id,
                 direction: direction_of(i),
                 bytes,
+                at: captured,
             });
             return Ok(());
         }
@@ -504,6 +514,7 @@ impl Reassembler {
     /// Delivers what the out-of-order buffer of half `i` now continues, and
     /// closes the half (and ends the flow) when its `FIN` is reached.
     fn settle(&mut self, key: (SocketAddr, SocketAddr), i: usize, out: &mut Vec<Event>) {
+        let captured = self.at;
         let Some(flow) = self.flows.get_mut(&key) else {
             return;
         };
@@ -532,6 +543,7 @@ impl Reassembler {
                     id: flow.id,
                     direction: direction_of(i),
                     bytes: fresh,
+                    at: captured,
                 });
             }
         }

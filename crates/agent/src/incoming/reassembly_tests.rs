@@ -15,6 +15,8 @@ struct Bed {
     r: Reassembler,
     out: Vec<Event>,
     now: Instant,
+    /// The capture time of the next segment.
+    at: SystemTime,
 }
 
 impl Bed {
@@ -23,6 +25,7 @@ impl Bed {
             r: Reassembler::new(limits),
             out: Vec::new(),
             now: Instant::now(),
+            at: SystemTime::UNIX_EPOCH,
         }
     }
 
@@ -38,6 +41,7 @@ impl Bed {
             rst: flags.contains('R'),
             payload,
             arriving: from_client,
+            at: self.at,
         };
         self.r.segment(&seg, self.now, |_, _| true, &mut self.out);
     }
@@ -115,6 +119,37 @@ fn out_of_order_segments_wait_and_retransmissions_are_not_repeated() {
     b.client(3, b"lo wor");
     assert_eq!(b.stream(Direction::Request), b"hello world");
     assert_eq!(b.r.buffered(), 0);
+}
+
+/// Bytes carry the capture time of the segment that made them deliverable:
+/// those held out of order leave with the one that filled the hole.
+#[test]
+fn bytes_carry_the_capture_time_of_the_segment_that_delivered_them() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    let t = |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    b.at = t(1);
+    b.client(0, b"GET ");
+    b.at = t(2);
+    b.client(10, b" HTTP/1.1");
+    b.at = t(3);
+    b.client(4, b"/index");
+    let times: Vec<(Vec<u8>, SystemTime)> = b
+        .out
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data { bytes, at, .. } => Some((bytes.to_vec(), *at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        times,
+        [
+            (b"GET ".to_vec(), t(1)),
+            (b"/index".to_vec(), t(3)),
+            (b" HTTP/1.1".to_vec(), t(3)),
+        ]
+    );
 }
 
 #[test]
@@ -239,6 +274,7 @@ fn out_of_order_bytes_are_bounded_over_all_flows() {
             rst: false,
             payload,
             arriving: true,
+            at: SystemTime::UNIX_EPOCH,
         };
         r.segment(&seg(c, s, 0, None, true, b""), now, |_, _| true, &mut out);
         r.segment(
@@ -277,6 +313,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_established_flows_survive() {
             rst: false,
             payload: b"",
             arriving: true,
+            at: SystemTime::UNIX_EPOCH,
         };
         b.r.segment(&seg, b.now, |_, _| true, &mut b.out);
         assert!(b.r.flows() <= 64);
@@ -300,6 +337,7 @@ fn a_syn_leaving_the_host_or_refused_by_the_caller_starts_nothing() {
         rst: false,
         payload: b"",
         arriving: false,
+        at: SystemTime::UNIX_EPOCH,
     };
     r.segment(&seg, Instant::now(), |_, _| true, &mut out);
     assert_eq!(r.flows(), 0);

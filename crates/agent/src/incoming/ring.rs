@@ -28,7 +28,7 @@ use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::capture::Packet;
 
@@ -204,15 +204,24 @@ pub fn packets(block: &[u8], mut each: impl FnMut(Packet<'_>)) -> usize {
             )?)?;
             let start = field(usize::from(net))?;
             let data = block.get(start..start.checked_add(snaplen as usize)?)?;
-            Some((next, data, pkttype, snaplen < len))
+            let sec = u32_at(block, field(offset_of!(libc::tpacket3_hdr, tp_sec))?)?;
+            let nsec = u32_at(block, field(offset_of!(libc::tpacket3_hdr, tp_nsec))?)?;
+            Some((next, data, pkttype, snaplen < len, sec, nsec))
         })();
-        let Some((next, data, pkttype, truncated)) = header else {
+        let Some((next, data, pkttype, truncated, sec, nsec)) = header else {
             break;
+        };
+        // A packet the kernel did not stamp (never with a V3 ring) is now.
+        let taken = if sec == 0 {
+            SystemTime::now()
+        } else {
+            SystemTime::UNIX_EPOCH + Duration::new(u64::from(sec), nsec.min(999_999_999))
         };
         each(Packet {
             data,
             pkttype,
             truncated,
+            at: taken,
         });
         count += 1;
         if next == 0 {

@@ -165,9 +165,11 @@ fn the_ring_reads_real_packets() {
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let (mut server, _) = listener.accept().unwrap();
     let message = b"read through the ring";
+    let before = std::time::SystemTime::now();
     client.write_all(message).unwrap();
     let mut got = [0u8; 21];
     server.read_exact(&mut got).unwrap();
+    let after = std::time::SystemTime::now();
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut found = None;
@@ -176,13 +178,18 @@ fn the_ring_reads_real_packets() {
         packets += socket
             .read_batch(|p| {
                 if p.data.windows(message.len()).any(|w| w == message) {
-                    found = Some((p.pkttype, p.truncated, p.data.len()));
+                    found = Some((p.pkttype, p.truncated, p.data.len(), p.at));
                 }
             })
             .unwrap();
     }
-    let (pkttype, truncated, len) =
+    let (pkttype, truncated, len, at) =
         found.expect("the segment with the message came through the ring");
+    // The kernel's stamp: when the segment passed, not when it was read here.
+    assert!(
+        before <= at && at <= after,
+        "{before:?} <= {at:?} <= {after:?}"
+    );
     // Loopback's arriving copy (the leaving one is filtered), whole: an IPv4
     // header, a TCP header with options, the message.
     assert_eq!(pkttype, PACKET_HOST);

@@ -212,6 +212,7 @@ fn parse<'a>(packet: &capture::Packet<'a>) -> Option<Segment<'a>> {
         rst: tcp.rst(),
         payload: tcp.payload(),
         arriving: packet.pkttype == capture::PACKET_HOST,
+        at: packet.at,
     })
 }
 
@@ -430,11 +431,16 @@ fn handle(
             id,
             direction,
             bytes,
+            at,
         } => {
             in_transit.fetch_sub(bytes.len(), Ordering::SeqCst);
             if let Some(copy) = flows.get_mut(&id) {
                 let was_empty = copy.parts.is_empty();
-                copy.gather(direction, bytes);
+                copy.gather(tee::Part {
+                    direction,
+                    bytes,
+                    at,
+                });
                 if was_empty && !copy.parts.is_empty() {
                     dirty.push(id);
                 }
@@ -468,8 +474,8 @@ struct Copy {
     /// Some mirror asked for the target's responses too.
     responses: bool,
     /// Bytes gathered for the next chunk, in the order read, with their
-    /// directions, and how many.
-    parts: Vec<(Direction, Bytes)>,
+    /// directions and capture times, and how many.
+    parts: Vec<tee::Part>,
     gathered: usize,
 }
 
@@ -508,15 +514,15 @@ impl Copy {
     /// consumer has taken every event ready. So a batch of the capture makes
     /// one chunk per connection, whatever the number of request/response turns
     /// in it (one chunk per turn would fill a mirror's queue at once).
-    fn gather(&mut self, direction: Direction, bytes: Bytes) {
-        if direction == Direction::Response && !self.responses {
+    fn gather(&mut self, part: tee::Part) {
+        if part.direction == Direction::Response && !self.responses {
             return;
         }
-        if self.gathered + bytes.len() > CHUNK {
+        if self.gathered + part.bytes.len() > CHUNK {
             self.flush();
         }
-        self.gathered += bytes.len();
-        self.parts.push((direction, bytes));
+        self.gathered += part.bytes.len();
+        self.parts.push(part);
     }
 
     /// Sends the gathered chunk on.
@@ -532,8 +538,8 @@ impl Copy {
         }
         let mut requests = parts
             .into_iter()
-            .filter(|(d, _)| *d == Direction::Request)
-            .map(|(_, b)| b);
+            .filter(|p| p.direction == Direction::Request)
+            .map(|p| p.bytes);
         let Some(first) = requests.next() else {
             return;
         };

@@ -9,7 +9,13 @@
 //! [`graft_protocol::incoming::tap`] frames: the client's bytes as they are read
 //! from the client, the target's as they are read from the target. On a port
 //! where HTTP filters route each request ([`super::http`]) such a mirror gets the
-//! client's bytes only, still framed.
+//! client's bytes only, still framed. A session that reads tap times
+//! ([`Subscriber::tap_times`]) gets a time frame before each chunk's bytes: when
+//! the agent read them here, or when the kernel captured them for the sniffing
+//! mirror ([`super::sniff`]), whose chunks reach the session a capture block at
+//! a time.
+//!
+//! [`Subscriber::tap_times`]: super::Subscriber::tap_times
 //!
 //! [`Subscription::responses`]: graft_protocol::incoming::Subscription::responses
 
@@ -18,7 +24,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use graft_protocol::incoming::tap::{self, Direction};
@@ -56,6 +62,19 @@ pub struct Mirror {
     tx: mpsc::Sender<Bytes>,
     /// The session asked for both directions, as tap frames.
     framed: bool,
+    /// The session reads time frames too (only with `framed`).
+    times: bool,
+}
+
+/// Bytes read in one direction of a connection, and when.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// Which way they went.
+    pub direction: Direction,
+    /// The bytes.
+    pub bytes: Bytes,
+    /// When they were read or captured (the wall clock).
+    pub at: SystemTime,
 }
 
 /// Starts one copy task per mirror, under `in_flight`; returns the queues to feed.
@@ -68,6 +87,7 @@ pub fn start_mirrors<'a>(
         .map(|sub| {
             let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
             let framed = sub.subscription.responses;
+            let times = framed && sub.to.tap_times();
             let to = sub.to.clone();
             in_flight.spawn(async move {
                 match to.open(meta).await {
@@ -75,7 +95,7 @@ pub fn start_mirrors<'a>(
                     Err(e) => tracing::debug!(port = meta.port, "mirror not opened: {e}"),
                 }
             });
-            Mirror { tx, framed }
+            Mirror { tx, framed, times }
         })
         .collect()
 }
@@ -109,15 +129,21 @@ async fn feed_mirror(io: BoxIo, mut rx: mpsc::Receiver<Bytes>) {
     let _ = tokio::time::timeout(MIRROR_LINGER, drain).await;
 }
 
-/// `bytes` as tap frames of at most [`tap::MAX_CHUNK`] bytes each.
-fn framed(direction: Direction, bytes: &[u8]) -> Bytes {
-    let frames = bytes.len().div_ceil(tap::MAX_CHUNK);
-    let mut out = BytesMut::with_capacity(bytes.len() + frames * tap::HEADER_LEN);
+/// Appends `bytes` to `out` as tap frames of at most [`tap::MAX_CHUNK`] bytes
+/// each, after a time frame of `at` when there is one.
+fn frame_into(out: &mut BytesMut, direction: Direction, bytes: &[u8], at: Option<SystemTime>) {
+    if let Some(at) = at {
+        out.put_slice(&tap::time(at));
+    }
     for chunk in bytes.chunks(tap::MAX_CHUNK) {
         out.put_slice(&tap::header(direction, chunk.len()));
         out.put_slice(chunk);
     }
-    out.freeze()
+}
+
+/// The room [`frame_into`] takes for `len` bytes.
+fn framed_len(len: usize) -> usize {
+    tap::HEADER_LEN + tap::TIME_LEN + len + len.div_ceil(tap::MAX_CHUNK) * tap::HEADER_LEN
 }
 
 /// Sends a copy of `bytes`, read in `direction`, to every mirror (framed for the
@@ -129,11 +155,17 @@ pub fn copy_to(mirrors: &mut Vec<Mirror>, direction: Direction, bytes: &[u8]) {
     }
     let mut raw = None;
     let mut frames = None;
+    let mut timed = None;
+    let now = SystemTime::now();
+    let framed = |at| {
+        let mut out = BytesMut::with_capacity(framed_len(bytes.len()));
+        frame_into(&mut out, direction, bytes, at);
+        out.freeze()
+    };
     mirrors.retain(|mirror| {
         let chunk = match (mirror.framed, direction) {
-            (true, _) => frames
-                .get_or_insert_with(|| framed(direction, bytes))
-                .clone(),
+            (true, _) if mirror.times => timed.get_or_insert_with(|| framed(Some(now))).clone(),
+            (true, _) => frames.get_or_insert_with(|| framed(None)).clone(),
             (false, Direction::Request) => raw
                 .get_or_insert_with(|| Bytes::copy_from_slice(bytes))
                 .clone(),
@@ -143,32 +175,36 @@ pub fn copy_to(mirrors: &mut Vec<Mirror>, direction: Direction, bytes: &[u8]) {
     });
 }
 
-/// Sends a copy of `parts` (bytes in the order they were read, each with its
-/// direction) to every mirror as one chunk: the request bytes joined for the
-/// plain mirrors, every part as a tap frame for those that asked for both
-/// directions. A mirror whose queue is full or gone is dropped.
-pub fn copy_parts(mirrors: &mut Vec<Mirror>, parts: &[(Direction, Bytes)]) {
+/// Sends a copy of `parts` (bytes in the order they were read) to every mirror
+/// as one chunk: the request bytes joined for the plain mirrors, every part as
+/// tap frames for those that asked for both directions (each after a time frame
+/// for those that read times). A mirror whose queue is full or gone is dropped.
+pub fn copy_parts(mirrors: &mut Vec<Mirror>, parts: &[Part]) {
     if mirrors.is_empty() || parts.is_empty() {
         return;
     }
     let mut raw: Option<Bytes> = None;
     let mut frames: Option<Bytes> = None;
+    let mut timed: Option<Bytes> = None;
+    let framed = |times: bool| {
+        let len = parts.iter().map(|p| framed_len(p.bytes.len())).sum();
+        let mut out = BytesMut::with_capacity(len);
+        for part in parts {
+            let at = times.then_some(part.at);
+            frame_into(&mut out, part.direction, &part.bytes, at);
+        }
+        out.freeze()
+    };
     mirrors.retain(|mirror| {
-        let chunk = if mirror.framed {
-            frames
-                .get_or_insert_with(|| {
-                    let mut out = BytesMut::new();
-                    for (direction, bytes) in parts {
-                        out.put_slice(&framed(*direction, bytes));
-                    }
-                    out.freeze()
-                })
-                .clone()
+        let chunk = if mirror.times {
+            timed.get_or_insert_with(|| framed(true)).clone()
+        } else if mirror.framed {
+            frames.get_or_insert_with(|| framed(false)).clone()
         } else {
             raw.get_or_insert_with(|| {
                 let mut out = BytesMut::new();
-                for (_, bytes) in parts.iter().filter(|(d, _)| *d == Direction::Request) {
-                    out.put_slice(bytes);
+                for part in parts.iter().filter(|p| p.direction == Direction::Request) {
+                    out.put_slice(&part.bytes);
                 }
                 out.freeze()
             })

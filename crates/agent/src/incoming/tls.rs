@@ -199,6 +199,10 @@ impl Subscriber for TlsSubscriber {
         self.inner.watches_routes()
     }
 
+    fn tap_times(&self) -> bool {
+        self.inner.tap_times()
+    }
+
     fn routed(&self, record: graft_protocol::incoming::RoutedRequest) {
         self.inner.routed(record);
     }

@@ -103,6 +103,8 @@ pub(super) struct SessionSink {
     pub(super) fd_ports: std::sync::Mutex<std::collections::HashSet<u16>>,
     /// The client asked for routing records ([`ClientMessage::WatchRoutes`]).
     pub(super) watch_routes: AtomicBool,
+    /// The client reads tap times ([`Subscriber::tap_times`]).
+    pub(super) tap_times: bool,
 }
 
 impl SessionSink {
@@ -217,6 +219,10 @@ impl Subscriber for SessionSink {
 
     fn watches_routes(&self) -> bool {
         self.watch_routes.load(Ordering::Relaxed)
+    }
+
+    fn tap_times(&self) -> bool {
+        self.tap_times
     }
 
     fn routed(&self, record: graft_protocol::incoming::RoutedRequest) {
