@@ -91,7 +91,19 @@ pub async fn session_with(
             ClientMessage::Hello(hello) => {
                 assert_eq!(hello.secret, "s3cret");
                 assert_eq!(hello.client, "me@here");
-                assert_eq!(hello.version, PROTOCOL_VERSION);
+                // This release's version, naming the tap times graft reads.
+                assert_eq!(
+                    graft_protocol::version::check_compatible(&hello.version),
+                    Ok(())
+                );
+                assert!(
+                    graft_protocol::version::has_feature(
+                        &hello.version,
+                        graft_protocol::version::FEATURE_TAP_TIMES
+                    ),
+                    "{}",
+                    hello.version
+                );
             }
             other => panic!("expected Hello, got {other:?}"),
         }
