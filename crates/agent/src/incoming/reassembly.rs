@@ -29,9 +29,15 @@
 //!   all flows (tiny-segment floods hit the segment count, large ones the bytes);
 //! - a segment that starts more than [`Limits::flow_buffer`] bytes ahead of the
 //!   next expected byte is ignored (a huge sequence jump is outside any window
-//!   the kernel would accept either), and so is a `RST`, or an acknowledgment
-//!   used for gap detection, whose own sequence number is that far off: a blind
-//!   injector must guess the sequence number as closely as the kernel demands;
+//!   the kernel would accept either), and so is an acknowledgment used for gap
+//!   detection whose own sequence number is that far off: a blind injector must
+//!   guess the sequence number as closely as the kernel demands;
+//! - as the kernel does (RFC 5961 §5.2), a segment whose acknowledgment is more
+//!   than [`ACK_WINDOW`] away from the bytes the other side sent is ignored
+//!   whole: a blind injector must guess the acknowledgment number too, else its
+//!   bytes never reach a copy and its acknowledgment never ends one;
+//! - as the kernel does (RFC 5961 §3.2), a `RST` ends a flow only at exactly the
+//!   next expected sequence number; one elsewhere in the window is ignored;
 //! - overlapping segments with different data: bytes already delivered are never
 //!   replaced, and of two buffered segments that start at the same number the
 //!   first stays; so the copy may differ from what the kernel delivered to the
@@ -185,6 +191,15 @@ impl Event {
         }
     }
 }
+
+/// How far an acknowledgment may lie from the bytes the other side sent (as
+/// captured) and still be taken, in bytes: the kernel takes one from `SND.UNA -
+/// MAX.SND.WND` to `SND.NXT` (RFC 5961 §5.2), and a client's acknowledgment
+/// trails what the capture saw of the server's bytes by at most the server's
+/// send window. 16 MiB is above the windows Linux grows to by default
+/// (`tcp_rmem`'s 6 MiB maximum) and a 1/256 share of the sequence space: a
+/// random acknowledgment passes with odds of 1 in 128.
+pub const ACK_WINDOW: u64 = 16 << 20;
 
 /// One direction of a flow.
 #[derive(Debug, Default)]
@@ -345,23 +360,38 @@ impl Reassembler {
         if !plausible {
             return;
         }
-        flow.last = now;
-        if seg.rst {
-            self.end(key, EndReason::Reset, out);
-            return;
-        }
         if let Some(ack) = seg.ack {
             let other = &flow.halves[1 - i];
             let consumed = other.delivered + u64::from(other.closed);
-            if other.offset(ack).is_some_and(|acked| acked > consumed) {
-                let why = EndReason::Gap {
-                    direction: direction_of(1 - i),
-                    why: "the capture missed bytes that their receiver acknowledged",
-                };
-                self.end(key, why, out);
-                return;
+            match other.offset(ack) {
+                // Acknowledges bytes far from any the other side sent: the
+                // receiver's kernel drops the segment (RFC 5961 §5.2).
+                None => return,
+                Some(acked) if acked.abs_diff(consumed) > ACK_WINDOW => return,
+                Some(acked) if acked > consumed && !seg.rst => {
+                    let why = EndReason::Gap {
+                        direction: direction_of(1 - i),
+                        why: "the capture missed bytes that their receiver acknowledged",
+                    };
+                    self.end(key, why, out);
+                    return;
+                }
+                Some(_) => {}
             }
         }
+        if seg.rst {
+            // Only at the next expected byte (RFC 5961 §3.2): the kernel
+            // answers one elsewhere in the window with a challenge ACK.
+            // After a FIN, the next number is one past it.
+            let half = &flow.halves[i];
+            let after_fin = half.delivered + u64::from(half.fin_at == Some(half.delivered));
+            let at = half.offset(seg.seq);
+            if at == Some(half.delivered) || at == Some(after_fin) {
+                self.end(key, EndReason::Reset, out);
+            }
+            return;
+        }
+        flow.last = now;
         let offset = flow.halves[i].offset(seg.seq).expect("in window, so known");
         if !seg.payload.is_empty()
             && let Err(why) = self.data(key, i, offset, seg.payload, out)

@@ -229,6 +229,47 @@ fn a_blind_rst_or_data_far_off_the_sequence_is_ignored() {
     assert_eq!(b.stream(Direction::Request), b"abcdef");
 }
 
+/// The blind injector of `tcpforge blind` that guessed a sequence number
+/// inside the window: its acknowledgment number, guessed too, is far from
+/// anything the server sent, so (as the kernel does, RFC 5961 §5.2) its bytes
+/// never reach the copy and its acknowledgment does not end it. An in-window
+/// `RST` off the exact next number is ignored too (RFC 5961 §3.2).
+#[test]
+fn an_in_window_segment_with_a_guessed_acknowledgment_or_rst_changes_nothing() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"GET /a");
+    b.seg(false, SISN + 1, Some(CISN.wrapping_add(7)), "", b"ok");
+    // In the window both behind (overlapping the next byte) and ahead.
+    for (off, ack) in [(4u32, 1u32 << 28), (6, 3 << 30), (100, 1 << 31)] {
+        b.seg(
+            true,
+            CISN.wrapping_add(1 + off),
+            Some(SISN.wrapping_add(ack)),
+            "",
+            b"GET /injected",
+        );
+    }
+    // Before the server's ISN: acknowledges nothing it could have sent.
+    b.seg(true, CISN.wrapping_add(7), Some(SISN - 5), "", b"XX");
+    b.seg(true, CISN.wrapping_add(9), None, "R", b"");
+    b.seg(false, SISN + 10, Some(CISN.wrapping_add(7)), "R", b"");
+    assert_eq!(b.ended(), None);
+    b.client(6, b" HTTP/1.1");
+    assert_eq!(b.stream(Direction::Request), b"GET /a HTTP/1.1");
+    assert_eq!(b.r.buffered(), 0);
+    // The real RST, at the next number, ends it; so does one past a FIN.
+    b.seg(false, SISN + 3, Some(CISN.wrapping_add(16)), "R", b"");
+    assert_eq!(b.ended(), Some(EndReason::Reset));
+
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"q");
+    b.seg(true, CISN.wrapping_add(2), Some(SISN + 1), "F", b"");
+    b.seg(true, CISN.wrapping_add(3), None, "R", b"");
+    assert_eq!(b.ended(), Some(EndReason::Reset));
+}
+
 #[test]
 fn a_huge_sequence_jump_is_not_buffered() {
     let mut b = Bed::new(Limits::default());
