@@ -540,21 +540,23 @@ fn dispatch(
             let _ = steal_tx.send(SubCommand::Subscribe(subscription, Some(tls)));
         }
         ClientMessage::SubscribeFds(subscription) => {
-            // Steals only: the whole connections of an unfiltered steal go as
-            // their sockets; a filtered steal's program gets a socket the agent
-            // writes its matching requests to ([`SessionSink::open`]). A mirror
-            // is relayed.
-            let whole = subscription.mode == graft_protocol::incoming::IncomingMode::Steal;
-            if sink.fd_out.is_some() && whole {
+            // The whole connections of an unfiltered steal go as their
+            // sockets; a filtered steal's program, or a mirror's, gets a socket
+            // the agent writes the requests its filter matched (or the copies)
+            // to ([`SessionSink::open`]). A mirror with the target's answers
+            // is graft's to read: relayed.
+            let program = subscription.mode == graft_protocol::incoming::IncomingMode::Steal
+                || !subscription.responses;
+            if sink.fd_out.is_some() && program {
                 fd_ports().insert(subscription.port);
             } else {
                 tracing::debug!(
                     port = subscription.port,
-                    "stolen connections relayed: {}",
-                    if whole {
+                    "incoming connections relayed: {}",
+                    if program {
                         "the link passes no descriptors"
                     } else {
-                        "a mirror reads them"
+                        "graft reads the mirror's answers"
                     }
                 );
                 fd_ports().remove(&subscription.port);

@@ -193,6 +193,62 @@ fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
     );
 }
 
+/// A mirrored connection reaches the program as a socket that the agent writes
+/// the copy to, not through graft's relay: `accept` names the target's client,
+/// both logs say so, and the target still answers its client itself.
+#[test]
+fn a_mirrored_connection_reaches_the_program_as_a_passed_socket() {
+    let bed = Bed::new();
+    let port = bed.map_port.to_string();
+    let _target = bed.serve_in_target(&[
+        python().to_owned(),
+        fixture_str("named_http.py"),
+        "target".to_owned(),
+        port.clone(),
+    ]);
+    let log = layer_log_path(&bed);
+    let mut command = bed.graft_run(&["--mirror"], &[python(), &script(), "serve", &port]);
+    command
+        .env("GRAFT_LOG", "debug")
+        .env("GRAFT_LAYER_LOG", &log);
+    let session = bed.spawn(command, "graft run --mirror -- sockfd.py serve");
+    let url = bed.target_url(bed.map_port);
+    let copy = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let answer = curl(&url).ok()?;
+        assert!(
+            answer.contains("target GET /"),
+            "the target did not answer: {answer}"
+        );
+        session
+            .stdout()
+            .lines()
+            .find(|l| l.contains("\"local\""))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("no copy reached the program\n{}", session.output_report()));
+    let seen: serde_json::Value = serde_json::from_str(&copy).expect("JSON");
+    assert_eq!(
+        seen["peer"][0],
+        bed.host_v4.to_string(),
+        "accept's address: {seen}"
+    );
+    assert_eq!(seen["acceptconn"], 0, "a listener was passed: {seen}");
+    let said = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        let layer = std::fs::read_to_string(&log).unwrap_or_default();
+        (session
+            .output_report()
+            .contains("mirrored connection to the session passed as a loopback socket")
+            && layer.contains("(descriptor passed)"))
+        .then_some(())
+    });
+    assert!(
+        said.is_some(),
+        "the debug logs do not say the copy was passed:\n{}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        session.output_report()
+    );
+}
+
 #[test]
 fn with_passing_off_sockets_are_relayed_and_still_work() {
     let bed = Bed::new();

@@ -175,7 +175,7 @@ impl Subscriber for SessionSink {
                         return match fd_out.send(theirs, incoming).await {
                             Ok(()) => {
                                 tracing::debug!(peer = %meta.peer, port = meta.port,
-                                    "filtered connection to the session passed as a loopback socket");
+                                    "filtered or mirrored connection to the session passed as a loopback socket");
                                 Ok(Box::new(ours) as BoxIo)
                             }
                             Err(fd) => {
@@ -192,7 +192,7 @@ impl Subscriber for SessionSink {
                 }
             } else if self.fd_out.is_some() {
                 tracing::debug!(peer = %meta.peer, port = meta.port,
-                    "incoming connection relayed: the agent reads it (TLS, or a mirror of the port)");
+                    "incoming connection relayed: the agent reads it (TLS, or a mirror whose answers graft reads)");
             }
             let (ours, theirs) = tokio::io::duplex(SESSION_PIPE);
             self.accept(meta, theirs).await?;

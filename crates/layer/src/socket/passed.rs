@@ -302,7 +302,7 @@ pub unsafe fn adopt_accepted(
         LayerResponse::Peer(Some(delivered)) => {
             layer_log!(
                 debug,
-                "stolen connection from {} relayed (the agent reads it: a filter, TLS, or a mirror of the port)",
+                "stolen connection from {} relayed (graft reads it: TLS, the inspector watches, or the link passes no descriptors)",
                 delivered.peer
             );
             Accepted::Relayed(delivered)

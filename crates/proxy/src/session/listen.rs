@@ -90,11 +90,13 @@ impl Shared {
                 tls: tls.clone(),
             },
             // Whole stolen connections go to the program's listener as their
-            // sockets when the agent passes descriptors; under a filter, a
-            // socket the agent writes the matching requests to.
+            // sockets when the agent passes descriptors; under a filter, or
+            // for a mirror, a socket the agent writes the requests (or their
+            // copies) to. A mirror that wants the target's answers too is read
+            // by graft, not by a program.
             None if self.fds.is_some()
                 && to_listener
-                && subscription.mode == IncomingMode::Steal =>
+                && (subscription.mode == IncomingMode::Steal || !subscription.responses) =>
             {
                 ClientMessage::SubscribeFds(subscription)
             }
