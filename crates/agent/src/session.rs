@@ -472,16 +472,20 @@ where
     }
     table.clear();
     drop(steal_tx);
-    let handover = access.close().await;
     let _ = control_tx.try_send(Outbound::Finish);
     if !writer.is_finished() {
         let _ = tokio::time::timeout(FINAL_FLUSH, &mut writer).await;
     }
     writer.abort();
-    // Sockets the link could not pass any more are reset, as relayed ones are.
+    // Sockets the link could not pass any more are reset, as relayed ones are,
+    // and before this session's rules go: a redirected connection's packets
+    // are translated only while a NAT rule is in the namespace (see
+    // `incoming::peer::key::hold_conntrack`), so a reset sent after that
+    // would leave with the agent's port and its client would wait forever.
     if let Some(fd_out) = &fd_out {
         fd_out.abort();
     }
+    let handover = access.close().await;
     Ended { end, handover }
 }
 

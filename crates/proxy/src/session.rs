@@ -416,6 +416,8 @@ impl Session {
     /// connection, sends what is queued and shuts the link's write side so the
     /// agent removes its packet rules and exits. Waits at most 2 s for the link.
     pub async fn close(mut self) {
+        // Before the agent hears of the end (see `Shared::reset_passed`).
+        self.shared.reset_passed();
         self.shared.end(LinkEnd::Closed);
         if let Some(writer) = self.writer.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;

@@ -48,6 +48,23 @@ impl Shared {
         }
     }
 
+    /// Resets every passed socket that waits for the program's `accept`. Called
+    /// before the link ends: the agent removes its rules then, and with them
+    /// the NAT that translates a redirected connection's packets (its client
+    /// would never see a reset sent after that, and would wait forever).
+    pub(crate) fn reset_passed(&self) {
+        let waiting: Vec<Passed> = lock(&self.passed).drain().map(|(_, p)| p).collect();
+        if !waiting.is_empty() {
+            tracing::debug!(
+                connections = waiting.len(),
+                "the session ends: passed stolen connections not accepted yet are reset"
+            );
+        }
+        for passed in waiting {
+            reset(passed.fd);
+        }
+    }
+
     /// The passed socket of the delivered connection whose proxy-side address is
     /// `proxy_side`, in this session or a secondary one (with the session it was
     /// found in); each is taken once.
@@ -227,6 +244,16 @@ async fn deliver_fd(
         splice_with_fd(stream, fd).await;
         shared.remove_delivered(local);
     }
+}
+
+/// Closes `fd` with a reset (`SO_LINGER` 0, socket(7)).
+fn reset(fd: OwnedFd) {
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Linger, &linger);
+    drop(fd);
 }
 
 /// Delivers the passed socket `fd` as a relayed connection: the program's
