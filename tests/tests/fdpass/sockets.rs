@@ -175,20 +175,26 @@ fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
         seen["inheritable"], false,
         "accept's SOCK_CLOEXEC was lost: {seen}"
     );
-    // The agent's log reaches graft's stderr through a pipe and the test's
-    // reader thread: it may trail the answer a little.
+    assert_logs_say(
+        &session,
+        &log,
+        "stolen connection passed as a descriptor",
+        "the target's socket itself as fd",
+    );
+}
+
+/// Asserts that the session's log says `agent` and the layer's log at `log`
+/// says `layer`. The agent's log reaches graft's stderr through a pipe and the
+/// test's reader thread: it may trail the answer a little (5 s at most).
+fn assert_logs_say(session: &Proc, log: &std::path::Path, agent: &str, layer: &str) {
     let said = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        let layer = std::fs::read_to_string(&log).unwrap_or_default();
-        (session
-            .output_report()
-            .contains("stolen connection passed as a descriptor")
-            && layer.contains("the target's socket itself as fd"))
-        .then_some(())
+        let layer_log = std::fs::read_to_string(log).unwrap_or_default();
+        (session.output_report().contains(agent) && layer_log.contains(layer)).then_some(())
     });
     assert!(
         said.is_some(),
-        "the debug logs do not say the connection was passed:\n{}\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default(),
+        "the debug logs do not say {agent:?} and {layer:?}:\n{}\n{}",
+        std::fs::read_to_string(log).unwrap_or_default(),
         session.output_report()
     );
 }
@@ -233,19 +239,11 @@ fn a_mirrored_connection_reaches_the_program_as_a_passed_socket() {
         "accept's address: {seen}"
     );
     assert_eq!(seen["acceptconn"], 0, "a listener was passed: {seen}");
-    let said = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        let layer = std::fs::read_to_string(&log).unwrap_or_default();
-        (session
-            .output_report()
-            .contains("mirrored connection to the session passed as a loopback socket")
-            && layer.contains("(descriptor passed)"))
-        .then_some(())
-    });
-    assert!(
-        said.is_some(),
-        "the debug logs do not say the copy was passed:\n{}\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default(),
-        session.output_report()
+    assert_logs_say(
+        &session,
+        &log,
+        "mirrored connection to the session passed as a loopback socket",
+        "(descriptor passed)",
     );
 }
 
