@@ -22,6 +22,7 @@ use graft_protocol::{
 use libc::{msghdr, sockaddr, socklen_t, ssize_t};
 
 pub(crate) mod ahead;
+mod epoll;
 mod passed;
 
 use crate::{
@@ -675,6 +676,9 @@ pub unsafe extern "C" fn getsockname(
 fn forget(fd: c_int) {
     let duplicated = fds::has_duplicate(fd);
     let Some(kind) = fds::get(fd) else { return };
+    if let FdKind::Passed { .. } = kind {
+        epoll::before_close(fd, !duplicated);
+    }
     if !duplicated {
         match &kind {
             FdKind::Listener { remote_port, .. } => {

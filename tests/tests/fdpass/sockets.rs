@@ -94,6 +94,33 @@ fn outgoing_tcp_is_the_targets_own_socket_with_the_programs_flags_and_options() 
     assert!(layer.contains("descriptor passed"), "{layer}\n{curl6}");
 }
 
+/// A passed socket's `close` takes it out of the program's `epoll` sets even
+/// while another process still holds the socket (as the agent and the proxy
+/// do for a moment after they pass it on): its later events never come back
+/// with a closed descriptor's stale data. Without this the native bench server
+/// freed connections twice in a 1000-connection steal.
+#[test]
+fn a_closed_passed_socket_leaves_the_programs_epoll_sets() {
+    let bed = Bed::new();
+    let service = bed.service_v4.to_string();
+    let (out, layer) = run_logged(
+        &bed,
+        &[],
+        &[],
+        &[python(), &script(), "epoll-close", &service, "80"],
+    );
+    assert!(
+        layer.contains("the target's socket itself as fd"),
+        "the socket was not passed:\n{layer}"
+    );
+    let seen = json(&out);
+    assert_eq!(
+        seen["events"],
+        serde_json::json!([]),
+        "epoll reported a closed socket: {out}"
+    );
+}
+
 #[test]
 fn a_non_blocking_connect_says_einprogress_then_turns_writable() {
     let bed = Bed::new();
