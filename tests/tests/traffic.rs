@@ -44,10 +44,29 @@ fn serve_in_target(bed: &Bed, name: &str, port: u16) -> Proc {
 
 /// Starts `graft record --target pid:PID ARGS...` and waits until it records.
 fn start_record(bed: &Bed, args: &[&str]) -> Proc {
+    start_record_with(bed, args, false)
+}
+
+/// [`start_record`], under a bounding set without `CAP_NET_RAW` when
+/// `pass_through` (the agent then mirrors by redirect and pass-through instead
+/// of sniffing).
+fn start_record_with(bed: &Bed, args: &[&str], pass_through: bool) -> Proc {
     let target = format!("pid:{}", bed.target_pid);
     let mut all = vec!["record", "--target", &target];
     all.extend_from_slice(args);
-    let mut record = bed.spawn(bed.graft(&all), &format!("graft {}", all.join(" ")));
+    let mut command = bed.graft(&all);
+    if pass_through {
+        let graft = command;
+        command = Command::new("capsh");
+        command
+            .arg("--drop=cap_net_raw")
+            .args(["--", "-c", "exec \"$0\" \"$@\""])
+            .arg(graft.get_program())
+            .args(graft.get_args())
+            .current_dir(graft_tests::package_dir())
+            .env("GRAFT_LOG", "debug");
+    }
+    let mut record = bed.spawn(command, &format!("graft {}", all.join(" ")));
     let recording = wait_until(STEAL_TIMEOUT, Duration::from_millis(50), || {
         if let Some(status) = record.try_status() {
             panic!(
@@ -382,14 +401,26 @@ fn record_refuses_an_unwritable_output_before_starting_an_agent() {
 /// agent dates each chunk when the kernel captured it (tap time frames).
 #[test]
 fn record_keeps_the_order_of_requests_whose_copies_arrive_together() {
+    record_burst(false);
+}
+
+/// The same through the pass-through mirror (an agent without `CAP_NET_RAW`),
+/// which dates each chunk when it reads it.
+#[test]
+fn record_through_the_pass_through_mirror_keeps_the_order_too() {
+    record_burst(true);
+}
+
+fn record_burst(pass_through: bool) {
     let bed = Bed::new();
     let port = bed.map_port;
     let _server = serve_in_target(&bed, "target", port);
     let har_path = bed.work_dir().join("burst.har");
     let har_arg = har_path.to_str().unwrap().to_owned();
-    let record = start_record(
+    let record = start_record_with(
         &bed,
         &["--port", &port.to_string(), "--count", "8", "-o", &har_arg],
+        pass_through,
     );
     let urls: Vec<String> = (0..8).map(|i| format!("http://t/seq/{i}")).collect();
     // Each request on a connection of its own, read to the server's close
@@ -419,6 +450,9 @@ fn record_keeps_the_order_of_requests_whose_copies_arrive_together() {
 
     let out = record.finish(RECORD_END);
     assert!(out.success(), "graft record failed\n{out}");
+    if pass_through {
+        assert!(out.stderr.contains("pass through the agent"), "{out}");
+    }
     let raw = std::fs::read_to_string(&har_path).expect("the HAR file exists");
     let har: Value = serde_json::from_str(&raw).expect("the HAR file is JSON");
     let entries = har["log"]["entries"].as_array().expect("entries");

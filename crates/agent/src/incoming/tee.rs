@@ -156,7 +156,6 @@ pub fn copy_to(mirrors: &mut Vec<Mirror>, direction: Direction, bytes: &[u8]) {
     let mut raw = None;
     let mut frames = None;
     let mut timed = None;
-    let now = SystemTime::now();
     let framed = |at| {
         let mut out = BytesMut::with_capacity(framed_len(bytes.len()));
         frame_into(&mut out, direction, bytes, at);
@@ -164,7 +163,9 @@ pub fn copy_to(mirrors: &mut Vec<Mirror>, direction: Direction, bytes: &[u8]) {
     };
     mirrors.retain(|mirror| {
         let chunk = match (mirror.framed, direction) {
-            (true, _) if mirror.times => timed.get_or_insert_with(|| framed(Some(now))).clone(),
+            (true, _) if mirror.times => timed
+                .get_or_insert_with(|| framed(Some(SystemTime::now())))
+                .clone(),
             (true, _) => frames.get_or_insert_with(|| framed(None)).clone(),
             (false, Direction::Request) => raw
                 .get_or_insert_with(|| Bytes::copy_from_slice(bytes))
