@@ -478,6 +478,7 @@ pub async fn wait_for_agent(
         Err(_elapsed) => return Err(timeout_error(client, &api, placement, timeout).await),
     };
     if let AgentState::Failed(reason) = agent_state(pod.as_ref(), placement) {
+        let reason = with_log_tail(&api, placement, reason).await;
         return Err(failed_error(client, placement, reason).await);
     }
 
@@ -492,6 +493,7 @@ pub async fn wait_for_agent(
                 AgentState::Failed(reason) => reason,
                 _ => "its log ended before it printed its ready line".into(),
             };
+            let reason = with_log_tail(&api, placement, reason).await;
             Err(failed_error(client, placement, reason).await)
         }
         Ok(Err(e)) => Err(e),
@@ -571,6 +573,37 @@ async fn events_of(client: &Client, placement: &AgentPlacement) -> Vec<String> {
     )
     .await
     .unwrap_or_default()
+}
+
+/// How many of an exited agent's last log lines its failure quotes.
+const LOG_TAIL: i64 = 6;
+
+/// `reason` with the last [`LOG_TAIL`] lines of the agent's log, when it has
+/// any: an agent that exits before its ready line says why there (a signal,
+/// its target gone, a refused namespace), and a pod that is gone or a log
+/// graft may not read adds nothing.
+async fn with_log_tail(api: &Api<Pod>, placement: &AgentPlacement, reason: String) -> String {
+    let params = LogParams {
+        container: Some(placement.agent_container.clone()),
+        tail_lines: Some(LOG_TAIL),
+        ..LogParams::default()
+    };
+    let tail = api
+        .logs(&placement.agent_pod, &params)
+        .await
+        .ok()
+        .map(|log| {
+            log.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+        .filter(|tail| !tail.is_empty());
+    match tail {
+        Some(tail) => format!("{reason}; its log ends: {tail}"),
+        None => reason,
+    }
 }
 
 async fn failed_error(client: &Client, placement: &AgentPlacement, reason: String) -> KubeError {
