@@ -43,8 +43,12 @@ pub enum FindError {
 }
 
 /// The process of container `id` under `proc_root` (normally `/proc`): of every
-/// process whose cgroup names the container, the one with the lowest PID, which
-/// is the container's first process.
+/// process whose cgroup names the container, the one that started first (the
+/// lowest PID among those that started in the same clock tick), which is the
+/// container's first process. Not the lowest PID: once PIDs wrap around, a
+/// process started in the container later (`kubectl exec`, an exec probe) can
+/// have a lower one, and an agent that watched it took its exit for the
+/// target's.
 ///
 /// # Errors
 ///
@@ -56,9 +60,10 @@ pub fn find_container_pid(proc_root: &Path, id: &str) -> Result<u32, FindError> 
         return Err(FindError::Invalid(id.to_owned()));
     }
     let own = std::process::id();
-    let mut best: Option<u32> = None;
+    // (start time, pid); a process whose start time cannot be read sorts last.
+    let mut best: Option<(u64, u32)> = None;
     for pid in graft_proc::pids_in(proc_root) {
-        if pid == own || best.is_some_and(|b| b < pid) {
+        if pid == own {
             continue;
         }
         // Processes come and go while we look: a vanished one is skipped.
@@ -66,10 +71,14 @@ pub fn find_container_pid(proc_root: &Path, id: &str) -> Result<u32, FindError> 
             continue;
         };
         if cgroup_names(&cgroup, id) {
-            best = Some(pid);
+            let started = graft_proc::start_time_in(proc_root, pid).unwrap_or(u64::MAX);
+            if best.is_none_or(|b| (started, pid) < b) {
+                best = Some((started, pid));
+            }
         }
     }
-    best.ok_or_else(|| FindError::NotFound(id.to_owned()))
+    best.map(|(_, pid)| pid)
+        .ok_or_else(|| FindError::NotFound(id.to_owned()))
 }
 
 #[cfg(test)]
@@ -103,6 +112,30 @@ mod tests {
             find_container_pid(Path::new("/proc"), "zzzzzzzzzzzzzzzz"),
             Err(FindError::Invalid(_))
         ));
+    }
+
+    /// After PIDs wrapped around: a process started in the container later
+    /// has a lower PID than the container's first process.
+    #[test]
+    fn the_first_started_process_wins_over_a_lower_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let stat = |pid: &str, started: u64| {
+            format!(
+                "{pid} (python3) S 1 {pid} {pid} 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {started} 1 1"
+            )
+        };
+        for (pid, started) in [("31000", 500), ("3603", 90_000), ("45", 80_000)] {
+            std::fs::create_dir(dir.path().join(pid)).unwrap();
+            let cgroup = if pid == "45" {
+                "0::/system.slice\n".to_owned()
+            } else {
+                format!("0::/kubepods/{ID}\n")
+            };
+            std::fs::write(dir.path().join(pid).join("cgroup"), cgroup).unwrap();
+            std::fs::write(dir.path().join(pid).join("stat"), stat(pid, started)).unwrap();
+        }
+        assert_eq!(find_container_pid(dir.path(), ID), Ok(31000));
+        assert_eq!(graft_proc::parse_start_time(&stat("7", 123)), Some(123));
     }
 
     #[test]

@@ -79,6 +79,25 @@ pub fn parse_parent(stat: &str) -> Option<u32> {
         .ok()
 }
 
+/// When process `pid` under `proc_root` (normally `/proc`) started, in clock
+/// ticks since boot (`starttime`, field 22 of `/proc/PID/stat`, proc(5));
+/// `None` when there is no such process.
+pub fn start_time_in(proc_root: &Path, pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// The start time in the text of a `stat` file: the 20th field after the
+/// command name (which is in parentheses and may itself hold `)` and spaces).
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// Whether process `pid` exists and is neither a zombie nor dead.
 pub fn is_running(pid: u32) -> bool {
     state(pid).is_some_and(|s| !matches!(s, 'Z' | 'X'))
@@ -280,6 +299,20 @@ fn parse_socket_addr(hex: &str) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_child_starts_no_earlier_than_its_parent() {
+        let own = start_time_in(Path::new("/proc"), std::process::id()).expect("our start time");
+        let mut child = std::process::Command::new("sleep")
+            .arg("1")
+            .spawn()
+            .unwrap();
+        let started = start_time_in(Path::new("/proc"), child.id()).expect("the child's");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(own <= started, "{own} > {started}");
+        assert_eq!(start_time_in(Path::new("/proc"), u32::MAX), None);
+    }
+
     use super::*;
 
     #[test]
