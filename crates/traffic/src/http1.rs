@@ -127,7 +127,7 @@ pub struct Parser {
     state: State,
     current: Option<Message>,
     /// When the first byte not yet part of a message was read.
-    pending_start: Option<(Instant, SystemTime)>,
+    pending_start: Option<Instant>,
 }
 
 impl Parser {
@@ -165,7 +165,7 @@ impl Parser {
             return out;
         }
         if self.pending_start.is_none() && self.current.is_none() {
-            self.pending_start = Some((now, wall_of(now)));
+            self.pending_start = Some(now);
         }
         self.buf.extend_from_slice(data);
         while self.step(now, body_less, &mut out) {}
@@ -275,10 +275,10 @@ impl Parser {
             Err(e) => return self.stop(format!("not HTTP/1.x: {e}")),
         };
         self.buf.drain(..len);
-        let (started, started_wall) = self.pending_start.take().unwrap_or((now, wall_of(now)));
+        let started = self.pending_start.take().unwrap_or(now);
         if self.side == Side::Response && (100..200).contains(&head.status) && head.status != 101 {
             // An interim response: the final one follows.
-            self.pending_start = (!self.buf.is_empty()).then_some((now, wall_of(now)));
+            self.pending_start = (!self.buf.is_empty()).then_some(now);
             return true;
         }
         let framing = match self.framing(&head, body_less) {
@@ -292,7 +292,7 @@ impl Parser {
             body_len: 0,
             complete: true,
             started,
-            started_wall,
+            started_wall: wall_of(started),
             finished: now,
         };
         if switching {
@@ -449,7 +449,7 @@ impl Parser {
             out.push(message);
         }
         self.state = State::Head;
-        self.pending_start = (!self.buf.is_empty()).then_some((now, wall_of(now)));
+        self.pending_start = (!self.buf.is_empty()).then_some(now);
     }
 }
 
