@@ -30,6 +30,21 @@ fn script() -> String {
     fixture_str("sockfd.py")
 }
 
+/// `graft run -- sockfd.py MODE SERVICE 80 EXTRA...` against the bed's service
+/// with `env`, logged ([`run_logged`]): its outcome and the layer's log.
+fn sockfd_to_service(
+    bed: &Bed,
+    env: &[(&str, &str)],
+    mode: &str,
+    extra: &[&str],
+) -> (Outcome, String) {
+    let service = bed.service_v4.to_string();
+    let script = script();
+    let mut cmd = vec![python(), &script, mode, &service, "80"];
+    cmd.extend_from_slice(extra);
+    run_logged(bed, env, &[], &cmd)
+}
+
 /// Whether `fd` is a listening socket (`SO_ACCEPTCONN`, socket(7)).
 fn listens(fd: &OwnedFd) -> bool {
     nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::AcceptConn)
@@ -40,12 +55,7 @@ fn listens(fd: &OwnedFd) -> bool {
 fn outgoing_tcp_is_the_targets_own_socket_with_the_programs_flags_and_options() {
     let bed = Bed::new();
     let service = bed.service_v4.to_string();
-    let (out, layer) = run_logged(
-        &bed,
-        &[],
-        &[],
-        &[python(), &script(), "out", &service, "80"],
-    );
+    let (out, layer) = sockfd_to_service(&bed, &[], "out", &[]);
     let seen = json(&out);
     // The service saw the target's address: the connection left from there.
     assert_eq!(
@@ -102,13 +112,7 @@ fn outgoing_tcp_is_the_targets_own_socket_with_the_programs_flags_and_options() 
 #[test]
 fn a_closed_passed_socket_leaves_the_programs_epoll_sets() {
     let bed = Bed::new();
-    let service = bed.service_v4.to_string();
-    let (out, layer) = run_logged(
-        &bed,
-        &[],
-        &[],
-        &[python(), &script(), "epoll-close", &service, "80"],
-    );
+    let (out, layer) = sockfd_to_service(&bed, &[], "epoll-close", &[]);
     assert!(
         layer.contains("the target's socket itself as fd"),
         "the socket was not passed:\n{layer}"
@@ -125,12 +129,7 @@ fn a_closed_passed_socket_leaves_the_programs_epoll_sets() {
 fn a_non_blocking_connect_says_einprogress_then_turns_writable() {
     let bed = Bed::new();
     let service = bed.service_v4.to_string();
-    let (out, layer) = run_logged(
-        &bed,
-        &[],
-        &[],
-        &[python(), &script(), "nonblock", &service, "80", "1"],
-    );
+    let (out, layer) = sockfd_to_service(&bed, &[], "nonblock", &["1"]);
     let seen = json(&out);
     assert_eq!(seen["connect"], "EINPROGRESS", "{out}");
     assert_eq!(seen["writable"], true, "{out}");
@@ -279,12 +278,7 @@ fn with_passing_off_sockets_are_relayed_and_still_work() {
     let bed = Bed::new();
     let off = [("GRAFT_FD_PASSING", "0")];
     let service = bed.service_v4.to_string();
-    let (out, layer) = run_logged(
-        &bed,
-        &off,
-        &[],
-        &[python(), &script(), "out", &service, "80"],
-    );
+    let (out, layer) = sockfd_to_service(&bed, &off, "out", &[]);
     let seen = json(&out);
     assert_eq!(
         seen["reply"].as_str().map(str::trim),
