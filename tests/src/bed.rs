@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{DirBuilderExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, Once};
@@ -86,6 +86,9 @@ pub struct Bed {
     /// `/tmp/graft-testbed/N`: empty on the host; holds `tmp-remote.txt` in the
     /// target. `/tmp` is local by default, so only `--fs-remote` reaches it.
     pub tmp_remote_dir: PathBuf,
+    /// Whether graft runs with [`Bed::sessions_dir`] as its `/run/graft`
+    /// ([`Bed::with_own_sessions`]).
+    own_sessions: bool,
     work: TempDir,
     servers: Vec<Proc>,
     spawned: Mutex<Vec<u32>>,
@@ -143,6 +146,7 @@ impl Bed {
             hostonly_dir: dir.join("hostonly"),
             tmp_remote_dir: PathBuf::from(format!("/tmp/graft-testbed/{n}")),
             dir,
+            own_sessions: false,
             work: tempfile::Builder::new()
                 .prefix("graft-test-")
                 .tempdir()
@@ -159,12 +163,52 @@ impl Bed {
         bed
     }
 
+    /// This bed's graft processes see [`Bed::sessions_dir`] as `/run/graft`,
+    /// where root's session directories are: each runs in a mount namespace of
+    /// its own with that directory bound there, so they see each other's
+    /// sessions and none of the tests running beside them.
+    ///
+    /// For tests of what looks at every session of the user (the inspector,
+    /// `graft ui`): without it, the page lists and counts the requests of
+    /// whatever other test runs a session meanwhile, and its watching turns on
+    /// the copy of their connections (which then are relayed, not passed).
+    pub fn with_own_sessions(mut self) -> Bed {
+        for dir in [self.sessions_dir(), PathBuf::from("/run/graft")] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        }
+        self.own_sessions = true;
+        self
+    }
+
+    /// `/run/graft-testbed/N/sessions`: what this bed's graft processes see as
+    /// `/run/graft` after [`Bed::with_own_sessions`].
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.dir.join("sessions")
+    }
+
     // ----- driving graft -------------------------------------------------------
 
     /// A `graft` command with `args`, run from the package directory (so fixtures
     /// stay local), marked with the bed's slot, without proxy variables.
+    ///
+    /// After [`Bed::with_own_sessions`], graft is started by `unshare(1)` and
+    /// `sh`, both replaced by graft (`exec`): the pid is graft's.
     pub fn graft(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(graft_bin());
+        let mut command = if self.own_sessions {
+            let mut command = Command::new("unshare");
+            command
+                .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg(r#"mount --bind "$0" /run/graft && exec "$@""#)
+                .arg(self.sessions_dir())
+                .arg(graft_bin());
+            command
+        } else {
+            Command::new(graft_bin())
+        };
         command.args(args).current_dir(package_dir());
         self.mark(&mut command);
         command

@@ -16,6 +16,11 @@
 //! filter took shows as gone to the target (status and headers, from the
 //! agent's routing record) within 1 s, and a request another session's filter
 //! took shows to the others as "another session" with nothing it carried.
+//!
+//! The page lists every session of the user on the machine, and the tests run
+//! as root beside others that run sessions too: each bed's graft processes see
+//! a `/run/graft` of their own ([`Bed::with_own_sessions`]), so a page shows
+//! (and counts) the requests of its own test only.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -143,7 +148,7 @@ fn exchange_event(stream: &Proc, path: &str) -> Value {
 
 #[test]
 fn the_page_shows_each_request_live_with_its_headers_and_runs_nothing_from_traffic() {
-    let bed = Bed::new();
+    let bed = Bed::new().with_own_sessions();
     let url = bed.target_url(bed.app_port);
     let (mut session, _) = bed.steal(&["--ui"], bed.app_port, &url);
     let page = inspector_url(&mut session);
@@ -248,7 +253,7 @@ fn the_page_shows_each_request_live_with_its_headers_and_runs_nothing_from_traff
     let waiting = wait_until(PAGE_WAIT, Duration::from_millis(50), || {
         browser
             .text(&browser.by_id("count"))
-            .contains("1 waiting")
+            .contains(", 1 waiting")
             .then_some(())
     });
     assert!(
@@ -267,7 +272,7 @@ fn the_page_shows_each_request_live_with_its_headers_and_runs_nothing_from_traff
 
 #[test]
 fn the_inspector_refuses_strangers_foreign_sites_and_other_users() {
-    let bed = Bed::new();
+    let bed = Bed::new().with_own_sessions();
     let url = bed.target_url(bed.app_port);
     let (session, _) = bed.steal(&[], bed.app_port, &url);
     let mut ui = bed.spawn(bed.graft(&["ui"]), "graft ui");
@@ -355,7 +360,7 @@ fn the_inspector_refuses_strangers_foreign_sites_and_other_users() {
     assert!(seen.is_some(), "{}", stream.stdout());
 
     // Another local user: the session's event socket is out of reach...
-    let socket = session_socket(session.pid());
+    let socket = session_socket(&bed, session.pid());
     let as_nobody = |path: &str| {
         let out = Command::new("setpriv")
             .args([
@@ -405,9 +410,9 @@ fn the_inspector_refuses_strangers_foreign_sites_and_other_users() {
 }
 
 /// The event socket of the session run by graft process `pid` (root's sessions
-/// live under /run/graft).
-fn session_socket(pid: u32) -> std::path::PathBuf {
-    std::fs::read_dir("/run/graft")
+/// live under /run/graft, which is the bed's [`Bed::sessions_dir`] for graft).
+fn session_socket(bed: &Bed, pid: u32) -> std::path::PathBuf {
+    std::fs::read_dir(bed.sessions_dir())
         .expect("root's session directories")
         .flatten()
         .map(|e| e.path())
@@ -417,7 +422,7 @@ fn session_socket(pid: u32) -> std::path::PathBuf {
         })
         .map(|dir| dir.join("events.sock"))
         .filter(|socket| socket.exists())
-        .unwrap_or_else(|| panic!("no event socket for graft {pid} under /run/graft"))
+        .unwrap_or_else(|| panic!("no event socket for graft {pid} in the bed's /run/graft"))
 }
 
 /// Builds `fixtures/goapp.go` statically (as `tests/isolate.rs` does), so graft
@@ -442,7 +447,7 @@ fn go_app(bed: &Bed) -> String {
 
 #[test]
 fn an_isolated_filtered_session_shows_its_requests_with_the_filter_that_took_them() {
-    let bed = Bed::new();
+    let bed = Bed::new().with_own_sessions();
     let go = go_app(&bed);
     let port = bed.app_port.to_string();
     let mut session = bed.spawn(
@@ -518,7 +523,7 @@ fn an_isolated_filtered_session_shows_its_requests_with_the_filter_that_took_the
 
 #[test]
 fn a_mirrored_session_shows_the_request_the_target_answered_and_cmds_dropped_answer() {
-    let bed = Bed::new();
+    let bed = Bed::new().with_own_sessions();
     let app = graft_tests::fixture_str("http_app.py");
     let port = bed.app_port.to_string();
     let mut session = bed.spawn(
@@ -582,18 +587,12 @@ while True:
 
 #[test]
 fn a_difference_of_the_shadow_diff_is_a_marked_row_with_its_json() {
-    let bed = Bed::new();
+    let bed = Bed::new().with_own_sessions();
     // A session directory of root's, as `graft run` makes them, whose feed is ours.
     let dir = tempfile::Builder::new()
         .prefix("inspector-test-")
-        .tempdir_in("/run/graft")
-        .or_else(|_| {
-            std::fs::create_dir_all("/run/graft")?;
-            tempfile::Builder::new()
-                .prefix("inspector-test-")
-                .tempdir_in("/run/graft")
-        })
-        .expect("a session directory under /run/graft");
+        .tempdir_in(bed.sessions_dir())
+        .expect("a session directory in the bed's /run/graft");
     let session = dir
         .path()
         .file_name()
@@ -705,7 +704,7 @@ fn session_id(stream: &Proc, pid: u32) -> String {
 
 #[test]
 fn a_filtered_session_shows_the_requests_no_filter_took_as_gone_to_the_target() {
-    let bed = Bed::new();
+    let bed = Bed::new().with_own_sessions();
     let mut session = filtered_session(
         &bed,
         "^x-user: alice$",
@@ -812,7 +811,7 @@ fn a_filtered_session_shows_the_requests_no_filter_took_as_gone_to_the_target() 
 
 #[test]
 fn a_session_sees_that_another_sessions_filter_took_a_request_but_nothing_it_carried() {
-    let bed = Bed::new();
+    let bed = Bed::new().with_own_sessions();
     // Alice watches; her agent owns the target's hub (she came first).
     let mut alice = filtered_session(
         &bed,
