@@ -209,6 +209,51 @@ fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
     );
 }
 
+/// The loopback connection the proxy makes for each passed stolen connection
+/// (so that the program's `accept` wakes) ends with a reset once the layer
+/// swaps in the target's socket: no end of it is left in `TIME_WAIT` (60 s
+/// each, tcp(7)), where a thousand stolen connections a second would keep some
+/// 60 000 sockets on the program's port and slow every later loopback connect.
+#[test]
+fn a_passed_stolen_connection_leaves_no_time_wait_on_the_loopback() {
+    let bed = Bed::new();
+    let (session, _, log) = steal_with(&bed, &[]);
+    let url = bed.target_url(bed.app_port);
+    for _ in 0..5 {
+        let body = curl(&url).unwrap_or_else(|e| panic!("{e}\n{}", session.output_report()));
+        assert!(body.contains("\"local\""), "{body}");
+    }
+    assert_logs_say(
+        &session,
+        &log,
+        "stolen connection passed as a descriptor",
+        "the target's socket itself as fd",
+    );
+    // The program's side of a loopback connection: a local address on the
+    // program's port (the stolen connections themselves have the target's).
+    let port = format!(":{}", bed.app_port);
+    let out = Command::new("ss")
+        .args(["-Htn", "state", "time-wait"])
+        .output()
+        .expect("ss runs");
+    let lingering: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| {
+            let local = line.split_whitespace().nth(2).unwrap_or("");
+            local.ends_with(&port)
+                && ["127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"]
+                    .iter()
+                    .any(|loopback| local.starts_with(loopback))
+        })
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        lingering.is_empty(),
+        "loopback connections to the program's port left in TIME_WAIT:\n{}",
+        lingering.join("\n")
+    );
+}
+
 /// Asserts that the session's log says `agent` and the layer's log at `log`
 /// says `layer`. The agent's log reaches graft's stderr through a pipe and the
 /// test's reader thread: it may trail the answer a little (5 s at most).

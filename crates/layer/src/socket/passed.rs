@@ -96,10 +96,18 @@ fn flags_of(fd: c_int) -> (bool, bool) {
 
 /// Puts `passed` at descriptor `at` (closing what `at` was) with the program's
 /// flags and options of `at`.
-fn adopt(passed: OwnedFd, at: c_int) -> Result<(), c_int> {
+///
+/// With `reset_replaced`, what `at` was (the loopback connection the proxy made
+/// for an `accept`, which carried no byte) closes with a reset (`SO_LINGER` 0,
+/// socket(7)) rather than a FIN: a FIN leaves its end in `TIME_WAIT` for 60 s
+/// (tcp(7)), one per stolen connection, on the program's own port, and every
+/// later loopback connection of the proxy searches past them for a free port
+/// (a thousand new connections a second kept ~60 000 of them).
+fn adopt(passed: OwnedFd, at: c_int, reset_replaced: bool) -> Result<(), c_int> {
     let (nonblocking, cloexec) = flags_of(at);
     let raw = passed.as_raw_fd();
     copy_options(at, raw);
+    let kept_linger = reset_replaced.then(|| set_linger(at, Some(0)));
     // SAFETY: fcntl and dup3 on descriptors we own (`raw`) or the program's
     // socket it handed to the hook (`at`); dup3 closes `at`'s old file atomically.
     unsafe {
@@ -114,10 +122,47 @@ fn adopt(passed: OwnedFd, at: c_int) -> Result<(), c_int> {
         }
         let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
         if real!(dup3(raw, at, flags): fn(c_int, c_int, c_int) -> c_int) < 0 {
-            return Err(crate::guard::errno());
+            let errno = crate::guard::errno();
+            // `at` stays the program's (relayed) connection: as it was.
+            if let Some(Some(linger)) = kept_linger {
+                set_linger(at, linger);
+            }
+            return Err(errno);
         }
     }
     Ok(())
+}
+
+/// Sets `SO_LINGER` on `fd` to `seconds` (`None`: off); returns the setting it
+/// replaced, `None` when it could not be read.
+fn set_linger(fd: c_int, seconds: Option<c_int>) -> Option<Option<c_int>> {
+    let mut old = libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    let mut len = std::mem::size_of::<libc::linger>() as socklen_t;
+    let new = libc::linger {
+        l_onoff: c_int::from(seconds.is_some()),
+        l_linger: seconds.unwrap_or(0),
+    };
+    // SAFETY: both buffers are `linger` structs of the length given.
+    unsafe {
+        let read = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw mut old).cast::<c_void>(),
+            &mut len,
+        );
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const new).cast::<c_void>(),
+            std::mem::size_of::<libc::linger>() as socklen_t,
+        );
+        (read == 0).then_some((old.l_onoff != 0).then_some(old.l_linger))
+    }
 }
 
 /// Waits for the passed socket at `fd`, connecting, to finish; `0` or `-1`
@@ -210,7 +255,7 @@ pub fn connect(fd: c_int, dest: SocketAddr, family: c_int) -> Option<c_int> {
             }
         };
     let (nonblocking, _) = flags_of(fd);
-    if let Err(errno) = adopt(passed, fd) {
+    if let Err(errno) = adopt(passed, fd, false) {
         layer_log!(
             debug,
             "TCP to {dest}: the passed socket could not take fd {fd}: {}",
@@ -326,7 +371,7 @@ unsafe fn adopt_stolen(
     how: &str,
 ) -> Accepted {
     let family = super::socket_family(new_fd);
-    if let Err(errno) = adopt(fd, new_fd) {
+    if let Err(errno) = adopt(fd, new_fd, true) {
         layer_log!(
             error,
             "the stolen connection from {} could not take fd {new_fd}: {}; it stays with the proxy",

@@ -179,6 +179,7 @@ async fn deliver_fd(
         tracing::debug!(client = %peer.peer, "stolen connection relayed, not passed: the inspector watches");
         return deliver_watched(shared, target, peer, fd).await;
     }
+    let client = peer.peer;
     let mut proxy_side = None;
     let connected = async {
         let socket = match target {
@@ -213,7 +214,9 @@ async fn deliver_fd(
         .await
     {
         Ok(Ok(stream)) => {
-            if let Some(entry) = lock(&shared.passed).get_mut(&local) {
+            if let Some(entry) = lock(&shared.passed).get_mut(&local)
+                && entry.peer.peer == client
+            {
                 entry.connected = true;
             }
             stream
@@ -224,7 +227,7 @@ async fn deliver_fd(
                 _ => "timed out".into(),
             };
             tracing::warn!(%target, client = %peer.peer, "cannot deliver a passed stolen connection to the local listener ({why}); closed");
-            lock(&shared.passed).remove(&local);
+            remove_own(&shared, local, client);
             return;
         }
     };
@@ -233,16 +236,33 @@ async fn deliver_fd(
     // the program uses it without the layer (bytes or EOF, unclaimed).
     let waited = tokio::time::timeout(shared.options.relay_timeout, stream.readable()).await;
     if matches!(waited, Ok(Err(_))) {
-        lock(&shared.passed).remove(&local);
+        remove_own(&shared, local, client);
         return;
     }
-    let unclaimed = lock(&shared.passed).remove(&local);
+    let unclaimed = remove_own(&shared, local, client);
     if let Some(Passed { fd, .. }) = unclaimed {
         tracing::debug!(client = %peer.peer, "a passed stolen connection the layer did not claim; relayed by the proxy");
         // `PeerOf` still names the real client for a late `accept`.
         shared.add_delivered(local, peer);
         splice_with_fd(stream, fd).await;
         shared.remove_delivered(local);
+    }
+}
+
+/// Removes the entry at `local` if it is still the stolen connection of
+/// `client` (the real client's address, which no other live connection to the
+/// target's port shares).
+///
+/// The proxy's address alone does not say: the layer closes a claimed loopback
+/// connection with a reset, which frees the proxy's port at once (a socket
+/// bound to port 0 gives it back when it closes, open descriptor or not), so
+/// the next stolen connection may bind the same address and be entered there
+/// before this one's task wakes to look.
+fn remove_own(shared: &Shared, local: SocketAddr, client: SocketAddr) -> Option<Passed> {
+    let mut passed = lock(&shared.passed);
+    match passed.get(&local) {
+        Some(entry) if entry.peer.peer == client => passed.remove(&local),
+        _ => None,
     }
 }
 
