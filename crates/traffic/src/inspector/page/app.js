@@ -96,8 +96,10 @@
     rows.append(row);
   }
 
+  const exchangeKey = (ev) => `${ev.session}/${ev.id}`;
+
   function addExchange(ev) {
-    const key = `${ev.session}/${ev.id}`;
+    const key = exchangeKey(ev);
     if (seen.has(key)) return;
     seen.add(key);
     const status = ev.response ? ev.response.status : "—";
@@ -254,6 +256,12 @@
       return;
     }
     if (paused && (ev.kind === "exchange" || ev.kind === "difference")) {
+      // A stream reconnected while paused replays the backlog: an exchange
+      // already shown or already waiting is not counted again.
+      if (ev.kind === "exchange") {
+        const key = exchangeKey(ev);
+        if (seen.has(key) || queued.some((q) => q.kind === "exchange" && exchangeKey(q) === key)) return;
+      }
       queued.push(ev);
       count();
       return;
