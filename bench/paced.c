@@ -1,0 +1,219 @@
+/* bench/paced.c: the open-loop HTTP/1.1 client of `bench/run`: requests at a
+ * fixed rate, evenly spaced, over CONNS keep-alive connections, for the rows
+ * that ask what graft adds to a server that is not saturated (wrk keeps every
+ * connection busy, so on two cores its tail is mostly queueing behind
+ * whatever else runs).
+ *
+ * Each request's latency counts from the moment it was due, not from when a
+ * free connection sent it, so a stall shows in full in the tail instead of
+ * delaying the requests that would have measured it ("coordinated omission";
+ * wrk2 measures the same way). A request due while every connection is busy
+ * waits for the first one free.
+ *
+ * usage: paced HOST PORT RATE CONNS SECS [HEADER]
+ *   HOST: an IPv4 address; RATE: requests per second; HEADER: one more
+ *   request header line ("Name: value"), e.g. a filter's.
+ * prints: RESULT p50 p99 p999 requests errors
+ *   (latencies in µs, the line bench/latency.lua makes wrk print).
+ *
+ * The answer's length comes from its Content-Length (RFC 9112 section 6.3);
+ * an answer without one, a closed connection or a failed write counts as an
+ * error and retires the connection.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BUF 8192
+#define BACKLOG (1u << 16) /* due requests waiting for a connection, at most */
+
+struct conn {
+  int fd;
+  int busy;
+  uint64_t due; /* ns, CLOCK_MONOTONIC */
+  size_t len;   /* bytes buffered */
+  char buf[BUF];
+};
+
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Length of the whole answer in buf[0..len), 0 if not all of its head is in,
+ * -1 if it has no usable Content-Length. */
+static long answer_len(const char *buf, size_t len) {
+  const char *end = memmem(buf, len, "\r\n\r\n", 4);
+  if (!end) return len >= BUF ? -1 : 0;
+  size_t head = (size_t)(end - buf) + 4;
+  for (const char *p = buf; p < end;) {
+    const char *eol = memmem(p, (size_t)(end - p) + 2, "\r\n", 2);
+    if (!eol) break;
+    if ((size_t)(eol - p) > 15 && strncasecmp(p, "content-length:", 15) == 0) {
+      long body = strtol(p + 15, NULL, 10);
+      return body < 0 || head + (size_t)body > BUF ? -1 : (long)(head + (size_t)body);
+    }
+    p = eol + 2;
+  }
+  return -1;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 6) {
+    fprintf(stderr, "usage: paced HOST PORT RATE CONNS SECS [HEADER]\n");
+    return 2;
+  }
+  struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
+  if (inet_pton(AF_INET, argv[1], &addr.sin_addr) != 1) {
+    fprintf(stderr, "paced: %s is not an IPv4 address\n", argv[1]);
+    return 2;
+  }
+  long rate = atol(argv[3]), nconns = atol(argv[4]), secs = atol(argv[5]);
+  if (rate <= 0 || rate > 1000000 || nconns <= 0 || nconns > 10000 || secs <= 0) {
+    fprintf(stderr, "paced: RATE 1..1000000, CONNS 1..10000, SECS > 0\n");
+    return 2;
+  }
+  char request[512];
+  int reqlen = snprintf(request, sizeof request, "GET / HTTP/1.1\r\nHost: %s\r\n%s%s\r\n", argv[1],
+                        argc > 6 ? argv[6] : "", argc > 6 ? "\r\n" : "");
+  if (reqlen <= 0 || (size_t)reqlen >= sizeof request) {
+    fprintf(stderr, "paced: the header is too long\n");
+    return 2;
+  }
+
+  int ep = epoll_create1(EPOLL_CLOEXEC);
+  struct conn *conns = calloc((size_t)nconns, sizeof *conns);
+  long *idle = calloc((size_t)nconns, sizeof *idle); /* a stack of free connections */
+  long nidle = 0, alive = 0;
+  for (long i = 0; i < nconns; i++) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+      perror("paced: connect");
+      return 1;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    conns[i].fd = fd;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)i};
+    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+    idle[nidle++] = i;
+    alive++;
+  }
+
+  uint64_t interval = 1000000000u / (uint64_t)rate;
+  int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+  uint64_t start = now_ns() + 1000000u; /* the first request 1 ms from now */
+  struct itimerspec its = {
+      .it_value = {.tv_sec = (time_t)(start / 1000000000u), .tv_nsec = (long)(start % 1000000000u)},
+      .it_interval = {.tv_sec = (time_t)(interval / 1000000000u), .tv_nsec = (long)(interval % 1000000000u)},
+  };
+  timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+  struct epoll_event tev = {.events = EPOLLIN, .data.u64 = UINT64_MAX};
+  epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &tev);
+
+  uint64_t stop = start + (uint64_t)secs * 1000000000u;
+  size_t cap = (size_t)rate * (size_t)secs + 16, done = 0;
+  uint64_t *lat = malloc(cap * sizeof *lat);
+  uint64_t *due = malloc(BACKLOG * sizeof *due); /* a ring of due times */
+  size_t head = 0, tail = 0;
+  uint64_t ticks = 0, errors = 0;
+  int scheduling = 1;
+
+  while (scheduling || nidle < alive) {
+    struct epoll_event evs[64];
+    int n = epoll_wait(ep, evs, 64, 100);
+    if (n < 0 && errno != EINTR) {
+      perror("paced: epoll_wait");
+      return 1;
+    }
+    uint64_t t = now_ns();
+    if (!scheduling && t > stop + 2000000000u) break; /* answers that never came */
+    for (int k = 0; k < n; k++) {
+      if (evs[k].data.u64 == UINT64_MAX) {
+        uint64_t expired;
+        if (read(tfd, &expired, sizeof expired) != sizeof expired) continue;
+        for (; expired > 0 && scheduling; expired--) {
+          uint64_t at = start + ticks * interval;
+          ticks++;
+          if (at >= stop) {
+            scheduling = 0;
+            break;
+          }
+          if (tail - head == BACKLOG) {
+            errors++; /* hopelessly behind: dropped, and counted */
+          } else {
+            due[tail++ % BACKLOG] = at;
+          }
+        }
+        continue;
+      }
+      struct conn *c = &conns[evs[k].data.u64];
+      ssize_t r = read(c->fd, c->buf + c->len, BUF - c->len);
+      if (r <= 0) {
+        if (r < 0 && errno == EAGAIN) continue;
+        errors++;
+        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = -1;
+        alive--;
+        continue;
+      }
+      c->len += (size_t)r;
+      long whole = answer_len(c->buf, c->len);
+      if (whole == 0 || (whole > 0 && c->len < (size_t)whole)) continue;
+      if (whole < 0 || !c->busy) {
+        errors++;
+        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = -1;
+        alive--;
+        continue;
+      }
+      if (done < cap) lat[done++] = t - c->due;
+      memmove(c->buf, c->buf + whole, c->len - (size_t)whole);
+      c->len -= (size_t)whole;
+      c->busy = 0;
+      idle[nidle++] = (long)(c - conns);
+    }
+    /* Send what is due on free connections, oldest first. */
+    while (head != tail && nidle > 0) {
+      struct conn *c = &conns[idle[--nidle]];
+      if (c->fd < 0) continue;
+      c->due = due[head++ % BACKLOG];
+      c->busy = 1;
+      if (write(c->fd, request, (size_t)reqlen) != reqlen) {
+        errors++;
+        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = -1;
+        alive--;
+      }
+    }
+    if (alive == 0) break;
+  }
+  errors += tail - head; /* due, never sent */
+
+  qsort(lat, done, sizeof *lat, cmp_u64);
+#define PCT(p) (done ? lat[(size_t)((double)(done - 1) * (p) / 100.0)] / 1000 : 0)
+  printf("RESULT %lu %lu %lu %zu %lu\n", (unsigned long)PCT(50), (unsigned long)PCT(99),
+         (unsigned long)PCT(99.9), done, (unsigned long)errors);
+  return 0;
+}
