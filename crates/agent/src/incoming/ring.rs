@@ -44,7 +44,14 @@ pub const BLOCKS: usize = 32;
 /// How long after its first packet the kernel hands a block that is not full
 /// to the reader (`tp_retire_blk_tov`, in milliseconds): the most a copy lags
 /// behind the original, and the least time between two wake-ups of the reader.
-pub const RETIRE: Duration = Duration::from_millis(10);
+///
+/// The reader's work on a block comes in one burst on a CPU the target's
+/// server and clients need too, so this trades wake-ups against the length of
+/// those bursts (issue 13, `BENCH_ONLY=mirror bench/run`, 4 runs each): at
+/// 10 ms the target's clients saw a p99 of 1.6–2.7 ms under wrk (direct:
+/// 0.1–0.2 ms), at 3 ms 0.45–1.3 ms, at 1 ms about the same as 3 ms but +26 µs
+/// at the median at 10 000 requests/s (one wake-up per few requests).
+pub const RETIRE: Duration = Duration::from_millis(3);
 
 /// The nominal frame size the kernel checks the ring's shape against
 /// (`tp_frame_size`); `TPACKET_V3` frames are as long as their packet.
