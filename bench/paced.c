@@ -58,6 +58,15 @@ static int cmp_u64(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
+/* Counts an error and stops using connection c. */
+static void retire(int ep, struct conn *c, long *alive, uint64_t *errors) {
+  (*errors)++;
+  epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+  close(c->fd);
+  c->fd = -1;
+  (*alive)--;
+}
+
 /* Length of the whole answer in buf[0..len), 0 if not all of its head is in,
  * -1 if it has no usable Content-Length. */
 static long answer_len(const char *buf, size_t len) {
@@ -169,22 +178,14 @@ int main(int argc, char **argv) {
       ssize_t r = read(c->fd, c->buf + c->len, BUF - c->len);
       if (r <= 0) {
         if (r < 0 && errno == EAGAIN) continue;
-        errors++;
-        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
-        close(c->fd);
-        c->fd = -1;
-        alive--;
+        retire(ep, c, &alive, &errors);
         continue;
       }
       c->len += (size_t)r;
       long whole = answer_len(c->buf, c->len);
       if (whole == 0 || (whole > 0 && c->len < (size_t)whole)) continue;
       if (whole < 0 || !c->busy) {
-        errors++;
-        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
-        close(c->fd);
-        c->fd = -1;
-        alive--;
+        retire(ep, c, &alive, &errors);
         continue;
       }
       if (done < cap) lat[done++] = t - c->due;
@@ -200,11 +201,7 @@ int main(int argc, char **argv) {
       c->due = due[head++ % BACKLOG];
       c->busy = 1;
       if (write(c->fd, request, (size_t)reqlen) != reqlen) {
-        errors++;
-        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
-        close(c->fd);
-        c->fd = -1;
-        alive--;
+        retire(ep, c, &alive, &errors);
       }
     }
     if (alive == 0) break;
