@@ -13,6 +13,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use graft_protocol::fdpass::FdQueues;
+pub use graft_protocol::fdpass::reset;
 use graft_protocol::link::AgentMessage;
 use tokio::sync::mpsc;
 
@@ -62,11 +63,4 @@ impl FdSender {
             reset(fd);
         }
     }
-}
-
-/// Closes `fd`, with a reset if it is a TCP socket.
-pub fn reset(fd: OwnedFd) {
-    let linger = Some(std::time::Duration::ZERO);
-    let _ = rustix::net::sockopt::set_socket_linger(&fd, linger);
-    drop(fd);
 }

@@ -216,6 +216,16 @@ impl FdQueues {
     }
 }
 
+/// Closes `fd`, with a reset if it is a TCP socket (`SO_LINGER` 0, socket(7)),
+/// so that a passed connection nobody will take ends at once for its peer
+/// instead of waiting on a socket nobody holds. Any other descriptor just
+/// closes.
+pub fn reset(fd: OwnedFd) {
+    let linger = Some(std::time::Duration::ZERO);
+    let _ = rustix::net::sockopt::set_socket_linger(&fd, linger);
+    drop(fd);
+}
+
 #[cfg(feature = "fdpass-async")]
 pub use stream::FdStream;
 

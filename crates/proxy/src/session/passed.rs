@@ -26,7 +26,10 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use graft_protocol::layer::{DeliveredPeer, PassedPeer};
+use graft_protocol::{
+    fdpass::reset,
+    layer::{DeliveredPeer, PassedPeer},
+};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::{Shared, lock, shared::delivery_address};
@@ -264,16 +267,6 @@ fn remove_own(shared: &Shared, local: SocketAddr, client: SocketAddr) -> Option<
         Some(entry) if entry.peer.peer == client => passed.remove(&local),
         _ => None,
     }
-}
-
-/// Closes `fd` with a reset (`SO_LINGER` 0, socket(7)).
-fn reset(fd: OwnedFd) {
-    let linger = nix::libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Linger, &linger);
-    drop(fd);
 }
 
 /// Delivers the passed socket `fd` as a relayed connection: the program's
