@@ -56,10 +56,16 @@ pub fn state(pid: u32) -> Option<char> {
     parse_state(&stat)
 }
 
-/// The state letter in the text of a `stat` file. It follows the command name,
-/// which is in parentheses and may itself hold `)` and spaces.
+/// Field `n` after the command name in the text of a `stat` file (0: the
+/// state, 1: the parent pid, 19: the start time; proc(5) numbers them from 3).
+/// The command name is in parentheses and may itself hold `)` and spaces.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat.rsplit_once(')')?.1.split_whitespace().nth(n)
+}
+
+/// The state letter in the text of a `stat` file.
 pub fn parse_state(stat: &str) -> Option<char> {
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
+    stat_field(stat, 0)?.chars().next()
 }
 
 /// The parent of process `pid` (its `ppid`), from `/proc/PID/stat`; `None`
@@ -71,12 +77,7 @@ pub fn parent(pid: u32) -> Option<u32> {
 
 /// The parent pid in the text of a `stat` file: the field after the state.
 pub fn parse_parent(stat: &str) -> Option<u32> {
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat_field(stat, 1)?.parse().ok()
 }
 
 /// When process `pid` under `proc_root` (normally `/proc`) started, in clock
@@ -87,15 +88,9 @@ pub fn start_time_in(proc_root: &Path, pid: u32) -> Option<u64> {
     parse_start_time(&stat)
 }
 
-/// The start time in the text of a `stat` file: the 20th field after the
-/// command name (which is in parentheses and may itself hold `)` and spaces).
+/// The start time in the text of a `stat` file (`starttime`, field 22).
 pub fn parse_start_time(stat: &str) -> Option<u64> {
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    stat_field(stat, 19)?.parse().ok()
 }
 
 /// Whether process `pid` exists and is neither a zombie nor dead.
@@ -299,6 +294,8 @@ fn parse_socket_addr(hex: &str) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_child_starts_no_earlier_than_its_parent() {
         let own = start_time_in(Path::new("/proc"), std::process::id()).expect("our start time");
@@ -312,8 +309,6 @@ mod tests {
         assert!(own <= started, "{own} > {started}");
         assert_eq!(start_time_in(Path::new("/proc"), u32::MAX), None);
     }
-
-    use super::*;
 
     #[test]
     fn the_soft_open_files_limit_is_the_fourth_field_of_its_line() {
