@@ -107,7 +107,19 @@ fn adopt(passed: OwnedFd, at: c_int, reset_replaced: bool) -> Result<(), c_int> 
     let (nonblocking, cloexec) = flags_of(at);
     let raw = passed.as_raw_fd();
     copy_options(at, raw);
-    let kept_linger = reset_replaced.then(|| set_linger(at, Some(0)));
+    let kept_linger = if reset_replaced {
+        let old = linger(at);
+        set_linger(
+            at,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        );
+        old
+    } else {
+        None
+    };
     // SAFETY: fcntl and dup3 on descriptors we own (`raw`) or the program's
     // socket it handed to the hook (`at`); dup3 closes `at`'s old file atomically.
     unsafe {
@@ -124,8 +136,8 @@ fn adopt(passed: OwnedFd, at: c_int, reset_replaced: bool) -> Result<(), c_int> 
         if real!(dup3(raw, at, flags): fn(c_int, c_int, c_int) -> c_int) < 0 {
             let errno = crate::guard::errno();
             // `at` stays the program's (relayed) connection: as it was.
-            if let Some(Some(linger)) = kept_linger {
-                set_linger(at, linger);
+            if let Some(old) = kept_linger {
+                set_linger(at, &old);
             }
             return Err(errno);
         }
@@ -133,35 +145,37 @@ fn adopt(passed: OwnedFd, at: c_int, reset_replaced: bool) -> Result<(), c_int> 
     Ok(())
 }
 
-/// Sets `SO_LINGER` on `fd` to `seconds` (`None`: off); returns the setting it
-/// replaced, `None` when it could not be read.
-fn set_linger(fd: c_int, seconds: Option<c_int>) -> Option<Option<c_int>> {
-    let mut old = libc::linger {
+/// `SO_LINGER` of `fd` (socket(7)); `None` when it cannot be read.
+fn linger(fd: c_int) -> Option<libc::linger> {
+    let mut value = libc::linger {
         l_onoff: 0,
         l_linger: 0,
     };
     let mut len = std::mem::size_of::<libc::linger>() as socklen_t;
-    let new = libc::linger {
-        l_onoff: c_int::from(seconds.is_some()),
-        l_linger: seconds.unwrap_or(0),
-    };
-    // SAFETY: both buffers are `linger` structs of the length given.
-    unsafe {
-        let read = libc::getsockopt(
+    // SAFETY: value/len describe a writable `linger`.
+    let read = unsafe {
+        libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
             libc::SO_LINGER,
-            (&raw mut old).cast::<c_void>(),
+            (&raw mut value).cast::<c_void>(),
             &mut len,
-        );
+        )
+    };
+    (read == 0).then_some(value)
+}
+
+/// Sets `SO_LINGER` of `fd` to `value`.
+fn set_linger(fd: c_int, value: &libc::linger) {
+    // SAFETY: `value` is a `linger` of the length given.
+    unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
             libc::SO_LINGER,
-            (&raw const new).cast::<c_void>(),
+            (value as *const libc::linger).cast::<c_void>(),
             std::mem::size_of::<libc::linger>() as socklen_t,
         );
-        (read == 0).then_some((old.l_onoff != 0).then_some(old.l_linger))
     }
 }
 
