@@ -11,6 +11,8 @@
   const sessions = new Map();
   let entries = [];
   let queued = [];
+  // The exchanges in `queued`, by key.
+  const queuedKeys = new Set();
   let paused = false;
   let selected = null;
   // Exchanges already shown: a reconnected stream replays the hub's backlog.
@@ -218,6 +220,7 @@
     if (!paused) {
       const waiting = queued;
       queued = [];
+      queuedKeys.clear();
       waiting.forEach(handle);
     }
     count();
@@ -226,6 +229,7 @@
   $("clear").addEventListener("click", () => {
     entries = [];
     queued = [];
+    queuedKeys.clear();
     rows.replaceChildren();
     selected = null;
     detail.hidden = true;
@@ -260,7 +264,8 @@
       // already shown or already waiting is not counted again.
       if (ev.kind === "exchange") {
         const key = exchangeKey(ev);
-        if (seen.has(key) || queued.some((q) => q.kind === "exchange" && exchangeKey(q) === key)) return;
+        if (seen.has(key) || queuedKeys.has(key)) return;
+        queuedKeys.add(key);
       }
       queued.push(ev);
       count();
