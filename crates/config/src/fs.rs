@@ -101,33 +101,75 @@ pub fn is_normal(path: &str) -> bool {
     let Some(rest) = path.as_bytes().strip_prefix(b"/") else {
         return false;
     };
-    if rest.is_empty() {
-        return true;
-    }
-    // One pass over the bytes (every open of the program comes here): each
-    // component, between one '/' and the next or the end, must be neither
-    // empty nor "." nor "..".
-    let (mut len, mut dots) = (0usize, true);
-    for &b in rest {
-        if b == b'/' {
-            if len == 0 || (dots && len <= 2) {
-                return false;
-            }
-            (len, dots) = (0, true);
-        } else {
-            len += 1;
-            dots &= b == b'.';
+    let mut scan = NormalScan::new();
+    rest.iter().all(|&b| scan.push(b)) && scan.finish()
+}
+
+/// [`is_normal`]'s one pass over the bytes after the leading `/`, fed a byte at
+/// a time, so that a caller holding a C string can find its terminator, check
+/// its encoding and its form in the same pass (the layer does, on every `open`
+/// of the program).
+///
+/// Each component, between one `/` and the next or the end, must be neither
+/// empty nor `.` nor `..`; nothing at all after the leading `/` is the root.
+#[derive(Debug, Clone, Copy)]
+pub struct NormalScan {
+    /// Bytes in the current component.
+    len: usize,
+    /// Whether the current component is only dots so far.
+    dots: bool,
+    /// Whether any byte came after the leading `/`.
+    any: bool,
+}
+
+impl NormalScan {
+    /// The state just after the leading `/`.
+    #[inline]
+    pub const fn new() -> NormalScan {
+        NormalScan {
+            len: 0,
+            dots: true,
+            any: false,
         }
     }
-    len != 0 && !(dots && len <= 2)
+
+    /// Takes the next byte; `false` once the path cannot be in normal form.
+    #[inline]
+    pub fn push(&mut self, b: u8) -> bool {
+        self.any = true;
+        if b == b'/' {
+            if self.len == 0 || (self.dots && self.len <= 2) {
+                return false;
+            }
+            (self.len, self.dots) = (0, true);
+        } else {
+            self.len += 1;
+            self.dots &= b == b'.';
+        }
+        true
+    }
+
+    /// Whether the bytes pushed so far end a path in normal form.
+    #[inline]
+    pub fn finish(self) -> bool {
+        !self.any || (self.len != 0 && !(self.dots && self.len <= 2))
+    }
+}
+
+impl Default for NormalScan {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The compiled file rules.
 #[derive(Debug, Clone)]
 pub struct FsRules {
     mode: FsMode,
-    user_local: RegexSet,
-    user_remote: RegexSet,
+    /// `None` when there are none: the layer asks [`FsRules::is_remote`] on
+    /// every `open`, and an empty set's own `is_empty` reads its heap object.
+    user_local: Option<RegexSet>,
+    user_remote: Option<RegexSet>,
     local_dirs: Vec<String>,
 }
 
@@ -139,11 +181,16 @@ impl FsRules {
     /// [`ConfigError::Invalid`] naming the first regex that does not compile.
     pub fn new(config: &LayerConfig) -> Result<FsRules, ConfigError> {
         let compile = |what: &'static str, patterns: &[String]| {
-            RegexSet::new(patterns).map_err(|e| ConfigError::Invalid {
-                what,
-                value: patterns.join(" "),
-                reason: e.to_string(),
-            })
+            if patterns.is_empty() {
+                return Ok(None);
+            }
+            RegexSet::new(patterns)
+                .map(Some)
+                .map_err(|e| ConfigError::Invalid {
+                    what,
+                    value: patterns.join(" "),
+                    reason: e.to_string(),
+                })
         };
         Ok(FsRules {
             mode: config.fs,
@@ -177,10 +224,18 @@ impl FsRules {
         if self.mode == FsMode::Local || !path.starts_with('/') {
             return false;
         }
-        if !self.user_local.is_empty() && self.user_local.is_match(path) {
+        if self
+            .user_local
+            .as_ref()
+            .is_some_and(|set| set.is_match(path))
+        {
             return false;
         }
-        if !self.user_remote.is_empty() && self.user_remote.is_match(path) {
+        if self
+            .user_remote
+            .as_ref()
+            .is_some_and(|set| set.is_match(path))
+        {
             return true;
         }
         if is_default_local(path) {

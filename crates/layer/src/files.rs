@@ -40,7 +40,7 @@ use std::{
 
 use graft_config::{
     FsMode,
-    fs::{is_normal, normalize},
+    fs::{NormalScan, normalize},
 };
 use graft_protocol::{
     codec::MAX_CHUNK_LEN,
@@ -131,15 +131,53 @@ unsafe fn may_be_remote(dirfd: c_int, path: *const c_char) -> bool {
     }
     // An absolute path already in normal form is classified here, without an
     // allocation: most opens (libraries, /dev, /proc) end here, local.
-    // SAFETY: as above, a C string.
-    let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
-    match std::str::from_utf8(bytes) {
-        Ok(path) if is_normal(path) => match state().and_then(|s| s.fs_rules_ready()) {
+    // SAFETY: as above, a C string that starts with '/'.
+    match unsafe { normal_path(path) } {
+        Some(path) => match state().and_then(|s| s.fs_rules_ready()) {
             Some(rules) => rules.is_remote(path) && !local_writes::contains(path),
             // The first hook compiles the rules, inside the guard.
             None => true,
         },
-        _ => true,
+        None => true,
+    }
+}
+
+/// The C string `path` as text when it is valid UTF-8 and in normal form
+/// ([`is_normal`]), else `None`. One pass finds the terminator and checks the
+/// form and the encoding together: this runs on every absolute `open`, `stat`
+/// and `access` of the program, where separate `strlen`, UTF-8 and form passes
+/// cost more than the rest of the decision.
+///
+/// # Safety
+///
+/// `path` must be a C string whose first byte is `/`.
+#[inline]
+unsafe fn normal_path<'a>(path: *const c_char) -> Option<&'a str> {
+    let bytes = path.cast::<u8>();
+    let mut scan = NormalScan::new();
+    let (mut len, mut ascii) = (1, true);
+    loop {
+        // SAFETY: every byte up to and including the terminator is readable.
+        let b = unsafe { *bytes.add(len) };
+        if b == 0 {
+            break;
+        }
+        if !scan.push(b) {
+            return None;
+        }
+        ascii &= b.is_ascii();
+        len += 1;
+    }
+    if !scan.finish() {
+        return None;
+    }
+    // SAFETY: the `len` bytes before the terminator, alive as long as the caller's string.
+    let bytes = unsafe { std::slice::from_raw_parts(bytes, len) };
+    if ascii {
+        // SAFETY: ASCII is UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
     }
 }
 
@@ -232,6 +270,40 @@ fn real_fstat(fd: c_int) -> Option<libc::stat64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_one_pass_scan_decides_as_is_normal() {
+        for path in [
+            "/",
+            "/etc/hosts",
+            "/dev/null",
+            "//etc",
+            "/etc/",
+            "/./x",
+            "/a/../b",
+            "/a/.",
+            "/a/..",
+            "/.x/..y",
+            "/.",
+            "/..",
+            "/...",
+            "/a//b",
+            "/a/b/",
+            "/a..b/c.d",
+            "/srv/caf\u{e9}/menu",
+            "/\u{1f600}",
+        ] {
+            let c = CString::new(path).unwrap();
+            // SAFETY: a C string that starts with '/'.
+            let scanned = unsafe { normal_path(c.as_ptr()) };
+            let expected = graft_config::fs::is_normal(path).then_some(path);
+            assert_eq!(scanned, expected, "{path}");
+        }
+        // Not UTF-8: never classified here (the slow path decides).
+        let c = CString::new(b"/srv/\xff".to_vec()).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { normal_path(c.as_ptr()) }, None);
+    }
 
     #[test]
     fn basenames() {

@@ -141,6 +141,24 @@ unsafe fn stat_hook<B>(
     if !unsafe { stat_may_be_remote(&target) } {
         return real();
     }
+    // SAFETY: forwarded contract.
+    unsafe { stat_hook_slow(target, buf, fill, real) }
+}
+
+/// [`stat_hook`] past the fast test, out of line as `open`'s is, so that the
+/// local calls the fast test settles run a short function.
+///
+/// # Safety
+///
+/// As [`stat_hook`].
+#[cold]
+#[inline(never)]
+unsafe fn stat_hook_slow<B>(
+    target: StatTarget,
+    buf: *mut B,
+    fill: unsafe fn(*mut B, &FileStat),
+    real: impl FnOnce() -> c_int + Copy,
+) -> c_int {
     hooked(real, || {
         // SAFETY: forwarded contract.
         match unsafe { stat_of(target) } {
