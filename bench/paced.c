@@ -8,11 +8,25 @@
  * free connection sent it, so a stall shows in full in the tail instead of
  * delaying the requests that would have measured it ("coordinated omission";
  * wrk2 measures the same way). A request due while every connection is busy
- * waits for the first one free.
+ * waits for the first one free; free connections take requests in turn (a
+ * queue, not a stack), so that all CONNS of them carry traffic.
+ *
+ * Before the clock starts, every connection carries one request whose answer
+ * is not timed (a warm-up, as wrk2's calibration period): the rows measure a
+ * server's steady state, and what a new connection costs has rows of its own.
+ * CONNS 0 measures exactly that: each request opens its own connection when it
+ * is due, and its latency counts the connect, the request and the answer; the
+ * client then closes it with a reset (SO_LINGER 0). A normal close would leave
+ * it in TIME_WAIT for a minute on this side, and once some 12 000 of them wait
+ * toward one server the kernel finds no free port for the next connect and
+ * new connections stall for seconds (seen on this bench's machine, with and
+ * without graft).
  *
  * usage: paced HOST PORT RATE CONNS SECS [HEADER]
- *   HOST: an IPv4 address; RATE: requests per second; HEADER: one more
- *   request header line ("Name: value"), e.g. a filter's.
+ *   HOST: an IPv4 address; RATE: requests per second; CONNS: keep-alive
+ *   connections, or 0 for a new connection per request (at most 1024 open at
+ *   once); HEADER: one more request header line ("Name: value"), e.g. a
+ *   filter's.
  * prints: RESULT p50 p99 p999 requests errors
  *   (latencies in µs, the line bench/latency.lua makes wrk print).
  *
@@ -38,10 +52,12 @@
 
 #define BUF 8192
 #define BACKLOG (1u << 16) /* due requests waiting for a connection, at most */
+#define NEW_SLOTS 1024     /* connections open at once with CONNS 0 */
 
 struct conn {
   int fd;
-  int busy;
+  int busy;       /* a request is out (or, connecting, due) */
+  int connecting; /* CONNS 0: the connect has not completed */
   uint64_t due; /* ns, CLOCK_MONOTONIC */
   size_t len;   /* bytes buffered */
   char buf[BUF];
@@ -85,6 +101,62 @@ static long answer_len(const char *buf, size_t len) {
   return -1;
 }
 
+/* A queue of free connection indexes: a ring of nconns + 1 slots. */
+struct fifo {
+  long *slot;
+  long cap, head, tail;
+};
+static void put(struct fifo *q, long i) { q->slot[q->tail++ % q->cap] = i; }
+static long take(struct fifo *q) { return q->slot[q->head++ % q->cap]; }
+static long queued(const struct fifo *q) { return q->tail - q->head; }
+
+/* Sends the request on connection c, due at `due`; 0, or -1 if the write failed. */
+static int send_request(struct conn *c, uint64_t due, const char *request, int reqlen) {
+  c->due = due;
+  c->busy = 1;
+  return write(c->fd, request, (size_t)reqlen) == reqlen ? 0 : -1;
+}
+
+/* CONNS 0: closes c's connection with a reset, leaving no TIME_WAIT. */
+static void close_reset(struct conn *c) {
+  struct linger l = {.l_onoff = 1, .l_linger = 0};
+  setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+  close(c->fd);
+  c->fd = -1;
+}
+
+/* CONNS 0: opens c's connection, non-blocking; its request goes once it is up. */
+static int open_new(int ep, struct conn *c, long i, const struct sockaddr_in *addr) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return -1;
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (connect(fd, (const struct sockaddr *)addr, sizeof *addr) < 0 && errno != EINPROGRESS) {
+    close(fd);
+    return -1;
+  }
+  c->fd = fd;
+  c->connecting = 1;
+  c->len = 0;
+  struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)i};
+  epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+  return 0;
+}
+
+/* Counts an error on connection i: with CONNS 0 its slot is free again, else
+ * the connection is retired. */
+static void fail(int ep, struct conn *c, long i, int fresh, struct fifo *idle, long *alive,
+                 uint64_t *errors) {
+  if (!fresh) {
+    retire(ep, c, alive, errors);
+    return;
+  }
+  (*errors)++;
+  close_reset(c);
+  c->busy = 0;
+  put(idle, i);
+}
+
 int main(int argc, char **argv) {
   if (argc < 6) {
     fprintf(stderr, "usage: paced HOST PORT RATE CONNS SECS [HEADER]\n");
@@ -96,10 +168,12 @@ int main(int argc, char **argv) {
     return 2;
   }
   long rate = atol(argv[3]), nconns = atol(argv[4]), secs = atol(argv[5]);
-  if (rate <= 0 || rate > 1000000 || nconns <= 0 || nconns > 10000 || secs <= 0) {
-    fprintf(stderr, "paced: RATE 1..1000000, CONNS 1..10000, SECS > 0\n");
+  if (rate <= 0 || rate > 1000000 || nconns < 0 || nconns > 10000 || secs <= 0) {
+    fprintf(stderr, "paced: RATE 1..1000000, CONNS 0..10000, SECS > 0\n");
     return 2;
   }
+  int fresh = nconns == 0; /* a new connection per request */
+  if (fresh) nconns = NEW_SLOTS;
   char request[512];
   int reqlen = snprintf(request, sizeof request, "GET / HTTP/1.1\r\nHost: %s\r\n%s%s\r\n", argv[1],
                         argc > 6 ? argv[6] : "", argc > 6 ? "\r\n" : "");
@@ -110,9 +184,13 @@ int main(int argc, char **argv) {
 
   int ep = epoll_create1(EPOLL_CLOEXEC);
   struct conn *conns = calloc((size_t)nconns, sizeof *conns);
-  long *idle = calloc((size_t)nconns, sizeof *idle); /* a stack of free connections */
-  long nidle = 0, alive = 0;
+  struct fifo idle = {calloc((size_t)nconns + 1, sizeof(long)), nconns + 1, 0, 0};
+  long alive = 0;
+  uint64_t errors = 0;
   for (long i = 0; i < nconns; i++) {
+    conns[i].fd = -1;
+    put(&idle, i);
+    if (fresh) continue;
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
       perror("paced: connect");
@@ -123,8 +201,48 @@ int main(int argc, char **argv) {
     conns[i].fd = fd;
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)i};
     epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
-    idle[nidle++] = i;
     alive++;
+  }
+
+  /* The warm-up: one untimed request on every connection, all answered. */
+  uint64_t warm_until = now_ns() + 10000000000u;
+  long warming = 0;
+  if (!fresh) {
+    while (queued(&idle) > 0) {
+      struct conn *c = &conns[take(&idle)];
+      if (send_request(c, 0, request, reqlen) < 0) retire(ep, c, &alive, &errors);
+      else warming++;
+    }
+  }
+  while (warming > 0 && now_ns() < warm_until) {
+    struct epoll_event evs[64];
+    int n = epoll_wait(ep, evs, 64, 100);
+    for (int k = 0; k < n; k++) {
+      struct conn *c = &conns[evs[k].data.u64];
+      ssize_t r = read(c->fd, c->buf + c->len, BUF - c->len);
+      if (r <= 0) {
+        if (r < 0 && errno == EAGAIN) continue;
+        retire(ep, c, &alive, &errors);
+        warming--;
+        continue;
+      }
+      c->len += (size_t)r;
+      long whole = answer_len(c->buf, c->len);
+      if (whole == 0 || (whole > 0 && c->len < (size_t)whole)) continue;
+      if (whole < 0 || c->len != (size_t)whole) {
+        retire(ep, c, &alive, &errors);
+        warming--;
+        continue;
+      }
+      c->len = 0;
+      c->busy = 0;
+      warming--;
+      put(&idle, (long)(c - conns));
+    }
+  }
+  if (warming > 0) {
+    fprintf(stderr, "paced: %ld connections never answered the warm-up request\n", warming);
+    return 1;
   }
 
   uint64_t interval = 1000000000u / (uint64_t)rate;
@@ -143,10 +261,10 @@ int main(int argc, char **argv) {
   uint64_t *lat = malloc(cap * sizeof *lat);
   uint64_t *due = malloc(BACKLOG * sizeof *due); /* a ring of due times */
   size_t head = 0, tail = 0;
-  uint64_t ticks = 0, errors = 0;
+  uint64_t ticks = 0;
   int scheduling = 1;
 
-  while (scheduling || nidle < alive) {
+  while (scheduling || (fresh ? queued(&idle) < nconns : queued(&idle) < alive)) {
     struct epoll_event evs[64];
     int n = epoll_wait(ep, evs, 64, 100);
     if (n < 0 && errno != EINTR) {
@@ -174,37 +292,61 @@ int main(int argc, char **argv) {
         }
         continue;
       }
-      struct conn *c = &conns[evs[k].data.u64];
+      long i = (long)evs[k].data.u64;
+      struct conn *c = &conns[i];
+      if (c->connecting) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)i};
+        c->connecting = 0;
+        if (err != 0 || epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev) < 0 ||
+            send_request(c, c->due, request, reqlen) < 0) {
+          fail(ep, c, i, fresh, &idle, &alive, &errors);
+        }
+        continue;
+      }
       ssize_t r = read(c->fd, c->buf + c->len, BUF - c->len);
       if (r <= 0) {
         if (r < 0 && errno == EAGAIN) continue;
-        retire(ep, c, &alive, &errors);
+        fail(ep, c, i, fresh, &idle, &alive, &errors);
         continue;
       }
       c->len += (size_t)r;
       long whole = answer_len(c->buf, c->len);
       if (whole == 0 || (whole > 0 && c->len < (size_t)whole)) continue;
       if (whole < 0 || !c->busy) {
-        retire(ep, c, &alive, &errors);
+        fail(ep, c, i, fresh, &idle, &alive, &errors);
         continue;
       }
       if (done < cap) lat[done++] = t - c->due;
       memmove(c->buf, c->buf + whole, c->len - (size_t)whole);
       c->len -= (size_t)whole;
       c->busy = 0;
-      idle[nidle++] = (long)(c - conns);
+      if (fresh) close_reset(c);
+      put(&idle, i);
     }
     /* Send what is due on free connections, oldest first. */
-    while (head != tail && nidle > 0) {
-      struct conn *c = &conns[idle[--nidle]];
+    while (head != tail && queued(&idle) > 0) {
+      long i = take(&idle);
+      struct conn *c = &conns[i];
+      if (fresh) {
+        c->due = due[head++ % BACKLOG];
+        c->busy = 1;
+        if (open_new(ep, c, i, &addr) < 0) {
+          errors++;
+          c->busy = 0;
+          put(&idle, i);
+          break; /* out of descriptors or ports: try again on the next event */
+        }
+        continue;
+      }
       if (c->fd < 0) continue;
-      c->due = due[head++ % BACKLOG];
-      c->busy = 1;
-      if (write(c->fd, request, (size_t)reqlen) != reqlen) {
+      if (send_request(c, due[head++ % BACKLOG], request, reqlen) < 0) {
         retire(ep, c, &alive, &errors);
       }
     }
-    if (alive == 0) break;
+    if (!fresh && alive == 0) break;
   }
   errors += tail - head; /* due, never sent */
 
