@@ -213,27 +213,25 @@ async fn deliver_fd(
             serial,
         },
     );
-    let stream = match tokio::time::timeout(shared.options.relay_timeout, socket.connect(target))
-        .await
-    {
-        Ok(Ok(stream)) => {
-            if let Some(entry) = lock(&shared.passed).get_mut(&local)
-                && entry.peer.peer == client
-            {
-                entry.connected = true;
+    let stream =
+        match tokio::time::timeout(shared.options.relay_timeout, socket.connect(target)).await {
+            Ok(Ok(stream)) => {
+                if let Some(entry) = lock(&shared.passed).get_mut(&local)
+                    && entry.peer.peer == client
+                {
+                    entry.connected = true;
+                }
+                stream
             }
-            stream
-        }
-        failed => {
-            let why = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => "timed out".into(),
-            };
-            tracing::warn!(%target, client = %peer.peer, "cannot deliver a passed stolen connection to the local listener ({why}); closed");
-            remove_own(&shared, local, client);
-            return;
-        }
-    };
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                connect_failed(&shared, local, client, &why);
+                return;
+            }
+        };
     tracing::debug!(%target, client = %peer.peer, proxy_side = ?proxy_side, "stolen connection passed as a descriptor, awaiting the program's accept");
     // Readable: the layer claimed the socket and closed this connection (EOF), or
     // the program uses it without the layer (bytes or EOF, unclaimed).
@@ -250,6 +248,24 @@ async fn deliver_fd(
         splice_with_fd(stream, fd).await;
         shared.remove_delivered(local);
     }
+}
+
+/// The proxy's loopback connection from `local` failed (`why`): the passed
+/// socket of `client` is closed, unless the layer has claimed it already.
+///
+/// The layer can claim it before this task sees the connect complete: the
+/// program accepts as soon as the handshake is done, and the layer's reset of
+/// the claimed loopback connection then reaches a socket still waiting to be
+/// told it connected, which reports `ECONNRESET` (seen under bursts of new
+/// connections). The stolen connection is the program's then, and fine.
+/// Returns whether the socket was closed here.
+fn connect_failed(shared: &Shared, local: SocketAddr, client: SocketAddr, why: &str) -> bool {
+    if remove_own(shared, local, client).is_none() {
+        tracing::debug!(%client, why, "the loopback connection failed after the layer claimed its stolen connection");
+        return false;
+    }
+    tracing::warn!(%client, "cannot deliver a passed stolen connection to the local listener ({why}); closed");
+    true
 }
 
 /// Removes the entry at `local` if it is still the stolen connection of
@@ -330,5 +346,47 @@ where
             let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
         }
         Err(e) => tracing::debug!(error = %e, "cannot splice a passed stolen connection"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionOptions;
+    use tokio::sync::{mpsc, watch};
+
+    fn passed(client: SocketAddr) -> Passed {
+        let (fd, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        Passed {
+            peer: DeliveredPeer {
+                peer: client,
+                local: "198.18.0.2:8080".parse().unwrap(),
+            },
+            fd: fd.into(),
+            port: 8080,
+            connected: false,
+            serial: 0,
+        }
+    }
+
+    #[test]
+    fn a_failed_loopback_connect_closes_only_a_socket_nobody_claimed() {
+        let (outbox, _rx) = mpsc::channel(1);
+        let (end_tx, _end_rx) = watch::channel(None);
+        let shared = Shared::new(outbox, end_tx, SessionOptions::default(), None);
+        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let client: SocketAddr = "198.18.0.1:50000".parse().unwrap();
+
+        // Unclaimed: the socket is closed and its entry goes.
+        lock(&shared.passed).insert(local, passed(client));
+        assert!(connect_failed(&shared, local, client, "refused"));
+        assert!(lock(&shared.passed).is_empty());
+
+        // Claimed by the layer before the connect failed: nothing to close, and
+        // a newer connection that took the freed address keeps its entry.
+        let newer: SocketAddr = "198.18.0.1:50001".parse().unwrap();
+        lock(&shared.passed).insert(local, passed(newer));
+        assert!(!connect_failed(&shared, local, client, "reset"));
+        assert_eq!(lock(&shared.passed)[&local].peer.peer, newer);
     }
 }
