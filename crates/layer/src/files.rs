@@ -119,7 +119,7 @@ fn write_mode() -> bool {
 /// # Safety
 ///
 /// `path` must be null or a C string.
-#[inline]
+#[inline(always)]
 unsafe fn may_be_remote(dirfd: c_int, path: *const c_char) -> bool {
     if path.is_null() || !files_enabled() {
         return false;
@@ -151,7 +151,7 @@ unsafe fn may_be_remote(dirfd: c_int, path: *const c_char) -> bool {
 /// # Safety
 ///
 /// `path` must be a C string whose first byte is `/`.
-#[inline]
+#[inline(always)]
 unsafe fn normal_path<'a>(path: *const c_char) -> Option<&'a str> {
     let bytes = path.cast::<u8>();
     let mut scan = NormalScan::new();
