@@ -629,3 +629,68 @@ fn a_mirrored_program_calling_the_target_through_graft_is_not_sent_its_own_calls
     );
     end(&mut session);
 }
+
+/// Sends each request on one connection after the answer to the one before
+/// (whose body is one line naming its path), and returns the answers.
+fn one_by_one(addr: SocketAddr, paths: &[&str]) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answers = String::new();
+    for path in paths {
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let line = format!(" GET {path} ");
+        let mut buf = [0u8; 4096];
+        while !answers.contains(&line) {
+            let n = stream.read(&mut buf).expect("the target answers");
+            assert!(n > 0, "the target closed the connection\n{answers}");
+            answers.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    answers
+}
+
+/// A filtered mirror's copy of a request that comes while the mirror still
+/// sends its answer to the copy before (its head came, its body not yet) waits
+/// for that connection or opens another; it was dropped, which made
+/// `incoming::filtered_mirror_copies_only_matching_requests` flaky.
+#[test]
+fn a_filtered_mirrors_copy_is_not_dropped_while_the_copy_before_is_answered() {
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let addr = SocketAddr::from((bed.target_v4, port));
+    // The target answers after 150 ms, so the client's second request comes
+    // well after the local program sent the head of its answer to the first
+    // copy, and well before the body it holds back 500 ms.
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &bed.target_ns, python()])
+        .arg(fixture_str("named_http.py"))
+        .args(["target", &port.to_string()])
+        .env("NAMED_HTTP_ANSWER_DELAY_MS", "150");
+    let mut target = bed.spawn(command, "named_http.py target in the target");
+    wait_listening(&mut target, "the target's server");
+    let cmd = named_http("local", port);
+    let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let mut command = bed.graft_run(&["--mirror", "--filter-path", "^/copy"], &args);
+    command
+        .env("GRAFT_LOG", "debug")
+        .env("NAMED_HTTP_BODY_DELAY_MS", "500");
+    let mut session = bed.spawn(command, "graft run --mirror --filter-path");
+    wait_mirrored(&mut session, addr, "copy-probe");
+
+    let answers = one_by_one(addr, &["/copy-a", "/skip", "/copy-b"]);
+    assert!(answers.contains("target GET /copy-b "), "{answers}");
+    assert!(
+        wait_output(&session, "request local GET /copy-b "),
+        "the copy of /copy-b never reached the local program\n{}",
+        session.output_report()
+    );
+    assert!(
+        !session.stdout().contains(" /skip "),
+        "a request the filter does not take was copied\n{}",
+        session.output_report()
+    );
+    end(&mut session);
+}

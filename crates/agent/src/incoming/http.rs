@@ -456,14 +456,19 @@ async fn connect(
 }
 
 /// Takes a usable upstream connection to `dest` (or opens one), waiting at most
-/// [`READY_WAIT`] for a busy HTTP/1 one unless `wait` is false.
+/// [`READY_WAIT`] for a busy HTTP/1 one.
+///
+/// A mirror's copy waits too: an HTTP/1 connection goes back to the table when
+/// its answer's head arrives, and stays busy until its body is read, so the
+/// copy of a client's next request often finds it so. Dropping that copy lost
+/// requests a slow mirror had time for (a copy waits in its own task, never in
+/// the original's way).
 async fn take_sender(
     conn: &Conn,
     stealer: Option<&Arc<Sub>>,
     dest: Dest,
     version: Version,
-    wait: bool,
-) -> Result<Option<Sender>, BoxError> {
+) -> Result<Sender, BoxError> {
     let cached = {
         let mut upstreams = conn.upstreams.lock().await;
         match upstreams.get(&(dest, version)) {
@@ -476,27 +481,18 @@ async fn take_sender(
     };
     match cached {
         Some(Sender::H2(mut sender)) => {
-            let ready = sender.ready().await.is_ok();
-            if ready {
-                return Ok(Some(Sender::H2(sender)));
+            if sender.ready().await.is_ok() {
+                return Ok(Sender::H2(sender));
             }
         }
         Some(Sender::H1(mut sender)) if !sender.is_closed() => {
             let ready = sender.is_ready()
-                || (wait
-                    && matches!(
-                        tokio::time::timeout(READY_WAIT, sender.ready()).await,
-                        Ok(Ok(()))
-                    ));
+                || matches!(
+                    tokio::time::timeout(READY_WAIT, sender.ready()).await,
+                    Ok(Ok(()))
+                );
             if ready {
-                return Ok(Some(Sender::H1(sender)));
-            }
-            if !wait {
-                conn.upstreams
-                    .lock()
-                    .await
-                    .insert((dest, version), Sender::H1(sender));
-                return Ok(None);
+                return Ok(Sender::H1(sender));
             }
         }
         _ => {}
@@ -508,7 +504,7 @@ async fn take_sender(
             .await
             .insert((dest, version), Sender::H2(shared.clone()));
     }
-    Ok(Some(sender))
+    Ok(sender)
 }
 
 /// Sends `req` to `dest` and returns its response.
@@ -519,9 +515,7 @@ async fn forward(
     req: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, BoxError> {
     let version = wanted_version(conn, dest, req.version(), req.headers());
-    let sender = take_sender(conn, stealer, dest, version, true)
-        .await?
-        .ok_or("no upstream connection")?;
+    let sender = take_sender(conn, stealer, dest, version).await?;
     send(conn, (dest, version), sender, req).await
 }
 
@@ -605,12 +599,8 @@ async fn mirror_request(
 ) {
     let dest = Dest::Mirror(Arc::as_ptr(&sub) as usize);
     let version = wanted_version(&conn, dest, head.version, &head.headers);
-    let sender = match take_sender(&conn, Some(&sub), dest, version, false).await {
-        Ok(Some(sender)) => sender,
-        Ok(None) => {
-            tracing::debug!("mirror busy; copy of a request dropped");
-            return;
-        }
+    let sender = match take_sender(&conn, Some(&sub), dest, version).await {
+        Ok(sender) => sender,
         Err(e) => {
             tracing::debug!("mirror not reachable: {e}");
             return;
