@@ -481,7 +481,8 @@ async fn take_sender(
     };
     match cached {
         Some(Sender::H2(mut sender)) => {
-            if sender.ready().await.is_ok() {
+            let ready = sender.ready().await.is_ok();
+            if ready {
                 return Ok(Sender::H2(sender));
             }
         }
