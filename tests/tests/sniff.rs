@@ -40,11 +40,17 @@ const SNIFFING: &str = "mirroring off the packet path";
 
 /// Starts `named_http.py NAME PORT` in the target's network namespace.
 fn serve_in_target(bed: &Bed, name: &str, port: u16) -> Proc {
+    serve_in_target_with(bed, name, port, &[])
+}
+
+/// [`serve_in_target`] with more environment (`named_http.py`'s knobs).
+fn serve_in_target_with(bed: &Bed, name: &str, port: u16, env: &[(&str, &str)]) -> Proc {
     let mut command = Command::new("ip");
     command
         .args(["netns", "exec", &bed.target_ns, python()])
         .arg(fixture_str("named_http.py"))
-        .args([name, &port.to_string()]);
+        .args([name, &port.to_string()])
+        .envs(env.iter().copied());
     let mut server = bed.spawn(command, &format!("named_http.py {name} in the target"));
     wait_listening(&mut server, "the target's server");
     server
@@ -663,14 +669,12 @@ fn a_filtered_mirrors_copy_is_not_dropped_while_the_copy_before_is_answered() {
     // The target answers after 150 ms, so the client's second request comes
     // well after the local program sent the head of its answer to the first
     // copy, and well before the body it holds back 500 ms.
-    let mut command = Command::new("ip");
-    command
-        .args(["netns", "exec", &bed.target_ns, python()])
-        .arg(fixture_str("named_http.py"))
-        .args(["target", &port.to_string()])
-        .env("NAMED_HTTP_ANSWER_DELAY_MS", "150");
-    let mut target = bed.spawn(command, "named_http.py target in the target");
-    wait_listening(&mut target, "the target's server");
+    let _target = serve_in_target_with(
+        &bed,
+        "target",
+        port,
+        &[("NAMED_HTTP_ANSWER_DELAY_MS", "150")],
+    );
     let cmd = named_http("local", port);
     let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
     let mut command = bed.graft_run(&["--mirror", "--filter-path", "^/copy"], &args);
