@@ -101,6 +101,23 @@ static long answer_len(const char *buf, size_t len) {
   return -1;
 }
 
+/* Reads what connection c has. 1: a whole answer came to the request out (it
+ * is consumed from c's buffer and c is free); 0: not all of it yet; -1: the
+ * connection broke, or sent something that is no answer to a request out. */
+static int read_answer(struct conn *c) {
+  ssize_t r = read(c->fd, c->buf + c->len, BUF - c->len);
+  if (r < 0 && errno == EAGAIN) return 0;
+  if (r <= 0) return -1;
+  c->len += (size_t)r;
+  long whole = answer_len(c->buf, c->len);
+  if (whole == 0 || (whole > 0 && c->len < (size_t)whole)) return 0;
+  if (whole < 0 || !c->busy) return -1;
+  memmove(c->buf, c->buf + whole, c->len - (size_t)whole);
+  c->len -= (size_t)whole;
+  c->busy = 0;
+  return 1;
+}
+
 /* A queue of free connection indexes: a ring of nconns + 1 slots. */
 struct fifo {
   long *slot;
@@ -219,25 +236,11 @@ int main(int argc, char **argv) {
     int n = epoll_wait(ep, evs, 64, 100);
     for (int k = 0; k < n; k++) {
       struct conn *c = &conns[evs[k].data.u64];
-      ssize_t r = read(c->fd, c->buf + c->len, BUF - c->len);
-      if (r <= 0) {
-        if (r < 0 && errno == EAGAIN) continue;
-        retire(ep, c, &alive, &errors);
-        warming--;
-        continue;
-      }
-      c->len += (size_t)r;
-      long whole = answer_len(c->buf, c->len);
-      if (whole == 0 || (whole > 0 && c->len < (size_t)whole)) continue;
-      if (whole < 0 || c->len != (size_t)whole) {
-        retire(ep, c, &alive, &errors);
-        warming--;
-        continue;
-      }
-      c->len = 0;
-      c->busy = 0;
+      int got = read_answer(c);
+      if (got == 0) continue;
       warming--;
-      put(&idle, (long)(c - conns));
+      if (got < 0) retire(ep, c, &alive, &errors);
+      else put(&idle, (long)(c - conns));
     }
   }
   if (warming > 0) {
@@ -306,23 +309,13 @@ int main(int argc, char **argv) {
         }
         continue;
       }
-      ssize_t r = read(c->fd, c->buf + c->len, BUF - c->len);
-      if (r <= 0) {
-        if (r < 0 && errno == EAGAIN) continue;
-        fail(ep, c, i, fresh, &idle, &alive, &errors);
-        continue;
-      }
-      c->len += (size_t)r;
-      long whole = answer_len(c->buf, c->len);
-      if (whole == 0 || (whole > 0 && c->len < (size_t)whole)) continue;
-      if (whole < 0 || !c->busy) {
+      int got = read_answer(c);
+      if (got == 0) continue;
+      if (got < 0) {
         fail(ep, c, i, fresh, &idle, &alive, &errors);
         continue;
       }
       if (done < cap) lat[done++] = t - c->due;
-      memmove(c->buf, c->buf + whole, c->len - (size_t)whole);
-      c->len -= (size_t)whole;
-      c->busy = 0;
       if (fresh) close_reset(c);
       put(&idle, i);
     }
