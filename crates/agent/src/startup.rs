@@ -32,6 +32,32 @@ const EXIT_NO_CLIENT: u8 = 5;
 /// Exit code: the client's handshake failed.
 const EXIT_REFUSED: u8 = 6;
 
+/// Builds the agent's runtime: a current-thread one, or tokio's multi-thread
+/// one when `TOKIO_WORKER_THREADS` is set (tokio's own setting, which its
+/// `Builder` reads for the number of workers).
+///
+/// Why one thread: the agent shares its node with the target's workload, and
+/// each of its tasks runs a few µs between waits. With a worker per core
+/// (tokio's default) on a busy node, a task woken on a worker that the kernel
+/// has just preempted waits for that worker: tokio keeps the task it woke last
+/// in a per-worker slot that other workers do not steal from (tokio issue
+/// #4941; stealing from it was reverted in 1.52, and turning the slot off needs
+/// `tokio_unstable`). The multi-thread scheduler also reads the clock and
+/// updates a floating-point average around every batch of polls, which a
+/// current-thread one does not. Measured on the bench's two cores, a filtered
+/// steal with 8 busy connections (issue 13): p99 0.7–3.4 ms and p99.9
+/// 3.7–5.5 ms with two workers, 0.16–0.18 ms and 0.8–1.2 ms on one thread,
+/// at about 5 % less throughput. linkerd2-proxy, a sidecar with the same job, runs a
+/// single-threaded runtime on small nodes for the same reason.
+fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().thread_name("graft-agent").build()
+}
+
 /// A startup failure: what to print and the exit code.
 pub struct Failure {
     /// The process's exit code (see the crate's documentation).
@@ -106,16 +132,12 @@ pub fn run(args: Args) -> Result<u8, Failure> {
     let root = Arc::new(files::TargetRoot::new(ns::open_root(pid)?));
 
     // Built after setns: every runtime thread starts in the target's namespace.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("graft-agent")
-        .build()
-        .map_err(|e| {
-            Failure::new(
-                EXIT_FAILURE,
-                anyhow::Error::new(e).context("starting the runtime"),
-            )
-        })?;
+    let runtime = build_runtime().map_err(|e| {
+        Failure::new(
+            EXIT_FAILURE,
+            anyhow::Error::new(e).context("starting the runtime"),
+        )
+    })?;
     let rules_touched = Arc::new(AtomicBool::new(false));
     let config = SessionConfig {
         target_pid: pid,
