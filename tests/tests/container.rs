@@ -68,9 +68,27 @@ fn go_image(bed: &Bed) -> String {
     tag
 }
 
-/// `podman run --rm ULIMITS IMAGE ARGS...`.
+/// `--runtime runc` on a machine with cgroup v1 hierarchies mounted, else
+/// nothing (podman's default runtime). Debian 12's default, crun 1.8, refuses
+/// such a machine when its cgroup2 hierarchy has controllers too ("cgroups in
+/// hybrid mode not supported"); runc runs there (`scripts/install-deps`
+/// installs it on such machines).
+fn runtime_args() -> Vec<&'static str> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let cgroup_v1 = mounts
+        .lines()
+        .any(|line| line.split(' ').nth(2) == Some("cgroup"));
+    if cgroup_v1 {
+        vec!["--runtime", "runc"]
+    } else {
+        Vec::new()
+    }
+}
+
+/// `podman run --rm [--runtime runc] ULIMITS IMAGE ARGS...`.
 fn podman_run<'a>(image: &'a str, args: &[&'a str]) -> Vec<&'a str> {
     let mut command = vec!["podman", "run", "--rm"];
+    command.extend(runtime_args());
     command.extend(ULIMITS);
     command.push(image);
     command.extend(args);
