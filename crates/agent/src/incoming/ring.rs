@@ -49,9 +49,24 @@ pub const BLOCKS: usize = 32;
 /// server and clients need too, so this trades wake-ups against the length of
 /// those bursts (issue 13, `BENCH_ONLY=mirror bench/run`, 4 runs each): at
 /// 10 ms the target's clients saw a p99 of 1.6–2.7 ms under wrk (direct:
-/// 0.1–0.2 ms), at 3 ms 0.45–1.3 ms, at 1 ms about the same as 3 ms but +26 µs
-/// at the median at 10 000 requests/s (one wake-up per few requests).
-pub const RETIRE: Duration = Duration::from_millis(3);
+/// 0.1–0.2 ms), at 3 ms 0.45–1.3 ms. 1 ms (the least the kernel takes) gained
+/// nothing while the copies ran on the agent's runtime; with the copies on
+/// their own thread that yields ([`super::sniff`]) it pays (interleaved runs,
+/// 16 connections at 10 000 requests/s, 8 runs each; wrk with 8 connections,
+/// 4 runs each):
+///
+/// | | p99 at 10 000/s | p99 under wrk | CPU per copy |
+/// |---|---|---|---|
+/// | 3 ms, copies on the agent's runtime | 148–245 µs | 589–713 µs | 7–7.5 µs |
+/// | 3 ms, mirror thread | 86–191 µs | 528–786 µs | 6.5–9 µs |
+/// | 1 ms, mirror thread | 82–120 µs | 236–602 µs | 13–15.5 µs |
+/// | the target alone | 42–52 µs | 58–70 µs | – |
+///
+/// Three times the blocks cost twice the CPU per copy at that rate (a block
+/// of a few requests spread over many connections makes a write and a wake-up
+/// of the mirror's program per request); the target's tail is what a mirror
+/// must not cost.
+pub const RETIRE: Duration = Duration::from_millis(1);
 
 /// The nominal frame size the kernel checks the ring's shape against
 /// (`tp_frame_size`); `TPACKET_V3` frames are as long as their packet.

@@ -119,6 +119,9 @@ async fn feed_mirror(io: BoxIo, mut rx: mpsc::Receiver<Bytes>) {
                     if wr.write_all(&chunk).await.is_err() {
                         return;
                     }
+                    // The mirror's program wakes now; a sniffed copy lets
+                    // it, or the target, have this CPU (`sniff::yield_now`).
+                    super::sniff::yield_now();
                 }
                 None => break,
             },
