@@ -620,19 +620,22 @@ async fn route(accepted: Accepted, subs: Option<Arc<PortSubs>>, in_flight: TaskT
         let _ = stream.set_zero_linger();
         return;
     };
+    // The filters' servers, the pipes and the target's connect are boxed:
+    // inline, their state (9 KiB in all) would be allocated and moved for
+    // every connection, the stolen ones handed over whole too (now 0.6 KiB).
     if subs.has_filters() {
         match tls::detect(&stream).await {
             tls::Sniffed::Http if h1::eligible(&subs) => {
-                h1::serve(stream, meta, subs, in_flight).await;
+                Box::pin(h1::serve(stream, meta, subs, in_flight)).await;
                 return;
             }
             tls::Sniffed::Http => {
-                http::serve(stream, meta, subs, in_flight, None).await;
+                Box::pin(http::serve(stream, meta, subs, in_flight, None)).await;
                 return;
             }
             tls::Sniffed::Tls => match subs.tls() {
                 Some(setup) => {
-                    tls::serve(stream, meta, subs, in_flight, setup).await;
+                    Box::pin(tls::serve(stream, meta, subs, in_flight, setup)).await;
                     return;
                 }
                 None => tls::refuse_filters(&subs, meta.port),
@@ -654,14 +657,14 @@ async fn pass_whole(stream: TcpStream, meta: ConnMeta, subs: &PortSubs, in_fligh
             }
         }
         Some(stealer) => match stealer.to.clone().open(meta).await {
-            Ok(session) => tee::pipe(stream, session, mirrors).await,
+            Ok(session) => Box::pin(tee::pipe(stream, session, mirrors)).await,
             Err(e) => {
                 tracing::debug!(peer = %meta.peer, "could not open the session's connection: {e}");
                 let _ = stream.set_zero_linger();
             }
         },
-        None => match tee::connect_target(meta.local, meta.peer).await {
-            Ok(target) => tee::pipe(stream, Box::new(target), mirrors).await,
+        None => match Box::pin(tee::connect_target(meta.local, meta.peer)).await {
+            Ok(target) => Box::pin(tee::pipe(stream, Box::new(target), mirrors)).await,
             Err(e) => {
                 tracing::debug!(target = %meta.local, "the target's server refused: {e}");
                 let _ = stream.set_zero_linger();
