@@ -62,6 +62,37 @@ fn steal_delivers_ipv6_connections_to_cmd() {
 }
 
 #[test]
+fn steal_delivers_to_a_cmd_listening_on_one_of_this_machines_addresses() {
+    // A program that binds the machine's own address (`--bind 192.168.1.5`),
+    // not a loopback or wildcard one: the proxy's connection to it comes from
+    // that address, and the layer must still take it for a stolen one (it
+    // used to hand the program the proxy's connection, and the client hung).
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let app = fixture_str("http_app.py");
+    let port = bed.app_port.to_string();
+    let mut command = bed.graft_run(&["--steal"], &[python(), &app, &port]);
+    command.env("GRAFT_TEST_BIND", bed.host_v4.to_string());
+    let session = bed.spawn(
+        command,
+        "graft run --steal -- http_app.py (bound to the host's address)",
+    );
+    let reply = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        curl(&url).ok().filter(|body| body.starts_with("local"))
+    });
+    assert!(
+        reply.is_some(),
+        "{url} was not answered by the local app bound to {} (last: {:?})\n{}",
+        bed.host_v4,
+        curl(&url),
+        session.output_report()
+    );
+    for _ in 0..3 {
+        assert!(curl(&url).unwrap().starts_with("local"));
+    }
+}
+
+#[test]
 fn steal_target_server_gets_none_of_the_stolen_connections() {
     let bed = Bed::new();
     let url = bed.target_url(bed.app_port);

@@ -244,6 +244,16 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     })
 }
 
+/// Whether the accepted connection `fd` from `peer` may be one the proxy made:
+/// the proxy connects from the listener's own address (a loopback address, or
+/// the machine's address the program bound, such as `192.168.1.5:8080`), so
+/// its peer is a loopback address or the connection's own local address. A
+/// client from elsewhere is served as it came, without asking the proxy.
+fn from_this_machine(fd: c_int, peer: &SocketAddr) -> bool {
+    addr::is_local_only(peer)
+        || real_sockname(fd).is_some_and(|local| addr::unmap(local.ip()) == addr::unmap(peer.ip()))
+}
+
 /// After a successful accept on a stolen listener: find the real client.
 unsafe fn after_accept(
     listener: c_int,
@@ -257,7 +267,7 @@ unsafe fn after_accept(
     let Some(proxy_side) = real_peername(new_fd) else {
         return new_fd;
     };
-    if !addr::is_local_only(&proxy_side) {
+    if !from_this_machine(new_fd, &proxy_side) {
         return new_fd;
     }
     // SAFETY: the caller's buffer obeys accept(2)'s contract.
