@@ -1,6 +1,6 @@
 //! Stolen connections passed ahead (issue 13, the 1000-connection tail): when
 //! a burst of stolen connections waits in a program's listener queue, the
-//! answer to one `accept` carries the sockets of up to seven more, so their
+//! answer to one `accept` carries the sockets of up to 31 more, so their
 //! `accept`s need no round trip. Shown on a real Python server
 //! (tests/fixtures/burst.py): every client of a burst gets its own socket and
 //! its own address from `accept`, also when four threads accept at once or
