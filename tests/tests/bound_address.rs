@@ -35,6 +35,17 @@ fn served_by(bed: &Bed, port: u16, path: &str, headers: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// `named_http.py target PORT`, the target's server on [`Bed::map_port`].
+fn serve_target(bed: &Bed) -> Proc {
+    let app = fixture_str("named_http.py");
+    bed.serve_in_target(&[
+        python().to_owned(),
+        app,
+        "target".into(),
+        bed.map_port.to_string(),
+    ])
+}
+
 /// `graft run FLAGS -- named_http.py local PORT`, CMD bound to the host's address.
 fn start_bound(bed: &Bed, flags: &[&str]) -> Proc {
     let app = fixture_str("named_http.py");
@@ -55,9 +66,7 @@ fn start_bound(bed: &Bed, flags: &[&str]) -> Proc {
 fn a_filtered_steal_reaches_a_cmd_bound_to_this_machines_address() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let app = fixture_str("named_http.py");
-    let _target =
-        bed.serve_in_target(&[python().to_owned(), app, "target".into(), port.to_string()]);
+    let _target = serve_target(&bed);
     let session = start_bound(&bed, &["--steal", "--filter-header", "x-user: alice"]);
     let routed = wait_until(STEAL_TIMEOUT, Duration::from_millis(100), || {
         (served_by(&bed, port, "/probe", &["x-user: alice"]) == "local").then_some(())
@@ -78,9 +87,7 @@ fn a_filtered_steal_reaches_a_cmd_bound_to_this_machines_address() {
 fn the_mirror_reaches_a_cmd_bound_to_this_machines_address() {
     let bed = Bed::new();
     let port = bed.map_port;
-    let app = fixture_str("named_http.py");
-    let _target =
-        bed.serve_in_target(&[python().to_owned(), app, "target".into(), port.to_string()]);
+    let _target = serve_target(&bed);
     let session = start_bound(&bed, &["--mirror"]);
     let mut i = 0;
     let copied = wait_until(STEAL_TIMEOUT, Duration::from_millis(200), || {
