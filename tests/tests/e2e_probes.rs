@@ -84,6 +84,16 @@ fn deployment(name: &str, image: &str, probes: bool) -> Deployment {
     if probes {
         container["livenessProbe"] = probe.clone();
         container["readinessProbe"] = probe;
+        // The interpreter's first start can take longer than the liveness
+        // probe's 6 s on a loaded CI machine, and the kubelet would restart the
+        // container before graft ever ran (a rehearsal saw it: 1 restart, all
+        // probes "connection refused"). A startup probe holds the others back
+        // until the server answers (Kubernetes docs, "Configure Liveness,
+        // Readiness and Startup Probes"); a restart later still fails the test.
+        container["startupProbe"] = json!({
+            "httpGet": {"path": "/healthz", "port": 8080},
+            "periodSeconds": 1, "timeoutSeconds": 5, "failureThreshold": 120,
+        });
     }
     serde_json::from_value(json!({
         "metadata": {"name": name},
