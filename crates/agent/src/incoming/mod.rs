@@ -43,6 +43,7 @@ pub mod capture;
 pub mod framing;
 pub mod h1;
 pub mod http;
+pub mod pace;
 pub mod pair;
 pub mod peer;
 pub mod reassembly;

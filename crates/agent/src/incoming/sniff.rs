@@ -36,7 +36,7 @@
 //! ([`own_connection`]): a mirrored program that calls its own service through
 //! graft would otherwise be sent copies of its own calls, without end.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -54,7 +54,7 @@ use tokio_util::task::TaskTracker;
 
 use super::capture::{self, PacketSocket};
 use super::reassembly::{EndReason, Event, FlowId, Limits, Reassembler, Segment};
-use super::{ConnMeta, Hub, PortSubs, tee};
+use super::{ConnMeta, Hub, PortSubs, pace, ring, tee};
 
 /// Events queued between the capture thread and the consumer.
 const EVENTS: usize = 4096;
@@ -67,6 +67,15 @@ const CHUNK: usize = 64 * 1024;
 
 /// Chunks of a connection's client bytes queued for its HTTP parser at most.
 const HTTP_QUEUE: usize = 64;
+
+/// How many groups a block's copies are spread over ([`consume`]).
+const PACE_SLOTS: usize = 4;
+
+/// The time between two groups: the block's [`ring::RETIRE`] shared by
+/// [`PACE_SLOTS`] (so a block's copies are out before the next block at
+/// 10 000 requests a second).
+const PACE_SLOT: Duration =
+    Duration::from_nanos(ring::RETIRE.as_nanos() as u64 / PACE_SLOTS as u64);
 
 /// Bytes a connection's first bytes are kept to tell HTTP from the rest.
 const DETECT_BYTES: usize = 64;
@@ -430,21 +439,64 @@ fn dispatch(
 /// gathered per connection, both directions in order (up to [`CHUNK`]), so a
 /// mirror's queue holds chunks as large as a pass-through read, not one segment
 /// or one request each.
+///
+/// The gathered chunks go out spread over the time until the next block, in
+/// [`PACE_SLOTS`] groups [`PACE_SLOT`] apart ([`pace`]): a block's copies
+/// written at once made the local program answer them in one burst, which the
+/// target's own clients waited behind. A chunk that fills, a connection's
+/// close or end, goes out at once.
 async fn consume(mut events: mpsc::Receiver<Event>, hub: Weak<Hub>, in_transit: Arc<AtomicUsize>) {
+    let mut pacer = match pace::Pacer::new() {
+        Ok(pacer) => Some(pacer),
+        Err(e) => {
+            tracing::debug!("the mirror's copies go out a block at a time (no timer: {e})");
+            None
+        }
+    };
     let mut flows: HashMap<FlowId, Copy> = HashMap::new();
-    let mut dirty: Vec<FlowId> = Vec::new();
-    while let Some(first) = events.recv().await {
-        let mut next = Some(first);
-        while let Some(event) = next {
+    let mut dirty: VecDeque<FlowId> = VecDeque::new();
+    let mut group = 0;
+    loop {
+        let mut took = false;
+        if dirty.is_empty() {
+            let Some(first) = events.recv().await else {
+                return;
+            };
+            took = true;
+            if !handle(first, &mut flows, &mut dirty, &hub, &in_transit) {
+                return;
+            }
+        }
+        while let Ok(event) = events.try_recv() {
+            took = true;
             if !handle(event, &mut flows, &mut dirty, &hub, &in_transit) {
                 return;
             }
-            next = events.try_recv().ok();
         }
-        for id in dirty.drain(..) {
+        if took || pacer.is_none() {
+            // A new block: its copies (and any left of the last) share the
+            // slots until the next one.
+            group = match pacer {
+                Some(_) => dirty.len().div_ceil(PACE_SLOTS),
+                None => dirty.len(),
+            };
+        }
+        let now = group.max(1).min(dirty.len());
+        for id in dirty.drain(..now) {
             if let Some(copy) = flows.get_mut(&id) {
                 copy.flush();
             }
+        }
+        if dirty.is_empty() {
+            continue;
+        }
+        let failed = match &pacer {
+            Some(pacer) => pacer.sleep(PACE_SLOT).await.err(),
+            None => None,
+        };
+        if let Some(e) = failed {
+            tracing::debug!("the mirror's pacing timer failed ({e}); copies go out at once");
+            pacer = None;
         }
     }
 }
@@ -453,7 +505,7 @@ async fn consume(mut events: mpsc::Receiver<Event>, hub: Weak<Hub>, in_transit: 
 fn handle(
     event: Event,
     flows: &mut HashMap<FlowId, Copy>,
-    dirty: &mut Vec<FlowId>,
+    dirty: &mut VecDeque<FlowId>,
     hub: &Weak<Hub>,
     in_transit: &AtomicUsize,
 ) -> bool {
@@ -492,7 +544,7 @@ fn handle(
                     at,
                 });
                 if was_empty && !copy.parts.is_empty() {
-                    dirty.push(id);
+                    dirty.push_back(id);
                 }
             }
         }
