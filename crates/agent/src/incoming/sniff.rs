@@ -25,7 +25,10 @@
 //! (issue 13: a `SCHED_IDLE` thread that wakes every 3 ms and computes for
 //! 300 µs held the target's requests up to 300 µs at p99, as a normal one
 //! did). A `sched_yield(2)` enters the scheduler, which then runs the woken
-//! task; when nothing else is runnable it costs about 0.3 µs.
+//! task; when nothing else is runnable it costs about 0.3 µs. And the mirror
+//! thread spreads a block's copies over the time until the next block
+//! ([`pace`]): written at once, they made the local program answer them in one
+//! burst, which the target's clients waited behind as well.
 //!
 //! New connections are copied only while their port is watched
 //! ([`Sniffer::watch`]); a connection already copied stays copied until it ends
