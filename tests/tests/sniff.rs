@@ -698,3 +698,54 @@ fn a_filtered_mirrors_copy_is_not_dropped_while_the_copy_before_is_answered() {
     );
     end(&mut session);
 }
+
+/// A local program whose answers to its copies are far larger than a socket's
+/// buffers gets every copy, and finishes writing its answer even when no copy
+/// comes after on that connection: the agent reads (and throws away) what the
+/// program answers before each write of a copy and a few ms after the last,
+/// not as it comes, and as it comes once the answers are large.
+#[test]
+fn a_mirror_whose_program_answers_megabytes_gets_every_copy() {
+    let bed = Bed::new();
+    let port = bed.map_port;
+    let addr = SocketAddr::from((bed.target_v4, port));
+    let _target = serve_in_target(&bed, "target", port);
+    let cmd = named_http("local", port);
+    let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let mut command = bed.graft_run(&["--mirror"], &args);
+    // 32 MiB: more than the loopback socket buffers of both ends hold.
+    command
+        .env("GRAFT_LOG", "debug")
+        .env("NAMED_HTTP_ANSWER_BYTES", (32 << 20).to_string());
+    let mut session = bed.spawn(command, "graft run --mirror");
+    wait_mirrored(&mut session, addr, "probe");
+
+    // A request on a connection that then stays open and silent: the program
+    // writes all of its answer to the copy all the same.
+    let mut open = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(open, "GET /big-alone HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = open.read(&mut buf).expect("the target answers");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("x-served-by: target"));
+    assert!(
+        wait_output(&session, "answered local GET /big-alone "),
+        "the local program never finished answering the copy\n{}",
+        session.output_report()
+    );
+
+    // One connection, one request at a time: each copy reaches the program
+    // on the same mirror connection, behind its answer to the one before.
+    let paths = ["/big-1", "/big-2", "/big-3"];
+    let answers = one_by_one(addr, &paths);
+    assert!(answers.contains("target GET /big-3 "), "{answers}");
+    for path in paths {
+        assert!(
+            wait_output(&session, &format!("answered local GET {path} ")),
+            "the copy of {path} was not answered\n{}",
+            session.output_report()
+        );
+    }
+    drop(open);
+    end(&mut session);
+}

@@ -78,8 +78,10 @@ use crate::steal::{Accepted, Redirector};
 /// as not HTTP and passed through.
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
-/// A byte stream to or from a session.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+/// A byte stream to or from a session. It is [`std::any::Any`] too, so a
+/// mirror's writer can tell a plain TCP socket (the loopback pair of a local
+/// program, [`pair`]) from the rest ([`tee`]).
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + std::any::Any + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// A boxed [`Io`].
