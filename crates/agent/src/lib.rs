@@ -38,6 +38,7 @@ mod passing;
 mod relay;
 mod rules;
 mod session;
+mod sockopt;
 mod startup;
 mod steal;
 mod target;

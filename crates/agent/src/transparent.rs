@@ -401,26 +401,9 @@ async fn connect_marked(
 }
 
 /// Sets `IPV6_TRANSPARENT` (ipv6(7)), which `nix` does not offer.
-#[allow(unsafe_code)]
 fn set_ipv6_transparent(socket: &TcpSocket) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
-    // SAFETY: the descriptor is a live socket owned by `socket`; the option value
-    // points at a c_int that outlives the call, and its size is passed with it.
-    let done = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_IPV6,
-            libc::IPV6_TRANSPARENT,
-            std::ptr::from_ref(&on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if done == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::set(socket.as_fd(), libc::SOL_IPV6, libc::IPV6_TRANSPARENT, &on)
 }
 
 /// Connects to the target's own server at `dest` for a connection of `client`:

@@ -313,28 +313,14 @@ fn bind_ll(fd: &OwnedFd, sll: &libc::sockaddr_ll) -> io::Result<()> {
     }
 }
 
-#[allow(unsafe_code)]
 fn attach_filter(fd: &OwnedFd, program: &[Insn]) -> io::Result<()> {
     let prog = libc::sock_fprog {
         len: program.len() as u16,
         filter: program.as_ptr().cast_mut(),
     };
-    // SAFETY: `prog` points at `program`, which outlives the call; the kernel
-    // copies the program (SO_ATTACH_FILTER, socket(7)).
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            std::ptr::from_ref(&prog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // `prog` points at `program`, which outlives the call; the kernel copies
+    // the program (SO_ATTACH_FILTER, socket(7)).
+    crate::sockopt::set(fd.as_fd(), libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
 }
 
 #[allow(unsafe_code)]

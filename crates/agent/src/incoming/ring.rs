@@ -25,7 +25,7 @@
 
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
@@ -117,7 +117,7 @@ impl Ring {
     #[allow(unsafe_code)]
     pub fn map(fd: &OwnedFd) -> io::Result<Ring> {
         let version = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
-        setsockopt(fd, libc::PACKET_VERSION, &version)?;
+        crate::sockopt::set(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
         let request = libc::tpacket_req3 {
             tp_block_size: BLOCK_SIZE as u32,
             tp_block_nr: BLOCKS as u32,
@@ -127,7 +127,7 @@ impl Ring {
             tp_sizeof_priv: 0,
             tp_feature_req_word: 0,
         };
-        setsockopt(fd, libc::PACKET_RX_RING, &request)?;
+        crate::sockopt::set(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_RX_RING, &request)?;
         // SAFETY: a fresh shared mapping of the socket's ring, of the ring's
         // size (packet_mmap.rst: the blocks are mapped one after the other).
         let map = unsafe {
@@ -265,25 +265,6 @@ pub fn packets(block: &[u8], mut each: impl FnMut(Packet<'_>)) -> usize {
         }
     }
     count
-}
-
-#[allow(unsafe_code)]
-fn setsockopt<T>(fd: &OwnedFd, option: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: `value` is a live `T` and its size is passed; the kernel copies it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            option,
-            std::ptr::from_ref(value).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]

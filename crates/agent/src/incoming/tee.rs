@@ -114,29 +114,20 @@ const ANSWERS_LOWAT: libc::c_int = 64 * 1024;
 
 /// Sets [`ANSWERS_LOWAT`] on `io` when it is a TCP socket (a local program's
 /// loopback pair); other streams wake the agent per answer as before.
-#[allow(unsafe_code)]
 fn quiet_answers(io: &BoxIo) {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     let any: &dyn std::any::Any = &**io;
     let Some(stream) = any.downcast_ref::<TcpStream>() else {
         return;
     };
-    // SAFETY: the descriptor is a live socket owned by `stream`; the option
-    // value points at a c_int that outlives the call, and its size is passed.
-    let set = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            std::ptr::from_ref(&ANSWERS_LOWAT).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        tracing::debug!(
-            "a mirror's answers wake the agent each: SO_RCVLOWAT refused ({})",
-            io::Error::last_os_error()
-        );
+    let set = crate::sockopt::set(
+        stream.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVLOWAT,
+        &ANSWERS_LOWAT,
+    );
+    if let Err(e) = set {
+        tracing::debug!("a mirror's answers wake the agent each: SO_RCVLOWAT refused ({e})");
     }
 }
 
