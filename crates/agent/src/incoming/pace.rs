@@ -18,7 +18,10 @@
 //!
 //! A burst of copies makes a burst of the local program's work (and of the
 //! loopback's softirq work), which a woken target waits behind; small groups do
-//! not. tokio's timer counts whole milliseconds, so this sleeps on a `timerfd`
+//! not. Smaller is better still: at 4 000 requests a second (about 4 copies a
+//! block), sending them in 2 groups of 2 instead of 4 of 1 raised the target's
+//! p99 from 49–94 µs to 76–213 µs (5 interleaved runs), for 2–5 µs less CPU
+//! per copy; so the groups stay as small as the slots allow. tokio's timer counts whole milliseconds, so this sleeps on a `timerfd`
 //! (timerfd_create(2)), whose expiry is exact to the kernel's high-resolution
 //! timers, registered with the mirror thread's own runtime.
 
