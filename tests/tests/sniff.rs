@@ -72,9 +72,14 @@ fn wait_listening(proc: &mut Proc, what: &str) {
 
 /// `graft run --target pid:PID --mirror -- CMD` with `GRAFT_LOG=debug`.
 fn mirror_session(bed: &Bed, cmd: &[String]) -> Proc {
+    mirror_session_with(bed, cmd, &[])
+}
+
+/// [`mirror_session`] with more environment for graft and CMD.
+fn mirror_session_with(bed: &Bed, cmd: &[String], env: &[(&str, &str)]) -> Proc {
     let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
     let mut command = bed.graft_run(&["--mirror"], &args);
-    command.env("GRAFT_LOG", "debug");
+    command.env("GRAFT_LOG", "debug").envs(env.iter().copied());
     bed.spawn(command, "graft run --mirror")
 }
 
@@ -702,22 +707,21 @@ fn a_filtered_mirrors_copy_is_not_dropped_while_the_copy_before_is_answered() {
 /// A local program whose answers to its copies are far larger than a socket's
 /// buffers gets every copy, and finishes writing its answer even when no copy
 /// comes after on that connection: the agent reads (and throws away) what the
-/// program answers before each write of a copy and a few ms after the last,
-/// not as it comes, and as it comes once the answers are large.
+/// program answers once 64 KiB of it waits (`SO_RCVLOWAT`), not each answer
+/// as it comes, and never leaves it unread.
 #[test]
 fn a_mirror_whose_program_answers_megabytes_gets_every_copy() {
     let bed = Bed::new();
     let port = bed.map_port;
     let addr = SocketAddr::from((bed.target_v4, port));
     let _target = serve_in_target(&bed, "target", port);
-    let cmd = named_http("local", port);
-    let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let mut command = bed.graft_run(&["--mirror"], &args);
     // 32 MiB: more than the loopback socket buffers of both ends hold.
-    command
-        .env("GRAFT_LOG", "debug")
-        .env("NAMED_HTTP_ANSWER_BYTES", (32 << 20).to_string());
-    let mut session = bed.spawn(command, "graft run --mirror");
+    let bytes = (32 << 20).to_string();
+    let mut session = mirror_session_with(
+        &bed,
+        &named_http("local", port),
+        &[("NAMED_HTTP_ANSWER_BYTES", &bytes)],
+    );
     wait_mirrored(&mut session, addr, "probe");
 
     // A request on a connection that then stays open and silent: the program
