@@ -8,7 +8,13 @@
 //! (`SO_ATTACH_FILTER`, the kernel's `Documentation/networking/filter.rst`) built
 //! by [`program`]: it keeps unfragmented IPv4 and IPv6 TCP segments whose source
 //! or destination port is mirrored and drops the rest in the kernel, so the
-//! agent never sees the target's other traffic. On loopback the kernel taps
+//! agent never sees the target's other traffic. Of the target's answers (the
+//! segments from a mirrored port) it keeps only the first [`HEAD_SNAP`] bytes,
+//! the IP and TCP headers, unless a session of that port reads the answers
+//! (`graft tap`, `graft shadow`): the kernel copies each tapped packet into the
+//! ring in the sender's context, so a target that sends megabytes would pay a
+//! copy of each of them on its own send path (and fill the ring, whose drops
+//! cost the requests' copies too) for bytes that a mirror throws away. On loopback the kernel taps
 //! every packet twice, once leaving (`PACKET_OUTGOING`) and once arriving; the
 //! program drops the leaving copy (loopback is interface 1 in every namespace,
 //! `LOOPBACK_IFINDEX` in `include/net/net_namespace.h`).
@@ -44,6 +50,12 @@ pub const READ_WAIT: Duration = Duration::from_millis(50);
 /// How many ports one filter program can hold: its jumps are at most 255
 /// instructions long.
 pub const MAX_PORTS: usize = 32;
+
+/// How much of an answer's packet the filter keeps when nobody reads the
+/// answers, in bytes from the IP header: the largest IPv4 header (60) and TCP
+/// header (60) fit (RFC 791 §3.1, RFC 9293 §3.1; the IPv6 header is 40). The
+/// reassembly needs the headers' numbers, flags and the IP length alone.
+pub const HEAD_SNAP: u32 = 128;
 
 /// `PACKET_OUTGOING` (`include/uapi/linux/if_packet.h`).
 const PACKET_OUTGOING: u32 = 4;
@@ -108,12 +120,13 @@ impl PacketSocket {
     }
 
     /// Replaces the filter: TCP segments from or to `ports` (at most
-    /// [`MAX_PORTS`]; none: nothing).
+    /// [`MAX_PORTS`]; none: nothing), each port with whether its answers are
+    /// kept whole (else their first [`HEAD_SNAP`] bytes).
     ///
     /// # Errors
     ///
     /// Too many ports (`EINVAL`), or as `setsockopt(SO_ATTACH_FILTER)` fails.
-    pub fn set_ports(&self, ports: &[u16]) -> io::Result<()> {
+    pub fn set_ports(&self, ports: &[Watched]) -> io::Result<()> {
         if ports.len() > MAX_PORTS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -152,6 +165,16 @@ impl PacketSocket {
 /// One classic BPF instruction (`struct sock_filter`).
 type Insn = libc::sock_filter;
 
+/// A port the filter keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Watched {
+    /// The server's port.
+    pub port: u16,
+    /// Its answers (the segments from it) are kept whole: some session reads
+    /// them. Else only their headers ([`HEAD_SNAP`]).
+    pub answers: bool,
+}
+
 /// Where a jump of [`program`] leads before offsets are known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum To {
@@ -159,6 +182,8 @@ enum To {
     Next,
     /// The `ret` that keeps the packet.
     Accept,
+    /// The `ret` that keeps the packet's headers ([`HEAD_SNAP`]).
+    Head,
     /// The `ret` that drops it.
     Drop,
     /// The IP version check.
@@ -190,9 +215,11 @@ fn jump(code: u32, k: u32, jt: To, jf: To) -> Draft {
 
 /// The filter program for `ports`: keeps unfragmented IPv4/IPv6 TCP segments
 /// with a source or destination port among `ports`, except the leaving copy on
-/// loopback; `ports` empty drops everything. At most [`MAX_PORTS`] ports (the
-/// caller checks).
-pub fn program(ports: &[u16]) -> Vec<Insn> {
+/// loopback; `ports` empty drops everything. The destination is compared
+/// first, so a segment to a watched port is kept whole; one only from a port
+/// whose answers nobody reads keeps its first [`HEAD_SNAP`] bytes. At most
+/// [`MAX_PORTS`] ports (the caller checks).
+pub fn program(ports: &[Watched]) -> Vec<Insn> {
     use libc::{
         BPF_ABS, BPF_ALU, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD,
         BPF_LDX, BPF_MSH, BPF_RET, BPF_RSH, BPF_W, SKF_AD_IFINDEX, SKF_AD_OFF, SKF_AD_PKTTYPE,
@@ -209,13 +236,14 @@ pub fn program(ports: &[u16]) -> Vec<Insn> {
         }];
     }
     let match_ports = |d: &mut Vec<Draft>, load_src: Draft, load_dst: Draft| {
-        d.push(load_src);
-        for &p in ports {
-            d.push(jeq(u32::from(p), To::Accept, To::Next));
-        }
         d.push(load_dst);
-        for &p in ports {
-            d.push(jeq(u32::from(p), To::Accept, To::Next));
+        for p in ports {
+            d.push(jeq(u32::from(p.port), To::Accept, To::Next));
+        }
+        d.push(load_src);
+        for p in ports {
+            let answer = if p.answers { To::Accept } else { To::Head };
+            d.push(jeq(u32::from(p.port), answer, To::Next));
         }
     };
     // Loopback's leaving copy: dropped (its arriving copy is kept).
@@ -250,6 +278,8 @@ pub fn program(ports: &[u16]) -> Vec<Insn> {
     );
     let drop_at = d.len();
     d.push(stmt(BPF_RET | BPF_K, 0));
+    let head_at = d.len();
+    d.push(stmt(BPF_RET | BPF_K, HEAD_SNAP));
     let accept_at = d.len();
     d.push(stmt(BPF_RET | BPF_K, u32::MAX));
 
@@ -257,6 +287,7 @@ pub fn program(ports: &[u16]) -> Vec<Insn> {
         match to {
             To::Next => i + 1,
             To::Accept => accept_at,
+            To::Head => head_at,
             To::Drop => drop_at,
             To::Version => version_at,
             To::V6 => v6_at,
@@ -358,14 +389,22 @@ mod tests {
         assert_eq!(p[0].k, 0);
     }
 
+    fn watched(ports: &[u16], answers: bool) -> Vec<Watched> {
+        ports
+            .iter()
+            .map(|&port| Watched { port, answers })
+            .collect()
+    }
+
     #[test]
     fn every_jump_lands_inside_the_program_on_a_ret_or_forward() {
-        for n in [1, 2, MAX_PORTS] {
+        for (n, answers) in [(1, true), (2, false), (MAX_PORTS, true), (MAX_PORTS, false)] {
             let ports: Vec<u16> = (0..n as u16).map(|i| 8000 + i).collect();
-            let p = program(&ports);
+            let p = program(&watched(&ports, answers));
             let last = p.len() - 1;
             assert_eq!(p[last].k, u32::MAX, "the last instruction accepts");
-            assert_eq!(p[last - 1].k, 0, "the one before drops");
+            assert_eq!(p[last - 1].k, HEAD_SNAP, "the one before keeps the headers");
+            assert_eq!(p[last - 2].k, 0, "the one before that drops");
             for (i, insn) in p.iter().enumerate() {
                 if u32::from(insn.code) & 0x07 == libc::BPF_JMP {
                     assert!(i + 1 + usize::from(insn.jt) <= last);
@@ -378,6 +417,17 @@ mod tests {
                 .filter(|insn| ports.contains(&(insn.k as u16)) && insn.k < 65536)
                 .count();
             assert_eq!(compares, 4 * n);
+            // A destination port's match always keeps the whole segment; a
+            // source port's keeps the headers when nobody reads the answers.
+            let to_head = p
+                .iter()
+                .enumerate()
+                .filter(|(i, insn)| {
+                    u32::from(insn.code) & 0x07 == libc::BPF_JMP
+                        && i + 1 + usize::from(insn.jt) == last - 1
+                })
+                .count();
+            assert_eq!(to_head, if answers { 0 } else { 2 * n });
         }
     }
 
@@ -387,7 +437,13 @@ mod tests {
         let Ok(socket) = PacketSocket::open() else {
             return; // no CAP_NET_RAW here: nothing to check
         };
-        socket.set_ports(&[80, 8080]).expect("filter accepted");
-        assert!(socket.set_ports(&[1; MAX_PORTS + 1]).is_err());
+        let mut ports = watched(&[80], true);
+        ports.extend(watched(&[8080], false));
+        socket.set_ports(&ports).expect("filter accepted");
+        assert!(
+            socket
+                .set_ports(&watched(&[1; MAX_PORTS + 1], true))
+                .is_err()
+        );
     }
 }

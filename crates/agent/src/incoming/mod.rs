@@ -49,6 +49,7 @@ pub mod peer;
 pub mod reassembly;
 pub mod ring;
 pub mod routes;
+pub mod segment;
 pub mod sniff;
 pub mod tee;
 pub mod tls;
@@ -313,7 +314,21 @@ impl Rules {
             _ if sniffable(subs) && self.sniffer(hub).is_some() => Some(PortMode::Sniff),
             _ => Some(PortMode::Redirect),
         };
-        if current == wanted {
+        // A sniffed port's capture keeps the target's answers whole only while
+        // a session reads them.
+        let answers = subs.iter().any(|s| s.subscription.responses);
+        if current == wanted && wanted != Some(PortMode::Sniff) {
+            return Ok(());
+        }
+        if current == Some(PortMode::Sniff) && wanted == current {
+            if let SniffState::Running(sniffer) = &self.sniff
+                && let Err(e) = sniffer.watch(port, answers).await
+            {
+                tracing::debug!(
+                    port,
+                    "mirror: the capture of the answers is unchanged ({e})"
+                );
+            }
             return Ok(());
         }
         if wanted == Some(PortMode::Sniff) {
@@ -322,7 +337,7 @@ impl Rules {
                 self.redirector.release(port).await;
             }
             let watched = match self.sniffer(hub) {
-                Some(sniffer) => Some(sniffer.watch(port).await),
+                Some(sniffer) => Some(sniffer.watch(port, answers).await),
                 None => None,
             };
             match watched {

@@ -45,6 +45,13 @@
 //! - checksums are not verified (loopback and offloaded packets carry none yet):
 //!   a corrupt segment may corrupt the copy of its own flow only.
 //!
+//! A segment the capture kept only the headers of (an answer nobody reads,
+//! [`super::capture::HEAD_SNAP`]) counts with its length on the wire and
+//! delivers no bytes: its direction's numbers, `FIN` and gap checks go on as
+//! for whole segments, and the first such segment of a direction tells the
+//! caller once ([`Event::Cut`]), whose copy of that direction is then
+//! incomplete.
+//!
 //! TCP Fast Open data in a `SYN` is not copied.
 
 use std::collections::{BTreeMap, HashMap};
@@ -105,8 +112,12 @@ pub struct Segment<'a> {
     pub fin: bool,
     /// `RST`.
     pub rst: bool,
-    /// The data.
+    /// The data the capture kept: all of it, or its first bytes when
+    /// `uncaptured` is not 0.
     pub payload: &'a [u8],
+    /// Bytes of the data the capture did not keep (after `payload`): the
+    /// segment's length on the wire is `payload.len() + uncaptured`.
+    pub uncaptured: usize,
     /// The packet arrived for this host (`PACKET_HOST`); a flow only starts
     /// with such a `SYN`.
     pub arriving: bool,
@@ -164,6 +175,15 @@ pub enum Event {
         /// When the segment that made them deliverable was captured.
         at: SystemTime,
     },
+    /// The capture kept only the headers of some of one direction's bytes:
+    /// from here on that direction's [`Event::Data`] is missing them. Told
+    /// once per direction, after [`Event::Open`].
+    Cut {
+        /// The flow.
+        id: FlowId,
+        /// The direction cut short.
+        direction: Direction,
+    },
     /// One direction sent `FIN` after all its bytes.
     Closed {
         /// The flow.
@@ -186,6 +206,7 @@ impl Event {
         match self {
             Event::Open { id, .. }
             | Event::Data { id, .. }
+            | Event::Cut { id, .. }
             | Event::Closed { id, .. }
             | Event::End { id, .. } => *id,
         }
@@ -213,9 +234,65 @@ struct Half {
     /// The `FIN` was reached.
     closed: bool,
     /// Out-of-order segments by offset.
-    ooo: BTreeMap<u64, Bytes>,
-    /// Their bytes.
+    ooo: BTreeMap<u64, Held>,
+    /// Their bytes (those of [`Held::Cut`] segments are not held).
     ooo_bytes: usize,
+    /// Some of this direction's bytes were not captured.
+    cut: bool,
+}
+
+/// A segment's data as captured.
+#[derive(Debug, Clone, Copy)]
+enum Piece<'a> {
+    /// Its bytes.
+    Bytes(&'a [u8]),
+    /// Its length: the capture kept its headers alone.
+    Cut(u64),
+}
+
+impl Piece<'_> {
+    /// Its length in sequence space.
+    fn len(&self) -> u64 {
+        match self {
+            Piece::Bytes(b) => b.len() as u64,
+            Piece::Cut(n) => *n,
+        }
+    }
+
+    /// What follows its first `n` bytes.
+    fn after(self, n: u64) -> Self {
+        match self {
+            Piece::Bytes(b) => Piece::Bytes(&b[n as usize..]),
+            Piece::Cut(len) => Piece::Cut(len - n),
+        }
+    }
+}
+
+/// An out-of-order segment.
+#[derive(Debug)]
+enum Held {
+    /// Its bytes.
+    Bytes(Bytes),
+    /// A segment of this many bytes whose headers alone were captured.
+    Cut(u64),
+}
+
+impl Held {
+    /// Its length in sequence space.
+    fn len(&self) -> u64 {
+        match self {
+            Held::Bytes(b) => b.len() as u64,
+            Held::Cut(n) => *n,
+        }
+    }
+
+    /// The bytes it holds in memory.
+    fn held(&self) -> usize {
+        match self {
+            Held::Bytes(b) => b.len(),
+            Held::Cut(_) => 0,
+        }
+    }
 }
 
 impl Half {
@@ -246,6 +323,41 @@ struct Flow {
     established: bool,
     opened: bool,
     last: Instant,
+}
+
+impl Flow {
+    /// Announces the flow before its first delivery (with the directions cut
+    /// short so far); nothing once it is announced.
+    fn open(&mut self, out: &mut Vec<Event>) {
+        if self.opened {
+            return;
+        }
+        self.opened = true;
+        out.push(Event::Open {
+            id: self.id,
+            client: self.client,
+            server: self.server,
+        });
+        for (i, half) in self.halves.iter().enumerate() {
+            if half.cut {
+                out.push(Event::Cut {
+                    id: self.id,
+                    direction: direction_of(i),
+                });
+            }
+        }
+    }
+
+    /// Marks half `i` cut short, telling `out` the first time once announced.
+    fn cut(&mut self, i: usize, out: &mut Vec<Event>) {
+        if std::mem::replace(&mut self.halves[i].cut, true) || !self.opened {
+            return;
+        }
+        out.push(Event::Cut {
+            id: self.id,
+            direction: direction_of(i),
+        });
+    }
 }
 
 fn direction_of(i: usize) -> Direction {
@@ -393,9 +505,15 @@ impl Reassembler {
         }
         flow.last = now;
         let offset = flow.halves[i].offset(seg.seq).expect("in window, so known");
-        if !seg.payload.is_empty()
-            && let Err(why) = self.data(key, i, offset, seg.payload, out)
-        {
+        let len = seg.payload.len() + seg.uncaptured;
+        let taken = if seg.uncaptured > 0 {
+            self.data(key, i, offset, Piece::Cut(len as u64), out)
+        } else if !seg.payload.is_empty() {
+            self.data(key, i, offset, Piece::Bytes(seg.payload), out)
+        } else {
+            Ok(())
+        };
+        if let Err(why) = taken {
             let why = EndReason::Gap {
                 direction: direction_of(i),
                 why,
@@ -406,7 +524,7 @@ impl Reassembler {
         if seg.fin {
             let flow = self.flows.get_mut(&key).expect("still tracked");
             let half = &mut flow.halves[i];
-            half.fin_at.get_or_insert(offset + seg.payload.len() as u64);
+            half.fin_at.get_or_insert(offset + len as u64);
         }
         self.settle(key, i, out);
     }
@@ -473,20 +591,20 @@ impl Reassembler {
         }
     }
 
-    /// Takes `payload` at `offset` of half `i`.
+    /// Takes `piece` at `offset` of half `i`.
     fn data(
         &mut self,
         key: (SocketAddr, SocketAddr),
         i: usize,
         offset: u64,
-        payload: &[u8],
+        piece: Piece<'_>,
         out: &mut Vec<Event>,
     ) -> Result<(), &'static str> {
         let limits = self.limits;
         let captured = self.at;
         let flow = self.flows.get_mut(&key).expect("tracked");
         let half = &mut flow.halves[i];
-        let end = offset + payload.len() as u64;
+        let end = offset + piece.len();
         if end <= half.delivered || half.closed {
             return Ok(()); // a retransmission
         }
@@ -494,46 +612,52 @@ impl Reassembler {
             return Ok(()); // outside any window: ignored
         }
         if offset <= half.delivered {
-            let fresh = &payload[(half.delivered - offset) as usize..];
+            let fresh = (half.delivered - offset) as usize;
             half.delivered = end;
-            let bytes = Bytes::copy_from_slice(fresh);
-            let (id, client, server) = (flow.id, flow.client, flow.server);
-            if !flow.opened {
-                flow.opened = true;
-                out.push(Event::Open { id, client, server });
+            match piece {
+                Piece::Bytes(payload) => {
+                    let bytes = Bytes::copy_from_slice(&payload[fresh..]);
+                    flow.open(out);
+                    out.push(Event::Data {
+                        id: flow.id,
+                        direction: direction_of(i),
+                        bytes,
+                        at: captured,
+                    });
+                }
+                Piece::Cut(_) => flow.cut(i, out),
             }
-            out.push(Event::Data {
-                id,
-                direction: direction_of(i),
-                bytes,
-                at: captured,
-            });
             return Ok(());
         }
         // Ahead of the next expected byte: buffered, first bytes win.
         let mut at = offset;
-        let mut rest = payload;
-        while !rest.is_empty() {
-            let held = half.ooo.get(&at).map(Bytes::len);
+        let mut rest = piece;
+        while rest.len() > 0 {
+            let held = half.ooo.get(&at).map(Held::len);
             match held {
                 Some(n) if n >= rest.len() => return Ok(()),
                 Some(n) => {
-                    at += n as u64;
-                    rest = &rest[n..];
+                    at += n;
+                    rest = rest.after(n);
                 }
                 None => {
                     if half.ooo.len() >= limits.flow_segments {
                         return Err("too many out-of-order segments for one connection");
                     }
-                    if half.ooo_bytes + rest.len() > limits.flow_buffer {
+                    let held = match rest {
+                        Piece::Bytes(b) => Held::Bytes(Bytes::copy_from_slice(b)),
+                        Piece::Cut(n) => Held::Cut(n),
+                    };
+                    let bytes = held.held();
+                    if half.ooo_bytes + bytes > limits.flow_buffer {
                         return Err("out-of-order bytes over one connection's bound");
                     }
-                    if self.buffered + rest.len() > limits.total_buffer {
+                    if self.buffered + bytes > limits.total_buffer {
                         return Err("out-of-order bytes over the agent's bound");
                     }
-                    half.ooo.insert(at, Bytes::copy_from_slice(rest));
-                    half.ooo_bytes += rest.len();
-                    self.buffered += rest.len();
+                    half.ooo.insert(at, held);
+                    half.ooo_bytes += bytes;
+                    self.buffered += bytes;
                     return Ok(());
                 }
             }
@@ -548,35 +672,38 @@ impl Reassembler {
         let Some(flow) = self.flows.get_mut(&key) else {
             return;
         };
-        let half = &mut flow.halves[i];
-        while let Some(entry) = half.ooo.first_entry() {
+        loop {
+            let half = &mut flow.halves[i];
+            let Some(entry) = half.ooo.first_entry() else {
+                break;
+            };
             let at = *entry.key();
             if at > half.delivered {
                 break;
             }
-            let bytes = entry.remove();
-            half.ooo_bytes -= bytes.len();
-            self.buffered -= bytes.len();
-            let end = at + bytes.len() as u64;
-            if end > half.delivered {
-                let fresh = bytes.slice((half.delivered - at) as usize..);
-                half.delivered = end;
-                if !flow.opened {
-                    flow.opened = true;
-                    out.push(Event::Open {
+            let held = entry.remove();
+            half.ooo_bytes -= held.held();
+            self.buffered -= held.held();
+            let end = at + held.len();
+            if end <= half.delivered {
+                continue;
+            }
+            let fresh = half.delivered - at;
+            half.delivered = end;
+            match held {
+                Held::Bytes(bytes) => {
+                    flow.open(out);
+                    out.push(Event::Data {
                         id: flow.id,
-                        client: flow.client,
-                        server: flow.server,
+                        direction: direction_of(i),
+                        bytes: bytes.slice(fresh as usize..),
+                        at: captured,
                     });
                 }
-                out.push(Event::Data {
-                    id: flow.id,
-                    direction: direction_of(i),
-                    bytes: fresh,
-                    at: captured,
-                });
+                Held::Cut(_) => flow.cut(i, out),
             }
         }
+        let half = &mut flow.halves[i];
         if !half.closed && half.fin_at.is_some_and(|fin| half.delivered >= fin) {
             half.closed = true;
             if flow.opened {

@@ -17,6 +17,8 @@ struct Bed {
     now: Instant,
     /// The capture time of the next segment.
     at: SystemTime,
+    /// The next segments' bytes after their payload that the capture did not keep.
+    uncaptured: usize,
 }
 
 impl Bed {
@@ -26,6 +28,7 @@ impl Bed {
             out: Vec::new(),
             now: Instant::now(),
             at: SystemTime::UNIX_EPOCH,
+            uncaptured: 0,
         }
     }
 
@@ -40,6 +43,7 @@ impl Bed {
             fin: flags.contains('F'),
             rst: flags.contains('R'),
             payload,
+            uncaptured: self.uncaptured,
             arriving: from_client,
             at: self.at,
         };
@@ -314,6 +318,7 @@ fn out_of_order_bytes_are_bounded_over_all_flows() {
             fin: false,
             rst: false,
             payload,
+            uncaptured: 0,
             arriving: true,
             at: SystemTime::UNIX_EPOCH,
         };
@@ -353,6 +358,7 @@ fn a_syn_flood_keeps_the_table_bounded_and_established_flows_survive() {
             fin: false,
             rst: false,
             payload: b"",
+            uncaptured: 0,
             arriving: true,
             at: SystemTime::UNIX_EPOCH,
         };
@@ -377,6 +383,7 @@ fn a_syn_leaving_the_host_or_refused_by_the_caller_starts_nothing() {
         fin: false,
         rst: false,
         payload: b"",
+        uncaptured: 0,
         arriving: false,
         at: SystemTime::UNIX_EPOCH,
     };
@@ -408,4 +415,103 @@ fn idle_flows_expire() {
     b.r.expire(later, &mut b.out);
     assert_eq!(b.ended(), Some(EndReason::Idle));
     assert_eq!(b.r.flows(), 0);
+}
+
+impl Bed {
+    /// A server segment at offset `off` of which the capture kept `kept` and
+    /// not the `uncaptured` bytes after them.
+    fn server_cut(&mut self, off: u32, kept: &[u8], uncaptured: usize, flags: &str) {
+        self.uncaptured = uncaptured;
+        self.seg(
+            false,
+            SISN + 1 + off,
+            Some(CISN.wrapping_add(1)),
+            flags,
+            kept,
+        );
+        self.uncaptured = 0;
+    }
+
+    fn cuts(&self) -> Vec<Direction> {
+        self.out
+            .iter()
+            .filter_map(|e| match e {
+                Event::Cut { direction, .. } => Some(*direction),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Answers whose headers alone were captured deliver nothing, count their
+/// length on the wire (the client's acknowledgment of them is no gap, and the
+/// server's `FIN` after them closes), and are told once.
+#[test]
+fn answers_cut_short_count_their_length_and_are_told_once() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"GET / HTTP/1.1\r\n\r\n");
+    b.server_cut(0, b"HTTP", 1000, "");
+    b.server_cut(1004, b"", 2000, "");
+    assert_eq!(b.cuts(), [Direction::Response]);
+    assert!(b.stream(Direction::Response).is_empty());
+    // The client acknowledges all 3004 bytes: no gap.
+    b.seg(true, CISN.wrapping_add(19), Some(SISN + 1 + 3004), "", b"");
+    assert_eq!(b.ended(), None);
+    b.server_cut(3004, b"", 10, "F");
+    assert!(b.out.iter().any(|e| matches!(
+        e,
+        Event::Closed {
+            direction: Direction::Response,
+            ..
+        }
+    )));
+    b.seg(true, CISN.wrapping_add(19), Some(SISN + 1 + 3015), "F", b"");
+    assert_eq!(b.ended(), Some(EndReason::Finished));
+    assert_eq!(b.stream(Direction::Request), b"GET / HTTP/1.1\r\n\r\n");
+}
+
+/// A cut answer ahead of the next expected byte waits as a length (holding
+/// no bytes) and counts once the hole before it is filled.
+#[test]
+fn cut_answers_out_of_order_wait_as_lengths() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.client(0, b"GET");
+    b.server_cut(1000, b"", 1000, "");
+    assert!(b.cuts().is_empty(), "nothing is cut before the hole fills");
+    assert_eq!(b.r.buffered(), 0);
+    b.server_cut(0, b"", 1000, "");
+    assert_eq!(b.cuts(), [Direction::Response]);
+    b.seg(true, CISN.wrapping_add(4), Some(SISN + 1 + 2000), "", b"");
+    assert_eq!(b.ended(), None, "all 2000 bytes were counted");
+    // Bytes past what was counted: the capture missed them.
+    b.seg(true, CISN.wrapping_add(4), Some(SISN + 1 + 2500), "", b"");
+    assert!(matches!(
+        b.ended(),
+        Some(EndReason::Gap {
+            direction: Direction::Response,
+            ..
+        })
+    ));
+}
+
+/// A server that speaks first with answers cut short: the flow is announced
+/// with the client's first byte, and its cut right after.
+#[test]
+fn a_cut_before_the_first_delivery_follows_the_open() {
+    let mut b = Bed::new(Limits::default());
+    b.handshake();
+    b.server_cut(0, b"220 ", 100, "");
+    assert!(b.out.is_empty());
+    b.client(0, b"HELO");
+    assert!(matches!(b.out[0], Event::Open { .. }));
+    assert!(matches!(
+        b.out[1],
+        Event::Cut {
+            direction: Direction::Response,
+            ..
+        }
+    ));
+    assert_eq!(b.stream(Direction::Request), b"HELO");
 }

@@ -3,10 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::incoming::capture::{PACKET_HOST, PacketSocket};
+use crate::incoming::capture::{HEAD_SNAP, PACKET_HOST, PacketSocket, Watched};
 
 /// Where the packet header's fields are.
 const NEXT: usize = offset_of!(libc::tpacket3_hdr, tp_next_offset);
@@ -160,7 +161,12 @@ fn the_ring_reads_real_packets() {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => return, // no CAP_NET_RAW
         Err(e) => panic!("the packet socket with its ring: {e}"),
     };
-    socket.set_ports(&[port]).unwrap();
+    socket
+        .set_ports(&[Watched {
+            port,
+            answers: true,
+        }])
+        .unwrap();
     socket.start().unwrap();
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let (mut server, _) = listener.accept().unwrap();
@@ -197,4 +203,122 @@ fn the_ring_reads_real_packets() {
     assert!(len >= 20 + 20 + message.len(), "{len}");
     // The handshake came first, through the same ring.
     assert!(packets >= 3, "{packets} packets");
+}
+
+/// A port whose answers nobody reads: the kernel hands over the client's
+/// segments whole and the server's cut to their headers, with their length on
+/// the wire intact.
+#[test]
+fn answers_nobody_reads_come_through_the_ring_as_headers() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut socket = match PacketSocket::open() {
+        Ok(socket) => socket,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return, // no CAP_NET_RAW
+        Err(e) => panic!("the packet socket with its ring: {e}"),
+    };
+    socket
+        .set_ports(&[Watched {
+            port,
+            answers: false,
+        }])
+        .unwrap();
+    socket.start().unwrap();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    let question = [b'q'; 3000];
+    client.write_all(&question).unwrap();
+    let mut got = vec![0u8; question.len()];
+    server.read_exact(&mut got).unwrap();
+    let answer = vec![b'a'; 50_000];
+    server.write_all(&answer).unwrap();
+    let mut got = vec![0u8; answer.len()];
+    client.read_exact(&mut got).unwrap();
+
+    // (whole request bytes, answer bytes on the wire, answer bytes captured)
+    let (mut asked, mut answered, mut kept) = (0, 0, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (asked < question.len() || answered < answer.len()) && Instant::now() < deadline {
+        socket
+            .read_batch(|p| {
+                let ihl = usize::from(p.data[0] & 0x0f) * 4;
+                let total = usize::from(u16::from_be_bytes([p.data[2], p.data[3]]));
+                let tcp = &p.data[ihl..];
+                let header = usize::from(tcp[12] >> 4) * 4;
+                let src = u16::from_be_bytes([tcp[0], tcp[1]]);
+                let on_wire = total - ihl - header;
+                if src == port {
+                    answered += on_wire;
+                    kept += p.data.len();
+                    if on_wire > 0 {
+                        assert!(p.truncated, "an answer came whole");
+                        assert_eq!(p.data.len(), HEAD_SNAP as usize);
+                    }
+                } else {
+                    assert!(!p.truncated, "a request was cut");
+                    assert_eq!(p.data.len(), total);
+                    asked += on_wire;
+                }
+            })
+            .unwrap();
+    }
+    assert_eq!(asked, question.len());
+    assert_eq!(answered, answer.len());
+    assert!(
+        kept < answer.len() / 10,
+        "{kept} bytes of the answers were kept"
+    );
+}
+
+/// A client whose own port is the watched one (a hostile or unlucky pick):
+/// its segments go to the watched port, so they come whole although they also
+/// come from it; the filter compares the destination first.
+#[test]
+fn a_client_sending_from_the_watched_port_still_comes_whole() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut socket = match PacketSocket::open() {
+        Ok(socket) => socket,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return, // no CAP_NET_RAW
+        Err(e) => panic!("the packet socket with its ring: {e}"),
+    };
+    socket
+        .set_ports(&[Watched {
+            port,
+            answers: false,
+        }])
+        .unwrap();
+    socket.start().unwrap();
+    use nix::sys::socket::{self as nixsock, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = nixsock::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    nixsock::bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 2, port)).unwrap();
+    nixsock::connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)).unwrap();
+    let mut client = TcpStream::from(fd);
+    let (mut server, _) = listener.accept().unwrap();
+    let question = [b'q'; 3000];
+    client.write_all(&question).unwrap();
+    let mut got = vec![0u8; question.len()];
+    server.read_exact(&mut got).unwrap();
+
+    let mut asked = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while asked < question.len() && Instant::now() < deadline {
+        socket
+            .read_batch(|p| {
+                let total = usize::from(u16::from_be_bytes([p.data[2], p.data[3]]));
+                let from_client = p.data[12..16] == [127, 0, 0, 2];
+                if from_client && total > 100 {
+                    assert!(!p.truncated, "the client's segment was cut");
+                    asked += total - 20 - usize::from(p.data[32] >> 4) * 4;
+                }
+            })
+            .unwrap();
+    }
+    assert_eq!(asked, question.len());
 }

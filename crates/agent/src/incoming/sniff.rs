@@ -39,7 +39,7 @@
 //! ([`own_connection`]): a mirrored program that calls its own service through
 //! graft would otherwise be sent copies of its own calls, without end.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -49,15 +49,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use graft_protocol::incoming::tap::Direction;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::capture::{self, PacketSocket};
-use super::reassembly::{EndReason, Event, FlowId, Limits, Reassembler, Segment};
-use super::{ConnMeta, Hub, PortSubs, pace, ring, tee};
+use super::reassembly::{EndReason, Event, FlowId, Limits, Reassembler};
+use super::{ConnMeta, Hub, PortSubs, pace, ring, segment, tee};
 
 /// Events queued between the capture thread and the consumer.
 const EVENTS: usize = 4096;
@@ -127,8 +126,9 @@ fn is_own(client: SocketAddr) -> bool {
 
 /// What the hub tells the capture thread, and what the thread has applied.
 struct Control {
-    /// Ports whose new connections are copied.
-    ports: Mutex<BTreeSet<u16>>,
+    /// Ports whose new connections are copied, each with whether some session
+    /// reads their answers (else the capture keeps the answers' headers only).
+    ports: Mutex<BTreeMap<u16, bool>>,
     /// Bumped on every change of `ports`.
     generation: AtomicU64,
     /// The last generation whose ports the kernel filters.
@@ -180,22 +180,28 @@ impl Sniffer {
         Ok(Sniffer { control })
     }
 
-    /// Copies the new connections to `port` from when it returns: it waits
-    /// (at most [`APPLY_WAIT`]) until the kernel filters the port.
+    /// Copies the new connections to `port` from when it returns, with the
+    /// target's answers whole when `answers` (a session reads them), else only
+    /// their headers: it waits (at most [`APPLY_WAIT`]) until the kernel
+    /// filters the port so. Called again for a watched port, it changes
+    /// `answers`; a connection whose answers were cut short meanwhile tells its
+    /// copy so ([`Event::Cut`]).
     ///
     /// # Errors
     ///
     /// [`capture::MAX_PORTS`] ports are already watched, or the capture stopped.
-    pub async fn watch(&self, port: u16) -> io::Result<()> {
+    pub async fn watch(&self, port: u16, answers: bool) -> io::Result<()> {
         let generation = {
             let mut ports = self.control.ports.lock().expect("sniffer lock poisoned");
-            if !ports.contains(&port) && ports.len() >= capture::MAX_PORTS {
+            if !ports.contains_key(&port) && ports.len() >= capture::MAX_PORTS {
                 return Err(io::Error::other(format!(
                     "{} ports are sniffed already",
                     capture::MAX_PORTS
                 )));
             }
-            ports.insert(port);
+            if ports.insert(port, answers) == Some(answers) {
+                return Ok(());
+            }
             self.control.generation.fetch_add(1, Ordering::SeqCst) + 1
         };
         let mut applied = self.control.applied.subscribe();
@@ -212,7 +218,7 @@ impl Sniffer {
     /// Stops copying new connections to `port`; those being copied go on.
     pub fn unwatch(&self, port: u16) {
         let mut ports = self.control.ports.lock().expect("sniffer lock poisoned");
-        if ports.remove(&port) {
+        if ports.remove(&port).is_some() {
             self.control.generation.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -239,39 +245,6 @@ pub(super) fn yield_now() {
     }
 }
 
-/// The parsed TCP segment of a captured IP packet, if it is one.
-fn parse<'a>(packet: &capture::Packet<'a>) -> Option<Segment<'a>> {
-    if packet.truncated {
-        return None;
-    }
-    let sliced = SlicedPacket::from_ip(packet.data).ok()?;
-    let (src, dst): (IpAddr, IpAddr) = match sliced.net? {
-        NetSlice::Ipv4(ip) => (
-            ip.header().source_addr().into(),
-            ip.header().destination_addr().into(),
-        ),
-        NetSlice::Ipv6(ip) => (
-            ip.header().source_addr().into(),
-            ip.header().destination_addr().into(),
-        ),
-    };
-    let TransportSlice::Tcp(tcp) = sliced.transport? else {
-        return None;
-    };
-    Some(Segment {
-        src: SocketAddr::new(src, tcp.source_port()),
-        dst: SocketAddr::new(dst, tcp.destination_port()),
-        seq: tcp.sequence_number(),
-        ack: tcp.ack().then(|| tcp.acknowledgment_number()),
-        syn: tcp.syn(),
-        fin: tcp.fin(),
-        rst: tcp.rst(),
-        payload: tcp.payload(),
-        arriving: packet.pkttype == capture::PACKET_HOST,
-        at: packet.at,
-    })
-}
-
 /// The capture thread: reads, reassembles and hands events on until stopped.
 ///
 /// It runs at the agent's normal priority, as does the mirror thread. At
@@ -288,9 +261,9 @@ fn capture_loop(
 ) {
     let excluded: HashSet<IpAddr> = crate::rules::settings().excluded.iter().copied().collect();
     let mut reassembler = Reassembler::new(Limits::default());
-    let mut accepting = BTreeSet::new();
+    let mut accepting = BTreeMap::new();
     let mut seen = u64::MAX;
-    let mut filtered: Option<Vec<u16>> = None;
+    let mut filtered: Option<Vec<capture::Watched>> = None;
     let mut out = Vec::new();
     let mut pending_ends = Vec::new();
     let mut housekeeping = Instant::now();
@@ -311,11 +284,21 @@ fn capture_loop(
             seen = generation;
             accepting = control.ports.lock().expect("sniffer lock poisoned").clone();
         }
-        // The kernel keeps the watched ports and those of live flows.
-        let mut wanted: Vec<u16> = accepting.iter().copied().collect();
-        wanted.extend(reassembler.ports());
+        // The kernel keeps the watched ports and those of live flows (whose
+        // answers whole: a copy that read them goes on until the flow ends).
+        let mut wanted: Vec<capture::Watched> = accepting
+            .iter()
+            .map(|(&port, &answers)| capture::Watched { port, answers })
+            .collect();
+        for port in reassembler.ports() {
+            if !accepting.contains_key(&port) {
+                wanted.push(capture::Watched {
+                    port,
+                    answers: true,
+                });
+            }
+        }
         wanted.sort_unstable();
-        wanted.dedup();
         wanted.truncate(capture::MAX_PORTS);
         if filtered.as_ref() != Some(&wanted) {
             if let Err(e) = socket.set_ports(&wanted) {
@@ -342,9 +325,9 @@ fn capture_loop(
             if handled % YIELD_EVERY == 0 {
                 std::thread::yield_now();
             }
-            if let Some(seg) = parse(&packet) {
+            if let Some(seg) = segment::parse(&packet) {
                 let accept = |client: SocketAddr, server: SocketAddr| {
-                    accepting.contains(&server.port()) && !excluded.contains(&client.ip())
+                    accepting.contains_key(&server.port()) && !excluded.contains(&client.ip())
                 };
                 reassembler.segment(&seg, now, accept, &mut out);
             }
@@ -549,6 +532,20 @@ fn handle(
                 if was_empty && !copy.parts.is_empty() {
                     dirty.push_back(id);
                 }
+            }
+        }
+        Event::Cut { id, direction } => {
+            // The client's bytes, or answers a mirror reads, cannot be copied
+            // whole any more: that copy ends, as at a gap.
+            let wanted = flows
+                .get(&id)
+                .is_some_and(|copy| direction == Direction::Request || copy.responses);
+            if wanted && let Some(mut copy) = flows.remove(&id) {
+                tracing::debug!(
+                    ?direction,
+                    "a mirrored connection's copy ends: the capture kept only headers"
+                );
+                copy.flush();
             }
         }
         Event::Closed { id, direction } => {
