@@ -12,8 +12,8 @@ use std::time::Duration;
 use graft_tests::{Bed, Proc, STEAL_TIMEOUT, wait_until};
 
 use super::{
-    SNIFFING, end, mirror_session, mirror_session_with, named_http, one_by_one,
-    serve_in_target, serve_in_target_with, wait_mirrored, wait_output, who_answers,
+    SNIFFING, end, mirror_session, mirror_session_with, named_http, one_by_one, serve_in_target,
+    serve_in_target_with, wait_mirrored, wait_output, who_answers,
 };
 
 /// Starts `graft record` of `port` for `count` requests into `har` and waits

@@ -152,22 +152,26 @@ fn random_blocks_never_panic_and_stay_inside() {
     }
 }
 
+/// A started packet socket that watches `port` (its answers whole or not),
+/// or `None` without `CAP_NET_RAW`.
+fn capture(port: u16, answers: bool) -> Option<PacketSocket> {
+    let mut socket = match PacketSocket::open() {
+        Ok(socket) => socket,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return None,
+        Err(e) => panic!("the packet socket with its ring: {e}"),
+    };
+    socket.set_ports(&[Watched { port, answers }]).unwrap();
+    socket.start().unwrap();
+    Some(socket)
+}
+
 #[test]
 fn the_ring_reads_real_packets() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut socket = match PacketSocket::open() {
-        Ok(socket) => socket,
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return, // no CAP_NET_RAW
-        Err(e) => panic!("the packet socket with its ring: {e}"),
+    let Some(mut socket) = capture(port, true) else {
+        return; // no CAP_NET_RAW here
     };
-    socket
-        .set_ports(&[Watched {
-            port,
-            answers: true,
-        }])
-        .unwrap();
-    socket.start().unwrap();
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let (mut server, _) = listener.accept().unwrap();
     let message = b"read through the ring";
@@ -212,18 +216,9 @@ fn the_ring_reads_real_packets() {
 fn answers_nobody_reads_come_through_the_ring_as_headers() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut socket = match PacketSocket::open() {
-        Ok(socket) => socket,
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return, // no CAP_NET_RAW
-        Err(e) => panic!("the packet socket with its ring: {e}"),
+    let Some(mut socket) = capture(port, false) else {
+        return; // no CAP_NET_RAW here
     };
-    socket
-        .set_ports(&[Watched {
-            port,
-            answers: false,
-        }])
-        .unwrap();
-    socket.start().unwrap();
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let (mut server, _) = listener.accept().unwrap();
     let question = [b'q'; 3000];
@@ -277,18 +272,9 @@ fn answers_nobody_reads_come_through_the_ring_as_headers() {
 fn a_client_sending_from_the_watched_port_still_comes_whole() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut socket = match PacketSocket::open() {
-        Ok(socket) => socket,
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return, // no CAP_NET_RAW
-        Err(e) => panic!("the packet socket with its ring: {e}"),
+    let Some(mut socket) = capture(port, false) else {
+        return; // no CAP_NET_RAW here
     };
-    socket
-        .set_ports(&[Watched {
-            port,
-            answers: false,
-        }])
-        .unwrap();
-    socket.start().unwrap();
     use nix::sys::socket::{self as nixsock, AddressFamily, SockFlag, SockType, SockaddrIn};
     let fd = nixsock::socket(
         AddressFamily::Inet,
