@@ -299,9 +299,20 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
     // Set when the stack's task ended on its own: its handle is not polled again.
     let mut stack_ended = false;
     let ended = tokio::select! {
-        status = child.wait() => Ended::Command(status.map_err(|e| {
-            Failure::session(format!("cannot wait for the command: {e}"))
-        })?),
+        status = child.wait() => {
+            let status = status.map_err(|e| {
+                Failure::session(format!("cannot wait for the command: {e}"))
+            })?;
+            // The link ended first, and both were ready: its end resets CMD's
+            // connections, which may be why CMD exited.
+            match session.link_end() {
+                Some(reason) => {
+                    eprintln!("graft: lost the link to the agent ({reason}); CMD exited ({status})");
+                    Ended::LinkLost
+                }
+                None => Ended::Command(status),
+            }
+        }
         received = signals.recv() => {
             tracing::info!(signal = ?received, "stopping the command");
             if !(received == Signal::SIGINT && process::in_foreground()) {

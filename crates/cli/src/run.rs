@@ -384,10 +384,18 @@ impl Plan<'_> {
                 };
                 match tokio::time::timeout(grace, signals.recv()).await {
                     Ok(received) => Ended::Stopped(received),
-                    Err(_) => {
-                        self.explain_exit(&session, status);
-                        Ended::Command(status)
-                    }
+                    // The link ended first, and both were ready: its end resets
+                    // CMD's relayed connections, which may be why CMD exited.
+                    Err(_) => match session.link_end() {
+                        Some(reason) => {
+                            eprintln!("graft: lost the link to the agent ({reason}); CMD exited ({status})");
+                            Ended::LinkLost
+                        }
+                        None => {
+                            self.explain_exit(&session, status);
+                            Ended::Command(status)
+                        }
+                    },
                 }
             }
             received = signals.recv() => {

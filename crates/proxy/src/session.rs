@@ -412,6 +412,13 @@ impl Session {
         }
     }
 
+    /// Why the link ended, or `None` while it is up. Set before the session's
+    /// connections are reset, so a program that ended on such a reset finds
+    /// it here.
+    pub fn link_end(&self) -> Option<LinkEnd> {
+        self.shared.end_tx.borrow().clone()
+    }
+
     /// Closes the session: stops serving the layer, resets every local
     /// connection, sends what is queued and shuts the link's write side so the
     /// agent removes its packet rules and exits. Waits at most 2 s for the link.

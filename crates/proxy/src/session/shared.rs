@@ -172,8 +172,11 @@ impl Shared {
             state.ended = Some(reason.clone());
             dropped
         };
-        drop(dropped);
+        // Published before the connections are reset: a program that ends
+        // because its connection was reset must find the link already ended
+        // (`Session::link_end`), or its exit would pass for the session's end.
         self.end_tx.send_replace(Some(reason));
+        drop(dropped);
     }
 
     /// Sends a remote operation and waits for its answer.
