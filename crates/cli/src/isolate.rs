@@ -54,7 +54,7 @@ pub use helper::{HELPER_ARG, main as helper_main};
 use crate::{
     failure::Failure,
     process::{self, Signals},
-    run::{Ended, stop},
+    run::{self, Ended, stop},
 };
 use helper::{CHANNEL_FD, HelperConfig};
 use wire::{Channel, Message};
@@ -303,15 +303,7 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
             let status = status.map_err(|e| {
                 Failure::session(format!("cannot wait for the command: {e}"))
             })?;
-            // The link ended first, and both were ready: its end resets CMD's
-            // connections, which may be why CMD exited.
-            match session.link_end() {
-                Some(reason) => {
-                    eprintln!("graft: lost the link to the agent ({reason}); CMD exited ({status})");
-                    Ended::LinkLost
-                }
-                None => Ended::Command(status),
-            }
+            run::lost_before_exit(&session, status).unwrap_or(Ended::Command(status))
         }
         received = signals.recv() => {
             tracing::info!(signal = ?received, "stopping the command");

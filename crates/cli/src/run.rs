@@ -309,6 +309,16 @@ pub(crate) enum Ended {
     LinkLost,
 }
 
+/// [`Ended::LinkLost`], said once, when the link had already ended as CMD
+/// exited: its end resets CMD's relayed connections, which may be why CMD
+/// exited, and `select!` picks at random between two ready branches. `None`
+/// while the link is up.
+pub(crate) fn lost_before_exit(session: &Session, status: ExitStatus) -> Option<Ended> {
+    let reason = session.link_end()?;
+    eprintln!("graft: lost the link to the agent ({reason}); CMD exited ({status})");
+    Some(Ended::LinkLost)
+}
+
 /// Everything a session needs once the agent runs (`graft run`'s, and `graft
 /// replay -- CMD`'s).
 pub(crate) struct Plan<'a> {
@@ -384,18 +394,10 @@ impl Plan<'_> {
                 };
                 match tokio::time::timeout(grace, signals.recv()).await {
                     Ok(received) => Ended::Stopped(received),
-                    // The link ended first, and both were ready: its end resets
-                    // CMD's relayed connections, which may be why CMD exited.
-                    Err(_) => match session.link_end() {
-                        Some(reason) => {
-                            eprintln!("graft: lost the link to the agent ({reason}); CMD exited ({status})");
-                            Ended::LinkLost
-                        }
-                        None => {
-                            self.explain_exit(&session, status);
-                            Ended::Command(status)
-                        }
-                    },
+                    Err(_) => lost_before_exit(&session, status).unwrap_or_else(|| {
+                        self.explain_exit(&session, status);
+                        Ended::Command(status)
+                    }),
                 }
             }
             received = signals.recv() => {
