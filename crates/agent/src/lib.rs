@@ -27,6 +27,7 @@
 //! in this library, starting at [`run`].
 
 mod args;
+mod direct;
 mod dns;
 mod env;
 mod files;

@@ -172,6 +172,36 @@ impl PacketRules {
         }
     }
 
+    /// Moves `port`'s IPv4 redirect from the listener `from_v4` to `to_v4`
+    /// (its IPv6 one stays at `to_v6`) with no gap: nf_tables rewrites the
+    /// chain in one transaction; iptables appends the new rule, and the old
+    /// one, matched first until then, is deleted after it.
+    ///
+    /// # Errors
+    ///
+    /// [`RedirectError`]; the old redirect stays then.
+    pub async fn retarget(
+        &mut self,
+        port: u16,
+        from_v4: u16,
+        to_v4: u16,
+        to_v6: Option<u16>,
+    ) -> Result<(), RedirectError> {
+        if from_v4 == to_v4 {
+            return Ok(());
+        }
+        match self {
+            PacketRules::Nft(table) => table
+                .redirect(port, to_v4, to_v6)
+                .map_err(|error| RedirectError::Nftables { port, error }),
+            PacketRules::Iptables(chains) => {
+                chains.redirect(port, to_v4, None).await?;
+                chains.release(port, from_v4, None).await;
+                Ok(())
+            }
+        }
+    }
+
     /// Stops redirecting `port`; failures are logged.
     pub async fn release(&mut self, port: u16, to_v4: u16, to_v6: Option<u16>) {
         match self {

@@ -27,7 +27,7 @@ use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
 use graft_protocol::secret::{self, secrets_match};
 use graft_protocol::version::{
-    FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, has_feature, version_with,
+    FEATURE_DIRECT, FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, has_feature, version_with,
 };
 use graft_protocol::{ConnectionId, RequestId, version};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -255,8 +255,11 @@ where
     let routes = has_feature(&hello.version, FEATURE_ROUTES);
     // Tap times go only to a client that reads them.
     let tap_times = has_feature(&hello.version, FEATURE_TAP_TIMES);
+    // Direct listeners go only to a client that takes descriptors and them.
+    let direct = fds && has_feature(&hello.version, FEATURE_DIRECT);
     let features: Vec<&str> = [
         (fds, FEATURE_FDS),
+        (direct, FEATURE_DIRECT),
         (routes, FEATURE_ROUTES),
         (tap_times, FEATURE_TAP_TIMES),
     ]
@@ -369,6 +372,9 @@ where
         fd_ports: std::sync::Mutex::new(std::collections::HashSet::new()),
         watch_routes: AtomicBool::new(false),
         tap_times: has_feature(&hello.version, FEATURE_TAP_TIMES),
+        direct: fd_out.is_some() && has_feature(&hello.version, FEATURE_DIRECT),
+        direct_attached: std::sync::Mutex::new(std::collections::HashMap::new()),
+        direct_paused: AtomicBool::new(false),
     });
     let delivered = sink.clone();
     let access = Access::new(
@@ -566,6 +572,15 @@ fn dispatch(
                 fd_ports().remove(&subscription.port);
             }
             let _ = steal_tx.send(SubCommand::Subscribe(subscription, None));
+        }
+        ClientMessage::DirectAttached { port } => sink.attach_direct(port),
+        ClientMessage::PauseDirect { paused, seq } => {
+            tracing::debug!(
+                paused,
+                "direct listeners paused: somebody watches the session's traffic"
+            );
+            sink.direct_paused.store(paused, Ordering::SeqCst);
+            let _ = steal_tx.send(SubCommand::Reapply(seq));
         }
         ClientMessage::Unsubscribe { port } => {
             fd_ports().remove(&port);

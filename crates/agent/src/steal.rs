@@ -15,7 +15,7 @@
 //! to the [`Accepted`] channel with it, and the hub refuses it when that port has
 //! no subscription any more.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
@@ -26,6 +26,7 @@ use nix::sys::socket::{self as nixsock, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::direct::{DirectListener, Offer};
 use crate::rules::{Family, PacketRules, RedirectError};
 
 /// A redirected connection, as accepted.
@@ -45,9 +46,14 @@ pub struct Redirector {
     name: String,
     rules_touched: Arc<AtomicBool>,
     accepted: mpsc::Sender<Accepted>,
-    redirected: HashSet<u16>,
-    /// The listeners' ports: IPv4, and IPv6 when it could be bound.
+    /// Each redirected port's listener ports (IPv4, IPv6), as its rules name them.
+    redirected: HashMap<u16, (u16, Option<u16>)>,
+    /// The shared listeners' ports: IPv4, and IPv6 when it could be bound.
     listen_ports: Option<(u16, Option<u16>)>,
+    /// The direct listener each port has ([`crate::direct`]): redirected to it
+    /// when it is the port's IPv4 destination, else only taking what was
+    /// queued before the redirect left it.
+    direct: HashMap<u16, DirectListener>,
     /// The rules, once the first port needed them.
     rules: Option<PacketRules>,
 }
@@ -65,8 +71,9 @@ impl Redirector {
             name,
             rules_touched,
             accepted,
-            redirected: HashSet::new(),
+            redirected: HashMap::new(),
             listen_ports: None,
+            direct: HashMap::new(),
             rules: None,
         }
     }
@@ -113,16 +120,59 @@ impl Redirector {
     }
 
     /// Redirects the target's incoming TCP connections to `port` (IPv4, and IPv6
-    /// when possible) to the agent's listeners. Idempotent.
+    /// when possible) to the agent's shared listeners, or, with `direct` (the
+    /// owner of the subscription whose program takes it), its IPv4
+    /// connections to a direct listener of the port ([`crate::direct`]): the
+    /// one that owner's program holds, or a new one.
+    /// Idempotent; a port redirected the other way is retargeted with no gap
+    /// (the new rule before the old one goes).
+    ///
+    /// Returns the direct listener's [`Offer`] when this call started it.
     ///
     /// # Errors
     ///
     /// What failed (binding the listeners, the packet rules), for the client.
-    pub async fn redirect(&mut self, port: u16) -> Result<(), RedirectError> {
-        if self.redirected.contains(&port) {
-            return Ok(());
-        }
+    /// A direct listener that cannot be bound is not an error: the port is
+    /// redirected to the shared listeners.
+    pub async fn redirect(
+        &mut self,
+        port: u16,
+        direct: Option<u64>,
+    ) -> Result<Option<Offer>, RedirectError> {
         let (v4_port, v6_port) = self.ensure_listeners().await?;
+        let is_direct = self.is_direct(port);
+        if self.redirected.contains_key(&port)
+            && is_direct == direct.is_some()
+            && (!is_direct || self.direct.get(&port).map(DirectListener::owner) == direct)
+        {
+            return Ok(None);
+        }
+        let mut offer = None;
+        let mut to_v4 = v4_port;
+        let kept = self
+            .direct
+            .get(&port)
+            .filter(|kept| Some(kept.owner()) == direct);
+        if let Some(kept) = kept {
+            // Its program still holds it (the redirect left it while somebody
+            // watched the session's traffic, `PauseDirect`).
+            to_v4 = kept.port();
+        } else if let Some(owner) = direct {
+            if let Some(old) = self.direct.remove(&port) {
+                old.stop();
+            }
+            match DirectListener::start(owner, self.accepted.clone()) {
+                Ok((listener, started)) => {
+                    to_v4 = listener.port();
+                    self.direct.insert(port, listener);
+                    offer = Some(started);
+                }
+                Err(e) => tracing::warn!(
+                    port,
+                    "no direct listener ({e}); the port's connections are handed over"
+                ),
+            }
+        }
         let rules = match &mut self.rules {
             Some(rules) => rules,
             None => {
@@ -133,21 +183,48 @@ impl Redirector {
                 self.rules.insert(opened)
             }
         };
-        rules.redirect(port, v4_port, v6_port).await?;
-        self.redirected.insert(port);
-        tracing::info!(port, "redirecting");
-        Ok(())
+        let result = match self.redirected.get(&port) {
+            Some(&(from_v4, _)) => rules.retarget(port, from_v4, to_v4, v6_port).await,
+            None => rules.redirect(port, to_v4, v6_port).await,
+        };
+        if let Err(e) = result {
+            if offer.is_some()
+                && let Some(listener) = self.direct.remove(&port)
+            {
+                listener.stop();
+            }
+            return Err(e);
+        }
+        self.redirected.insert(port, (to_v4, v6_port));
+        if let Some(listener) = self.direct.get(&port) {
+            if direct.is_some() {
+                listener.come_back();
+            } else {
+                listener.leave();
+            }
+        }
+        tracing::info!(port, direct = offer.is_some(), "redirecting");
+        Ok(offer)
     }
 
-    /// Stops redirecting `port`: its rules are deleted.
+    /// Whether `port` is redirected to its direct listener.
+    pub fn is_direct(&self, port: u16) -> bool {
+        let to = self.redirected.get(&port).map(|t| t.0);
+        to.is_some() && to == self.direct.get(&port).map(DirectListener::port)
+    }
+
+    /// Stops redirecting `port`: its rules are deleted, and its direct
+    /// listener, if any, takes what waits and shuts down.
     pub async fn release(&mut self, port: u16) {
-        if !self.redirected.remove(&port) {
-            return;
-        }
-        let (Some((v4_port, v6_port)), Some(rules)) = (self.listen_ports, &mut self.rules) else {
+        let Some((to_v4, to_v6)) = self.redirected.remove(&port) else {
             return;
         };
-        rules.release(port, v4_port, v6_port).await;
+        if let Some(rules) = &mut self.rules {
+            rules.release(port, to_v4, to_v6).await;
+        }
+        if let Some(listener) = self.direct.remove(&port) {
+            listener.stop();
+        }
         tracing::info!(port, "no longer redirecting");
     }
 }
@@ -193,6 +270,25 @@ pub fn original_dst(stream: &TcpStream, family: Family) -> io::Result<SocketAddr
     })
 }
 
+/// A connection accepted from a redirect listener, with its original
+/// destination; `None` (the connection reset) when it has none: it came to the
+/// listener's own port, not through a redirect.
+pub fn accepted(stream: TcpStream, peer: SocketAddr, family: Family) -> Option<Accepted> {
+    let _ = stream.set_nodelay(true);
+    match original_dst(&stream, family) {
+        Ok(original) => Some(Accepted {
+            stream,
+            peer,
+            original,
+        }),
+        Err(e) => {
+            tracing::debug!(%peer, "connection without an original destination ({e}); refused");
+            let _ = stream.set_zero_linger();
+            None
+        }
+    }
+}
+
 /// One listener's accept loop.
 struct Acceptor {
     accepted: mpsc::Sender<Accepted>,
@@ -210,19 +306,8 @@ impl Acceptor {
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
-            let original = match original_dst(&stream, family) {
-                Ok(addr) => addr,
-                Err(e) => {
-                    tracing::debug!(%peer, "connection without an original destination ({e}); refused");
-                    let _ = stream.set_zero_linger();
-                    continue;
-                }
-            };
-            let accepted = Accepted {
-                stream,
-                peer,
-                original,
+            let Some(accepted) = accepted(stream, peer, family) else {
+                continue;
             };
             if self.accepted.send(accepted).await.is_err() {
                 break;

@@ -15,6 +15,8 @@ use graft_protocol::{
     layer::{CONFIG_ENV, SOCKET_ENV},
     remote::{RemoteRequest, RemoteResponse},
 };
+use std::sync::Arc;
+
 use graft_proxy::{Session, SessionOptions};
 use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
@@ -172,6 +174,19 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
             return Err(failure);
         }
     };
+    // While somebody watches the inspector, every stolen connection passes
+    // graft: the session's direct listeners pause before a watcher is shown
+    // anything, and resume when the last one leaves.
+    let pause = opened.session.pause_handle();
+    let watched = Arc::new(feed.feed().watched_fn());
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    feed.feed().on_watchers_changed(Arc::new(move || {
+        let (pause, watched, turn) = (pause.clone(), watched.clone(), turn.clone());
+        Box::pin(async move {
+            let _turn = turn.lock().await;
+            pause.set(watched()).await;
+        })
+    }));
     let settle = shadow.as_ref().map(Shadow::settle);
     let result = plan.run(opened.session, settle).await;
     // The link is closed by now: the agents remove their rules and exit.

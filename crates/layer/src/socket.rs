@@ -22,6 +22,7 @@ use graft_protocol::{
 use libc::{msghdr, sockaddr, socklen_t, ssize_t};
 
 pub(crate) mod ahead;
+mod direct;
 mod epoll;
 mod passed;
 
@@ -213,8 +214,8 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
             deliver_to,
             pid: std::process::id(),
         };
-        match client::request(&request) {
-            Ok(LayerResponse::Ok) => {
+        match client::request_fds(&request) {
+            Ok((response @ (LayerResponse::Ok | LayerResponse::ListenDirect), mut passed)) => {
                 layer_log!(info, "stealing target port {remote_port} → {deliver_to}");
                 ahead::listening(fd);
                 fds::insert(
@@ -224,14 +225,17 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
                         fake_local,
                     },
                 );
+                if response == LayerResponse::ListenDirect && passed.len() == 1 {
+                    direct::attach(fd, passed.remove(0), remote_port);
+                }
                 0
             }
-            Ok(LayerResponse::Error { errno, message }) => {
+            Ok((LayerResponse::Error { errno, message }, _)) => {
                 layer_log!(error, "cannot steal port {remote_port}: {message}");
                 set_errno(errno);
                 -1
             }
-            Ok(other) => {
+            Ok((other, _)) => {
                 layer_log!(error, "unexpected proxy answer to Listen: {other:?}");
                 set_errno(libc::EIO);
                 -1
@@ -299,30 +303,39 @@ unsafe fn after_accept(
     new_fd
 }
 
-/// The shared body of `accept` and `accept4`: `real` performs the call.
+/// The shared body of `accept` and `accept4` (with `flags`, 0 for
+/// `accept`): `real` performs the call.
 fn accept_with(
     fd: c_int,
     address: *mut sockaddr,
     len: *mut socklen_t,
+    flags: c_int,
     real: impl Fn() -> c_int,
 ) -> c_int {
     if fds::is_empty() {
         return real();
     }
     hooked(&real, || {
-        let new_fd = real();
-        if new_fd < 0 {
-            return new_fd;
+        let accept_own = || {
+            let new_fd = real();
+            if new_fd < 0 {
+                return new_fd;
+            }
+            // SAFETY: the caller's buffer obeys accept(2)'s contract.
+            unsafe { after_accept(fd, new_fd, address, len) }
+        };
+        if direct::of(fd).is_some() {
+            // SAFETY: the caller's buffer obeys accept(2)'s contract.
+            return unsafe { direct::accept(fd, address, len, flags, accept_own) };
         }
-        // SAFETY: the caller's buffer obeys accept(2)'s contract.
-        unsafe { after_accept(fd, new_fd, address, len) }
+        accept_own()
     })
 }
 
 /// `accept(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    accept_with(fd, address, len, || {
+    accept_with(fd, address, len, 0, || {
         // SAFETY: forwards the caller's arguments unchanged.
         unsafe {
             real!(accept(fd, address, len): fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int)
@@ -338,7 +351,7 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
-    accept_with(fd, address, len, || {
+    accept_with(fd, address, len, flags, || {
         // SAFETY: forwards the caller's arguments unchanged.
         unsafe {
             real!(accept4(fd, address, len, flags)
@@ -684,6 +697,7 @@ pub unsafe extern "C" fn getsockname(
 
 /// Forgets `fd` before it is closed, ending what it stood for.
 fn forget(fd: c_int) {
+    direct::before_close(fd);
     let duplicated = fds::has_duplicate(fd);
     let Some(kind) = fds::get(fd) else { return };
     if let FdKind::Passed { .. } = kind {

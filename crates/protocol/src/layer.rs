@@ -92,6 +92,14 @@ pub enum LayerRequest {
     /// whichever process accepts their loopback connections. At most
     /// [`crate::fdpass::MAX_FDS_PER_SEND`]. Answered with [`LayerResponse::Ok`].
     ReturnPassed(Vec<PassedPeer>),
+    /// The program waits on the direct listener of `port`
+    /// ([`LayerResponse::ListenDirect`]) in an `epoll` set or `poll`: the
+    /// agent leaves its connections to the program. Answered with
+    /// [`LayerResponse::Ok`].
+    DirectAttached {
+        /// The target's port.
+        port: u16,
+    },
 }
 
 /// The proxy's answer to one [`LayerRequest`].
@@ -133,6 +141,14 @@ pub enum LayerResponse {
     /// connection: one entry per descriptor beside the frame, in order, the
     /// connection asked for first.
     PeerFds(Vec<PassedPeer>),
+    /// The answer to [`LayerRequest::Listen`] on a connection that passes
+    /// descriptors when the agent redirects the port to a listener of its own
+    /// in the target's network namespace for this session alone: that
+    /// listening socket travels beside this frame, and the program accepts
+    /// the stolen connections from it as well as from its own listener (see
+    /// `graft_protocol::link::AgentMessage::DirectListener`). Otherwise as
+    /// [`LayerResponse::Ok`].
+    ListenDirect,
 }
 
 /// A stolen connection passed as its socket, named by the proxy's loopback

@@ -171,6 +171,28 @@ pub enum ClientMessage {
     /// to an agent whose `Hello` version names
     /// [`crate::version::FEATURE_ROUTES`]; off at the start of a session.
     WatchRoutes(bool),
+    /// The program waits for connections on the listener of
+    /// [`AgentMessage::DirectListener`] for `port` (its `epoll` set or `poll`
+    /// holds it): the agent stops taking that listener's connections as they
+    /// come and takes only those left waiting (see
+    /// [`AgentMessage::DirectListener`]). Sent only to an agent whose `Hello`
+    /// version names [`crate::version::FEATURE_DIRECT`].
+    DirectAttached {
+        /// The stolen port.
+        port: u16,
+    },
+    /// Somebody starts (`paused`) or stops watching the session's traffic (the
+    /// inspector): while paused, the agent redirects none of the session's
+    /// ports to a direct listener, so every stolen connection passes graft.
+    /// Answered with [`AgentMessage::DirectPaused`] carrying `seq` once the
+    /// redirects follow. Sent only to an agent whose `Hello` version names
+    /// [`crate::version::FEATURE_DIRECT`].
+    PauseDirect {
+        /// Whether direct listeners are paused.
+        paused: bool,
+        /// Echoed by the answer.
+        seq: u64,
+    },
 }
 
 /// A message from the agent to the client.
@@ -273,4 +295,25 @@ pub enum AgentMessage {
     /// ([`ClientMessage::WatchRoutes`]). Best effort: dropped when the link is
     /// busy.
     Routed(Box<RoutedRequest>),
+    /// A listener in the target's network namespace that the stolen `port` of
+    /// a [`ClientMessage::SubscribeFds`] unfiltered steal is redirected to,
+    /// while this session alone subscribes the port; the listening socket
+    /// travels beside this frame. The client's program accepts the stolen
+    /// connections from it itself, with no hand-over. The agent keeps taking
+    /// the connections nobody accepts (all of them until
+    /// [`ClientMessage::DirectAttached`], then those left waiting) and hands
+    /// them over as [`AgentMessage::IncomingFd`]. When another subscription
+    /// joins the port, the redirect goes back to the agent's own listener and
+    /// this one receives nothing new. Sent only to a client whose `Hello`
+    /// version names [`crate::version::FEATURE_DIRECT`].
+    DirectListener {
+        /// The stolen port.
+        port: u16,
+    },
+    /// The answer to [`ClientMessage::PauseDirect`]: the session's redirects
+    /// follow it now.
+    DirectPaused {
+        /// The request's `seq`.
+        seq: u64,
+    },
 }

@@ -28,6 +28,12 @@ pub const FEATURE_ROUTES: &str = "routes";
 /// mirrored chunk was captured) only then.
 pub const FEATURE_TAP_TIMES: &str = "tap-times";
 
+/// The feature tag of direct listeners: a client naming it in its `Hello`
+/// takes [`crate::link::AgentMessage::DirectListener`]; an agent naming it in
+/// its answer takes [`crate::link::ClientMessage::DirectAttached`]. Only on a
+/// link that passes descriptors ([`FEATURE_FDS`]).
+pub const FEATURE_DIRECT: &str = "direct";
+
 /// [`PROTOCOL_VERSION`] with `features` as its semver build metadata
 /// (`0.3.0+fds`). Build metadata does not take part in [`check_compatible`], so a
 /// peer that knows no feature reads the version as it always did, and a feature

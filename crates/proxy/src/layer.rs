@@ -185,6 +185,36 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
                     }
                 }
             }
+            LayerRequest::Listen {
+                port,
+                deliver_to,
+                pid: listener_pid,
+            } if fds => {
+                let response = match shared
+                    .listen_accepting(
+                        port,
+                        crate::Delivery::Listener(deliver_to),
+                        listener_pid,
+                        Accepts::Sockets,
+                    )
+                    .await
+                {
+                    Ok(()) => Ok(shared.direct_listener(port)),
+                    Err((errno, message)) => Err(error(errno, message)),
+                };
+                match response {
+                    Ok(Some(listener)) => {
+                        tracing::debug!(pid, port, "direct listener handed to the program");
+                        send_with_fds_of(&mut framed, &LayerResponse::ListenDirect, vec![listener])
+                            .await
+                    }
+                    Ok(None) => framed
+                        .send(LayerResponse::Ok)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(response) => framed.send(response).await.map_err(|e| e.to_string()),
+                }
+            }
             LayerRequest::ReturnPassed(peers) if fds => {
                 let response = take_back(&shared, &incoming, &mut lent, peers);
                 framed.send(response).await.map_err(|e| e.to_string())
@@ -429,6 +459,10 @@ async fn answer(shared: &Arc<Shared>, request: LayerRequest, accepts: Accepts) -
         },
         LayerRequest::Unlisten { port, pid } => {
             shared.unlisten(port, pid).await;
+            LayerResponse::Ok
+        }
+        LayerRequest::DirectAttached { port } => {
+            shared.direct_attached(port).await;
             LayerResponse::Ok
         }
         LayerRequest::PeerOf { proxy_side } | LayerRequest::PeerOfBatch { proxy_side, .. } => {

@@ -35,5 +35,6 @@ mod tap;
 
 pub use error::{LinkEnd, ProxyError};
 pub use flows::{Delivery, IncomingTcp, LocalStream, OutgoingTcp, OutgoingUdp};
+pub use session::direct::{DIRECT_ENV, PAUSE_WAIT, PauseHandle};
 pub use session::{AgentInfo, Session, SessionOptions};
 pub use tap::{IncomingTap, ROUTES_POLL, TAP_QUEUE, TappedConnection};

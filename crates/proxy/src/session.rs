@@ -38,7 +38,8 @@ use graft_protocol::{
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
     version::{
-        FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, check_compatible, has_feature, version_with,
+        FEATURE_DIRECT, FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, check_compatible,
+        has_feature, version_with,
     },
 };
 use tokio::{
@@ -50,6 +51,7 @@ use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 use crate::{Delivery, LinkEnd, ProxyError, flows, splice};
 
+pub mod direct;
 mod listen;
 mod passed;
 mod shared;
@@ -244,6 +246,7 @@ impl Session {
         // graft reads tap times wherever it reads tap frames (graft_traffic::tap).
         let features: Vec<&str> = [
             (fds.is_some(), FEATURE_FDS),
+            (fds.is_some() && direct::wanted(), FEATURE_DIRECT),
             (wants_routes, FEATURE_ROUTES),
             (true, FEATURE_TAP_TIMES),
         ]
@@ -316,7 +319,11 @@ impl Session {
                 "relayed"
             }
         );
+        let direct = fds.is_some() && has_feature(&agent.version, FEATURE_DIRECT);
         let shared = Arc::new(Shared::new(outbox_tx, end_tx, options, fds));
+        shared
+            .direct
+            .store(direct, std::sync::atomic::Ordering::Relaxed);
         let writer = tokio::spawn(write_loop(writer, outbox_rx, shared.clone()));
         let mut tasks = vec![
             tokio::spawn(read_loop(reader, shared.clone())),
@@ -359,6 +366,12 @@ impl Session {
     /// skipped; the program's `listen` follows this session's agent only.
     pub fn add_secondary(&self, other: &Session) {
         lock(&self.shared.secondaries).push(other.shared.clone());
+    }
+
+    /// The handle that pauses the session's direct listeners while somebody
+    /// watches its traffic (see [`direct::PauseHandle`]).
+    pub fn pause_handle(&self) -> direct::PauseHandle {
+        direct::PauseHandle(self.shared.clone())
     }
 
     /// The target's ports whose subscription the agent refused during this

@@ -148,6 +148,23 @@ pub trait Subscriber: Send + Sync + 'static {
     fn routed(&self, record: RoutedRequest) {
         drop(record);
     }
+
+    /// Whether the session's program takes a direct listener of `port`
+    /// ([`crate::direct`]) and accepts the port's stolen connections itself.
+    /// Checked when the session's unfiltered steal is the port's only
+    /// subscription. None does by default.
+    fn takes_listener(&self, port: u16) -> bool {
+        let _ = port;
+        false
+    }
+
+    /// Passes the session the direct listener `offer` of `port`. The default
+    /// drops the offer: the agent keeps taking the listener's connections and
+    /// hands them over.
+    fn pass_listener(self: Arc<Self>, port: u16, offer: crate::direct::Offer) -> BoxFuture<()> {
+        let _ = (port, offer);
+        Box::pin(async {})
+    }
 }
 
 /// Who holds subscriptions: a session of this agent, or another agent's.
@@ -296,7 +313,12 @@ impl Rules {
 
     /// Puts `port` in the mode its subscriptions `subs` need: redirected when
     /// some steal (or sniffing is impossible), sniffed when only mirrored,
-    /// neither when `subs` is empty.
+    /// neither when `subs` is empty. A port whose only subscription is an
+    /// unfiltered steal of a session that takes a direct listener is
+    /// redirected to one ([`crate::direct`]) when `may_start_direct`, and
+    /// keeps the one it has while that stays so.
+    ///
+    /// Returns the direct listener's offer for `subs[0]` when one started.
     ///
     /// # Errors
     ///
@@ -307,8 +329,19 @@ impl Rules {
         port: u16,
         subs: &[Arc<Sub>],
         hub: &Weak<Hub>,
-    ) -> Result<(), crate::rules::RedirectError> {
+        may_start_direct: bool,
+    ) -> Result<Option<crate::direct::Offer>, crate::rules::RedirectError> {
         let current = self.modes.get(&port).copied();
+        let direct = match subs {
+            [only]
+                if only.is_plain_steal()
+                    && only.to.takes_listener(port)
+                    && (may_start_direct || self.redirector.is_direct(port)) =>
+            {
+                Some(only.owner)
+            }
+            _ => None,
+        };
         let mut wanted = match subs {
             [] => None,
             _ if sniffable(subs) && self.sniffer(hub).is_some() => Some(PortMode::Sniff),
@@ -317,8 +350,8 @@ impl Rules {
         // A sniffed port's capture keeps the target's answers whole only while
         // a session reads them.
         let answers = subs.iter().any(|s| s.subscription.responses);
-        if current == wanted && wanted != Some(PortMode::Sniff) {
-            return Ok(());
+        if current == wanted && wanted.is_none() {
+            return Ok(None);
         }
         if current == Some(PortMode::Sniff) && wanted == current {
             if let SniffState::Running(sniffer) = &self.sniff
@@ -329,7 +362,7 @@ impl Rules {
                     "mirror: the capture of the answers is unchanged ({e})"
                 );
             }
-            return Ok(());
+            return Ok(None);
         }
         if wanted == Some(PortMode::Sniff) {
             // Off the old mode first: a connection is copied once or not at all.
@@ -349,8 +382,9 @@ impl Rules {
                 None => wanted = Some(PortMode::Redirect),
             }
         }
+        let mut offer = None;
         if wanted == Some(PortMode::Redirect) {
-            self.redirector.redirect(port).await?;
+            offer = self.redirector.redirect(port, direct).await?;
         }
         if current == Some(PortMode::Sniff)
             && wanted != Some(PortMode::Sniff)
@@ -365,7 +399,7 @@ impl Rules {
             Some(mode) => self.modes.insert(port, mode),
             None => self.modes.remove(&port),
         };
-        Ok(())
+        Ok(offer)
     }
 }
 
@@ -432,7 +466,7 @@ impl Hub {
             .map(|(port, subs)| (*port, subs.clone()))
             .collect();
         for (port, subs) in ports {
-            if let Err(e) = rules.apply(port, &subs.subs, &self.me).await {
+            if let Err(e) = rules.apply(port, &subs.subs, &self.me, false).await {
                 tracing::warn!(port, "could not redirect after the hub's take-over: {e}");
             }
         }
@@ -448,7 +482,7 @@ impl Hub {
         let ports: Vec<u16> = rules.modes.keys().copied().collect();
         for port in ports {
             // Dropping every subscription's mode cannot fail.
-            let _ = rules.apply(port, &[], &self.me).await;
+            let _ = rules.apply(port, &[], &self.me, false).await;
         }
     }
 
@@ -537,15 +571,23 @@ impl Hub {
             .cloned()
             .collect();
         subs.push(sub);
+        let mut offer = None;
         if rules.state == RulesState::Live {
-            rules
-                .apply(port, &subs, &self.me)
+            offer = rules
+                .apply(port, &subs, &self.me, true)
                 .await
                 .map_err(|e| SubscribeError::Redirect {
                     reason: e.to_string(),
                 })?;
         }
+        let sole = subs[0].to.clone();
         self.publish(port, subs);
+        drop(rules);
+        if let Some(offer) = offer {
+            // Before the subscription's answer, which the session sends once
+            // this returns: its program gets the listener with it.
+            sole.pass_listener(port, offer).await;
+        }
         Ok(())
     }
 
@@ -579,7 +621,7 @@ impl Hub {
             return;
         }
         if (rules.state == RulesState::Live || subs.is_empty())
-            && let Err(e) = rules.apply(port, &subs, &self.me).await
+            && let Err(e) = rules.apply(port, &subs, &self.me, false).await
         {
             tracing::warn!(
                 port,
@@ -587,6 +629,36 @@ impl Hub {
             );
         }
         self.publish(port, subs);
+    }
+
+    /// Applies the subscriptions of `owner` again as they are: its session
+    /// paused or resumed its direct listeners
+    /// ([`Subscriber::takes_listener`]).
+    pub async fn reapply(&self, owner: OwnerId) {
+        let mut rules = self.rules.lock().await;
+        if rules.state != RulesState::Live {
+            return;
+        }
+        let ports: Vec<(u16, Arc<PortSubs>)> = self
+            .ports
+            .read()
+            .expect("hub ports lock poisoned")
+            .iter()
+            .filter(|(_, p)| p.subs.iter().any(|s| s.owner == owner))
+            .map(|(port, subs)| (*port, subs.clone()))
+            .collect();
+        let mut offers = Vec::new();
+        for (port, subs) in ports {
+            match rules.apply(port, &subs.subs, &self.me, true).await {
+                Ok(Some(offer)) => offers.push((subs.subs[0].to.clone(), port, offer)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(port, "could not redirect port {port} again: {e}"),
+            }
+        }
+        drop(rules);
+        for (to, port, offer) in offers {
+            to.pass_listener(port, offer).await;
+        }
     }
 
     /// Drops every subscription of `owner`.

@@ -14,6 +14,9 @@ pub(super) enum SubCommand {
     Suspend,
     /// The client is back: put them back.
     Resume,
+    /// Put them in the hub again as they are (the session paused or resumed
+    /// its direct listeners), then answer `DirectPaused` with this `seq`.
+    Reapply(u64),
 }
 
 /// The next value of `attached` once it changes; never resolves without one
@@ -65,6 +68,16 @@ pub(super) fn spawn_subscriber(
                 }
                 SubCommand::Unsubscribe(port) => access.unsubscribe(port).await,
                 SubCommand::Suspend => access.suspend().await,
+                SubCommand::Reapply(seq) => {
+                    access.reapply().await;
+                    if to_link
+                        .send(AgentMessage::DirectPaused { seq })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
                 SubCommand::Resume => {
                     // The client learns of a port it lost meanwhile as a
                     // refused subscription.
@@ -105,9 +118,35 @@ pub(super) struct SessionSink {
     pub(super) watch_routes: AtomicBool,
     /// The client reads tap times ([`Subscriber::tap_times`]).
     pub(super) tap_times: bool,
+    /// The client takes direct listeners (its `Hello` named
+    /// [`graft_protocol::version::FEATURE_DIRECT`] on a link that passes
+    /// descriptors).
+    pub(super) direct: bool,
+    /// The `attached` switch of each direct listener passed to the client
+    /// ([`crate::direct`]), set by `ClientMessage::DirectAttached`.
+    pub(super) direct_attached:
+        std::sync::Mutex<std::collections::HashMap<u16, Arc<std::sync::atomic::AtomicBool>>>,
+    /// Somebody watches the session's traffic (`ClientMessage::PauseDirect`):
+    /// no port of it goes to a direct listener, so graft sees every
+    /// connection.
+    pub(super) direct_paused: AtomicBool,
 }
 
 impl SessionSink {
+    /// The program watches the direct listener of `port`: the agent leaves its
+    /// connections to it ([`crate::direct`]).
+    pub(super) fn attach_direct(&self, port: u16) {
+        if let Some(attached) = self
+            .direct_attached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&port)
+        {
+            tracing::debug!(port, "the program watches its direct listener");
+            attached.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Registers a new incoming connection and announces it to the client.
     async fn announce(&self, meta: ConnMeta) -> std::io::Result<relay::Registration> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -219,6 +258,40 @@ impl Subscriber for SessionSink {
 
     fn watches_routes(&self) -> bool {
         self.watch_routes.load(Ordering::Relaxed)
+    }
+
+    fn takes_listener(&self, port: u16) -> bool {
+        self.direct
+            && !self.direct_paused.load(Ordering::SeqCst)
+            && self.fd_out.is_some()
+            && self
+                .fd_ports
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&port)
+    }
+
+    fn pass_listener(self: Arc<Self>, port: u16, offer: crate::direct::Offer) -> BoxFuture<()> {
+        Box::pin(async move {
+            let Some(fd_out) = self.fd_out.clone() else {
+                return;
+            };
+            let crate::direct::Offer { listener, attached } = offer;
+            match fd_out
+                .send(listener, AgentMessage::DirectListener { port })
+                .await
+            {
+                Ok(()) => {
+                    tracing::debug!(port, "direct listener passed as a descriptor");
+                    self.direct_attached
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(port, attached);
+                }
+                // The link is gone; the agent's own descriptor keeps serving.
+                Err(fd) => drop(fd),
+            }
+        })
     }
 
     fn tap_times(&self) -> bool {

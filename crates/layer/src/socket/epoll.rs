@@ -1,5 +1,6 @@
 //! `epoll` registrations of passed sockets, removed when the program closes
-//! them.
+//! them; and of listeners with a direct listener, repeated for it
+//! ([`super::direct`]).
 //!
 //! The kernel keeps an `epoll` registration until every descriptor of its open
 //! file description is closed, not the one registered (epoll(7), "Questions
@@ -43,7 +44,8 @@ fn real_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) ->
 }
 
 /// `epoll_ctl(2)`: as libc's; an `EPOLL_CTL_ADD` or `EPOLL_CTL_DEL` of a passed
-/// socket that succeeds is remembered.
+/// socket that succeeds is remembered, and any change to a listener with a
+/// direct listener is repeated for that one.
 ///
 /// # Safety
 ///
@@ -56,12 +58,20 @@ pub unsafe extern "C" fn epoll_ctl(
     event: *mut libc::epoll_event,
 ) -> c_int {
     let real = || real_ctl(epfd, op, fd, event);
-    if fds::is_empty() || (op != libc::EPOLL_CTL_ADD && op != libc::EPOLL_CTL_DEL) {
+    if fds::is_empty()
+        || (op != libc::EPOLL_CTL_ADD && op != libc::EPOLL_CTL_DEL && !super::direct::any())
+    {
         return real();
     }
     crate::guard::hooked(real, || {
         let rc = real();
-        if rc == 0 && matches!(fds::get(fd), Some(FdKind::Passed { .. })) {
+        if rc == 0 {
+            super::direct::mirror_epoll(epfd, op, fd, event);
+        }
+        if rc == 0
+            && op != libc::EPOLL_CTL_MOD
+            && matches!(fds::get(fd), Some(FdKind::Passed { .. }))
+        {
             let mut joined = joined();
             let sets = joined.entry(fd).or_default();
             sets.retain(|&set| set != epfd);

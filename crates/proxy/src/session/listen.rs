@@ -133,6 +133,7 @@ impl Shared {
             }
         };
         if owned {
+            self.forget_direct(port);
             tracing::info!(port, pid, "unstealing port: its listener closed");
             let _ = self.send(ClientMessage::Unsubscribe { port }).await;
         }

@@ -110,6 +110,15 @@ pub(crate) struct Shared {
     pub(super) passed: Mutex<HashMap<SocketAddr, super::passed::Passed>>,
     /// The next arrival number of a passed stolen connection.
     pub(super) passed_serial: std::sync::atomic::AtomicU64,
+    /// The agent takes `ClientMessage::DirectAttached` (both peers named
+    /// [`graft_protocol::version::FEATURE_DIRECT`]).
+    pub(super) direct: std::sync::atomic::AtomicBool,
+    /// The direct listeners the agent passed, by stolen port (`super::direct`).
+    pub(super) direct_listeners: Mutex<HashMap<u16, std::os::fd::OwnedFd>>,
+    /// The last `seq` of a `ClientMessage::PauseDirect`.
+    pub(super) pause_seq: std::sync::atomic::AtomicU64,
+    /// The last `seq` the agent answered (`AgentMessage::DirectPaused`).
+    pub(super) pause_acked: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -133,6 +142,10 @@ impl Shared {
             fds,
             passed: Mutex::new(HashMap::new()),
             passed_serial: std::sync::atomic::AtomicU64::new(0),
+            direct: std::sync::atomic::AtomicBool::new(false),
+            direct_listeners: Mutex::new(HashMap::new()),
+            pause_seq: std::sync::atomic::AtomicU64::new(0),
+            pause_acked: watch::channel(0).0,
         }
     }
 
@@ -359,6 +372,19 @@ impl Shared {
                     ),
                 }
             }
+            AgentMessage::DirectListener { port } => {
+                match self.fds.as_ref().and_then(|q| q.pop_incoming()) {
+                    Some(fd) => self.keep_direct(port, fd),
+                    None => tracing::warn!(
+                        port,
+                        "the agent announced a direct listener it did not pass"
+                    ),
+                }
+            }
+            AgentMessage::DirectPaused { seq } => {
+                self.pause_acked
+                    .send_modify(|acked| *acked = (*acked).max(seq));
+            }
             AgentMessage::Routed(record) => {
                 if let Some(tap) = &self.options.incoming_tap {
                     tap.routed(*record);
@@ -564,6 +590,8 @@ pub(super) fn message_name(message: &AgentMessage) -> &'static str {
         AgentMessage::ConnectFailed { .. } => "ConnectFailed",
         AgentMessage::Incoming { .. } => "Incoming",
         AgentMessage::IncomingFd { .. } => "IncomingFd",
+        AgentMessage::DirectListener { .. } => "DirectListener",
+        AgentMessage::DirectPaused { .. } => "DirectPaused",
         AgentMessage::Data { .. } => "Data",
         AgentMessage::Credit { .. } => "Credit",
         AgentMessage::Shutdown { .. } => "Shutdown",

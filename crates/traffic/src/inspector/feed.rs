@@ -44,14 +44,30 @@ pub const FEED_QUEUE: usize = 1024;
 /// base64 with their heads fit with room to spare.
 pub const MAX_EVENT_LINE: usize = 1024 * 1024;
 
+/// How long a new watcher's first line waits for the [`WatchHook`].
+pub const WATCH_HOOK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What the session does when watchers come or go ([`Feed::on_watchers_changed`]).
+pub type WatchHook =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
 /// The publishing end of a session's feed. Dropping it closes the socket.
-#[derive(Debug)]
 pub struct Feed {
     info: SessionInfo,
     lines: broadcast::Sender<Arc<str>>,
     watchers: Arc<AtomicUsize>,
     next_id: AtomicU64,
     accept: JoinHandle<()>,
+    hook: Arc<std::sync::OnceLock<WatchHook>>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("info", &self.info)
+            .field("watchers", &self.watchers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Feed {
@@ -73,12 +89,14 @@ impl Feed {
         let (lines, _) = broadcast::channel(FEED_QUEUE);
         let watchers = Arc::new(AtomicUsize::new(0));
         let hello: Arc<str> = to_line(&Event::Session(info.clone())).into();
+        let hook = Arc::new(std::sync::OnceLock::new());
         let accept = tokio::spawn(accept_loop(
             listener,
             owner_uid,
             hello,
             lines.clone(),
             watchers.clone(),
+            hook.clone(),
         ));
         Ok(Feed {
             info,
@@ -86,7 +104,20 @@ impl Feed {
             watchers,
             next_id: AtomicU64::new(1),
             accept,
+            hook,
         })
+    }
+
+    /// Runs `hook` whenever watchers come or go (it reads [`Feed::watched`]
+    /// itself), and once now. A new watcher gets its first line only once the
+    /// hook has run (at most [`WATCH_HOOK_WAIT`]), so that what the session
+    /// changes for watchers (graft's direct listeners pause, so that every
+    /// stolen connection passes the tap) holds for everything it is shown.
+    /// Set once; later calls are ignored.
+    pub fn on_watchers_changed(&self, hook: WatchHook) {
+        if self.hook.set(hook.clone()).is_ok() {
+            tokio::spawn(hook());
+        }
     }
 
     /// The session this feed describes.
@@ -153,6 +184,7 @@ async fn accept_loop(
     hello: Arc<str>,
     lines: broadcast::Sender<Arc<str>>,
     watchers: Arc<AtomicUsize>,
+    hook: Arc<std::sync::OnceLock<WatchHook>>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -176,10 +208,18 @@ async fn accept_loop(
         let rx = lines.subscribe();
         let hello = hello.clone();
         let watchers = watchers.clone();
+        let hook = hook.clone();
         watchers.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            if let Some(hook) = hook.get() {
+                // Events published meanwhile wait in `rx`.
+                let _ = tokio::time::timeout(WATCH_HOOK_WAIT, hook()).await;
+            }
             serve_watcher(stream, hello, rx).await;
             watchers.fetch_sub(1, Ordering::Relaxed);
+            if let Some(hook) = hook.get() {
+                tokio::spawn(hook());
+            }
         });
     }
 }

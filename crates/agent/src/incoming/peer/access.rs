@@ -424,6 +424,17 @@ impl Access {
         }
     }
 
+    /// Puts this session's subscriptions in the hub again as they are, so
+    /// that the hub reads again what the session takes
+    /// ([`crate::incoming::Subscriber::takes_listener`]); nothing for a
+    /// session whose agent does not own the hub.
+    pub async fn reapply(self: &Arc<Self>) {
+        let role = self.role.lock().await;
+        if let Role::Owner { hub, owner, .. } = &*role {
+            hub.reapply(*owner).await;
+        }
+    }
+
     /// Puts the subscriptions kept by [`Access::suspend`] back into the hub,
     /// each with its first subscription time, so its place among overlapping
     /// filters is kept. Returns those the hub refused now (e.g. another session
