@@ -27,9 +27,12 @@ fn burst_server(bed: &Bed, count: usize, mode: &str) -> (Proc, std::path::PathBu
     let count = count.to_string();
     let script = fixture_str("burst.py");
     let mut command = bed.graft_run(&["--steal"], &[python(), &script, &port, &count, mode]);
+    // The hand-over's tests: without the direct listener (crates/agent/src/direct.rs),
+    // which takes these connections otherwise.
     command
         .env("GRAFT_LOG", "debug")
-        .env("GRAFT_LAYER_LOG", &log);
+        .env("GRAFT_LAYER_LOG", &log)
+        .env("GRAFT_DIRECT_LISTENER", "0");
     let mut session = bed.spawn(command, "graft run --steal -- burst.py");
     let target: SocketAddr = (bed.target_v4, bed.app_port).into();
     wait_until(Duration::from_secs(30), Duration::from_millis(200), || {

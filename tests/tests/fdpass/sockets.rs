@@ -184,10 +184,16 @@ fn steal_with(bed: &Bed, extra: &[(&str, &str)]) -> (Proc, serde_json::Value, Pa
     (session, seen, log)
 }
 
-#[test]
-fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
-    let bed = Bed::new();
-    let (session, seen, log) = steal_with(&bed, &[]);
+/// Turns the direct listener off (crates/agent/src/direct.rs): the tests of
+/// the hand-over, which the agent still does for a second session on the port,
+/// a program that waits in `select`, and IPv6 connections.
+const HAND_OVER: &[(&str, &str)] = &[("GRAFT_DIRECT_LISTENER", "0")];
+
+/// Asserts that the accepted socket `seen` (sockfd.py) is the target's own
+/// stolen connection: the client's address, the target's, not a listener,
+/// `accept4`'s flags kept.
+#[track_caller]
+fn assert_targets_socket(bed: &Bed, seen: &serde_json::Value) {
     let client = bed.host_v4.to_string();
     assert_eq!(seen["peer"][0], client, "accept's address: {seen}");
     assert_eq!(seen["peername"][0], client, "{seen}");
@@ -201,6 +207,26 @@ fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
         seen["inheritable"], false,
         "accept's SOCK_CLOEXEC was lost: {seen}"
     );
+}
+
+#[test]
+fn a_stolen_connection_accepted_from_the_direct_listener_is_the_targets_own_socket() {
+    let bed = Bed::new();
+    let (session, seen, log) = steal_with(&bed, &[]);
+    assert_targets_socket(&bed, &seen);
+    let layer = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        layer.contains("(accepted from the direct listener)"),
+        "{layer}\n{}",
+        session.output_report()
+    );
+}
+
+#[test]
+fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
+    let bed = Bed::new();
+    let (session, seen, log) = steal_with(&bed, HAND_OVER);
+    assert_targets_socket(&bed, &seen);
     assert_logs_say(
         &session,
         &log,
@@ -217,7 +243,7 @@ fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
 #[test]
 fn a_passed_stolen_connection_leaves_no_time_wait_on_the_loopback() {
     let bed = Bed::new();
-    let (session, _, log) = steal_with(&bed, &[]);
+    let (session, _, log) = steal_with(&bed, HAND_OVER);
     let url = bed.target_url(bed.app_port);
     for _ in 0..5 {
         let body = curl(&url).unwrap_or_else(|e| panic!("{e}\n{}", session.output_report()));

@@ -1,0 +1,340 @@
+//! Issue 13, the stolen connection's hand-over: while one session alone
+//! steals a port without a filter on a local target, the agent redirects the
+//! port to a listener of its own in the target's network namespace and passes
+//! it to the program, which accepts the stolen connections from it itself
+//! (crates/agent/src/direct.rs, crates/layer/src/socket/direct.rs).
+//!
+//! Shown on real Python servers (tests/fixtures/accept_modes.py) that wait in
+//! each way programs do: `epoll` (asyncio), `poll` (selectors, as
+//! socketserver), a blocking `accept`; each accepts straight from the direct
+//! listener, sees the client's real address and the target's port; one that
+//! waits in `select` (not hooked) is served by the agent's hand-over. Another
+//! session on the port moves the redirect back to the agent's own listener and
+//! both sessions are served; turned off (`GRAFT_DIRECT_LISTENER=0`) every
+//! connection is handed over. The attacks: a process in the pod that connects
+//! to the direct listener's own port is reset and never reaches the program,
+//! and after the session nothing of graft listens in the target's namespace.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use graft_tests::logged::layer_log_path;
+use graft_tests::{Bed, Proc, curl, fixture_str, python, wait_until};
+use nix::sys::signal::Signal;
+
+/// How long a session may take to steal its port.
+const STEAL_WAIT: Duration = Duration::from_secs(30);
+
+/// `graft run --steal [FLAGS] -- accept_modes.py PORT MODE` with debug logs and
+/// `env`, once the target's port answers from it; the session and its layer
+/// log's path.
+fn serve(
+    bed: &Bed,
+    mode: &str,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, std::path::PathBuf) {
+    let log = layer_log_path(bed);
+    let port = bed.app_port.to_string();
+    let script = fixture_str("accept_modes.py");
+    let mut all = vec!["--steal"];
+    all.extend_from_slice(flags);
+    let mut command = bed.graft_run(&all, &[python(), &script, &port, mode]);
+    command
+        .env("GRAFT_LOG", "debug")
+        .env("GRAFT_LAYER_LOG", &log);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut session = bed.spawn(
+        command,
+        &format!("graft run --steal -- accept_modes.py {mode}"),
+    );
+    let url = bed.target_url(bed.app_port);
+    wait_until(STEAL_WAIT, Duration::from_millis(200), || {
+        if let Some(status) = session.try_status() {
+            panic!("the session exited ({status})\n{}", session.output_report());
+        }
+        curl(&url)
+            .ok()
+            .filter(|reply| reply.starts_with("local mode="))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{url} never reached accept_modes.py\n{}",
+            session.output_report()
+        )
+    });
+    (session, log)
+}
+
+/// Asserts that the agent handed some stolen connection over (its debug log).
+#[track_caller]
+fn assert_handed_over(session: &Proc) {
+    assert!(
+        session
+            .stderr()
+            .contains("stolen connection passed as a descriptor"),
+        "{}",
+        session.output_report()
+    );
+}
+
+fn layer_log(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The port of the direct listener the agent started for the session, from
+/// its debug log.
+fn direct_port(session: &Proc) -> u16 {
+    let stderr = session.stderr();
+    let line = stderr
+        .lines()
+        .find(|line| line.contains("direct listener ready"))
+        .unwrap_or_else(|| {
+            panic!(
+                "the agent started no direct listener\n{}",
+                session.output_report()
+            )
+        });
+    line.rsplit("port=")
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// The TCP ports listening in the target's network namespace.
+fn listening_in_target(bed: &Bed) -> Vec<u16> {
+    let out = bed.in_target(&["ss", "-ltnH"]);
+    let mut ports: Vec<u16> = out
+        .assert_success()
+        .out()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .filter_map(|local| local.rsplit(':').next()?.parse().ok())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+#[test]
+fn programs_waiting_in_epoll_poll_or_accept_take_stolen_connections_straight_from_the_target() {
+    // "fork": a child per connection closes the listener; its parent's epoll
+    // set (the same instance) keeps the direct listener.
+    for mode in ["epoll", "poll", "blocking", "fork"] {
+        let bed = Bed::new();
+        let (session, log) = serve(&bed, mode, &[], &[]);
+        let url = bed.target_url(bed.app_port);
+        // The agent takes every connection until the program waits on the
+        // listener: the probes before may have been handed over.
+        std::thread::sleep(Duration::from_millis(200));
+        let handed_over = |session: &Proc| {
+            session
+                .stderr()
+                .matches("stolen connection passed as a descriptor")
+                .count()
+        };
+        let before = handed_over(&session);
+        for _ in 0..5 {
+            let reply =
+                curl(&url).unwrap_or_else(|e| panic!("{mode}: {e}\n{}", session.output_report()));
+            // The target's port (getsockname) and the client's real address.
+            assert_eq!(
+                reply,
+                format!(
+                    "local mode={mode} port={} peer={}",
+                    bed.app_port, bed.host_v4
+                ),
+                "{mode}\n{}",
+                session.output_report()
+            );
+        }
+        let layer = layer_log(&log);
+        assert!(
+            layer.contains("accepted from the direct listener"),
+            "{mode}: no connection was accepted from the direct listener:\n{layer}\n{}",
+            session.output_report()
+        );
+        // None waited for the agent: the program saw each one come.
+        assert_eq!(
+            handed_over(&session),
+            before,
+            "{mode}: the agent handed connections over:\n{}",
+            session.output_report()
+        );
+        assert!(
+            layer.contains("the program waits on its direct listener"),
+            "{mode}: the layer did not see the program wait:\n{layer}"
+        );
+    }
+}
+
+#[test]
+fn a_program_waiting_in_select_is_served_by_the_hand_over() {
+    let bed = Bed::new();
+    let (session, log) = serve(&bed, "select", &[], &[]);
+    let url = bed.target_url(bed.app_port);
+    for _ in 0..5 {
+        let reply = curl(&url).unwrap_or_else(|e| panic!("{e}\n{}", session.output_report()));
+        assert_eq!(
+            reply,
+            format!(
+                "local mode=select port={} peer={}",
+                bed.app_port, bed.host_v4
+            )
+        );
+    }
+    // `select` is not hooked: the agent, never told that the program waits on
+    // the direct listener, takes every connection and hands it over.
+    let layer = layer_log(&log);
+    assert!(
+        !layer.contains("the program waits on its direct listener"),
+        "{layer}"
+    );
+    assert_handed_over(&session);
+}
+
+#[test]
+fn with_direct_listeners_off_every_connection_is_handed_over() {
+    let bed = Bed::new();
+    let (session, log) = serve(&bed, "epoll", &[], &[("GRAFT_DIRECT_LISTENER", "0")]);
+    let url = bed.target_url(bed.app_port);
+    for _ in 0..3 {
+        assert!(curl(&url).unwrap().starts_with("local mode=epoll"));
+    }
+    let layer = layer_log(&log);
+    assert!(!layer.contains("direct listener"), "{layer}");
+    assert_handed_over(&session);
+}
+
+#[test]
+fn a_pod_process_that_connects_to_the_direct_listener_is_reset_and_never_reaches_the_program() {
+    let bed = Bed::new();
+    let (session, log) = serve(&bed, "epoll", &[], &[]);
+    let port = direct_port(&session);
+    // From inside the target's namespace, on the pod's address and on
+    // loopback: the listener's own port, not the redirect of the stolen one.
+    for ip in [bed.target_v4, std::net::Ipv4Addr::LOCALHOST] {
+        let addr = SocketAddr::from((ip, port));
+        let reply = bed.in_target_netns(move || -> std::io::Result<String> {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            Ok(reply)
+        });
+        assert!(
+            !reply.as_deref().unwrap_or("").contains("local mode="),
+            "a connection to {addr} reached the program: {reply:?}"
+        );
+    }
+    let layer = layer_log(&log);
+    assert!(
+        layer.contains("did not come through its redirect"),
+        "the layer did not refuse the connections:\n{layer}"
+    );
+    // The stolen port still works.
+    assert!(
+        curl(&bed.target_url(bed.app_port))
+            .unwrap()
+            .starts_with("local mode=epoll")
+    );
+}
+
+#[test]
+fn another_session_on_the_port_moves_the_redirect_back_and_both_are_served() {
+    // nf_tables rewrites the redirect in one transaction; iptables adds the
+    // new rule before it deletes the old one.
+    for backend in ["nftables", "iptables"] {
+        moves_back_with(backend);
+    }
+}
+
+/// [`another_session_on_the_port_moves_the_redirect_back_and_both_are_served`]
+/// with the agent's packet rules of `backend` (graft-agent's `--packet-rules`).
+fn moves_back_with(backend: &str) {
+    let bed = Bed::new();
+    let rules = [("GRAFT_AGENT_PACKET_RULES", backend)];
+    let (first, _log) = serve(&bed, "epoll", &[], &rules);
+    let url = bed.target_url(bed.app_port);
+    // A second session mirrors the port: its copies need the agent on the
+    // path, so the redirect goes back to the agent's own listener.
+    let port = bed.app_port.to_string();
+    // named_http.py imports `h2` only for an h2c connection.
+    let script = fixture_str("named_http.py");
+    let args = [python(), script.as_str(), "mirror", port.as_str()];
+    let mut command = bed.graft_run(&["--mirror"], &args);
+    command.envs(rules);
+    let mut second = bed.spawn(command, "graft run --mirror -- named_http.py");
+    let mut i = 0;
+    wait_until(STEAL_WAIT, Duration::from_millis(200), || {
+        if let Some(status) = second.try_status() {
+            panic!(
+                "the mirror session exited ({status})\n{}",
+                second.output_report()
+            );
+        }
+        i += 1;
+        let _ = curl(&format!("{url}probe-{i}"));
+        std::thread::sleep(Duration::from_millis(100));
+        second.stdout().contains("/probe-").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the mirror never got a copy\n{}", second.output_report()));
+    for n in 0..5 {
+        assert_eq!(
+            curl(&format!("{url}after-{n}")).unwrap(),
+            format!(
+                "local mode=epoll port={} peer={}",
+                bed.app_port, bed.host_v4
+            ),
+            "{}",
+            first.output_report()
+        );
+    }
+    let copied = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let out = second.stdout();
+        (0..5)
+            .all(|n| out.contains(&format!("/after-{n} ")))
+            .then_some(())
+    });
+    assert!(
+        copied.is_some(),
+        "the mirror did not get a copy of every request:\n{}",
+        second.output_report()
+    );
+    // When the mirror leaves, the first session keeps the port.
+    second.signal(Signal::SIGTERM);
+    assert!(second.wait_timeout(Duration::from_secs(10)).is_some());
+    for _ in 0..3 {
+        assert!(curl(&url).unwrap().starts_with("local mode=epoll"));
+    }
+}
+
+#[test]
+fn after_the_session_nothing_of_graft_listens_in_the_target_namespace() {
+    let bed = Bed::new();
+    let before = listening_in_target(&bed);
+    let (mut session, _log) = serve(&bed, "epoll", &[], &[]);
+    let port = direct_port(&session);
+    assert!(
+        listening_in_target(&bed).contains(&port),
+        "the direct listener is not in the target's namespace"
+    );
+    session.signal(Signal::SIGTERM);
+    assert!(
+        session.wait_timeout(Duration::from_secs(10)).is_some(),
+        "graft did not exit\n{}",
+        session.output_report()
+    );
+    let after = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        Some(listening_in_target(&bed)).filter(|now| *now == before)
+    });
+    assert!(
+        after.is_some(),
+        "listening in the target before the session: {before:?}, after: {:?}",
+        listening_in_target(&bed)
+    );
+}
