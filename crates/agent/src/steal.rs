@@ -10,6 +10,10 @@
 //! ([`crate::rules::probes`]). The hub calls [`Redirector::redirect`] and
 //! [`Redirector::release`] one at a time, under its lock.
 //!
+//! While one session alone steals a port without a filter and its program
+//! takes descriptors, the port's IPv4 redirect goes to a direct listener of
+//! the port instead ([`crate::direct`]), which the program accepts from.
+//!
 //! An accepted connection's original destination (`SO_ORIGINAL_DST` /
 //! `IP6T_SO_ORIGINAL_DST`) says which port the client meant; the connection goes
 //! to the [`Accepted`] channel with it, and the hub refuses it when that port has
@@ -271,8 +275,9 @@ pub fn original_dst(stream: &TcpStream, family: Family) -> io::Result<SocketAddr
 }
 
 /// A connection accepted from a redirect listener, with its original
-/// destination; `None` (the connection reset) when it has none: it came to the
-/// listener's own port, not through a redirect.
+/// destination; `None` (the connection reset) when the kernel knows none for
+/// it. One that came to the listener's own port has one (the listener's
+/// address), and the hub refuses it: no subscription names that port.
 pub fn accepted(stream: TcpStream, peer: SocketAddr, family: Family) -> Option<Accepted> {
     let _ = stream.set_nodelay(true);
     match original_dst(&stream, family) {
