@@ -218,3 +218,69 @@ fn without_steal_incoming_traffic_stays_with_the_target() {
         bed.target_reply()
     );
 }
+
+/// Two programs that bind one port with `SO_REUSEADDR` both bind; the one
+/// that listens second gets `EADDRINUSE` from `listen` (seen when two e2e
+/// tests' programs raced for port 8080). Under graft the second one still
+/// steals: the layer listens on another port for it, as when `bind` finds the
+/// port busy, and the stolen connections reach it.
+#[test]
+fn a_cmd_whose_port_another_program_listens_on_first_still_steals() {
+    let bed = Bed::new();
+    let url = bed.target_url(bed.app_port);
+    let dir = bed.work_dir().to_path_buf();
+    let (bound, listened) = (dir.join("cmd-bound"), dir.join("other-listens"));
+    // The other program, outside graft: binds once CMD has, listens first.
+    let other = format!(
+        "import os, socket, time\n\
+         while not os.path.exists({bound:?}): time.sleep(0.02)\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen(8)\n\
+         open({listened:?}, 'w').close()\n\
+         time.sleep(60)\n",
+        port = bed.app_port
+    );
+    let holder = bed.spawn(
+        {
+            let mut c = std::process::Command::new(python());
+            c.args(["-c", &other]);
+            c
+        },
+        "the other program on the port",
+    );
+    let cmd = format!(
+        "import os, socket, time\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port}))\n\
+         open({bound:?}, 'w').close()\n\
+         while not os.path.exists({listened:?}): time.sleep(0.02)\n\
+         s.listen(8)\n\
+         print('listening on', s.getsockname()[1], flush=True)\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); c.recv(4096)\n\
+         \x20   c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\nlocal\\n'); c.close()\n",
+        port = bed.app_port
+    );
+    let session = bed.spawn(
+        bed.graft_run(&["--steal"], &[python(), "-c", &cmd]),
+        "graft run --steal -- a CMD that listens second",
+    );
+    let reply = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        curl(&url).ok().filter(|body| body.starts_with("local"))
+    });
+    assert!(
+        reply.is_some(),
+        "{url} was not answered by CMD (last: {:?})\n{}",
+        curl(&url),
+        session.output_report()
+    );
+    // The program sees the port it asked for.
+    assert!(
+        session
+            .stdout()
+            .contains(&format!("listening on {}", bed.app_port)),
+        "{}",
+        session.output_report()
+    );
+    holder.signal(Signal::SIGTERM);
+}

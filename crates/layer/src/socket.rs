@@ -189,6 +189,54 @@ unsafe fn bind_hook(
     0
 }
 
+/// After `listen` on `fd` failed with `EADDRINUSE` (its port is busy on this
+/// machine): puts at `fd` a new listening socket of the same family, flags and
+/// options on the same address with port 0, and returns the address `fd` had
+/// (the one the program asked for); `None` when that fails too (`fd` stays as
+/// it was).
+fn listen_elsewhere(fd: c_int, backlog: c_int) -> Option<SocketAddr> {
+    let asked = real_sockname(fd)?;
+    let family = socket_family(fd);
+    // SAFETY: plain system calls on descriptors the layer owns (`new`) or the
+    // program handed to the hook (`fd`); `other` is a valid address.
+    unsafe {
+        let status = real!(fcntl(fd, libc::F_GETFL, 0): fn(c_int, c_int, libc::c_ulong) -> c_int);
+        let fd_flags = real!(fcntl(fd, libc::F_GETFD, 0): fn(c_int, c_int, libc::c_ulong) -> c_int);
+        let mut kind = libc::SOCK_STREAM;
+        if status >= 0 && status & libc::O_NONBLOCK != 0 {
+            kind |= libc::SOCK_NONBLOCK;
+        }
+        let new = libc::socket(family, kind | libc::SOCK_CLOEXEC, 0);
+        if new < 0 {
+            return None;
+        }
+        passed::copy_options(fd, new);
+        if family == libc::AF_INET6
+            && let Some(v6only) = sockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+        {
+            libc::setsockopt(
+                new,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&raw const v6only).cast::<c_void>(),
+                std::mem::size_of::<c_int>() as socklen_t,
+            );
+        }
+        let other = RawAddr::new(SocketAddr::new(asked.ip(), 0), family);
+        let cloexec = if fd_flags >= 0 && fd_flags & libc::FD_CLOEXEC != 0 {
+            libc::O_CLOEXEC
+        } else {
+            0
+        };
+        let ok = real!(bind(new, other.as_ptr(), other.len()): fn(c_int, *const sockaddr, socklen_t) -> c_int)
+            == 0
+            && real!(listen(new, backlog): fn(c_int, c_int) -> c_int) == 0
+            && real!(dup3(new, fd, cloexec): fn(c_int, c_int, c_int) -> c_int) >= 0;
+        real!(close(new): fn(c_int) -> c_int);
+        ok.then_some(asked)
+    }
+}
+
 /// `listen(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
@@ -205,8 +253,21 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         else {
             return real();
         };
+        let mut fake_local = fake_local;
         if real() != 0 {
-            return -1;
+            if guard::errno() != libc::EADDRINUSE || fake_local.is_some() {
+                return -1;
+            }
+            // Another socket bound the port with SO_REUSEADDR between our bind
+            // and this listen, and listened first: as at bind, listen on
+            // another port and show the program the one it asked for.
+            match listen_elsewhere(fd, backlog) {
+                Some(asked) => fake_local = Some(asked),
+                None => {
+                    set_errno(libc::EADDRINUSE);
+                    return -1;
+                }
+            }
         }
         let Some(deliver_to) = real_sockname(fd) else {
             return 0;

@@ -60,7 +60,7 @@ pub const COPIED_OPTIONS: &[(c_int, c_int)] = &[
 
 /// Copies [`COPIED_OPTIONS`] from `from` to `to`; an option either socket does
 /// not have (IPv4 against IPv6) is skipped.
-fn copy_options(from: c_int, to: c_int) {
+pub(super) fn copy_options(from: c_int, to: c_int) {
     for &(level, name) in COPIED_OPTIONS {
         let mut value = [0u8; 32];
         let mut len = value.len() as socklen_t;
