@@ -20,10 +20,11 @@
 //! Either path delivers the connection to the same program, so the race
 //! between them is harmless. When another subscription joins the port, the
 //! redirect goes back to the shared listener and this one turns eager for what
-//! was already queued; when the port is released the agent takes what waits,
-//! then shuts the listener down (`shutdown(2)` on a listening socket stops it
-//! listening for every descriptor of it, the program's too), so nothing keeps
-//! listening in the target's namespace after the session.
+//! was already queued. When the port is released, the agent shuts the
+//! listener down before it removes the redirect ([`DirectListener::stop`]):
+//! `shutdown(2)` on a listening socket stops it listening for every
+//! descriptor of it, the program's too, and resets what waits in its queue,
+//! so nothing keeps listening in the target's namespace after the session.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -60,8 +61,10 @@ pub struct DirectListener {
     /// The port's redirect points here (else the listener only holds what
     /// was queued before it left).
     current: Arc<AtomicBool>,
-    /// Asks the accept task to take what waits and shut the listener down.
+    /// Ends the accept task.
     stop: Arc<Notify>,
+    /// The agent's second descriptor of the listener, to shut it down.
+    fd: OwnedFd,
 }
 
 /// What the session that steals the port gets of its direct listener.
@@ -96,6 +99,7 @@ impl DirectListener {
         nixsock::bind(fd.as_raw_fd(), &any)?;
         nixsock::listen(&fd, nixsock::Backlog::new(BACKLOG)?)?;
         let for_program = fd.try_clone()?;
+        let for_shutdown = fd.try_clone()?;
         let listener = TcpListener::from_std(std::net::TcpListener::from(fd))?;
         let port = listener.local_addr()?.port();
         let current = Arc::new(AtomicBool::new(true));
@@ -113,6 +117,7 @@ impl DirectListener {
                 port,
                 current,
                 stop,
+                fd: for_shutdown,
             },
             Offer {
                 listener: for_program,
@@ -143,11 +148,18 @@ impl DirectListener {
         self.current.store(true, Ordering::SeqCst);
     }
 
-    /// Takes what waits and shuts the listener down, for every descriptor of
-    /// it (the program's too).
+    /// Shuts the listener down, for every descriptor of it (the program's
+    /// too), and ends its accept task. A listening socket that is shut down
+    /// stops listening (inet_shutdown in the kernel: TCP_LISTEN → TCP_CLOSE)
+    /// and resets the connections still in its queue: the caller does this
+    /// while the redirect still stands, since a reset sent once the NAT rule
+    /// is gone leaves with the listener's port and its client never sees it
+    /// (it waits until its own timeout).
     pub fn stop(&self) {
         self.current.store(false, Ordering::SeqCst);
+        let _ = nixsock::shutdown(self.fd.as_raw_fd(), nixsock::Shutdown::Both);
         self.stop.notify_one();
+        tracing::debug!(port = self.port, "direct listener shut down");
     }
 }
 
@@ -161,6 +173,13 @@ struct Eager {
 impl Eager {
     fn now(&self) -> bool {
         !(self.current.load(Ordering::SeqCst) && self.attached.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for DirectListener {
+    /// A hub that goes (its agent ends) shuts its direct listeners down too.
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -215,11 +234,6 @@ async fn run(
             }
         }
     }
-    take_waiting(&listener, &to_hub).await;
-    // A listening socket that is shut down stops listening (inet_shutdown in
-    // the kernel: TCP_LISTEN → TCP_CLOSE), whoever else holds it.
-    let _ = nixsock::shutdown(listener.as_raw_fd(), nixsock::Shutdown::Both);
-    tracing::debug!("direct listener shut down");
 }
 
 /// Takes every connection that waits now; `false` once the hub is gone.

@@ -217,17 +217,18 @@ impl Redirector {
         to.is_some() && to == self.direct.get(&port).map(DirectListener::port)
     }
 
-    /// Stops redirecting `port`: its rules are deleted, and its direct
-    /// listener, if any, takes what waits and shuts down.
+    /// Stops redirecting `port`: its direct listener, if any, is shut down
+    /// (what waits in it is reset), then its rules are deleted.
     pub async fn release(&mut self, port: u16) {
         let Some((to_v4, to_v6)) = self.redirected.remove(&port) else {
             return;
         };
-        if let Some(rules) = &mut self.rules {
-            rules.release(port, to_v4, to_v6).await;
-        }
+        // First, while the redirect still translates the resets of what waits.
         if let Some(listener) = self.direct.remove(&port) {
             listener.stop();
+        }
+        if let Some(rules) = &mut self.rules {
+            rules.release(port, to_v4, to_v6).await;
         }
         tracing::info!(port, "no longer redirecting");
     }
