@@ -212,15 +212,9 @@ fn listen_elsewhere(fd: c_int, backlog: c_int) -> Option<SocketAddr> {
         }
         passed::copy_options(fd, new);
         if family == libc::AF_INET6
-            && let Some(v6only) = sockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+            && let Some(v6only) = passed::option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
         {
-            libc::setsockopt(
-                new,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&raw const v6only).cast::<c_void>(),
-                std::mem::size_of::<c_int>() as socklen_t,
-            );
+            passed::set_option(new, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &v6only);
         }
         let other = RawAddr::new(SocketAddr::new(asked.ip(), 0), family);
         let cloexec = if fd_flags >= 0 && fd_flags & libc::FD_CLOEXEC != 0 {

@@ -76,23 +76,6 @@ struct Direct {
 /// A socket option to set: level, name and value, as setsockopt(2) takes them.
 type SetOption = (c_int, c_int, Vec<u8>);
 
-/// One option's value on `fd`; `None` where the socket has no such option.
-fn option(fd: c_int, level: c_int, name: c_int) -> Option<Vec<u8>> {
-    let mut value = [0u8; 32];
-    let mut len = value.len() as socklen_t;
-    // SAFETY: value/len describe a writable buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            name,
-            value.as_mut_ptr().cast::<c_void>(),
-            &mut len,
-        )
-    };
-    (rc == 0).then(|| value[..len as usize].to_vec())
-}
-
 /// The options of [`super::passed::COPIED_OPTIONS`] whose value on the
 /// program's listener `fd` differs from the direct listener's: a connection
 /// accepted from a listener inherits its options (tcp(7), socket(7)), so these
@@ -109,8 +92,8 @@ fn options_of(fd: c_int, listener: c_int) -> Vec<SetOption> {
                 && (name == libc::SO_REUSEADDR || name == libc::SO_REUSEPORT))
         })
         .filter_map(|&(level, name)| {
-            let wanted = option(fd, level, name)?;
-            let inherited = option(listener, level, name)?;
+            let wanted = super::passed::option(fd, level, name)?;
+            let inherited = super::passed::option(listener, level, name)?;
             (wanted != inherited).then_some((level, name, wanted))
         })
         .collect()
@@ -129,16 +112,7 @@ fn set_options(fd: c_int, listener: c_int, new: c_int) {
             .clone()
     };
     for (level, name, value) in options {
-        // SAFETY: `value` holds the option's value as getsockopt gave it.
-        unsafe {
-            libc::setsockopt(
-                new,
-                level,
-                name,
-                value.as_ptr().cast::<c_void>(),
-                value.len() as socklen_t,
-            )
-        };
+        super::passed::set_option(new, level, name, &value);
     }
 }
 

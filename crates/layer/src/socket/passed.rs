@@ -58,25 +58,45 @@ pub const COPIED_OPTIONS: &[(c_int, c_int)] = &[
     (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
 ];
 
+/// One option's value on `fd` (getsockopt(2)); `None` where the socket has
+/// no such option.
+pub(super) fn option(fd: c_int, level: c_int, name: c_int) -> Option<Vec<u8>> {
+    let mut value = [0u8; 32];
+    let mut len = value.len() as socklen_t;
+    // SAFETY: value/len describe a writable buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            value.as_mut_ptr().cast::<c_void>(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| value[..len as usize].to_vec())
+}
+
+/// Sets an option of `fd` to `value` as [`option`] read it (setsockopt(2));
+/// a failure (an option the socket does not have) is ignored.
+pub(super) fn set_option(fd: c_int, level: c_int, name: c_int, value: &[u8]) {
+    // SAFETY: `value` is a readable buffer of its length.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value.as_ptr().cast::<c_void>(),
+            value.len() as socklen_t,
+        )
+    };
+}
+
 /// Copies [`COPIED_OPTIONS`] from `from` to `to`; an option either socket does
 /// not have (IPv4 against IPv6) is skipped.
 pub(super) fn copy_options(from: c_int, to: c_int) {
     for &(level, name) in COPIED_OPTIONS {
-        let mut value = [0u8; 32];
-        let mut len = value.len() as socklen_t;
-        // SAFETY: value/len describe a writable buffer of `len` bytes.
-        let got = unsafe {
-            libc::getsockopt(
-                from,
-                level,
-                name,
-                value.as_mut_ptr() as *mut c_void,
-                &mut len,
-            )
-        };
-        if got == 0 {
-            // SAFETY: the kernel wrote `len` bytes of the option's value.
-            unsafe { libc::setsockopt(to, level, name, value.as_ptr() as *const c_void, len) };
+        if let Some(value) = option(from, level, name) {
+            set_option(to, level, name, &value);
         }
     }
 }
