@@ -10,7 +10,8 @@
 //! listener, sees the client's real address and the target's port; one that
 //! waits in `select` (not hooked) is served by the agent's hand-over. Another
 //! session on the port moves the redirect back to the agent's own listener and
-//! both sessions are served; turned off (`GRAFT_DIRECT_LISTENER=0`) every
+//! both sessions are served. A dual-stack IPv6 program takes both families
+//! from the direct listener. Turned off (`GRAFT_DIRECT_LISTENER=0`) every
 //! connection is handed over. The attacks: a process in the pod that connects
 //! to the direct listener's own port is reset and never reaches the program,
 //! and after the session nothing of graft listens in the target's namespace.
@@ -85,22 +86,24 @@ fn layer_log(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// The port of the direct listener the agent started for the session, from
-/// its debug log.
-fn direct_port(session: &Proc) -> u16 {
+/// The port of the direct listener of `family` ("V4", "V6") the agent
+/// started for the session, from its debug log.
+fn direct_port(session: &Proc, family: &str) -> u16 {
     let stderr = session.stderr();
     let line = stderr
         .lines()
-        .find(|line| line.contains("direct listener ready"))
+        .find(|line| {
+            line.contains("direct listener ready") && line.contains(&format!("family={family}"))
+        })
         .unwrap_or_else(|| {
             panic!(
-                "the agent started no direct listener\n{}",
+                "the agent started no {family} direct listener\n{}",
                 session.output_report()
             )
         });
     line.rsplit("port=")
         .next()
-        .and_then(|p| p.trim().parse().ok())
+        .and_then(|p| p.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no port in {line:?}"))
 }
 
@@ -172,6 +175,62 @@ fn programs_waiting_in_epoll_poll_or_accept_take_stolen_connections_straight_fro
 }
 
 #[test]
+fn an_ipv6_program_takes_both_families_straight_from_the_target() {
+    // A dual-stack listener (`[::]`, IPV6_V6ONLY off), as IPv6 servers bind:
+    // the port's IPv6 connections come from the direct listener's IPv6
+    // socket, its IPv4 ones from the IPv4 socket, shown IPv4-mapped as the
+    // program's own listener would show them.
+    for mode in ["epoll", "blocking"] {
+        let bed = Bed::new();
+        let (session, log) = serve(&bed, mode, &[], &[("ACCEPT_MODES_FAMILY", "6")]);
+        std::thread::sleep(Duration::from_millis(200));
+        let handed_over = |session: &Proc| {
+            session
+                .stderr()
+                .matches("stolen connection passed as a descriptor")
+                .count()
+        };
+        let before = handed_over(&session);
+        let expected = [
+            (bed.target_url6(bed.app_port), bed.host_v6.to_string()),
+            (
+                bed.target_url(bed.app_port),
+                format!("::ffff:{}", bed.host_v4),
+            ),
+        ];
+        for _ in 0..3 {
+            for (url, peer) in &expected {
+                let reply = curl(url)
+                    .unwrap_or_else(|e| panic!("{mode} {url}: {e}\n{}", session.output_report()));
+                assert_eq!(
+                    reply,
+                    format!("local mode={mode} port={} peer={peer}", bed.app_port),
+                    "{mode} {url}\n{}",
+                    session.output_report()
+                );
+            }
+        }
+        let layer = layer_log(&log);
+        for peer in [format!("[{}]", bed.host_v6), bed.host_v4.to_string()] {
+            assert!(
+                layer.lines().any(
+                    |line| line.contains(&format!("stolen connection from {peer}:"))
+                        && line.contains("accepted from the direct listener")
+                ),
+                "{mode}: no connection from {peer} was accepted from the direct listener:\n{layer}\n{}",
+                session.output_report()
+            );
+        }
+        assert_eq!(
+            handed_over(&session),
+            before,
+            "{mode}: the agent handed connections over:\n{}",
+            session.output_report()
+        );
+    }
+}
+
+#[test]
 fn a_program_waiting_in_select_is_served_by_the_hand_over() {
     let bed = Bed::new();
     let (session, log) = serve(&bed, "select", &[], &[]);
@@ -213,11 +272,17 @@ fn with_direct_listeners_off_every_connection_is_handed_over() {
 fn a_pod_process_that_connects_to_the_direct_listener_is_reset_and_never_reaches_the_program() {
     let bed = Bed::new();
     let (session, log) = serve(&bed, "epoll", &[], &[]);
-    let port = direct_port(&session);
-    // From inside the target's namespace, on the pod's address and on
-    // loopback: the listener's own port, not the redirect of the stolen one.
-    for ip in [bed.target_v4, std::net::Ipv4Addr::LOCALHOST] {
-        let addr = SocketAddr::from((ip, port));
+    let v4 = direct_port(&session, "V4");
+    let v6 = direct_port(&session, "V6");
+    // From inside the target's namespace, on the pod's addresses and on
+    // loopback: the listeners' own ports, not the redirect of the stolen one.
+    let addrs: [SocketAddr; 4] = [
+        (bed.target_v4, v4).into(),
+        (std::net::Ipv4Addr::LOCALHOST, v4).into(),
+        (bed.target_v6, v6).into(),
+        (std::net::Ipv6Addr::LOCALHOST, v6).into(),
+    ];
+    for addr in addrs {
         let reply = bed.in_target_netns(move || -> std::io::Result<String> {
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -318,11 +383,13 @@ fn after_the_session_nothing_of_graft_listens_in_the_target_namespace() {
     let bed = Bed::new();
     let before = listening_in_target(&bed);
     let (mut session, _log) = serve(&bed, "epoll", &[], &[]);
-    let port = direct_port(&session);
-    assert!(
-        listening_in_target(&bed).contains(&port),
-        "the direct listener is not in the target's namespace"
-    );
+    for family in ["V4", "V6"] {
+        let port = direct_port(&session, family);
+        assert!(
+            listening_in_target(&bed).contains(&port),
+            "the {family} direct listener is not in the target's namespace"
+        );
+    }
     session.signal(Signal::SIGTERM);
     assert!(
         session.wait_timeout(Duration::from_secs(10)).is_some(),

@@ -3,7 +3,10 @@
 //! listener of its own in the target's network namespace, and that listening
 //! socket is passed to the session's program, which accepts the stolen
 //! connections from it itself: no accept by the agent, no hand-over through
-//! the proxy, no loopback connection per stolen connection.
+//! the proxy, no loopback connection per stolen connection. Each family has
+//! its listener: IPv4, and IPv6-only (bound on `[::]`) where the program's
+//! client takes it ([`graft_protocol::version::FEATURE_DIRECT6`]) and the
+//! namespace has IPv6; the program watches the pair as its one listener.
 //!
 //! The agent keeps its own descriptor of the listener and takes the
 //! connections nobody else takes, so that none waits on a program that does
@@ -27,7 +30,7 @@
 //! so nothing keeps listening in the target's namespace after the session.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,17 +53,37 @@ pub const LAZY_TICK: Duration = Duration::from_millis(20);
 /// The listen backlog of a direct listener: as the shared listener's.
 const BACKLOG: i32 = 1024;
 
-/// A direct listener of one stolen port (IPv4; IPv6 connections keep the
-/// shared listener).
+/// Who a direct listener is for: the hub owner id of the subscription whose
+/// program holds it, and whether that program takes an IPv6 listener too
+/// (its client named [`graft_protocol::version::FEATURE_DIRECT6`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectFor {
+    /// The subscription's owner.
+    pub owner: u64,
+    /// Whether the port's IPv6 connections get a direct listener too.
+    pub ipv6: bool,
+}
+
+/// A direct listener of one stolen port: an IPv4 listener, and an IPv6-only
+/// one where the program takes it and the namespace has IPv6.
 #[derive(Debug)]
 pub struct DirectListener {
-    /// The hub owner id of the subscription whose program holds it.
-    owner: u64,
-    /// The listener's own port, the redirect's destination.
-    port: u16,
+    /// Whom it serves.
+    of: DirectFor,
+    /// The IPv4 listener.
+    v4: Half,
+    /// The IPv6-only listener, if any.
+    v6: Option<Half>,
     /// The port's redirect points here (else the listener only holds what
     /// was queued before it left).
     current: Arc<AtomicBool>,
+}
+
+/// One family's listener of a [`DirectListener`].
+#[derive(Debug)]
+struct Half {
+    /// The listener's own port, the redirect's destination.
+    port: u16,
     /// Ends the accept task.
     stop: Arc<Notify>,
     /// The agent's second descriptor of the listener, to shut it down.
@@ -70,70 +93,137 @@ pub struct DirectListener {
 /// What the session that steals the port gets of its direct listener.
 #[derive(Debug)]
 pub struct Offer {
-    /// A descriptor of the listening socket, for the program.
+    /// A descriptor of the IPv4 listening socket, for the program.
     pub listener: OwnedFd,
+    /// A descriptor of the IPv6 one, if there is one.
+    pub listener_v6: Option<OwnedFd>,
     /// Set when the program waits on the listener: while the redirect points
     /// to it, the agent turns lazy.
     pub attached: Arc<AtomicBool>,
 }
 
-impl DirectListener {
-    /// Binds a listener on `0.0.0.0:0` in this (the target's) network
-    /// namespace for the program of `owner`'s subscription, and starts taking
-    /// its connections to `accepted`, eagerly.
-    ///
-    /// # Errors
-    ///
-    /// Creating, binding or listening failed (`EMFILE`, ...).
-    pub fn start(
-        owner: u64,
-        accepted: mpsc::Sender<Accepted>,
-    ) -> io::Result<(DirectListener, Offer)> {
-        let fd = nixsock::socket(
-            nixsock::AddressFamily::Inet,
-            nixsock::SockType::Stream,
-            nixsock::SockFlag::SOCK_CLOEXEC | nixsock::SockFlag::SOCK_NONBLOCK,
-            None,
-        )?;
-        let any = nixsock::SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-        nixsock::bind(fd.as_raw_fd(), &any)?;
-        nixsock::listen(&fd, nixsock::Backlog::new(BACKLOG)?)?;
+/// Binds a listening socket on the unspecified address of `family`, port 0
+/// (IPv6-only for IPv6, so IPv4 connections keep their own listener), in
+/// this network namespace.
+fn bind(family: Family) -> io::Result<OwnedFd> {
+    let domain = match family {
+        Family::V4 => nixsock::AddressFamily::Inet,
+        Family::V6 => nixsock::AddressFamily::Inet6,
+    };
+    let fd = nixsock::socket(
+        domain,
+        nixsock::SockType::Stream,
+        nixsock::SockFlag::SOCK_CLOEXEC | nixsock::SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    match family {
+        Family::V4 => {
+            let any = nixsock::SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            nixsock::bind(fd.as_raw_fd(), &any)?;
+        }
+        Family::V6 => {
+            nixsock::setsockopt(&fd, nixsock::sockopt::Ipv6V6Only, &true)?;
+            let any = nixsock::SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+            nixsock::bind(fd.as_raw_fd(), &any)?;
+        }
+    }
+    nixsock::listen(&fd, nixsock::Backlog::new(BACKLOG)?)?;
+    Ok(fd)
+}
+
+impl Half {
+    /// Starts `family`'s listener: its accept task, and the program's
+    /// descriptor of it.
+    fn start(
+        family: Family,
+        eager: &Eager,
+        accepted: &mpsc::Sender<Accepted>,
+    ) -> io::Result<(Half, OwnedFd)> {
+        let fd = bind(family)?;
         let for_program = fd.try_clone()?;
         let for_shutdown = fd.try_clone()?;
         let listener = TcpListener::from_std(std::net::TcpListener::from(fd))?;
         let port = listener.local_addr()?.port();
+        let stop = Arc::new(Notify::new());
+        let task = Task {
+            listener,
+            family,
+            eager: eager.clone(),
+            stop: stop.clone(),
+            to_hub: accepted.clone(),
+        };
+        tokio::spawn(task.run());
+        tracing::debug!(port, ?family, "direct listener ready");
+        Ok((
+            Half {
+                port,
+                stop,
+                fd: for_shutdown,
+            },
+            for_program,
+        ))
+    }
+
+    /// See [`DirectListener::stop`].
+    fn stop(&self) {
+        let _ = nixsock::shutdown(self.fd.as_raw_fd(), nixsock::Shutdown::Both);
+        self.stop.notify_one();
+        tracing::debug!(port = self.port, "direct listener shut down");
+    }
+}
+
+impl DirectListener {
+    /// Binds a listener on `0.0.0.0:0` in this (the target's) network
+    /// namespace for the program of `of`'s subscription, and with
+    /// `of.ipv6` one on `[::]:0` (IPv6-only; none when IPv6 cannot be bound,
+    /// logged), and starts taking their connections to `accepted`, eagerly.
+    ///
+    /// # Errors
+    ///
+    /// Creating, binding or listening on the IPv4 listener failed (`EMFILE`,
+    /// ...).
+    pub fn start(
+        of: DirectFor,
+        accepted: mpsc::Sender<Accepted>,
+    ) -> io::Result<(DirectListener, Offer)> {
         let current = Arc::new(AtomicBool::new(true));
         let attached = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(Notify::new());
         let eager = Eager {
             current: current.clone(),
             attached: attached.clone(),
         };
-        tokio::spawn(run(listener, eager, stop.clone(), accepted));
-        tracing::debug!(port, "direct listener ready");
+        let (v4, listener) = Half::start(Family::V4, &eager, &accepted)?;
+        let (v6, listener_v6) = match of.ipv6.then(|| Half::start(Family::V6, &eager, &accepted)) {
+            Some(Ok((half, fd))) => (Some(half), Some(fd)),
+            Some(Err(e)) => {
+                tracing::debug!("no IPv6 direct listener ({e}); IPv6 connections are handed over");
+                (None, None)
+            }
+            None => (None, None),
+        };
         Ok((
             DirectListener {
-                owner,
-                port,
+                of,
+                v4,
+                v6,
                 current,
-                stop,
-                fd: for_shutdown,
             },
             Offer {
-                listener: for_program,
+                listener,
+                listener_v6,
                 attached,
             },
         ))
     }
 
-    /// The listener's own port.
-    pub fn port(&self) -> u16 {
-        self.port
+    /// The listener's own ports: IPv4, and IPv6 when it has an IPv6 one.
+    pub fn ports(&self) -> (u16, Option<u16>) {
+        (self.v4.port, self.v6.as_ref().map(|h| h.port))
     }
 
-    /// The owner of the subscription whose program holds it.
-    pub fn owner(&self) -> u64 {
-        self.owner
+    /// Whom it serves.
+    pub fn of(&self) -> DirectFor {
+        self.of
     }
 
     /// The port's redirect left this listener: the agent takes what was
@@ -149,7 +239,7 @@ impl DirectListener {
     }
 
     /// Shuts the listener down, for every descriptor of it (the program's
-    /// too), and ends its accept task. A listening socket that is shut down
+    /// too), and ends its accept tasks. A listening socket that is shut down
     /// stops listening (inet_shutdown in the kernel: TCP_LISTEN → TCP_CLOSE)
     /// and resets the connections still in its queue: the caller does this
     /// while the redirect still stands, since a reset sent once the NAT rule
@@ -157,14 +247,16 @@ impl DirectListener {
     /// (it waits until its own timeout).
     pub fn stop(&self) {
         self.current.store(false, Ordering::SeqCst);
-        let _ = nixsock::shutdown(self.fd.as_raw_fd(), nixsock::Shutdown::Both);
-        self.stop.notify_one();
-        tracing::debug!(port = self.port, "direct listener shut down");
+        self.v4.stop();
+        if let Some(v6) = &self.v6 {
+            v6.stop();
+        }
     }
 }
 
 /// When the agent takes a direct listener's connections as they come: until
 /// the program waits on it, and once the redirect left it.
+#[derive(Clone)]
 struct Eager {
     current: Arc<AtomicBool>,
     attached: Arc<AtomicBool>,
@@ -189,72 +281,74 @@ fn waiting(listener: &TcpListener) -> bool {
     poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
-/// The accept task of a direct listener.
-async fn run(
+/// The accept task of one family's direct listener.
+struct Task {
     listener: TcpListener,
+    family: Family,
     eager: Eager,
     stop: Arc<Notify>,
     to_hub: mpsc::Sender<Accepted>,
-) {
-    // A connection seen waiting at the last lazy look.
-    let mut seen_waiting = false;
-    loop {
-        if eager.now() {
-            seen_waiting = false;
-            // The timeout re-reads `eager`, which the program's layer clears.
-            tokio::select! {
-                result = listener.accept() => match result {
-                    Ok((stream, peer)) => {
-                        if !forward(stream, peer, &to_hub).await {
-                            return;
+}
+
+impl Task {
+    async fn run(self) {
+        let listener = &self.listener;
+        // A connection seen waiting at the last lazy look.
+        let mut seen_waiting = false;
+        loop {
+            if self.eager.now() {
+                seen_waiting = false;
+                // The timeout re-reads `eager`, which the program's layer clears.
+                tokio::select! {
+                    result = listener.accept() => match result {
+                        Ok((stream, peer)) => {
+                            if !self.forward(stream, peer).await {
+                                return;
+                            }
                         }
-                    }
-                    Err(e) => {
-                        tracing::debug!(port = listener.local_addr().map(|a| a.port()).ok(), "direct listener: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
+                        Err(e) => {
+                            tracing::debug!(port = listener.local_addr().map(|a| a.port()).ok(), "direct listener: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                    () = tokio::time::sleep(LAZY_TICK) => {}
+                    () = self.stop.notified() => break,
+                }
+                continue;
+            }
+            tokio::select! {
                 () = tokio::time::sleep(LAZY_TICK) => {}
-                () = stop.notified() => break,
+                () = self.stop.notified() => break,
             }
-            continue;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(LAZY_TICK) => {}
-            () = stop.notified() => break,
-        }
-        if !waiting(&listener) {
-            seen_waiting = false;
-        } else if !seen_waiting {
-            seen_waiting = true;
-        } else {
-            seen_waiting = false;
-            if !take_waiting(&listener, &to_hub).await {
-                return;
+            if !waiting(listener) {
+                seen_waiting = false;
+            } else if !seen_waiting {
+                seen_waiting = true;
+            } else {
+                seen_waiting = false;
+                if !self.take_waiting().await {
+                    return;
+                }
             }
         }
     }
-}
 
-/// Takes every connection that waits now; `false` once the hub is gone.
-async fn take_waiting(listener: &TcpListener, to_hub: &mpsc::Sender<Accepted>) -> bool {
-    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
-        if !forward(stream, peer, to_hub).await {
-            return false;
+    /// Takes every connection that waits now; `false` once the hub is gone.
+    async fn take_waiting(&self) -> bool {
+        while let Some(Ok((stream, peer))) = self.listener.accept().now_or_never() {
+            if !self.forward(stream, peer).await {
+                return false;
+            }
         }
+        true
     }
-    true
-}
 
-/// Sends an accepted connection to the hub as the shared listener does;
-/// `false` once the hub is gone.
-async fn forward(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    to_hub: &mpsc::Sender<Accepted>,
-) -> bool {
-    match accepted(stream, peer, Family::V4) {
-        Some(accepted) => to_hub.send(accepted).await.is_ok(),
-        None => true,
+    /// Sends an accepted connection to the hub as the shared listener does;
+    /// `false` once the hub is gone.
+    async fn forward(&self, stream: tokio::net::TcpStream, peer: SocketAddr) -> bool {
+        match accepted(stream, peer, self.family) {
+            Some(accepted) => self.to_hub.send(accepted).await.is_ok(),
+            None => true,
+        }
     }
 }

@@ -172,32 +172,45 @@ impl PacketRules {
         }
     }
 
-    /// Moves `port`'s IPv4 redirect from the listener `from_v4` to `to_v4`
-    /// (its IPv6 one stays at `to_v6`) with no gap: nf_tables rewrites the
-    /// chain in one transaction; iptables appends the new rule, and the old
-    /// one, matched first until then, is deleted after it.
+    /// Moves `port`'s redirects from the listeners `from` (IPv4, IPv6) to
+    /// `to` with no gap: nf_tables rewrites the chain in one transaction;
+    /// iptables appends each family's new rule, and deletes the old one,
+    /// matched first until then, after it ([`iptables::Chains::retarget`]).
+    ///
+    /// Returns the listeners the port is redirected to now: `to`, or, when
+    /// iptables refused the IPv6 rule alone (logged), `to`'s IPv4 one and
+    /// `from`'s IPv6 one.
     ///
     /// # Errors
     ///
-    /// [`RedirectError`]; the old redirect stays then.
+    /// [`RedirectError`] (nf_tables, or iptables' IPv4 rule); the old
+    /// redirect stays then.
     pub async fn retarget(
         &mut self,
         port: u16,
-        from_v4: u16,
-        to_v4: u16,
-        to_v6: Option<u16>,
-    ) -> Result<(), RedirectError> {
-        if from_v4 == to_v4 {
-            return Ok(());
+        from: (u16, Option<u16>),
+        to: (u16, Option<u16>),
+    ) -> Result<(u16, Option<u16>), RedirectError> {
+        if from == to {
+            return Ok(to);
         }
         match self {
             PacketRules::Nft(table) => table
-                .redirect(port, to_v4, to_v6)
+                .redirect(port, to.0, to.1)
+                .map(|()| to)
                 .map_err(|error| RedirectError::Nftables { port, error }),
             PacketRules::Iptables(chains) => {
-                chains.redirect(port, to_v4, None).await?;
-                chains.release(port, from_v4, None).await;
-                Ok(())
+                chains.retarget(Family::V4, port, from.0, to.0).await?;
+                let (Some(from_v6), Some(to_v6)) = (from.1, to.1) else {
+                    return Ok((to.0, from.1));
+                };
+                match chains.retarget(Family::V6, port, from_v6, to_v6).await {
+                    Ok(()) => Ok(to),
+                    Err(e) => {
+                        tracing::warn!("{e}; its IPv6 connections keep their listener");
+                        Ok((to.0, from.1))
+                    }
+                }
             }
         }
     }

@@ -27,7 +27,8 @@ use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
 use graft_protocol::secret::{self, secrets_match};
 use graft_protocol::version::{
-    FEATURE_DIRECT, FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, has_feature, version_with,
+    FEATURE_DIRECT, FEATURE_DIRECT6, FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, has_feature,
+    version_with,
 };
 use graft_protocol::{ConnectionId, RequestId, version};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -259,9 +260,11 @@ where
     let tap_times = has_feature(&hello.version, FEATURE_TAP_TIMES);
     // Direct listeners go only to a client that takes descriptors and them.
     let direct = fds && has_feature(&hello.version, FEATURE_DIRECT);
+    let direct6 = direct && has_feature(&hello.version, FEATURE_DIRECT6);
     let features: Vec<&str> = [
         (fds, FEATURE_FDS),
         (direct, FEATURE_DIRECT),
+        (direct6, FEATURE_DIRECT6),
         (routes, FEATURE_ROUTES),
         (tap_times, FEATURE_TAP_TIMES),
     ]
@@ -375,6 +378,9 @@ where
         watch_routes: AtomicBool::new(false),
         tap_times: has_feature(&hello.version, FEATURE_TAP_TIMES),
         direct: fd_out.is_some() && has_feature(&hello.version, FEATURE_DIRECT),
+        direct6: fd_out.is_some()
+            && has_feature(&hello.version, FEATURE_DIRECT)
+            && has_feature(&hello.version, FEATURE_DIRECT6),
         direct_attached: std::sync::Mutex::new(std::collections::HashMap::new()),
         direct_paused: AtomicBool::new(false),
     });

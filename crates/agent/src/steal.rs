@@ -11,8 +11,9 @@
 //! [`Redirector::release`] one at a time, under its lock.
 //!
 //! While one session alone steals a port without a filter and its program
-//! takes descriptors, the port's IPv4 redirect goes to a direct listener of
-//! the port instead ([`crate::direct`]), which the program accepts from.
+//! takes descriptors, the port's redirects go to a direct listener of the
+//! port instead ([`crate::direct`]: IPv4, and IPv6 where the program takes
+//! it), which the program accepts from.
 //!
 //! An accepted connection's original destination (`SO_ORIGINAL_DST` /
 //! `IP6T_SO_ORIGINAL_DST`) says which port the client meant; the connection goes
@@ -30,7 +31,7 @@ use nix::sys::socket::{self as nixsock, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::direct::{DirectListener, Offer};
+use crate::direct::{DirectFor, DirectListener, Offer};
 use crate::rules::{Family, PacketRules, RedirectError};
 
 /// A redirected connection, as accepted.
@@ -125,9 +126,10 @@ impl Redirector {
 
     /// Redirects the target's incoming TCP connections to `port` (IPv4, and IPv6
     /// when possible) to the agent's shared listeners, or, with `direct` (the
-    /// owner of the subscription whose program takes it), its IPv4
-    /// connections to a direct listener of the port ([`crate::direct`]): the
-    /// one that owner's program holds, or a new one.
+    /// subscription whose program takes it), to a direct listener of the port
+    /// ([`crate::direct`]): the one that program holds, or a new one. A
+    /// direct listener without an IPv6 half leaves IPv6 connections to the
+    /// shared IPv6 listener.
     /// Idempotent; a port redirected the other way is retargeted with no gap
     /// (the new rule before the old one goes).
     ///
@@ -141,33 +143,33 @@ impl Redirector {
     pub async fn redirect(
         &mut self,
         port: u16,
-        direct: Option<u64>,
+        direct: Option<DirectFor>,
     ) -> Result<Option<Offer>, RedirectError> {
-        let (v4_port, v6_port) = self.ensure_listeners().await?;
+        let shared = self.ensure_listeners().await?;
         let is_direct = self.is_direct(port);
         if self.redirected.contains_key(&port)
             && is_direct == direct.is_some()
-            && (!is_direct || self.direct.get(&port).map(DirectListener::owner) == direct)
+            && (!is_direct || self.direct.get(&port).map(DirectListener::of) == direct)
         {
             return Ok(None);
         }
         let mut offer = None;
-        let mut to_v4 = v4_port;
+        let mut to = shared;
         let kept = self
             .direct
             .get(&port)
-            .filter(|kept| Some(kept.owner()) == direct);
+            .filter(|kept| Some(kept.of()) == direct);
         if let Some(kept) = kept {
             // Its program still holds it (the redirect left it while somebody
             // watched the session's traffic, `PauseDirect`).
-            to_v4 = kept.port();
-        } else if let Some(owner) = direct {
+            to = direct_ports(kept, shared);
+        } else if let Some(of) = direct {
             if let Some(old) = self.direct.remove(&port) {
                 old.stop();
             }
-            match DirectListener::start(owner, self.accepted.clone()) {
+            match DirectListener::start(of, self.accepted.clone()) {
                 Ok((listener, started)) => {
-                    to_v4 = listener.port();
+                    to = direct_ports(&listener, shared);
                     self.direct.insert(port, listener);
                     offer = Some(started);
                 }
@@ -188,18 +190,21 @@ impl Redirector {
             }
         };
         let result = match self.redirected.get(&port) {
-            Some(&(from_v4, _)) => rules.retarget(port, from_v4, to_v4, v6_port).await,
-            None => rules.redirect(port, to_v4, v6_port).await,
+            Some(&from) => rules.retarget(port, from, to).await,
+            None => rules.redirect(port, to.0, to.1).await.map(|()| to),
         };
-        if let Err(e) = result {
-            if offer.is_some()
-                && let Some(listener) = self.direct.remove(&port)
-            {
-                listener.stop();
+        let now = match result {
+            Ok(now) => now,
+            Err(e) => {
+                if offer.is_some()
+                    && let Some(listener) = self.direct.remove(&port)
+                {
+                    listener.stop();
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        self.redirected.insert(port, (to_v4, v6_port));
+        };
+        self.redirected.insert(port, now);
         if let Some(listener) = self.direct.get(&port) {
             if direct.is_some() {
                 listener.come_back();
@@ -211,10 +216,10 @@ impl Redirector {
         Ok(offer)
     }
 
-    /// Whether `port` is redirected to its direct listener.
+    /// Whether `port`'s IPv4 connections go to its direct listener.
     pub fn is_direct(&self, port: u16) -> bool {
         let to = self.redirected.get(&port).map(|t| t.0);
-        to.is_some() && to == self.direct.get(&port).map(DirectListener::port)
+        to.is_some() && to == self.direct.get(&port).map(|d| d.ports().0)
     }
 
     /// Stops redirecting `port`: its direct listener, if any, is shut down
@@ -232,6 +237,13 @@ impl Redirector {
         }
         tracing::info!(port, "no longer redirecting");
     }
+}
+
+/// Where a port with the direct listener `listener` is redirected: its
+/// listeners, and the `shared` IPv6 listener when it has no IPv6 one.
+fn direct_ports(listener: &DirectListener, shared: (u16, Option<u16>)) -> (u16, Option<u16>) {
+    let (v4, v6) = listener.ports();
+    (v4, v6.or(shared.1))
 }
 
 /// Binds `[::]:0` IPv6-only, so IPv4 connections go to the IPv4 listener.

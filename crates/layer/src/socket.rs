@@ -272,7 +272,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
             pid: std::process::id(),
         };
         match client::request_fds(&request) {
-            Ok((response @ (LayerResponse::Ok | LayerResponse::ListenDirect), mut passed)) => {
+            Ok((response @ (LayerResponse::Ok | LayerResponse::ListenDirect), passed)) => {
                 layer_log!(info, "stealing target port {remote_port} → {deliver_to}");
                 ahead::listening(fd);
                 fds::insert(
@@ -282,8 +282,8 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
                         fake_local,
                     },
                 );
-                if response == LayerResponse::ListenDirect && passed.len() == 1 {
-                    direct::attach(fd, passed.remove(0), remote_port);
+                if response == LayerResponse::ListenDirect && !passed.is_empty() {
+                    direct::attach(fd, passed, remote_port);
                 }
                 0
             }

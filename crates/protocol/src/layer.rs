@@ -143,8 +143,9 @@ pub enum LayerResponse {
     PeerFds(Vec<PassedPeer>),
     /// The answer to [`LayerRequest::Listen`] on a connection that passes
     /// descriptors when the agent redirects the port to a listener of its own
-    /// in the target's network namespace for this session alone: that
-    /// listening socket travels beside this frame, and the program accepts
+    /// in the target's network namespace for this session alone: those
+    /// listening sockets (IPv4, then IPv6 when the port has one) travel
+    /// beside this frame, and the program accepts
     /// the stolen connections from it as well as from its own listener (see
     /// `graft_protocol::link::AgentMessage::DirectListener`). Otherwise as
     /// [`LayerResponse::Ok`].

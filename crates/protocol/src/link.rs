@@ -316,4 +316,14 @@ pub enum AgentMessage {
         /// The request's `seq`.
         seq: u64,
     },
+    /// The IPv6 listener of `port`'s direct listener, right after its
+    /// [`AgentMessage::DirectListener`] (the IPv4 one): IPv6-only, the
+    /// destination of the port's IPv6 redirect, accepted from as one with
+    /// it. The listening socket travels beside this frame. Sent only to a
+    /// client whose `Hello` version names
+    /// [`crate::version::FEATURE_DIRECT6`].
+    DirectListener6 {
+        /// The stolen port.
+        port: u16,
+    },
 }

@@ -34,6 +34,12 @@ pub const FEATURE_TAP_TIMES: &str = "tap-times";
 /// link that passes descriptors ([`FEATURE_FDS`]).
 pub const FEATURE_DIRECT: &str = "direct";
 
+/// The feature tag of IPv6 direct listeners: a client naming it beside
+/// [`FEATURE_DIRECT`] takes [`crate::link::AgentMessage::DirectListener6`],
+/// and the agent then redirects a direct port's IPv6 connections to a
+/// listener of their own that the program accepts from too.
+pub const FEATURE_DIRECT6: &str = "direct6";
+
 /// [`PROTOCOL_VERSION`] with `features` as its semver build metadata
 /// (`0.3.0+fds`). Build metadata does not take part in [`check_compatible`], so a
 /// peer that knows no feature reads the version as it always did, and a feature

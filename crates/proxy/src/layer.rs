@@ -203,12 +203,16 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
                     Err((errno, message)) => Err(error(errno, message)),
                 };
                 match response {
-                    Ok(Some(listener)) => {
-                        tracing::debug!(pid, port, "direct listener handed to the program");
-                        send_with_fds_of(&mut framed, &LayerResponse::ListenDirect, vec![listener])
-                            .await
+                    Ok(listeners) if !listeners.is_empty() => {
+                        tracing::debug!(
+                            pid,
+                            port,
+                            families = listeners.len(),
+                            "direct listener handed to the program"
+                        );
+                        send_with_fds_of(&mut framed, &LayerResponse::ListenDirect, listeners).await
                     }
-                    Ok(None) => framed
+                    Ok(_) => framed
                         .send(LayerResponse::Ok)
                         .await
                         .map_err(|e| e.to_string()),

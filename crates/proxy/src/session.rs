@@ -38,8 +38,8 @@ use graft_protocol::{
     link::{AgentMessage, ClientMessage, Hello, HelloReply},
     remote::{RemoteRequest, RemoteResponse},
     version::{
-        FEATURE_DIRECT, FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES, check_compatible,
-        has_feature, version_with,
+        FEATURE_DIRECT, FEATURE_DIRECT6, FEATURE_FDS, FEATURE_ROUTES, FEATURE_TAP_TIMES,
+        check_compatible, has_feature, version_with,
     },
 };
 use tokio::{
@@ -247,6 +247,7 @@ impl Session {
         let features: Vec<&str> = [
             (fds.is_some(), FEATURE_FDS),
             (fds.is_some() && direct::wanted(), FEATURE_DIRECT),
+            (fds.is_some() && direct::wanted(), FEATURE_DIRECT6),
             (wants_routes, FEATURE_ROUTES),
             (true, FEATURE_TAP_TIMES),
         ]

@@ -158,6 +158,12 @@ pub trait Subscriber: Send + Sync + 'static {
         false
     }
 
+    /// Whether the session's program takes an IPv6 direct listener beside
+    /// the IPv4 one. None does by default.
+    fn takes_ipv6_listener(&self) -> bool {
+        false
+    }
+
     /// Passes the session the direct listener `offer` of `port`. The default
     /// drops the offer: the agent keeps taking the listener's connections and
     /// hands them over.
@@ -338,7 +344,10 @@ impl Rules {
                     && only.to.takes_listener(port)
                     && (may_start_direct || self.redirector.is_direct(port)) =>
             {
-                Some(only.owner)
+                Some(crate::direct::DirectFor {
+                    owner: only.owner,
+                    ipv6: only.to.takes_ipv6_listener(),
+                })
             }
             _ => None,
         };

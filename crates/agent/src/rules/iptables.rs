@@ -438,6 +438,41 @@ impl Chains {
         Ok(())
     }
 
+    /// Moves `port`'s redirect of `family` from the listener `from` to `to`:
+    /// the new rule is appended, and the old one, matched first until then,
+    /// is deleted after it, so no connection finds the port unredirected. A
+    /// family whose rules are not written (IPv6 that failed) is left alone.
+    ///
+    /// # Errors
+    ///
+    /// The new rule failed; the old one stays then.
+    pub async fn retarget(
+        &mut self,
+        family: Family,
+        port: u16,
+        from: u16,
+        to: u16,
+    ) -> Result<(), super::RedirectError> {
+        if from == to || !self.hooked[family.index()] {
+            return Ok(());
+        }
+        run(self.flavour, family, &redirect(&self.chain, true, port, to))
+            .await
+            .map_err(|error| super::RedirectError::Iptables { port, error })?;
+        match run(
+            self.flavour,
+            family,
+            &redirect(&self.chain, false, port, from),
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(e) if e.is_already_gone() => {}
+            Err(e) => tracing::warn!("could not remove the old rule for port {port}: {e}"),
+        }
+        Ok(())
+    }
+
     /// Deletes `port`'s rules; failures are logged.
     pub async fn release(&mut self, port: u16, to_v4: u16, to_v6: Option<u16>) {
         for (family, to) in [(Family::V4, Some(to_v4)), (Family::V6, to_v6)] {

@@ -122,6 +122,9 @@ pub(super) struct SessionSink {
     /// [`graft_protocol::version::FEATURE_DIRECT`] on a link that passes
     /// descriptors).
     pub(super) direct: bool,
+    /// The client takes IPv6 direct listeners too (its `Hello` named
+    /// [`graft_protocol::version::FEATURE_DIRECT6`] as well).
+    pub(super) direct6: bool,
     /// The `attached` switch of each direct listener passed to the client
     /// ([`crate::direct`]), set by `ClientMessage::DirectAttached`.
     pub(super) direct_attached:
@@ -271,26 +274,43 @@ impl Subscriber for SessionSink {
                 .contains(&port)
     }
 
+    fn takes_ipv6_listener(&self) -> bool {
+        self.direct6
+    }
+
     fn pass_listener(self: Arc<Self>, port: u16, offer: crate::direct::Offer) -> BoxFuture<()> {
         Box::pin(async move {
             let Some(fd_out) = self.fd_out.clone() else {
                 return;
             };
-            let crate::direct::Offer { listener, attached } = offer;
-            match fd_out
+            let crate::direct::Offer {
+                listener,
+                listener_v6,
+                attached,
+            } = offer;
+            if let Err(fd) = fd_out
                 .send(listener, AgentMessage::DirectListener { port })
                 .await
             {
-                Ok(()) => {
-                    tracing::debug!(port, "direct listener passed as a descriptor");
-                    self.direct_attached
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(port, attached);
-                }
                 // The link is gone; the agent's own descriptor keeps serving.
-                Err(fd) => drop(fd),
+                drop(fd);
+                return;
             }
+            // After the IPv4 one, which the client keeps as the port's new
+            // listener; this one joins it.
+            if let Some(v6) = listener_v6
+                && let Err(fd) = fd_out
+                    .send(v6, AgentMessage::DirectListener6 { port })
+                    .await
+            {
+                drop(fd);
+                return;
+            }
+            tracing::debug!(port, "direct listener passed as descriptors");
+            self.direct_attached
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(port, attached);
         })
     }
 

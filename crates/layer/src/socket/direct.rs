@@ -1,8 +1,10 @@
 //! Direct listeners (a local target, `LayerResponse::ListenDirect`): while
 //! this session alone steals a port without a filter, the agent redirects the
-//! port's IPv4 connections to a listener of its own in the target's network
+//! port's connections to a listener of its own in the target's network
 //! namespace and the proxy passes that listening socket with the answer to
-//! `Listen`. The program then accepts the stolen connections from it itself:
+//! `Listen` (two listening sockets: IPv4, and IPv6 where the port has an IPv6
+//! one; "the direct listener" below is the pair). The program then accepts
+//! the stolen connections from it itself:
 //! the kernel's socket, with no accept by the agent, no hand-over through the
 //! proxy and no loopback connection per stolen connection.
 //!
@@ -34,14 +36,14 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     os::{
         fd::{IntoRawFd, OwnedFd},
         raw::{c_int, c_void},
     },
     sync::{
         Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -55,10 +57,26 @@ use crate::{
     guard::{errno, set_errno},
 };
 
+/// The layer's descriptors of a direct listener's sockets: IPv4, and IPv6
+/// or -1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Listeners([c_int; 2]);
+
+impl Listeners {
+    /// The descriptors, with their index (0: IPv4, 1: IPv6).
+    fn each(self) -> impl Iterator<Item = (usize, c_int)> {
+        self.0.into_iter().enumerate().filter(|&(_, fd)| fd >= 0)
+    }
+
+    fn contains(self, fd: c_int) -> bool {
+        fd >= 0 && self.0.contains(&fd)
+    }
+}
+
 /// The direct listener of one of the program's listeners.
 struct Direct {
-    /// The layer's descriptor of the listening socket.
-    listener: c_int,
+    /// The layer's descriptors of the listening sockets.
+    listeners: Listeners,
     /// The target's port it receives.
     remote_port: u16,
     /// The `epoll` sets it was added to beside the program's listener, with
@@ -69,8 +87,9 @@ struct Direct {
     /// The proxy was told that the program waits on it.
     attached: bool,
     /// The options of the program's listener that a connection accepted from
-    /// the direct listener must be given ([`options_of`]); read at the first.
-    options: Option<Vec<SetOption>>,
+    /// each of the direct listener's sockets must be given ([`options_of`]);
+    /// read at its first.
+    options: [Option<Vec<SetOption>>; 2],
 }
 
 /// A socket option to set: level, name and value, as setsockopt(2) takes them.
@@ -99,15 +118,16 @@ fn options_of(fd: c_int, listener: c_int) -> Vec<SetOption> {
         .collect()
 }
 
-/// Gives the accepted socket `new` the options of [`options_of`] of `fd`.
-fn set_options(fd: c_int, listener: c_int, new: c_int) {
+/// Gives the socket `new`, accepted from the direct listener's socket
+/// `listener` (at `index` of its [`Listeners`]), the options of
+/// [`options_of`] of `fd`.
+fn set_options(fd: c_int, index: usize, listener: c_int, new: c_int) {
     let options = {
         let mut table = table();
         let Some(direct) = table.get_mut(&fd) else {
             return;
         };
-        direct
-            .options
+        direct.options[index]
             .get_or_insert_with(|| options_of(fd, listener))
             .clone()
     };
@@ -155,61 +175,73 @@ fn real_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) ->
 }
 
 /// Gives the program's listener `fd`, which steals `remote_port`, the direct
-/// listener `listener`.
-pub(super) fn attach(fd: c_int, listener: OwnedFd, remote_port: u16) {
-    let raw = listener.into_raw_fd();
-    // Close-on-exec: an image started by `exec` knows nothing of it (the agent
-    // serves its connections then). Non-blocking: the layer's `accept` only
-    // takes what waits; the agent's descriptor shares the flag anyway.
-    real_fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC);
-    let status = real_fcntl(raw, libc::F_GETFL, 0);
-    if status >= 0 {
-        real_fcntl(raw, libc::F_SETFL, status | libc::O_NONBLOCK);
+/// listener `listeners` (IPv4, then IPv6 if passed; more are closed).
+pub(super) fn attach(fd: c_int, listeners: Vec<OwnedFd>, remote_port: u16) {
+    let mut raw = [-1; 2];
+    for (slot, listener) in raw.iter_mut().zip(listeners) {
+        let listener = listener.into_raw_fd();
+        // Close-on-exec: an image started by `exec` knows nothing of it (the
+        // agent serves its connections then). Non-blocking: the layer's
+        // `accept` only takes what waits; the agent's descriptor shares the
+        // flag anyway.
+        real_fcntl(listener, libc::F_SETFD, libc::FD_CLOEXEC);
+        let status = real_fcntl(listener, libc::F_GETFL, 0);
+        if status >= 0 {
+            real_fcntl(listener, libc::F_SETFL, status | libc::O_NONBLOCK);
+        }
+        *slot = listener;
     }
     let old = table().insert(
         fd,
         Direct {
-            listener: raw,
+            listeners: Listeners(raw),
             remote_port,
             sets: Vec::new(),
             attached: false,
-            options: None,
+            options: [None, None],
         },
     );
     if let Some(old) = old {
-        drop_listener(old);
+        drop_listener(old, None);
     }
     ANY.store(true, Ordering::Relaxed);
     layer_log!(
         info,
-        "target port {remote_port}: the program accepts its stolen connections straight from the target's network namespace (direct listener, fd {raw})"
+        "target port {remote_port}: the program accepts its stolen connections straight from the target's network namespace (direct listener, fds {raw:?})"
     );
 }
 
-/// The direct listener of the program's listener `fd`: (its descriptor, the
+/// The direct listener of the program's listener `fd`: (its descriptors, the
 /// target's port).
-pub(super) fn of(fd: c_int) -> Option<(c_int, u16)> {
+pub(super) fn of(fd: c_int) -> Option<(Listeners, u16)> {
     if !any() || fd < 0 {
         return None;
     }
     table()
         .get(&fd)
-        .map(|direct| (direct.listener, direct.remote_port))
+        .map(|direct| (direct.listeners, direct.remote_port))
 }
 
-/// Takes the direct listener out of every `epoll` set it joined and closes it.
-fn drop_listener(direct: Direct) {
+/// Takes the direct listener out of every `epoll` set it joined and closes
+/// its descriptors, but `closing` (which the program closes itself).
+fn drop_listener(direct: Direct, closing: Option<c_int>) {
     let me = std::process::id();
-    for (set, _) in direct.sets.into_iter().filter(|&(_, pid)| pid == me) {
-        // A set closed since is EBADF: nothing to undo.
-        real_ctl(
-            set,
-            libc::EPOLL_CTL_DEL,
-            direct.listener,
-            std::ptr::null_mut(),
-        );
+    let sets: Vec<c_int> = direct
+        .sets
+        .into_iter()
+        .filter(|&(_, pid)| pid == me)
+        .map(|(set, _)| set)
+        .collect();
+    for (_, listener) in direct.listeners.each() {
+        for &set in &sets {
+            // A set closed since is EBADF: nothing to undo. The kernel would
+            // not do it at close: the agent holds the socket too.
+            real_ctl(set, libc::EPOLL_CTL_DEL, listener, std::ptr::null_mut());
+        }
+        if Some(listener) != closing {
+            real_close(listener);
+        }
     }
-    real_close(direct.listener);
 }
 
 /// Drops the direct listener of `fd` (it stopped listening).
@@ -221,13 +253,14 @@ fn detach(fd: c_int) {
             "target port {}: the direct listener stopped listening; the program's own listener goes on",
             direct.remote_port
         );
-        drop_listener(direct);
+        drop_listener(direct, None);
     }
 }
 
 /// Before descriptor `fd` closes: the direct listener of a listener that
 /// closes goes with it; a direct listener the program closes itself (a loop
-/// that closes every descriptor) is forgotten, not closed twice.
+/// that closes every descriptor) is dropped, that descriptor not closed
+/// twice.
 pub(super) fn before_close(fd: c_int) {
     if !any() {
         return;
@@ -235,10 +268,21 @@ pub(super) fn before_close(fd: c_int) {
     let mut table = table();
     if let Some(direct) = table.remove(&fd) {
         drop(table);
-        drop_listener(direct);
+        drop_listener(direct, None);
         return;
     }
-    table.retain(|_, direct| direct.listener != fd);
+    let Some(&owner) = table
+        .iter()
+        .find(|(_, direct)| direct.listeners.contains(fd))
+        .map(|(owner, _)| owner)
+    else {
+        return;
+    };
+    let direct = table.remove(&owner);
+    drop(table);
+    if let Some(direct) = direct {
+        drop_listener(direct, Some(fd));
+    }
 }
 
 /// Tells the proxy, once, that the program waits on `fd`'s direct listener.
@@ -263,10 +307,17 @@ fn tell_attached(fd: c_int) {
 /// After the program's `epoll_ctl(epfd, op, fd, event)` succeeded: the same
 /// for `fd`'s direct listener, if it has one.
 pub(super) fn mirror_epoll(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) {
-    let Some((listener, _)) = of(fd) else {
+    let Some((listeners, _)) = of(fd) else {
         return;
     };
-    let rc = real_ctl(epfd, op, listener, event);
+    // Any socket added: the set is remembered (a family that failed, EEXIST
+    // or ENOMEM, only misses its DEL later, which is harmless).
+    let mut rc = -1;
+    for (_, listener) in listeners.each() {
+        if real_ctl(epfd, op, listener, event) == 0 {
+            rc = 0;
+        }
+    }
     {
         let mut table = table();
         let Some(direct) = table.get_mut(&fd) else {
@@ -303,7 +354,8 @@ pub(super) unsafe fn poll_with(
     let extra: Vec<(usize, c_int)> = given
         .iter()
         .enumerate()
-        .filter_map(|(i, p)| of(p.fd).map(|(listener, _)| (i, listener)))
+        .filter_map(|(i, p)| of(p.fd).map(|(listeners, _)| (i, listeners)))
+        .flat_map(|(i, listeners)| listeners.each().map(move |(_, listener)| (i, listener)))
         .collect();
     if extra.is_empty() {
         return call(fds, nfds);
@@ -337,28 +389,34 @@ pub(super) unsafe fn poll_with(
     ready
 }
 
-/// The original destination of a redirected IPv4 connection
-/// (`SO_ORIGINAL_DST`, netfilter's conntrack; linux/netfilter_ipv4.h).
-fn original_dst(fd: c_int) -> Option<SocketAddr> {
-    // SAFETY: sockaddr_in is plain old data.
-    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as socklen_t;
-    // SAFETY: sin/len describe a writable sockaddr_in.
+/// The original destination of a redirected connection of `family`
+/// (netfilter's conntrack: `SO_ORIGINAL_DST`, linux/netfilter_ipv4.h, for
+/// IPv4; `IP6T_SO_ORIGINAL_DST`, linux/netfilter_ipv6/ip6_tables.h, the same
+/// number at `SOL_IPV6`, for IPv6).
+fn original_dst(fd: c_int, family: c_int) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain old data.
+    let mut raw: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let (level, len) = match family {
+        libc::AF_INET => (libc::SOL_IP, std::mem::size_of::<libc::sockaddr_in>()),
+        libc::AF_INET6 => (libc::SOL_IPV6, std::mem::size_of::<libc::sockaddr_in6>()),
+        _ => return None,
+    };
+    let mut len = len as socklen_t;
+    // SAFETY: raw/len describe a writable buffer at least that long.
     let rc = unsafe {
         libc::getsockopt(
             fd,
-            libc::SOL_IP,
+            level,
             libc::SO_ORIGINAL_DST,
-            (&raw mut sin).cast::<c_void>(),
+            (&raw mut raw).cast::<c_void>(),
             &mut len,
         )
     };
-    (rc == 0).then(|| {
-        SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-            u16::from_be(sin.sin_port),
-        ))
-    })
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the kernel wrote a sockaddr of `len` bytes.
+    unsafe { addr::from_raw((&raw const raw).cast::<sockaddr>(), len) }
 }
 
 /// Closes `fd` with a reset (`SO_LINGER` 0, socket(7)).
@@ -390,15 +448,50 @@ enum Took {
     Failed,
 }
 
-/// Takes a connection waiting on the direct listener `listener` of the
-/// program's listener `fd`, with `accept4`'s `flags`, and writes its client's
-/// address to the caller's buffer.
+/// Where [`take`] starts among a direct listener's sockets: it alternates,
+/// so a busy family cannot starve the other.
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Takes a connection waiting on a socket of the direct listener `listeners`
+/// of the program's listener `fd`, with `accept4`'s `flags`, and writes its
+/// client's address to the caller's buffer.
 ///
 /// # Safety
 ///
 /// `address`/`len` obey accept(2)'s contract (null or valid).
 unsafe fn take(
     fd: c_int,
+    listeners: Listeners,
+    remote_port: u16,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> Took {
+    let first = NEXT.fetch_add(1, Ordering::Relaxed);
+    for k in 0..2 {
+        let index = (first + k) % 2;
+        let listener = listeners.0[index];
+        if listener < 0 {
+            continue;
+        }
+        // SAFETY: as this function's.
+        match unsafe { take_from(fd, index, listener, remote_port, address, len, flags) } {
+            Took::Empty => {}
+            took => return took,
+        }
+    }
+    Took::Empty
+}
+
+/// [`take`] from the direct listener's socket `listener`, at `index` of its
+/// [`Listeners`].
+///
+/// # Safety
+///
+/// As [`take`]'s.
+unsafe fn take_from(
+    fd: c_int,
+    index: usize,
     listener: c_int,
     remote_port: u16,
     address: *mut sockaddr,
@@ -428,7 +521,7 @@ unsafe fn take(
         }
         // SAFETY: the kernel wrote `raw_len` bytes of the peer's address.
         let peer = unsafe { addr::from_raw((&raw const raw).cast::<sockaddr>(), raw_len) };
-        let original = original_dst(new);
+        let original = original_dst(new, c_int::from(raw.ss_family));
         let (Some(peer), Some(original)) = (peer, original.filter(|o| o.port() == remote_port))
         else {
             layer_log!(
@@ -438,7 +531,7 @@ unsafe fn take(
             reset(new);
             continue;
         };
-        set_options(fd, listener, new);
+        set_options(fd, index, listener, new);
         fds::insert(
             new,
             FdKind::Passed {
@@ -472,11 +565,11 @@ pub(super) unsafe fn accept(
 ) -> c_int {
     let blocking = real_fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK == 0;
     loop {
-        let Some((listener, remote_port)) = of(fd) else {
+        let Some((listeners, remote_port)) = of(fd) else {
             return accept_own();
         };
         // SAFETY: as this function's.
-        match unsafe { take(fd, listener, remote_port, address, len, flags) } {
+        match unsafe { take(fd, listeners, remote_port, address, len, flags) } {
             Took::Conn(new) => return new,
             Took::Failed => return -1,
             Took::Empty => {}
@@ -484,32 +577,31 @@ pub(super) unsafe fn accept(
         if !blocking || of(fd).is_none() {
             return accept_own();
         }
-        let mut both = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: listener,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+        let watch = |fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // The program's listener, then the direct listener's sockets (-1,
+        // which poll(2) skips, for a family it lacks).
+        let mut all = [fd, listeners.0[0], listeners.0[1]].map(watch);
         // A program that waited elsewhere (`select`) and calls `accept` once
         // its listener is ready does not wait here: the agent keeps taking
         // the direct listener's connections for it. One that waits here does.
-        if real_poll(both.as_mut_ptr(), 2, 0) == 0 {
+        if real_poll(all.as_mut_ptr(), 3, 0) == 0 {
             tell_attached(fd);
-            if real_poll(both.as_mut_ptr(), 2, -1) < 0 && errno() == libc::EINTR {
+            if real_poll(all.as_mut_ptr(), 3, -1) < 0 && errno() == libc::EINTR {
                 set_errno(libc::EINTR);
                 return -1;
             }
         }
-        if both[1].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        if all[1..]
+            .iter()
+            .any(|p| p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+        {
             detach(fd);
         }
-        if both[0].revents != 0 {
+        if all[0].revents != 0 {
             return accept_own();
         }
     }

@@ -33,22 +33,43 @@ pub(crate) fn wanted() -> bool {
 }
 
 impl Shared {
-    /// Keeps the direct listener `fd` the agent passed for `port`.
+    /// Keeps the direct listener `fd` the agent passed for `port` (its IPv4
+    /// listener: a new direct listener, which replaces any earlier one).
     pub(super) fn keep_direct(&self, port: u16, fd: OwnedFd) {
         tracing::debug!(port, "direct listener from the agent");
-        lock(&self.direct_listeners).insert(port, fd);
+        lock(&self.direct_listeners).insert(port, vec![fd]);
     }
 
-    /// A descriptor of `port`'s direct listener, for a layer that listens on
-    /// the port; `None` when the port has none.
-    pub(crate) fn direct_listener(&self, port: u16) -> Option<OwnedFd> {
+    /// Adds the IPv6 listener `fd` to `port`'s direct listener, which the
+    /// agent passed right before it; dropped when the port has none or has
+    /// one already.
+    pub(super) fn keep_direct6(&self, port: u16, fd: OwnedFd) {
+        let mut listeners = lock(&self.direct_listeners);
+        match listeners.get_mut(&port) {
+            Some(kept) if kept.len() == 1 => {
+                tracing::debug!(port, "IPv6 direct listener from the agent");
+                kept.push(fd);
+            }
+            _ => tracing::warn!(
+                port,
+                "the agent passed an IPv6 direct listener without its IPv4 one; dropped"
+            ),
+        }
+    }
+
+    /// Descriptors of `port`'s direct listener (IPv4, then IPv6 if it has
+    /// one), for a layer that listens on the port; empty when the port has
+    /// none or they could not be copied.
+    pub(crate) fn direct_listener(&self, port: u16) -> Vec<OwnedFd> {
         let listeners = lock(&self.direct_listeners);
-        let fd = listeners.get(&port)?;
-        match fd.try_clone() {
-            Ok(copy) => Some(copy),
+        let Some(fds) = listeners.get(&port) else {
+            return Vec::new();
+        };
+        match fds.iter().map(OwnedFd::try_clone).collect() {
+            Ok(copies) => copies,
             Err(e) => {
                 tracing::debug!(port, "the direct listener could not be copied ({e})");
-                None
+                Vec::new()
             }
         }
     }

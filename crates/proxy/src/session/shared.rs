@@ -114,7 +114,8 @@ pub(crate) struct Shared {
     /// [`graft_protocol::version::FEATURE_DIRECT`]).
     pub(super) direct: std::sync::atomic::AtomicBool,
     /// The direct listeners the agent passed, by stolen port (`super::direct`).
-    pub(super) direct_listeners: Mutex<HashMap<u16, std::os::fd::OwnedFd>>,
+    /// IPv4 first, then IPv6 when the port has one.
+    pub(super) direct_listeners: Mutex<HashMap<u16, Vec<std::os::fd::OwnedFd>>>,
     /// The last `seq` of a `ClientMessage::PauseDirect`.
     pub(super) pause_seq: std::sync::atomic::AtomicU64,
     /// The last `seq` the agent answered (`AgentMessage::DirectPaused`).
@@ -381,6 +382,15 @@ impl Shared {
                     ),
                 }
             }
+            AgentMessage::DirectListener6 { port } => {
+                match self.fds.as_ref().and_then(|q| q.pop_incoming()) {
+                    Some(fd) => self.keep_direct6(port, fd),
+                    None => tracing::warn!(
+                        port,
+                        "the agent announced an IPv6 direct listener it did not pass"
+                    ),
+                }
+            }
             AgentMessage::DirectPaused { seq } => {
                 self.pause_acked
                     .send_modify(|acked| *acked = (*acked).max(seq));
@@ -592,6 +602,7 @@ pub(super) fn message_name(message: &AgentMessage) -> &'static str {
         AgentMessage::IncomingFd { .. } => "IncomingFd",
         AgentMessage::DirectListener { .. } => "DirectListener",
         AgentMessage::DirectPaused { .. } => "DirectPaused",
+        AgentMessage::DirectListener6 { .. } => "DirectListener6",
         AgentMessage::Data { .. } => "Data",
         AgentMessage::Credit { .. } => "Credit",
         AgentMessage::Shutdown { .. } => "Shutdown",
