@@ -92,9 +92,9 @@ fn accept_with(
             // SAFETY: the caller's buffer obeys accept(2)'s contract.
             unsafe { after_accept(fd, new_fd, address, len) }
         };
-        if direct::of(fd).is_some() {
+        if let Some(found) = direct::of(fd) {
             // SAFETY: the caller's buffer obeys accept(2)'s contract.
-            return unsafe { direct::accept(fd, address, len, flags, accept_own) };
+            return unsafe { direct::accept(fd, found, address, len, flags, accept_own) };
         }
         accept_own()
     })

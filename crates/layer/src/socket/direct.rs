@@ -79,6 +79,9 @@ struct Direct {
     listeners: Listeners,
     /// The target's port it receives.
     remote_port: u16,
+    /// The program's listener's address family (`SO_DOMAIN`), in which
+    /// `accept` reports a client's address.
+    family: c_int,
     /// The `epoll` sets it was added to beside the program's listener, with
     /// the process that added it: a set survives `fork` in both processes
     /// (one epoll instance), so a child that closes its copies must not take
@@ -196,6 +199,7 @@ pub(super) fn attach(fd: c_int, listeners: Vec<OwnedFd>, remote_port: u16) {
         Direct {
             listeners: Listeners(raw),
             remote_port,
+            family: super::socket_family(fd),
             sets: Vec::new(),
             attached: false,
             options: [None, None],
@@ -211,15 +215,27 @@ pub(super) fn attach(fd: c_int, listeners: Vec<OwnedFd>, remote_port: u16) {
     );
 }
 
-/// The direct listener of the program's listener `fd`: (its descriptors, the
-/// target's port).
-pub(super) fn of(fd: c_int) -> Option<(Listeners, u16)> {
+/// What [`of`] tells of a direct listener.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Found {
+    /// Its descriptors.
+    listeners: Listeners,
+    /// The target's port it receives.
+    remote_port: u16,
+    /// The program's listener's address family.
+    family: c_int,
+}
+
+/// The direct listener of the program's listener `fd`.
+pub(super) fn of(fd: c_int) -> Option<Found> {
     if !any() || fd < 0 {
         return None;
     }
-    table()
-        .get(&fd)
-        .map(|direct| (direct.listeners, direct.remote_port))
+    table().get(&fd).map(|direct| Found {
+        listeners: direct.listeners,
+        remote_port: direct.remote_port,
+        family: direct.family,
+    })
 }
 
 /// Takes the direct listener out of every `epoll` set it joined and closes
@@ -307,7 +323,7 @@ fn tell_attached(fd: c_int) {
 /// After the program's `epoll_ctl(epfd, op, fd, event)` succeeded: the same
 /// for `fd`'s direct listener, if it has one.
 pub(super) fn mirror_epoll(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) {
-    let Some((listeners, _)) = of(fd) else {
+    let Some(Found { listeners, .. }) = of(fd) else {
         return;
     };
     // Any socket added: the set is remembered (a family that failed, EEXIST
@@ -354,7 +370,7 @@ pub(super) unsafe fn poll_with(
     let extra: Vec<(usize, c_int)> = given
         .iter()
         .enumerate()
-        .filter_map(|(i, p)| of(p.fd).map(|(listeners, _)| (i, listeners)))
+        .filter_map(|(i, p)| of(p.fd).map(|found| (i, found.listeners)))
         .flat_map(|(i, listeners)| listeners.each().map(move |(_, listener)| (i, listener)))
         .collect();
     if extra.is_empty() {
@@ -452,8 +468,8 @@ enum Took {
 /// so a busy family cannot starve the other.
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// Takes a connection waiting on a socket of the direct listener `listeners`
-/// of the program's listener `fd`, with `accept4`'s `flags`, and writes its
+/// Takes a connection waiting on a socket of the direct listener `found` of
+/// the program's listener `fd`, with `accept4`'s `flags`, and writes its
 /// client's address to the caller's buffer.
 ///
 /// # Safety
@@ -461,8 +477,7 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// `address`/`len` obey accept(2)'s contract (null or valid).
 unsafe fn take(
     fd: c_int,
-    listeners: Listeners,
-    remote_port: u16,
+    found: Found,
     address: *mut sockaddr,
     len: *mut socklen_t,
     flags: c_int,
@@ -470,12 +485,12 @@ unsafe fn take(
     let first = NEXT.fetch_add(1, Ordering::Relaxed);
     for k in 0..2 {
         let index = (first + k) % 2;
-        let listener = listeners.0[index];
+        let listener = found.listeners.0[index];
         if listener < 0 {
             continue;
         }
         // SAFETY: as this function's.
-        match unsafe { take_from(fd, index, listener, remote_port, address, len, flags) } {
+        match unsafe { take_from(fd, found, index, listener, address, len, flags) } {
             Took::Empty => {}
             took => return took,
         }
@@ -491,9 +506,9 @@ unsafe fn take(
 /// As [`take`]'s.
 unsafe fn take_from(
     fd: c_int,
+    found: Found,
     index: usize,
     listener: c_int,
-    remote_port: u16,
     address: *mut sockaddr,
     len: *mut socklen_t,
     flags: c_int,
@@ -521,6 +536,7 @@ unsafe fn take_from(
         }
         // SAFETY: the kernel wrote `raw_len` bytes of the peer's address.
         let peer = unsafe { addr::from_raw((&raw const raw).cast::<sockaddr>(), raw_len) };
+        let remote_port = found.remote_port;
         let original = original_dst(new, c_int::from(raw.ss_family));
         let (Some(peer), Some(original)) = (peer, original.filter(|o| o.port() == remote_port))
         else {
@@ -540,7 +556,7 @@ unsafe fn take_from(
             },
         );
         // SAFETY: the caller's buffer obeys accept(2)'s contract.
-        unsafe { RawAddr::new(peer, super::socket_family(fd)).write_to(address, len) };
+        unsafe { RawAddr::new(peer, found.family).write_to(address, len) };
         layer_log!(
             debug,
             "stolen connection from {peer}: the target's socket itself as fd {new} (accepted from the direct listener)"
@@ -549,34 +565,43 @@ unsafe fn take_from(
     }
 }
 
-/// `accept4` on the program's listener `fd` while it has a direct listener
-/// ([`of`]): a connection of the direct listener first, else the program's
-/// (`accept_own`, the hook's usual path); a blocking `fd` waits for either.
+/// `accept4` on the program's listener `fd`, whose direct listener is
+/// `found` ([`of`]): a connection of the direct listener first, else the
+/// program's (`accept_own`, the hook's usual path); a blocking `fd` waits
+/// for either.
 ///
 /// # Safety
 ///
 /// `address`/`len` obey accept(2)'s contract (null or valid).
 pub(super) unsafe fn accept(
     fd: c_int,
+    found: Found,
     address: *mut sockaddr,
     len: *mut socklen_t,
     flags: c_int,
     accept_own: impl Fn() -> c_int,
 ) -> c_int {
-    let blocking = real_fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK == 0;
+    // The caller's lookup first, then a fresh one after each wait (the
+    // direct listener may have gone).
+    let mut first = Some(found);
+    // Read once nothing waits: a stolen connection costs no `fcntl`.
+    let mut blocking = None;
     loop {
-        let Some((listeners, remote_port)) = of(fd) else {
+        let Some(found) = first.take().or_else(|| of(fd)) else {
             return accept_own();
         };
         // SAFETY: as this function's.
-        match unsafe { take(fd, listeners, remote_port, address, len, flags) } {
+        match unsafe { take(fd, found, address, len, flags) } {
             Took::Conn(new) => return new,
             Took::Failed => return -1,
             Took::Empty => {}
         }
-        if !blocking || of(fd).is_none() {
+        let blocking = *blocking
+            .get_or_insert_with(|| real_fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK == 0);
+        // `take` drops a direct listener that stopped listening.
+        let Some(Found { listeners, .. }) = blocking.then(|| of(fd)).flatten() else {
             return accept_own();
-        }
+        };
         let watch = |fd| libc::pollfd {
             fd,
             events: libc::POLLIN,
