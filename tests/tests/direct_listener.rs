@@ -310,11 +310,32 @@ fn another_session_on_the_port_moves_the_redirect_back_and_both_are_served() {
 
 /// [`another_session_on_the_port_moves_the_redirect_back_and_both_are_served`]
 /// with the agent's packet rules of `backend` (graft-agent's `--packet-rules`).
+/// Both families: the first session's program listens dual-stack, so the
+/// IPv6 redirect moves too.
 fn moves_back_with(backend: &str) {
     let bed = Bed::new();
     let rules = [("GRAFT_AGENT_PACKET_RULES", backend)];
-    let (first, _log) = serve(&bed, "epoll", &[], &rules);
+    let dual_stack = [rules[0], ("ACCEPT_MODES_FAMILY", "6")];
+    let (first, _log) = serve(&bed, "epoll", &[], &dual_stack);
     let url = bed.target_url(bed.app_port);
+    let url6 = bed.target_url6(bed.app_port);
+    // What the first session's program answers to each family.
+    let answers = [
+        (
+            url.clone(),
+            format!(
+                "local mode=epoll port={} peer=::ffff:{}",
+                bed.app_port, bed.host_v4
+            ),
+        ),
+        (
+            url6.clone(),
+            format!(
+                "local mode=epoll port={} peer={}",
+                bed.app_port, bed.host_v6
+            ),
+        ),
+    ];
     // A second session mirrors the port: its copies need the agent on the
     // path, so the redirect goes back to the agent's own listener.
     let port = bed.app_port.to_string();
@@ -339,20 +360,19 @@ fn moves_back_with(backend: &str) {
     })
     .unwrap_or_else(|| panic!("the mirror never got a copy\n{}", second.output_report()));
     for n in 0..5 {
-        assert_eq!(
-            curl(&format!("{url}after-{n}")).unwrap(),
-            format!(
-                "local mode=epoll port={} peer={}",
-                bed.app_port, bed.host_v4
-            ),
-            "{}",
-            first.output_report()
-        );
+        for (family, (url, answer)) in answers.iter().enumerate() {
+            assert_eq!(
+                curl(&format!("{url}after-{family}-{n}")).unwrap(),
+                *answer,
+                "{}",
+                first.output_report()
+            );
+        }
     }
     let copied = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
         let out = second.stdout();
         (0..5)
-            .all(|n| out.contains(&format!("/after-{n} ")))
+            .all(|n| (0..2).all(|family| out.contains(&format!("/after-{family}-{n} "))))
             .then_some(())
     });
     assert!(
@@ -364,7 +384,9 @@ fn moves_back_with(backend: &str) {
     second.signal(Signal::SIGTERM);
     assert!(second.wait_timeout(Duration::from_secs(10)).is_some());
     for _ in 0..3 {
-        assert!(curl(&url).unwrap().starts_with("local mode=epoll"));
+        for (url, answer) in &answers {
+            assert_eq!(curl(url).unwrap(), *answer, "{}", first.output_report());
+        }
     }
 }
 
