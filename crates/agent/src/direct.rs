@@ -77,6 +77,8 @@ pub struct DirectListener {
     /// The port's redirect points here (else the listener only holds what
     /// was queued before it left).
     current: Arc<AtomicBool>,
+    /// Ends the accept task (one for both families).
+    stop: Arc<Notify>,
 }
 
 /// One family's listener of a [`DirectListener`].
@@ -84,8 +86,6 @@ pub struct DirectListener {
 struct Half {
     /// The listener's own port, the redirect's destination.
     port: u16,
-    /// Ends the accept task.
-    stop: Arc<Notify>,
     /// The agent's second descriptor of the listener, to shut it down.
     fd: OwnedFd,
 }
@@ -132,34 +132,21 @@ fn bind(family: Family) -> io::Result<OwnedFd> {
 }
 
 impl Half {
-    /// Starts `family`'s listener: its accept task, and the program's
-    /// descriptor of it.
-    fn start(
-        family: Family,
-        eager: &Eager,
-        accepted: &mpsc::Sender<Accepted>,
-    ) -> io::Result<(Half, OwnedFd)> {
+    /// Opens `family`'s listener: it, the accept task's listener, and the
+    /// program's descriptor of it.
+    fn open(family: Family) -> io::Result<(Half, TcpListener, OwnedFd)> {
         let fd = bind(family)?;
         let for_program = fd.try_clone()?;
         let for_shutdown = fd.try_clone()?;
         let listener = TcpListener::from_std(std::net::TcpListener::from(fd))?;
         let port = listener.local_addr()?.port();
-        let stop = Arc::new(Notify::new());
-        let task = Task {
-            listener,
-            family,
-            eager: eager.clone(),
-            stop: stop.clone(),
-            to_hub: accepted.clone(),
-        };
-        tokio::spawn(task.run());
         tracing::debug!(port, ?family, "direct listener ready");
         Ok((
             Half {
                 port,
-                stop,
                 fd: for_shutdown,
             },
+            listener,
             for_program,
         ))
     }
@@ -167,7 +154,6 @@ impl Half {
     /// See [`DirectListener::stop`].
     fn stop(&self) {
         let _ = nixsock::shutdown(self.fd.as_raw_fd(), nixsock::Shutdown::Both);
-        self.stop.notify_one();
         tracing::debug!(port = self.port, "direct listener shut down");
     }
 }
@@ -186,27 +172,39 @@ impl DirectListener {
         of: DirectFor,
         accepted: mpsc::Sender<Accepted>,
     ) -> io::Result<(DirectListener, Offer)> {
-        let current = Arc::new(AtomicBool::new(true));
-        let attached = Arc::new(AtomicBool::new(false));
-        let eager = Eager {
-            current: current.clone(),
-            attached: attached.clone(),
-        };
-        let (v4, listener) = Half::start(Family::V4, &eager, &accepted)?;
-        let (v6, listener_v6) = match of.ipv6.then(|| Half::start(Family::V6, &eager, &accepted)) {
-            Some(Ok((half, fd))) => (Some(half), Some(fd)),
+        let (v4, v4_listener, listener) = Half::open(Family::V4)?;
+        let mut listeners = vec![(v4_listener, Family::V4)];
+        let (v6, listener_v6) = match of.ipv6.then(|| Half::open(Family::V6)) {
+            Some(Ok((half, v6_listener, fd))) => {
+                listeners.push((v6_listener, Family::V6));
+                (Some(half), Some(fd))
+            }
             Some(Err(e)) => {
                 tracing::debug!("no IPv6 direct listener ({e}); IPv6 connections are handed over");
                 (None, None)
             }
             None => (None, None),
         };
+        let current = Arc::new(AtomicBool::new(true));
+        let attached = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(Notify::new());
+        let task = Task {
+            listeners,
+            eager: Eager {
+                current: current.clone(),
+                attached: attached.clone(),
+            },
+            stop: stop.clone(),
+            to_hub: accepted,
+        };
+        tokio::spawn(task.run());
         Ok((
             DirectListener {
                 of,
                 v4,
                 v6,
                 current,
+                stop,
             },
             Offer {
                 listener,
@@ -251,12 +249,12 @@ impl DirectListener {
         if let Some(v6) = &self.v6 {
             v6.stop();
         }
+        self.stop.notify_one();
     }
 }
 
 /// When the agent takes a direct listener's connections as they come: until
 /// the program waits on it, and once the redirect left it.
-#[derive(Clone)]
 struct Eager {
     current: Arc<AtomicBool>,
     attached: Arc<AtomicBool>,
@@ -281,10 +279,9 @@ fn waiting(listener: &TcpListener) -> bool {
     poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
-/// The accept task of one family's direct listener.
+/// The accept task of a direct listener: both families' listeners.
 struct Task {
-    listener: TcpListener,
-    family: Family,
+    listeners: Vec<(TcpListener, Family)>,
     eager: Eager,
     stop: Arc<Notify>,
     to_hub: mpsc::Sender<Accepted>,
@@ -292,7 +289,6 @@ struct Task {
 
 impl Task {
     async fn run(self) {
-        let listener = &self.listener;
         // A connection seen waiting at the last lazy look.
         let mut seen_waiting = false;
         loop {
@@ -300,14 +296,14 @@ impl Task {
                 seen_waiting = false;
                 // The timeout re-reads `eager`, which the program's layer clears.
                 tokio::select! {
-                    result = listener.accept() => match result {
+                    (result, family) = self.accept() => match result {
                         Ok((stream, peer)) => {
-                            if !self.forward(stream, peer).await {
+                            if !self.forward(stream, peer, family).await {
                                 return;
                             }
                         }
                         Err(e) => {
-                            tracing::debug!(port = listener.local_addr().map(|a| a.port()).ok(), "direct listener: {e}");
+                            tracing::debug!("direct listener: {e}");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     },
@@ -320,7 +316,7 @@ impl Task {
                 () = tokio::time::sleep(LAZY_TICK) => {}
                 () = self.stop.notified() => break,
             }
-            if !waiting(listener) {
+            if !self.listeners.iter().any(|(listener, _)| waiting(listener)) {
                 seen_waiting = false;
             } else if !seen_waiting {
                 seen_waiting = true;
@@ -333,11 +329,26 @@ impl Task {
         }
     }
 
+    /// The next connection of either listener, with its family.
+    async fn accept(&self) -> (io::Result<(tokio::net::TcpStream, SocketAddr)>, Family) {
+        std::future::poll_fn(|cx| {
+            for (listener, family) in &self.listeners {
+                if let std::task::Poll::Ready(result) = listener.poll_accept(cx) {
+                    return std::task::Poll::Ready((result, *family));
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
     /// Takes every connection that waits now; `false` once the hub is gone.
     async fn take_waiting(&self) -> bool {
-        while let Some(Ok((stream, peer))) = self.listener.accept().now_or_never() {
-            if !self.forward(stream, peer).await {
-                return false;
+        for (listener, family) in &self.listeners {
+            while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+                if !self.forward(stream, peer, *family).await {
+                    return false;
+                }
             }
         }
         true
@@ -345,8 +356,13 @@ impl Task {
 
     /// Sends an accepted connection to the hub as the shared listener does;
     /// `false` once the hub is gone.
-    async fn forward(&self, stream: tokio::net::TcpStream, peer: SocketAddr) -> bool {
-        match accepted(stream, peer, self.family) {
+    async fn forward(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        family: Family,
+    ) -> bool {
+        match accepted(stream, peer, family) {
             Some(accepted) => self.to_hub.send(accepted).await.is_ok(),
             None => true,
         }
