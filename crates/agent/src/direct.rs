@@ -30,7 +30,7 @@
 //! so nothing keeps listening in the target's namespace after the session.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,9 +49,6 @@ use crate::steal::{Accepted, accepted};
 /// connection nobody accepts waits at most before the agent takes it (two
 /// ticks).
 pub const LAZY_TICK: Duration = Duration::from_millis(20);
-
-/// The listen backlog of a direct listener: as the shared listener's.
-const BACKLOG: i32 = 1024;
 
 /// Who a direct listener is for: the hub owner id of the subscription whose
 /// program holds it, and whether that program takes an IPv6 listener too
@@ -102,40 +99,11 @@ pub struct Offer {
     pub attached: Arc<AtomicBool>,
 }
 
-/// Binds a listening socket on the unspecified address of `family`, port 0
-/// (IPv6-only for IPv6, so IPv4 connections keep their own listener), in
-/// this network namespace.
-fn bind(family: Family) -> io::Result<OwnedFd> {
-    let domain = match family {
-        Family::V4 => nixsock::AddressFamily::Inet,
-        Family::V6 => nixsock::AddressFamily::Inet6,
-    };
-    let fd = nixsock::socket(
-        domain,
-        nixsock::SockType::Stream,
-        nixsock::SockFlag::SOCK_CLOEXEC | nixsock::SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    match family {
-        Family::V4 => {
-            let any = nixsock::SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-            nixsock::bind(fd.as_raw_fd(), &any)?;
-        }
-        Family::V6 => {
-            nixsock::setsockopt(&fd, nixsock::sockopt::Ipv6V6Only, &true)?;
-            let any = nixsock::SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
-            nixsock::bind(fd.as_raw_fd(), &any)?;
-        }
-    }
-    nixsock::listen(&fd, nixsock::Backlog::new(BACKLOG)?)?;
-    Ok(fd)
-}
-
 impl Half {
     /// Opens `family`'s listener: it, the accept task's listener, and the
     /// program's descriptor of it.
     fn open(family: Family) -> io::Result<(Half, TcpListener, OwnedFd)> {
-        let fd = bind(family)?;
+        let fd = crate::steal::listen_any(family)?;
         let for_program = fd.try_clone()?;
         let for_shutdown = fd.try_clone()?;
         let listener = TcpListener::from_std(std::net::TcpListener::from(fd))?;
@@ -237,7 +205,7 @@ impl DirectListener {
     }
 
     /// Shuts the listener down, for every descriptor of it (the program's
-    /// too), and ends its accept tasks. A listening socket that is shut down
+    /// too), and ends its accept task. A listening socket that is shut down
     /// stops listening (inet_shutdown in the kernel: TCP_LISTEN → TCP_CLOSE)
     /// and resets the connections still in its queue: the caller does this
     /// while the redirect still stands, since a reset sent once the NAT rule

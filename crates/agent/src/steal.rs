@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -95,7 +95,9 @@ impl Redirector {
             .await
             .map_err(listen_failed)?;
         let v4_port = v4.local_addr().map_err(listen_failed)?.port();
-        let v6 = match bind_v6_only() {
+        let v6 = match listen_any(Family::V6)
+            .and_then(|fd| TcpListener::from_std(std::net::TcpListener::from(fd)))
+        {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(
@@ -246,19 +248,41 @@ fn direct_ports(listener: &DirectListener, shared: (u16, Option<u16>)) -> (u16, 
     (v4, v6.or(shared.1))
 }
 
-/// Binds `[::]:0` IPv6-only, so IPv4 connections go to the IPv4 listener.
-fn bind_v6_only() -> io::Result<TcpListener> {
+/// The listen backlog of the agent's redirect listeners, shared and direct.
+const BACKLOG: i32 = 1024;
+
+/// A listening socket of `family` on the unspecified address, port 0, with
+/// [`BACKLOG`], in this network namespace: IPv6-only for IPv6, so IPv4
+/// connections go to the IPv4 one. Non-blocking, close-on-exec.
+///
+/// # Errors
+///
+/// Creating, binding or listening failed (`EAFNOSUPPORT` where the namespace
+/// has no IPv6, `EMFILE`, ...).
+pub fn listen_any(family: Family) -> io::Result<OwnedFd> {
+    let domain = match family {
+        Family::V4 => nixsock::AddressFamily::Inet,
+        Family::V6 => nixsock::AddressFamily::Inet6,
+    };
     let fd = nixsock::socket(
-        nixsock::AddressFamily::Inet6,
+        domain,
         nixsock::SockType::Stream,
         nixsock::SockFlag::SOCK_CLOEXEC | nixsock::SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    nixsock::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
-    let addr = nixsock::SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
-    nixsock::bind(fd.as_raw_fd(), &addr)?;
-    nixsock::listen(&fd, nixsock::Backlog::new(1024)?)?;
-    TcpListener::from_std(std::net::TcpListener::from(fd))
+    match family {
+        Family::V4 => {
+            let any = nixsock::SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            nixsock::bind(fd.as_raw_fd(), &any)?;
+        }
+        Family::V6 => {
+            nixsock::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            let any = nixsock::SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+            nixsock::bind(fd.as_raw_fd(), &any)?;
+        }
+    }
+    nixsock::listen(&fd, nixsock::Backlog::new(BACKLOG)?)?;
+    Ok(fd)
 }
 
 /// The original destination of a redirected connection.
