@@ -60,6 +60,12 @@ pub enum FdKind {
         /// to, shown by `getsockname` (the socket's real one is the agent's
         /// redirect listener's port); `None`: the real one.
         shown_local: Option<SocketAddr>,
+        /// Only the program holds the socket (it accepted the connection from
+        /// a direct listener itself): its last `close` ends it and its
+        /// `epoll` registrations, as epoll(7) has it, and the layer needs no
+        /// bookkeeping for them (`socket::epoll`). `false` for a socket the agent passed, whose
+        /// sender may still hold its own descriptor when the program closes.
+        sole: bool,
     },
     /// An unconnected UDP socket that sent to remote destinations.
     UdpRelays {
@@ -94,10 +100,49 @@ struct Entry {
     kind: FdKind,
 }
 
-static TABLE: Mutex<BTreeMap<c_int, Entry>> = Mutex::new(BTreeMap::new());
+/// The entries by descriptor, and how many descriptors each recorded open
+/// file has, so that [`has_duplicate`] is a lookup, not a walk of every entry
+/// at each `close` (a server with 1000 passed connections closes often).
+struct Table {
+    by_fd: BTreeMap<c_int, Entry>,
+    by_ino: BTreeMap<u64, usize>,
+}
+
+impl Table {
+    /// Records `entry` at `fd`, replacing what was there.
+    fn put(&mut self, fd: c_int, entry: Entry) {
+        *self.by_ino.entry(entry.ino).or_default() += 1;
+        if let Some(old) = self.by_fd.insert(fd, entry) {
+            self.forget_ino(old.ino);
+        }
+        COUNT.store(self.by_fd.len(), Ordering::Relaxed);
+    }
+
+    /// Removes `fd`'s entry.
+    fn take(&mut self, fd: c_int) -> Option<Entry> {
+        let entry = self.by_fd.remove(&fd)?;
+        self.forget_ino(entry.ino);
+        COUNT.store(self.by_fd.len(), Ordering::Relaxed);
+        Some(entry)
+    }
+
+    fn forget_ino(&mut self, ino: u64) {
+        if let Some(n) = self.by_ino.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_ino.remove(&ino);
+            }
+        }
+    }
+}
+
+static TABLE: Mutex<Table> = Mutex::new(Table {
+    by_fd: BTreeMap::new(),
+    by_ino: BTreeMap::new(),
+});
 static COUNT: AtomicUsize = AtomicUsize::new(0);
 
-fn table() -> std::sync::MutexGuard<'static, BTreeMap<c_int, Entry>> {
+fn table() -> std::sync::MutexGuard<'static, Table> {
     // A panic while holding the lock is caught at the hook boundary; the map is
     // still consistent (every mutation is a single insert/remove), so recover it.
     TABLE
@@ -124,7 +169,7 @@ pub fn get(fd: c_int) -> Option<FdKind> {
     if is_empty() {
         return None;
     }
-    let entry = table().get(&fd).cloned()?;
+    let entry = table().by_fd.get(&fd).cloned()?;
     if inode(fd) == Some(entry.ino) {
         Some(entry.kind)
     } else {
@@ -133,12 +178,25 @@ pub fn get(fd: c_int) -> Option<FdKind> {
     }
 }
 
+/// Whether `fd` is recorded as a socket the program holds alone
+/// ([`FdKind::Passed`] with `sole`), without checking that it still refers to
+/// that socket (no system call): for hooks that only skip work on such a
+/// socket, where a stale entry costs nothing.
+pub fn is_sole(fd: c_int) -> bool {
+    !is_empty()
+        && matches!(
+            table().by_fd.get(&fd),
+            Some(Entry {
+                kind: FdKind::Passed { sole: true, .. },
+                ..
+            })
+        )
+}
+
 /// Records `fd` as `kind`.
 pub fn insert(fd: c_int, kind: FdKind) {
     let Some(ino) = inode(fd) else { return };
-    let mut t = table();
-    t.insert(fd, Entry { ino, kind });
-    COUNT.store(t.len(), Ordering::Relaxed);
+    table().put(fd, Entry { ino, kind });
 }
 
 /// Forgets `fd`, returning what it was.
@@ -146,15 +204,12 @@ pub fn remove(fd: c_int) -> Option<FdKind> {
     if is_empty() {
         return None;
     }
-    let mut t = table();
-    let entry = t.remove(&fd);
-    COUNT.store(t.len(), Ordering::Relaxed);
-    entry.map(|e| e.kind)
+    table().take(fd).map(|e| e.kind)
 }
 
 /// Changes the entry of `fd` in place, if there is one.
 pub fn update(fd: c_int, f: impl FnOnce(&mut FdKind)) {
-    if let Some(entry) = table().get_mut(&fd) {
+    if let Some(entry) = table().by_fd.get_mut(&fd) {
         f(&mut entry.kind);
     }
 }
@@ -165,23 +220,20 @@ pub fn duplicate(old: c_int, new: c_int) {
         return;
     }
     let mut t = table();
-    match t.get(&old).cloned() {
-        Some(entry) => {
-            t.insert(new, entry);
-        }
+    match t.by_fd.get(&old).cloned() {
+        Some(entry) => t.put(new, entry),
         None => {
-            t.remove(&new);
+            t.take(new);
         }
     }
-    COUNT.store(t.len(), Ordering::Relaxed);
 }
 
 /// Whether another descriptor than `fd` is recorded with the same open file
 /// (a duplicate), so closing `fd` does not end it.
 pub fn has_duplicate(fd: c_int) -> bool {
     let t = table();
-    let Some(ino) = t.get(&fd).map(|e| e.ino) else {
+    let Some(ino) = t.by_fd.get(&fd).map(|e| e.ino) else {
         return false;
     };
-    t.iter().any(|(other, e)| *other != fd && e.ino == ino)
+    t.by_ino.get(&ino).is_some_and(|&n| n > 1)
 }

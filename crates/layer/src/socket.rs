@@ -643,6 +643,12 @@ pub unsafe extern "C" fn getsockname(
 /// Forgets `fd` before it is closed, ending what it stood for.
 fn forget(fd: c_int) {
     direct::before_close(fd);
+    if fds::is_sole(fd) {
+        // Nothing to undo (no `epoll` bookkeeping, no duplicate): the entry
+        // goes, stale or not, since the descriptor closes.
+        fds::remove(fd);
+        return;
+    }
     let duplicated = fds::has_duplicate(fd);
     let Some(kind) = fds::get(fd) else { return };
     if let FdKind::Passed { .. } = kind {

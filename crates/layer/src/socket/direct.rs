@@ -553,6 +553,7 @@ unsafe fn take_from(
             FdKind::Passed {
                 peer,
                 shown_local: Some(original),
+                sole: true,
             },
         );
         // SAFETY: the caller's buffer obeys accept(2)'s contract.

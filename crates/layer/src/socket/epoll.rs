@@ -68,8 +68,10 @@ pub unsafe extern "C" fn epoll_ctl(
         if rc == 0 {
             super::direct::mirror_epoll(epfd, op, fd, event);
         }
+        // A socket the program holds alone goes from its sets at its close.
         if rc == 0
             && op != libc::EPOLL_CTL_MOD
+            && !fds::is_sole(fd)
             && matches!(fds::get(fd), Some(FdKind::Passed { .. }))
         {
             let mut joined = joined();

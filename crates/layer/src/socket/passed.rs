@@ -303,6 +303,7 @@ pub fn connect(fd: c_int, dest: SocketAddr, family: c_int) -> Option<c_int> {
         FdKind::Passed {
             peer: addr::unmap_socket(dest),
             shown_local: None,
+            sole: false,
         },
     );
     layer_log!(
@@ -419,6 +420,7 @@ unsafe fn adopt_stolen(
         FdKind::Passed {
             peer: delivered.peer,
             shown_local: Some(delivered.local),
+            sole: false,
         },
     );
     layer_log!(
