@@ -78,6 +78,18 @@ fn handed_over(session: &Proc) -> usize {
         .count()
 }
 
+/// Asserts that the agent handed no stolen connection over since it had
+/// handed `before` over: the program of `mode` saw each one come.
+#[track_caller]
+fn assert_none_handed_over_since(session: &Proc, before: usize, mode: &str) {
+    assert_eq!(
+        handed_over(session),
+        before,
+        "{mode}: the agent handed connections over:\n{}",
+        session.output_report()
+    );
+}
+
 /// Asserts that the agent handed some stolen connection over.
 #[track_caller]
 fn assert_handed_over(session: &Proc) {
@@ -156,13 +168,7 @@ fn programs_waiting_in_epoll_poll_or_accept_take_stolen_connections_straight_fro
             "{mode}: no connection was accepted from the direct listener:\n{layer}\n{}",
             session.output_report()
         );
-        // None waited for the agent: the program saw each one come.
-        assert_eq!(
-            handed_over(&session),
-            before,
-            "{mode}: the agent handed connections over:\n{}",
-            session.output_report()
-        );
+        assert_none_handed_over_since(&session, before, mode);
         assert!(
             layer.contains("the program waits on its direct listener"),
             "{mode}: the layer did not see the program wait:\n{layer}"
@@ -211,12 +217,7 @@ fn an_ipv6_program_takes_both_families_straight_from_the_target() {
                 session.output_report()
             );
         }
-        assert_eq!(
-            handed_over(&session),
-            before,
-            "{mode}: the agent handed connections over:\n{}",
-            session.output_report()
-        );
+        assert_none_handed_over_since(&session, before, mode);
     }
 }
 
