@@ -14,7 +14,9 @@
 //! corruption" in a 1000-connection steal. So the layer remembers which `epoll`
 //! sets each passed socket joined and removes it from them (`EPOLL_CTL_DEL`)
 //! before the program's last descriptor of it closes, as if the program had
-//! held the only one.
+//! held the only one. A connection the program accepted from a direct
+//! listener itself ([`super::direct`]) is held by the program alone: the
+//! kernel ends its registrations at its close, and the layer keeps none.
 
 use std::{
     collections::BTreeMap,
