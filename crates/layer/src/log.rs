@@ -57,7 +57,7 @@ pub fn enabled(level: Level) -> bool {
     (level as u8) <= LEVEL.load(Ordering::Relaxed)
 }
 
-/// Writes one line. Use [`layer_log!`] instead.
+/// Writes one line. Use [`layer_log!`](crate::layer_log) instead.
 pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
     if let Some(mut file) = FILE.get() {
         // SAFETY: gettid has no preconditions.
