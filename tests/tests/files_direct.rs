@@ -36,6 +36,17 @@ fn script() -> String {
     fixture_str("direct.py")
 }
 
+/// The layer log's lines about `path`, and those that name no test-bed path
+/// (root look-ups, fallbacks): what a failure message needs when the whole log
+/// is too long for CI to print.
+fn about(layer: &str, path: &str) -> String {
+    layer
+        .lines()
+        .filter(|line| line.contains(path) || !line.contains("/graft-testbed/"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn direct_line(path: &str) -> String {
     format!("open {path}: direct, the target's file")
 }
@@ -184,7 +195,8 @@ fn access_readlink_and_opendir_are_answered_directly_and_never_see_past_the_root
                 "readlink {path}: direct, failed with errno {}",
                 libc::ENOENT
             )),
-            "the direct path did not handle {path}:\n{layer}"
+            "the direct path did not handle {path}:\n{}",
+            about(&layer, path)
         );
     }
     assert!(
@@ -362,7 +374,8 @@ fn symlinks_dotdot_and_magic_links_never_leave_the_root_on_the_direct_path() {
         assert!(!out.success(), "{out}");
         assert!(
             layer.contains(&format!("open {path}: direct, failed")),
-            "the direct path did not handle {path}:\n{layer}"
+            "the direct path did not handle {path}:\n{}",
+            about(&layer, path)
         );
     }
     // The magic link fails as a magic link (ELOOP), not for want of a file.
