@@ -78,14 +78,35 @@ fn handed_over(session: &Proc) -> usize {
         .count()
 }
 
-/// Asserts that the agent handed no stolen connection over since it had
-/// handed `before` over: the program of `mode` saw each one come.
+/// How many stolen connections the program accepted from its direct listener
+/// (its layer log).
+fn accepted_direct(layer: &str) -> usize {
+    layer.matches("accepted from the direct listener").count()
+}
+
+/// Asserts that the program of `mode` accepted most of the `sent` connections
+/// made since `before` ([`handed_over`], [`accepted_direct`]) straight from
+/// its direct listener, and
+/// that the agent handed over the rest. A connection waits for the program at
+/// most two of the agent's lazy ticks (40 ms, crates/agent/src/direct.rs)
+/// before the agent takes it: on a loaded machine a descheduled program can
+/// miss that, and the hand-over that then serves it is the designed
+/// fallback, not a failure. A program the direct path does not serve at all
+/// gets every connection handed over and fails here.
 #[track_caller]
-fn assert_none_handed_over_since(session: &Proc, before: usize, mode: &str) {
-    assert_eq!(
-        handed_over(session),
-        before,
-        "{mode}: the agent handed connections over:\n{}",
+fn assert_mostly_direct(
+    session: &Proc,
+    before: (usize, usize),
+    layer: &str,
+    sent: usize,
+    mode: &str,
+) {
+    let direct = accepted_direct(layer) - before.1;
+    let handed = handed_over(session) - before.0;
+    assert!(
+        direct > handed && direct + handed >= sent,
+        "{mode}: {direct} of {sent} connections accepted from the direct listener, \
+         {handed} handed over:\n{layer}\n{}",
         session.output_report()
     );
 }
@@ -147,7 +168,7 @@ fn programs_waiting_in_epoll_poll_or_accept_take_stolen_connections_straight_fro
         // The agent takes every connection until the program waits on the
         // listener: the probes before may have been handed over.
         std::thread::sleep(Duration::from_millis(200));
-        let before = handed_over(&session);
+        let before = (handed_over(&session), accepted_direct(&layer_log(&log)));
         for _ in 0..5 {
             let reply =
                 curl(&url).unwrap_or_else(|e| panic!("{mode}: {e}\n{}", session.output_report()));
@@ -163,12 +184,7 @@ fn programs_waiting_in_epoll_poll_or_accept_take_stolen_connections_straight_fro
             );
         }
         let layer = layer_log(&log);
-        assert!(
-            layer.contains("accepted from the direct listener"),
-            "{mode}: no connection was accepted from the direct listener:\n{layer}\n{}",
-            session.output_report()
-        );
-        assert_none_handed_over_since(&session, before, mode);
+        assert_mostly_direct(&session, before, &layer, 5, mode);
         assert!(
             layer.contains("the program waits on its direct listener"),
             "{mode}: the layer did not see the program wait:\n{layer}"
@@ -186,7 +202,7 @@ fn an_ipv6_program_takes_both_families_straight_from_the_target() {
         let bed = Bed::new();
         let (session, log) = serve(&bed, mode, &[], &[("ACCEPT_MODES_FAMILY", "6")]);
         std::thread::sleep(Duration::from_millis(200));
-        let before = handed_over(&session);
+        let before = (handed_over(&session), accepted_direct(&layer_log(&log)));
         let expected = [
             (bed.target_url6(bed.app_port), bed.host_v6.to_string()),
             (
@@ -217,7 +233,7 @@ fn an_ipv6_program_takes_both_families_straight_from_the_target() {
                 session.output_report()
             );
         }
-        assert_none_handed_over_since(&session, before, mode);
+        assert_mostly_direct(&session, before, &layer, 6, mode);
     }
 }
 
