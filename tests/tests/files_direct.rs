@@ -453,3 +453,78 @@ fn the_layers_root_descriptor_gives_the_program_nothing_its_user_could_not_open(
             .starts_with("hello from target")
     );
 }
+
+#[test]
+fn a_mount_churn_on_the_machine_never_fails_a_remote_open_with_eagain() {
+    // With RESOLVE_IN_ROOT every `..` fails with EAGAIN when a mount or rename
+    // anywhere on the machine raced the lookup (fs/namei.c), and a node's
+    // mounts churn in bursts (pods starting and stopping). A churn of
+    // recursive binds of 200 mounts runs beside a program that reads a remote
+    // file through `..` across the target's mounts and opens a host-only one
+    // the same way; on the direct path and on the agent's, every read is the
+    // target's file and every escape ENOENT: no EAGAIN reaches the program.
+    let bed = Bed::new();
+    let src = bed.work_dir().join("churn-src");
+    let dst = bed.work_dir().join("churn-dst");
+    for dir in [&src, &dst] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let (src, dst) = (src.display(), dst.display());
+    let churn_script = format!(
+        "set -e; mount -t tmpfs churn {src}; \
+         for i in $(seq 200); do mkdir {src}/$i; mount -t tmpfs c$i {src}/$i; done; \
+         while :; do mount --rbind {src} {dst}; umount -R {dst}; done"
+    );
+    let mut churn = std::process::Command::new("unshare");
+    churn.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &churn_script,
+    ]);
+    let mut churn = bed.spawn(churn, "mount churn");
+    let remote = bed.remote_dir.display().to_string();
+    let hello = bed.remote("hello.txt");
+    let good = format!("{remote}/up{hello}");
+    let bad = format!("{remote}/up{}/secret.txt", bed.hostonly_dir.display());
+    let expected = bed
+        .in_target(&["cat", &hello])
+        .assert_success()
+        .stdout
+        .clone();
+    let times = 1500;
+    let script = script();
+    let args = [python(), &script, "churn", &times.to_string(), &good, &bad];
+    for env in [&[][..], &[("GRAFT_OPEN_DIRECT", "0")][..]] {
+        let (out, layer) = run_logged(&bed, env, &[], &args);
+        let seen = json(&out);
+        assert_eq!(
+            seen["read"],
+            serde_json::json!({ expected.as_str(): times }),
+            "{env:?}:\n{out}"
+        );
+        assert_eq!(
+            seen["size"],
+            serde_json::json!({ expected.len().to_string(): times }),
+            "{env:?}:\n{out}"
+        );
+        assert_eq!(
+            seen["bad"],
+            serde_json::json!({ "ENOENT": times }),
+            "{env:?}:\n{out}"
+        );
+        assert_eq!(
+            layer.contains(&direct_line(&good)),
+            env.is_empty(),
+            "{env:?}:\n{}",
+            about(&layer, &good)
+        );
+    }
+    assert!(
+        churn.try_status().is_none(),
+        "the mount churn stopped early:\n{}",
+        churn.output_report()
+    );
+}

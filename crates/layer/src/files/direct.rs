@@ -23,7 +23,7 @@
 //! who asks (`EACCES`, `EPERM`), or when the direct open could differ from the
 //! agent's in any way (a file it would create: owner, group and umask would be
 //! the program's, not the agent's; anything but a regular file; a concurrent
-//! rename, `EXDEV`/`EAGAIN`), the open takes the agent's path as before
+//! mount or rename, `EXDEV`/`EAGAIN`), the open takes the agent's path as before
 //! ([`Direct::Fallback`]): behaviour never changes, only speed. The file rules
 //! ([`graft_config::fs`]) are applied before this module is reached, exactly as
 //! for the agent's path. `GRAFT_OPEN_DIRECT=0` turns it off; `GRAFT_LOG=debug`
@@ -296,14 +296,22 @@ pub(super) fn readlink(path: &str) -> Option<Result<Vec<u8>, i32>> {
     result
 }
 
-/// How many times a lookup that met a concurrent rename (`EAGAIN`) is tried
-/// again before the open takes the agent's path.
-const RENAME_RETRIES: u32 = 3;
+/// How many times a lookup that met a concurrent mount or rename (`EAGAIN`)
+/// is tried again before the open takes the agent's path (which waits
+/// longer, crates/agent/src/files.rs `Raced`): with `RESOLVE_IN_ROOT` every
+/// `..` fails with `EAGAIN` when any mount or rename on the system raced the
+/// lookup (fs/namei.c `handle_dots`), and openat2(2) says to try again. Mount
+/// churn comes in bursts (a pod starting, a recursive bind of `/`): measured
+/// here, up to 7 failures in a row under a loop of `mount --rbind /` of 300
+/// mounts. A retry costs one system call.
+const RACE_RETRIES: u32 = 32;
+
+/// After this many retries each one yields the CPU first, so that the writer
+/// of the mount table, which may share this CPU, can finish its burst.
+const RACE_YIELD_AFTER: u32 = 8;
 
 /// `openat2(root, path, how)`, retried on `EINTR`, and on `EAGAIN` up to
-/// [`RENAME_RETRIES`] times: with `RESOLVE_IN_ROOT` a `..` lookup fails with
-/// `EAGAIN` when any rename on the system raced it, and openat2(2) says to try
-/// again. The errno otherwise.
+/// [`RACE_RETRIES`] times. The errno otherwise.
 fn openat2(root: c_int, path: &CStr, how: libc::open_how) -> Result<c_int, i32> {
     let mut raced = 0;
     loop {
@@ -323,7 +331,12 @@ fn openat2(root: c_int, path: &CStr, how: libc::open_how) -> Result<c_int, i32> 
         }
         match guard::errno() {
             libc::EINTR => continue,
-            libc::EAGAIN if raced < RENAME_RETRIES => raced += 1,
+            libc::EAGAIN if raced < RACE_RETRIES => {
+                raced += 1;
+                if raced > RACE_YIELD_AFTER {
+                    std::thread::yield_now();
+                }
+            }
             errno => return Err(errno),
         }
     }
@@ -331,8 +344,8 @@ fn openat2(root: c_int, path: &CStr, how: libc::open_how) -> Result<c_int, i32> 
 
 /// Whether the agent's open would fail with `errno` too: the same resolution
 /// in the same root, and no credential decides these. Any other errno
-/// (`EACCES`, `EPERM`, `EXDEV` and `EAGAIN` of a concurrent rename, ...) sends
-/// the call to the agent.
+/// (`EACCES`, `EPERM`, `EXDEV`, the `EAGAIN` of a concurrent mount or rename
+/// that outlasted the retries, ...) sends the call to the agent.
 fn same_for_the_agent(errno: i32) -> bool {
     matches!(
         errno,
