@@ -1,7 +1,8 @@
 //! Item 7 of issue 2, ending: graft exits with CMD's exit code; SIGTERM and Ctrl-C
 //! stop CMD and end the session; whatever ends it — CMD exiting, a signal,
 //! `kill -9` of graft or of the agent — the agent's packet rules are gone and the
-//! target serves its port again within 2 seconds.
+//! target serves its port again within 2 seconds. A signal to graft or the lost
+//! link stops what CMD started and left running too (a shell's background job).
 
 use std::time::{Duration, Instant};
 
@@ -199,4 +200,77 @@ fn kill_9_of_the_agent_restores_the_target_within_2s() {
     let since = Instant::now();
     assert_restored(&bed, &url, since, &session);
     assert_agents_gone(&bed, since);
+}
+
+/// `graft run -- sh -c 'PYTHON -c … MARKER & wait'` in `bed`: a shell whose
+/// background job outlives the shell's own SIGTERM (dash dies of it in `wait`;
+/// the job runs on); returns the session and the job's pids, once it runs.
+fn run_with_background_job(bed: &Bed) -> (Proc, Vec<u32>) {
+    let marker = format!("graft-background-job-{}", bed.n);
+    let script = format!(
+        "{py} -c 'import time; time.sleep(600)' {marker} & wait",
+        py = graft_tests::python()
+    );
+    let mut session = bed.spawn(
+        bed.graft_run(&[], &["sh", "-c", &script]),
+        "graft run -- sh (background job)",
+    );
+    let job = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        if let Some(status) = session.try_status() {
+            panic!("graft exited ({status})\n{}", session.output_report());
+        }
+        let pids = bed.pids_running(&marker);
+        (pids.len() >= 2).then_some(pids)
+    })
+    .unwrap_or_else(|| panic!("the background job never ran\n{}", session.output_report()));
+    (session, job)
+}
+
+#[test]
+fn sigterm_to_graft_stops_what_cmd_started_and_left_running_too() {
+    // A terminal's Ctrl-C reaches CMD's whole process group; graft stopping
+    // CMD does the same, so nothing CMD started runs on with a layer whose
+    // session is gone.
+    let bed = Bed::new();
+    let (mut session, job) = run_with_background_job(&bed);
+    session.signal(Signal::SIGTERM);
+    let status = session.wait_timeout(Duration::from_secs(15));
+    assert!(
+        status.is_some(),
+        "graft did not exit on SIGTERM\n{}",
+        session.output_report()
+    );
+    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        job.iter().all(|pid| !alive(*pid)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "CMD's background job survived graft: {:?} of {job:?} still run\n{}",
+        job.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>(),
+        session.output_report()
+    );
+}
+
+#[test]
+fn a_lost_link_stops_what_cmd_started_and_left_running_too() {
+    let bed = Bed::new();
+    let (mut session, job) = run_with_background_job(&bed);
+    let agent = bed.agent_of(session.pid());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent as i32), Signal::SIGKILL)
+        .expect("kill -9 of the agent");
+    let status = session.wait_timeout(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "graft did not end with the link ({status:?})\n{}",
+        session.output_report()
+    );
+    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        job.iter().all(|pid| !alive(*pid)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "CMD's background job survived the lost link: {:?} of {job:?} still run\n{}",
+        job.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>(),
+        session.output_report()
+    );
 }

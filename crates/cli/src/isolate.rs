@@ -307,15 +307,12 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
         }
         received = signals.recv() => {
             tracing::info!(signal = ?received, "stopping the command");
-            if !(received == Signal::SIGINT && process::in_foreground()) {
-                process::signal(&child, Signal::SIGTERM);
-            }
-            Ended::Command(stop(&mut child, &mut signals).await?)
+            let signalled = received == Signal::SIGINT && process::in_foreground();
+            Ended::Command(stop(&mut child, &mut signals, signalled).await?)
         }
         reason = closed => {
             eprintln!("graft: lost the link to the agent ({reason}); stopping CMD");
-            process::signal(&child, Signal::SIGTERM);
-            stop(&mut child, &mut signals).await?;
+            stop(&mut child, &mut signals, false).await?;
             Ended::LinkLost
         }
         result = &mut stack => {
@@ -326,8 +323,7 @@ pub async fn run(isolated: Isolated<'_>, session: Session) -> Result<Ended, Fail
                 Err(e) => e.to_string(),
             };
             eprintln!("graft: the isolated namespace's network stopped ({why}); stopping CMD");
-            process::signal(&child, Signal::SIGTERM);
-            Ended::Command(stop(&mut child, &mut signals).await?)
+            Ended::Command(stop(&mut child, &mut signals, false).await?)
         }
     };
     if let Some(incoming) = incoming {

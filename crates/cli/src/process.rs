@@ -133,6 +133,92 @@ pub fn signal(child: &Child, signal: Signal) {
     }
 }
 
+/// What CMD started: its descendants when graft stops it, each held by a
+/// pidfd (pidfd_open(2), Linux 5.3), so a signal never reaches another
+/// process that took a freed pid. A terminal's Ctrl-C reaches CMD's whole
+/// process group; graft stopping CMD (SIGTERM to graft, the link lost) does
+/// the same, and whatever CMD started and left running (a shell's background
+/// job, strace's tracee, a child that ignored the signal) ends with it instead
+/// of running on with a layer whose session is gone.
+///
+/// Processes CMD started and whose parent had exited before the look-up
+/// belong to init (or a subreaper) and are not found: a daemon that detached
+/// on purpose is left alone.
+pub struct Tree {
+    members: Vec<rustix::fd::OwnedFd>,
+}
+
+impl Tree {
+    /// CMD's descendants now ([`graft_proc::descendants`]); one whose pid was
+    /// reused between the look-up and its pidfd (its parent is no longer in
+    /// the tree) is left out.
+    pub fn of(child: &Child) -> Tree {
+        let Some(root) = child.id() else {
+            return Tree {
+                members: Vec::new(),
+            };
+        };
+        let pids = graft_proc::descendants(root);
+        let members = pids
+            .iter()
+            .filter_map(|&pid| {
+                let fd = rustix::process::pidfd_open(
+                    rustix::process::Pid::from_raw(pid as i32)?,
+                    rustix::process::PidfdFlags::empty(),
+                )
+                .ok()?;
+                let parent = graft_proc::parent(pid)?;
+                (parent == root || pids.contains(&parent)).then_some(fd)
+            })
+            .collect();
+        Tree { members }
+    }
+
+    /// Sends `signal` to every member still running.
+    pub fn signal(&self, signal: Signal) {
+        let Some(signal) = rustix::process::Signal::from_named_raw(signal as i32) else {
+            return;
+        };
+        for member in &self.members {
+            let _ = rustix::process::pidfd_send_signal(member, signal);
+        }
+    }
+
+    /// Whether every member has exited (its pidfd is readable, pidfd_open(2)).
+    fn ended(&self) -> bool {
+        use std::os::fd::AsFd;
+        let mut fds: Vec<nix::poll::PollFd<'_>> = self
+            .members
+            .iter()
+            .map(|fd| nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN))
+            .collect();
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+            Ok(ready) => ready as usize == fds.len(),
+            Err(_) => true,
+        }
+    }
+
+    /// Ends what is left of the tree once CMD has exited: SIGTERM, up to
+    /// `grace` (or until `cut` resolves) to exit, then SIGKILL.
+    pub async fn end(self, grace: Duration, cut: impl std::future::Future<Output = ()>) {
+        if self.members.is_empty() || self.ended() {
+            return;
+        }
+        self.signal(Signal::SIGTERM);
+        let wait = async {
+            while !self.ended() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            () = wait => return,
+            () = tokio::time::sleep(grace) => {}
+            () = cut => {}
+        }
+        self.signal(Signal::SIGKILL);
+    }
+}
+
 /// Waits up to `grace` for `child` to exit, then kills it; returns its status.
 pub async fn wait_or_kill(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
     match tokio::time::timeout(grace, child.wait()).await {

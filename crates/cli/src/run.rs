@@ -418,16 +418,13 @@ impl Plan<'_> {
             received = signals.recv() => {
                 tracing::info!(signal = ?received, "stopping the command");
                 // A terminal's Ctrl-C has reached CMD already (same process group).
-                if !(received == Signal::SIGINT && process::in_foreground()) {
-                    process::signal(&child, Signal::SIGTERM);
-                }
-                stop(&mut child, &mut signals).await?;
+                let signalled = received == Signal::SIGINT && process::in_foreground();
+                stop(&mut child, &mut signals, signalled).await?;
                 Ended::Stopped(received)
             }
             reason = closed => {
                 eprintln!("graft: lost the link to the agent ({reason}); stopping CMD");
-                process::signal(&child, Signal::SIGTERM);
-                stop(&mut child, &mut signals).await?;
+                stop(&mut child, &mut signals, false).await?;
                 Ended::LinkLost
             }
         };
@@ -590,16 +587,35 @@ fn ld_preload(layer: &Path, existing: Option<&OsString>) -> OsString {
     preload
 }
 
-/// Waits for CMD to stop after it was asked to; kills it after [`CMD_GRACE`], or at
-/// once on a second signal.
-pub(crate) async fn stop(child: &mut Child, signals: &mut Signals) -> Result<ExitStatus, Failure> {
+/// Stops CMD and what it started ([`process::Tree`]): sends them SIGTERM
+/// unless `signalled` (a terminal's Ctrl-C reached the whole process group
+/// already), waits for CMD and kills it after [`CMD_GRACE`], or at once on a
+/// second signal; then ends what CMD left running the same way.
+pub(crate) async fn stop(
+    child: &mut Child,
+    signals: &mut Signals,
+    signalled: bool,
+) -> Result<ExitStatus, Failure> {
+    // Looked up before CMD can exit: its orphans would belong to init.
+    let tree = process::Tree::of(child);
+    if !signalled {
+        process::signal(child, Signal::SIGTERM);
+        tree.signal(Signal::SIGTERM);
+    }
+    let mut cut = false;
     let status = tokio::select! {
         status = process::wait_or_kill(child, CMD_GRACE) => status,
         _ = signals.recv() => {
+            cut = true;
             let _ = child.start_kill();
             child.wait().await
         }
     };
+    let grace = if cut { Duration::ZERO } else { CMD_GRACE };
+    tree.end(grace, async {
+        signals.recv().await;
+    })
+    .await;
     status.map_err(|e| Failure::session(format!("cannot wait for the command: {e}")))
 }
 

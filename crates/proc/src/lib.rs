@@ -159,6 +159,38 @@ pub fn pids_in(proc_root: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The descendants of process `pid` (its children, theirs, and so on; not
+/// `pid` itself), parents before their children, from the parent pid of every
+/// process's `stat` file. A process whose parent exited before the look-up
+/// was given to a reaper (init, or a `PR_SET_CHILD_SUBREAPER`) and is not
+/// among them; a process that starts during the look-up may be missing.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = pids()
+        .into_iter()
+        .filter_map(|p| Some((p, parent(p)?)))
+        .collect();
+    descendants_from(pid, &parents)
+}
+
+/// The descendants of `pid` in a list of `(process, parent)` pairs, parents
+/// before their children (breadth first).
+pub fn descendants_from(pid: u32, parents: &[(u32, u32)]) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = 0;
+    let mut of = pid;
+    loop {
+        for &(p, parent) in parents {
+            if parent == of && p != pid && !found.contains(&p) {
+                found.push(p);
+            }
+        }
+        let Some(&p) = found.get(next) else { break };
+        of = p;
+        next += 1;
+    }
+    found
+}
+
 /// The text of process `pid`'s `cgroup` file under `proc_root` (cgroups(7):
 /// `hierarchy-ID:controller-list:cgroup-path` lines).
 ///
@@ -295,6 +327,25 @@ fn parse_socket_addr(hex: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descendants_are_found_through_every_generation_and_only_them() {
+        // 10 ─┬─ 11 ─── 13
+        //     └─ 12      20 ─── 21 (another tree)
+        let parents = [(11, 10), (12, 10), (13, 11), (21, 20), (10, 1), (20, 1)];
+        assert_eq!(descendants_from(10, &parents), vec![11, 12, 13]);
+        assert_eq!(descendants_from(11, &parents), vec![13]);
+        assert!(descendants_from(13, &parents).is_empty());
+        // A loop (pid reuse while reading) ends.
+        assert_eq!(descendants_from(30, &[(31, 30), (30, 31)]), vec![31]);
+    }
+
+    #[test]
+    fn this_process_is_a_descendant_of_its_parent() {
+        let me = std::process::id();
+        let parent = parent(me).unwrap();
+        assert!(descendants(parent).contains(&me));
+    }
 
     #[test]
     fn a_child_starts_no_earlier_than_its_parent() {
