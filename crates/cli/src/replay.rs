@@ -33,7 +33,6 @@ use graft_traffic::{
     replay::{self, Recorded},
 };
 use http_body_util::{BodyExt, Full, Limited};
-use nix::sys::signal::Signal;
 use serde::Serialize;
 use tokio::process::Child;
 
@@ -43,7 +42,7 @@ use crate::{
     open::{self, OpenRequest},
     output::{OutputFlag, print_json, print_text},
     process::{self, Signals},
-    run::{CMD_GRACE, Plan, Prepared, check_program, load_file, prepare, stderr_copy},
+    run::{Plan, Prepared, check_program, load_file, prepare, stderr_copy},
 };
 
 /// How long one request may take, connection to the last byte of the answer.
@@ -343,7 +342,7 @@ async fn under_command(
 }
 
 /// Waits until `child` listens on `port`, replays to it, and stops it whatever
-/// happened (SIGTERM, killed after `CMD_GRACE`).
+/// happened (SIGTERM to it and its descendants, killed after `run::CMD_GRACE`).
 async fn drive(
     mut child: Child,
     port: u16,
@@ -374,8 +373,8 @@ async fn drive(
             ))),
         }
     };
-    process::signal(&child, Signal::SIGTERM);
-    let _ = process::wait_or_kill(&mut child, CMD_GRACE).await;
+    // CMD and what it started, as `graft run` stops them.
+    let _ = crate::run::stop(&mut child, signals, false).await;
     result
 }
 
