@@ -525,9 +525,17 @@ fn a_process_in_the_pod_cannot_inject_into_a_mirrored_connection() {
         .write_all(b"GET /after-injection HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     assert!(read_answer(&mut client).contains("target GET /after-injection "));
+    // The copy survives the injection. Only when the capture fell behind the
+    // flood (a loaded machine: the kernel then drops captured packets, a copy
+    // with a hole ends, and the original never waits) may it lose its bytes:
+    // the designed loss of an overloaded mirror, not a breach.
+    let copied = wait_output(&session, "request local GET /after-injection ");
     assert!(
-        wait_output(&session, "request local GET /after-injection "),
-        "the copy of the connection broke\n{}",
+        copied
+            || session
+                .stderr()
+                .contains("the kernel dropped captured packets"),
+        "the copy of the connection broke, with no captured packet dropped\n{}",
         session.output_report()
     );
     std::thread::sleep(Duration::from_millis(500));
@@ -537,6 +545,8 @@ fn a_process_in_the_pod_cannot_inject_into_a_mirrored_connection() {
         session.output_report()
     );
     assert!(!target.stdout().contains("/injected"));
+    // Whatever the flood cost, the mirror copies new connections.
+    wait_mirrored(&mut session, addr, "after-injection");
     end(&mut session);
 }
 
