@@ -310,11 +310,37 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 /// `connect(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int {
+    // The common case, a local destination or outgoing traffic off, decides
+    // here and calls libc with nothing else on the stack (bench/hooks.c,
+    // "connect(udp,127.0.0.1)"); the rest is `connect_remote`'s.
+    // SAFETY: the caller passes `len` readable bytes at `address`, as connect(2) requires.
+    let local = match unsafe { addr::from_raw(address, len) } {
+        Some(dest) => addr::is_local_only(&dest) || !state().is_some_and(|s| s.config.outgoing),
+        None => true,
+    };
+    if local {
+        // SAFETY: forwards the caller's arguments unchanged.
+        return unsafe {
+            real!(connect(fd, address, len): fn(c_int, *const sockaddr, socklen_t) -> c_int)
+        };
+    }
+    // SAFETY: as above.
+    unsafe { connect_remote(fd, address, len) }
+}
+
+/// `connect` to a destination that may go through the target.
+///
+/// # Safety
+///
+/// As connect(2): `len` readable bytes at `address`.
+#[cold]
+#[inline(never)]
+unsafe fn connect_remote(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: forwards the caller's arguments unchanged.
     let real = || unsafe {
         real!(connect(fd, address, len): fn(c_int, *const sockaddr, socklen_t) -> c_int)
     };
-    // SAFETY: the caller passes `len` readable bytes at `address`, as connect(2) requires.
+    // SAFETY: the caller's contract.
     let Some(dest) = (unsafe { addr::from_raw(address, len) }) else {
         return real();
     };
