@@ -226,6 +226,21 @@ fn run_with_background_job(bed: &Bed) -> (Proc, Vec<u32>) {
     (session, job)
 }
 
+/// Asserts that every process of `job` has ended within 5 s (after `what`
+/// ended the session).
+#[track_caller]
+fn assert_job_gone(job: &[u32], session: &Proc, what: &str) {
+    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        job.iter().all(|pid| !alive(*pid)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "CMD's background job survived {what}: {:?} of {job:?} still run\n{}",
+        job.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>(),
+        session.output_report()
+    );
+}
+
 #[test]
 fn sigterm_to_graft_stops_what_cmd_started_and_left_running_too() {
     // A terminal's Ctrl-C reaches CMD's whole process group; graft stopping
@@ -240,15 +255,7 @@ fn sigterm_to_graft_stops_what_cmd_started_and_left_running_too() {
         "graft did not exit on SIGTERM\n{}",
         session.output_report()
     );
-    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        job.iter().all(|pid| !alive(*pid)).then_some(())
-    });
-    assert!(
-        gone.is_some(),
-        "CMD's background job survived graft: {:?} of {job:?} still run\n{}",
-        job.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>(),
-        session.output_report()
-    );
+    assert_job_gone(&job, &session, "graft");
 }
 
 #[test]
@@ -264,13 +271,5 @@ fn a_lost_link_stops_what_cmd_started_and_left_running_too() {
         "graft did not end with the link ({status:?})\n{}",
         session.output_report()
     );
-    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        job.iter().all(|pid| !alive(*pid)).then_some(())
-    });
-    assert!(
-        gone.is_some(),
-        "CMD's background job survived the lost link: {:?} of {job:?} still run\n{}",
-        job.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>(),
-        session.output_report()
-    );
+    assert_job_gone(&job, &session, "the lost link");
 }
