@@ -222,6 +222,62 @@ fn a_stolen_connection_accepted_from_the_direct_listener_is_the_targets_own_sock
     );
 }
 
+/// How many connections the program took from the direct listener so far
+/// (the layer's log).
+fn accepted_direct(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("(accepted from the direct listener)")
+        .count()
+}
+
+/// The layer reads the listener's options once, at the first connection it
+/// takes from the direct listener; one the program sets later must still
+/// reach the connections accepted after it, as it would from its own
+/// listener (tcp(7): an accepted socket inherits the listener's options).
+#[test]
+fn an_option_set_on_the_listener_after_the_first_connection_reaches_later_ones() {
+    let bed = Bed::new();
+    let (session, _, log) = steal_with(&bed, &[]);
+    let url = bed.target_url(bed.app_port);
+    let get = |url: &str| -> serde_json::Value {
+        let body = curl(url).unwrap_or_else(|e| panic!("{url}: {e}\n{}", session.output_report()));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    };
+    // Until the layer has taken one connection from the direct listener,
+    // which reads the options.
+    let before = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        let seen = get(&url);
+        (accepted_direct(&log) > 0).then_some(seen)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no connection came from the direct listener\n{}",
+            session.output_report()
+        )
+    });
+    assert_eq!(before["keepalive"], 0, "before the change: {before}");
+    get(&format!("{url}late"));
+    let direct_before = accepted_direct(&log);
+    for _ in 0..5 {
+        let seen = get(&url);
+        assert_targets_socket(&bed, &seen);
+        assert_eq!(
+            seen["keepalive"], 1,
+            "SO_KEEPALIVE set on the listener was lost: {seen}"
+        );
+        assert_eq!(
+            seen["keepidle"], 77,
+            "TCP_KEEPIDLE set on the listener was lost: {seen}"
+        );
+    }
+    assert!(
+        accepted_direct(&log) > direct_before,
+        "no connection after the change came from the direct listener\n{}",
+        session.output_report()
+    );
+}
+
 #[test]
 fn a_stolen_connection_is_accepted_as_the_targets_own_socket() {
     let bed = Bed::new();

@@ -91,7 +91,7 @@ struct Direct {
     attached: bool,
     /// The options of the program's listener that a connection accepted from
     /// each of the direct listener's sockets must be given ([`options_of`]);
-    /// read at its first.
+    /// read at its first, and again after the program changes one.
     options: [Option<Vec<SetOption>>; 2],
 }
 
@@ -103,9 +103,10 @@ type SetOption = (c_int, c_int, Vec<u8>);
 /// accepted from a listener inherits its options (tcp(7), socket(7)), so these
 /// are what the program's choices would have given its connections.
 /// `SO_REUSEADDR` and `SO_REUSEPORT` are left out: they mean nothing on a
-/// connected socket. Read once, at the first connection, so that a stolen
-/// connection costs one `setsockopt` per option the program changed, not a
-/// read and a write of every option (30 system calls).
+/// connected socket. Read at the first connection, and again at the next one
+/// after the program sets one of them on its listener ([`option_changed`]),
+/// so that a stolen connection costs one `setsockopt` per option the program
+/// changed, not a read and a write of every option (30 system calls).
 fn options_of(fd: c_int, listener: c_int) -> Vec<SetOption> {
     super::passed::COPIED_OPTIONS
         .iter()
@@ -119,6 +120,53 @@ fn options_of(fd: c_int, listener: c_int) -> Vec<SetOption> {
             (wanted != inherited).then_some((level, name, wanted))
         })
         .collect()
+}
+
+/// The program set option `(level, name)` on its listener `fd`: when the
+/// option is one a connection inherits ([`options_of`]), the options are read
+/// again at the next connection, so connections accepted after the change get
+/// it as they would from the program's own listener.
+fn option_changed(fd: c_int, level: c_int, name: c_int) {
+    if !super::passed::COPIED_OPTIONS.contains(&(level, name)) {
+        return;
+    }
+    if let Some(direct) = table().get_mut(&fd) {
+        direct.options = [None, None];
+        layer_log!(
+            debug,
+            "listener {fd}: option {level}/{name} changed, read again at the next connection"
+        );
+    }
+}
+
+/// `setsockopt(2)`: [`option_changed`] when the program changes an option of
+/// a listener that has a direct listener; one load when none has.
+///
+/// # Safety
+///
+/// As setsockopt(2): `value` points to `len` readable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *const c_void,
+    len: socklen_t,
+) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    let real = || unsafe {
+        real!(setsockopt(fd, level, name, value, len): fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int)
+    };
+    if !any() {
+        return real();
+    }
+    crate::guard::hooked(real, || {
+        let r = real();
+        if r == 0 {
+            option_changed(fd, level, name);
+        }
+        r
+    })
 }
 
 /// Gives the socket `new`, accepted from the direct listener's socket
