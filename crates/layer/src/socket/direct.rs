@@ -130,8 +130,11 @@ fn option_changed(fd: c_int, level: c_int, name: c_int) {
     if !super::passed::COPIED_OPTIONS.contains(&(level, name)) {
         return;
     }
-    if let Some(direct) = table().get_mut(&fd) {
-        direct.options = [None, None];
+    let reset = table()
+        .get_mut(&fd)
+        .map(|direct| direct.options = [None, None])
+        .is_some();
+    if reset {
         layer_log!(
             debug,
             "listener {fd}: option {level}/{name} changed, read again at the next connection"
