@@ -36,3 +36,13 @@ pub fn run_logged(
     let layer = std::fs::read_to_string(&log).unwrap_or_default();
     (out, layer)
 }
+
+/// What the layer logs for each stolen connection the program accepted from
+/// its direct listener (crates/layer/src/socket/direct.rs).
+pub const ACCEPTED_DIRECT: &str = "accepted from the direct listener";
+
+/// How many stolen connections the program accepted from its direct listener,
+/// counted in the layer's log text `layer`.
+pub fn accepted_direct(layer: &str) -> usize {
+    layer.matches(ACCEPTED_DIRECT).count()
+}

@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use graft_tests::logged::layer_log_path;
+use graft_tests::logged::{ACCEPTED_DIRECT, accepted_direct, layer_log_path};
 use graft_tests::{Bed, Proc, curl, fixture_str, python, wait_until};
 use nix::sys::signal::Signal;
 
@@ -76,12 +76,6 @@ fn handed_over(session: &Proc) -> usize {
         .stderr()
         .matches("stolen connection passed as a descriptor")
         .count()
-}
-
-/// How many stolen connections the program accepted from its direct listener
-/// (its layer log).
-fn accepted_direct(layer: &str) -> usize {
-    layer.matches("accepted from the direct listener").count()
 }
 
 /// Asserts that the program of `mode` accepted most of the `sent` connections
@@ -227,7 +221,7 @@ fn an_ipv6_program_takes_both_families_straight_from_the_target() {
             assert!(
                 layer.lines().any(
                     |line| line.contains(&format!("stolen connection from {peer}:"))
-                        && line.contains("accepted from the direct listener")
+                        && line.contains(ACCEPTED_DIRECT)
                 ),
                 "{mode}: no connection from {peer} was accepted from the direct listener:\n{layer}\n{}",
                 session.output_report()

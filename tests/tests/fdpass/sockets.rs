@@ -16,7 +16,7 @@ use graft_protocol::layer::{LayerRequest, LayerResponse};
 use graft_protocol::link::{AgentMessage, ClientMessage, Hello, HelloReply};
 use graft_protocol::remote::{RemoteError, RemoteRequest, RemoteResponse};
 use graft_protocol::version::{FEATURE_FDS, has_feature, version_with};
-use graft_tests::logged::{layer_log_path, run_logged};
+use graft_tests::logged::{accepted_direct, layer_log_path, run_logged};
 use graft_tests::{
     Bed, Outcome, Proc, RUN_TIMEOUT, agent_bin, curl, fixture_str, python, wait_until,
 };
@@ -216,19 +216,10 @@ fn a_stolen_connection_accepted_from_the_direct_listener_is_the_targets_own_sock
     assert_targets_socket(&bed, &seen);
     let layer = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        layer.contains("(accepted from the direct listener)"),
+        accepted_direct(&layer) > 0,
         "{layer}\n{}",
         session.output_report()
     );
-}
-
-/// How many connections the program took from the direct listener so far
-/// (the layer's log).
-fn accepted_direct(log: &std::path::Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches("(accepted from the direct listener)")
-        .count()
 }
 
 /// The layer reads the listener's options once, at the first connection it
@@ -240,6 +231,7 @@ fn an_option_set_on_the_listener_after_the_first_connection_reaches_later_ones()
     let bed = Bed::new();
     let (session, _, log) = steal_with(&bed, &[]);
     let url = bed.target_url(bed.app_port);
+    let direct = || accepted_direct(&std::fs::read_to_string(&log).unwrap_or_default());
     let get = |url: &str| -> serde_json::Value {
         let body = curl(url).unwrap_or_else(|e| panic!("{url}: {e}\n{}", session.output_report()));
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
@@ -248,7 +240,7 @@ fn an_option_set_on_the_listener_after_the_first_connection_reaches_later_ones()
     // which reads the options.
     let before = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
         let seen = get(&url);
-        (accepted_direct(&log) > 0).then_some(seen)
+        (direct() > 0).then_some(seen)
     })
     .unwrap_or_else(|| {
         panic!(
@@ -258,7 +250,7 @@ fn an_option_set_on_the_listener_after_the_first_connection_reaches_later_ones()
     });
     assert_eq!(before["keepalive"], 0, "before the change: {before}");
     get(&format!("{url}late"));
-    let direct_before = accepted_direct(&log);
+    let direct_before = direct();
     for _ in 0..5 {
         let seen = get(&url);
         assert_targets_socket(&bed, &seen);
@@ -272,7 +264,7 @@ fn an_option_set_on_the_listener_after_the_first_connection_reaches_later_ones()
         );
     }
     assert!(
-        accepted_direct(&log) > direct_before,
+        direct() > direct_before,
         "no connection after the change came from the direct listener\n{}",
         session.output_report()
     );
